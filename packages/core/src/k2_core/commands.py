@@ -1,0 +1,198 @@
+"""k2-core's subcommands: plugins, config, params, import-hf, export-hf."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .cli import Command
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default="tiny", help="preset name or YAML file/URI")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=3e-3")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _split_overrides(args: argparse.Namespace) -> tuple[str, list[str]]:
+    """`k2 params optim.lr=1` means the default preset with an override."""
+    spec, overrides = args.config, list(args.overrides)
+    if "=" in spec:
+        return "tiny", [spec, *overrides]
+    return spec, overrides
+
+
+# -- k2 plugins ---------------------------------------------------------------------------
+
+
+def _plugins_run(args: argparse.Namespace) -> int:
+    from .plugins import get_plugins
+
+    pl = get_plugins()
+    regs = pl.registry.registrations()
+    if args.json:
+        out = {
+            "plugins": [vars(p) for p in [*pl.loaded]],
+            "slots": {},
+            "failures": [vars(f) for f in pl.failures],
+            "skipped": pl.skipped,
+        }
+        from .registry import SLOTS
+
+        for slot in SLOTS:
+            out["slots"][slot] = [
+                {
+                    "name": r.name,
+                    "distribution": r.distribution,
+                    "version": r.version,
+                    "plugin": r.plugin,
+                    "doc": r.doc,
+                    "options": r.options.model_json_schema().get("properties", {}),
+                }
+                for r in regs
+                if r.slot == slot
+            ]
+        print(json.dumps(out, indent=2))
+        return 0
+    rows = [(r.slot, r.name, r.distribution, r.version, r.doc) for r in regs]
+    widths = [max(len(str(x[i])) for x in rows + [("slot", "name", "distribution", "version", "")])
+              for i in range(4)]
+    print("  ".join(h.ljust(w) for h, w in zip(("SLOT", "NAME", "DISTRIBUTION", "VERSION"), widths,
+                                                strict=True)) + "  DESCRIPTION")
+    for row in rows:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+    print()
+    print("plugins: " + ", ".join(f"{p.name} ({p.distribution} {p.version})" for p in pl.loaded))
+    if pl.skipped:
+        print("skipped by K2_LOAD_PLUGINS: " + ", ".join(pl.skipped))
+    for f in pl.failures:
+        print(f"FAILED {f.name} ({f.distribution} {f.version}): {f.error}")
+    return 0
+
+
+def plugins_command(*, options: Any) -> Command:
+    """List every slot, implementation, distribution and version, and plugins that failed."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    return Command("plugins", plugins_command.__doc__ or "", add, _plugins_run)
+
+
+# -- k2 config show -------------------------------------------------------------------------
+
+
+def _config_run(args: argparse.Namespace) -> int:
+    from .configio import dump_config, load_config, preset_names
+
+    if args.action == "presets":
+        print("\n".join(preset_names()))
+        return 0
+    spec, overrides = _split_overrides(args)
+    cfg = load_config(spec, overrides)
+    sys.stdout.write(dump_config(cfg, "json" if args.json else "yaml"))
+    if args.json:
+        print()
+    return 0
+
+
+def config_command(*, options: Any) -> Command:
+    """Show a resolved run config (preset or YAML plus dotted overrides), or list presets."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("action", choices=["show", "presets"], help="show a config, or list presets")
+        _add_config_args(p)
+
+    return Command("config", config_command.__doc__ or "", add, _config_run)
+
+
+# -- k2 params --------------------------------------------------------------------------------
+
+
+def _human(n: int) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def _params_run(args: argparse.Namespace) -> int:
+    from .configio import load_config
+    from .params import count_parameters
+
+    spec, overrides = _split_overrides(args)
+    cfg = load_config(spec, overrides)
+    counts = count_parameters(cfg.model, cfg.moe)
+    if args.json:
+        print(json.dumps({"config": cfg.name, **counts}, indent=2))
+        return 0
+    print(f"{cfg.name}: {counts['total']:,} total ({_human(counts['total'])}), "
+          f"{counts['active']:,} active per token ({_human(counts['active'])})")
+    for k, v in counts.items():
+        if k not in ("total", "active"):
+            print(f"  {k:<22} {v:>20,}")
+    return 0
+
+
+def params_command(*, options: Any) -> Command:
+    """Total and per-token active parameters of a config (HF DeepseekV3 layout, exact)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        _add_config_args(p)
+
+    return Command("params", params_command.__doc__ or "", add, _params_run)
+
+
+# -- k2 import-hf / export-hf -------------------------------------------------------------------
+
+
+def _import_run(args: argparse.Namespace) -> int:
+    from .hf import load_pretrained
+    from .modelio import save_model
+
+    model = load_pretrained(args.src)
+    save_model(model, args.dest)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"imported {args.src} -> {args.dest} ({n:,} parameters)")
+    return 0
+
+
+def import_command(*, options: Any) -> Command:
+    """Import a DeepSeek-V3 / Kimi-K2 Hugging Face checkpoint folder into a k2 checkpoint."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("src", help="HF folder with config.json and *.safetensors")
+        p.add_argument("dest", help="fsspec URI of the k2 checkpoint to write")
+
+    return Command("import-hf", import_command.__doc__ or "", add, _import_run)
+
+
+def _export_run(args: argparse.Namespace) -> int:
+    from .hf import save_pretrained
+    from .modelio import load_model
+
+    model = load_model(args.src)
+    save_pretrained(model, args.dest)
+    print(f"exported {args.src} -> {args.dest}")
+    return 0
+
+
+def export_command(*, options: Any) -> Command:
+    """Export a k2 checkpoint as a Hugging Face DeepseekV3ForCausalLM folder."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("src", help="fsspec URI of the k2 checkpoint")
+        p.add_argument("dest", help="folder to write config.json and safetensors into")
+
+    return Command("export-hf", export_command.__doc__ or "", add, _export_run)
+
+
+CORE_COMMANDS = {
+    "plugins": plugins_command,
+    "config": config_command,
+    "params": params_command,
+    "import-hf": import_command,
+    "export-hf": export_command,
+}

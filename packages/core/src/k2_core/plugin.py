@@ -1,0 +1,63 @@
+"""k2-core's built-in implementations, registered through the same hook as any plugin.
+
+Factories import their modules lazily so that loading plugins (and `k2 --help`) stays fast.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .hookspecs import hookimpl
+
+
+class AdamWOptions(BaseModel):
+    """Options of the built-in AdamW (lr and weight decay come from the optim section)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
+    eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
+
+
+def build_mla(*args: Any, **kwargs: Any) -> Any:
+    """Multi-head latent attention (DeepSeek-V3 / Kimi K2)."""
+    from .model.attention import build_mla as impl
+
+    return impl(*args, **kwargs)
+
+
+def build_swiglu(*args: Any, **kwargs: Any) -> Any:
+    """Dense SwiGLU feed-forward of width intermediate_size."""
+    from .model.layers import build_swiglu as impl
+
+    return impl(*args, **kwargs)
+
+
+def build_adamw(params: Any, *, lr: float, weight_decay: float, options: AdamWOptions) -> Any:
+    """torch.optim.AdamW with decoupled weight decay."""
+    import torch
+
+    return torch.optim.AdamW(
+        params, lr=lr, weight_decay=weight_decay, betas=options.betas, eps=options.eps
+    )
+
+
+def build_single_backend(*, options: BaseModel) -> Any:
+    """One process, no parallelism: the model and batches stay where they are."""
+    from .backend import SingleProcessBackend
+
+    return SingleProcessBackend()
+
+
+@hookimpl
+def k2_register(registry: Any) -> None:
+    """Register k2-core's attention, dense FFN, optimizer, backend and CLI commands."""
+    from . import commands
+
+    registry.register("attention", "mla", build_mla)
+    registry.register("ffn", "swiglu", build_swiglu)
+    registry.register("optimizer", "adamw", build_adamw, AdamWOptions)
+    registry.register("backend", "single", build_single_backend)
+    for name, factory in commands.CORE_COMMANDS.items():
+        registry.register("command", name, factory)
