@@ -39,8 +39,9 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
-def _from_numpy(a: np.ndarray, dtype: str) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a))
+def _from_numpy(a: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
+    # ascontiguousarray would turn a 0-d array into shape (1,): restore the recorded shape.
+    t = torch.from_numpy(np.ascontiguousarray(a)).reshape(shape)
     return t.view(_BY_NAME[dtype]) if dtype in _BY_NAME else t
 
 
@@ -119,7 +120,7 @@ def load_tensors(
         arr = root[key][...]
         if verify and zlib.crc32(arr.tobytes()) != meta["crc32"]:
             raise CheckpointError(f"{uri}: tensor {key} fails its checksum (corrupt file)")
-        return key, _from_numpy(arr, meta["dtype"])
+        return key, _from_numpy(arr, meta["dtype"], meta["shape"])
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -1,0 +1,48 @@
+"""Save and load a k2 model as a checkpoint (weights in zarr, configs as JSON attrs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .checkpoint import load_tensors, save_tensors
+from .config import ModelConfig, MoEConfig, RunConfig
+from .errors import CheckpointError
+
+
+def save_model(model: torch.nn.Module, uri: str, *, run_config: RunConfig | None = None,
+               attrs: dict[str, Any] | None = None) -> None:
+    """Write the model's parameters and persistent buffers, with its configs, to `uri`."""
+    meta = {
+        "model_config": model.config.model_dump(mode="json"),
+        "moe_config": model.moe_config.model_dump(mode="json"),
+        **({"run_config": run_config.model_dump(mode="json")} if run_config else {}),
+        **(attrs or {}),
+    }
+    save_tensors(uri, {"model": dict(model.state_dict())}, meta)
+
+
+def load_model(uri: str, *, registry: Any = None, dtype: torch.dtype | None = None,
+               device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (checksums verified)."""
+    from .model import K2ForCausalLM
+
+    groups, attrs = load_tensors(uri, ["model"])
+    try:
+        mcfg = ModelConfig.model_validate(attrs["model_config"])
+        ecfg = MoEConfig.model_validate(attrs["moe_config"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{uri}: no valid model config in the checkpoint ({e})") from None
+    # Built uninitialised on the target device: load_state_dict fills every persistent tensor,
+    # and non-persistent buffers (rotary tables) are computed at construction.
+    with torch.device(device):
+        model = K2ForCausalLM(mcfg, ecfg, registry, init_weights=False)
+    state = groups.get("model", {})
+    missing = sorted(set(model.state_dict()) - set(state))
+    extra = sorted(set(state) - set(model.state_dict()))
+    if missing or extra:
+        what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
+        raise CheckpointError(f"{uri}: weights do not match the model ({what})")
+    model.load_state_dict(state)
+    return model.to(dtype=dtype) if dtype is not None else model

@@ -1,0 +1,65 @@
+"""The `k2` script as a user runs it: output, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+K2 = str(Path(sys.executable).parent / "k2")
+
+
+def k2(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([K2, *args], capture_output=True, text=True, timeout=120, **kw)
+
+
+def test_help_lists_core_commands():
+    out = k2("--help")
+    assert out.returncode == 0
+    for cmd in ("plugins", "config", "params", "import-hf", "export-hf"):
+        assert cmd in out.stdout
+
+
+def test_params_k2_1t_exact():
+    out = k2("params", "k2-1t", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["total"] == 1_026_408_209_408
+    assert data["active"] == 32_861_477_888
+    text = k2("params", "k2-1t").stdout
+    assert "1,026,408,209,408 total" in text and "32,861,477,888 active" in text
+
+
+def test_config_show_with_overrides():
+    out = k2("config", "show", "tiny", "optim.lr=3e-3", "moe.n_routed_experts=32", "--json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["optim"]["lr"] == 0.003 and data["moe"]["n_routed_experts"] == 32
+    assert "lr: 0.003" in k2("config", "show", "tiny", "optim.lr=3e-3").stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["config", "show", "tiny", "optim.lr=-1"], "k2: config error: optim.lr: must be > 0 (got -1)"),
+    (["config", "show", "tiny", "moe.num_experts_per_tok=20"],
+     "k2: config error: moe.num_experts_per_tok: must be <= n_routed_experts (16), got 20"),
+    (["config", "show", "tiny", "model.no_such_field=3"], "model.no_such_field: unknown key"),
+    (["config", "show", "nope-preset"], "no preset or file named 'nope-preset'"),
+    (["config", "show", "/no/such/file.yaml"], "/no/such/file.yaml: no such file"),
+    (["params", "tiny", "moe.router=zz"], "moe.router: no router named 'zz'"),
+    (["config", "frobnicate"], "k2: usage error"),
+])
+def test_bad_input_exit_2_one_line(args, needle):
+    out = k2(*args)
+    assert out.returncode == 2
+    assert "Traceback" not in out.stderr
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], out.stderr
+
+
+def test_malformed_yaml_file(tmp_path):
+    (tmp_path / "b.yaml").write_text("model: [unclosed\n")
+    out = k2("config", "show", str(tmp_path / "b.yaml"))
+    assert out.returncode == 2 and "malformed YAML" in out.stderr and "Traceback" not in out.stderr
