@@ -1,0 +1,109 @@
+"""Multi-head Latent Attention (MLA), parameter for parameter as HF `DeepseekV3Attention`.
+
+Two paths compute the same thing:
+- fused: `F.scaled_dot_product_attention` (causal, or a boolean mask for packed segments);
+- recording (`record_max_logits = True`): explicit q @ k^T that also yields each head's max
+  pre-softmax logit over causal-visible pairs, kept on device in `max_logits` [heads] (fp32,
+  detached) for QK-Clip. Neither path syncs with the host.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import apply_rotary, softmax_scale
+
+
+class MLA(nn.Module):
+    """MLA with low-rank queries (or a direct q_proj), a compressed KV latent and a shared rotary key."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.qk_nope_head_dim = cfg.qk_nope_head_dim
+        self.qk_rope_head_dim = cfg.qk_rope_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.v_head_dim = cfg.v_head_dim
+        self.rope_interleave = cfg.rope_interleave
+        self.softmax_scale = softmax_scale(cfg)
+        h, bias = cfg.hidden_size, cfg.attention_bias
+        if self.q_lora_rank is None:
+            self.q_proj = nn.Linear(h, self.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=bias)
+        self.record_max_logits = False
+        self.max_logits: torch.Tensor | None = None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, H]; cos/sin [B|1, T, rope/2]; attn_mask: bool [B, 1, T, T] (True = visible)
+        or None for plain causal attention. Returns [B, T, H]."""
+        bsz, seq, _ = x.shape
+        nh = self.num_heads
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(bsz, seq, nh, self.qk_head_dim)
+        q_nope, q_rot = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+
+        kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(kv_nope)).view(bsz, seq, nh, self.qk_nope_head_dim + self.v_head_dim)
+        k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+
+        q_rot = apply_rotary(q_rot, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_interleave)
+        k_rot = apply_rotary(k_rot, cos, sin, self.rope_interleave)  # [B, T, rope], one for all heads
+
+        # [B, heads, T, D] views; the shared rotary key is broadcast, copied once by the cat.
+        q = torch.cat((q_nope, q_rot), dim=-1).transpose(1, 2)
+        k = torch.cat((k_nope, k_rot.unsqueeze(2).expand(-1, -1, nh, -1)), dim=-1).transpose(1, 2)
+        v = v.transpose(1, 2)
+
+        if self.record_max_logits:
+            out = self._attend_recording(q, k, v, attn_mask)
+        else:
+            if attn_mask is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.softmax_scale)
+        out = out.transpose(1, 2).reshape(bsz, seq, nh * self.v_head_dim)
+        return self.o_proj(out)
+
+    def _attend_recording(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        seq = q.shape[-2]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale  # [B, h, T, T]
+        if attn_mask is None:
+            attn_mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril_()
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+        self.max_logits = scores.detach().amax(dim=(0, 2, 3)).float()
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(probs, v)
+
+
+def build_mla(model: ModelConfig, layer_idx: int, *, options: Any = None) -> MLA:
+    """Multi-head Latent Attention (DeepSeek-V3 / Kimi K2)."""
+    return MLA(model, layer_idx)
