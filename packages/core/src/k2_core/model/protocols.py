@@ -15,6 +15,7 @@ class LoadBalanced(Protocol):
     - `aux_loss`: the balance loss of the last forward (a scalar tensor), or None;
     - `update_router_bias()`: apply the aux-loss-free bias update from the expert counts
       accumulated since the last call, then reset them (once per optimizer step);
+    - `reset_counts()`: drop the accumulated counts without an update (a skipped step);
     - `load_stats()`: the accumulated per-expert token counts and their max/mean.
     """
 
@@ -22,6 +23,9 @@ class LoadBalanced(Protocol):
 
     def update_router_bias(self) -> None:
         """Apply and reset the bias update for the counts gathered this step."""
+
+    def reset_counts(self) -> None:
+        """Zero the counts gathered this step without touching the bias."""
 
     def load_stats(self) -> dict[str, torch.Tensor]:
         """`counts` [E] (tokens per expert since the last bias update) and `max_over_mean`."""
