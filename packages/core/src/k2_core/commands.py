@@ -189,7 +189,85 @@ def export_command(*, options: Any) -> Command:
     return Command("export-hf", export_command.__doc__ or "", add, _export_run)
 
 
+# -- k2 pretrain / eval-loss ----------------------------------------------------------------
+
+
+def _pretrain_run(args: argparse.Namespace) -> int:
+    import time
+
+    from .configio import load_config
+    from .plugins import get_registry
+
+    spec, overrides = _split_overrides(args)
+    cfg = load_config(spec, overrides)
+    t0 = time.perf_counter()
+    summary = get_registry().build("stage", "pretrain")(cfg)
+    secs = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps({**summary, "seconds": secs}))
+        return 0
+    loss = (f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+            if summary["last_loss"] is not None else "no steps run (already complete)")
+    ev = f" (eval {summary['eval_loss']:.3f})" if summary["eval_loss"] is not None else ""
+    tps = f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
+    print(f"k2 pretrain: {summary['steps']} steps in {secs:.0f}s, {loss}{ev}{tps}; "
+          f"run folder {summary['run_dir']}"
+          + (f"; mlflow run {summary['tracking_run_id']}" if summary["tracking_run_id"] else ""))
+    return 0
+
+
+def pretrain_command(*, options: Any) -> Command:
+    """Pre-train a model (default: the tiny preset on the built-in corpus, tracked in mlflow)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        _add_config_args(p)
+
+    return Command("pretrain", pretrain_command.__doc__ or "", add, _pretrain_run)
+
+
+def _eval_loss_run(args: argparse.Namespace) -> int:
+    import math
+
+    from .configio import load_config
+    from .modelio import load_checkpoint_model
+    from .orchestrator import evaluate
+    from .plugins import get_plugins
+
+    model, cfg = load_checkpoint_model(args.uri)
+    if cfg is None:
+        cfg = load_config("tiny")
+    if args.data:
+        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"options": {**cfg.data.options, "uri": args.data}})})
+    reg = get_plugins().registry
+    val = reg.build("dataset", cfg.data.dataset, options=cfg.data.options, where="data.options",
+                    split=args.split, batch_size=cfg.train.micro_batch_size,
+                    seq_len=cfg.data.seq_len, seed=cfg.train.seed, rank=0, world_size=1)
+    loss = evaluate(model, val, args.batches)
+    if args.json:
+        print(json.dumps({"loss": loss, "perplexity": math.exp(loss), "batches": args.batches}))
+    else:
+        print(f"{args.uri}: {args.split} loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
+              f"({args.batches} batches)")
+    return 0
+
+
+def eval_loss_command(*, options: Any) -> Command:
+    """Validation loss and perplexity of a checkpoint on a packed dataset."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        p.add_argument("uri", help="checkpoint URI (a run's step_N folder or a saved model)")
+        p.add_argument("--data", help="packed dataset URI (default: the run's dataset)")
+        p.add_argument("--split", default="val", help="dataset split (default: val)")
+        p.add_argument("--batches", type=int, default=20, help="batches to average")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    return Command("eval-loss", eval_loss_command.__doc__ or "", add, _eval_loss_run)
+
+
 CORE_COMMANDS = {
+    "pretrain": pretrain_command,
+    "eval-loss": eval_loss_command,
     "plugins": plugins_command,
     "config": config_command,
     "params": params_command,

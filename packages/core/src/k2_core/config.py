@@ -162,21 +162,27 @@ class MoEConfig(Section):
 
 
 class OptimConfig(Section):
-    """The optimizer and its learning rate."""
+    """The optimizer and its learning-rate schedule."""
 
-    name: str = Field("adamw", description="`optimizer` slot implementation.")
+    name: str = Field("muonclip", description="`optimizer` slot implementation.")
     options: dict[str, Any] = Field(
         default_factory=dict, description="Options of the chosen optimizer, checked against its model."
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay.")
+    schedule: str = Field("wsd", description="`lr_schedule` slot implementation.")
+    schedule_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the chosen schedule, checked against its model."
+    )
 
 
 class DataConfig(Section):
     """Where training batches come from."""
 
-    dataset: str | None = Field(None, description="`dataset` slot implementation (None: built-in).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Options of the chosen dataset.")
+    dataset: str = Field("packed", description="`dataset` slot implementation.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the chosen dataset (e.g. its uri; none: the built-in corpus)."
+    )
     seq_len: int = Field(256, gt=0, description="Tokens per training sequence.")
 
 
@@ -190,6 +196,11 @@ class TrainConfig(Section):
     bf16: bool = Field(False, description="Run forward/backward under bf16 autocast.")
     seed: int = Field(0, description="Seed for weights, data order and sampling.")
     log_every: int = Field(10, gt=0, description="Steps between logged metrics.")
+    eval_every: int = Field(50, ge=0, description="Steps between validation-loss evaluations (0: never).")
+    eval_batches: int = Field(4, gt=0, description="Validation batches per evaluation.")
+    max_bad_steps: int = Field(
+        5, gt=0, description="Consecutive non-finite steps (skipped) before the run stops."
+    )
 
 
 class ParallelConfig(Section):
@@ -202,9 +213,12 @@ class ParallelConfig(Section):
 class TrackingConfig(Section):
     """Experiment tracking."""
 
-    tracker: str | None = Field(None, description="`tracker` slot implementation (None: no tracking).")
+    tracker: str | None = Field("mlflow", description="`tracker` slot implementation (null: no tracking).")
+    options: dict[str, Any] = Field(default_factory=dict, description="Options of the chosen tracker.")
     experiment: str = Field("k2", description="Experiment name.")
-    tracking_uri: str | None = Field(None, description="Tracking URI (None: local store in the run folder).")
+    tracking_uri: str | None = Field(
+        None, description="Tracking URI (null: MLFLOW_TRACKING_URI, else a local store in the run folder)."
+    )
 
 
 class CheckpointConfig(Section):
@@ -213,6 +227,9 @@ class CheckpointConfig(Section):
     dir: str = Field("runs/latest", description="fsspec URI of the run folder.")
     every: int = Field(100, gt=0, description="Steps between checkpoints.")
     keep: int = Field(2, gt=0, description="Checkpoints kept (older ones are deleted).")
+    resume: str = Field(
+        "auto", description="auto: newest complete checkpoint in the run folder; never; or a checkpoint URI."
+    )
 
 
 class RunConfig(Section):

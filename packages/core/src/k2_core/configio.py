@@ -169,9 +169,10 @@ SLOT_FIELDS: tuple[tuple[str, str, str, str | None], ...] = (
     ("moe", "ffn", "ffn", None),
     ("moe", "router", "router", "router_options"),
     ("optim", "name", "optimizer", "options"),
+    ("optim", "schedule", "lr_schedule", "schedule_options"),
     ("data", "dataset", "dataset", "options"),
     ("parallel", "backend", "backend", "options"),
-    ("tracking", "tracker", "tracker", None),
+    ("tracking", "tracker", "tracker", "options"),
 )
 
 

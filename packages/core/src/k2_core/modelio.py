@@ -46,3 +46,19 @@ def load_model(uri: str, *, registry: Any = None, dtype: torch.dtype | None = No
         raise CheckpointError(f"{uri}: weights do not match the model ({what})")
     model.load_state_dict(state)
     return model.to(dtype=dtype) if dtype is not None else model
+
+
+def load_checkpoint_model(uri: str, registry: Any = None) -> tuple[torch.nn.Module, RunConfig | None]:
+    """The model of a saved model or a training checkpoint, and its RunConfig when recorded."""
+    _, attrs = load_tensors(uri, [])
+    run_cfg = RunConfig.model_validate(attrs["run_config"]) if "run_config" in attrs else None
+    if "model_config" in attrs:
+        return load_model(uri, registry=registry), run_cfg
+    if run_cfg is None:
+        raise CheckpointError(f"{uri}: no model config recorded in the checkpoint")
+    from .model import build_model
+
+    groups, _ = load_tensors(uri, ["model"])
+    model = build_model(run_cfg, registry)
+    model.load_state_dict(groups["model"])
+    return model.eval(), run_cfg

@@ -34,12 +34,12 @@ def build_swiglu(*args: Any, **kwargs: Any) -> Any:
     return impl(*args, **kwargs)
 
 
-def build_adamw(params: Any, *, lr: float, weight_decay: float, options: AdamWOptions) -> Any:
-    """torch.optim.AdamW with decoupled weight decay."""
+def build_adamw(model: Any, *, lr: float, weight_decay: float, options: AdamWOptions) -> Any:
+    """torch.optim.AdamW with decoupled weight decay over all of the model's parameters."""
     import torch
 
     return torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay, betas=options.betas, eps=options.eps
+        model.parameters(), lr=lr, weight_decay=weight_decay, betas=options.betas, eps=options.eps
     )
 
 
@@ -48,6 +48,40 @@ def build_single_backend(*, options: BaseModel) -> Any:
     from .backend import SingleProcessBackend
 
     return SingleProcessBackend()
+
+
+def build_constant_schedule(optimizer: Any, *, total_steps: int, options: BaseModel) -> Any:
+    """A constant learning rate (no warm-up, no decay)."""
+    import torch
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+
+def build_mlflow(**kwargs: Any) -> Any:
+    """mlflow: a local sqlite store in the run folder by default, any tracking URI by config."""
+    from .tracking import build_mlflow as impl
+
+    return impl(**kwargs)
+
+
+def build_pretrain_stage(*, options: BaseModel) -> Any:
+    """Pre-training: next-token loss on packed sequences, with progress and a summary."""
+
+    def run(cfg: Any) -> dict[str, Any]:
+        from .orchestrator import build_run, train
+        from .progress import TrainProgress
+
+        r = build_run(cfg)
+        with TrainProgress(cfg.train.steps, r.step) as progress:
+            return train(r, progress)
+
+    return run
+
+
+def _mlflow_options() -> type[BaseModel]:
+    from .tracking import MLflowOptions
+
+    return MLflowOptions
 
 
 @hookimpl
@@ -59,5 +93,8 @@ def k2_register(registry: Any) -> None:
     registry.register("ffn", "swiglu", build_swiglu)
     registry.register("optimizer", "adamw", build_adamw, AdamWOptions)
     registry.register("backend", "single", build_single_backend)
+    registry.register("lr_schedule", "constant", build_constant_schedule)
+    registry.register("stage", "pretrain", build_pretrain_stage)
+    registry.register("tracker", "mlflow", build_mlflow, _mlflow_options())
     for name, factory in commands.CORE_COMMANDS.items():
         registry.register("command", name, factory)

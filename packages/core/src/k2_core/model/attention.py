@@ -99,7 +99,9 @@ class MLA(nn.Module):
         if attn_mask is None:
             attn_mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril_()
         scores = scores.masked_fill(~attn_mask, float("-inf"))
-        self.max_logits = scores.detach().amax(dim=(0, 2, 3)).float()
+        step_max = scores.detach().amax(dim=(0, 2, 3)).float()
+        # Running max until the owner resets it: micro-batches of one step all count.
+        self.max_logits = step_max if self.max_logits is None else torch.maximum(self.max_logits, step_max)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(probs, v)
 

@@ -162,8 +162,14 @@ class K2ForCausalLM(nn.Module):
             if not enabled:
                 attn.max_logits = None
 
+    def reset_max_logits(self) -> None:
+        """Forget recorded max logits; forwards until the next reset take the running max
+        (so one optimizer step's micro-batches all count)."""
+        for attn in self.attention_layers():
+            attn.max_logits = None
+
     def max_logits(self) -> torch.Tensor:
-        """[layers, heads] fp32 max pre-softmax logits of the last recorded forward."""
+        """[layers, heads] fp32 max pre-softmax logits since the last reset."""
         rows = []
         for i, attn in enumerate(self.attention_layers()):
             if getattr(attn, "max_logits", None) is None:
@@ -182,6 +188,11 @@ class K2ForCausalLM(nn.Module):
         """Apply the aux-loss-free bias update in every MoE layer (once per optimizer step)."""
         for m in self.moe_layers():
             m.update_router_bias()
+
+    def reset_router_counts(self) -> None:
+        """Discard this step's expert counts without a bias update (a skipped step)."""
+        for m in self.moe_layers():
+            m.reset_counts()
 
     def load_stats(self) -> dict[int, dict[str, torch.Tensor]]:
         """Per MoE layer (by layer index): that layer's `load_stats()`."""

@@ -1,0 +1,114 @@
+"""Training-state checkpoints: model, optimizer, schedule, RNG, loader, step, tracking run id.
+
+Each checkpoint is `<root>/step_<N>`, written first as `step_<N>.tmp` (tensors, then the
+commit marker) and renamed when complete, so a process killed mid-save leaves the previous
+checkpoint as the newest loadable one. The last `keep` checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import fsspec
+import torch
+
+from .checkpoint import is_committed, load_tensors, save_tensors
+from .errors import CheckpointError
+
+_STEP_RE = re.compile(r"step_(\d+)$")
+
+
+def _json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else None))
+
+
+def split_optimizer_state(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Optimizer state_dict -> (tensors keyed 'pid.name', JSON metadata for the rest)."""
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, st in sd["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{name}"] = v
+            else:
+                scalars.setdefault(str(pid), {})[name] = v
+    return tensors, {"scalars": scalars, "param_groups": _json_safe(sd["param_groups"])}
+
+
+def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of `split_optimizer_state`."""
+    state: dict[Any, dict[str, Any]] = {}
+    for key, t in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = t
+    for pid, st in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(st)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def list_checkpoints(root: str) -> list[tuple[int, str]]:
+    """Complete checkpoints under `root`, oldest first, as (step, uri)."""
+    fs, path = fsspec.core.url_to_fs(root)
+    if not fs.exists(path):
+        return []
+    proto = root.split("://", 1)[0] + "://" if "://" in root else ""
+    found = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        m = _STEP_RE.match(name)
+        if m:
+            uri = proto + entry if proto and not entry.startswith(proto) else entry
+            if is_committed(uri):
+                found.append((int(m.group(1)), uri))
+    return sorted(found)
+
+
+def save_train_state(root: str, step: int, *, model: torch.nn.Module, optimizer: Any,
+                     scheduler: Any = None, loader: Any = None, keep: int = 2,
+                     attrs: dict[str, Any] | None = None) -> str:
+    """Write the whole training state for `step` under `root`; returns the checkpoint URI."""
+    fs, path = fsspec.core.url_to_fs(root)
+    name = f"step_{step:08d}"
+    tmp_uri, final_uri = f"{root.rstrip('/')}/{name}.tmp", f"{root.rstrip('/')}/{name}"
+    opt_tensors, opt_meta = split_optimizer_state(optimizer.state_dict())
+    rng = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    meta = {
+        "step": step,
+        "optimizer": opt_meta,
+        "scheduler": _json_safe(scheduler.state_dict()) if scheduler is not None else None,
+        "loader": loader.state_dict() if loader is not None else None,
+        **(attrs or {}),
+    }
+    save_tensors(tmp_uri, {"model": dict(model.state_dict()), "optim": opt_tensors, "rng": rng}, meta)
+    if fs.exists(f"{path}/{name}"):
+        fs.rm(f"{path}/{name}", recursive=True)
+    fs.mv(f"{path}/{name}.tmp", f"{path}/{name}", recursive=True)
+    for _, old in list_checkpoints(root)[:-keep]:
+        fs.rm(fsspec.core.url_to_fs(old)[1], recursive=True)
+    return final_uri
+
+
+def load_train_state(uri: str, *, model: torch.nn.Module, optimizer: Any = None,
+                     scheduler: Any = None, loader: Any = None) -> dict[str, Any]:
+    """Restore everything `save_train_state` wrote into the given objects; returns the attrs."""
+    groups, attrs = load_tensors(uri)
+    try:
+        model.load_state_dict(groups["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{uri}: weights do not match the model ({str(e).splitlines()[1].strip()})") from None
+    if optimizer is not None:
+        optimizer.load_state_dict(join_optimizer_state(groups.get("optim", {}), attrs["optimizer"]))
+    if scheduler is not None and attrs.get("scheduler") is not None:
+        scheduler.load_state_dict(attrs["scheduler"])
+    if loader is not None and attrs.get("loader") is not None:
+        loader.load_state_dict(attrs["loader"])
+    rng = groups.get("rng", {})
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return attrs

@@ -1,0 +1,159 @@
+"""The training loop through real slots: a toy dataset plugin, AdamW, mlflow, checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from pydantic import BaseModel
+
+from k2_core import hookimpl
+from k2_core.configio import load_config
+from k2_core.orchestrator import TrainingError, build_run, train
+from k2_core.plugins import load_plugins
+from k2_core.trainstate import list_checkpoints
+
+
+class ToyOptions(BaseModel):
+    period: int = 7
+
+
+class ToyData:
+    """Sequences counting up with a fixed stride: learnable, deterministic, resumable."""
+
+    def __init__(self, *, batch_size: int, seq_len: int, seed: int, split: str, options: ToyOptions,
+                 vocab: int = 512):
+        self.b, self.t, self.vocab = batch_size, seq_len, vocab
+        self.offset = 0 if split == "train" else 10_000
+        self.seed, self.period, self.pos = seed, options.period, 0
+
+    def __iter__(self):
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.offset + self.pos)
+            start = torch.randint(0, self.vocab, (self.b, 1), generator=g)
+            seq = (start + self.period * torch.arange(self.t + 1)) % self.vocab
+            self.pos += 1
+            yield {"input_ids": seq[:, :-1], "labels": seq[:, 1:]}
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+
+class ToyPlugin:
+    """Registers the toy dataset and a dense FFN that can be told to return NaN."""
+
+    __k2_distribution__ = "toy"
+    poison_steps: set[int] = set()
+
+    def __init__(self):
+        self.calls = 0
+
+    @hookimpl
+    def k2_register(self, registry):
+        registry.register(
+            "dataset", "toy",
+            lambda *, options, split, batch_size, seq_len, seed, rank, world_size: ToyData(
+                batch_size=batch_size, seq_len=seq_len, seed=seed + rank, split=split, options=options),
+            ToyOptions,
+        )
+        plugin = self
+
+        def nan_swiglu(model, moe, layer_idx, *, registry, options):
+            from k2_core.model.layers import SwiGLU
+
+            class Poisoned(SwiGLU):
+                def forward(self, x):
+                    out = super().forward(x)
+                    if self.training and plugin.calls in plugin.poison_steps:
+                        out = out * float("nan")
+                    plugin.calls += self.training
+                    return out
+
+            return Poisoned(model.hidden_size, model.intermediate_size)
+
+        registry.register("ffn", "nan_swiglu", nan_swiglu)
+
+
+BASE = [
+    "model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128",
+    "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.q_lora_rank=32",
+    "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16", "moe.moe_intermediate_size=32", "moe.n_routed_experts=8",
+    "moe.num_experts_per_tok=2", "data.seq_len=32", "data.dataset=toy",
+    "optim.name=adamw", "optim.lr=3e-3", "optim.schedule=constant", "train.micro_batch_size=4",
+    "train.log_every=1", "train.eval_every=5", "train.eval_batches=2",
+    "tracking.options.system_metrics=false",
+]
+
+
+def make(tmp_path, *extra, plugin=None):
+    plugin = plugin or ToyPlugin()
+    pl = load_plugins(extra=[("toy", plugin)])
+    cfg = load_config("tiny", [*BASE, f"checkpoint.dir={tmp_path / 'run'}", *extra], registry=pl.registry)
+    return build_run(cfg, pl)
+
+
+def test_loss_falls_and_metrics_reach_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    run = make(tmp_path, "train.steps=20", "checkpoint.every=10")
+    summary = train(run)
+    assert summary["steps"] == 20 and summary["last_loss"] < summary["first_loss"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    r = client.get_run(summary["tracking_run_id"])
+    assert r.info.status == "FINISHED"
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "attn/max_logit",
+                "attn/max_logit/layer_1", "qk_clip/heads_clipped", "moe/load_imbalance",
+                "moe/load_imbalance/layer_1", "eval/loss"):
+        assert key in r.data.metrics, key
+    assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 20
+    assert r.data.params["model.hidden_size"] == "64" and "plugin.k2-core" in r.data.params
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "run" / "checkpoints"))] == [10, 20]
+
+
+def test_resume_is_bit_exact(tmp_path):
+    straight = make(tmp_path / "a", "train.steps=8", "checkpoint.every=4", "tracking.tracker=null")
+    train(straight)
+    half = make(tmp_path / "b", "train.steps=4", "checkpoint.every=4", "tracking.tracker=null")
+    train(half)
+    resumed = make(tmp_path / "b", "train.steps=8", "checkpoint.every=4", "tracking.tracker=null")
+    assert resumed.step == 4
+    train(resumed)
+    a = [h["train/loss"] for h in straight.history]
+    b = [h["train/loss"] for h in half.history] + [h["train/loss"] for h in resumed.history]
+    assert a == b
+    sa, sb = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path):
+    plugin = ToyPlugin()
+    plugin.poison_steps = {3}
+    run = make(tmp_path, "train.steps=6", "model.dense_ffn=nan_swiglu", "model.first_k_dense_replace=1",
+               "tracking.tracker=null", plugin=plugin)
+    before = None
+    summary = train(run)
+    assert summary["skipped_steps"] == 1 and summary["steps"] == 6
+    assert all(math.isfinite(h["train/loss"]) for h in run.history)
+    del before
+
+    plugin = ToyPlugin()
+    plugin.poison_steps = set(range(2, 100))
+    run = make(tmp_path / "x", "train.steps=10", "model.dense_ffn=nan_swiglu",
+               "train.max_bad_steps=3", "tracking.tracker=null", "checkpoint.every=1", plugin=plugin)
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row at step 2"):
+        train(run)
+    assert [s for s, _ in list_checkpoints(str(tmp_path / "x" / "run" / "checkpoints"))] == [1, 2]
+
+
+def test_unreachable_tracking_store_never_stops_training(tmp_path, capsys):
+    run = make(tmp_path, "train.steps=3", "tracking.tracking_uri=http://127.0.0.1:9")
+    summary = train(run)
+    assert summary["steps"] == 3
+    pending = (tmp_path / "run" / "pending_metrics.jsonl").read_text().splitlines()
+    assert len(pending) == 3
+    assert "unreachable" in capsys.readouterr().err
