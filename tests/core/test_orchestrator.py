@@ -6,13 +6,12 @@ import math
 
 import pytest
 import torch
-from pydantic import BaseModel
-
 from k2_core import hookimpl
 from k2_core.configio import load_config
 from k2_core.orchestrator import TrainingError, build_run, train
 from k2_core.plugins import load_plugins
 from k2_core.trainstate import list_checkpoints
+from pydantic import BaseModel
 
 
 class ToyOptions(BaseModel):
@@ -84,7 +83,7 @@ BASE = [
     "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
     "model.v_head_dim=16", "moe.moe_intermediate_size=32", "moe.n_routed_experts=8",
     "moe.num_experts_per_tok=2", "data.seq_len=32", "data.dataset=toy",
-    "optim.name=adamw", "optim.lr=3e-3", "optim.schedule=constant", "train.micro_batch_size=4",
+    "optim.name=adamw", "optim.lr=3e-3", "optim.schedule=constant", "optim.schedule_options={}", "train.micro_batch_size=4",
     "train.log_every=1", "train.eval_every=5", "train.eval_batches=2",
     "tracking.options.system_metrics=false",
 ]

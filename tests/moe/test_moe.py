@@ -302,3 +302,10 @@ def test_empty_batch():
     assert y.shape == x.shape
     y.sum().backward()
     assert x.grad.shape == x.shape
+
+
+def test_gate_up_is_marked_as_two_blocks_for_muon():
+    """Muon must orthogonalise gate and up separately (bug: they were treated as one matrix)."""
+    from k2_moe.experts import GroupedExperts
+
+    assert GroupedExperts(4, 8, 6).gate_up_proj.muon_split == 2

@@ -37,6 +37,20 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
     return data
 
 
+def read_yaml_uri(uri: str) -> dict[str, Any]:
+    """A YAML mapping from any fsspec URI; a missing, unreadable or malformed file is a ConfigError."""
+    import fsspec
+
+    try:
+        with fsspec.open(uri, "r", encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{uri}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"{uri}: cannot read ({type(e).__name__}: {e})") from None
+    return _read_yaml(text, uri)
+
+
 def _load_source(spec: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The raw mapping of a preset name or a YAML file/URI, with `base:` resolved."""
     if spec in seen:
@@ -45,16 +59,7 @@ def _load_source(spec: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         text = resources.files(PRESET_PACKAGE).joinpath(f"{spec}.yaml").read_text()
         data = _read_yaml(text, f"preset {spec}")
     elif spec.endswith((".yaml", ".yml", ".json")) or "/" in spec or "://" in spec:
-        import fsspec
-
-        try:
-            with fsspec.open(spec, "r", encoding="utf-8") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise ConfigError(f"{spec}: no such file") from None
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ConfigError(f"{spec}: cannot read ({type(e).__name__}: {e})") from None
-        data = _read_yaml(text, spec)
+        data = read_yaml_uri(spec)
     else:
         raise ConfigError(
             f"no preset or file named {spec!r}; presets: {', '.join(preset_names())}"
@@ -176,11 +181,12 @@ SLOT_FIELDS: tuple[tuple[str, str, str, str | None], ...] = (
 )
 
 
-def check_plugins(cfg: RunConfig, registry: Registry) -> None:
-    """Every implementation the config names exists, and its options validate."""
+def check_plugins(cfg: RunConfig, registry: Registry, sections: set[str] | None = None) -> None:
+    """Every implementation the config names (in `sections`, default all) exists, and its
+    options validate."""
     has_moe = cfg.model.first_k_dense_replace < cfg.model.num_hidden_layers
     for section, field, slot, opts_field in SLOT_FIELDS:
-        if section == "moe" and not has_moe:
+        if (section == "moe" and not has_moe) or (sections is not None and section not in sections):
             continue
         sec = getattr(cfg, section)
         name = getattr(sec, field)
@@ -206,9 +212,14 @@ def check_plugins(cfg: RunConfig, registry: Registry) -> None:
 
 
 def load_config(
-    spec: str | None = None, overrides: list[str] | None = None, registry: Registry | None = None
+    spec: str | None = None, overrides: list[str] | None = None, registry: Registry | None = None,
+    check: set[str] | None = None,
 ) -> RunConfig:
-    """Resolve a preset name or YAML file (default `tiny`) plus overrides into a RunConfig."""
+    """Resolve a preset name or YAML file (default `tiny`) plus overrides into a RunConfig.
+
+    `check` names the sections whose plugin choices must be installed (default: all), e.g.
+    {"model", "moe"} to build a model where no optimizer or dataset plugin is installed.
+    """
     data = apply_overrides(_load_source(spec or "tiny"), overrides or [])
     try:
         cfg = RunConfig.model_validate(data)
@@ -218,7 +229,7 @@ def load_config(
         from .plugins import get_registry
 
         registry = get_registry()
-    check_plugins(cfg, registry)
+    check_plugins(cfg, registry, check)
     return cfg
 
 

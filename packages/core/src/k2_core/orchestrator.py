@@ -43,6 +43,7 @@ class Run:
     step: int = 0
     tracking_run_id: str | None = None
     skipped_steps: int = 0
+    val_start: dict[str, Any] | None = None  # the val loader's initial state: every eval reads the same batches
     history: list[dict[str, float]] = field(default_factory=list)
 
     @property
@@ -116,6 +117,8 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
     val = _dataset(cfg, plugins, backend, "val") if cfg.train.eval_every else None
     model, optimizer, loader = backend.prepare(model, optimizer, loader)
     run = Run(cfg, plugins, model, optimizer, scheduler, loader, val, backend, cfg.checkpoint.dir)
+    if val is not None and hasattr(val, "state_dict"):
+        run.val_start = val.state_dict()
     resume = cfg.checkpoint.resume
     uri = None
     if resume == "auto":
@@ -219,6 +222,8 @@ def train(run: Run, progress: Any = None) -> dict[str, Any]:
             run.optimizer.zero_grad(set_to_none=True)
             if run.val_loader is not None and (run.step % cfg.train.eval_every == 0
                                                or run.step == cfg.train.steps):
+                if run.val_start is not None:
+                    run.val_loader.load_state_dict(run.val_start)
                 metrics["eval/loss"] = evaluate(model, run.val_loader, cfg.train.eval_batches, cfg.train.bf16)
                 model.set_record_max_logits(True)
             hook.k2_on_step_end(run=run, step=run.step, metrics=metrics)

@@ -71,8 +71,14 @@ class MLflowTracker:
               run_id: str | None = None) -> str | None:
         """Create the run (or reopen `run_id` after a resume); returns the run id, or None
         when the store is unreachable (the worker keeps trying, metrics are spooled)."""
+        import logging
+
         from mlflow.tracking import MlflowClient
 
+        # mlflow narrates database migrations and monitor start/stop at INFO: keep the
+        # terminal for k2's progress.
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         # mlflow's HTTP client otherwise retries for minutes; our own spool covers outages.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

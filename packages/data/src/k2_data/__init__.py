@@ -1,3 +1,29 @@
-"""k2_data."""
+"""k2_data: sources over fsspec, tokenizers, packing into zarr."""
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.2.0"
+
+__all__ = [
+    "BpeTokenizer", "DataPrepareConfig", "Document", "SourceConfig", "TiktokenTokenizer",
+    "Tokenizer", "TokenizerConfig", "default_dataset_uri", "inspect_dataset",
+    "load_prepare_config", "load_tokenizer", "prepare", "read_manifest", "__version__",
+]
+
+_LAZY = {
+    "BpeTokenizer": "tokenizer", "TiktokenTokenizer": "tokenizer", "Tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer", "DataPrepareConfig": "config", "SourceConfig": "config",
+    "TokenizerConfig": "config", "load_prepare_config": "config", "Document": "documents",
+    "default_dataset_uri": "prepare", "inspect_dataset": "prepare", "prepare": "prepare",
+    "read_manifest": "prepare",
+}
+
+
+def __getattr__(name: str) -> Any:  # lazy: `import k2_data` stays cheap for the plugin loader
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(name)

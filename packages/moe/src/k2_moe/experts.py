@@ -312,6 +312,8 @@ class GroupedExperts(nn.Module):
         self.kernel = kernel
         self.gate_up_proj = nn.Parameter(torch.empty(n_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(n_experts, hidden_size, intermediate_size))
+        # Gate and up are two matrices fused for speed: Muon orthogonalises each block alone.
+        self.gate_up_proj.muon_split = 2
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

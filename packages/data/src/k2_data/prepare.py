@@ -1,0 +1,540 @@
+"""`k2 data prepare`: read sources, tokenize in worker processes, pack into a zarr v3 store.
+
+On-disk layout at OUT (the training loader reads exactly this):
+    zarr.json                   zarr v3 group
+    train/tokens                uint32 [n_seq, seq_len+1], chunks of whole rows (~8 MiB), raw
+    train/doc_starts            int64 [n_docs]: offsets into the split's flattened token stream
+    val/tokens, val/doc_starts  the same for the validation split
+    tokenizer/                  the tokenizer (k2_tokenizer.json + tokenizer.json/.tiktoken)
+    manifest.json               format "k2-packed" v1, counts, checksums; `complete: true`
+                                is written last: a folder without it is not a dataset
+    _work/                      while building: plan, per-shard committed outputs (resume)
+
+The run is deterministic (same config -> same bytes, whatever `workers`) and resumable:
+documents are read in a fixed order and cut into shards of `shard_docs`; each shard's tokens
+are committed under _work/ (tokens first, its JSON last); a rerun re-reads the sources (to
+rebuild the dedup set and counts) but tokenizes only uncommitted shards, then assembles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import zlib
+from collections import Counter, deque
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from k2_core.errors import ConfigError, K2Error
+
+from . import _worker
+from .config import DataPrepareConfig, output_uri
+from .documents import Document
+from .sources import iter_documents
+from .tokenizer import Tokenizer, load_tokenizer
+
+FORMAT = "k2-packed"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WORK = "_work"
+TOKENIZER_DIR = "tokenizer"
+CHUNK_BYTES = 8 << 20
+_DELAY_ENV = "K2_DATA_TEST_SHARD_DELAY"  # test hook: seconds to sleep after each shard commit
+
+
+def _fs(uri: str) -> tuple[Any, str]:
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs, path.rstrip("/")
+
+
+def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
+    try:
+        with fs.open(path, "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+
+
+def _write_json(fs: Any, path: str, obj: Any) -> None:
+    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+    with fs.open(path, "wb") as f:
+        f.write(data)
+
+
+def _uniform(digest: bytes, seed: int, salt: bytes) -> float:
+    """A deterministic draw in [0, 1) from a document digest, the seed and a purpose."""
+    h = hashlib.sha256(salt + seed.to_bytes(8, "little", signed=True) + digest).digest()
+    return int.from_bytes(h[:8], "little") / 2.0**64
+
+
+def copies(digest: bytes, weight: float, seed: int) -> int:
+    """How many times a document of mixture weight `weight` is taken."""
+    whole = math.floor(weight)
+    return whole + int(_uniform(digest, seed, b"repeat") < weight - whole)
+
+
+def _progress() -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=console, disable=not console.is_terminal, transient=True,
+    )
+
+
+# -- workers -------------------------------------------------------------------------------
+
+def _encode_with(encode: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    flat, lengths = _worker.pack(encode(texts))
+    return np.frombuffer(flat, dtype="<u4"), np.frombuffer(lengths, dtype="<i8")
+
+
+class _Encoder:
+    """Encodes batches in order, in worker processes (spawn) or in-process (workers=0)."""
+
+    def __init__(self, tok: Tokenizer, workers: int):
+        self.tok = tok
+        self.encode = _worker.make_encoder(*tok.state())
+        self.pool = None
+        if workers > 0:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            threads = max(1, (os.cpu_count() or 1) // workers)
+            name, state = tok.state()
+            # spawn: no inherited locks or tokenizers thread pools; a worker that dies raises
+            # BrokenProcessPool instead of hanging the run.
+            self.pool = ProcessPoolExecutor(
+                workers, mp_context=mp.get_context("spawn"), initializer=_worker.init,
+                initargs=(name, state, threads),
+            )
+        self.max_inflight = max(2, 2 * workers)
+
+    def submit(self, texts: list[str]) -> Any:
+        if self.pool is None:
+            return _encode_with(self.encode, texts)
+        return self.pool.submit(_worker.encode, texts)
+
+    @staticmethod
+    def result(handle: Any) -> tuple[np.ndarray, np.ndarray]:
+        if isinstance(handle, tuple):
+            return handle
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            flat, lengths = handle.result()
+            return np.frombuffer(flat, dtype="<u4"), np.frombuffer(lengths, dtype="<i8")
+        except BrokenProcessPool:
+            raise K2Error("data prepare: a tokenizer worker process died (out of memory? "
+                          "a script read from stdin cannot spawn workers; try workers=0)") from None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- the build -----------------------------------------------------------------------------
+
+
+def _build_tokenizer(cfg: DataPrepareConfig, skipped_sample: Counter) -> Tokenizer:
+    from k2_core.registry import Registry
+
+    name = cfg.tokenizer.name
+    if name in ("bpe", "tiktoken"):  # ours: no need to load every plugin (torch) to find them
+        from . import plugin
+
+        registry = Registry()
+        plugin.k2_register(registry)
+    else:
+        from k2_core.plugins import get_plugins
+
+        registry = get_plugins().registry
+    try:
+        reg = registry.get("tokenizer", name)
+    except Exception as e:
+        raise ConfigError(f"tokenizer.name: {e.args[0] if e.args else e}") from None
+    opts = registry.options("tokenizer", name, cfg.tokenizer.options, where="tokenizer.options")
+    params = [p for p in inspect.signature(reg.factory).parameters.values()
+              if p.name != "options" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if not params:
+        return reg.factory(options=opts)
+
+    def sample() -> Iterator[str]:
+        for i, d in enumerate(iter_documents(cfg, skipped_sample)):
+            if i >= cfg.tokenizer_sample_docs:
+                return
+            yield d.text
+
+    return reg.factory(sample(), options=opts)
+
+
+def train_tokenizer(cfg: DataPrepareConfig, out: str) -> Tokenizer:
+    """Build the config's tokenizer (training bpe on a sample of the sources), save to `out`."""
+    tok = _build_tokenizer(cfg, Counter())
+    tok.save(out)
+    return tok
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:06d}"
+
+
+def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[str, Any]:
+    """Read, dedup and tokenize every document into committed shards; returns the counts."""
+    skipped: Counter = Counter()
+    seen: set[bytes] = set()
+    duplicates = 0
+    docs_read = 0
+    n_shards = 0
+    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+    encoder = _Encoder(tok, cfg.workers)
+    pending: deque[tuple[int, list[tuple[bytes, str]], list[Any]]] = deque()
+    inflight = 0
+
+    def finish_one() -> None:
+        nonlocal inflight
+        idx, meta, handles = pending.popleft()
+        inflight -= len(handles)
+        parts = [encoder.result(h) for h in handles]
+        flat = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint32)
+        lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+        base = f"{work}/{_shard_name(idx)}"
+        with fs.open(f"{base}.tokens", "wb") as f:
+            f.write(flat.astype("<u4", copy=False).tobytes())
+        _write_json(fs, f"{base}.json", {
+            "n_docs": len(meta), "n_tokens": int(flat.size),
+            "digest": [d.hex() for d, _ in meta], "domain": [dom for _, dom in meta],
+            "length": lengths.tolist(),
+        })
+        if delay:
+            time.sleep(delay)
+
+    def submit(idx: int, docs: list[tuple[Document, bytes]]) -> None:
+        nonlocal inflight
+        meta = [(dg, d.domain) for d, dg in docs]
+        if fs.exists(f"{work}/{_shard_name(idx)}.json"):
+            return  # committed by an earlier (interrupted) run
+        handles = []
+        for i in range(0, len(docs), cfg.batch_docs):
+            handles.append(encoder.submit([d.text for d, _ in docs[i:i + cfg.batch_docs]]))
+        pending.append((idx, meta, handles))
+        inflight += len(handles)
+        while pending and inflight > encoder.max_inflight:
+            finish_one()
+
+    try:
+        with _progress() as prog:
+            task = prog.add_task("tokenizing documents", total=None)
+            cur: list[tuple[Document, bytes]] = []
+            for doc in iter_documents(cfg, skipped):
+                docs_read += 1
+                try:
+                    raw = doc.text.encode("utf-8")
+                except UnicodeEncodeError:
+                    skipped["invalid_utf8"] += 1
+                    continue
+                dg = hashlib.sha256(raw).digest()[:16]
+                if dg in seen:
+                    duplicates += 1
+                    continue
+                seen.add(dg)
+                cur.append((doc, dg))
+                if len(cur) == cfg.shard_docs:
+                    submit(n_shards, cur)
+                    n_shards += 1
+                    cur = []
+                    prog.update(task, completed=docs_read)
+            if cur:
+                submit(n_shards, cur)
+                n_shards += 1
+            while pending:
+                finish_one()
+    finally:
+        encoder.close()
+    return {"n_shards": n_shards, "skipped": dict(sorted(skipped.items())),
+            "duplicates": duplicates, "documents_unique": len(seen)}
+
+
+class _SplitWriter:
+    """Streams token entries into `<split>/tokens` rows of seq_len+1, whole chunks at a time."""
+
+    def __init__(self, root: Any, split: str, row: int, n_seq: int):
+        self.row = row
+        self.n_seq = n_seq
+        self.chunk_rows = max(1, CHUNK_BYTES // (row * 4))
+        group = root.require_group(split)
+        self.tokens = group.create_array(
+            "tokens", shape=(n_seq, row), dtype="uint32", chunks=(min(self.chunk_rows, max(n_seq, 1)), row),
+            compressors=None, fill_value=0, overwrite=True,
+        )
+        self.group = group
+        self.buf: list[np.ndarray] = []
+        self.buffered = 0
+        self.rows_done = 0
+        self.crc = 0
+
+    def add(self, toks: np.ndarray) -> None:
+        if self.rows_done >= self.n_seq:
+            return
+        self.buf.append(toks)
+        self.buffered += toks.size
+        if self.buffered >= self.chunk_rows * self.row:
+            self._flush(final=False)
+
+    def _flush(self, final: bool) -> None:
+        if not self.buf:
+            return
+        flat = np.concatenate(self.buf)
+        rows = min(flat.size // self.row, self.n_seq - self.rows_done)
+        if not final:
+            rows = min(rows, (rows // self.chunk_rows) * self.chunk_rows) or rows
+        if rows > 0:
+            block = flat[: rows * self.row].reshape(rows, self.row)
+            self.tokens[self.rows_done:self.rows_done + rows] = block
+            self.crc = zlib.crc32(block.astype("<u4", copy=False).tobytes(), self.crc)
+            self.rows_done += rows
+        rest = flat[rows * self.row:]
+        self.buf = [rest] if rest.size and self.rows_done < self.n_seq else []
+        self.buffered = rest.size if self.buf else 0
+
+    def close(self, doc_starts: np.ndarray) -> dict[str, int]:
+        self._flush(final=True)
+        assert self.rows_done == self.n_seq, (self.rows_done, self.n_seq)
+        ds = self.group.create_array(
+            "doc_starts", shape=doc_starts.shape, dtype="int64",
+            chunks=(max(1, min(1 << 20, doc_starts.size)),), compressors=None, fill_value=0,
+            overwrite=True,
+        )
+        if doc_starts.size:
+            ds[...] = doc_starts
+        return {"tokens": self.crc, "doc_starts": zlib.crc32(doc_starts.astype("<i8").tobytes())}
+
+
+def _assemble(cfg: DataPrepareConfig, tok: Tokenizer, out: str, fs: Any, root_path: str,
+              n_shards: int) -> dict[str, Any]:
+    import zarr
+
+    work = f"{root_path}/{WORK}"
+    row = cfg.seq_len + 1
+    metas = []
+    for i in range(n_shards):
+        m = _read_json(fs, f"{work}/{_shard_name(i)}.json")
+        if m is None:
+            raise ConfigError(f"{out}: work shard {i} missing; remove {out} and rerun")
+        metas.append(m)
+    lengths = np.array([x for m in metas for x in m["length"]], dtype=np.int64)
+    digests = [bytes.fromhex(x) for m in metas for x in m["digest"]]
+    domains = [x for m in metas for x in m["domain"]]
+    offsets = np.concatenate([np.concatenate([[0], np.cumsum(m["length"])[:-1]]).astype(np.int64)
+                              if m["n_docs"] else np.zeros(0, np.int64) for m in metas]) \
+        if metas else np.zeros(0, np.int64)
+    n = len(digests)
+    if n == 0:
+        raise ConfigError(f"{out}: empty result: no usable document in the sources")
+    u_val = np.array([_uniform(d, cfg.seed, b"val") for d in digests])
+    count = np.array([copies(d, cfg.weight(dom), cfg.seed) for d, dom in zip(digests, domains,
+                                                                            strict=True)])
+    is_val = u_val < cfg.val_fraction
+    if cfg.val_fraction > 0:  # tiny corpora: hold out documents until val has one row
+        for j in np.argsort(u_val, kind="stable"):
+            if int((lengths[is_val] + 1).sum()) >= row or is_val.sum() >= n - 1:
+                break
+            is_val[j] = True
+    starts = np.cumsum(np.concatenate([[0], [m["n_docs"] for m in metas]]))
+
+    train_entries: list[tuple[int, np.ndarray]] = []  # (shard, doc indices into the shard)
+    for p in range(int(count.max(initial=0))):
+        for s in range(n_shards):
+            k = metas[s]["n_docs"]
+            perm = np.random.default_rng([cfg.seed, s, p]).permutation(k)
+            g = starts[s] + perm
+            keep = perm[(~is_val[g]) & (count[g] > p)]
+            if keep.size:
+                train_entries.append((s, keep))
+    val_entries = []
+    for s in range(n_shards):
+        idx = np.arange(metas[s]["n_docs"])
+        keep = idx[is_val[starts[s] + idx]]
+        if keep.size:
+            val_entries.append((s, keep))
+
+    zroot = zarr.open_group(out, mode="a")
+    eos = np.array([tok.eos_id], dtype=np.uint32)
+    cache: dict[int, np.ndarray] = {}
+
+    def shard_tokens(s: int) -> np.ndarray:
+        if s not in cache:
+            cache.clear()
+            with fs.open(f"{work}/{_shard_name(s)}.tokens", "rb") as f:
+                cache[s] = np.frombuffer(f.read(), dtype="<u4").astype(np.uint32, copy=False)
+        return cache[s]
+
+    splits: dict[str, Any] = {}
+    checksums: dict[str, int] = {}
+    documents: dict[str, int] = {}
+    with _progress() as prog:
+        for split, entries in (("train", train_entries), ("val", val_entries)):
+            total = sum(int((lengths[starts[s] + e] + 1).sum()) for s, e in entries)
+            n_seq = total // row
+            if split == "train" and n_seq == 0:
+                raise ConfigError(
+                    f"{out}: empty result: {total} train tokens, fewer than one sequence of "
+                    f"seq_len+1 = {row}")
+            writer = _SplitWriter(zroot, split, row, n_seq)
+            kept = n_seq * row
+            doc_starts: list[int] = []
+            per_domain: Counter = Counter()
+            pos = 0
+            task = prog.add_task(f"packing {split}", total=len(entries))
+            for s, e in entries:
+                toks = shard_tokens(s)
+                for j in e.tolist():
+                    g = starts[s] + j
+                    ln = int(lengths[g])
+                    if pos < kept:
+                        doc_starts.append(pos)
+                        o = int(offsets[g])
+                        writer.add(toks[o:o + ln])
+                        writer.add(eos)
+                    per_domain[domains[g]] += ln + 1
+                    pos += ln + 1
+                prog.advance(task)
+            sums = writer.close(np.array(doc_starts, dtype=np.int64))
+            checksums.update({f"{split}/{k}": v for k, v in sums.items()})
+            splits[split] = {
+                "n_sequences": n_seq, "n_tokens": kept, "n_documents": len(doc_starts),
+                "dropped_tail_tokens": total - kept, "tokens_per_domain": dict(sorted(per_domain.items())),
+            }
+            documents[split] = int(is_val.sum()) if split == "val" else int((~is_val).sum())
+    per_domain_all: Counter = Counter()
+    for sp in splits.values():
+        per_domain_all.update(sp["tokens_per_domain"])
+    return {"splits": splits, "checksums": checksums, "documents": documents,
+            "tokens_per_domain": dict(sorted(per_domain_all.items()))}
+
+
+def _check_out(fs: Any, root: str, out: str, chash: str) -> str:
+    """'done' if a complete dataset of this config is at OUT, else 'resume' or 'fresh'."""
+    manifest = _read_json(fs, f"{root}/{MANIFEST}")
+    if manifest is not None and manifest.get("complete"):
+        if manifest.get("config_hash") == chash:
+            return "done"
+        raise ConfigError(
+            f"{out}: holds a dataset of another config ({manifest.get('config_hash')}); "
+            "remove it or choose another --out")
+    plan = _read_json(fs, f"{root}/{WORK}/plan.json")
+    if plan is not None and plan.get("config_hash") == chash:
+        return "resume"
+    if fs.exists(root):
+        entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
+        ours = {WORK, TOKENIZER_DIR, "train", "val", "zarr.json", MANIFEST}
+        if entries and not set(entries) <= ours:
+            raise ConfigError(f"{out}: exists and is not a k2 dataset; choose another --out")
+        if entries:
+            fs.rm(root, recursive=True)
+    return "fresh"
+
+
+def prepare(cfg: DataPrepareConfig, *, quiet: bool = True) -> str:
+    """Build (or resume, or reuse) the packed dataset of `cfg`; returns its URI."""
+    out = output_uri(cfg)
+    fs, root = _fs(out)
+    chash = cfg.config_hash()
+    state = _check_out(fs, root, out, chash)
+    if state == "done":
+        if fs.exists(f"{root}/{WORK}"):
+            fs.rm(f"{root}/{WORK}", recursive=True)
+        return out
+    t0 = time.perf_counter()
+    work = f"{root}/{WORK}"
+    fs.makedirs(work, exist_ok=True)
+    if state == "fresh":
+        _write_json(fs, f"{work}/plan.json", {"config_hash": chash, "config": cfg.identity()})
+    tok_uri = f"{out}/{TOKENIZER_DIR}"
+    if fs.exists(f"{work}/tokenizer.done"):
+        tok = load_tokenizer(tok_uri)
+    else:
+        tok = _build_tokenizer(cfg, Counter())
+        tok.save(tok_uri)
+        with fs.open(f"{work}/tokenizer.done", "wb") as f:
+            f.write(tok.content_hash.encode())
+    if tok.vocab_size > 2**32:
+        raise ConfigError("tokenizer vocabulary does not fit uint32")
+    counts = _stream(cfg, tok, fs, work)
+    packed = _assemble(cfg, tok, out, fs, root, counts["n_shards"])
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "seq_len": cfg.seq_len,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "pad_id": tok.pad_id,
+        "vocab_size": tok.vocab_size,
+        "tokenizer": {"name": tok.name, "content_hash": tok.content_hash, "path": TOKENIZER_DIR,
+                      "special_tokens": tok.special_tokens if len(tok.special_tokens) < 64 else {
+                          k: v for k, v in tok.special_tokens.items() if "reserved" not in k}},
+        "config": cfg.identity(),
+        "config_hash": chash,
+        "sources": [s.describe() for s in cfg.sources],
+        "weights": {s.domain: cfg.weight(s.domain) for s in cfg.sources},
+        "splits": packed["splits"],
+        "tokens_per_domain": packed["tokens_per_domain"],
+        "documents": {"unique": counts["documents_unique"], **packed["documents"]},
+        "duplicates": counts["duplicates"],
+        "skipped": counts["skipped"],
+        "checksums": packed["checksums"],
+        "complete": True,
+    }
+    _write_json(fs, f"{root}/{MANIFEST}", manifest)
+    fs.rm(work, recursive=True)
+    if not quiet:
+        print(f"prepared {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return out
+
+
+def read_manifest(uri: str) -> dict[str, Any]:
+    """The manifest of a complete packed dataset; ConfigError if missing or incomplete."""
+    fs, root = _fs(uri)
+    m = _read_json(fs, f"{root}/{MANIFEST}")
+    if m is None or not m.get("complete"):
+        raise ConfigError(f"{uri}: not a complete k2 packed dataset (no complete manifest.json)")
+    if m.get("format") != FORMAT:
+        raise ConfigError(f"{uri}: format {m.get('format')!r}, expected {FORMAT!r}")
+    return m
+
+
+def default_dataset_uri() -> str:
+    """The packed built-in corpus in the cache folder, built first if missing."""
+    return prepare(DataPrepareConfig())
+
+
+def inspect_dataset(uri: str, n: int = 3, split: str = "train", marker: str = "\u2016") -> list[str]:
+    """The first `n` sequences of `split`, decoded, with `marker` at each document start."""
+    import zarr
+
+    m = read_manifest(uri)
+    tok = load_tokenizer(f"{uri.rstrip('/')}/{m['tokenizer']['path']}")
+    g = zarr.open_group(uri, mode="r")[split]
+    tokens = g["tokens"]
+    starts = np.asarray(g["doc_starts"][...])
+    row = m["seq_len"] + 1
+    out = []
+    for i in range(min(n, tokens.shape[0])):
+        seq = np.asarray(tokens[i]).tolist()
+        cuts = [int(s) - i * row for s in starts if i * row <= s < (i + 1) * row]
+        bounds = sorted({0, *cuts, row})
+        pieces = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            pieces.append((marker if a in cuts else "") + tok.decode(seq[a:b]))
+        out.append("".join(pieces))
+    return out
