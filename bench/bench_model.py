@@ -60,7 +60,7 @@ def main() -> None:
         model, opt = (k2, opts["k2"]) if name == "k2" else (hf, opts["hf"])
         opt.zero_grad(set_to_none=True)
         with ctx():
-            loss = (model(ids, labels=shifted).loss if name == "k2"
+            loss = (model(ids, labels=shifted, return_logits=False).loss if name == "k2"
                     else model(input_ids=ids, labels=ids).loss)
         loss.backward()
         opt.step()

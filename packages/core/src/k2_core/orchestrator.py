@@ -150,7 +150,7 @@ def evaluate(model: torch.nn.Module, loader: Any, batches: int, bf16: bool = Fal
     for _ in range(batches):
         batch = next(it)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            total += model(**batch).loss.float()
+            total += model(**batch, return_logits=False).loss.float()
     model.train(was_training)
     return float(total) / batches
 
@@ -181,7 +181,7 @@ def train_step(run: Run, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
     for _ in range(cfg.grad_accum):
         batch = next(batches)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = model(**batch).loss
+            loss = model(**batch, return_logits=False).loss
         (loss / cfg.grad_accum).backward()
         loss_sum += loss.detach().float()
     clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf

@@ -1,10 +1,9 @@
 """Multi-head Latent Attention (MLA), parameter for parameter as HF `DeepseekV3Attention`.
 
-Two paths compute the same thing:
-- fused: `F.scaled_dot_product_attention` (causal, or a boolean mask for packed segments);
-- recording (`record_max_logits = True`): explicit q @ k^T that also yields each head's max
-  pre-softmax logit over causal-visible pairs, kept on device in `max_logits` [heads] (fp32,
-  detached) for QK-Clip. Neither path syncs with the host.
+Attention always runs through `F.scaled_dot_product_attention` (causal, or a boolean mask
+for packed segments). With `record_max_logits = True` a no-grad q @ k^T also yields each
+head's max pre-softmax logit over visible pairs, kept on device in `max_logits` [heads]
+(fp32, a running max until reset) for QK-Clip. Nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -82,28 +81,36 @@ class MLA(nn.Module):
         v = v.transpose(1, 2)
 
         if self.record_max_logits:
-            out = self._attend_recording(q, k, v, attn_mask)
+            self._record_max_logits(q, k, attn_mask)
+        # SDPA's fused (flash) kernels need one head width for q, k and v; MLA's values are
+        # narrower (128 vs 192 in K2), which would drop SDPA to its slow math path. Zero
+        # columns of v change nothing but the width, so pad and slice back.
+        pad = self.qk_head_dim - self.v_head_dim
+        vp = F.pad(v, (0, pad)) if pad > 0 else v
+        if attn_mask is None:
+            out = F.scaled_dot_product_attention(q, k, vp, is_causal=True, scale=self.softmax_scale)
         else:
-            if attn_mask is None:
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
-            else:
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, vp, attn_mask=attn_mask, scale=self.softmax_scale)
+        if pad > 0:
+            out = out[..., : self.v_head_dim]
         out = out.transpose(1, 2).reshape(bsz, seq, nh * self.v_head_dim)
         return self.o_proj(out)
 
-    def _attend_recording(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None
-    ) -> torch.Tensor:
+    @torch.no_grad()
+    def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> None:
+        """Each head's max pre-softmax logit over visible pairs, as a running max on device.
+
+        A separate no-grad QK^T (one forward matmul, nothing kept for backward) is cheaper
+        than leaving the fused attention kernel for an explicit softmax path.
+        """
         seq = q.shape[-2]
-        scores = torch.matmul(q, k.transpose(-1, -2)) * self.softmax_scale  # [B, h, T, T]
+        scores = torch.matmul(q, k.transpose(-1, -2))  # [B, h, T, T]
         if attn_mask is None:
             attn_mask = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril_()
-        scores = scores.masked_fill(~attn_mask, float("-inf"))
-        step_max = scores.detach().amax(dim=(0, 2, 3)).float()
+        step_max = scores.masked_fill_(~attn_mask, float("-inf")).amax(dim=(0, 2, 3)).float()
+        step_max *= self.softmax_scale
         # Running max until the owner resets it: micro-batches of one step all count.
         self.max_logits = step_max if self.max_logits is None else torch.maximum(self.max_logits, step_max)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        return torch.matmul(probs, v)
 
 
 def build_mla(model: ModelConfig, layer_idx: int, *, options: Any = None) -> MLA:

@@ -15,6 +15,7 @@ from torch import nn
 from ..config import ModelConfig, MoEConfig, RunConfig
 from ..registry import Registry
 from .layers import RMSNorm
+from .losses import linear_cross_entropy
 from .protocols import LoadBalanced
 from .rope import RotaryEmbedding
 
@@ -134,17 +135,25 @@ class K2ForCausalLM(nn.Module):
     # --- forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> CausalLMOutput:
-        """input_ids [B, T]; labels [B, T] already shifted (-100 ignored)."""
+                segment_ids: torch.Tensor | None = None,
+                return_logits: bool = True) -> CausalLMOutput:
+        """input_ids [B, T]; labels [B, T] already shifted (-100 ignored).
+
+        With labels and `return_logits=False` (training) the head and the loss are fused:
+        `logits` is None and no [B, T, vocab] tensor is kept for the backward.
+        """
         hidden = self.model(input_ids, position_ids=position_ids, segment_ids=segment_ids)
-        logits = self.lm_head(hidden)
+        fused = labels is not None and not return_logits
+        logits = None if fused else self.lm_head(hidden)
         aux = None
         for m in self.moe_layers():
             a = getattr(m, "aux_loss", None)
             if a is not None:
                 aux = a if aux is None else aux + a
         loss = None
-        if labels is not None:
+        if fused:
+            loss = linear_cross_entropy(hidden, self.lm_head.weight, labels)
+        elif labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
             if aux is not None:
                 loss = loss + aux
