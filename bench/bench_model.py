@@ -35,6 +35,18 @@ def build_pair(preset: str = "tiny"):
     return cfg, k2, hf
 
 
+def step_gflop(cfg, batch: int, seq: int) -> float:
+    """Matmul GFLOP of one training step: 6 x tokens x active matmul params, plus attention."""
+    from k2_core.params import count_parameters
+
+    c = count_parameters(cfg.model, cfg.moe)
+    matmul_params = c["active"] - c["embedding"] - c["norms"]
+    m = cfg.model
+    # QK^T and PV per layer, causal half, forward; backward is twice the forward.
+    attn = 2 * batch * m.num_attention_heads * seq * seq * (m.qk_head_dim + m.v_head_dim) / 2
+    return (6 * batch * seq * matmul_params + 3 * m.num_hidden_layers * attn) / 1e9
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--batch", type=int, default=8)
@@ -72,7 +84,12 @@ def main() -> None:
           f"{cfg.model.num_hidden_layers} layers, {cfg.moe.n_routed_experts} experts top-"
           f"{cfg.moe.num_experts_per_tok}; batch {args.batch} x {args.seq}; threads {args.threads}; "
           f"initial loss k2 {l_k2:.5f} / transformers {l_hf:.5f}")
-    print(f"{'precision':<10}{'transformers tok/s':>20}{'k2 tok/s':>12}{'k2/hf':>8}")
+    from bench_moe import matmul_peak
+
+    gflop = step_gflop(cfg, args.batch, args.seq)
+    print(f"{gflop:.1f} GFLOP per step (matmuls and attention)")
+    print(f"{'precision':<10}{'transformers tok/s':>20}{'k2 tok/s':>12}{'k2/hf':>8}"
+          f"{'hf GFLOP/s':>12}{'k2 GFLOP/s':>12}{'peak':>8}{'k2 %peak':>10}")
     for name, ctx in (("fp32", nullcontext),
                       ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
         for _ in range(2):
@@ -86,7 +103,10 @@ def main() -> None:
                 times[which].append(time.perf_counter() - t)
         tok_hf = n_tok / statistics.median(times["hf"])
         tok_k2 = n_tok / statistics.median(times["k2"])
-        print(f"{name:<10}{tok_hf:>20,.0f}{tok_k2:>12,.0f}{tok_k2 / tok_hf:>8.2f}")
+        peak = matmul_peak(torch.float32 if name == "fp32" else torch.bfloat16)
+        g_hf, g_k2 = gflop * tok_hf / n_tok, gflop * tok_k2 / n_tok
+        print(f"{name:<10}{tok_hf:>20,.0f}{tok_k2:>12,.0f}{tok_k2 / tok_hf:>8.2f}"
+              f"{g_hf:>12.1f}{g_k2:>12.1f}{peak:>8.0f}{100 * g_k2 / peak:>9.1f}%")
 
 
 if __name__ == "__main__":
