@@ -81,3 +81,13 @@ def test_save_and_load_model(tmp_path):
     assert torch.equal(model(x).logits, back(x).logits)
     sd, bd = model.state_dict(), back.state_dict()
     assert sd.keys() == bd.keys() and all(torch.equal(sd[k], bd[k]) for k in sd)
+
+
+def test_truncated_chunk_names_the_array(tmp_path):
+    uri = str(tmp_path / "ck")
+    save_tensors(uri, {"model": {"w": torch.arange(64, dtype=torch.float32)}})
+    chunk = next(p for p in (tmp_path / "ck" / "model" / "w").rglob("*") if p.is_file()
+                 and p.name != "zarr.json")
+    chunk.write_bytes(chunk.read_bytes()[:37])
+    with pytest.raises(CheckpointError, match=r"tensor model/w (cannot be read|fails its checksum)"):
+        load_tensors(uri)

@@ -156,3 +156,29 @@ def test_unreachable_tracking_store_never_stops_training(tmp_path, capsys):
     pending = (tmp_path / "run" / "pending_metrics.jsonl").read_text().splitlines()
     assert len(pending) == 3
     assert "unreachable" in capsys.readouterr().err
+
+
+def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import k2_core.checkpoint as ck
+    from k2_core.orchestrator import save_checkpoint
+    from k2_core.trainstate import load_train_state
+
+    run = make(tmp_path, "train.steps=2", "checkpoint.every=1", "tracking.tracker=null")
+    train(run)
+    root = str(tmp_path / "run" / "checkpoints")
+    assert [s for s, _ in list_checkpoints(root)] == [1, 2]
+
+    def dying_json_dump(*a, **k):  # the process "dies" before the commit marker is written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.json, "dump", dying_json_dump)
+    run.step = 3
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(run)
+    monkeypatch.undo()
+    assert (tmp_path / "run" / "checkpoints" / "step_00000003.tmp").exists()
+    found = list_checkpoints(root)
+    assert [s for s, _ in found] == [1, 2]
+    fresh = make(tmp_path, "train.steps=2", "tracking.tracker=null")
+    assert fresh.step == 2  # resume=auto picked the newest complete checkpoint
+    assert load_train_state(found[-1][1], model=fresh.model)["step"] == 2

@@ -26,6 +26,7 @@ FORMAT = "k2-checkpoint"
 FORMAT_VERSION = 1
 COMMIT = "k2_commit.json"
 _CHUNK_BYTES = 64 << 20
+_IO_THREADS = 8
 
 # dtypes numpy has no name for travel as same-width integers, tagged in the marker.
 _VIEW_AS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8}
@@ -43,6 +44,11 @@ def _from_numpy(a: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
     # ascontiguousarray would turn a 0-d array into shape (1,): restore the recorded shape.
     t = torch.from_numpy(np.ascontiguousarray(a)).reshape(shape)
     return t.view(_BY_NAME[dtype]) if dtype in _BY_NAME else t
+
+
+def _crc32(arr: np.ndarray) -> int:
+    """crc32 of the array's bytes, read in place (zlib drops the GIL: threads overlap it)."""
+    return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
 
 def _chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
@@ -88,12 +94,12 @@ def save_tensors(
         meta = {
             "shape": list(arr.shape),
             "dtype": str(tensor.dtype).removeprefix("torch."),
-            "crc32": zlib.crc32(arr.tobytes()),
+            "crc32": _crc32(arr),
         }
         return f"{group}/{name}", meta
 
     items = [(g, n, t) for g, ts in groups.items() for n, t in ts.items()]
-    with ThreadPoolExecutor(max_workers=4) as pool:  # zarr I/O releases the GIL
+    with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:  # zarr I/O releases the GIL
         manifest.update(pool.map(write, items))
     with fs.open(f"{path}/{COMMIT}", "w") as f:
         json.dump({"format": FORMAT, "tensors": manifest}, f)
@@ -117,13 +123,17 @@ def load_tensors(
 
     def read(key: str) -> tuple[str, torch.Tensor]:
         meta = manifest[key]
-        arr = root[key][...]
-        if verify and zlib.crc32(arr.tobytes()) != meta["crc32"]:
+        try:
+            arr = root[key][...]
+        except Exception as e:  # a truncated or unreadable chunk: name the array, no traceback
+            raise CheckpointError(f"{uri}: tensor {key} cannot be read ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else 'corrupt chunk'})") from None
+        if verify and _crc32(arr) != meta["crc32"]:
             raise CheckpointError(f"{uri}: tensor {key} fails its checksum (corrupt file)")
         return key, _from_numpy(arr, meta["dtype"], meta["shape"])
 
     out: dict[str, dict[str, torch.Tensor]] = {}
-    with ThreadPoolExecutor(max_workers=4) as pool:
+    with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
         for key, t in pool.map(read, wanted):
             group, name = key.split("/", 1)
             out.setdefault(group, {})[name] = t
