@@ -265,7 +265,40 @@ def eval_loss_command(*, options: Any) -> Command:
     return Command("eval-loss", eval_loss_command.__doc__ or "", add, _eval_loss_run)
 
 
+# -- k2 study ---------------------------------------------------------------------------------
+
+
+def _study_run(args: argparse.Namespace) -> int:
+    from .studies import run_study
+
+    r = run_study(args.name, args.out or f"runs/study-{args.name}", scale=args.scale,
+                  overrides=list(args.overrides), num_threads=args.threads)
+    if args.json:
+        print(json.dumps(r, indent=2, default=str))
+        return 0
+    print(f"k2 study {args.name}: {r['seconds']:.0f}s; report {r['report']}; plot {r['png']}; "
+          f"mlflow {r['tracking_uri']} experiment {r['experiment']}")
+    return 0
+
+
+def study_command(*, options: Any) -> Command:
+    """Run a built-in study (qk_clip, muon_vs_adamw): tracked runs, a PNG and a markdown report."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        from .studies import STUDIES  # stdlib-only module: torch loads when a study runs
+
+        p.add_argument("name", choices=sorted(STUDIES))
+        p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm")
+        p.add_argument("--out", help="output folder (default runs/study-NAME)")
+        p.add_argument("--scale", type=float, default=1.0, help="multiplies the step counts")
+        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+        p.add_argument("--json", action="store_true", help="print JSON")
+
+    return Command("study", study_command.__doc__ or "", add, _study_run)
+
+
 CORE_COMMANDS = {
+    "study": study_command,
     "pretrain": pretrain_command,
     "eval-loss": eval_loss_command,
     "plugins": plugins_command,

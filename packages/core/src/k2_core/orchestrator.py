@@ -136,6 +136,8 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
             tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
             run_dir=run.run_dir,
         )
+        if plugins.pm.has_plugin("k2-tracker"):  # a previous run in this process
+            plugins.pm.unregister(name="k2-tracker")
         plugins.pm.register(TrackerHooks(tracker), name="k2-tracker")
     return run
 
