@@ -3,7 +3,10 @@
 Both read the same JSON Lines files with the same trained byte-level BPE tokenizer; the plain
 loop calls the HF tokenizer's `encode` once per document in one process (no packing, no
 writing), `prepare` reads, dedups, tokenizes in workers and packs into zarr. Prints both
-throughputs (tokens/s) and the ratio. Run: `uv run python bench/bench_data.py [--mb 24]`.
+throughputs (tokens/s) and the ratio, and the CPU seconds of each side (prepare: its own
+process plus its workers): on a shared machine the wall-clock ratio drops when another job
+holds a core, while `2 x plain CPU / prepare CPU` bounds what 2 free cores would give.
+Run: `uv run python bench/bench_data.py [--mb 24]`.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import glob
 import json
 import os
 import random
+import resource
 import shutil
 import tempfile
 import time
@@ -55,6 +59,11 @@ def baseline(pattern: str, tok_json: str) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def _cpu(who: int) -> float:
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mb", type=float, default=24.0, help="corpus size in MB of JSON Lines")
@@ -76,12 +85,17 @@ def main() -> None:
         train_tokenizer(load_prepare_config(base), tok_dir)
         tok_json = os.path.join(tok_dir, "tokenizer.json")
 
+        c0 = time.process_time()
         n_base, t_base = baseline(pattern, tok_json)
+        c_base = time.process_time() - c0
         cfg = load_prepare_config({**base, "tokenizer": {"name": "bpe", "options": {"path": tok_json}},
                                    "workers": args.workers, "out": os.path.join(tmp, "out")})
+        c0, k0 = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         uri = prepare(cfg)
         t_prep = time.perf_counter() - t0
+        c_main = _cpu(resource.RUSAGE_SELF) - c0
+        c_workers = _cpu(resource.RUSAGE_CHILDREN) - k0  # workers are reaped when prepare ends
         m = read_manifest(uri)
         n_prep = sum(s["n_tokens"] + s["dropped_tail_tokens"] for s in m["splits"].values())
         n_prep -= m["documents"]["train"] + m["documents"]["val"]  # EOS separators
@@ -90,6 +104,10 @@ def main() -> None:
         print(f"plain loop (1 process, encode per document): {r_base:>12,.0f} tokens/s ({t_base:.2f}s)")
         print(f"k2 data prepare ({args.workers} workers, packed to zarr): {r_prep:>12,.0f} tokens/s ({t_prep:.2f}s)")
         print(f"ratio: {r_prep / r_base:.2f}x")
+        k = max(1, min(args.workers, os.cpu_count() or 1))
+        print(f"cpu: plain loop {c_base:.2f}s; prepare {c_main + c_workers:.2f}s (main {c_main:.2f}s "
+              f"+ workers {c_workers:.2f}s); bound with {k} free cores "
+              f"{k * c_base / (c_main + c_workers):.2f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -35,7 +35,6 @@ from k2_core.errors import ConfigError, K2Error
 
 from . import _worker
 from .config import DataPrepareConfig, output_uri
-from .documents import Document
 from .sources import iter_documents
 from .tokenizer import Tokenizer, load_tokenizer
 
@@ -63,8 +62,10 @@ def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
         return None
 
 
-def _write_json(fs: Any, path: str, obj: Any) -> None:
-    data = json.dumps(obj, indent=2, sort_keys=True).encode()
+def _write_json(fs: Any, path: str, obj: Any, compact: bool = False) -> None:
+    # compact: the C encoder (indent= falls back to the pure-Python one); for _work files
+    data = (json.dumps(obj, sort_keys=True, separators=(",", ":")) if compact
+            else json.dumps(obj, indent=2, sort_keys=True)).encode()
     with fs.open(path, "wb") as f:
         f.write(data)
 
@@ -81,7 +82,28 @@ def copies(digest: bytes, weight: float, seed: int) -> int:
     return whole + int(_uniform(digest, seed, b"repeat") < weight - whole)
 
 
+class _NoProgress:
+    """Stands in for a rich Progress when stderr is not a terminal (no import of rich)."""
+
+    def __enter__(self) -> _NoProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+    def add_task(self, *args: Any, **kwargs: Any) -> int:
+        return 0
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    advance = update
+
+
 def _progress() -> Any:
+    forced = any(os.environ.get(k) for k in ("FORCE_COLOR", "TTY_INTERACTIVE", "TTY_COMPATIBLE"))
+    if not forced and not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty()):
+        return _NoProgress()  # rich would be disabled anyway: save its import
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -99,18 +121,39 @@ def _encode_with(encode: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]
     return np.frombuffer(flat, dtype="<u4"), np.frombuffer(lengths, dtype="<i8")
 
 
+def _cpus() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def _import_in_background(module: str) -> None:
+    """Import `module` in a daemon thread: its import cost overlaps the tokenization instead of
+    adding to the serial assembly at the end (an error resurfaces at the real import)."""
+    import threading
+
+    def run() -> None:
+        try:
+            __import__(module)
+        except Exception:
+            pass
+
+    threading.Thread(target=run, name=f"k2-import-{module}", daemon=True).start()
+
+
 class _Encoder:
-    """Encodes batches in order, in worker processes (spawn) or in-process (workers=0)."""
+    """Encodes batches in worker processes (spawn) or in-process (workers=0)."""
 
     def __init__(self, tok: Tokenizer, workers: int):
         self.tok = tok
-        self.encode = _worker.make_encoder(*tok.state())
         self.pool = None
         if workers > 0:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor
 
-            threads = max(1, (os.cpu_count() or 1) // workers)
+            threads = max(1, _cpus() // workers)
             name, state = tok.state()
             # spawn: no inherited locks or tokenizers thread pools; a worker that dies raises
             # BrokenProcessPool instead of hanging the run.
@@ -118,12 +161,23 @@ class _Encoder:
                 workers, mp_context=mp.get_context("spawn"), initializer=_worker.init,
                 initargs=(name, state, threads),
             )
-        self.max_inflight = max(2, 2 * workers)
+            # start every worker now: they load the tokenizer while the first batch is read
+            for _ in range(workers):
+                self.pool.submit(_worker.ping)
+            self.encode = None
+        else:
+            self.encode = _worker.make_encoder(*tok.state())
+        # a few batches per worker queued: none waits for the main process to read more
+        self.max_inflight = max(2, 4 * workers)
 
     def submit(self, texts: list[str]) -> Any:
         if self.pool is None:
             return _encode_with(self.encode, texts)
         return self.pool.submit(_worker.encode, texts)
+
+    @staticmethod
+    def done(handle: Any) -> bool:
+        return isinstance(handle, tuple) or handle.done()
 
     @staticmethod
     def result(handle: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -137,6 +191,8 @@ class _Encoder:
         except BrokenProcessPool:
             raise K2Error("data prepare: a tokenizer worker process died (out of memory? "
                           "a script read from stdin cannot spawn workers; try workers=0)") from None
+
+    wait = result
 
     def close(self) -> None:
         if self.pool is not None:
@@ -190,7 +246,11 @@ def _shard_name(i: int) -> str:
 
 
 def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[str, Any]:
-    """Read, dedup and tokenize every document into committed shards; returns the counts."""
+    """Read, dedup and tokenize every document into committed shards; returns the counts.
+
+    One continuous pipeline: batches of `batch_docs` documents go to the workers as soon as
+    they are read (the main process keeps reading while they encode), and shards are committed
+    in order as soon as all their batches are back."""
     skipped: Counter = Counter()
     seen: set[bytes] = set()
     duplicates = 0
@@ -198,13 +258,13 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
     n_shards = 0
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     encoder = _Encoder(tok, cfg.workers)
-    pending: deque[tuple[int, list[tuple[bytes, str]], list[Any]]] = deque()
-    inflight = 0
+    if cfg.workers > 0:
+        _import_in_background("zarr")  # needed by _assemble; the main process mostly waits here
+    # shards not yet committed, oldest first: [index, meta, handles, closed]
+    pending: deque[list[Any]] = deque()
+    outstanding: deque[Any] = deque()  # batches submitted and not known to be finished
 
-    def finish_one() -> None:
-        nonlocal inflight
-        idx, meta, handles = pending.popleft()
-        inflight -= len(handles)
+    def commit(idx: int, meta: list[tuple[bytes, str]], handles: list[Any]) -> None:
         parts = [encoder.result(h) for h in handles]
         flat = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint32)
         lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
@@ -215,27 +275,40 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
             "n_docs": len(meta), "n_tokens": int(flat.size),
             "digest": [d.hex() for d, _ in meta], "domain": [dom for _, dom in meta],
             "length": lengths.tolist(),
-        })
+        }, compact=True)
         if delay:
             time.sleep(delay)
 
-    def submit(idx: int, docs: list[tuple[Document, bytes]]) -> None:
-        nonlocal inflight
-        meta = [(dg, d.domain) for d, dg in docs]
-        if fs.exists(f"{work}/{_shard_name(idx)}.json"):
-            return  # committed by an earlier (interrupted) run
-        handles = []
-        for i in range(0, len(docs), cfg.batch_docs):
-            handles.append(encoder.submit([d.text for d, _ in docs[i:i + cfg.batch_docs]]))
-        pending.append((idx, meta, handles))
-        inflight += len(handles)
-        while pending and inflight > encoder.max_inflight:
-            finish_one()
+    def drain(limit: int) -> None:
+        """Wait until at most `limit` batches are in flight; commit finished shards in order."""
+        while outstanding and (len(outstanding) > limit or encoder.done(outstanding[0])):
+            encoder.wait(outstanding.popleft())
+        while pending and pending[0][3] and all(encoder.done(h) for h in pending[0][2]):
+            idx, meta, handles, _ = pending.popleft()
+            commit(idx, meta, handles)
+
+    def new_shard() -> list[Any]:
+        nonlocal n_shards
+        # committed by an earlier (interrupted) run: only its documents' hashes are needed
+        skip = fs.exists(f"{work}/{_shard_name(n_shards)}.json")
+        shard = [n_shards, [], None if skip else [], False]
+        n_shards += 1
+        if not skip:
+            pending.append(shard)
+        return shard
+
+    def flush_batch(shard: list[Any], texts: list[str]) -> None:
+        if shard[2] is not None and texts:
+            h = encoder.submit(texts)
+            shard[2].append(h)
+            outstanding.append(h)
+        drain(encoder.max_inflight)
 
     try:
         with _progress() as prog:
             task = prog.add_task("tokenizing documents", total=None)
-            cur: list[tuple[Document, bytes]] = []
+            shard: list[Any] | None = None
+            texts: list[str] = []
             for doc in iter_documents(cfg, skipped):
                 docs_read += 1
                 try:
@@ -248,17 +321,25 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
                     duplicates += 1
                     continue
                 seen.add(dg)
-                cur.append((doc, dg))
-                if len(cur) == cfg.shard_docs:
-                    submit(n_shards, cur)
-                    n_shards += 1
-                    cur = []
+                if shard is None:
+                    shard = new_shard()
+                shard[1].append((dg, doc.domain))
+                if shard[2] is not None:
+                    texts.append(doc.text)
+                    if len(texts) == cfg.batch_docs:
+                        flush_batch(shard, texts)
+                        texts = []
+                if len(shard[1]) == cfg.shard_docs:
+                    shard[3] = True  # closed: committed as soon as its batches are back
+                    flush_batch(shard, texts)
+                    texts = []
+                    shard = None
                     prog.update(task, completed=docs_read)
-            if cur:
-                submit(n_shards, cur)
-                n_shards += 1
-            while pending:
-                finish_one()
+            if shard is not None:
+                shard[3] = True
+                flush_batch(shard, texts)
+            drain(0)
+            assert not pending
     finally:
         encoder.close()
     return {"n_shards": n_shards, "skipped": dict(sorted(skipped.items())),
