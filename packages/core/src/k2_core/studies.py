@@ -165,6 +165,14 @@ def _run_arm(arm: Arm, preset: str, echo: Callable[[str], None] | None) -> None:
     arm.tokens_per_step = run.tokens_per_step
 
 
+def _run_arms(arms: list[Arm], parent: Any, preset: str, echo: Callable[[str], None] | None) -> str:
+    """Run every arm in turn, nesting each under the parent run; FINISHED when all did."""
+    for arm in arms:
+        _run_arm(arm, preset, echo)
+        parent.adopt(arm.summary.get("tracking_run_id"))
+    return "FINISHED"
+
+
 def _series(arm: Arm, key: str) -> tuple[list[int], list[float]]:
     pts = [(int(h["step"]), float(h[key])) for h in arm.history if key in h]
     return [p[0] for p in pts], [p[1] for p in pts]
@@ -227,10 +235,7 @@ def qk_clip_study(out: Path, scale: float, overrides: list[str], preset: str = "
                       "overrides": " ".join([*STUDY_MODEL, *overrides])})
     status = "FAILED"
     try:
-        for arm in arms:
-            _run_arm(arm, preset, echo)
-            parent.adopt(arm.summary.get("tracking_run_id"))
-        status = "FINISHED"
+        status = _run_arms(arms, parent, preset, echo)
     finally:
         stats = {a.label: _stats(a) for a in arms if a.history}
         png = _plot_qk_clip(out / "qk_clip.png", arms, tau) if status == "FINISHED" else None
@@ -332,10 +337,7 @@ def muon_vs_adamw_study(out: Path, scale: float, overrides: list[str], preset: s
                       "overrides": " ".join([*STUDY_MODEL, *overrides])})
     status = "FAILED"
     try:
-        for arm in arms:
-            _run_arm(arm, preset, echo)
-            parent.adopt(arm.summary.get("tracking_run_id"))
-        status = "FINISHED"
+        status = _run_arms(arms, parent, preset, echo)
     finally:
         stats = {a.label: _stats(a) for a in arms if a.history}
         best = _best(arms, stats)
