@@ -91,3 +91,26 @@ def test_truncated_chunk_names_the_array(tmp_path):
     chunk.write_bytes(chunk.read_bytes()[:37])
     with pytest.raises(CheckpointError, match=r"tensor model/w (cannot be read|fails its checksum)"):
         load_tensors(uri)
+
+
+def test_zarr_reads_the_chunks_k2_writes(tmp_path, monkeypatch):
+    """Plain zarr reads what k2 writes (partial chunks, 0-d, zero-size, bf16 as int16); bug: a
+    zero-size tensor could not be checksummed."""
+    import numpy as np
+    import zarr
+
+    import k2_core.checkpoint as ck
+
+    monkeypatch.setattr(ck, "_CHUNK_BYTES", 256)  # several chunks, the last one partial
+    ts = {"rows": torch.randn(37, 5), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
+          "half": torch.randn(9, 3).bfloat16(), "cube": torch.randn(7, 2, 3)}
+    uri = str(tmp_path / "ck")
+    save_tensors(uri, {"model": ts})
+    root = zarr.open_group(uri, mode="r")
+    assert root["model/rows"].chunks[0] < 37
+    for name, t in ts.items():
+        want = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        assert np.array_equal(root[f"model/{name}"][...], want.numpy()), name
+    back = load_tensors(uri)[0]["model"]
+    for name, t in ts.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t), name

@@ -48,6 +48,8 @@ def _from_numpy(a: np.ndarray, dtype: str, shape: list[int]) -> torch.Tensor:
 
 def _crc32(arr: np.ndarray) -> int:
     """crc32 of the array's bytes, read in place (zlib drops the GIL: threads overlap it)."""
+    if arr.size == 0:  # memoryview cannot cast a view with a zero in its shape
+        return zlib.crc32(b"")
     return zlib.crc32(memoryview(np.ascontiguousarray(arr)).cast("B"))
 
 
