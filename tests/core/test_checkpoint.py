@@ -96,10 +96,9 @@ def test_truncated_chunk_names_the_array(tmp_path):
 def test_zarr_reads_the_chunks_k2_writes(tmp_path, monkeypatch):
     """Plain zarr reads what k2 writes (partial chunks, 0-d, zero-size, bf16 as int16); bug: a
     zero-size tensor could not be checksummed."""
+    import k2_core.checkpoint as ck
     import numpy as np
     import zarr
-
-    import k2_core.checkpoint as ck
 
     monkeypatch.setattr(ck, "_CHUNK_BYTES", 256)  # several chunks, the last one partial
     ts = {"rows": torch.randn(37, 5), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
