@@ -134,11 +134,9 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     plugin.poison_steps = {3}
     run = make(tmp_path, "train.steps=6", "model.dense_ffn=nan_swiglu", "model.first_k_dense_replace=1",
                "tracking.tracker=null", plugin=plugin)
-    before = None
     summary = train(run)
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
     assert all(math.isfinite(h["train/loss"]) for h in run.history)
-    del before
 
     plugin = ToyPlugin()
     plugin.poison_steps = set(range(2, 100))

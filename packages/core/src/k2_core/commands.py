@@ -230,7 +230,7 @@ def _eval_loss_run(args: argparse.Namespace) -> int:
 
     from .configio import load_config
     from .modelio import load_checkpoint_model
-    from .orchestrator import evaluate
+    from .orchestrator import build_dataset, evaluate
     from .plugins import get_plugins
 
     model, cfg = load_checkpoint_model(args.uri)
@@ -239,10 +239,7 @@ def _eval_loss_run(args: argparse.Namespace) -> int:
     if args.data:
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
             update={"options": {**cfg.data.options, "uri": args.data}})})
-    reg = get_plugins().registry
-    val = reg.build("dataset", cfg.data.dataset, options=cfg.data.options, where="data.options",
-                    split=args.split, batch_size=cfg.train.micro_batch_size,
-                    seq_len=cfg.data.seq_len, seed=cfg.train.seed, rank=0, world_size=1)
+    val = build_dataset(cfg, get_plugins(), args.split)
     loss = evaluate(model, val, args.batches)
     if args.json:
         print(json.dumps({"loss": loss, "perplexity": math.exp(loss), "batches": args.batches}))

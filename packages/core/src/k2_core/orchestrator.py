@@ -89,11 +89,13 @@ class TrackerHooks:
         self.tracker.end(status)
 
 
-def _dataset(cfg: RunConfig, plugins: Plugins, backend: Any, split: str) -> Any:
+def build_dataset(cfg: RunConfig, plugins: Plugins, split: str, rank: int = 0,
+                  world_size: int = 1) -> Any:
+    """The config's `dataset` implementation for `split`, sharded for `rank` of `world_size`."""
     return plugins.registry.build(
         "dataset", cfg.data.dataset, options=cfg.data.options, where="data.options",
         split=split, batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
-        seed=cfg.train.seed, rank=backend.rank, world_size=backend.world_size,
+        seed=cfg.train.seed, rank=rank, world_size=world_size,
     )
 
 
@@ -113,8 +115,9 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
     scheduler = reg.build("lr_schedule", cfg.optim.schedule, optimizer,
                           total_steps=cfg.train.steps, options=cfg.optim.schedule_options,
                           where="optim.schedule_options")
-    loader = _dataset(cfg, plugins, backend, "train")
-    val = _dataset(cfg, plugins, backend, "val") if cfg.train.eval_every else None
+    shard = {"rank": backend.rank, "world_size": backend.world_size}
+    loader = build_dataset(cfg, plugins, "train", **shard)
+    val = build_dataset(cfg, plugins, "val", **shard) if cfg.train.eval_every else None
     model, optimizer, loader = backend.prepare(model, optimizer, loader)
     run = Run(cfg, plugins, model, optimizer, scheduler, loader, val, backend, cfg.checkpoint.dir)
     if val is not None and hasattr(val, "state_dict"):
