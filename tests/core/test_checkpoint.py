@@ -113,3 +113,15 @@ def test_zarr_reads_the_chunks_k2_writes(tmp_path, monkeypatch):
     back = load_tensors(uri)[0]["model"]
     for name, t in ts.items():
         assert back[name].dtype == t.dtype and torch.equal(back[name], t), name
+
+
+def test_missing_chunk_names_the_array(tmp_path, monkeypatch):
+    """The local reader reads chunk files itself: a deleted chunk is an error, not zeros."""
+    import k2_core.checkpoint as ck
+
+    monkeypatch.setattr(ck, "_CHUNK_BYTES", 256)
+    uri = str(tmp_path / "ck")
+    save_tensors(uri, {"model": {"w": torch.randn(40, 4)}})
+    (tmp_path / "ck" / "model" / "w" / "c" / "1" / "0").unlink()
+    with pytest.raises(CheckpointError, match=r"tensor model/w cannot be read \(chunk c/1/0 missing"):
+        load_tensors(uri)
