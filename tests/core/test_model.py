@@ -83,6 +83,17 @@ def test_moe_helpers_and_aux_loss():
     assert model.model.layers[1].mlp.gate.e_score_correction_bias.abs().sum() > 0
 
 
+@needs_moe
+def test_fused_loss_includes_the_balance_loss():
+    """Bug: the fused head+loss path (the trainer's) dropped the sequence balance loss."""
+    model = _model(False, seq_aux_loss_coef=0.01).train()
+    ids, labels = torch.randint(0, VOCAB, (2, 10)), torch.randint(0, VOCAB, (2, 10))
+    full = model(ids, labels=labels)
+    fused = model(ids, labels=labels, return_logits=False)
+    assert fused.logits is None and float(fused.aux_loss) > 0
+    torch.testing.assert_close(fused.loss, full.loss)
+
+
 def test_causal():
     model = _model()
     ids = torch.randint(0, VOCAB, (1, 16))

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .kvcache import KVCache
 from .layers import RMSNorm
 from .rope import apply_rotary, softmax_scale
 
@@ -56,9 +57,16 @@ class MLA(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """x [B, T, H]; cos/sin [B|1, T, rope/2]; attn_mask: bool [B, 1, T, T] (True = visible)
-        or None for plain causal attention. Returns [B, T, H]."""
+        or None for plain causal attention. Returns [B, T, H].
+
+        With a `cache` (its `begin` already called for this forward) the compressed latent and
+        rotary key are stored; an empty cache (prefill) attends as without one, a filled one
+        attends from the new tokens to every cached token with kv_b_proj absorbed."""
+        if cache is not None and not cache.is_empty():
+            return self._forward_cached(x, cos, sin, cache)
         bsz, seq, _ = x.shape
         nh = self.num_heads
         if self.q_lora_rank is None:
@@ -69,11 +77,14 @@ class MLA(nn.Module):
         q_nope, q_rot = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
 
         kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        kv = self.kv_b_proj(self.kv_a_layernorm(kv_nope)).view(bsz, seq, nh, self.qk_nope_head_dim + self.v_head_dim)
+        latent = self.kv_a_layernorm(kv_nope)
+        kv = self.kv_b_proj(latent).view(bsz, seq, nh, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
         q_rot = apply_rotary(q_rot, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_interleave)
         k_rot = apply_rotary(k_rot, cos, sin, self.rope_interleave)  # [B, T, rope], one for all heads
+        if cache is not None:
+            cache.write(self.layer_idx, torch.cat((latent, k_rot), dim=-1))
 
         # [B, heads, T, D] views; the shared rotary key is broadcast, copied once by the cat.
         q = torch.cat((q_nope, q_rot), dim=-1).transpose(1, 2)
@@ -93,6 +104,42 @@ class MLA(nn.Module):
             out = F.scaled_dot_product_attention(q, k, vp, attn_mask=attn_mask, scale=self.softmax_scale)
         if pad > 0:
             out = out[..., : self.v_head_dim]
+        out = out.transpose(1, 2).reshape(bsz, seq, nh * self.v_head_dim)
+        return self.o_proj(out)
+
+    def _forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                        cache: KVCache) -> torch.Tensor:
+        """New tokens attend to the cache in latent space (DeepSeek-V3's weight absorption).
+
+        q_nope . (W_UK c) = (W_UK^T q_nope) . c and sum_j p_j W_UV c_j = W_UV (sum_j p_j c_j), so
+        the per-head keys and values of the prefix are never materialised: attention runs in the
+        latent space with one key/value row per cached token, like multi-query attention.
+        """
+        bsz, seq, _ = x.shape
+        nh, dn, dl = self.num_heads, self.qk_nope_head_dim, self.kv_lora_rank
+        if self.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rot = q.view(bsz, seq, nh, self.qk_head_dim).split([dn, self.qk_rope_head_dim], dim=-1)
+        kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([dl, self.qk_rope_head_dim], dim=-1)
+        # one rotation for the query heads and the shared key (as head nh): fewer small ops
+        rot = apply_rotary(torch.cat((q_rot, k_rot.unsqueeze(2)), dim=2), cos.unsqueeze(2),
+                           sin.unsqueeze(2), self.rope_interleave)
+        q_rot, k_rot = rot[:, :, :nh], rot[:, :, nh]
+        keys = cache.write(self.layer_idx, torch.cat((self.kv_a_layernorm(kv_nope), k_rot), dim=-1))
+
+        w = self.kv_b_proj.weight.view(nh, dn + self.v_head_dim, dl)
+        w_uk, w_uv = w[:, :dn], w[:, dn:]  # [h, nope, latent], [h, v, latent]
+        q_lat = torch.matmul(q_nope.transpose(1, 2), w_uk).transpose(1, 2)  # [B, T, h, latent]
+        qc = torch.cat((q_lat, q_rot), dim=-1)  # [B, T, h, latent+rope]: T as SDPA's head axis
+        keys = keys.unsqueeze(1)  # [B, 1, S, latent+rope], shared by every head and query
+        if seq > 1:
+            keys = keys.expand(-1, seq, -1, -1)
+        # the new tokens' heads are SDPA's query rows; row t sees slots <= its own position
+        out_lat = F.scaled_dot_product_attention(
+            qc, keys, keys[..., :dl], attn_mask=cache.visible[:, :, None, :], scale=self.softmax_scale)
+        out = torch.matmul(out_lat.transpose(1, 2), w_uv.transpose(1, 2))  # [B, h, T, v]
         out = out.transpose(1, 2).reshape(bsz, seq, nh * self.v_head_dim)
         return self.o_proj(out)
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import ModelConfig, MoEConfig, RunConfig
 from ..registry import Registry
+from .kvcache import KVCache
 from .layers import RMSNorm
 from .losses import linear_cross_entropy
 from .protocols import LoadBalanced
@@ -52,9 +53,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        if cache is None:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
+        else:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -69,8 +73,16 @@ class K2Model(nn.Module):
         self.rotary_emb = RotaryEmbedding(cfg)
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> final hidden states [B, T, H]."""
+                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                new_lengths: torch.Tensor | int | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> final hidden states [B, T, H].
+
+        With a `cache`, the tokens continue each row's cached sequence (positions follow from
+        the cache); `new_lengths` [B] says how many of the T are real per row (right padding,
+        only on an empty cache), default all T.
+        """
+        if cache is not None:
+            return self._forward_cached(input_ids, cache, new_lengths)
         x = self.embed_tokens(input_ids)
         seq = input_ids.shape[1]
         if position_ids is None:
@@ -86,6 +98,19 @@ class K2Model(nn.Module):
             attn_mask = torch.ones(seq, seq, dtype=torch.bool, device=input_ids.device).tril_()
         for layer in self.layers:
             x = layer(x, cos, sin, attn_mask)
+        return self.norm(x)
+
+    def _forward_cached(self, input_ids: torch.Tensor, cache: KVCache,
+                        new_lengths: torch.Tensor | int | None) -> torch.Tensor:
+        """The stack over new tokens that continue the cache (see `forward`)."""
+        seq = input_ids.shape[1]
+        if new_lengths is not None and not cache.is_empty():
+            raise ValueError("new_lengths (right padding) is only allowed on an empty cache")
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary_emb(cache.begin(seq), x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, None, cache)
+        cache.commit(seq if new_lengths is None else new_lengths, seq)
         return self.norm(x)
 
 
@@ -136,13 +161,20 @@ class K2ForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None,
                 segment_ids: torch.Tensor | None = None,
-                return_logits: bool = True) -> CausalLMOutput:
+                return_logits: bool = True, cache: KVCache | None = None,
+                new_lengths: torch.Tensor | int | None = None) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] already shifted (-100 ignored).
 
         With labels and `return_logits=False` (training) the head and the loss are fused:
-        `logits` is None and no [B, T, vocab] tensor is kept for the backward.
+        `logits` is None and no [B, T, vocab] tensor is kept for the backward. With a `cache`
+        (inference) the tokens continue the cached sequences; see `K2Model.forward`.
         """
-        hidden = self.model(input_ids, position_ids=position_ids, segment_ids=segment_ids)
+        if cache is not None:
+            if position_ids is not None or segment_ids is not None:
+                raise ValueError("with a cache, positions come from the cache; no segment_ids")
+            hidden = self.model(input_ids, cache=cache, new_lengths=new_lengths)
+        else:
+            hidden = self.model(input_ids, position_ids=position_ids, segment_ids=segment_ids)
         fused = labels is not None and not return_logits
         logits = None if fused else self.lm_head(hidden)
         aux = None
@@ -155,8 +187,8 @@ class K2ForCausalLM(nn.Module):
             loss = linear_cross_entropy(hidden, self.lm_head.weight, labels)
         elif labels is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
-            if aux is not None:
-                loss = loss + aux
+        if loss is not None and aux is not None:  # the balance loss trains on either path
+            loss = loss + aux
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux)
 
     # --- attention logits (QK-Clip) ------------------------------------------------------
@@ -214,6 +246,12 @@ class K2ForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         """Total parameters (tied weights counted once; buffers excluded)."""
         return sum(p.numel() for p in self.parameters())
+
+
+    def new_cache(self, batch_size: int, capacity: int) -> KVCache:
+        """An empty compressed KV cache for `batch_size` rows of up to `capacity` tokens."""
+        ref = self.lm_head.weight
+        return KVCache(self.config, batch_size, capacity, dtype=ref.dtype, device=ref.device)
 
 
 def build_model(
