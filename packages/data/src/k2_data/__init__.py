@@ -1,4 +1,4 @@
-"""k2_data: sources over fsspec, tokenizers, packing into zarr."""
+"""k2_data: sources over fsspec, tokenizers, packing into zarr, generation and synthesis."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ __all__ = [
     "BpeTokenizer", "DataPrepareConfig", "Document", "SourceConfig", "TiktokenTokenizer",
     "Tokenizer", "TokenizerConfig", "default_dataset_uri", "inspect_dataset",
     "load_prepare_config", "load_tokenizer", "prepare", "read_manifest", "__version__",
+    "Engine", "SamplingParams", "Completion", "render_chat", "encode_chat", "parse_assistant",
+    "RephraseConfig", "run_rephrase", "SynthToolsConfig", "run_synth_tools", "read_outputs",
 ]
 
 _LAZY = {
@@ -18,7 +20,13 @@ _LAZY = {
     "TokenizerConfig": "config", "load_prepare_config": "config", "Document": "documents",
     "default_dataset_uri": "prepare", "inspect_dataset": "prepare", "prepare": "prepare",
     "read_manifest": "prepare",
+    "Engine": "generation.engine", "SamplingParams": "generation.engine",
+    "Completion": "generation.engine", "encode_chat": "chat", "parse_assistant": "chat",
+    "RephraseConfig": "rephrase.config", "run_rephrase": "rephrase",
+    "SynthToolsConfig": "synth_tools.config", "run_synth_tools": "synth_tools",
+    "read_outputs": "pipeline.store",
 }
+_RENAMED = {"render_chat": ("chat", "render")}
 
 
 def __getattr__(name: str) -> Any:  # lazy: `import k2_data` stays cheap for the plugin loader
@@ -26,4 +34,9 @@ def __getattr__(name: str) -> Any:  # lazy: `import k2_data` stays cheap for the
         import importlib
 
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    if name in _RENAMED:
+        import importlib
+
+        module, attr = _RENAMED[name]
+        return getattr(importlib.import_module(f".{module}", __name__), attr)
     raise AttributeError(name)

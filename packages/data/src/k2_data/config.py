@@ -11,8 +11,7 @@ import json
 import os
 from typing import Any, Literal
 
-from k2_core.errors import ConfigError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 BUILTIN_DOMAINS = ("code", "math", "knowledge")
 
@@ -145,16 +144,6 @@ def load_prepare_config(
     spec: str | dict[str, Any] | None = None, overrides: list[str] | None = None
 ) -> DataPrepareConfig:
     """A YAML file/URI (or a dict, or None for the built-in corpus) plus dotted overrides."""
-    from k2_core.configio import apply_overrides, describe_validation_error, read_yaml_uri
+    from .pipeline.configload import load_model_config
 
-    if spec is None:
-        data: dict[str, Any] = {}
-    elif isinstance(spec, dict):
-        data = dict(spec)
-    else:
-        data = read_yaml_uri(spec)
-    data = apply_overrides(data, list(overrides or []))
-    try:
-        return DataPrepareConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(describe_validation_error(e, model=DataPrepareConfig)) from None
+    return load_model_config(DataPrepareConfig, spec, overrides)

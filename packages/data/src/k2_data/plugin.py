@@ -10,6 +10,8 @@ from typing import Any
 
 from k2_core.hookspecs import hookimpl
 
+from .generators.local import LocalOptions
+from .generators.openai_client import OpenAIOptions
 from .loader_options import PackedOptions
 from .tokenizer import BpeOptions, TiktokenOptions
 
@@ -42,6 +44,57 @@ def build_packed(**kwargs: Any) -> Any:
     return impl(**kwargs)
 
 
+def build_openai_generator(*, options: OpenAIOptions) -> Any:
+    """Any OpenAI-compatible endpoint (vLLM, SGLang, k2 serve): retries, bounded concurrency."""
+    from .generators.openai_client import build_openai
+
+    return build_openai(options=options)
+
+
+def build_rephrase_synthesizer(*, options: Any) -> Any:
+    """Knowledge/math rephrasing with fidelity checks (RephraseConfig -> k2 rephrase's run)."""
+    from .pipeline.synthesizer import Synthesizer
+    from .rephrase import RephraseConfig, run_rephrase
+
+    return Synthesizer("rephrase", RephraseConfig, run_rephrase)
+
+
+def build_tool_use_synthesizer(*, options: Any) -> Any:
+    """Tool specs, agents, tasks, judged trajectories (SynthToolsConfig -> k2 synth-tools)."""
+    from .pipeline.synthesizer import Synthesizer
+    from .synth_tools import SynthToolsConfig, run_synth_tools
+
+    return Synthesizer("tool_use", SynthToolsConfig, run_synth_tools)
+
+
+def rephrase_command(*, options: Any) -> Any:
+    """Rewrite documents in several styles, checked for fidelity (k2 rephrase)."""
+    from .rephrase.command import rephrase_command as impl
+
+    return impl(options=options)
+
+
+def synth_tools_command(*, options: Any) -> Any:
+    """Synthesise tool specs, agents, tasks and judged trajectories (k2 synth-tools)."""
+    from .synth_tools.command import synth_tools_command as impl
+
+    return impl(options=options)
+
+
+def build_k2_generator(*, options: LocalOptions) -> Any:
+    """A k2 checkpoint in this process: batched sampling with MLA's compressed KV cache."""
+    from .generators.local import build_local
+
+    return build_local(options=options)
+
+
+def serve_command(*, options: Any) -> Any:
+    """Serve a k2 checkpoint over an OpenAI-compatible HTTP API (k2 serve URI)."""
+    from .serve import serve_command as impl
+
+    return impl(options=options)
+
+
 @hookimpl
 def k2_register(registry: Any) -> None:
     """Register the bpe and tiktoken tokenizers, the packed dataset and `k2 data`."""
@@ -49,3 +102,10 @@ def k2_register(registry: Any) -> None:
     registry.register("tokenizer", "tiktoken", build_tiktoken, TiktokenOptions)
     registry.register("command", "data", data_command)
     registry.register("dataset", "packed", build_packed, PackedOptions)
+    registry.register("generator", "openai", build_openai_generator, OpenAIOptions)
+    registry.register("synthesizer", "rephrase", build_rephrase_synthesizer)
+    registry.register("synthesizer", "tool_use", build_tool_use_synthesizer)
+    registry.register("command", "rephrase", rephrase_command)
+    registry.register("command", "synth-tools", synth_tools_command)
+    registry.register("generator", "k2", build_k2_generator, LocalOptions)
+    registry.register("command", "serve", serve_command)

@@ -1,0 +1,1 @@
+"""Generator backends (`generator` slot): the shared interface and its implementations."""
