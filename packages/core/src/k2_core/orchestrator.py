@@ -109,13 +109,19 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
     backend = reg.build("backend", cfg.parallel.backend, options=cfg.parallel.options,
                         where="parallel.options")
     model = build_model(cfg, reg)
+    if hasattr(backend, "parallelize_model"):  # a distributed backend shards before the optimizer
+        model = backend.parallelize_model(model)
     optimizer = reg.build("optimizer", cfg.optim.name, model, lr=cfg.optim.lr,
                           weight_decay=cfg.optim.weight_decay, options=cfg.optim.options,
                           where="optim.options")
+    if hasattr(backend, "wrap_optimizer"):  # e.g. ZeRO-1 over the data-parallel group
+        optimizer = backend.wrap_optimizer(model, optimizer)
     scheduler = reg.build("lr_schedule", cfg.optim.schedule, optimizer,
                           total_steps=cfg.train.steps, options=cfg.optim.schedule_options,
                           where="optim.schedule_options")
-    shard = {"rank": backend.rank, "world_size": backend.world_size}
+    # ranks that hold the same model part (pipeline stages) read the same batches
+    shard = {"rank": getattr(backend, "data_rank", backend.rank),
+             "world_size": getattr(backend, "data_world_size", backend.world_size)}
     loader = build_dataset(cfg, plugins, "train", **shard)
     val = build_dataset(cfg, plugins, "val", **shard) if cfg.train.eval_every else None
     model, optimizer, loader = backend.prepare(model, optimizer, loader)
@@ -130,8 +136,8 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
     elif resume != "never":
         uri = resume
     if uri is not None:
-        attrs = load_train_state(uri, model=model, optimizer=optimizer, scheduler=scheduler,
-                                 loader=loader)
+        load = getattr(backend, "load_train_state", load_train_state)  # backends may re-shard
+        attrs = load(uri, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)
         run.step, run.tracking_run_id = attrs["step"], attrs.get("tracking_run_id")
     if cfg.tracking.tracker and backend.rank == 0:
         tracker = reg.build(
@@ -202,10 +208,11 @@ def train(run: Run, progress: Any = None) -> dict[str, Any]:
     hook.k2_on_run_start(run=run)
     status, bad, batches = "FAILED", 0, iter(run.loader)
     t_log, steps_since = time.perf_counter(), 0
+    step_fn = getattr(run.backend, "train_step", None) or train_step  # a backend may own the step
     try:
         while run.step < cfg.train.steps:
             model.reset_max_logits()
-            loss, grad_norm = train_step(run, batches)
+            loss, grad_norm = step_fn(run, batches)
             if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one sync a step
                 bad, run.skipped_steps = bad + 1, run.skipped_steps + 1
                 run.optimizer.zero_grad(set_to_none=True)
@@ -250,7 +257,8 @@ def train(run: Run, progress: Any = None) -> dict[str, Any]:
 
 def save_checkpoint(run: Run) -> str:
     """Checkpoint the whole run state now, then broadcast `k2_on_checkpoint`."""
-    uri = save_train_state(
+    save = getattr(run.backend, "save_train_state", save_train_state)  # backends own the layout
+    uri = save(
         run.checkpoint_root, run.step, model=run.model, optimizer=run.optimizer,
         scheduler=run.scheduler, loader=run.loader, keep=run.config.checkpoint.keep,
         attrs={"tracking_run_id": run.tracking_run_id,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from typing import Any
 
 import fsspec
@@ -67,12 +68,21 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 def save_train_state(root: str, step: int, *, model: torch.nn.Module, optimizer: Any,
                      scheduler: Any = None, loader: Any = None, keep: int = 2,
-                     attrs: dict[str, Any] | None = None) -> str:
-    """Write the whole training state for `step` under `root`; returns the checkpoint URI."""
+                     attrs: dict[str, Any] | None = None, model_state: dict[str, Any] | None = None,
+                     optimizer_state: dict[str, Any] | None = None) -> str:
+    """Write the whole training state for `step` under `root`; returns the checkpoint URI.
+
+    `model_state` / `optimizer_state` replace `model.state_dict()` / `optimizer.state_dict()`
+    (a distributed backend passes the consolidated, single-process-layout states).
+    """
     fs, path = fsspec.core.url_to_fs(root)
     name = f"step_{step:08d}"
     tmp_uri, final_uri = f"{root.rstrip('/')}/{name}.tmp", f"{root.rstrip('/')}/{name}"
-    opt_tensors, opt_meta = split_optimizer_state(optimizer.state_dict())
+    if optimizer_state is None:
+        optimizer_state = optimizer.state_dict()
+    if model_state is None:
+        model_state = model.state_dict()
+    opt_tensors, opt_meta = split_optimizer_state(optimizer_state)
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
@@ -83,7 +93,7 @@ def save_train_state(root: str, step: int, *, model: torch.nn.Module, optimizer:
         "loader": loader.state_dict() if loader is not None else None,
         **(attrs or {}),
     }
-    save_tensors(tmp_uri, {"model": dict(model.state_dict()), "optim": opt_tensors, "rng": rng}, meta)
+    save_tensors(tmp_uri, {"model": dict(model_state), "optim": opt_tensors, "rng": rng}, meta)
     if fs.exists(f"{path}/{name}"):
         fs.rm(f"{path}/{name}", recursive=True)
     fs.mv(f"{path}/{name}.tmp", f"{path}/{name}", recursive=True)
@@ -93,9 +103,17 @@ def save_train_state(root: str, step: int, *, model: torch.nn.Module, optimizer:
 
 
 def load_train_state(uri: str, *, model: torch.nn.Module, optimizer: Any = None,
-                     scheduler: Any = None, loader: Any = None) -> dict[str, Any]:
-    """Restore everything `save_train_state` wrote into the given objects; returns the attrs."""
+                     scheduler: Any = None, loader: Any = None,
+                     reshard: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None,
+                     ) -> dict[str, Any]:
+    """Restore everything `save_train_state` wrote into the given objects; returns the attrs.
+
+    `reshard(groups, attrs) -> groups`, when given, maps the stored single-process layout
+    onto this process's shard (a distributed backend) before anything is loaded.
+    """
     groups, attrs = load_tensors(uri)
+    if reshard is not None:
+        groups = reshard(groups, attrs)
     try:
         model.load_state_dict(groups["model"])
     except RuntimeError as e:

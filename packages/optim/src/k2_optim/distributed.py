@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .muon import Muon
 from .qkclip import MuonClip
 
 
@@ -139,3 +140,26 @@ class DistributedMuonClip(MuonClip):
         shards: list[Any] = [None] * self.world_size
         dist.all_gather_object(shards, local, group=self.process_group)
         return merge_state_dicts(shards)
+
+
+def to_zero1(optimizer: Muon, process_group: Any = None, *, reduce_grads: bool = True,
+             max_logit_reduce: Any = None) -> DistributedMuonClip:
+    """`optimizer` (a Muon or MuonClip) as a DistributedMuonClip with the same settings."""
+    d = optimizer.defaults
+    kwargs: dict[str, Any] = dict(
+        momentum=d["momentum"], nesterov=d["nesterov"], ns_steps=d["ns_steps"],
+        ns_coefficients=d["ns_coefficients"], ns_eps=d["ns_eps"],
+        adjust_lr_fn=d["adjust_lr_fn"], adamw_betas=d["betas"], adamw_eps=d["eps"],
+        ns_dtype=optimizer.ns_dtype,
+    )
+    if isinstance(optimizer, MuonClip):
+        kwargs.update(qk_clip=optimizer.qk_clip, qk_clip_tau=optimizer.qk_clip_tau,
+                      qk_clip_targets=optimizer.qk_clip_targets,
+                      accumulate_max_logits=bool(optimizer._hooks))
+        optimizer.remove_hooks()  # the new optimizer installs its own
+    else:
+        kwargs.update(qk_clip=False, qk_clip_targets=[])
+    groups = [dict(g) for g in optimizer.param_groups]
+    return DistributedMuonClip(groups, d["lr"], d["weight_decay"], process_group=process_group,
+                               reduce_grads=reduce_grads, max_logit_reduce=max_logit_reduce,
+                               **kwargs)

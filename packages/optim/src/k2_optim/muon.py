@@ -137,6 +137,19 @@ class Muon(torch.optim.Optimizer):
         """Whether this process updates `p` (always, except in DistributedMuonClip)."""
         return True
 
+    def zero1(self, process_group: Any = None, *, reduce_grads: bool = True,
+              max_logit_reduce: Any = None) -> torch.optim.Optimizer:
+        """This optimizer re-homed as a ZeRO-1 `DistributedMuonClip` over `process_group`.
+
+        Param groups (with hyperparameters an lr schedule may already have set) carry over in
+        order, so state dicts keep single-process parameter indices; QK-Clip settings and
+        targets move over too. A backend calls this without importing k2_optim.
+        """
+        from .distributed import to_zero1
+
+        return to_zero1(self, process_group, reduce_grads=reduce_grads,
+                        max_logit_reduce=max_logit_reduce)
+
     def _before_update(self) -> None:
         """Runs first in step() (DistributedMuonClip: gradient all-reduce)."""
 

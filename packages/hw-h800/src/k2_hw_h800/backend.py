@@ -1,0 +1,289 @@
+"""The `h800` backend: one process per device, a (pp, dp, ep) mesh, expert parallelism, ZeRO-1,
+global-load router updates, fail-fast collectives and layout-free checkpoints.
+
+k2_core's orchestrator calls, in order: `parallelize_model(model)` (before the optimizer is
+built), `wrap_optimizer(model, optimizer)` (ZeRO-1), `prepare(model, optimizer, loader)`,
+and per step `train_step(run, batches)`; checkpoints go through `save_train_state` /
+`load_train_state`. Checkpoints always hold the single-process layout (every expert, the
+whole optimizer state) written by global rank 0, so a run saved under one layout resumes
+under any other (or in one process), ZeRO-1 optimizer state included.
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from k2_core.errors import K2Error
+from torch import nn
+
+from .expert_parallel import EP_ATTR, moe_layers
+from .mesh import Layout, build_layout, init_process_group, resolve_device
+from .options import H800Options
+from .parallelize import parallelize
+from .zero import clip_global_grad_norm, make_zero1_optimizer, reduce_gradients
+
+
+class DistributedError(K2Error):
+    """A collective failed: a peer rank died, hung past the timeout, or the job is misconfigured."""
+
+    kind = "distributed"
+
+
+def _collective_error(rank: int, what: str, timeout_s: float, exc: BaseException) -> DistributedError:
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return DistributedError(
+        f"rank {rank}: {what} failed: a peer rank died or did not answer within "
+        f"parallel.options.timeout_s={timeout_s:g}s ({type(exc).__name__}: {first}); "
+        "restart the job: it resumes from the last checkpoint")
+
+
+_COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe")
+
+
+def _is_comm_failure(exc: BaseException) -> bool:
+    """Whether `exc` comes from a collective (a lost or hung peer), not from a bug elsewhere."""
+    return isinstance(exc, dist.DistError) or any(w in str(exc).lower() for w in _COMM_WORDS)
+
+
+def _guarded_step(self: Any, closure: Any = None) -> Any:
+    """optimizer.step() whose collective failures become a one-line DistributedError."""
+    try:
+        return type(self).step(self, closure)
+    except RuntimeError as exc:
+        if not _is_comm_failure(exc):
+            raise
+        raise _collective_error(dist.get_rank(), "the optimizer step", self._k2_timeout_s, exc) from None
+
+
+class H800Backend:
+    """The `backend` slot's `h800`: see the module doc."""
+
+    def __init__(self, options: H800Options):
+        self.options = options
+        if options.engine == "deepspeed":
+            raise K2Error("parallel.options.engine=deepspeed: DeepSpeed's ZeRO Muon computes "
+                          "a different update than K2's MuonClip (scale, gate/up blocks) and has "
+                          "no QK-Clip; use engine=k2 (ZeRO-1 over torch.distributed, see the "
+                          "k2-hw-h800 README)")
+        self.device = resolve_device(options)
+        init_process_group(options, self.device)
+        self.layout: Layout = build_layout(options, self.device)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.data_rank = self.layout.data_rank
+        self.data_world_size = self.layout.data_size
+        self._param_index: list[nn.Parameter] = []
+        self._model: nn.Module | None = None
+        self._runner: Any = None  # the pipeline (pp > 1), built at the first step
+
+    def _pipeline(self, run: Any) -> Any:
+        """This rank's pipeline stages (built once the run's precision is known)."""
+        if self._runner is None:
+            from k2_core.errors import ConfigError
+
+            from .pipeline import build_pipeline
+
+            if run.val_loader is not None:
+                raise ConfigError("train.eval_every: evaluation is not pipelined yet; set "
+                                  "train.eval_every=0 with parallel.options.pp > 1")
+            opts, lay = self.options, self.layout
+            self._runner = build_pipeline(
+                run.model, pp_group=lay.pp_group, pp_rank=lay.pp_rank, pp_size=lay.pp,
+                virtual_stages=opts.virtual_stages, n_microbatches=opts.n_microbatches or lay.pp,
+                device=self.device, autocast=torch.bfloat16 if run.config.train.bf16 else None)
+            # the orchestrator's metrics read the whole model's max logits: reduce over stages
+            run.model.max_logits = self._runner.max_logits
+        return self._runner
+
+    # --- set-up ---------------------------------------------------------------------------
+    def parallelize_model(self, model: nn.Module) -> nn.Module:
+        """Move to this rank's device and shard experts / apply the activation policy."""
+        self._model = parallelize(model.to(self.device), self.options, self.layout)
+        return self._model
+
+    def wrap_optimizer(self, model: nn.Module, optimizer: Any) -> Any:
+        """The optimizer re-homed on the layout (ZeRO-1 over dp when zero_stage=1)."""
+        opt = make_zero1_optimizer(model, optimizer, self.layout, self.options.zero_stage)
+        opt._k2_timeout_s = self.options.timeout_s
+        opt.step = types.MethodType(_guarded_step, opt)  # before any lr schedule wraps it
+        self._param_index = [p for g in opt.param_groups for p in g["params"]]
+        return opt
+
+    def prepare(self, model: nn.Module, *rest: Any) -> tuple[Any, ...]:
+        """Everything was placed by parallelize_model / wrap_optimizer; pass through."""
+        return (model.to(self.device), *rest)
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        """Max over every rank of the job."""
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
+    # --- the step -------------------------------------------------------------------------
+    def train_step(self, run: Any, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward/backward of the step's micro-batches, gradient and load reduction, global
+        clipping; returns (loss averaged over the data ranks, global grad norm)."""
+        cfg, model, lay = run.config.train, run.model, self.layout
+        dev = self.device
+        try:
+            loss_sum = torch.zeros((), device=dev)
+            if lay.pp > 1:
+                runner = self._pipeline(run)
+                for _ in range(cfg.grad_accum):
+                    loss = runner.step(next(batches), loss_scale=1.0 / cfg.grad_accum)
+                    if loss is not None:
+                        loss_sum += loss.to(dev)
+                loss_sum = runner.broadcast_loss(loss_sum)
+            else:
+                for _ in range(cfg.grad_accum):
+                    batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        loss = model(**batch, return_logits=False).loss
+                    (loss / cfg.grad_accum).backward()
+                    loss_sum += loss.detach().float()
+            reduce_gradients(model, lay)
+            self._reduce_expert_counts(model)
+            if lay.data_size > 1:
+                dist.all_reduce(loss_sum, group=lay.data_group)
+            loss_mean = loss_sum / (cfg.grad_accum * lay.data_size)
+            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+            grad_norm = clip_global_grad_norm(model, lay, clip)
+        except RuntimeError as exc:
+            if not _is_comm_failure(exc):
+                raise
+            raise _collective_error(self.rank, f"step {run.step + 1}", self.options.timeout_s,
+                                    exc) from None
+        return loss_mean.cpu(), grad_norm.cpu()
+
+    @torch.no_grad()
+    def _reduce_expert_counts(self, model: nn.Module) -> None:
+        """Sum every MoE layer's token counts over the data ranks: the router bias update then
+        uses the global load (one flat all-reduce for all layers)."""
+        if self.layout.data_size == 1:
+            return
+        counts = [m.expert_counts for _, m in moe_layers(model)]
+        if not counts:
+            return
+        flat = torch.cat(counts)
+        dist.all_reduce(flat, group=self.layout.data_group)
+        torch._foreach_copy_(counts, list(flat.split([c.numel() for c in counts])))
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def _gather_experts(self, t: torch.Tensor) -> torch.Tensor:
+        """This rank's expert slice of `t` concatenated with the other EP ranks' (collective)."""
+        parts = [torch.empty_like(t) for _ in range(self.layout.ep)]
+        dist.all_gather(parts, t.contiguous(), group=self.layout.ep_group)
+        return torch.cat(parts, dim=0)
+
+    def _full_states(self, model: nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Model and optimizer state dicts in the single-process layout (collective)."""
+        lay = self.layout
+        msd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        expert_names = sorted(n for n, p in model.named_parameters() if getattr(p, EP_ATTR, False))
+        if hasattr(optimizer, "consolidated_state_dict"):
+            osd = optimizer.consolidated_state_dict()
+        else:
+            osd = optimizer.state_dict()
+        if lay.ep > 1:
+            params = dict(model.named_parameters())
+            for n in expert_names:
+                msd[n] = self._gather_experts(params[n].detach()).cpu()
+            for pid, p in enumerate(self._param_index):
+                if not getattr(p, EP_ATTR, False):
+                    continue
+                st = osd["state"].get(pid, {})
+                for k in sorted(st):
+                    v = st[k]
+                    if torch.is_tensor(v) and v.shape == p.shape:
+                        st[k] = self._gather_experts(v.to(p.device)).cpu()
+        if lay.pp > 1:
+            msd, osd = self._merge_stages(model, msd, osd)
+        return msd, osd
+
+    def _merge_stages(self, model: nn.Module, msd: dict[str, Any],
+                      osd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Each tensor from the pipeline rank that trains it; optimizer states united."""
+        lay = self.layout
+        if self._runner is None:  # no step yet: every stage still holds the initial model
+            return msd, osd
+        mine = {id(t) for c in self._runner.stage_modules
+                for t in c.state_dict(keep_vars=True).values()}
+        keys = list(msd)
+        held = [id(t) in mine for t in model.state_dict(keep_vars=True).values()]
+        every: list[Any] = [None] * lay.pp
+        dist.all_gather_object(every, held, group=lay.pp_group)
+        for i, k in enumerate(keys):
+            owner = next((r for r in range(lay.pp) if every[r][i]), 0)
+            t = msd[k].to(self.device).contiguous()
+            dist.broadcast(t, group=lay.pp_group, group_src=owner)
+            msd[k] = t.cpu()
+        states: list[Any] = [None] * lay.pp
+        dist.all_gather_object(states, osd["state"], group=lay.pp_group)
+        merged: dict[Any, Any] = {}
+        for st in states:
+            merged.update(st)
+        return msd, {"state": merged, "param_groups": osd["param_groups"]}
+
+    def save_train_state(self, root: str, step: int, *, model: nn.Module, optimizer: Any,
+                         scheduler: Any = None, loader: Any = None, keep: int = 2,
+                         attrs: dict[str, Any] | None = None) -> str:
+        """Consolidate the sharded states and write them from rank 0 (collective)."""
+        from k2_core.trainstate import save_train_state
+
+        try:
+            msd, osd = self._full_states(model, optimizer)
+            uri = f"{root.rstrip('/')}/step_{step:08d}"
+            if self.rank == 0:
+                uri = save_train_state(root, step, model=model, optimizer=optimizer,
+                                       scheduler=scheduler, loader=loader, keep=keep, attrs=attrs,
+                                       model_state=msd, optimizer_state=osd)
+            dist.barrier()
+        except RuntimeError as exc:
+            if not _is_comm_failure(exc):
+                raise
+            raise _collective_error(self.rank, f"the checkpoint of step {step}",
+                                    self.options.timeout_s, exc) from None
+        return uri
+
+    def _reshard(self, model: nn.Module) -> Any:
+        """A `reshard(groups, attrs)` for k2_core.trainstate: slice this rank's experts."""
+        lay = self.layout
+        shapes = {n: p.shape for n, p in model.named_parameters() if getattr(p, EP_ATTR, False)}
+        pids = {i: p.shape for i, p in enumerate(self._param_index) if getattr(p, EP_ATTR, False)}
+
+        def cut(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+            n = shape[0]
+            if t.shape[0] == n * lay.ep and tuple(t.shape[1:]) == tuple(shape[1:]):
+                return t[lay.ep_rank * n:(lay.ep_rank + 1) * n].contiguous()
+            return t  # a mismatch is reported by load_state_dict with the name
+
+        def reshard(groups: dict[str, Any], attrs: dict[str, Any]) -> dict[str, Any]:
+            if lay.ep == 1:
+                return groups
+            weights = groups.get("model", {})
+            for n, shape in shapes.items():
+                if n in weights:
+                    weights[n] = cut(weights[n], shape)
+            optim = groups.get("optim", {})
+            for key in list(optim):
+                pid = int(key.split(".", 1)[0])
+                if pid in pids and optim[key].ndim == len(pids[pid]):
+                    optim[key] = cut(optim[key], pids[pid])
+            return groups
+
+        return reshard
+
+    def load_train_state(self, uri: str, *, model: nn.Module, optimizer: Any = None,
+                         scheduler: Any = None, loader: Any = None) -> dict[str, Any]:
+        """Load a single-process-layout checkpoint onto this rank's shard."""
+        from k2_core.trainstate import load_train_state
+
+        return load_train_state(uri, model=model, optimizer=optimizer, scheduler=scheduler,
+                                loader=loader, reshard=self._reshard(model))
+
+
+def build_h800_backend(*, options: H800Options) -> H800Backend:
+    """The `h800` backend (joins the torchrun job and builds the mesh)."""
+    return H800Backend(options)

@@ -1,0 +1,36 @@
+"""Options of the `h800` backend (the `parallel.options` section when `parallel.backend=h800`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class H800Options(BaseModel):
+    """Layout, ZeRO, activation policy and fail-fast settings of the `h800` backend."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pp: int = Field(1, ge=1, description="Pipeline-parallel degree (stages).")
+    ep: int = Field(1, ge=1, description="Expert-parallel degree: each rank keeps E/ep experts.")
+    dp: int | Literal["auto"] = Field(
+        "auto", description="Data-parallel degree; auto = world_size / (pp * ep).")
+    virtual_stages: int = Field(1, ge=1, description="Model chunks per pipeline rank (interleaved 1F1B).")
+    n_microbatches: int = Field(
+        0, ge=0, description="Pipeline micro-batches each train.micro_batch_size batch is cut "
+        "into (0: pp); the micro batch size must be a multiple.")
+    zero_stage: Literal[0, 1] = Field(
+        1, description="0: replicated optimizer state; 1: optimizer state sharded over dp (ZeRO-1).")
+    engine: Literal["k2", "deepspeed"] = Field(
+        "k2", description="ZeRO-1 engine: k2's DistributedMuonClip over torch.distributed, or "
+        "DeepSpeed (refused: its ZeRO Muon is not K2's MuonClip; see the README).")
+    activation_policy: dict[str, Any] = Field(
+        default_factory=dict, description="Switches passed to k2_hw_h800.activations "
+        "(e.g. recompute, fp8_storage, cpu_offload); empty: no policy.")
+    timeout_s: float = Field(
+        300.0, gt=0, description="Collective timeout in seconds: a lost rank fails the job after this.")
+    dist_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto = nccl on CUDA, gloo on CPU.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device of this rank; auto = cuda:LOCAL_RANK when CUDA is available.")

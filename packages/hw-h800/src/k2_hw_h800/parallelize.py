@@ -1,0 +1,36 @@
+"""`parallelize(model, options, layout)`: every parallelism applied from outside the model code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from k2_core.errors import ConfigError
+from torch import nn
+
+from .expert_parallel import apply_expert_parallel, moe_layers
+from .mesh import Layout
+from .options import H800Options
+
+
+def apply_activation_policy(model: nn.Module, policy: dict[str, Any]) -> Any:
+    """Hand the policy switches to k2_hw_h800.activations (the planner's module), if present."""
+    try:
+        from . import activations
+    except ImportError:
+        raise ConfigError("parallel.options.activation_policy is set but k2_hw_h800.activations "
+                          "is not available in this install; leave activation_policy empty") from None
+    return activations.apply_activation_policy(model, policy)  # bad switches: its ConfigError
+
+
+def parallelize(model: nn.Module, options: H800Options, layout: Layout) -> nn.Module:
+    """Apply expert parallelism and the activation policy to `model` in place; returns it.
+
+    Pipeline stages are cut later by the backend (they need the step's micro-batching).
+    """
+    if layout.ep > 1:
+        if not moe_layers(model):
+            raise ConfigError(f"parallel.options.ep={layout.ep} but the model has no MoE layer to shard")
+        apply_expert_parallel(model, layout.ep_rank, layout.ep, layout.ep_group)
+    if options.activation_policy:
+        apply_activation_policy(model, dict(options.activation_policy))
+    return model
