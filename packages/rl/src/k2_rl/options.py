@@ -1,0 +1,138 @@
+"""Options of k2-rl's SFT and RL stages, the `chat` dataset and the `rubric_critic` reward.
+
+Import-light on purpose (pydantic only): plugin registration reads these models.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+_FROZEN = ConfigDict(frozen=True, extra="forbid")
+
+
+class ChatDataOptions(BaseModel):
+    """The `chat` dataset: conversations packed into rows, loss on assistant tokens only."""
+
+    model_config = _FROZEN
+
+    uri: str | None = Field(
+        None, description="fsspec URI or glob of JSON Lines / Parquet files of "
+        "{'messages': [...], 'tools': [...]} (the synthesis pipelines' output works as is).")
+    builtin: Literal["math"] | None = Field(
+        None, description="Also use a built-in set: 'math' = worked arithmetic solutions.")
+    builtin_n: int = Field(2000, gt=0, description="Conversations of the built-in set (train split).")
+    difficulty: tuple[int, int] = Field((1, 2), description="Digits range of built-in problems.")
+    kinds: tuple[str, ...] = Field(("addition",), description="Kinds of built-in math problems.")
+    tokenizer: str | None = Field(
+        None, description="Tokenizer folder URI (None: the init checkpoint's, filled in by the stage).")
+    val_fraction: float = Field(0.05, ge=0, lt=1, description="Share of file conversations held out as val.")
+    shuffle: bool = Field(True, description="Visit packed rows in a seeded permutation per epoch.")
+    pack: bool = Field(True, description="Pack several conversations per row (else one per row).")
+
+
+class SftOptions(BaseModel):
+    """The `sft` section (plugins.sft): where the weights start."""
+
+    model_config = _FROZEN
+
+    init: str = Field(..., description="URI of the checkpoint to fine-tune (pre-train step_N or a saved model).")
+
+
+class TaskOptions(BaseModel):
+    """One RL task: where its prompts come from and how its responses are scored."""
+
+    model_config = _FROZEN
+
+    name: str = Field(..., description="Task name (metrics are logged per task).")
+    source: Literal["math", "code", "jsonl"] = Field(
+        "math", description="math: built-in arithmetic; code: generated Python exercises; "
+        "jsonl: records from `uri`.")
+    uri: str | None = Field(None, description="JSON Lines of task records (source jsonl).")
+    reward: str = Field("math", description="`reward` slot implementation scoring this task.")
+    reward_options: dict[str, Any] = Field(default_factory=dict, description="Options of that reward.")
+    weight: float = Field(1.0, gt=0, description="Share of prompts drawn from this task.")
+    budget: int | None = Field(None, gt=0, description="Token budget of a response (None: rl.default_budget).")
+    difficulty: tuple[int, int] = Field((1, 2), description="Digits range (source math).")
+    kinds: tuple[str, ...] = Field(("addition",), description="Problem kinds (source math).")
+
+
+class CriticLoopOptions(BaseModel):
+    """The rubric critic's closed loop inside `k2 rl`."""
+
+    model_config = _FROZEN
+
+    enabled: bool = Field(False, description="Check the critic on verifiable prompts and fine-tune it.")
+    reward_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the `rubric_critic` reward used as the critic.")
+    lr: float = Field(1e-4, gt=0, description="Learning rate of the critic's SFT steps.")
+    every: int = Field(1, gt=0, description="Iterations between critic checks.")
+
+
+class RlOptions(BaseModel):
+    """The `rl` section (plugins.rl): rollouts, the K1.5 objective, budgets, PTX, sync."""
+
+    model_config = _FROZEN
+
+    init: str = Field(..., description="URI of the policy checkpoint (an SFT run's step_N).")
+    tokenizer: str | None = Field(None, description="Tokenizer folder URI (None: the checkpoint's).")
+    tasks: tuple[TaskOptions, ...] = Field(
+        (TaskOptions(name="math"),), description="Tasks and their rewards.")
+    k: int = Field(8, ge=2, description="Samples per prompt (K).")
+    prompts_per_iter: int = Field(8, gt=0, description="Groups in flight per iteration.")
+    algorithm: str = Field("k15", description="`rl_algorithm` slot implementation (the objective).")
+    algorithm_options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of that algorithm (k15: tau).")
+    temperature_start: float = Field(1.0, gt=0, description="Sampling temperature at the first iteration.")
+    temperature_end: float = Field(0.7, gt=0, description="Sampling temperature at the last iteration.")
+    temperature_schedule: Literal["linear", "cosine", "exponential", "constant"] = Field(
+        "cosine", description="Shape of the temperature decay.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
+    default_budget: int = Field(96, gt=0, description="Token budget of tasks without their own.")
+    over_budget_penalty: float = Field(-0.5, description="Reward of a response truncated at its budget.")
+    partial_rollout: bool = Field(True, description="Pause long responses at segment_tokens and resume.")
+    segment_tokens: int = Field(48, gt=0, description="Tokens a response may grow by per iteration.")
+    max_version_lag: int = Field(2, ge=0, description="Refuse rollouts sampled more than this many "
+                                 "policy versions ago.")
+    ptx_weight: float = Field(
+        0.0, ge=0, description="Weight of the PTX loss on batches of the run's `data` section "
+        "(e.g. the `chat` dataset of curated SFT data), mixed into each update.")
+    micro_batch_size: int = Field(16, gt=0, description="Responses per training forward.")
+    max_batch_size: int = Field(64, gt=0, description="Engine batch size.")
+    eval_prompts: int = Field(64, ge=0, description="Held-out prompts for greedy pass@1 (0: none).")
+    critic: CriticLoopOptions = Field(default_factory=CriticLoopOptions,
+                                      description="The rubric critic's closed loop.")
+    seed_offset: int = Field(0, description="Added to train.seed for sampling seeds.")
+
+
+class K15Options(BaseModel):
+    """The K1.5 objective (`rl_algorithm` k15)."""
+
+    model_config = _FROZEN
+
+    tau: float = Field(0.05, ge=0, description="Weight of log(pi/pi_old) inside the square.")
+
+
+class RubricCriticOptions(BaseModel):
+    """The `rubric_critic` reward: pairwise comparisons of the K responses against rubrics."""
+
+    model_config = _FROZEN
+
+    critic: str | None = Field(
+        None, description="k2 checkpoint URI of the critic (None: the policy itself, set by `k2 rl`).")
+    generator: str | None = Field(
+        None, description="A `generator` slot implementation to use as the critic instead.")
+    generator_options: dict[str, Any] = Field(default_factory=dict, description="Its options.")
+    core_rubrics: tuple[str, ...] = Field(
+        ("The response answers the question that was asked.",
+         "The final answer is correct and clearly stated.",
+         "The reasoning is clear and free of errors."),
+        description="Core rubrics applied to every task.")
+    prescriptive_rubrics: tuple[str, ...] = Field(
+        ("Do not pad the answer with filler.",),
+        description="Prescriptive rubrics (rules the response must follow).")
+    scoring: Literal["win_rate", "bradley_terry"] = Field(
+        "bradley_terry", description="How pairwise wins become scores.")
+    both_orders: bool = Field(True, description="Judge each pair in both orders (position bias).")
+    max_tokens: int = Field(8, gt=0, description="Tokens the critic may write for a verdict.")

@@ -1,0 +1,44 @@
+"""Held-out pass@1 of a policy: one greedy answer per held-out prompt, scored by the task's reward."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .options import TaskOptions
+from .prompts import task_records
+
+
+def response_text(tokenizer: Any, token_ids: list[int], stop_ids: set[int]) -> str:
+    """The decoded response without its closing stop token."""
+    if token_ids and token_ids[-1] in stop_ids:
+        token_ids = token_ids[:-1]
+    return tokenizer.decode(token_ids)
+
+
+def prompt_encoder(tokenizer: Any) -> Any:
+    """messages -> token ids of the K2 chat prompt ending with the assistant header."""
+    from k2_data.chat import render
+
+    def encode(messages: list[dict[str, Any]]) -> list[int]:
+        return tokenizer.encode(render(messages, add_generation_prompt=True), allow_special=True)
+
+    return encode
+
+
+def pass_at_1(engine: Any, tokenizer: Any, task: TaskOptions, reward: Any, *, n: int,
+              max_tokens: int, split: str = "test", seed: int = 0) -> dict[str, float]:
+    """Greedy pass@1 over the first `n` held-out records of `task` (and mean response tokens)."""
+    from k2_data.generation.engine import SamplingParams
+
+    stream = task_records(task, split, seed)
+    records = [next(stream) for _ in range(n)]
+    encode = prompt_encoder(tokenizer)
+    outs = engine.generate([encode(r["messages"]) for r in records],
+                           SamplingParams(temperature=0.0, max_new_tokens=max_tokens))
+    stop = set(engine.default_stop_ids)
+    passed = 0
+    for rec, out in zip(records, outs, strict=True):
+        (res,) = reward.score(rec, [response_text(tokenizer, out.token_ids, stop)])
+        passed += res.outcome == "pass"
+    return {"pass@1": passed / max(n, 1),
+            "response_tokens": sum(len(o.token_ids) for o in outs) / max(n, 1)}
