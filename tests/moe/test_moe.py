@@ -309,3 +309,21 @@ def test_gate_up_is_marked_as_two_blocks_for_muon():
     from k2_moe.experts import GroupedExperts
 
     assert GroupedExperts(4, 8, 6).gate_up_proj.muon_split == 2
+
+
+@pytest.mark.parametrize("n_shared", [0, 1])
+def test_small_batch_inference_path_equals_the_dispatch_path(n_shared):
+    """Decoding (eval, no grad, <= SMALL_BATCH_PAIRS token-expert pairs) skips the dispatch sort
+    and gathers the chosen experts' weights; it must give the same output."""
+    from k2_moe.experts import SMALL_BATCH_PAIRS
+
+    model, moe = small_configs(n_shared=n_shared)
+    k2 = _k2_moe(model, moe).eval()
+    k = moe.num_experts_per_tok
+    for rows in (1, SMALL_BATCH_PAIRS // k):
+        x = torch.randn(rows, 1, model.hidden_size)
+        with torch.no_grad():
+            fast = k2(x)
+        with torch.enable_grad():  # grad mode takes the sorted-dispatch path
+            ref = k2(x).detach()
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)

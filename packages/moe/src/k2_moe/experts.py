@@ -296,6 +296,28 @@ def experts_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tens
                                 dispatch, kernel)
 
 
+# Up to this many (token, expert) pairs, inference gathers the chosen experts' weights and runs
+# two batched matmuls: decoding one token per row is dominated by per-expert op overhead.
+SMALL_BATCH_PAIRS = 16
+
+
+@torch.no_grad()
+def small_batch_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                        topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    """Routed experts on a few tokens (inference): x [N, H] -> [N, H], no dispatch sort."""
+    n, k = topk_idx.shape
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+        else w_gate_up.dtype
+    idx = topk_idx.reshape(-1)
+    xs = x.to(dt).repeat_interleave(k, dim=0).unsqueeze(-1)                # [N*k, H, 1]
+    with torch.autocast(x.device.type, enabled=False):
+        h = torch.bmm(w_gate_up.index_select(0, idx).to(dt), xs).squeeze(-1)  # [N*k, 2I]
+        inter = w_down.shape[-1]
+        a = F.silu(h[:, :inter]) * h[:, inter:] * topk_weight.reshape(-1, 1).to(dt)
+        y = torch.bmm(w_down.index_select(0, idx).to(dt), a.unsqueeze(-1))   # [N*k, H, 1]
+    return y.view(n, k, -1).sum(dim=1)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D tensors with HF names and layout.
 

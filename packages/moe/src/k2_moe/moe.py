@@ -8,7 +8,13 @@ import torch
 from k2_core.model.layers import SwiGLU
 from torch import nn
 
-from .experts import Dispatch, GroupedExperts, experts_forward
+from .experts import (
+    SMALL_BATCH_PAIRS,
+    Dispatch,
+    GroupedExperts,
+    experts_forward,
+    small_batch_forward,
+)
 
 if TYPE_CHECKING:
     from k2_core.config import ModelConfig, MoEConfig
@@ -79,6 +85,13 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight, scores = self.gate(flat)
+        if not torch.is_grad_enabled() and not self.training and topk_idx.numel() <= SMALL_BATCH_PAIRS:
+            self.aux_loss = None  # decoding: no counts, no balance loss, no sort
+            out = small_batch_forward(flat, self.experts.gate_up_proj, self.experts.down_proj,
+                                      topk_idx, topk_weight)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(flat).to(out.dtype)
+            return out.view(shape).to(x.dtype)
         dispatch = Dispatch(topk_idx, self.n_experts)
         if self.training:
             with torch.no_grad():
