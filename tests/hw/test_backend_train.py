@@ -36,6 +36,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_process_env():
+    """`_env` sets process-wide variables for in-process runs; undo them after this module
+    (bug: K2_LOAD_PLUGINS leaked into later tests of the same xdist worker, hiding k2-rl)."""
+    saved, threads = dict(os.environ), torch.get_num_threads()
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    torch.set_num_threads(threads)
+
+
 def _env(cache: str) -> None:
     os.environ.update(K2_CACHE_DIR=cache, K2_LOAD_PLUGINS="optim,moe,data,hw_h800",
                       OMP_NUM_THREADS="1")
