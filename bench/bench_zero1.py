@@ -19,6 +19,7 @@ Run: `uv run python bench/bench_zero1.py [--layers 2] [--reps 5] [--seq 256]`.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -117,8 +118,9 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
         res = {"k2": _time_k2(args, rank)}
         if not args.skip_deepspeed:
             res["deepspeed"] = _time_deepspeed(args, rank)
-        if rank == 0:
-            torch.save(res, out)
+        if rank == 0:  # plain JSON: timings only, nothing to unpickle
+            with open(out, "w") as f:
+                json.dump(res, f)
     finally:
         dist.destroy_process_group()
 
@@ -139,9 +141,10 @@ def main() -> None:
     if args.no_compile:
         os.environ["TORCHDYNAMO_DISABLE"] = "1"
     os.environ.setdefault("K2_LOAD_PLUGINS", "optim,moe")
-    out = f"/tmp/bench_zero1_{os.getpid()}.pt"
+    out = f"/tmp/bench_zero1_{os.getpid()}.json"
     mp.spawn(_worker, args=(2, _free_port(), args, out), nprocs=2, join=True)
-    res = torch.load(out)
+    with open(out) as f:
+        res = json.load(f)
     os.remove(out)
     med = {k: (statistics.median(fb), statistics.median(st)) for k, (fb, st) in res.items()}
     print(f"tiny preset, {args.layers} layers, 2 gloo ranks x 1 x {args.seq} tokens, "

@@ -7,12 +7,8 @@ Tolerance: every logged loss within 2e-3 of the single-process loss (see test_ba
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
-import torch
-import torch.multiprocessing as mp
+from backend_runs import distributed_losses, train_losses, use_env
 
 STEPS, TOL = 10, 2e-3
 SHRINK = [
@@ -31,51 +27,6 @@ LAYOUTS = {  # name: (world, backend options, micro batch, grad_accum of the 1-p
 }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_process_env():
-    """`_env` sets process-wide variables for in-process runs; undo them after this module
-    (bug: K2_LOAD_PLUGINS leaked into later tests of the same xdist worker, hiding k2-rl)."""
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
-
-
-def _env(cache: str) -> None:
-    os.environ.update(K2_CACHE_DIR=cache, K2_LOAD_PLUGINS="optim,moe,data,hw_h800",
-                      OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-
-
-def _train(overrides: list[str]) -> list[float]:
-    from k2_core.configio import load_config
-    from k2_core.orchestrator import build_run, train
-
-    run = build_run(load_config("tiny", [*SHRINK, *overrides]))
-    train(run)
-    return [h["train/loss"] for h in run.history]
-
-
-def _worker(rank: int, world: int, port: int, cache: str, overrides: list[str], out: str) -> None:
-    import torch.distributed as dist
-
-    _env(cache)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    try:
-        torch.save(_train(["parallel.backend=h800", *overrides]), f"{out}.{rank}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("cache"))
@@ -88,15 +39,14 @@ def test_pipeline_layout_matches_single_process(tmp_path, cache, layout):
     from k2_core.checkpoint import load_tensors
 
     world, opts, micro, accum = LAYOUTS[layout]
-    _env(cache)
+    use_env(cache)
     single = tmp_path / "single"
-    want = _train([f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
+    want = train_losses(SHRINK, [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
                    f"checkpoint.dir={single}"])
     dist_dir = tmp_path / "dist"
     out = str(tmp_path / "losses")
-    mp.spawn(_worker, args=(world, _free_port(), cache, [*opts, f"checkpoint.dir={dist_dir}"], out),
-             nprocs=world, join=True)
-    per_rank = [torch.load(f"{out}.{r}") for r in range(world)]
+    per_rank = distributed_losses(world, cache, SHRINK, [*opts, f"checkpoint.dir={dist_dir}"],
+                                  out)
     assert all(p == per_rank[0] for p in per_rank)
     got = per_rank[0]
     assert len(got) == len(want) == STEPS

@@ -9,14 +9,11 @@ batching), which bf16 Newton-Schulz and AdamW on near-zero gradients amplify a l
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
-import torch
-import torch.multiprocessing as mp
+from backend_runs import distributed_losses, train_losses, use_env
 
 STEPS, EVERY, TOL = 10, 3, 2e-3
 SHRINK = [
@@ -30,56 +27,9 @@ SHRINK = [
 GLOBAL_SEQS = 4  # sequences per optimizer step in every layout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_process_env():
-    """`_env` sets process-wide variables for in-process runs; undo them after this module
-    (bug: K2_LOAD_PLUGINS leaked into later tests of the same xdist worker, hiding k2-rl)."""
-    saved, threads = dict(os.environ), torch.get_num_threads()
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-    torch.set_num_threads(threads)
-
-
-def _env(cache: str) -> None:
-    os.environ.update(K2_CACHE_DIR=cache, K2_LOAD_PLUGINS="optim,moe,data,hw_h800",
-                      OMP_NUM_THREADS="1")
-    torch.set_num_threads(1)
-
-
-def _train(overrides: list[str]) -> list[float]:
-    from k2_core.configio import load_config
-    from k2_core.orchestrator import build_run, train
-
-    run = build_run(load_config("tiny", [*SHRINK, *overrides]))
-    train(run)
-    return [h["train/loss"] for h in run.history]
-
-
-def _worker(rank: int, world: int, port: int, cache: str, overrides: list[str], out: str) -> None:
-    import torch.distributed as dist
-
-    _env(cache)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    try:
-        losses = _train(["parallel.backend=h800", *overrides])
-        torch.save(losses, f"{out}.{rank}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _distributed(world: int, cache: str, overrides: list[str], tmp: Path) -> list[float]:
     out = str(tmp / "losses")
-    mp.spawn(_worker, args=(world, _free_port(), cache, overrides, out), nprocs=world, join=True)
-    per_rank = [torch.load(f"{out}.{r}") for r in range(world)]
+    per_rank = distributed_losses(world, cache, SHRINK, overrides, out)
     assert all(p == per_rank[0] for p in per_rank)  # every rank logs the global loss
     return per_rank[0]
 
@@ -89,8 +39,8 @@ def reference(tmp_path_factory):
     """The single-process run: 4 micro-batches of 1 sequence per step."""
     tmp = tmp_path_factory.mktemp("single")
     cache = str(tmp_path_factory.mktemp("cache"))
-    _env(cache)
-    losses = _train([f"train.grad_accum={GLOBAL_SEQS}", f"checkpoint.dir={tmp}"])
+    use_env(cache)
+    losses = train_losses(SHRINK, [f"train.grad_accum={GLOBAL_SEQS}", f"checkpoint.dir={tmp}"])
     assert len(losses) == STEPS and losses[-1] < losses[0]
     return {"losses": losses, "dir": tmp, "cache": cache}
 
@@ -153,6 +103,6 @@ def test_layouts_reshard_both_ways(tmp_path, reference):
     d2 = tmp_path / "to_single"
     (d2 / "checkpoints").mkdir(parents=True)
     shutil.copytree(_ckpt(d1, 2 * EVERY), _ckpt(d2, 2 * EVERY))  # written under DP2 x EP2
-    _env(reference["cache"])
-    got = _train([f"train.grad_accum={GLOBAL_SEQS}", f"checkpoint.dir={d2}"])
+    use_env(reference["cache"])
+    got = train_losses(SHRINK, [f"train.grad_accum={GLOBAL_SEQS}", f"checkpoint.dir={d2}"])
     _close(got, reference["losses"][2 * EVERY:])
