@@ -1,5 +1,6 @@
-"""ZeRO-1 step on 2 gloo processes: k2 (DistributedMuonClip, the `h800` backend's engine) vs
-DeepSpeed ZeRO-1 with its own Muon (`"optimizer": {"type": "Muon"}` -> MuonWithAuxAdam).
+"""ZeRO-1 step on 2 gloo processes: k2 (DistributedMuonClip, the `h800` backend's engine=k2) and
+K2's MuonClip inside DeepSpeed ZeRO-1 (DeepSpeedMuonClip, engine=deepspeed) vs DeepSpeed ZeRO-1
+with its own Muon (`"optimizer": {"type": "Muon"}` -> MuonWithAuxAdam).
 
 Both train the same model (the `tiny` preset, `--layers` layers, seeded identically) on the
 same batch per rank, with the same parameter split (k2_optim.param_groups: matrices on Muon,
@@ -8,8 +9,10 @@ after --warmup steps):
 - `fwd+bwd`: forward and backward (DeepSpeed's ZeRO-1 gradient reduction runs at the end of
   `engine.backward`, k2's inside `optimizer.step()`, so compare the sums);
 - `step`: the optimizer step (k2: gradient all-reduce, owned-matrix Newton-Schulz, broadcast,
-  QK-Clip with max logits all-reduced; DeepSpeed: its ZeRO-1 Muon step and all-gather).
-The ratio printed is k2 / DeepSpeed for `fwd+bwd+step` (target <= 1.0x).
+  QK-Clip with max logits all-reduced; k2-ds: gradient all-reduce (the backend's, before
+  clipping), Newton-Schulz of this rank's partition's matrices, DeepSpeed's ZeRO-1 update of
+  its fp32 partition and all-gather, QK-Clip; DeepSpeed: its ZeRO-1 Muon step and all-gather).
+The ratios printed are k2 / DeepSpeed and k2-ds / DeepSpeed for `fwd+bwd+step` (target <= 1.0x).
 
 DeepSpeed's first CPU start JIT-compiles an extension into TORCH_EXTENSIONS_DIR (~25 s, once).
 
@@ -80,6 +83,39 @@ def _time_k2(args, rank: int) -> tuple[list[float], list[float]]:
     return fb[args.warmup:], st[args.warmup:]
 
 
+def _average_grads(model) -> None:
+    """What the h800 backend does before step() with engine=deepspeed: one flat fp32 all-reduce."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat.div_(dist.get_world_size())
+    torch._foreach_copy_(grads, list(_unflatten_dense_tensors(flat, grads)))
+
+
+def _time_k2_deepspeed(args, rank: int) -> tuple[list[float], list[float]]:
+    from k2_optim import MuonClip
+
+    model, cfg = _model(args.layers)
+    opt = MuonClip(_groups(model), LR, WD, model=model, qk_clip_tau=100.0).deepspeed()
+    opt.initialize(model, {"zero_optimization": {"stage": 1}})
+    batch = _batch(rank, args.seq, cfg.model.vocab_size)
+    fb, st = [], []
+    for _ in range(args.warmup + args.reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        model(**batch, return_logits=False).loss.backward()
+        t1 = time.perf_counter()
+        _average_grads(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        fb.append(t1 - t0)
+        st.append(t2 - t1)
+    return fb[args.warmup:], st[args.warmup:]
+
+
 def _time_deepspeed(args, rank: int) -> tuple[list[float], list[float]]:
     import deepspeed
 
@@ -117,6 +153,7 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     try:
         res = {"k2": _time_k2(args, rank)}
         if not args.skip_deepspeed:
+            res["k2-ds"] = _time_k2_deepspeed(args, rank)
             res["deepspeed"] = _time_deepspeed(args, rank)
         if rank == 0:  # plain JSON: timings only, nothing to unpickle
             with open(out, "w") as f:
@@ -153,9 +190,10 @@ def main() -> None:
     for k, (fb, st) in med.items():
         print(f"{k:<10} {fb * 1e3:>11.1f} {st * 1e3:>9.1f} {(fb + st) * 1e3:>9.1f}")
     if "deepspeed" in med:
-        k2, ds = sum(med["k2"]), sum(med["deepspeed"])
-        print(f"k2 / deepspeed (fwd+bwd+step): {k2 / ds:.2f}x; "
-              f"step only: {med['k2'][1] / med['deepspeed'][1]:.2f}x")
+        ds = med["deepspeed"]
+        for k in ("k2", "k2-ds"):
+            print(f"{k} / deepspeed (fwd+bwd+step): {sum(med[k]) / sum(ds):.2f}x; "
+                  f"step only: {med[k][1] / ds[1]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -40,12 +40,13 @@ def test_layout_degrees_must_match_the_world(world_of_one):
         build_layout(H800Options(dp=2), torch.device("cpu"))
 
 
-def test_backend_refuses_deepspeed_with_reason(world_of_one):
+def test_backend_takes_deepspeed_for_data_parallel_only(world_of_one):
     from k2_hw_h800.backend import H800Backend
     from k2_hw_h800.options import H800Options
 
-    with pytest.raises(K2Error, match="engine=deepspeed"):
-        H800Backend(H800Options(engine="deepspeed"))
+    assert H800Backend(H800Options(engine="deepspeed")).layout.dp == 1
+    with pytest.raises(K2Error, match="engine=deepspeed supports data parallelism only"):
+        H800Backend(H800Options(engine="deepspeed", pp=2))
 
 
 def test_backend_needs_a_launcher(monkeypatch):

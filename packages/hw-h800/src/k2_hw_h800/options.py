@@ -24,7 +24,8 @@ class H800Options(BaseModel):
         1, description="0: replicated optimizer state; 1: optimizer state sharded over dp (ZeRO-1).")
     engine: Literal["k2", "deepspeed"] = Field(
         "k2", description="ZeRO-1 engine: k2's DistributedMuonClip over torch.distributed, or "
-        "DeepSpeed (refused: its ZeRO Muon is not K2's MuonClip; see the README).")
+        "deepspeed: a DeepSpeed ZeRO-1 engine holding the partitioned fp32 weights and AdamW "
+        "state with K2's MuonClip update and QK-Clip (pp=1, ep=1, zero_stage=1 only).")
     activation_policy: dict[str, Any] = Field(
         default_factory=dict, description="Switches passed to k2_hw_h800.activations "
         "(e.g. recompute, fp8_storage, cpu_offload); empty: no policy.")

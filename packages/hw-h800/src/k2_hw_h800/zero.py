@@ -10,6 +10,12 @@ ZeRO-1 (engine `k2`) is the optimizer's own `zero1(group)` (k2-optim: Distribute
 the dp group, reached through the optimizer so hw-h800 never imports k2_optim: whole tensors are
 owned by one dp rank (Muon orthogonalises a matrix whole), updated there and broadcast.
 QK-Clip sees the max logits reduced (MAX) over all data ranks of the stage.
+
+With engine `deepspeed` the optimizer's own `deepspeed(group)` (k2-optim: DeepSpeedMuonClip)
+builds a DeepSpeed ZeRO-1 engine: DeepSpeed holds the partitioned fp32 master weights and
+AdamW state and all-gathers the weights; K2 computes the Muon update of the matrices in this
+rank's partition and QK-Clip. Gradients are still averaged and clipped here first (DeepSpeed's
+own clip would act on the orthogonalised Muon updates).
 """
 
 from __future__ import annotations
@@ -114,3 +120,27 @@ def make_zero1_optimizer(model: nn.Module, optimizer: Any, layout: Layout, zero_
         raise ConfigError("parallel.options.zero_stage=1 supports optimizers with a zero1() "
                           "method (k2-optim's muon/muonclip); set zero_stage=0 for others")
     return optimizer.zero1(layout.dp_group, reduce_grads=False, max_logit_reduce=reduce)
+
+
+def check_deepspeed_layout(options: Any) -> None:
+    """engine=deepspeed: data parallelism only (DeepSpeed's ZeRO group is the whole job)."""
+    if options.pp > 1 or options.ep > 1:
+        raise ConfigError(f"parallel.options.engine=deepspeed supports data parallelism only "
+                          f"(pp=1, ep=1), got pp={options.pp}, ep={options.ep}; use engine=k2 "
+                          "for pipeline or expert parallelism")
+    if options.zero_stage != 1:
+        raise ConfigError("parallel.options.engine=deepspeed runs ZeRO stage 1; set zero_stage=1 "
+                          "(or engine=k2 for zero_stage=0)")
+
+
+def make_deepspeed_optimizer(model: nn.Module, optimizer: Any, layout: Layout) -> Any:
+    """`optimizer` (a k2 Muon / MuonClip) as K2's MuonClip inside a DeepSpeed ZeRO-1 engine
+    over the dp group, reached through `optimizer.deepspeed()` (k2-optim's
+    DeepSpeedMuonClip). The backend still averages and clips the gradients (fp32) before
+    `step()`; QK-Clip reduces max logits over the data ranks."""
+    if not hasattr(optimizer, "deepspeed"):
+        raise ConfigError("parallel.options.engine=deepspeed supports optimizers with a "
+                          "deepspeed() method (k2-optim's muon/muonclip); use engine=k2")
+    opt = optimizer.deepspeed(layout.dp_group, max_logit_reduce=_max_over(layout.data_group))
+    opt.initialize(model, {"zero_optimization": {"stage": 1}})
+    return opt

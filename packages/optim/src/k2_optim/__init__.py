@@ -1,5 +1,6 @@
 """k2_optim: Muon and MuonClip (QK-Clip) for any torch model, parameter grouping, LR
-schedules and ZeRO-1-style distributed MuonClip. Depends on torch only.
+schedules, ZeRO-1-style distributed MuonClip and MuonClip inside DeepSpeed ZeRO-1 (deepspeed
+imported only when that engine is built). Depends on torch only.
 
 Exports resolve lazily (PEP 562): `import k2_optim.plugin` — which every `k2` CLI call does
 through the entry point — must not import torch.
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.2.0"
 
 _EXPORTS = {
+    "DeepSpeedMuonClip": "deepspeed_zero",
     "DistributedMuonClip": "distributed",
     "assign_owners": "distributed",
     "merge_state_dicts": "distributed",
@@ -31,6 +33,7 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "DeepSpeedMuonClip",
     "DistributedMuonClip",
     "Muon",
     "MuonClip",
@@ -49,6 +52,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from .deepspeed_zero import DeepSpeedMuonClip
     from .distributed import DistributedMuonClip, assign_owners, merge_state_dicts
     from .grouping import classify, param_groups
     from .muon import Muon, matrix_view_shape

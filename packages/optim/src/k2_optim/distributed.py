@@ -142,11 +142,12 @@ class DistributedMuonClip(MuonClip):
         return merge_state_dicts(shards)
 
 
-def to_zero1(optimizer: Muon, process_group: Any = None, *, reduce_grads: bool = True,
-             max_logit_reduce: Any = None) -> DistributedMuonClip:
-    """`optimizer` (a Muon or MuonClip) as a DistributedMuonClip with the same settings."""
+def rehome_arguments(optimizer: Muon) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """(param groups, keyword arguments) that rebuild `optimizer` (a Muon or MuonClip) as another
+    MuonClip class with the same settings; a MuonClip's max-logit hooks are handed over."""
     d = optimizer.defaults
     kwargs: dict[str, Any] = dict(
+        lr=d["lr"], weight_decay=d["weight_decay"],
         momentum=d["momentum"], nesterov=d["nesterov"], ns_steps=d["ns_steps"],
         ns_coefficients=d["ns_coefficients"], ns_eps=d["ns_eps"],
         adjust_lr_fn=d["adjust_lr_fn"], adamw_betas=d["betas"], adamw_eps=d["eps"],
@@ -159,7 +160,12 @@ def to_zero1(optimizer: Muon, process_group: Any = None, *, reduce_grads: bool =
         optimizer.remove_hooks()  # the new optimizer installs its own
     else:
         kwargs.update(qk_clip=False, qk_clip_targets=[])
-    groups = [dict(g) for g in optimizer.param_groups]
-    return DistributedMuonClip(groups, d["lr"], d["weight_decay"], process_group=process_group,
-                               reduce_grads=reduce_grads, max_logit_reduce=max_logit_reduce,
-                               **kwargs)
+    return [dict(g) for g in optimizer.param_groups], kwargs
+
+
+def to_zero1(optimizer: Muon, process_group: Any = None, *, reduce_grads: bool = True,
+             max_logit_reduce: Any = None) -> DistributedMuonClip:
+    """`optimizer` (a Muon or MuonClip) as a DistributedMuonClip with the same settings."""
+    groups, kwargs = rehome_arguments(optimizer)
+    return DistributedMuonClip(groups, process_group=process_group, reduce_grads=reduce_grads,
+                               max_logit_reduce=max_logit_reduce, **kwargs)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -150,6 +151,17 @@ class Muon(torch.optim.Optimizer):
         return to_zero1(self, process_group, reduce_grads=reduce_grads,
                         max_logit_reduce=max_logit_reduce)
 
+    def deepspeed(self, process_group: Any = None, *,
+                  max_logit_reduce: Any = None) -> torch.optim.Optimizer:
+        """This optimizer as a `DeepSpeedMuonClip` (K2's update inside DeepSpeed ZeRO-1) over
+        `process_group`; call `initialize(model, config)` on the result to build the engine.
+
+        Same carry-over as `zero1()`; a backend calls this without importing k2_optim.
+        """
+        from .deepspeed_zero import to_deepspeed
+
+        return to_deepspeed(self, process_group, max_logit_reduce=max_logit_reduce)
+
     def _before_update(self) -> None:
         """Runs first in step() (DistributedMuonClip: gradient all-reduce)."""
 
@@ -177,7 +189,18 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        directions = self._directions(group, params)
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)          # decoupled weight decay
+        for idxs, outs, scale in directions:
+            torch._foreach_add_([params[i] for i in idxs], outs, alpha=-lr * scale)
+
+    def _directions(self, group: dict[str, Any], params: list[Tensor]
+                    ) -> Iterator[tuple[list[int], list[Tensor], float]]:
+        """Momentum (+ Nesterov), then one batched Newton-Schulz per matrix shape; yields per
+        shape bucket (indices into `params`, orthogonalised updates shaped like them, scale)."""
+        mu = group["momentum"]
         grads = [p.grad for p in params]
         bufs = []
         for p in params:
@@ -196,18 +219,19 @@ class Muon(torch.optim.Optimizer):
             n, r, c = matrix_view_shape(p)
             shapes.append(n)
             buckets[(r, c, p.device, p.dtype)].append(i)
-        if wd:
-            torch._foreach_mul_(params, 1.0 - lr * wd)          # decoupled weight decay
+        return self._orthogonalised(group, params, updates, shapes, buckets)
+
+    def _orthogonalised(self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor],
+                        shapes: list[int], buckets: dict[tuple, list[int]]
+                        ) -> Iterator[tuple[list[int], list[Tensor], float]]:
         for (r, c, _dev, dtype), idxs in buckets.items():
             mats = [updates[i].reshape(shapes[i], r, c) for i in idxs]
             stacked = mats[0] if len(mats) == 1 else torch.cat(mats)
             o = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
                               dtype=self.ns_dtype, out_dtype=dtype)
             outs = o.split([shapes[i] for i in idxs])
-            ps = [params[i] for i in idxs]
-            scale = adjusted_scale(r, c, group["adjust_lr_fn"])
-            torch._foreach_add_(ps, [x.view(p.shape) for x, p in zip(outs, ps, strict=True)],
-                                alpha=-lr * scale)
+            yield idxs, [x.view(params[i].shape) for x, i in zip(outs, idxs, strict=True)], \
+                adjusted_scale(r, c, group["adjust_lr_fn"])
 
     def _adamw_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
