@@ -203,6 +203,8 @@ def _pretrain_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     summary = get_registry().build("stage", "pretrain")(cfg)
     secs = time.perf_counter() - t0
+    if summary.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     if args.json:
         print(json.dumps({**summary, "seconds": secs}))
         return 0

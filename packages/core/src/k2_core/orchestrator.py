@@ -166,6 +166,12 @@ def evaluate(model: torch.nn.Module, loader: Any, batches: int, bf16: bool = Fal
     return float(total) / batches
 
 
+def evaluate_run(run: Run) -> float:
+    """The run's validation loss (`train.eval_batches` batches of its val loader)."""
+    cfg = run.config.train
+    return evaluate(run.model, run.val_loader, cfg.eval_batches, cfg.bf16)
+
+
 def _step_metrics(run: Run, loss: float, grad_norm: float, dt: float, steps: int) -> dict[str, float]:
     """This step's scalars: loss, lr, throughput, attention max logits, QK-Clip, MoE load."""
     m = {"train/loss": loss, "train/grad_norm": grad_norm,
@@ -209,6 +215,7 @@ def train(run: Run, progress: Any = None) -> dict[str, Any]:
     status, bad, batches = "FAILED", 0, iter(run.loader)
     t_log, steps_since = time.perf_counter(), 0
     step_fn = getattr(run.backend, "train_step", None) or train_step  # a backend may own the step
+    eval_fn = getattr(run.backend, "evaluate", None) or evaluate_run  # ...and the evaluation
     try:
         while run.step < cfg.train.steps:
             model.reset_max_logits()
@@ -236,12 +243,12 @@ def train(run: Run, progress: Any = None) -> dict[str, Any]:
                                                or run.step == cfg.train.steps):
                 if run.val_start is not None:
                     run.val_loader.load_state_dict(run.val_start)
-                metrics["eval/loss"] = evaluate(model, run.val_loader, cfg.train.eval_batches, cfg.train.bf16)
+                metrics["eval/loss"] = eval_fn(run)
                 model.set_record_max_logits(True)
             hook.k2_on_step_end(run=run, step=run.step, metrics=metrics)
             if log:
                 run.history.append({"step": run.step, **metrics})
-                if progress is not None:
+                if progress is not None and run.backend.rank == 0:  # one console line per step
                     progress(run, metrics)
                 t_log, steps_since = time.perf_counter(), 0
             if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
@@ -282,4 +289,5 @@ def summarize(run: Run) -> dict[str, Any]:
         "skipped_steps": run.skipped_steps,
         "run_dir": run.run_dir,
         "tracking_run_id": run.tracking_run_id,
+        "rank": run.backend.rank,
     }

@@ -1,5 +1,6 @@
-"""The `h800` backend: one process per device, a (pp, dp, ep) mesh, expert parallelism, ZeRO-1,
-global-load router updates, fail-fast collectives and layout-free checkpoints.
+"""The `h800` backend: one process per device, a (pp, dp, ep) mesh, expert parallelism, ZeRO-1
+(k2's own, or inside DeepSpeed with engine=deepspeed), global-load router updates, fail-fast
+collectives and layout-free checkpoints.
 
 k2_core's orchestrator calls, in order: `parallelize_model(model)` (before the optimizer is
 built), `wrap_optimizer(model, optimizer)` (ZeRO-1), `prepare(model, optimizer, loader)`,
@@ -23,7 +24,13 @@ from .expert_parallel import EP_ATTR, moe_layers
 from .mesh import Layout, build_layout, init_process_group, resolve_device
 from .options import H800Options
 from .parallelize import parallelize
-from .zero import clip_global_grad_norm, make_zero1_optimizer, reduce_gradients
+from .zero import (
+    check_deepspeed_layout,
+    clip_global_grad_norm,
+    make_deepspeed_optimizer,
+    make_zero1_optimizer,
+    reduce_gradients,
+)
 
 
 class DistributedError(K2Error):
@@ -64,10 +71,7 @@ class H800Backend:
     def __init__(self, options: H800Options):
         self.options = options
         if options.engine == "deepspeed":
-            raise K2Error("parallel.options.engine=deepspeed: DeepSpeed's ZeRO Muon computes "
-                          "a different update than K2's MuonClip (scale, gate/up blocks) and has "
-                          "no QK-Clip; use engine=k2 (ZeRO-1 over torch.distributed, see the "
-                          "k2-hw-h800 README)")
+            check_deepspeed_layout(options)
         self.device = resolve_device(options)
         init_process_group(options, self.device)
         self.layout: Layout = build_layout(options, self.device)
@@ -82,13 +86,8 @@ class H800Backend:
     def _pipeline(self, run: Any) -> Any:
         """This rank's pipeline stages (built once the run's precision is known)."""
         if self._runner is None:
-            from k2_core.errors import ConfigError
-
             from .pipeline import build_pipeline
 
-            if run.val_loader is not None:
-                raise ConfigError("train.eval_every: evaluation is not pipelined yet; set "
-                                  "train.eval_every=0 with parallel.options.pp > 1")
             opts, lay = self.options, self.layout
             self._runner = build_pipeline(
                 run.model, pp_group=lay.pp_group, pp_rank=lay.pp_rank, pp_size=lay.pp,
@@ -105,8 +104,12 @@ class H800Backend:
         return self._model
 
     def wrap_optimizer(self, model: nn.Module, optimizer: Any) -> Any:
-        """The optimizer re-homed on the layout (ZeRO-1 over dp when zero_stage=1)."""
-        opt = make_zero1_optimizer(model, optimizer, self.layout, self.options.zero_stage)
+        """The optimizer re-homed on the layout (ZeRO-1 over dp when zero_stage=1; with
+        engine=deepspeed, K2's MuonClip inside a DeepSpeed ZeRO-1 engine)."""
+        if self.options.engine == "deepspeed":
+            opt = make_deepspeed_optimizer(model, optimizer, self.layout)
+        else:
+            opt = make_zero1_optimizer(model, optimizer, self.layout, self.options.zero_stage)
         opt._k2_timeout_s = self.options.timeout_s
         opt.step = types.MethodType(_guarded_step, opt)  # before any lr schedule wraps it
         self._param_index = [p for g in opt.param_groups for p in g["params"]]
@@ -156,6 +159,35 @@ class H800Backend:
             raise _collective_error(self.rank, f"step {run.step + 1}", self.options.timeout_s,
                                     exc) from None
         return loss_mean.cpu(), grad_norm.cpu()
+
+    @torch.no_grad()
+    def evaluate(self, run: Any) -> float:
+        """Validation loss over `train.eval_batches` batches of every data rank's val shard,
+        averaged over the data ranks (pipelined forward-only when pp > 1); the same on every rank."""
+        cfg, model, lay, dev = run.config.train, run.model, self.layout, self.device
+        was_training = model.training
+        model.eval()  # also stops MoE load counting
+        model.set_record_max_logits(False)
+        total, it = torch.zeros((), device=dev), iter(run.val_loader)
+        try:
+            for _ in range(cfg.eval_batches):
+                if lay.pp > 1:
+                    runner = self._pipeline(run)
+                    total += runner.broadcast_loss(runner.eval_step(next(it)))
+                    continue
+                batch = {k: v.to(dev, non_blocking=True) for k, v in next(it).items()}
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    total += model(**batch, return_logits=False).loss.float()
+            if lay.data_size > 1:
+                dist.all_reduce(total, group=lay.data_group)
+        except RuntimeError as exc:
+            if not _is_comm_failure(exc):
+                raise
+            raise _collective_error(self.rank, f"evaluation at step {run.step}",
+                                    self.options.timeout_s, exc) from None
+        finally:
+            model.train(was_training)
+        return float(total) / (cfg.eval_batches * lay.data_size)
 
     @torch.no_grad()
     def _reduce_expert_counts(self, model: nn.Module) -> None:
