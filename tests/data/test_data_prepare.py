@@ -116,6 +116,30 @@ def _cli(args, env=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def test_concurrent_prepares_of_one_output_build_it_once(tmp_path):
+    """Several ranks of one job finding the dataset missing: one builds, the others wait for it."""
+    d = tmp_path / "src"
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", make_texts(300, 5))
+    cfg_path = tmp_path / "prep.yaml"
+    cfg_path.write_text(
+        f"sources:\n  - uri: {d}/*.jsonl\n    domain: web\n"
+        "tokenizer: {name: bpe, options: {vocab_size: 400}}\n"
+        "seq_len: 32\nshard_docs: 50\nworkers: 0\n")
+    ref = prepare(small_cfg([{"uri": f"{d}/*.jsonl", "domain": "web"}], str(tmp_path / "ref"),
+                            shard_docs=50))
+    out = tmp_path / "shared"
+    procs = [_cli(["prepare", str(cfg_path), "--out", str(out)],
+                  env={"K2_DATA_TEST_SHARD_DELAY": "0.3"}) for _ in range(3)]
+    said = []
+    for p in procs:
+        stdout, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        said.append(stdout.splitlines()[0])
+    assert sum("(reused)" not in line for line in said) == 1, said  # exactly one built it
+    assert tree_hash(str(out)) == tree_hash(ref)
+
+
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     d = tmp_path / "src"
     d.mkdir()

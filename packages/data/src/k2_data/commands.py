@@ -20,20 +20,18 @@ def _split_spec(args: argparse.Namespace) -> tuple[str | None, list[str]]:
 
 
 def _prepare_run(args: argparse.Namespace) -> int:
-    from .config import load_prepare_config, output_uri
-    from .prepare import _check_out, _fs, prepare, read_manifest
+    from .config import load_prepare_config
+    from .prepare import prepare_or_reuse, read_manifest
 
     spec, overrides = _split_spec(args)
     if args.out:
         overrides.append(f"out={args.out}")
     cfg = load_prepare_config(spec, overrides)
-    out = output_uri(cfg)
-    fs, root = _fs(out)
-    if _check_out(fs, root, out, cfg.config_hash()) == "done":
-        print(f"dataset ready (reused): {out}")
-        return 0
     t0 = time.perf_counter()
-    uri = prepare(cfg)
+    uri, built = prepare_or_reuse(cfg)
+    if not built:  # complete already, or built meanwhile by another process of the job
+        print(f"dataset ready (reused): {uri}")
+        return 0
     m = read_manifest(uri)
     tr, va = m["splits"]["train"], m["splits"]["val"]
     print(f"dataset ready: {uri} ({time.perf_counter() - t0:.1f}s)")

@@ -18,6 +18,7 @@ rebuild the dedup set and counts) but tokenizes only uncommitted shards, then as
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import json
@@ -526,8 +527,39 @@ def _check_out(fs: Any, root: str, out: str, chash: str) -> str:
     return "fresh"
 
 
+@contextlib.contextmanager
+def _exclusive(fs: Any, root: str) -> Iterator[None]:
+    """Hold `<root>.lock` on a local filesystem, so ranks of one job that all find the dataset
+    missing build it once: the first builds, the others wait and then find it complete."""
+    if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        yield  # remote stores: one preparing process per output is the caller's business
+        return
+    import fcntl
+
+    os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
+    with open(f"{root}.lock", "a+b") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def prepare(cfg: DataPrepareConfig, *, quiet: bool = True) -> str:
     """Build (or resume, or reuse) the packed dataset of `cfg`; returns its URI."""
+    return prepare_or_reuse(cfg, quiet=quiet)[0]
+
+
+def prepare_or_reuse(cfg: DataPrepareConfig, *, quiet: bool = True) -> tuple[str, bool]:
+    """(URI, whether this call built it): a complete dataset of `cfg` is reused as it is."""
+    out = output_uri(cfg)
+    fs, root = _fs(out)
+    with _exclusive(fs, root):
+        done = _check_out(fs, root, out, cfg.config_hash()) == "done"
+        return _prepare(cfg, quiet), not done
+
+
+def _prepare(cfg: DataPrepareConfig, quiet: bool) -> str:
     out = output_uri(cfg)
     fs, root = _fs(out)
     chash = cfg.config_hash()
