@@ -68,6 +68,27 @@ def test_gradient_matches_autograd_through_a_model():
     assert (ent[mask.bool()] > 0).all() and ent[mask == 0].abs().sum() == 0
 
 
+def test_token_logprobs_on_a_k2_model_match_the_full_logits():
+    """The response-only head path gives the full-logits log-probabilities and gradients."""
+    from k2_core.model import K2ForCausalLM
+    from rl_fixtures import tiny_configs
+
+    torch.manual_seed(0)
+    model = K2ForCausalLM(*tiny_configs(64))
+    ids = torch.randint(1, 64, (3, 9))
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    mask[0, 4:], mask[1, 6:8], mask[2, 2:5] = True, True, True
+    lp, ent = token_logprobs(model, ids, mask)
+    ref = torch.log_softmax(model(ids[:, :-1]).logits.float(), -1)
+    ref_lp = torch.cat([torch.zeros(3, 1), ref.gather(-1, ids[:, 1:, None]).squeeze(-1)], 1) * mask
+    torch.testing.assert_close(lp, ref_lp, atol=1e-5, rtol=1e-5)
+    ref_ent = torch.cat([torch.zeros(3, 1), -(ref.exp() * ref).sum(-1)], 1) * mask
+    torch.testing.assert_close(ent, ref_ent.detach(), atol=1e-5, rtol=1e-5)
+    (g,) = torch.autograd.grad(lp.sum(), model.lm_head.weight)
+    (g_ref,) = torch.autograd.grad(ref_lp.sum(), model.lm_head.weight)
+    torch.testing.assert_close(g, g_ref, atol=1e-5, rtol=1e-4)
+
+
 def test_budget_truncates_and_penalises():
     assert apply_budget(10, True, None).over_budget is False
     d = apply_budget(40, False, 32)

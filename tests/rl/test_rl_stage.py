@@ -77,3 +77,26 @@ def test_rl_with_the_code_reward_runs_the_sandbox(tmp_path):
     assert m["rl/code/excluded"] == 0  # the sandbox ran every response
     assert "critic/checked_pairs" in m  # the closed loop ran (no pair checkable: all fail)
     assert trainer.prompts.drawn >= 2 and trainer.engine.version == 1
+
+
+@pytest.mark.slow
+def test_rl_carries_paused_responses_into_the_next_iteration(tmp_path):
+    """Partial rollout inside `k2 rl`: a response paused at the segment limit is finished by the
+    next iteration's policy, and trained on with per-token versions of both policies."""
+    from k2_rl.rl_stage import RLTrainer
+
+    init, _ = save_tiny_checkpoint(tmp_path / "init")
+    trainer = RLTrainer(_cfg(init, tmp_path / "rl", 2, [
+        "plugins.rl.segment_tokens=6", "plugins.rl.default_budget=12", "train.eval_every=0",
+        "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 12}]"]))
+    trained: list[list] = []
+    score = trainer.score
+    trainer.score = lambda groups: (trained.append(groups), score(groups))[1]
+    first = trainer.iteration()
+    # a random tiny model rambles to the 12-token budget: two segments per response
+    assert first["rl/paused"] > 0 and trainer.rollouts.groups_in_flight() == 2
+    assert all(set(t.versions) == {0} for g in trained[0] for t in g)
+    second = trainer.iteration()
+    assert second["rl/resumed"] > 0
+    carried = [t for g in trained[1] for t in g if len(t.token_ids) > 6]
+    assert carried and all(t.versions == [0] * 6 + [1] * (len(t.versions) - 6) for t in carried)

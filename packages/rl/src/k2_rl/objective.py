@@ -92,17 +92,25 @@ def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, response_mas
     """(log pi of each token given its prefix [B, T], entropy at each position [B, T]).
 
     input_ids [B, T] hold prompt + response (right-padded); position t of the outputs scores
-    token t (the first position gets 0). Both are zero outside `response_mask` [B, T].
+    token t (the first position gets 0). Both are zero outside `response_mask` [B, T]. The head
+    and the softmax run on the response positions only: prompt and padding never reach the
+    [tokens, vocab] logits.
     """
-    logits = model(input_ids[:, :-1], return_logits=True).logits.float()  # [B, T-1, V]
-    logz = torch.logsumexp(logits, dim=-1)
-    picked = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - logz
+    sel = response_mask[:, 1:].bool()  # hidden state t-1 predicts token t
+    stack, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if stack is not None and head is not None:
+        logits = head(stack(input_ids[:, :-1])[sel]).float()  # [N, V]
+    else:
+        logits = model(input_ids[:, :-1], return_logits=True).logits[sel].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    picked = logp.gather(-1, input_ids[:, 1:][sel][:, None]).squeeze(-1)
     with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)
-        entropy = logz - (probs * logits).sum(-1)
-    pad = torch.zeros_like(picked[:, :1])
-    mask = response_mask.to(picked.dtype)
-    return torch.cat([pad, picked], 1) * mask, torch.cat([pad, entropy], 1) * mask
+        entropy = -(logp.exp() * logp).sum(-1)
+    pad = picked.new_zeros(input_ids.shape[0], 1)
+    full = torch.zeros_like(sel, dtype=picked.dtype)
+    lp = torch.cat([pad, full.masked_scatter(sel, picked)], 1)
+    ent = torch.cat([pad, full.masked_scatter(sel, entropy)], 1)
+    return lp, ent
 
 
 def sequence_logprob(token_lp: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

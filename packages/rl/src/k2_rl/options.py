@@ -100,6 +100,15 @@ class RlOptions(BaseModel):
         "(e.g. the `chat` dataset of curated SFT data), mixed into each update.")
     micro_batch_size: int = Field(16, gt=0, description="Responses per training forward.")
     max_batch_size: int = Field(64, gt=0, description="Engine batch size.")
+    engine: Literal["colocated", "process"] = Field(
+        "colocated", description="Where the rollout engine runs: colocated = in the trainer "
+        "process (weights copied in memory); process = a spawned child process that gets the "
+        "weights by a bucketed torch.distributed (gloo) broadcast after every update.")
+    engine_timeout_s: float = Field(
+        600.0, gt=0, description="engine=process: seconds to wait for the engine process to "
+        "start, answer a generate or load a weight push before the run fails.")
+    sync_bucket_mb: float = Field(
+        32.0, gt=0, description="engine=process: MiB per broadcast bucket of a weight push.")
     eval_prompts: int = Field(64, ge=0, description="Held-out prompts for greedy pass@1 (0: none).")
     critic: CriticLoopOptions = Field(default_factory=CriticLoopOptions,
                                       description="The rubric critic's closed loop.")

@@ -88,33 +88,48 @@ class RLTrainer:
         self.rewards = {t.name: reg.build("reward", t.reward, options=t.reward_options,
                                           where=f"plugins.rl.tasks.{t.name}.reward_options")
                         for t in opts.tasks}
-        # the engine owns a separate copy of the weights: rollouts see exactly one version
-        engine_model = K2ForCausalLM(cfg.model, cfg.moe, reg, init_weights=False)
-        engine_model.load_state_dict(run.model.state_dict())
-        self.engine = Engine(engine_model, tokenizer, max_batch_size=opts.max_batch_size)
-        self.sync = InProcessSync(self.engine)
-        self.engine.version = run.step
-        self.stop_ids = set(self.engine.default_stop_ids)
-        top_p = opts.top_p
+        if opts.engine == "process":
+            from .engine_process import ProcessSync, RemoteEngine
 
-        def make_params(*, temperature: float, max_new_tokens: int, seed: int | None) -> Any:
-            return SamplingParams(temperature=temperature, top_p=top_p,
-                                  max_new_tokens=max_new_tokens, seed=seed)
+            # the child builds its own model; its first weights come by the same broadcast
+            self.engine: Any = RemoteEngine(
+                cfg.model, cfg.moe, opts.tokenizer, model=run.model, version=run.step,
+                tokenizer=tokenizer, max_batch_size=opts.max_batch_size,
+                timeout_s=opts.engine_timeout_s, bucket_mb=opts.sync_bucket_mb)
+            self.sync: Any = ProcessSync(self.engine)
+        else:
+            # the engine owns a separate copy of the weights: rollouts see exactly one version
+            engine_model = K2ForCausalLM(cfg.model, cfg.moe, reg, init_weights=False)
+            engine_model.load_state_dict(run.model.state_dict())
+            self.engine = Engine(engine_model, tokenizer, max_batch_size=opts.max_batch_size)
+            self.sync = InProcessSync(self.engine)
+            self.engine.version = run.step
+        try:  # a failure from here on must not leave an engine process behind
+            self.stop_ids = set(self.engine.default_stop_ids)
+            top_p = opts.top_p
 
-        self.rollouts = RolloutManager(
-            self.engine, make_params, k=opts.k,
-            segment_tokens=opts.segment_tokens if opts.partial_rollout else None,
-            gate=VersionGate(opts.max_version_lag), partial=opts.partial_rollout)
-        self.prompts = PromptStream(opts.tasks, prompt_encoder(tokenizer),
-                                    cfg.train.seed + opts.seed_offset, opts.default_budget)
-        if rl_state is not None:
-            self.rollouts.load_state_dict(rl_state["rollout"])
-            self.prompts.load_state_dict(rl_state["prompts"])
-        self.algorithm = reg.build("rl_algorithm", opts.algorithm, options=opts.algorithm_options,
-                                   where="plugins.rl.algorithm_options")
-        self.ptx = iter(run.loader) if opts.ptx_weight > 0 else None
-        self.history: list[dict[str, float]] = []
-        self.critic, self.critic_trainer = self._build_critic(cfg, opts, reg, tokenizer)
+            def make_params(*, temperature: float, max_new_tokens: int, seed: int | None) -> Any:
+                return SamplingParams(temperature=temperature, top_p=top_p,
+                                      max_new_tokens=max_new_tokens, seed=seed)
+
+            self.rollouts = RolloutManager(
+                self.engine, make_params, k=opts.k,
+                segment_tokens=opts.segment_tokens if opts.partial_rollout else None,
+                gate=VersionGate(opts.max_version_lag), partial=opts.partial_rollout)
+            self.prompts = PromptStream(opts.tasks, prompt_encoder(tokenizer),
+                                        cfg.train.seed + opts.seed_offset, opts.default_budget)
+            if rl_state is not None:
+                self.rollouts.load_state_dict(rl_state["rollout"])
+                self.prompts.load_state_dict(rl_state["prompts"])
+            self.algorithm = reg.build("rl_algorithm", opts.algorithm,
+                                       options=opts.algorithm_options,
+                                       where="plugins.rl.algorithm_options")
+            self.ptx = iter(run.loader) if opts.ptx_weight > 0 else None
+            self.history: list[dict[str, float]] = []
+            self.critic, self.critic_trainer = self._build_critic(cfg, opts, reg, tokenizer)
+        except BaseException:
+            self.close()
+            raise
 
     def _build_critic(self, cfg: RunConfig, opts: RlOptions, reg: Any, tokenizer: Any
                       ) -> tuple[Any, Any]:
@@ -131,7 +146,8 @@ class RLTrainer:
         trainer = None
         if critic.judge is None:
             model = K2ForCausalLM(cfg.model, cfg.moe, reg, init_weights=False)
-            model.load_state_dict(self.engine.model.state_dict())
+            # the trainer's weights equal the engine's here (a process engine has no .model)
+            model.load_state_dict(self.run.model.state_dict())
             engine = Engine(model, tokenizer, max_batch_size=opts.max_batch_size)
             critic.judge = EngineJudge(engine, tokenizer, critic.options.max_tokens)
             trainer = CriticTrainer(model, tokenizer, opts.critic.lr)
@@ -168,9 +184,14 @@ class RLTrainer:
 
         stats = RolloutStats()
         seed = self.cfg.train.seed * 1_000_003 + self.run.step + self.opts.seed_offset
+        per_iter = self.opts.prompts_per_iter
+        # partial rollout: every segment starts `prompts_per_iter` new groups beside the paused
+        # ones (up to twice that in flight), so long responses finish in a later iteration
+        # under a newer policy instead of stalling this one
+        cap = 2 * per_iter if self.rollouts.partial and self.rollouts.segment_tokens else per_iter
         groups: list[list[Any]] = []
         for attempt in range(64):
-            want = self.opts.prompts_per_iter - self.rollouts.groups_in_flight()
+            want = min(per_iter, cap - self.rollouts.groups_in_flight())
             if want > 0:
                 self.rollouts.add_prompts(self.prompts, want, stats)
             groups += self.rollouts.step(temperature, seed * 64 + attempt, stats)
@@ -345,8 +366,17 @@ class RLTrainer:
             status = "KILLED"
             raise
         finally:
-            hook.k2_on_run_end(run=run, status=status)
+            try:
+                hook.k2_on_run_end(run=run, status=status)
+            finally:
+                self.close()
         return self.summary(time.perf_counter() - t_start)
+
+    def close(self) -> None:
+        """End the rollout engine's process, if it has one (idempotent; train() calls it)."""
+        close = getattr(getattr(self, "engine", None), "close", None)
+        if close is not None:
+            close()
 
     def summary(self, seconds: float) -> dict[str, Any]:
         """Steps, reward first/last, held-out pass@1 first/last, where things are."""
