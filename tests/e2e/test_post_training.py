@@ -53,3 +53,22 @@ def test_rl_config_errors_are_one_line(tmp_path, env):
     missing = subprocess.run([K2, "sft", f"plugins.sft.init={tmp_path / 'nothing'}"], env=env,
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "k2: checkpoint error:" in missing.stderr
+
+
+@pytest.mark.slow
+def test_rl_demo_quick_runs_every_stage(tmp_path, env):
+    """`k2 rl-demo --quick`: pretrain -> sft -> rl (2 seeds) -> code run, with the report."""
+    out = tmp_path / "demo"
+    demo = subprocess.run(
+        [K2, "rl-demo", "--quick", "--seeds", "0", "1", "--out", str(out), "--threads", "1",
+         "--json"], env={**env, "K2_CACHE_DIR": str(tmp_path / "cache")},
+        capture_output=True, text=True, timeout=1200)
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["rl"]) == {"0", "1"}
+    for kind in ("greedy", "sampled"):
+        assert 0.0 <= report["sft"]["pass@1"][kind] <= 1.0
+        assert len(report[f"rl_{kind}"]["gains"]) == 2
+    assert report["code"]["iterations"] == 1
+    assert "after RL (2 iterations), greedy" in report["summary"]
+    assert (out / "rl_math.png").exists() and (out / "mlflow.db").exists()

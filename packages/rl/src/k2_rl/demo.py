@@ -28,9 +28,13 @@ class DemoSettings:
     threads: int | None = None
     pretrain_steps: int = 40
     sft_steps: int = 80
-    rl_steps: int = 10
+    rl_steps: int = 40
+    rl_lr: float = 1e-4
+    prompts_per_iter: int = 32
+    k: int = 4
     code_steps: int = 2
     eval_n: int = 200
+    eval_samples: int = 2
     layers: int = 2
     difficulty: tuple[int, int] = (1, 2)
     img_dir: str | None = "docs/img"
@@ -42,7 +46,8 @@ def _scaled(s: DemoSettings) -> DemoSettings:
         return s
     return DemoSettings(out=s.out, seeds=s.seeds, quick=True, code=s.code, threads=s.threads,
                         pretrain_steps=4, sft_steps=4, rl_steps=2, code_steps=1, eval_n=8,
-                        difficulty=s.difficulty, img_dir=None, extra=s.extra, layers=s.layers)
+                        eval_samples=1, prompts_per_iter=2, difficulty=s.difficulty,
+                        img_dir=None, extra=s.extra, layers=s.layers)
 
 
 def _common(out: Path, name: str) -> list[str]:
@@ -50,8 +55,8 @@ def _common(out: Path, name: str) -> list[str]:
             "tracking.experiment=rl-demo", "tracking.options.system_metrics=false"]
 
 
-def _pass_at_1(ckpt_or_engine: Any, n: int, s: DemoSettings, tokenizer: Any = None) -> float:
-    """Greedy held-out (test split) pass@1 on the arithmetic task."""
+def _held_out(ckpt_or_engine: Any, s: DemoSettings, tokenizer: Any = None) -> dict[str, float]:
+    """Held-out (test split) pass@1 on the arithmetic task: greedy, and sampled at T=1."""
     from k2_core.plugins import get_registry
     from k2_data.generation.engine import Engine
 
@@ -63,8 +68,11 @@ def _pass_at_1(ckpt_or_engine: Any, n: int, s: DemoSettings, tokenizer: Any = No
               if isinstance(ckpt_or_engine, str) else ckpt_or_engine)
     task = TaskOptions(name="math", difficulty=s.difficulty)
     reward = get_registry().build("reward", "math")
-    return pass_at_1(engine, tokenizer or engine.tokenizer, task, reward, n=n, max_tokens=96,
-                     split="test", seed=0)["pass@1"]
+    tok = tokenizer or engine.tokenizer
+    common = dict(n=s.eval_n, max_tokens=96, split="test", seed=0)
+    return {"greedy": pass_at_1(engine, tok, task, reward, **common)["pass@1"],
+            "sampled": pass_at_1(engine, tok, task, reward, temperature=1.0,
+                                 samples=s.eval_samples, **common)["pass@1"]}
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
@@ -104,7 +112,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     sft_summary = run_sft(sft, progress=False)
     times["sft"] = time.perf_counter() - t
     t = time.perf_counter()
-    sft_pass = _pass_at_1(str(out / "sft"), s.eval_n, s)
+    sft_pass = _held_out(str(out / "sft"), s)
     times["sft_eval"] = time.perf_counter() - t
 
     seeds: dict[int, dict[str, Any]] = {}
@@ -115,13 +123,17 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             f"checkpoint.dir={out / f'rl-seed{seed}'}", f"train.steps={s.rl_steps}",
             f"train.seed={seed}", f"checkpoint.every={s.rl_steps}",
             f"train.eval_every={max(1, s.rl_steps // 3)}", f"plugins.rl.eval_prompts={min(64, s.eval_n)}",
-            # a gentle policy step: Muon/Adam updates have a fixed size however weak the signal
-            "optim.lr=1e-4", "plugins.rl.temperature_start=0.8", "plugins.rl.temperature_end=0.5",
-            "plugins.rl.ptx_weight=0.2", f"data.options.difficulty=[{s.difficulty[0]}, {s.difficulty[1]}]",
+            # a gentle policy step: Muon/Adam updates have a fixed size however weak the signal;
+            # sampling at T=1 throughout and no PTX, so a gain is RL's own (PTX on the SFT data
+            # would just continue SFT, and a falling temperature alone raises the reward)
+            f"optim.lr={s.rl_lr}", f"plugins.rl.prompts_per_iter={s.prompts_per_iter}",
+            f"plugins.rl.k={s.k}", "plugins.rl.temperature_start=1.0",
+            "plugins.rl.temperature_end=1.0", "plugins.rl.ptx_weight=0",
+            f"data.options.difficulty=[{s.difficulty[0]}, {s.difficulty[1]}]",
             *s.extra.get("rl", [])])
         trainer = RLTrainer(cfg)
         summary = trainer.train()
-        final = _pass_at_1(trainer.engine, s.eval_n, s, trainer.tokenizer)
+        final = _held_out(trainer.engine, s, trainer.tokenizer)
         seeds[seed] = {"pass@1": final, "summary": summary,
                        "history": trainer.history, "seconds": time.perf_counter() - t}
         times[f"rl_seed{seed}"] = time.perf_counter() - t
@@ -139,18 +151,23 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
         times["rl_code"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
 
-    finals = [v["pass@1"] for v in seeds.values()]
     report = {
         "settings": {k: v for k, v in s.__dict__.items() if k != "extra"},
         "sft": {"pass@1": sft_pass, "loss": [sft_summary["first_loss"], sft_summary["last_loss"]]},
         "rl": {str(k): {"pass@1": v["pass@1"], "seconds": v["seconds"],
                         "reward": [v["summary"]["first_reward"], v["summary"]["last_reward"]]}
                for k, v in seeds.items()},
-        "rl_mean": statistics.fmean(finals) if finals else None,
-        "rl_std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
         "code": _code_report(code),
         "seconds": times,
     }
+    for kind in ("greedy", "sampled"):
+        finals = [v["pass@1"][kind] for v in seeds.values()]
+        gains = [f - sft_pass[kind] for f in finals]
+        report[f"rl_{kind}"] = {
+            "mean": statistics.fmean(finals) if finals else None,
+            "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+            "gain_mean": statistics.fmean(gains) if gains else None,
+            "gains": gains}
     report["summary"] = _summary_text(report)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(report["summary"] + "\n")
@@ -169,14 +186,20 @@ def _code_report(code: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _summary_text(r: dict[str, Any]) -> str:
-    rl = "; ".join(f"seed {k}: {v['pass@1']:.3f}" for k, v in r["rl"].items())
-    lines = [
-        f"k2 rl-demo: held-out pass@1 (greedy, {r['settings']['eval_n']} test problems, "
-        f"{r['settings']['difficulty'][0]}-{r['settings']['difficulty'][1]} digit addition)",
-        f"  SFT checkpoint: {r['sft']['pass@1']:.3f}",
-        f"  after RL ({r['settings']['rl_steps']} iterations): mean {r['rl_mean']:.3f} "
-        f"+- {r['rl_std']:.3f} over {len(r['rl'])} seeds ({rl})" if r["rl"] else "  no RL seeds",
-    ]
+    st = r["settings"]
+    lines = [f"k2 rl-demo: held-out pass@1 on {st['eval_n']} test problems "
+             f"({st['difficulty'][0]}-{st['difficulty'][1]} digit addition), greedy and sampled "
+             f"(T=1, {st['eval_samples']} per problem)",
+             f"  SFT checkpoint: greedy {r['sft']['pass@1']['greedy']:.3f}, "
+             f"sampled {r['sft']['pass@1']['sampled']:.3f}"]
+    for kind in ("greedy", "sampled"):
+        agg = r[f"rl_{kind}"]
+        if agg["mean"] is None:
+            continue
+        per = "; ".join(f"seed {k}: {v['pass@1'][kind]:.3f}" for k, v in r["rl"].items())
+        lines.append(f"  after RL ({st['rl_steps']} iterations), {kind}: mean {agg['mean']:.3f} "
+                     f"+- {agg['std']:.3f} over {len(r['rl'])} seeds ({per}); gain over SFT "
+                     f"{agg['gain_mean']:+.3f} (" + ", ".join(f"{g:+.3f}" for g in agg["gains"]) + ")")
     if r["code"]:
         c = r["code"]
         lines.append(f"  code reward run: {c['iterations']} iterations, reward "
@@ -188,7 +211,7 @@ def _summary_text(r: dict[str, Any]) -> str:
 
 
 def _plot(out: Path, s: DemoSettings, seeds: dict[int, dict[str, Any]],
-          code: dict[str, Any] | None, sft_pass: float) -> list[str]:
+          code: dict[str, Any] | None, sft_pass: dict[str, float]) -> list[str]:
     """Reward and held-out pass@1 curves per seed (and the code run) as PNG."""
     try:
         import matplotlib
@@ -204,7 +227,7 @@ def _plot(out: Path, s: DemoSettings, seeds: dict[int, dict[str, Any]],
         e = [x for x in v["history"] if "eval/math/pass_at_1" in x]
         b.plot([x["step"] for x in e], [x["eval/math/pass_at_1"] for x in e], marker="o",
                label=f"seed {seed}")
-    b.axhline(sft_pass, color="gray", ls="--", label="SFT (test split)")
+    b.axhline(sft_pass["greedy"], color="gray", ls="--", label="SFT (test split)")
     a.set(title="math: mean reward of the rollouts", xlabel="RL iteration", ylabel="reward")
     b.set(title="math: held-out pass@1 (val, greedy)", xlabel="RL iteration", ylabel="pass@1")
     a.legend()

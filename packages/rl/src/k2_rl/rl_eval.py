@@ -26,19 +26,28 @@ def prompt_encoder(tokenizer: Any) -> Any:
 
 
 def pass_at_1(engine: Any, tokenizer: Any, task: TaskOptions, reward: Any, *, n: int,
-              max_tokens: int, split: str = "test", seed: int = 0) -> dict[str, float]:
-    """Greedy pass@1 over the first `n` held-out records of `task` (and mean response tokens)."""
+              max_tokens: int, split: str = "test", seed: int = 0, temperature: float = 0.0,
+              samples: int = 1) -> dict[str, float]:
+    """pass@1 over the first `n` held-out records of `task` (and mean response tokens).
+
+    Greedy by default; with `temperature` > 0 it is the mean success of `samples` seeded
+    samples per record (the probability that one sampled answer is right).
+    """
     from k2_data.generation.engine import SamplingParams
 
     stream = task_records(task, split, seed)
     records = [next(stream) for _ in range(n)]
     encode = prompt_encoder(tokenizer)
-    outs = engine.generate([encode(r["messages"]) for r in records],
-                           SamplingParams(temperature=0.0, max_new_tokens=max_tokens))
+    k = samples if temperature > 0 else 1
+    prompts = [encode(r["messages"]) for r in records for _ in range(k)]
+    params = [SamplingParams(temperature=temperature, max_new_tokens=max_tokens,
+                             seed=seed * 1_000_003 + i if temperature > 0 else None)
+              for i in range(len(prompts))]
+    outs = engine.generate(prompts, params)
     stop = set(engine.default_stop_ids)
     passed = 0
-    for rec, out in zip(records, outs, strict=True):
-        (res,) = reward.score(rec, [response_text(tokenizer, out.token_ids, stop)])
+    for i, out in enumerate(outs):
+        (res,) = reward.score(records[i // k], [response_text(tokenizer, out.token_ids, stop)])
         passed += res.outcome == "pass"
-    return {"pass@1": passed / max(n, 1),
-            "response_tokens": sum(len(o.token_ids) for o in outs) / max(n, 1)}
+    return {"pass@1": passed / max(len(outs), 1),
+            "response_tokens": sum(len(o.token_ids) for o in outs) / max(len(outs), 1)}
