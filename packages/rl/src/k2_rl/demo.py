@@ -28,12 +28,12 @@ class DemoSettings:
     threads: int | None = None
     pretrain_steps: int = 40
     sft_steps: int = 80
-    rl_steps: int = 40
+    rl_steps: int = 80
     rl_lr: float = 1e-4
     prompts_per_iter: int = 32
     k: int = 4
     code_steps: int = 2
-    eval_n: int = 200
+    eval_n: int = 400
     eval_samples: int = 2
     layers: int = 2
     difficulty: tuple[int, int] = (1, 2)
