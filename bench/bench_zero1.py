@@ -63,24 +63,29 @@ def _groups(model):
     return param_groups(model, LR, WD, None, None, router_on_adamw=True, no_decay_1d=True)
 
 
-def _time_k2(args, rank: int) -> tuple[list[float], list[float]]:
-    from k2_optim.distributed import DistributedMuonClip
-
-    model, cfg = _model(args.layers)
-    opt = DistributedMuonClip(_groups(model), LR, WD, model=model, qk_clip_tau=100.0)
-    batch = _batch(rank, args.seq, cfg.model.vocab_size)
+def _timed_steps(args, model, batch, step, zero_grad) -> tuple[list[float], list[float]]:
+    """(forward+backward seconds, optimizer seconds) of each measured step after the warm-up."""
     fb, st = [], []
     for _ in range(args.warmup + args.reps):
         dist.barrier()
         t0 = time.perf_counter()
         model(**batch, return_logits=False).loss.backward()
         t1 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step()
+        zero_grad(set_to_none=True)
         t2 = time.perf_counter()
         fb.append(t1 - t0)
         st.append(t2 - t1)
     return fb[args.warmup:], st[args.warmup:]
+
+
+def _time_k2(args, rank: int) -> tuple[list[float], list[float]]:
+    from k2_optim.distributed import DistributedMuonClip
+
+    model, cfg = _model(args.layers)
+    opt = DistributedMuonClip(_groups(model), LR, WD, model=model, qk_clip_tau=100.0)
+    return _timed_steps(args, model, _batch(rank, args.seq, cfg.model.vocab_size), opt.step,
+                        opt.zero_grad)
 
 
 def _average_grads(model) -> None:
@@ -100,20 +105,13 @@ def _time_k2_deepspeed(args, rank: int) -> tuple[list[float], list[float]]:
     model, cfg = _model(args.layers)
     opt = MuonClip(_groups(model), LR, WD, model=model, qk_clip_tau=100.0).deepspeed()
     opt.initialize(model, {"zero_optimization": {"stage": 1}})
-    batch = _batch(rank, args.seq, cfg.model.vocab_size)
-    fb, st = [], []
-    for _ in range(args.warmup + args.reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        model(**batch, return_logits=False).loss.backward()
-        t1 = time.perf_counter()
+
+    def step() -> None:
         _average_grads(model)
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        t2 = time.perf_counter()
-        fb.append(t1 - t0)
-        st.append(t2 - t1)
-    return fb[args.warmup:], st[args.warmup:]
+
+    return _timed_steps(args, model, _batch(rank, args.seq, cfg.model.vocab_size), step,
+                        opt.zero_grad)
 
 
 def _time_deepspeed(args, rank: int) -> tuple[list[float], list[float]]:

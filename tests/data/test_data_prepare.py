@@ -116,11 +116,11 @@ def _cli(args, env=None, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_concurrent_prepares_of_one_output_build_it_once(tmp_path):
-    """Several ranks of one job finding the dataset missing: one builds, the others wait for it."""
+def _corpus_and_reference(tmp_path, n: int, seed: int) -> tuple[Path, str]:
+    """A JSONL corpus, its `k2 data prepare` YAML, and a reference build made in-process."""
     d = tmp_path / "src"
     d.mkdir()
-    write_jsonl(d / "a.jsonl", make_texts(300, 5))
+    write_jsonl(d / "a.jsonl", make_texts(n, seed))
     cfg_path = tmp_path / "prep.yaml"
     cfg_path.write_text(
         f"sources:\n  - uri: {d}/*.jsonl\n    domain: web\n"
@@ -128,6 +128,12 @@ def test_concurrent_prepares_of_one_output_build_it_once(tmp_path):
         "seq_len: 32\nshard_docs: 50\nworkers: 0\n")
     ref = prepare(small_cfg([{"uri": f"{d}/*.jsonl", "domain": "web"}], str(tmp_path / "ref"),
                             shard_docs=50))
+    return cfg_path, ref
+
+
+def test_concurrent_prepares_of_one_output_build_it_once(tmp_path):
+    """Several ranks of one job finding the dataset missing: one builds, the others wait for it."""
+    cfg_path, ref = _corpus_and_reference(tmp_path, 300, 5)
     out = tmp_path / "shared"
     procs = [_cli(["prepare", str(cfg_path), "--out", str(out)],
                   env={"K2_DATA_TEST_SHARD_DELAY": "0.3"}) for _ in range(3)]
@@ -141,16 +147,7 @@ def test_concurrent_prepares_of_one_output_build_it_once(tmp_path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
-    d = tmp_path / "src"
-    d.mkdir()
-    write_jsonl(d / "a.jsonl", make_texts(400, 11))
-    cfg_path = tmp_path / "prep.yaml"
-    cfg_path.write_text(
-        f"sources:\n  - uri: {d}/*.jsonl\n    domain: web\n"
-        "tokenizer: {name: bpe, options: {vocab_size: 400}}\n"
-        "seq_len: 32\nshard_docs: 50\nworkers: 0\n")
-    ref = prepare(small_cfg([{"uri": f"{d}/*.jsonl", "domain": "web"}], str(tmp_path / "ref"),
-                            shard_docs=50))
+    cfg_path, ref = _corpus_and_reference(tmp_path, 400, 11)
     out = tmp_path / "killed"
     proc = _cli(["prepare", str(cfg_path), "--out", str(out)], env={"K2_DATA_TEST_SHARD_DELAY": "0.4"})
     deadline = time.time() + 60
