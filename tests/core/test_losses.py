@@ -10,8 +10,9 @@ from k2_core.model import build_model
 from k2_core.model.losses import linear_cross_entropy
 
 
+@pytest.mark.parametrize("skip_ignored", [False, True])
 @pytest.mark.parametrize("chunk", [7, 128, 4096])
-def test_values_and_gradients_match(chunk):
+def test_values_and_gradients_match(chunk, skip_ignored):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(300, 32, generator=g, requires_grad=True)
     w = torch.randn(100, 32, generator=g, requires_grad=True)
@@ -21,15 +22,17 @@ def test_values_and_gradients_match(chunk):
     (ref * 2).backward()
     gh, gw = h.grad.clone(), w.grad.clone()
     h.grad = w.grad = None
-    out = linear_cross_entropy(h, w, labels, chunk=chunk)
+    out = linear_cross_entropy(h, w, labels, chunk=chunk, skip_ignored=skip_ignored)
     (out * 2).backward()
     assert torch.allclose(out, ref, atol=1e-6)
     assert torch.allclose(h.grad, gh, atol=1e-6) and torch.allclose(w.grad, gw, atol=1e-6)
 
 
-def test_all_ignored_is_zero_not_nan():
+@pytest.mark.parametrize("skip_ignored", [False, True])
+def test_all_ignored_is_zero_not_nan(skip_ignored):
     h = torch.randn(4, 8, requires_grad=True)
-    out = linear_cross_entropy(h, torch.randn(10, 8), torch.full((4,), -100))
+    out = linear_cross_entropy(h, torch.randn(10, 8), torch.full((4,), -100),
+                               skip_ignored=skip_ignored)
     out.backward()
     assert out.item() == 0.0 and torch.all(h.grad == 0)
 

@@ -24,10 +24,16 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                chunk: int) -> torch.Tensor:
-        n = hidden.shape[0]
+                chunk: int, skip_ignored: bool) -> torch.Tensor:
         valid = labels != IGNORE
         n_valid = valid.sum().clamp_min(1)
+        full = hidden
+        skip_ignored = skip_ignored and not bool(valid.all())  # nothing to skip: no copy
+        if skip_ignored:
+            # only labelled rows reach the head (SFT: prompts and padding are most of a row)
+            rows = valid.nonzero().squeeze(1)
+            hidden, labels, valid = hidden.index_select(0, rows), labels[rows], valid[rows]
+        n = hidden.shape[0]
         safe = labels.clamp_min(0)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -48,6 +54,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_h[s:e] = _mm(probs, weight).to(grad_h.dtype)
                 if need_w:
                     grad_w += _mm(probs.t(), h).float()
+        if skip_ignored and need_h:
+            grad_h = torch.zeros_like(full).index_copy_(0, rows, grad_h)
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None), n_valid)
         ctx.has = (need_h, need_w)
         ctx.w_dtype = weight.dtype
@@ -61,11 +69,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_h, need_w = ctx.has
         gh = saved.pop(0) * scale if need_h else None  # a 0-d scale keeps the hidden dtype
         gw = (saved.pop(0) * scale).to(ctx.w_dtype) if need_w else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = 1024) -> torch.Tensor:
-    """Mean cross-entropy of `hidden @ weight.T` against `labels` (IGNORE skipped), fused."""
+                         chunk: int = 1024, skip_ignored: bool | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `hidden @ weight.T` against `labels` (IGNORE skipped), fused.
+
+    skip_ignored: run the head on labelled rows only. None = on CPU tensors only, where
+    finding those rows costs nothing; on an accelerator it would sync the host every step.
+    """
+    if skip_ignored is None:
+        skip_ignored = hidden.device.type == "cpu"
     return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                     labels.reshape(-1), chunk)
+                                     labels.reshape(-1), chunk, skip_ignored)
