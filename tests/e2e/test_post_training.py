@@ -71,4 +71,6 @@ def test_rl_demo_quick_runs_every_stage(tmp_path, env):
         assert len(report[f"rl_{kind}"]["gains"]) == 2
     assert report["code"]["iterations"] == 1
     assert "after RL (2 iterations), greedy" in report["summary"]
+    assert set(report["rl_greedy"]["flips"]) == {"0", "1"}
+    assert "greedy answers RL changed on the same problems" in report["summary"]
     assert (out / "rl_math.png").exists() and (out / "mlflow.db").exists()

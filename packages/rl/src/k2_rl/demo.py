@@ -1,15 +1,18 @@
 """`k2 rl-demo`: pretrain -> SFT on worked arithmetic -> RL with the math reward, over seeds.
 
 Every stage is the ordinary command's code path (the `pretrain` stage, `run_sft`, `RLTrainer`)
-logged to one mlflow store (`OUT/mlflow.db`, experiment `rl-demo`). Held-out pass@1 (greedy,
-the `test` split, which training never sees) is measured on the SFT checkpoint and on each RL
-seed's final policy; a second RL run with the `code` reward on generated Python exercises
-shows that loop end to end. Curves go to PNG and the numbers to `OUT/report.md` / report.json.
+logged to one mlflow store (`OUT/mlflow.db`, experiment `rl-demo`). Held-out pass@1 (greedy
+and sampled at T=1, on the `test` split, which training never sees) is measured on the SFT
+checkpoint and on each RL seed's final policy, with the greedy answers each seed fixed and
+broke on the same problems; a second RL run with the `code` reward on generated Python
+exercises shows that loop end to end. Curves go to PNG and the numbers to `OUT/report.md` /
+report.json.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -27,16 +30,20 @@ class DemoSettings:
     code: bool = True
     threads: int | None = None
     pretrain_steps: int = 40
-    sft_steps: int = 80
-    rl_steps: int = 80
+    sft_steps: int = 200
+    rl_steps: int = 70
     rl_lr: float = 1e-4
     prompts_per_iter: int = 32
     k: int = 4
     code_steps: int = 2
-    eval_n: int = 400
+    eval_n: int = 800
     eval_samples: int = 2
     layers: int = 2
     difficulty: tuple[int, int] = (1, 2)
+    # RL prompts: the 2-digit problems (the SFT model solves 1-digit ones, whose groups of
+    # equal rewards carry no advantage) from a stream the SFT conversations were not drawn from
+    rl_difficulty: tuple[int, int] = (2, 2)
+    rl_seed_offset: int = 1000
     img_dir: str | None = "docs/img"
     extra: dict[str, list[str]] = field(default_factory=dict)
 
@@ -47,6 +54,7 @@ def _scaled(s: DemoSettings) -> DemoSettings:
     return DemoSettings(out=s.out, seeds=s.seeds, quick=True, code=s.code, threads=s.threads,
                         pretrain_steps=4, sft_steps=4, rl_steps=2, code_steps=1, eval_n=8,
                         eval_samples=1, prompts_per_iter=2, difficulty=s.difficulty,
+                        rl_difficulty=s.rl_difficulty, rl_seed_offset=s.rl_seed_offset,
                         img_dir=None, extra=s.extra, layers=s.layers)
 
 
@@ -55,8 +63,11 @@ def _common(out: Path, name: str) -> list[str]:
             "tracking.experiment=rl-demo", "tracking.options.system_metrics=false"]
 
 
-def _held_out(ckpt_or_engine: Any, s: DemoSettings, tokenizer: Any = None) -> dict[str, float]:
-    """Held-out (test split) pass@1 on the arithmetic task: greedy, and sampled at T=1."""
+def _held_out(ckpt_or_engine: Any, s: DemoSettings, tokenizer: Any = None) -> dict[str, Any]:
+    """Held-out (test split) pass@1 on the arithmetic task: greedy, and sampled at T=1.
+
+    `greedy_passed` keeps each problem's greedy outcome for the paired comparison.
+    """
     from k2_core.plugins import get_registry
     from k2_data.generation.engine import Engine
 
@@ -70,9 +81,42 @@ def _held_out(ckpt_or_engine: Any, s: DemoSettings, tokenizer: Any = None) -> di
     reward = get_registry().build("reward", "math")
     tok = tokenizer or engine.tokenizer
     common = dict(n=s.eval_n, max_tokens=96, split="test", seed=0)
-    return {"greedy": pass_at_1(engine, tok, task, reward, **common)["pass@1"],
+    greedy = pass_at_1(engine, tok, task, reward, **common)
+    return {"greedy": greedy["pass@1"], "greedy_passed": greedy["passed"],
             "sampled": pass_at_1(engine, tok, task, reward, temperature=1.0,
                                  samples=s.eval_samples, **common)["pass@1"]}
+
+
+_CURVES = ("rl/reward_mean", "eval/math/pass_at_1", "rl/code/pass_rate")
+
+
+def _history(out: Path, summary: dict[str, Any]) -> list[dict[str, float]]:
+    """A run's curves from its mlflow store: whole also when the demo resumed a finished run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    steps: dict[int, dict[str, float]] = {}
+    for key in _CURVES:
+        for m in client.get_metric_history(summary["tracking_run_id"], key):
+            steps.setdefault(m.step, {"step": m.step})[key] = m.value
+    return [steps[k] for k in sorted(steps)]
+
+
+def _rates(held_out: dict[str, Any]) -> dict[str, float]:
+    return {k: v for k, v in held_out.items() if k != "greedy_passed"}
+
+
+def paired_flips(before: list[bool], after: list[bool]) -> dict[str, float]:
+    """Problems fixed (wrong -> right) and broken (right -> wrong), with the sign test's p.
+
+    The two policies answer the same problems, so the changed answers carry the evidence:
+    under "no change" a changed answer is as likely fixed as broken (two-sided binomial).
+    """
+    fixed = sum(not b and a for b, a in zip(before, after, strict=True))
+    broken = sum(b and not a for b, a in zip(before, after, strict=True))
+    n, lo = fixed + broken, min(fixed, broken)
+    tail = sum(math.comb(n, i) for i in range(lo + 1)) / 2**n if n else 1.0
+    return {"fixed": fixed, "broken": broken, "p_value": min(1.0, 2 * tail)}
 
 
 def run_demo(settings: DemoSettings) -> dict[str, Any]:
@@ -129,13 +173,17 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             f"optim.lr={s.rl_lr}", f"plugins.rl.prompts_per_iter={s.prompts_per_iter}",
             f"plugins.rl.k={s.k}", "plugins.rl.temperature_start=1.0",
             "plugins.rl.temperature_end=1.0", "plugins.rl.ptx_weight=0",
+            # prompts the SFT data did not hold: RL on memorised problems teaches nothing new
+            f"plugins.rl.seed_offset={s.rl_seed_offset}",
+            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 96, "
+            f"difficulty: [{s.rl_difficulty[0]}, {s.rl_difficulty[1]}], kinds: [addition]}}]",
             f"data.options.difficulty=[{s.difficulty[0]}, {s.difficulty[1]}]",
             *s.extra.get("rl", [])])
         trainer = RLTrainer(cfg)
         summary = trainer.train()
         final = _held_out(trainer.engine, s, trainer.tokenizer)
         seeds[seed] = {"pass@1": final, "summary": summary,
-                       "history": trainer.history, "seconds": time.perf_counter() - t}
+                       "history": _history(out, summary), "seconds": time.perf_counter() - t}
         times[f"rl_seed{seed}"] = time.perf_counter() - t
 
     code: dict[str, Any] | None = None
@@ -147,14 +195,15 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             f"checkpoint.every={s.code_steps}", *s.extra.get("code", [])])
         trainer = RLTrainer(cfg)
         summary = trainer.train()
-        code = {"summary": summary, "history": trainer.history}
+        code = {"summary": summary, "history": _history(out, summary)}
         times["rl_code"] = time.perf_counter() - t
     times["total"] = time.perf_counter() - t0
 
     report = {
         "settings": {k: v for k, v in s.__dict__.items() if k != "extra"},
-        "sft": {"pass@1": sft_pass, "loss": [sft_summary["first_loss"], sft_summary["last_loss"]]},
-        "rl": {str(k): {"pass@1": v["pass@1"], "seconds": v["seconds"],
+        "sft": {"pass@1": _rates(sft_pass),
+                "loss": [sft_summary["first_loss"], sft_summary["last_loss"]]},
+        "rl": {str(k): {"pass@1": _rates(v["pass@1"]), "seconds": v["seconds"],
                         "reward": [v["summary"]["first_reward"], v["summary"]["last_reward"]]}
                for k, v in seeds.items()},
         "code": _code_report(code),
@@ -168,6 +217,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
             "gain_mean": statistics.fmean(gains) if gains else None,
             "gains": gains}
+    flips = [paired_flips(sft_pass["greedy_passed"], v["pass@1"]["greedy_passed"])
+             for v in seeds.values()]
+    report["rl_greedy"]["flips"] = dict(zip(map(str, seeds), flips, strict=True))
     report["summary"] = _summary_text(report)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     (out / "report.md").write_text(report["summary"] + "\n")
@@ -200,6 +252,10 @@ def _summary_text(r: dict[str, Any]) -> str:
         lines.append(f"  after RL ({st['rl_steps']} iterations), {kind}: mean {agg['mean']:.3f} "
                      f"+- {agg['std']:.3f} over {len(r['rl'])} seeds ({per}); gain over SFT "
                      f"{agg['gain_mean']:+.3f} (" + ", ".join(f"{g:+.3f}" for g in agg["gains"]) + ")")
+    if r["rl_greedy"].get("flips"):
+        lines.append("  greedy answers RL changed on the same problems: " + "; ".join(
+            f"seed {k}: {v['fixed']} fixed, {v['broken']} broken (sign test p={v['p_value']:.2g})"
+            for k, v in r["rl_greedy"]["flips"].items()))
     if r["code"]:
         c = r["code"]
         lines.append(f"  code reward run: {c['iterations']} iterations, reward "
@@ -208,6 +264,15 @@ def _summary_text(r: dict[str, Any]) -> str:
     secs = r["seconds"]
     lines.append("  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))
     return "\n".join(lines)
+
+
+def _moving_average(xs: list[float], window: int) -> list[float]:
+    """Mean of the last `window` values at each point (fewer at the start)."""
+    out, acc = [], 0.0
+    for i, x in enumerate(xs):
+        acc += x - (xs[i - window] if i >= window else 0.0)
+        out.append(acc / min(i + 1, window))
+    return out
 
 
 def _plot(out: Path, s: DemoSettings, seeds: dict[int, dict[str, Any]],
@@ -220,18 +285,30 @@ def _plot(out: Path, s: DemoSettings, seeds: dict[int, dict[str, Any]],
         import matplotlib.pyplot as plt
     except ImportError:
         return []
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(15, 3.8))
     for seed, v in seeds.items():
         h = [x for x in v["history"] if "rl/reward_mean" in x]
-        a.plot([x["step"] for x in h], [x["rl/reward_mean"] for x in h], label=f"seed {seed}")
+        steps, r = [x["step"] for x in h], [x["rl/reward_mean"] for x in h]
+        line, = a.plot(steps, r, alpha=0.25, lw=0.8)
+        # one iteration's 128 responses are a noisy estimate: the trend is the moving average
+        a.plot(steps, _moving_average(r, 8), color=line.get_color(), label=f"seed {seed}")
         e = [x for x in v["history"] if "eval/math/pass_at_1" in x]
         b.plot([x["step"] for x in e], [x["eval/math/pass_at_1"] for x in e], marker="o",
                label=f"seed {seed}")
-    b.axhline(sft_pass["greedy"], color="gray", ls="--", label="SFT (test split)")
-    a.set(title="math: mean reward of the rollouts", xlabel="RL iteration", ylabel="reward")
-    b.set(title="math: held-out pass@1 (val, greedy)", xlabel="RL iteration", ylabel="pass@1")
-    a.legend()
-    b.legend()
+    a.set(title="math: mean rollout reward (8-iteration average)", xlabel="RL iteration",
+          ylabel="reward")
+    b.set(title="math: pass@1 on the RL task's val split (greedy)", xlabel="RL iteration",
+          ylabel="pass@1")
+    # the demonstration's figure: test split, SFT checkpoint against each seed's final policy
+    names = ["SFT", *(f"RL seed {k}" for k in seeds)]
+    for j, kind in enumerate(("greedy", "sampled")):
+        vals = [sft_pass[kind], *(v["pass@1"][kind] for v in seeds.values())]
+        c.bar([i + 0.4 * j for i in range(len(vals))], vals, width=0.4, label=kind)
+    c.set_xticks([i + 0.2 for i in range(len(names))], names)
+    c.set(title=f"held-out pass@1 (test split, {s.eval_n} problems)", ylabel="pass@1",
+          ylim=(max(0.0, min(sft_pass["greedy"], sft_pass["sampled"]) - 0.15), 1.0))
+    for ax in (a, b, c):
+        ax.legend()
     fig.tight_layout()
     paths = [out / "rl_math.png"]
     fig.savefig(paths[0], dpi=110)

@@ -112,7 +112,8 @@ class RlOptions(BaseModel):
     eval_prompts: int = Field(64, ge=0, description="Held-out prompts for greedy pass@1 (0: none).")
     critic: CriticLoopOptions = Field(default_factory=CriticLoopOptions,
                                       description="The rubric critic's closed loop.")
-    seed_offset: int = Field(0, description="Added to train.seed for sampling seeds.")
+    seed_offset: int = Field(0, description="Added to train.seed for the prompt stream and the "
+                             "sampling seeds (e.g. to draw RL prompts the SFT data did not hold).")
 
 
 class K15Options(BaseModel):

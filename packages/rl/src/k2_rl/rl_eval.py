@@ -28,7 +28,8 @@ def prompt_encoder(tokenizer: Any) -> Any:
 def pass_at_1(engine: Any, tokenizer: Any, task: TaskOptions, reward: Any, *, n: int,
               max_tokens: int, split: str = "test", seed: int = 0, temperature: float = 0.0,
               samples: int = 1) -> dict[str, float]:
-    """pass@1 over the first `n` held-out records of `task` (and mean response tokens).
+    """pass@1 over the first `n` held-out records of `task` (mean response tokens; `passed`
+    holds each answer's outcome, record by record, samples of a record adjacent).
 
     Greedy by default; with `temperature` > 0 it is the mean success of `samples` seeded
     samples per record (the probability that one sampled answer is right).
@@ -45,9 +46,10 @@ def pass_at_1(engine: Any, tokenizer: Any, task: TaskOptions, reward: Any, *, n:
               for i in range(len(prompts))]
     outs = engine.generate(prompts, params)
     stop = set(engine.default_stop_ids)
-    passed = 0
+    passed = []
     for i, out in enumerate(outs):
         (res,) = reward.score(records[i // k], [response_text(tokenizer, out.token_ids, stop)])
-        passed += res.outcome == "pass"
-    return {"pass@1": passed / max(len(outs), 1),
-            "response_tokens": sum(len(o.token_ids) for o in outs) / max(len(outs), 1)}
+        passed.append(res.outcome == "pass")
+    return {"pass@1": sum(passed) / max(len(outs), 1),
+            "response_tokens": sum(len(o.token_ids) for o in outs) / max(len(outs), 1),
+            "passed": passed}
