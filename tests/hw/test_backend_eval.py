@@ -9,13 +9,10 @@ import os
 
 import pytest
 import torch.multiprocessing as mp
-from backend_runs import free_port, use_env
+from backend_runs import free_port, small_model, use_env
 
 SHRINK = [
-    "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-    "model.num_attention_heads=2", "model.q_lora_rank=32", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "moe.moe_intermediate_size=32", "moe.n_routed_experts=8", "moe.num_experts_per_tok=2",
+    *small_model(),
     "train.steps=4", "train.log_every=1", "train.eval_every=2", "train.eval_batches=2",
     "tracking.tracker=null", "checkpoint.every=100",
 ]

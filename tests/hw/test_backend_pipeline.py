@@ -8,14 +8,11 @@ Tolerance: every logged loss within 2e-3 of the single-process loss (see test_ba
 from __future__ import annotations
 
 import pytest
-from backend_runs import distributed_losses, train_losses, use_env
+from backend_runs import distributed_losses, small_model, train_losses, use_env
 
 STEPS, TOL = 10, 2e-3
 SHRINK = [
-    "model.num_hidden_layers=4", "model.hidden_size=64", "model.intermediate_size=128",
-    "model.num_attention_heads=2", "model.q_lora_rank=32", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "moe.moe_intermediate_size=32", "moe.n_routed_experts=8", "moe.num_experts_per_tok=2",
+    *small_model(4),
     f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "tracking.tracker=null",
     f"checkpoint.every={STEPS}",
 ]

@@ -13,14 +13,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from backend_runs import distributed_losses, train_losses, use_env
+from backend_runs import distributed_losses, small_model, train_losses, use_env
 
 STEPS, EVERY, TOL = 10, 3, 2e-3
 SHRINK = [
-    "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-    "model.num_attention_heads=2", "model.q_lora_rank=32", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "moe.moe_intermediate_size=32", "moe.n_routed_experts=8", "moe.num_experts_per_tok=2",
+    *small_model(),
     f"train.steps={STEPS}", "train.micro_batch_size=1", "train.log_every=1", "train.eval_every=0",
     "tracking.tracker=null", f"checkpoint.every={EVERY}", "checkpoint.keep=5",
 ]

@@ -555,15 +555,12 @@ def prepare_or_reuse(cfg: DataPrepareConfig, *, quiet: bool = True) -> tuple[str
     out = output_uri(cfg)
     fs, root = _fs(out)
     with _exclusive(fs, root):
-        done = _check_out(fs, root, out, cfg.config_hash()) == "done"
-        return _prepare(cfg, quiet), not done
+        state = _check_out(fs, root, out, cfg.config_hash())
+        return _prepare(cfg, quiet, out, fs, root, state), state != "done"
 
 
-def _prepare(cfg: DataPrepareConfig, quiet: bool) -> str:
-    out = output_uri(cfg)
-    fs, root = _fs(out)
+def _prepare(cfg: DataPrepareConfig, quiet: bool, out: str, fs: Any, root: str, state: str) -> str:
     chash = cfg.config_hash()
-    state = _check_out(fs, root, out, chash)
     if state == "done":
         if fs.exists(f"{root}/{WORK}"):
             fs.rm(f"{root}/{WORK}", recursive=True)

@@ -88,25 +88,12 @@ class ZeroInnerMuon(Muon):
     group. Muon groups: the gradient is K2's scaled direction already (see the module doc),
     so p <- p*(1 - lr*wd) - lr*grad; AdamW groups: K2's AdamW."""
 
-    @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:
-        """Apply every group's update to its flat partition."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if group["use_muon"]:
-                lr, wd = float(group["lr"]), group["weight_decay"]
-                if wd:
-                    torch._foreach_mul_(params, 1.0 - lr * wd)
-                torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)
-            else:
-                self._adamw_update(group, params)
-        return loss
+    def _muon_update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        """Muon.step's Muon-group update on the flat partition: the direction is the grad."""
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        torch._foreach_add_(params, [p.grad for p in params], alpha=-lr)
 
 
 class DeepSpeedMuonClip(MuonClip):

@@ -27,7 +27,7 @@ def prompt_encoder(tokenizer: Any) -> Any:
 
 def pass_at_1(engine: Any, tokenizer: Any, task: TaskOptions, reward: Any, *, n: int,
               max_tokens: int, split: str = "test", seed: int = 0, temperature: float = 0.0,
-              samples: int = 1) -> dict[str, float]:
+              samples: int = 1) -> dict[str, Any]:
     """pass@1 over the first `n` held-out records of `task` (mean response tokens; `passed`
     holds each answer's outcome, record by record, samples of a record adjacent).
 
