@@ -1,17 +1,18 @@
 """The `code` reward: model-written Python run against the record's tests in the sandbox.
 
-A record is {"prompt", "tests": [...], "entry_point"?}. Tests are either assert statements
-(strings, run after the solution in one sandboxed process) or {"input", "output"} pairs (the
-solution runs once per pair with `input` on stdin; its stdout must equal `output` up to
-trailing whitespace). Outcomes: pass, wrong, timeout, runtime_error, sandbox_error; a
-sandbox_error is excluded from the advantage, never scored as wrong.
+A record is {"prompt", "tests": [...], "entry_point"?}. Tests are either assert strings or
+{"input", "output"} pairs (the solution runs once per pair with `input` on stdin; the parent
+compares its stdout with `output` up to trailing whitespace). The verdict never depends on
+anything the answer can reach: expected values never enter its sandbox, and every comparison
+happens outside it on decoded plain data (see `code_calls` for how assert tests are split into
+parent-decided calls and test code that reaches the answer only through a plain-data call
+boundary). Outcomes: pass, wrong, timeout, runtime_error, sandbox_error; a sandbox_error is
+excluded from the advantage, never scored as wrong.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import secrets
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from k2_core.errors import ConfigError
 
 from ..sandbox import SandboxResult, run_python
+from . import code_calls as cc
 from .base import Reward, RewardResult, require
 from .options import CodeRewardOptions
 
@@ -26,43 +28,8 @@ _FENCE_RE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)```", re.DOTALL)
 _OPEN_FENCE_RE = re.compile(r"```[^\n`]*\n(?:(?!```).)*\Z", re.DOTALL)
 _CODE_LINE_RE = re.compile(r"^\s*(?:def|class|import|from|return)\b", re.MULTILINE)
 _SOLUTION = "solution.py"
-# Runs the solution in its own namespace, then each assert test; reports each step on stdout
-# behind a tag read from stdin before the solution starts, so printed text cannot pose as one.
-_HARNESS = """\
-import json, sys
-def _k2_main():
-    tag = sys.stdin.readline().strip()
-    tests = json.loads(sys.stdin.readline())
-    entry = json.loads(sys.stdin.readline())
-    out = sys.stdout
-    def report(**kw):
-        out.write("\\n" + tag + json.dumps(kw) + "\\n")
-        out.flush()
-    ns = {"__name__": "solution", "__builtins__": __builtins__}
-    try:
-        with open("solution.py", encoding="utf-8") as f:
-            exec(compile(f.read(), "solution.py", "exec"), ns)
-    except BaseException as e:
-        report(load=(type(e).__name__ + ": " + str(e))[:300])
-        return 1
-    if entry and not callable(ns.get(entry)):
-        report(load="missing " + entry)
-        return 0
-    report(load="ok")
-    for i, test in enumerate(tests):
-        try:
-            exec(compile(test, "test_%d" % i, "exec"), ns)
-            result = "pass"
-        except AssertionError:
-            result = "fail"
-        except BaseException as e:
-            result = "error " + type(e).__name__
-        report(test=i, result=result)
-    return 0
-sys.exit(_k2_main())
-"""
 _BAD = {"timeout": "timeout", "runtime_error": "runtime_error", "memory_limit": "runtime_error",
-        "output_limit": "runtime_error"}
+        "output_limit": "runtime_error", "disk_limit": "runtime_error"}
 
 
 def extract_code(text: str, *, require_fence: bool = False) -> str | None:
@@ -102,32 +69,27 @@ class CodeReward(Reward):
         kind = _test_kind(tests)
         entry = prompt.get("entry_point")
         codes = [extract_code(r, require_fence=self.options.require_fence) for r in responses]
-        jobs = [(i, t) for i, c in enumerate(codes) if c is not None
-                for t in (range(len(tests)) if kind == "io" else [None])]
         with ThreadPoolExecutor(self.options.workers) as pool:
-            runs = list(pool.map(lambda job: self._run(codes[job[0]], tests, entry, job[1]), jobs))
-        by_response: dict[int, list[SandboxResult]] = {}
-        for (i, _), res in zip(jobs, runs, strict=True):
-            by_response.setdefault(i, []).append(res)
-        out = []
-        for i, code in enumerate(codes):
-            if code is None:
-                out.append(RewardResult(0.0, "wrong", detail="no code in the response"))
-            elif kind == "io":
-                out.append(self._io_result(by_response[i], tests))
+            if kind == "io":
+                jobs = [(i, t) for i, c in enumerate(codes) if c is not None
+                        for t in range(len(tests))]
+                runs = list(pool.map(lambda job: self._run_io(codes[job[0]], tests[job[1]]),
+                                     jobs))
+                by_response: dict[int, list[SandboxResult]] = {}
+                for (i, _), res in zip(jobs, runs, strict=True):
+                    by_response.setdefault(i, []).append(res)
+                scored = {i: self._io_result(r, tests) for i, r in by_response.items()}
             else:
-                out.append(self._assert_result(by_response[i][0], len(tests)))
-        return out
+                plan = cc.plan_tests(tests, entry)
+                todo = [i for i, c in enumerate(codes) if c is not None]
+                results = pool.map(lambda i: self._assert_result(codes[i], tests, entry, plan),
+                                   todo)
+                scored = dict(zip(todo, results, strict=True))
+        return [scored.get(i) or RewardResult(0.0, "wrong", detail="no code in the response")
+                for i in range(len(codes))]
 
-    def _run(self, code: str, tests: list, entry: str | None, io_index: int | None
-             ) -> SandboxResult | tuple[SandboxResult, str]:
-        limits = self.options.sandbox
-        if io_index is not None:
-            return run_python(code, stdin=str(tests[io_index]["input"]), limits=limits)
-        tag = f"@@k2-{secrets.token_hex(8)}@@"
-        stdin = f"{tag}\n{json.dumps(tests)}\n{json.dumps(entry)}\n"
-        res = run_python(_HARNESS, stdin=stdin, limits=limits, files={_SOLUTION: code})
-        return res, tag
+    def _run_io(self, code: str, test: Mapping[str, Any]) -> SandboxResult:
+        return run_python(code, stdin=str(test["input"]), limits=self.options.sandbox)
 
     def _score(self, passed: int, total: int) -> float:
         if self.options.partial_credit:
@@ -150,44 +112,78 @@ class CodeReward(Reward):
         return RewardResult(self._score(passed, len(tests)), worst,
                             detail=f"{passed}/{len(tests)} tests passed")
 
-    def _assert_result(self, run: tuple[SandboxResult, str], total: int) -> RewardResult:
-        res, tag = run
+    def _ask_answer(self, code: str, calls: list[str], entry: str | None,
+                    memo: dict[str, tuple[str, Any]]) -> tuple[SandboxResult, RewardResult | None]:
+        """Run the answer on `calls` and add its results to `memo`; a verdict when it ends here."""
+        stdin = cc.answer_stdin(calls, [entry] if entry else [])
+        res = run_python(cc.ANSWER_DRIVER, stdin=stdin, limits=self.options.sandbox,
+                         files={_SOLUTION: code})
         if res.outcome == "sandbox_error":
-            return RewardResult(0.0, "sandbox_error", excluded=True, detail=res.error)
-        reports = [r for line in res.stdout.splitlines() if line.startswith(tag)
-                   if (r := _report(line[len(tag):])) is not None]
-        load = next((r["load"] for r in reports if "load" in r), None)
-        results = [r["result"] for r in reports if "test" in r]
-        passed = results.count("pass")
-        score = self._score(passed, total)
-        if res.outcome != "ok":
-            why = load if load not in (None, "ok") else f"{res.outcome}: {res.error}"
-            detail = f"{why}; {passed}/{total} tests passed"
+            return res, RewardResult(0.0, "sandbox_error", excluded=True, detail=res.error)
+        got = cc.parse_answer(res.stdout, len(calls))
+        if got.corrupt:
+            return res, RewardResult(0.0, "runtime_error",
+                                     detail=f"the result stream was written to: {got.corrupt}")
+        if got.load is not None:
+            return res, RewardResult(0.0, "runtime_error", detail=got.load)
+        if got.missing is not None:
+            return res, RewardResult(0.0, "wrong", detail=f"no function {got.missing!r} defined")
+        if res.outcome == "ok" and not got.done:
+            return res, RewardResult(0.0, "runtime_error",
+                                     detail="the program ended before its tests")
+        for i, key in enumerate(calls):
+            memo[key] = got.results.get(i, ("error", f"{res.outcome}: {res.error}"))
+        return res, None
+
+    def _assert_result(self, code: str, tests: list[str], entry: str | None,
+                       plan: cc.TestPlan) -> RewardResult:
+        memo: dict[str, tuple[str, Any]] = {}
+        res, verdict = self._ask_answer(code, plan.calls, entry, memo)
+        if verdict is not None:
+            return verdict
+        worst = res
+        results: dict[int, str] = {}
+        for i, pair in plan.pairs.items():
+            kind, value = memo[pair.call]
+            results[i] = (cc.check_pair(pair, value) if kind == "ok"
+                          else f"error {str(value).split(':')[0]}" if kind == "error"
+                          else f"error no function {value!r}")
+        for round_ in range(cc.MAX_ROUNDS + 1):
+            if not plan.code_tests:
+                break
+            stdin = cc.tests_stdin(tests, plan.code_tests, plan.names, memo)
+            tres = run_python(cc.TEST_DRIVER, stdin=stdin, limits=self.options.sandbox)
+            if tres.outcome == "sandbox_error":
+                return RewardResult(0.0, "sandbox_error", excluded=True, detail=tres.error)
+            recs = cc.parse_tests(tres.stdout, len(plan.code_tests))
+            needs = list(dict.fromkeys(r["need"] for r in recs.values() if "need" in r
+                                       and isinstance(r["need"], str)))
+            if needs and round_ < cc.MAX_ROUNDS and worst.outcome == "ok":
+                res, verdict = self._ask_answer(code, needs, entry, memo)
+                if verdict is not None:
+                    return verdict
+                worst = res if res.outcome != "ok" else worst
+                continue
+            for pos, i in enumerate(plan.code_tests):
+                rec = recs.get(pos, {})
+                results[i] = rec.get("result") if isinstance(rec.get("result"), str) else (
+                    "error the test asked for too many calls" if "need" in rec
+                    else f"error {tres.outcome}")
+            break
+        passed = sum(r == "pass" for r in results.values())
+        total = len(tests)
+        if worst.outcome != "ok":
             partial = passed / total if self.options.partial_credit else 0.0
-            return RewardResult(partial, _BAD.get(res.outcome, "runtime_error"),
-                                detail=detail)
-        if load is None:
-            return RewardResult(0.0, "runtime_error", detail="the program ended before its tests")
-        if load.startswith("missing "):
-            return RewardResult(0.0, "wrong", detail=f"no function {load[8:]!r} defined")
-        if load != "ok":
-            return RewardResult(0.0, "runtime_error", detail=load)
-        if len(results) < total:
-            return RewardResult(score, "runtime_error", detail="the tests did not all run")
+            return RewardResult(partial, _BAD.get(worst.outcome, "runtime_error"),
+                                detail=f"{worst.outcome}: {worst.error}; {passed}/{total} tests "
+                                       "passed")
         if passed == total:
-            return RewardResult(score, "pass", detail=f"{total}/{total} tests passed")
-        errors = [r for r in results if r.startswith("error")]
-        return RewardResult(score, "runtime_error" if errors else "wrong",
+            return RewardResult(self._score(passed, total), "pass",
+                                detail=f"{total}/{total} tests passed")
+        errors = [r for r in results.values() if r.startswith("error")]
+        return RewardResult(self._score(passed, total), "runtime_error" if errors else "wrong",
                             detail=f"{passed}/{total} tests passed"
                             + (f"; {errors[0]}" if errors else ""))
-
-
-def _report(text: str) -> dict | None:
-    try:
-        got = json.loads(text)
-    except json.JSONDecodeError:
-        return None  # cut by the output cap
-    return got if isinstance(got, dict) else None
 
 
 def _test_kind(tests: list) -> str:
