@@ -33,7 +33,7 @@ def tree_hash(root: str) -> dict[str, str]:
 def test_layout_manifest_and_loader_contract(jsonl_corpus, tmp_path):
     uri = prepare(small_cfg([{"uri": jsonl_corpus, "domain": "web"}], str(tmp_path / "ds")))
     m = read_manifest(uri)
-    assert m["format"] == "k2-packed" and m["version"] == 1 and m["complete"] is True
+    assert m["format"] == "k2-packed" and m["version"] == 2 and m["complete"] is True
     assert m["seq_len"] == 32 and m["tokenizer"]["name"] == "bpe"
     tok = load_tokenizer(f"{uri}/tokenizer")
     assert tok.content_hash == m["tokenizer"]["content_hash"] and tok.eos_id == m["eos_id"]
@@ -50,6 +50,9 @@ def test_layout_manifest_and_loader_contract(jsonl_corpus, tmp_path):
         assert np.all(flat[starts[1:] - 1] == tok.eos_id)  # every document follows an EOS
         assert zlib.crc32(arr.tobytes()) == m["checksums"][f"{split}/tokens"]
         assert zlib.crc32(starts.tobytes()) == m["checksums"][f"{split}/doc_starts"]
+        row_docs = root[split]["row_docs"][...]  # row r's documents, for the loader's range reads
+        assert np.array_equal(row_docs, np.searchsorted(starts, np.arange(len(arr) + 1) * 33))
+        assert zlib.crc32(row_docs.tobytes()) == m["checksums"][f"{split}/row_docs"]
         assert arr.max() < m["vocab_size"]
     assert not (tmp_path / "ds" / "_work").exists()
     assert m["documents"]["train"] + m["documents"]["val"] == m["documents"]["unique"] == 300
@@ -88,6 +91,16 @@ def test_dedup_weights_and_memory_output(tmp_path):
     dg = hashlib.sha256(b"x").digest()[:16]
     assert copies(dg, 2.0, 0) == 2 and copies(dg, 0.0, 0) == 0
     assert copies(dg, 1.5, 7) == copies(dg, 1.5, 7) in (1, 2)
+
+
+def test_older_layout_of_the_same_config_is_rebuilt(jsonl_corpus, tmp_path):
+    """A dataset prepared before the current layout (the cached built-in corpus, say) is rebuilt."""
+    cfg = small_cfg([{"uri": jsonl_corpus, "domain": "web"}], str(tmp_path / "ds"))
+    uri = prepare(cfg)
+    want = tree_hash(uri)
+    m = json.loads((tmp_path / "ds" / "manifest.json").read_text())
+    (tmp_path / "ds" / "manifest.json").write_text(json.dumps({**m, "version": 1}))
+    assert prepare(cfg) == uri and tree_hash(uri) == want
 
 
 def test_tiny_corpus_still_gets_validation(tmp_path):

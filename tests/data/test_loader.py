@@ -18,13 +18,22 @@ from k2_data.loader import PackedDataset, PackedOptions, build_packed, make_load
 SEQ = 16
 
 
+def write_manifest(path, seq_len: int = SEQ, *, version: int = 2, complete: bool = True,
+                   vocab: int = 1000, eos: int = 0) -> None:
+    (path / "manifest.json").write_text(json.dumps(
+        {"format": "k2-packed", "version": version, "complete": complete, "seq_len": seq_len,
+         "eos_id": eos, "vocab_size": vocab}))
+
+
 def write_store(path, n_seq: int = 40, seq_len: int = SEQ, *, seed: int = 0, complete: bool = True,
                 manifest: bool = True, chunk_rows: int = 8, vocab: int = 1000, eos: int = 0,
-                splits=("train", "val")) -> dict:
-    """A packed store in the on-disk contract. Row i's first token is i (so rows are identifiable);
-    documents of random length end with `eos`; returns {split: (tokens, doc_starts)}."""
+                splits=("train", "val"), version: int = 2, compressed: bool = False) -> dict:
+    """A packed store in the on-disk contract (version 1: no row_docs; `compressed`: zstd chunks,
+    which only zarr can read). Documents of random length end with `eos`; returns
+    {split: (tokens, doc_starts)}."""
     rng = np.random.default_rng(seed)
     root = zarr.open_group(str(path), mode="w")
+    codec = {} if compressed else {"compressors": None}
     out = {}
     for k, split in enumerate(splits):
         n = n_seq if k == 0 else max(1, n_seq // 4)
@@ -40,14 +49,17 @@ def write_store(path, n_seq: int = 40, seq_len: int = SEQ, *, seed: int = 0, com
         tokens = stream.reshape(n, seq_len + 1)
         doc_starts = np.asarray(starts, dtype=np.int64)
         g = root.create_group(split)
-        t = g.create_array("tokens", shape=tokens.shape, dtype="uint32", chunks=(chunk_rows, seq_len + 1))
+        t = g.create_array("tokens", shape=tokens.shape, dtype="uint32", chunks=(chunk_rows, seq_len + 1),
+                           **codec)
         t[...] = tokens
-        d = g.create_array("doc_starts", shape=doc_starts.shape, dtype="int64", chunks=(max(1, len(starts)),))
+        d = g.create_array("doc_starts", shape=doc_starts.shape, dtype="int64", chunks=(7,), **codec)
         d[...] = doc_starts
+        if version >= 2:
+            row_docs = np.searchsorted(doc_starts, np.arange(n + 1) * (seq_len + 1), side="left")
+            g.create_array("row_docs", shape=row_docs.shape, dtype="int64", chunks=(5,), **codec)[...] = row_docs
         out[split] = (tokens, doc_starts)
     if manifest:
-        (path / "manifest.json").write_text(json.dumps(
-            {"complete": complete, "seq_len": seq_len, "eos_id": eos, "vocab_size": vocab}))
+        write_manifest(path, seq_len, version=version, complete=complete, vocab=vocab, eos=eos)
     return out
 
 
@@ -293,8 +305,7 @@ def test_bad_requests_refused(store, tmp_path):
     with pytest.raises(ConfigError, match="seq_len 8"):
         path = tmp_path / "bad"
         write_store(path)
-        (path / "manifest.json").write_text(json.dumps(
-            {"complete": True, "seq_len": 8, "eos_id": 0, "vocab_size": 1000}))
+        write_manifest(path, 8)
         PackedDataset(opts(str(path)))
 
 
@@ -386,3 +397,168 @@ def test_no_hang_at_exit(store):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "done"
+
+
+# --- scaling: keyed shuffle, range reads, read amplification, start-up memory, old layouts -----
+
+def test_keyed_permutation_is_a_pinned_bijection():
+    from k2_data.loader import KeyedPermutation
+
+    for n in (1, 2, 3, 5, 40, 1000, 65_537):
+        assert sorted(KeyedPermutation(n, 5, 1)(np.arange(n)).tolist()) == list(range(n))
+    # integer arithmetic only: these values are the same on every process and platform
+    assert KeyedPermutation(1000, 0, 0)(np.arange(8)).tolist() == [497, 231, 819, 635, 847, 307, 993, 637]
+    big = KeyedPermutation(10**12, 3, 7)(np.arange(4)).tolist()
+    assert big == [268977067344, 62763126504, 990991567250, 582336211324]
+    base = KeyedPermutation(1000, 0, 0)(np.arange(1000))
+    assert not np.array_equal(base, KeyedPermutation(1000, 1, 0)(np.arange(1000)))
+    assert not np.array_equal(base, KeyedPermutation(1000, 0, 1)(np.arange(1000)))
+    assert np.array_equal(base[600:700], KeyedPermutation(1000, 0, 0)(np.arange(600, 700)))
+
+
+def _counting_fs():
+    """A local filesystem under protocol `k2count` that counts every byte read through it."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class Counting(LocalFileSystem):
+        protocol = ("k2count",)
+        read = 0
+
+        def _open(self, path, mode="rb", **kwargs):
+            f = super()._open(path, mode, **kwargs)
+            inner = f.read
+
+            def read(*args):
+                data = inner(*args)
+                Counting.read += len(data)
+                return data
+
+            f.read = read
+            return f
+
+    fsspec.register_implementation("k2count", Counting, clobber=True)
+    return Counting
+
+
+def test_read_amplification_of_a_shuffled_epoch(tmp_path):
+    """Bytes read from the store / bytes of the rows asked for, over a shuffled epoch of 1,024 rows,
+    document index included: at most 2x (row byte ranges: about 1x)."""
+    seq_len, n = 64, 1024
+    write_store(tmp_path / "p", n_seq=n, seq_len=seq_len, chunk_rows=256)
+    counting = _counting_fs()
+    o = opts(f"k2count://{tmp_path / 'p'}", batch_size=8, doc_mask=True, prefetch=0, in_memory_max_mb=0)
+    with PackedDataset(o) as ds:
+        assert not ds.in_memory
+        counting.read = 0
+        rows = [next(ds)["input_ids"].shape[0] for _ in range(ds.steps_per_epoch)]
+        assert ds.bytes_read == counting.read  # the loader's own count agrees with the store's
+    asked = sum(rows) * (seq_len + 1) * 4
+    assert sum(rows) == n
+    amplification = counting.read / asked
+    assert amplification <= 2.0
+    assert amplification < 1.2, amplification  # tokens exactly, plus a few index bytes per row
+    # the same epoch from local files (os.pread) reads the same bytes
+    with PackedDataset(opts(str(tmp_path / "p"), batch_size=8, doc_mask=True, prefetch=0,
+                            in_memory_max_mb=0)) as local:
+        for _ in range(local.steps_per_epoch):
+            next(local)
+        assert local.bytes_read == counting.read
+
+
+def test_start_up_memory_does_not_grow_with_the_corpus(tmp_path):
+    """Opening a 2M-row split and reading a batch allocates about what a 1k-row split does."""
+    import tracemalloc
+
+    def build(path, n):
+        root = zarr.open_group(str(path), mode="w")
+        g = root.create_group("train")
+        rows = 1 << 16
+        t = g.create_array("tokens", shape=(n, 9), dtype="uint32", chunks=(rows, 9), compressors=None)
+        for lo in range(0, n, rows):
+            hi = min(n, lo + rows)
+            t[lo:hi] = np.arange(lo * 9, hi * 9, dtype=np.uint32).reshape(-1, 9) % 997 + 1
+        starts = np.arange(0, n * 9, 7, dtype=np.int64)  # a document every 7 tokens
+        g.create_array("doc_starts", shape=starts.shape, dtype="int64", chunks=(1 << 20,),
+                       compressors=None)[...] = starts
+        row_docs = np.searchsorted(starts, np.arange(n + 1) * 9, side="left")
+        g.create_array("row_docs", shape=row_docs.shape, dtype="int64", chunks=(1 << 20,),
+                       compressors=None)[...] = row_docs
+        write_manifest(path, 8)
+
+    def peak(path):
+        tracemalloc.start()
+        try:
+            with PackedDataset(opts(str(path), batch_size=8, doc_mask=True, prefetch=0,
+                                    in_memory_max_mb=0)) as ds:
+                b = next(ds)
+            return tracemalloc.get_traced_memory()[1], b
+        finally:
+            tracemalloc.stop()
+
+    n = 2_000_000
+    build(tmp_path / "small", 1000)
+    build(tmp_path / "big", n)
+    peak(tmp_path / "small")  # imports and caches first
+    small, _ = peak(tmp_path / "small")
+    big, b = peak(tmp_path / "big")
+    assert b["input_ids"].shape == (8, 8) and b["segment_ids"].shape == (8, 8)
+    assert big < n, (big, small)  # an O(n) int64 array alone would be 16 MB
+    assert big < small + 256 * 1024, (big, small)
+
+
+def test_old_layouts_still_read(tmp_path):
+    """A version-1 store (no row_docs) and a compressed one (zarr decodes it) give the same batches."""
+    write_store(tmp_path / "v2")
+    write_store(tmp_path / "v1", version=1)
+    write_store(tmp_path / "zstd", compressed=True)
+    o = dict(doc_mask=True, in_memory_max_mb=0, prefetch=0)
+    with PackedDataset(opts(str(tmp_path / "v2"), **o)) as ds:
+        want = take(ds, 12)
+    with pytest.warns(UserWarning, match=r"k2 data prepare --out"):
+        v1 = PackedDataset(opts(str(tmp_path / "v1"), **o))
+    with v1, PackedDataset(opts(str(tmp_path / "zstd"), **o)) as zs:
+        for a, b, c in zip(want, take(v1, 12), take(zs, 12), strict=True):
+            assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+        assert zs.bytes_read == 0  # decoded by zarr, not read by range
+
+
+def test_chunk_of_fill_values_is_read(tmp_path):
+    """zarr writes no file for an all-fill chunk; a range read yields the fill value."""
+    path = tmp_path / "p"
+    tokens = write_store(path)["train"][0].copy()
+    tokens[8:16] = 0
+    zarr.open_group(str(path), mode="a")["train"]["tokens"][8:16] = 0
+    assert not (path / "train" / "tokens" / "c" / "1" / "0").exists()
+    with PackedDataset(opts(str(path), shuffle=False, batch_size=8, in_memory_max_mb=0)) as ds:
+        for i, b in enumerate(take(ds, 3)):
+            assert np.array_equal(b["input_ids"].numpy(), tokens[8 * i:8 * i + 8, :-1])
+
+
+def test_state_of_the_old_shuffle_refused(store):
+    uri, _ = store
+    with PackedDataset(opts(uri)) as ds:
+        take(ds, 2)
+        state = {**ds.state_dict(), "version": 1}
+    with PackedDataset(opts(uri)) as ds, pytest.raises(ConfigError, match="version 1") as err:
+        ds.load_state_dict(state)
+    assert "\n" not in str(err.value)
+    with PackedDataset(opts(uri, shuffle=False)) as ds:  # no shuffle: the same order then and now
+        ds.load_state_dict({**state, "shuffle": False})
+        assert ds.state_dict()["position"] == 8
+
+
+def test_one_manifest_reader(store, tmp_path):
+    import k2_data
+    import k2_data.prepare
+    from k2_data.loader import read_manifest
+
+    assert read_manifest is k2_data.prepare.read_manifest is k2_data.read_manifest
+    uri, _ = store
+    assert read_manifest(uri)["version"] == 2
+    write_manifest(tmp_path, version=3)
+    with pytest.raises(ConfigError, match="version 3.*upgrade k2-data"):
+        read_manifest(str(tmp_path))
+    (tmp_path / "manifest.json").write_text(json.dumps({"complete": True, "seq_len": 8}))
+    with pytest.raises(ConfigError, match="format None"):
+        read_manifest(str(tmp_path))

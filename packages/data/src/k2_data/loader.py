@@ -1,15 +1,23 @@
 """The stateful loader over a packed dataset (`dataset` slot, name `packed`).
 
-On-disk contract (written by `k2 data prepare`): a zarr v3 group at `uri` (any fsspec URI)
-with subgroups `train` and `val`, each holding
+On-disk contract (written by `k2 data prepare`, format `k2-packed` version 2): a zarr v3 group
+at `uri` (any fsspec URI) with subgroups `train` and `val`, each holding
 
 - `tokens`     uint32 [n_seq, seq_len + 1], chunked in whole rows;
 - `doc_starts` int64 [n_docs], offsets into the split's flattened token stream
   (`tokens.reshape(-1)`, row after row) where each document begins;
+- `row_docs`   int64 [n_seq + 1]: the documents starting in row r are
+  `doc_starts[row_docs[r]:row_docs[r + 1]]` (version 1 stores lack it: their `doc_starts`
+  are read whole, as before);
 
-and `uri/manifest.json` with at least `complete: true`, `seq_len`, `eos_id`, `vocab_size`.
+and `uri/manifest.json` (read by `k2_data.manifest.read_manifest`).
 
-Each epoch visits the sequences in a permutation seeded by (seed, epoch). A global batch is
+Memory and start-up time do not grow with the corpus. The shuffle is a keyed bijection
+(`KeyedPermutation`) evaluated at just the positions of each batch; rows and their document
+starts are read as byte ranges of the raw (uncompressed) chunk files, so a shuffled epoch reads
+about the bytes it uses. Arrays zarr has to decode (compressed, sharded) are read through zarr.
+
+Each epoch visits the sequences in a permutation keyed by (seed, epoch). A global batch is
 `world_size * batch_size` consecutive sequences of that permutation; rank r takes rows
 `[r * batch_size, (r + 1) * batch_size)` of it, so across ranks every sequence is seen exactly
 once per epoch (the ragged tail is dropped with `drop_last`). Iteration never ends: epochs
@@ -25,7 +33,8 @@ of the new global batch — continues exactly where the run stopped.
 
 from __future__ import annotations
 
-import json
+import math
+import os
 import queue
 import threading
 import warnings
@@ -36,35 +45,13 @@ import torch
 from k2_core.errors import ConfigError
 
 from .loader_options import PackedOptions
+from .manifest import FORMAT, format_version, read_manifest, reprepare_hint
 
-STATE_VERSION = 1
+__all__ = ["KeyedPermutation", "PackedDataset", "PackedOptions", "STATE_VERSION", "build_packed",
+           "make_loader", "read_manifest"]
 
-
-def read_manifest(uri: str) -> dict[str, Any]:
-    """The manifest of a complete packed dataset at `uri`; ConfigError when absent or incomplete."""
-    import fsspec
-
-    path = uri.rstrip("/") + "/manifest.json"
-    try:
-        with fsspec.open(path, "r") as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise ConfigError(
-            f"{uri}: no packed dataset here (manifest.json missing); run `k2 data prepare` first"
-        ) from None
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{uri}: cannot read manifest.json ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("complete") is not True:
-        raise ConfigError(
-            f"{uri}: packed dataset is incomplete (manifest.json lacks complete: true); "
-            "re-run `k2 data prepare`"
-        )
-    if manifest.get("format", "k2-packed") != "k2-packed":
-        raise ConfigError(f"{uri}: format {manifest['format']!r}, expected 'k2-packed'")
-    for key in ("seq_len", "eos_id", "vocab_size"):
-        if key not in manifest:
-            raise ConfigError(f"{uri}: manifest.json lacks {key!r}")
-    return manifest
+# 2: the shuffle is KeyedPermutation (version 1 drew numpy's PCG64 permutation)
+STATE_VERSION = 2
 
 
 def _default_uri() -> str:
@@ -75,28 +62,240 @@ def _default_uri() -> str:
     return str(default_dataset_uri())
 
 
-class _Rows:
-    """Row access to a split's tokens: in memory when small, else straight from the zarr array."""
+# --- the shuffle ------------------------------------------------------------------------------
 
-    def __init__(self, tokens: Any, in_memory: bool) -> None:
-        self.shape = tuple(tokens.shape)
-        self.in_memory = in_memory
-        self._tokens = tokens[...] if in_memory else tokens
+_M64 = (1 << 64) - 1
+_ROUNDS = 6
 
-    def read(self, rows: np.ndarray) -> np.ndarray:
-        if self.in_memory:
-            return self._tokens[rows]
-        if len(rows) == 0:
-            return np.empty((0, self.shape[1]), dtype=np.uint32)
-        lo, hi = int(rows.min()), int(rows.max()) + 1
-        if hi - lo == len(rows):  # a contiguous block (no shuffle): one chunk-aligned slice
-            block = np.asarray(self._tokens[lo:hi])
-            return block[rows - lo]
-        order = np.argsort(rows, kind="stable")
-        data = np.asarray(self._tokens.get_orthogonal_selection((rows[order], slice(None))))
-        out = np.empty_like(data)
-        out[order] = data
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser on a Python int (for the round keys)."""
+    z &= _M64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+    return z ^ (z >> 31)
+
+
+def _mix64_np(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser on uint64 arrays (numpy array arithmetic wraps modulo 2**64)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+class KeyedPermutation:
+    """A bijection of range(n) keyed by (seed, epoch), evaluated only where it is asked.
+
+    A Feistel network over the smallest power of two >= n (at least 4), cycle-walked back into
+    range(n): O(1) memory, under two passes per position on average, integer numpy arithmetic
+    only, so every process on every platform computes the same order.
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int) -> None:
+        if n < 1:
+            raise ValueError(f"n must be >= 1 (got {n})")
+        self.n = n
+        bits = max(2, (n - 1).bit_length())
+        # unequal halves are fine: each round maps (high, low) to (low, high ^ F(low)), a
+        # bijection of the b-bit domain whatever the split, and the halves swap roles each round
+        self._split = (bits // 2, bits - bits // 2)
+        base = _mix64(_mix64((seed % 2**64) ^ 0x6A09E667F3BCC909) ^ (epoch % 2**64))
+        self._keys = [np.uint64(_mix64(base + (r + 1) * 0x9E3779B97F4A7C15))
+                      for r in range(_ROUNDS)]
+
+    def _rounds(self, x: np.ndarray) -> np.ndarray:
+        hi, lo = self._split
+        for key in self._keys:
+            high, low = x >> np.uint64(lo), x & np.uint64((1 << lo) - 1)
+            f = _mix64_np(low ^ key) >> np.uint64(64 - hi)  # the top `hi` bits: the best mixed
+            x = (low << np.uint64(hi)) | (high ^ f)
+            hi, lo = lo, hi
+        return x
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        """The sequence index at each of `positions` (all in [0, n)), as int64."""
+        x = self._rounds(np.asarray(positions, dtype=np.uint64))
+        walk = np.flatnonzero(x >= np.uint64(self.n))
+        while walk.size:  # cycle walking: out-of-range values go round again until they land
+            y = self._rounds(x[walk])
+            x[walk] = y
+            walk = walk[y >= np.uint64(self.n)]
+        return x.astype(np.int64)
+
+
+# --- reading the store ------------------------------------------------------------------------
+
+def _expand(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """The indices of the spans [lo[i], hi[i]) one after another."""
+    counts = hi - lo
+    before = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return np.repeat(lo - before, counts) + np.arange(int(counts.sum()), dtype=np.int64)
+
+
+class _Array:
+    """Spans [lo, hi) of an array's leading axis, one after another."""
+
+    bytes_read = 0  # bytes fetched by byte range (only _RawArray reads that way)
+
+    def spans(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        return self.spans(idx, idx + 1)
+
+
+class _MemArray(_Array):
+    """The whole array in memory."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.data = data
+
+    def rows(self, idx: np.ndarray) -> np.ndarray:
+        return self.data[idx]
+
+    def spans(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        return self.data[_expand(lo, hi)]
+
+
+class _ZarrArray(_Array):
+    """Through zarr, for chunks it has to decode: every chunk touched is read whole."""
+
+    def __init__(self, arr: Any) -> None:
+        self.arr = arr
+        self.tail = (slice(None),) * (arr.ndim - 1)
+
+    def spans(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        idx = _expand(lo, hi)
+        if idx.size == 0:
+            return np.empty((0, *self.arr.shape[1:]), dtype=self.arr.dtype)
+        a, b = int(idx.min()), int(idx.max()) + 1
+        if b - a == idx.size:  # a contiguous block (no shuffle): one chunk-aligned slice
+            return np.asarray(self.arr[a:b])[idx - a]
+        uniq, inv = np.unique(idx, return_inverse=True)
+        return np.asarray(self.arr.get_orthogonal_selection((uniq, *self.tail)))[inv]
+
+
+def _raw_layout(arr: Any) -> tuple[int, np.dtype] | None:
+    """(entries per chunk, on-disk dtype) when each chunk file holds its entries' raw bytes."""
+    try:
+        from zarr.codecs import BytesCodec
+
+        md = arr.metadata
+        if md.zarr_format != 3 or getattr(md, "storage_transformers", ()):
+            return None
+        codecs = tuple(md.codecs)
+        chunks = tuple(arr.chunks)
+    except Exception:  # noqa: BLE001 - an unknown layout is read through zarr
+        return None
+    if len(codecs) != 1 or not isinstance(codecs[0], BytesCodec):
+        return None  # compressed, checksummed or sharded: only zarr can decode it
+    if chunks[1:] != tuple(arr.shape[1:]):
+        return None  # not whole rows per chunk
+    dtype = np.dtype(arr.dtype)
+    if dtype.itemsize > 1:
+        endian = getattr(codecs[0].endian, "value", codecs[0].endian)
+        dtype = dtype.newbyteorder("<" if endian == "little" else ">")
+    return chunks[0], dtype
+
+
+class _RawArray(_Array):
+    """Uncompressed chunk files read as byte ranges: exactly the bytes asked for.
+
+    Local files are read with os.pread (no buffered read-ahead); other filesystems with
+    fsspec's `cat_ranges` (concurrent ranged GETs on object stores).
+    """
+
+    def __init__(self, fs: Any, path: str, arr: Any, chunk_len: int, dtype: np.dtype) -> None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        self.fs, self.path = fs, path
+        self.inner = tuple(arr.shape[1:])
+        self.chunk_len, self.dtype = chunk_len, dtype
+        self.entry = dtype.itemsize * math.prod(self.inner)  # bytes per leading-axis entry
+        self.fill = np.asarray(arr.metadata.fill_value, dtype=dtype).tobytes()
+        self._key = arr.metadata.encode_chunk_key
+        self._local = type(fs) is LocalFileSystem  # subclasses (e.g. counting ones) use fsspec
+        self.bytes_read = 0
+
+    def spans(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+        cl, e = self.chunk_len, self.entry
+        pieces: list[list[int]] = []  # [chunk, first byte, end byte], in output order
+        for a, b in zip(lo.tolist(), hi.tolist(), strict=True):
+            while a < b:
+                c = a // cl
+                end = min(b, (c + 1) * cl)
+                first, last = (a - c * cl) * e, (end - c * cl) * e
+                if pieces and pieces[-1][0] == c and pieces[-1][2] == first:
+                    pieces[-1][2] = last  # continues the previous piece (consecutive rows)
+                else:
+                    pieces.append([c, first, last])
+                a = end
+        data = b"".join(self._read(pieces))
+        return np.frombuffer(data, dtype=self.dtype).reshape(-1, *self.inner)
+
+    def _read(self, pieces: list[list[int]]) -> list[bytes]:
+        zeros = (0,) * len(self.inner)
+        paths = [f"{self.path}/{self._key((c, *zeros))}" for c, _, _ in pieces]
+        if self._local:
+            out: list[Any] = []
+            fds: dict[str, int] = {}
+            try:
+                for p, (_, first, last) in zip(paths, pieces, strict=True):
+                    if p not in fds:
+                        try:
+                            fds[p] = os.open(p, os.O_RDONLY)
+                        except FileNotFoundError:
+                            fds[p] = -1
+                    out.append(os.pread(fds[p], last - first, first) if fds[p] >= 0 else None)
+            finally:
+                for fd in fds.values():
+                    if fd >= 0:
+                        os.close(fd)
+        else:
+            out = self.fs.cat_ranges(paths, [p[1] for p in pieces], [p[2] for p in pieces],
+                                     on_error="return")
+        for i, (p, (_, first, last)) in enumerate(zip(paths, pieces, strict=True)):
+            got = out[i]
+            if got is None or isinstance(got, FileNotFoundError):
+                # zarr does not write a chunk that is all fill value
+                out[i] = self.fill * ((last - first) // len(self.fill))
+                continue
+            if isinstance(got, BaseException):
+                raise got
+            self.bytes_read += len(got)
+            if len(got) != last - first:
+                raise ConfigError(f"{p}: chunk file ends at byte {first + len(got)}, before "
+                                  f"{last} (truncated?)")
         return out
+
+
+def _open_array(arr: Any, fs: Any, path: str) -> _Array:
+    raw = _raw_layout(arr)
+    return _ZarrArray(arr) if raw is None else _RawArray(fs, path, arr, *raw)
+
+
+class _Docs:
+    """The document starts inside given rows: by range through `row_docs`, or searched in memory."""
+
+    def __init__(self, doc_starts: _Array, row_docs: _Array | None, row: int, n_docs: int) -> None:
+        self.doc_starts, self.row_docs = doc_starts, row_docs
+        self.row, self.n_docs = row, n_docs
+
+    def starts(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(index in `rows`, offset in that row) of each document starting in one of `rows`."""
+        first = rows.astype(np.int64) * self.row
+        if self.row_docs is None:
+            assert isinstance(self.doc_starts, _MemArray)
+            lo = np.searchsorted(self.doc_starts.data, first, side="left")
+            hi = np.searchsorted(self.doc_starts.data, first + self.row, side="left")
+        else:
+            bounds = self.row_docs.spans(rows, rows + 2).reshape(len(rows), 2).astype(np.int64)
+            lo, hi = bounds[:, 0], bounds[:, 1]
+            if len(rows) and ((hi < lo).any() or lo.min() < 0 or hi.max() > self.n_docs):
+                raise ConfigError("row_docs disagrees with doc_starts (a damaged dataset); "
+                                  "re-prepare it")
+        which = np.repeat(np.arange(len(rows)), hi - lo)
+        return which, self.doc_starts.spans(lo, hi).astype(np.int64) - first[which]
 
 
 class _Reader:
@@ -106,35 +305,27 @@ class _Reader:
     dataset collects it and stops the thread.
     """
 
-    def __init__(self, rows: _Rows, doc_starts: np.ndarray, seq_len: int, options: PackedOptions,
-                 rank: int, world_size: int) -> None:
-        self.rows = rows
-        self.doc_starts = doc_starts
+    def __init__(self, tokens: _Array, docs: _Docs | None, n: int, seq_len: int,
+                 options: PackedOptions, rank: int, world_size: int) -> None:
+        self.tokens = tokens
+        self.docs = docs
         self.seq_len = seq_len
-        self.n = rows.shape[0]
+        self.n = n
         self.opt = options
         self.seed = options.seed
         self.rank = rank
         self.world_size = world_size
-        self._perm_epoch: int | None = None
-        self._perm: np.ndarray | None = None
-        self._lock = threading.Lock()
 
     @property
     def global_batch(self) -> int:
         return self.world_size * self.opt.batch_size
 
-    def permutation(self, epoch: int) -> np.ndarray:
-        with self._lock:
-            if self._perm_epoch != epoch:
-                if self.opt.shuffle:
-                    s = self.seed % 2**64
-                    gen = np.random.Generator(np.random.PCG64([s & 0xFFFFFFFF, s >> 32, epoch]))
-                    self._perm = gen.permutation(self.n)
-                else:
-                    self._perm = np.arange(self.n)
-                self._perm_epoch = epoch
-            return self._perm
+    def order(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """The sequences at positions [start, stop) of `epoch`'s visiting order."""
+        positions = np.arange(start, stop, dtype=np.int64)
+        if not self.opt.shuffle:
+            return positions
+        return KeyedPermutation(self.n, self.seed, epoch)(positions)
 
     def normalise(self, epoch: int, pos: int) -> tuple[int, int]:
         """Roll over to the next epoch when no (full, with drop_last) global batch is left."""
@@ -147,33 +338,35 @@ class _Reader:
         """This rank's rows of the global batch at (epoch, pos), and the state after it."""
         epoch, pos = self.normalise(epoch, pos)
         end = min(pos + self.global_batch, self.n)
-        chunk = self.permutation(epoch)[pos:end]
-        m, ws, r = len(chunk), self.world_size, self.rank
+        m, ws, r = end - pos, self.world_size, self.rank
         if m == self.global_batch:
-            b = self.opt.batch_size
-            mine = chunk[r * b:(r + 1) * b]
+            start, size = r * self.opt.batch_size, self.opt.batch_size
         else:  # the short final batch of an epoch (drop_last=False): split as evenly as possible
-            start = r * (m // ws) + min(r, m % ws)
-            mine = chunk[start:start + m // ws + (1 if r < m % ws else 0)]
-        return mine, epoch, end
+            start, size = r * (m // ws) + min(r, m % ws), m // ws + (1 if r < m % ws else 0)
+        return self.order(epoch, pos + start, pos + start + size), epoch, end
 
     def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        toks = self.rows.read(rows).astype(np.int64, copy=False)
+        toks = self.tokens.rows(rows).astype(np.int64)
         L = self.seq_len
         out = {
             "input_ids": torch.from_numpy(np.ascontiguousarray(toks[:, :-1])),
             "labels": torch.from_numpy(np.ascontiguousarray(toks[:, 1:])),
         }
-        if self.opt.doc_mask:
-            row_start = rows.astype(np.int64)[:, None] * (L + 1)
-            offsets = row_start + np.arange(L, dtype=np.int64)[None, :]
-            doc = np.searchsorted(self.doc_starts, offsets, side="right") - 1  # global doc index
-            out["segment_ids"] = torch.from_numpy(doc - doc[:, :1])
+        if self.docs is not None:
+            which, rel = self.docs.starts(rows)
+            keep = rel < L  # a document starting at a row's last token (a label only) is not an input
+            which, rel = which[keep], rel[keep]
+            bump = np.zeros((len(rows), L), dtype=np.int64)
+            inner = rel > 0  # a document starting at offset 0 is segment 0
+            bump[which[inner], rel[inner]] = 1
+            out["segment_ids"] = torch.from_numpy(np.cumsum(bump, axis=1))
             if self.opt.position_ids:
-                starts = self.doc_starts[np.clip(doc, 0, None)] if len(self.doc_starts) else row_start
-                starts = np.where(doc >= 0, starts, row_start)
-                # a document continued from the previous row restarts at 0 with the row
-                out["position_ids"] = torch.from_numpy(offsets - np.maximum(starts, row_start))
+                # positions count from the last document start at or before each token (a
+                # document continued from the previous row restarts at 0 with the row)
+                last = np.zeros((len(rows), L), dtype=np.int64)
+                last[which, rel] = rel
+                pos = np.arange(L, dtype=np.int64)[None, :] - np.maximum.accumulate(last, axis=1)
+                out["position_ids"] = torch.from_numpy(pos)
         return out
 
     def produce(self, epoch: int, pos: int) -> tuple[dict[str, torch.Tensor], int, int]:
@@ -243,6 +436,7 @@ class PackedDataset:
         options = options or PackedOptions()
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size) (got rank {rank}, world size {world_size})")
+        import fsspec
         import zarr
 
         self.options = options
@@ -251,6 +445,7 @@ class PackedDataset:
         self.seq_len = int(self.manifest["seq_len"])
         self.eos_id = int(self.manifest["eos_id"])
         self.vocab_size = int(self.manifest["vocab_size"])
+        self.format_version = format_version(self.manifest)
         try:
             root = zarr.open_group(self.uri, mode="r")
         except Exception as exc:  # noqa: BLE001 - any storage failure becomes one line
@@ -264,21 +459,50 @@ class PackedDataset:
             raise ConfigError(
                 f"{self.uri}: no split {options.split!r} (splits: {', '.join(splits) or 'none'})"
             ) from None
+        names = ("tokens", "doc_starts", "row_docs") if self.format_version >= 2 else (
+            "tokens", "doc_starts")
         try:
-            tokens, doc_starts = group["tokens"], group["doc_starts"]
+            arrays = {name: group[name] for name in names}
         except KeyError as exc:
-            raise ConfigError(f"{self.uri}/{options.split}: missing array {exc}") from None
+            raise ConfigError(f"{self.uri}/{options.split}: missing array {exc}; re-run "
+                              f"{reprepare_hint(self.uri)}") from None
+        tokens = arrays["tokens"]
         if tokens.ndim != 2 or tokens.shape[1] != self.seq_len + 1:
             raise ConfigError(
                 f"{self.uri}/{options.split}: tokens has shape {tuple(tokens.shape)}, "
                 f"expected [n_seq, {self.seq_len + 1}] for seq_len {self.seq_len}"
             )
+        n = int(tokens.shape[0])
+        if "row_docs" in arrays and arrays["row_docs"].shape != (n + 1,):
+            raise ConfigError(f"{self.uri}/{options.split}: row_docs has shape "
+                              f"{tuple(arrays['row_docs'].shape)}, expected [{n + 1}]")
         nbytes = tokens.shape[0] * tokens.shape[1] * np.dtype(tokens.dtype).itemsize
         in_memory = nbytes <= options.in_memory_max_mb * 2**20
-        starts = np.asarray(doc_starts[...], dtype=np.int64) if options.doc_mask else np.zeros(0, np.int64)
-        self._reader = _Reader(_Rows(tokens, in_memory), starts, self.seq_len, options, rank, world_size)
+        fs, root_path = fsspec.core.url_to_fs(self.uri)
+        base = f"{root_path.rstrip('/')}/{options.split}"
+        rows = _MemArray(np.asarray(tokens[...])) if in_memory else _open_array(
+            tokens, fs, f"{base}/tokens")
+        docs = None
+        if options.doc_mask:
+            starts = arrays["doc_starts"]
+            if in_memory or "row_docs" not in arrays:
+                if not in_memory:
+                    warnings.warn(
+                        f"{self.uri}: {FORMAT} version {self.format_version} has no per-row document "
+                        f"index, so its {starts.shape[0]:,} document starts are read into memory; "
+                        f"re-run {reprepare_hint(self.uri)} to read them by range",
+                        stacklevel=2,
+                    )
+                docs = _Docs(_MemArray(np.asarray(starts[...], dtype=np.int64)), None,
+                             self.seq_len + 1, int(starts.shape[0]))
+            else:
+                docs = _Docs(_open_array(starts, fs, f"{base}/doc_starts"),
+                             _open_array(arrays["row_docs"], fs, f"{base}/row_docs"),
+                             self.seq_len + 1, int(starts.shape[0]))
+        self._arrays = [rows] + ([docs.doc_starts] + ([docs.row_docs] if docs.row_docs else [])
+                                 if docs else [])
+        self._reader = _Reader(rows, docs, n, self.seq_len, options, rank, world_size)
         self.rank, self.world_size = rank, world_size
-        n = self._reader.n
         if n == 0 or (options.drop_last and n < self._reader.global_batch):
             raise ConfigError(
                 f"{self.uri}/{options.split}: {n} sequences, fewer than one global batch "
@@ -290,10 +514,12 @@ class PackedDataset:
     # --- facts ----------------------------------------------------------------------------------
     @property
     def n_sequences(self) -> int:
+        """Sequences (rows) in the split."""
         return self._reader.n
 
     @property
     def global_batch_size(self) -> int:
+        """Sequences per step over all ranks."""
         return self._reader.global_batch
 
     @property
@@ -304,11 +530,18 @@ class PackedDataset:
 
     @property
     def epoch(self) -> int:
+        """The epoch the next batch comes from."""
         return self._reader.normalise(self._epoch, self._pos)[0]
 
     @property
     def in_memory(self) -> bool:
-        return self._reader.rows.in_memory
+        """Whether the split's tokens were read into memory at start."""
+        return isinstance(self._reader.tokens, _MemArray)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the store as byte ranges since opening (zarr-decoded reads: not counted)."""
+        return sum(a.bytes_read for a in self._arrays)
 
     # --- iteration ------------------------------------------------------------------------------
     def __iter__(self) -> PackedDataset:
@@ -364,6 +597,13 @@ class PackedDataset:
             old_ws, old_b = int(state["world_size"]), int(state.get("batch_size", self.options.batch_size))
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"packed dataset state is malformed ({exc!r})") from None
+        version = state.get("version", 1)
+        # version 1 drew another shuffle order: only its unshuffled positions mean the same now
+        if version != STATE_VERSION and not (version == 1 and state.get("shuffle") is False):
+            raise ConfigError(
+                f"packed dataset state version {version} is from an older k2-data whose shuffle "
+                f"order differs (this one reads version {STATE_VERSION}), so it cannot resume "
+                "exactly; resume with the k2-data that saved it, or start the run afresh")
         n = state.get("n_sequences", self._reader.n)
         if n != self._reader.n:
             raise ConfigError(
@@ -387,7 +627,6 @@ class PackedDataset:
             )
         self.close()
         self._reader.seed = seed
-        self._reader._perm_epoch = None
         self._epoch, self._pos = epoch, pos
 
 

@@ -4,9 +4,11 @@ On-disk layout at OUT (the training loader reads exactly this):
     zarr.json                   zarr v3 group
     train/tokens                uint32 [n_seq, seq_len+1], chunks of whole rows (~8 MiB), raw
     train/doc_starts            int64 [n_docs]: offsets into the split's flattened token stream
-    val/tokens, val/doc_starts  the same for the validation split
+    train/row_docs              int64 [n_seq+1]: row r's documents are
+                                doc_starts[row_docs[r]:row_docs[r+1]] (the loader's range reads)
+    val/...                     the same for the validation split
     tokenizer/                  the tokenizer (k2_tokenizer.json + tokenizer.json/.tiktoken)
-    manifest.json               format "k2-packed" v1, counts, checksums; `complete: true`
+    manifest.json               format "k2-packed" v2, counts, checksums; `complete: true`
                                 is written last: a folder without it is not a dataset
     _work/                      while building: plan, per-shard committed outputs (resume)
 
@@ -36,12 +38,10 @@ from k2_core.errors import ConfigError, K2Error
 
 from . import _worker
 from .config import DataPrepareConfig, output_uri
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, format_version, read_manifest  # noqa: F401
 from .sources import iter_documents
 from .tokenizer import Tokenizer, load_tokenizer
 
-FORMAT = "k2-packed"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 WORK = "_work"
 TOKENIZER_DIR = "tokenizer"
 CHUNK_BYTES = 8 << 20
@@ -399,7 +399,17 @@ class _SplitWriter:
         )
         if doc_starts.size:
             ds[...] = doc_starts
-        return {"tokens": self.crc, "doc_starts": zlib.crc32(doc_starts.astype("<i8").tobytes())}
+        # row r's documents: doc_starts[row_docs[r]:row_docs[r+1]], so a reader of a few rows
+        # reads a few document starts instead of the whole array
+        row_docs = np.searchsorted(doc_starts, np.arange(self.n_seq + 1, dtype=np.int64) * self.row,
+                                   side="left").astype(np.int64)
+        rd = self.group.create_array(
+            "row_docs", shape=row_docs.shape, dtype="int64",
+            chunks=(min(1 << 20, row_docs.size),), compressors=None, fill_value=0, overwrite=True,
+        )
+        rd[...] = row_docs
+        return {"tokens": self.crc, "doc_starts": zlib.crc32(doc_starts.astype("<i8").tobytes()),
+                "row_docs": zlib.crc32(row_docs.astype("<i8").tobytes())}
 
 
 def _assemble(cfg: DataPrepareConfig, tok: Tokenizer, out: str, fs: Any, root_path: str,
@@ -509,8 +519,11 @@ def _check_out(fs: Any, root: str, out: str, chash: str) -> str:
     """'done' if a complete dataset of this config is at OUT, else 'resume' or 'fresh'."""
     manifest = _read_json(fs, f"{root}/{MANIFEST}")
     if manifest is not None and manifest.get("complete"):
-        if manifest.get("config_hash") == chash:
+        if manifest.get("config_hash") == chash and format_version(manifest) >= FORMAT_VERSION:
             return "done"
+        if manifest.get("config_hash") == chash:  # an older layout of this config: rebuild it
+            fs.rm(root, recursive=True)
+            return "fresh"
         raise ConfigError(
             f"{out}: holds a dataset of another config ({manifest.get('config_hash')}); "
             "remove it or choose another --out")
@@ -610,17 +623,6 @@ def _prepare(cfg: DataPrepareConfig, quiet: bool, out: str, fs: Any, root: str, 
     if not quiet:
         print(f"prepared {out} in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return out
-
-
-def read_manifest(uri: str) -> dict[str, Any]:
-    """The manifest of a complete packed dataset; ConfigError if missing or incomplete."""
-    fs, root = _fs(uri)
-    m = _read_json(fs, f"{root}/{MANIFEST}")
-    if m is None or not m.get("complete"):
-        raise ConfigError(f"{uri}: not a complete k2 packed dataset (no complete manifest.json)")
-    if m.get("format") != FORMAT:
-        raise ConfigError(f"{uri}: format {m.get('format')!r}, expected {FORMAT!r}")
-    return m
 
 
 def default_dataset_uri() -> str:
