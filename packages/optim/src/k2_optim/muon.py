@@ -21,6 +21,8 @@ from .grouping import param_groups as _auto_groups
 from .orthogonalize import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz
 
 ADJUST_LR_FNS = ("match_rms_adamw", "original", "none")
+#: the most update bytes one Newton-Schulz batch stacks (its temporaries scale with it)
+DEFAULT_BUCKET_BYTES = 64 << 20
 
 
 def matrix_view_shape(p: Tensor) -> tuple[int, int, int]:
@@ -41,6 +43,11 @@ def matrix_view_shape(p: Tensor) -> tuple[int, int, int]:
     if r % s:
         raise ValueError(f"muon_split={s} does not divide the {r} rows of shape {tuple(p.shape)}")
     return n * s, r // s, c
+
+
+def _dim0(p: Tensor) -> int:
+    """Rows of `p` as ZeRO-1 owns them: dim 0 (a 0-D tensor is one row)."""
+    return p.shape[0] if p.ndim else 1
 
 
 def adjusted_scale(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
@@ -79,6 +86,11 @@ class Muon(torch.optim.Optimizer):
     Muon update per matrix W (K2 Algorithm 1): M = mu*M + G; U = G + mu*M (Nesterov) or M;
     O = NS5(U) in bf16; W -= lr*wd*W; W -= lr * 0.2*sqrt(max(rows, cols)) * O.
     AdamW groups default to `adamw_lr` (else lr) and `adamw_weight_decay` (else weight_decay).
+
+    The step works in buckets of at most `bucket_bytes` (default 64 MiB) of same-shaped
+    matrices (a 3-D stack is cut between buckets at whole experts): momentum, the stacked
+    Nesterov update and Newton-Schulz exist for one bucket at a time, so the step's
+    temporaries stay near a few buckets whatever the model size.
     """
 
     def __init__(
@@ -98,6 +110,7 @@ class Muon(torch.optim.Optimizer):
         adamw_eps: float = 1e-8,
         adamw_weight_decay: float | None = None,
         ns_dtype: torch.dtype = torch.bfloat16,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
     ) -> None:
         if lr < 0 or weight_decay < 0 or momentum < 0:
             raise ValueError("lr, weight_decay and momentum must be >= 0")
@@ -127,6 +140,10 @@ class Muon(torch.optim.Optimizer):
             adjust_lr_fn=adjust_lr_fn, betas=tuple(adamw_betas), eps=adamw_eps, use_muon=True,
         )
         self.ns_dtype = ns_dtype
+        if bucket_bytes <= 0:
+            raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
+        # not a param-group default: state dicts written before it existed still load
+        self.bucket_bytes = int(bucket_bytes)
         super().__init__(fixed, defaults)
         for g in self.param_groups:
             if g["use_muon"]:
@@ -169,6 +186,18 @@ class Muon(torch.optim.Optimizer):
         """Runs after the updates (DistributedMuonClip: parameter broadcast; MuonClip: QK-Clip)."""
 
     # --- step -----------------------------------------------------------------------------
+    def owned_rows(self, p: Tensor) -> tuple[int, int] | None:
+        """Dim-0 rows [start, stop) of `p` whose state this process holds and updates: all of
+        them here; a row range or None in DistributedMuonClip."""
+        return (0, _dim0(p)) if self._owned(p) else None
+
+    def _rows_view(self, t: Tensor, p: Tensor) -> Tensor:
+        """`t` (p, p.grad or a tensor shaped like p) cut to p's owned rows."""
+        rows = self.owned_rows(p)
+        if rows is None or rows == (0, _dim0(p)):
+            return t
+        return t[rows[0]:rows[1]]
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One Muon/AdamW update of every group, then `_after_update()` (QK-Clip in MuonClip)."""
@@ -178,7 +207,8 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         self._before_update()
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None and self._owned(p)]
+            params = [p for p in group["params"]
+                      if p.grad is not None and self.owned_rows(p) is not None]
             if not params:
                 continue
             if group["use_muon"]:
@@ -190,60 +220,131 @@ class Muon(torch.optim.Optimizer):
 
     def _muon_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
-        directions = self._directions(group, params)
-        if wd:
-            torch._foreach_mul_(params, 1.0 - lr * wd)          # decoupled weight decay
-        for idxs, outs, scale in directions:
-            torch._foreach_add_([params[i] for i in idxs], outs, alpha=-lr * scale)
+        for pieces, outs, scale in self._muon_buckets(group, params, split_params=True):
+            targets = []
+            for (i, lo, hi, _n), o in zip(pieces, outs, strict=True):
+                w = self._piece(params[i], params[i], lo, hi)
+                # a contiguous parameter takes the [n, r, c] result as a view (no copy, and a
+                # transposed Newton-Schulz output needs none); anything else gets a reshape
+                targets.append((w.view(o.shape), o) if w.is_contiguous() else (w, o.reshape(w.shape)))
+            ws = [w for w, _ in targets]
+            if wd:
+                torch._foreach_mul_(ws, 1.0 - lr * wd)           # decoupled weight decay
+            torch._foreach_add_(ws, [o for _, o in targets], alpha=-lr * scale)
 
     def _directions(self, group: dict[str, Any], params: list[Tensor]
                     ) -> Iterator[tuple[list[int], list[Tensor], float]]:
-        """Momentum (+ Nesterov), then one batched Newton-Schulz per matrix shape; yields per
-        shape bucket (indices into `params`, orthogonalised updates shaped like them, scale)."""
-        mu = group["momentum"]
-        grads = [p.grad for p in params]
-        bufs = []
-        for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            bufs.append(st["momentum_buffer"])
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)                       # M = mu*M + G
-        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        """Momentum (+ Nesterov) and batched Newton-Schulz, bucket by bucket; yields per bucket
+        (indices into `params`, orthogonalised updates shaped like their owned rows, scale).
+        Each bucket's momentum is advanced when the bucket is reached: consume it all."""
+        for pieces, outs, scale in self._muon_buckets(group, params, split_params=False):
+            shaped = [o.reshape(self._rows_view(params[i], params[i]).shape)
+                      for (i, _lo, _hi, _n), o in zip(pieces, outs, strict=True)]
+            yield [i for i, *_ in pieces], shaped, scale
 
-        # bucket by matrix shape (and device/dtype): one batched NS per bucket
-        buckets: dict[tuple, list[int]] = defaultdict(list)
-        shapes = []
+    def _piece(self, t: Tensor, p: Tensor, lo: int, hi: int, owned: bool = False) -> Tensor:
+        """Rows [lo, hi) of the owned rows of `t` (shaped like p, or like its owned rows when
+        `owned`); a 2-D or >= 4-D matrix is one piece, whole."""
+        v = t if owned else self._rows_view(t, p)
+        return v[lo:hi] if p.ndim == 3 else v
+
+    def _buffer(self, p: Tensor) -> Tensor:
+        """p's momentum buffer, shaped like its owned rows (created on first use)."""
+        st = self.state[p]
+        if "momentum_buffer" not in st:
+            st["momentum_buffer"] = torch.zeros_like(self._rows_view(p, p),
+                                                     memory_format=torch.preserve_format)
+        return st["momentum_buffer"]
+
+    def _muon_buckets(self, group: dict[str, Any], params: list[Tensor], *, split_params: bool
+                      ) -> Iterator[tuple[list[tuple[int, int, int, int]], list[Tensor], float]]:
+        """Bounded buckets of same-shaped matrices: per bucket advance the momentum, stack the
+        (Nesterov) updates and orthogonalise them; yields (pieces, outputs, scale).
+
+        A piece (i, lo, hi, n) is rows [lo, hi) of params[i]'s owned rows, n matrices; its
+        output is [n, r, c] (possibly a transposed view). A bucket holds at most
+        `bucket_bytes` of updates unless one piece alone is larger; `split_params` lets a 3-D
+        stack be cut between buckets at whole dim-0 rows (experts).
+        """
+        by_shape: dict[tuple, list[tuple[int, int, int, int]]] = defaultdict(list)
         for i, p in enumerate(params):
             n, r, c = matrix_view_shape(p)
-            shapes.append(n)
-            buckets[(r, c, p.device, p.dtype)].append(i)
-        return self._orthogonalised(group, params, updates, shapes, buckets)
+            rows = self._rows_view(p, p).shape[0] if p.ndim == 3 else 1
+            per_row = n // _dim0(p) if p.ndim == 3 else n      # matrices per dim-0 row
+            step = rows
+            if split_params and p.ndim == 3:
+                step = max(1, self.bucket_bytes // max(1, per_row * r * c * p.element_size()))
+            for lo in range(0, rows, step):
+                hi = min(rows, lo + step)
+                by_shape[(r, c, p.device, p.dtype)].append((i, lo, hi, (hi - lo) * per_row))
+        for (r, c, dev, dtype), pieces in by_shape.items():
+            mat_bytes = r * c * torch.empty((), dtype=dtype).element_size()
+            bucket: list[tuple[int, int, int, int]] = []
+            size = 0
+            for piece in pieces:
+                if bucket and size + piece[3] * mat_bytes > self.bucket_bytes:
+                    yield self._orthogonalise_bucket(group, params, bucket, r, c, dev, dtype)
+                    bucket, size = [], 0
+                bucket.append(piece)
+                size += piece[3] * mat_bytes
+            if bucket:
+                yield self._orthogonalise_bucket(group, params, bucket, r, c, dev, dtype)
 
-    def _orthogonalised(self, group: dict[str, Any], params: list[Tensor], updates: list[Tensor],
-                        shapes: list[int], buckets: dict[tuple, list[int]]
-                        ) -> Iterator[tuple[list[int], list[Tensor], float]]:
-        for (r, c, _dev, dtype), idxs in buckets.items():
-            mats = [updates[i].reshape(shapes[i], r, c) for i in idxs]
-            stacked = mats[0] if len(mats) == 1 else torch.cat(mats)
-            o = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
-                              dtype=self.ns_dtype, out_dtype=dtype)
-            outs = o.split([shapes[i] for i in idxs])
-            yield idxs, [x.view(params[i].shape) for x, i in zip(outs, idxs, strict=True)], \
-                adjusted_scale(r, c, group["adjust_lr_fn"])
+    def _orthogonalise_bucket(self, group: dict[str, Any], params: list[Tensor],
+                              bucket: list[tuple[int, int, int, int]], r: int, c: int,
+                              dev: torch.device, dtype: torch.dtype
+                              ) -> tuple[list[tuple[int, int, int, int]], list[Tensor], float]:
+        mu = group["momentum"]
+        grads = [self._piece(params[i].grad, params[i], lo, hi) for i, lo, hi, _n in bucket]
+        bufs = [self._piece(self._buffer(params[i]), params[i], lo, hi, owned=True)
+                for i, lo, hi, _n in bucket]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)                       # M = mu*M + G
+        total = sum(n for *_, n in bucket)
+        if group["nesterov"]:
+            # U = G + mu*M written straight into the stacked buffer: the only copy made
+            stacked = torch.empty((total, r, c), dtype=dtype, device=dev)
+            dst, off = [], 0
+            for (_i, _lo, _hi, n), g in zip(bucket, grads, strict=True):
+                dst.append(stacked[off:off + n].view(g.shape))
+                off += n
+            torch._foreach_copy_(dst, grads)
+            torch._foreach_add_(dst, bufs, alpha=mu)
+        elif len(bucket) == 1:
+            stacked = bufs[0].reshape(total, r, c)
+        else:
+            stacked = torch.cat([b.reshape(n, r, c) for (*_, n), b in zip(bucket, bufs, strict=True)])
+        o = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
+                          dtype=self.ns_dtype, out_dtype=dtype)
+        del stacked
+        return bucket, list(o.split([n for *_, n in bucket])), adjusted_scale(r, c, group["adjust_lr_fn"])
 
     def _adamw_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        # bounded buckets too: the sqrt/denominator temporaries never span the whole group
+        bucket: list[Tensor] = []
+        size = 0
+        for p in params:
+            nbytes = self._rows_view(p, p).numel() * p.element_size()
+            if bucket and size + nbytes > self.bucket_bytes:
+                self._adamw_bucket(group, bucket)
+                bucket, size = [], 0
+            bucket.append(p)
+            size += nbytes
+        if bucket:
+            self._adamw_bucket(group, bucket)
+
+    def _adamw_bucket(self, group: dict[str, Any], bucket: list[Tensor]) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
         b1, b2 = group["betas"]
-        grads = [p.grad for p in params]
+        params = [self._rows_view(p, p) for p in bucket]
+        grads = [self._rows_view(p.grad, p) for p in bucket]
         m, v, bc1, bc2 = [], [], [], []
-        for p in params:
+        for p, w in zip(bucket, params, strict=True):
             st = self.state[p]
             if "exp_avg" not in st:
                 st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                st["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                st["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
             st["step"] = int(st["step"]) + 1
             m.append(st["exp_avg"])
             v.append(st["exp_avg_sq"])
