@@ -64,11 +64,11 @@ def test_large_tensors_are_chunked_by_rows(tmp_path, monkeypatch):
     import k2_core.checkpoint as ck
     import zarr
 
-    monkeypatch.setattr(ck, "_CHUNK_BYTES", 1024)
+    monkeypatch.setattr(ck, "CHUNK_ELEMENTS", 256)  # 16 rows of 16 -> 7 chunks, evened to 15 rows
     uri = str(tmp_path / "ck")
     save_tensors(uri, {"model": {"big": torch.randn(100, 16)}})
     arr = zarr.open_group(uri, mode="r")["model/big"]
-    assert arr.chunks == (16, 16)
+    assert arr.chunks == (15, 16)
     assert load_tensors(uri)[0]["model"]["big"].shape == (100, 16)
 
 
@@ -100,7 +100,7 @@ def test_zarr_reads_the_chunks_k2_writes(tmp_path, monkeypatch):
     import numpy as np
     import zarr
 
-    monkeypatch.setattr(ck, "_CHUNK_BYTES", 256)  # several chunks, the last one partial
+    monkeypatch.setattr(ck, "CHUNK_ELEMENTS", 64)  # several chunks, the last one partial
     ts = {"rows": torch.randn(37, 5), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
           "half": torch.randn(9, 3).bfloat16(), "cube": torch.randn(7, 2, 3)}
     uri = str(tmp_path / "ck")
@@ -119,7 +119,7 @@ def test_missing_chunk_names_the_array(tmp_path, monkeypatch):
     """The local reader reads chunk files itself: a deleted chunk is an error, not zeros."""
     import k2_core.checkpoint as ck
 
-    monkeypatch.setattr(ck, "_CHUNK_BYTES", 256)
+    monkeypatch.setattr(ck, "CHUNK_ELEMENTS", 64)
     uri = str(tmp_path / "ck")
     save_tensors(uri, {"model": {"w": torch.randn(40, 4)}})
     (tmp_path / "ck" / "model" / "w" / "c" / "1" / "0").unlink()

@@ -3,11 +3,17 @@
 Each checkpoint is `<root>/step_<N>`, written first as `step_<N>.tmp` (tensors, then the
 commit marker) and renamed when complete, so a process killed mid-save leaves the previous
 checkpoint as the newest loadable one. The last `keep` checkpoints are kept.
+
+`save_train_state` writes from one process (world size 1) in the same rank-parallel format a
+distributed backend writes with `k2_core.checkpoint.ShardWriter`: every rank writes its shards
+to `step_uris(root, step)[0]`, then after a barrier one rank calls
+`commit_train_state(root, step, world_size, train_state_attrs(...))`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -15,10 +21,11 @@ from typing import Any
 import fsspec
 import torch
 
-from .checkpoint import is_committed, load_tensors, save_tensors
+from .checkpoint import COMMIT, ShardWriter, commit_sharded, is_committed, load_tensors
 from .errors import CheckpointError
 
-_STEP_RE = re.compile(r"step_(\d+)$")
+_STEP_RE = re.compile(r"step_(\d+)(\.tmp)?$")
+log = logging.getLogger(__name__)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -50,7 +57,7 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def list_checkpoints(root: str) -> list[tuple[int, str]]:
-    """Complete checkpoints under `root`, oldest first, as (step, uri)."""
+    """Complete checkpoints under `root`, oldest first, as (step, uri); others are warned about."""
     fs, path = fsspec.core.url_to_fs(root)
     if not fs.exists(path):
         return []
@@ -61,9 +68,43 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
         m = _STEP_RE.match(name)
         if m:
             uri = proto + entry if proto and not entry.startswith(proto) else entry
-            if is_committed(uri):
+            if m.group(2):  # a save that never reached its commit (or is under way right now)
+                log.warning("k2: skipping checkpoint %s: an unfinished save (never committed)", uri)
+            elif is_committed(uri):
                 found.append((int(m.group(1)), uri))
+            else:
+                log.warning("k2: skipping checkpoint %s: no commit marker (%s), incomplete", uri,
+                            COMMIT)
     return sorted(found)
+
+
+def step_uris(root: str, step: int) -> tuple[str, str]:
+    """(where the ranks write step `step`, where it lives once committed) under `root`."""
+    final = f"{root.rstrip('/')}/step_{step:08d}"
+    return f"{final}.tmp", final
+
+
+def train_state_attrs(step: int, optimizer_meta: dict[str, Any], scheduler: Any = None,
+                      loader: Any = None, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON attrs of a training-state checkpoint (what `load_train_state` reads back)."""
+    return {
+        "step": step,
+        "optimizer": optimizer_meta,
+        "scheduler": _json_safe(scheduler.state_dict()) if scheduler is not None else None,
+        "loader": loader.state_dict() if loader is not None else None,
+        **(attrs or {}),
+    }
+
+
+def commit_train_state(root: str, step: int, world_size: int, attrs: dict[str, Any],
+                       keep: int = 2) -> str:
+    """After every rank closed its ShardWriter on step_uris(...)[0]: commit, prune; -> URI."""
+    tmp_uri, final_uri = step_uris(root, step)
+    commit_sharded(tmp_uri, final_uri, world_size, attrs)
+    fs = fsspec.core.url_to_fs(root)[0]
+    for _, old in list_checkpoints(root)[:-keep] if keep > 0 else []:
+        fs.rm(fsspec.core.url_to_fs(old)[1], recursive=True)
+    return final_uri
 
 
 def save_train_state(root: str, step: int, *, model: torch.nn.Module, optimizer: Any,
@@ -75,9 +116,10 @@ def save_train_state(root: str, step: int, *, model: torch.nn.Module, optimizer:
     `model_state` / `optimizer_state` replace `model.state_dict()` / `optimizer.state_dict()`
     (a distributed backend passes the consolidated, single-process-layout states).
     """
-    fs, path = fsspec.core.url_to_fs(root)
-    name = f"step_{step:08d}"
-    tmp_uri, final_uri = f"{root.rstrip('/')}/{name}.tmp", f"{root.rstrip('/')}/{name}"
+    tmp_uri, _ = step_uris(root, step)
+    fs, tmp_path = fsspec.core.url_to_fs(tmp_uri)
+    if fs.exists(tmp_path):  # what a killed earlier attempt at this step left
+        fs.rm(tmp_path, recursive=True)
     if optimizer_state is None:
         optimizer_state = optimizer.state_dict()
     if model_state is None:
@@ -86,20 +128,12 @@ def save_train_state(root: str, step: int, *, model: torch.nn.Module, optimizer:
     rng = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    meta = {
-        "step": step,
-        "optimizer": opt_meta,
-        "scheduler": _json_safe(scheduler.state_dict()) if scheduler is not None else None,
-        "loader": loader.state_dict() if loader is not None else None,
-        **(attrs or {}),
-    }
-    save_tensors(tmp_uri, {"model": dict(model_state), "optim": opt_tensors, "rng": rng}, meta)
-    if fs.exists(f"{path}/{name}"):
-        fs.rm(f"{path}/{name}", recursive=True)
-    fs.mv(f"{path}/{name}.tmp", f"{path}/{name}", recursive=True)
-    for _, old in list_checkpoints(root)[:-keep]:
-        fs.rm(fsspec.core.url_to_fs(old)[1], recursive=True)
-    return final_uri
+    with ShardWriter(tmp_uri, 0) as w:
+        for group, ts in (("model", model_state), ("optim", opt_tensors), ("rng", rng)):
+            for name, t in ts.items():
+                w.write(group, name, t.shape, t.dtype, 0, t)
+    return commit_train_state(root, step, 1, train_state_attrs(step, opt_meta, scheduler, loader,
+                                                               attrs), keep)
 
 
 def load_train_state(uri: str, *, model: torch.nn.Module, optimizer: Any = None,
