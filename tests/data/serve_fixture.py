@@ -2,6 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
 import torch
 from k2_core.config import ModelConfig, MoEConfig
 from k2_core.model import build_model
@@ -54,3 +63,58 @@ def make_checkpoint(path: str, steps: int = 400) -> BpeTokenizer:
     save_model(model, path)
     tok.save(f"{path}/tokenizer")
     return tok
+
+
+K2 = str(Path(sys.executable).parent / "k2")
+_CHECKPOINTS: dict[str, str] = {}  # one trained checkpoint per test process (8 s each)
+
+
+def shared_checkpoint(tmp_path_factory: Any) -> str:
+    """The tiny chat checkpoint, trained once per pytest process and shared by the modules."""
+    if "tiny" not in _CHECKPOINTS:
+        path = str(tmp_path_factory.mktemp("serve") / "tiny-chat")
+        make_checkpoint(path)
+        _CHECKPOINTS["tiny"] = path
+    return _CHECKPOINTS["tiny"]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(ckpt: str, *args: str, env: dict[str, str] | None = None,
+                 timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+    """`k2 serve ckpt *args` on a free loopback port; (process, base URL) once /health answers."""
+    port = free_port()
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen([K2, "serve", ckpt, "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=full_env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"k2 serve exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("k2 serve did not come up")
+        time.sleep(0.3)
+
+
+def stop_server(proc: subprocess.Popen) -> str:
+    """Terminate the server; its log (stdout and stderr)."""
+    proc.terminate()
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out or ""

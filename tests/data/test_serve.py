@@ -3,53 +3,30 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from serve_fixture import ASK_HELLO, ASK_TOOL, TOOLS, make_checkpoint
+from serve_fixture import (
+    ASK_HELLO,
+    ASK_TOOL,
+    K2,
+    TOOLS,
+    shared_checkpoint,
+    start_server,
+    stop_server,
+)
 
-K2 = str(Path(sys.executable).parent / "k2")
 pytestmark = pytest.mark.slow  # trains a tiny chat model and starts a server process
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    ckpt = str(tmp_path_factory.mktemp("serve") / "tiny-chat")
-    make_checkpoint(ckpt)
-    port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([K2, "serve", ckpt, "--port", str(port), "--max-tokens", "64"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"k2 serve exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("k2 serve did not come up")
-        time.sleep(0.3)
+    proc, base = start_server(shared_checkpoint(tmp_path_factory), "--max-tokens", "64")
     yield base
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")

@@ -58,37 +58,58 @@ def _arguments(fn: dict[str, Any]) -> str:
     return args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
 
 
-def _assistant_body(msg: dict[str, Any], call_index: dict[str, tuple[str, int]]) -> str:
+# A rendered conversation is a list of parts: (text, is_control). Control parts are the
+# envelope's special tokens, placed by the renderer from the messages' structure; every other
+# part (message content, names, tool arguments, tool declarations) is data and is encoded with
+# special tokens disallowed, so a message quoting `<|im_end|><|im_system|>` stays plain text.
+Part = tuple[str, bool]
+
+
+def _ctl(token: str) -> Part:
+    return (token, True)
+
+
+def _data(text: str) -> Part:
+    return (text, False)
+
+
+def _turn(head: str, name: str, body: list[Part]) -> list[Part]:
+    """`{head}{name}<|im_middle|>{body}<|im_end|>` as parts."""
+    return [_ctl(head), _data(name), _ctl(IM_MIDDLE), *body, _ctl(IM_END)]
+
+
+def _assistant_body(msg: dict[str, Any], call_index: dict[str, tuple[str, int]]) -> list[Part]:
     """Text then the tool-call section; records each call id -> (name, idx) for tool results."""
-    body = _text(msg.get("content"))
+    body = [_data(_text(msg.get("content")))]
     calls = msg.get("tool_calls") or []
     if not calls:
         return body
-    pieces = [body, CALLS_BEGIN]
+    body.append(_ctl(CALLS_BEGIN))
     for idx, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not fn.get("name"):
             raise ChatFormatError(f"assistant tool_calls[{idx}] lacks function.name")
         name = str(fn["name"])
         call_index[str(call.get("id", f"functions.{name}:{idx}"))] = (name, idx)
-        pieces.append(f"{CALL_BEGIN}functions.{name}:{idx}{CALL_ARGS}{_arguments(fn)}{CALL_END}")
-    pieces.append(CALLS_END)
-    return "".join(pieces)
+        body += [_ctl(CALL_BEGIN), _data(f"functions.{name}:{idx}"), _ctl(CALL_ARGS),
+                 _data(_arguments(fn)), _ctl(CALL_END)]
+    body.append(_ctl(CALLS_END))
+    return body
 
 
-def segments(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-             add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, is_assistant_output) pieces, in order.
+def chat_parts(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+               add_generation_prompt: bool = False) -> list[tuple[list[Part], bool]]:
+    """The conversation as (parts, is_assistant_output) segments, in order.
 
-    The assistant-output pieces are each assistant turn's body and its closing <|im_end|>:
+    The assistant-output segments are each assistant turn's body and its closing <|im_end|>:
     what a model learns in SFT (the role headers are not).
     """
-    out: list[tuple[str, bool]] = []
+    out: list[tuple[list[Part], bool]] = []
     if tools:
         declared = json.dumps(tools, separators=(",", ":"), ensure_ascii=False)
-        out.append((f"{IM_SYSTEM}tool_declare{IM_MIDDLE}{declared}{IM_END}", False))
+        out.append((_turn(IM_SYSTEM, "tool_declare", [_data(declared)]), False))
     if not messages or messages[0].get("role") != "system":
-        out.append((f"{IM_SYSTEM}system{IM_MIDDLE}{DEFAULT_SYSTEM}{IM_END}", False))
+        out.append((_turn(IM_SYSTEM, "system", [_data(DEFAULT_SYSTEM)]), False))
     call_index: dict[str, tuple[str, int]] = {}
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or not isinstance(msg.get("role"), str):
@@ -97,10 +118,10 @@ def segments(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None 
         if role not in ("system", "user", "assistant", "tool"):
             raise ChatFormatError(f"messages[{i}].role: unknown role {role!r}")
         if role == "assistant":
-            name = msg.get("name") or role
+            name = str(msg.get("name") or role)
             call_index = {}
-            out.append((f"{IM_ASSISTANT}{name}{IM_MIDDLE}", False))
-            out.append((_assistant_body(msg, call_index) + IM_END, True))
+            out.append(([_ctl(IM_ASSISTANT), _data(name), _ctl(IM_MIDDLE)], False))
+            out.append(([*_assistant_body(msg, call_index), _ctl(IM_END)], True))
         elif role == "tool":
             call_id = str(msg.get("tool_call_id") or "")
             fn_name, idx = call_index.get(call_id, (None, None))
@@ -113,39 +134,94 @@ def segments(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None 
             if not fn_name:
                 raise ChatFormatError(f"messages[{i}]: a tool result needs a tool_call_id of an "
                                       "earlier call (or a name)")
-            name = msg.get("name") or fn_name
+            name = str(msg.get("name") or fn_name)
             body = f"## Return of functions.{fn_name}:{idx}\n{_text(msg.get('content'))}"
-            out.append((f"{IM_SYSTEM}{name}{IM_MIDDLE}{body}{IM_END}", False))
+            out.append((_turn(IM_SYSTEM, name, [_data(body)]), False))
         else:
-            name = msg.get("name") or role
-            out.append((f"{_CLASS.get(role, IM_SYSTEM)}{name}{IM_MIDDLE}{_text(msg.get('content'))}{IM_END}",
+            name = str(msg.get("name") or role)
+            out.append((_turn(_CLASS.get(role, IM_SYSTEM), name, [_data(_text(msg.get("content")))]),
                         False))
     if add_generation_prompt:
-        out.append((GENERATION_PROMPT, False))
+        out.append(([_ctl(IM_ASSISTANT), _data("assistant"), _ctl(IM_MIDDLE)], False))
     return out
+
+
+def segments(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
+             add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is_assistant_output) pieces, in order."""
+    return [("".join(t for t, _ in parts), train)
+            for parts, train in chat_parts(messages, tools, add_generation_prompt)]
 
 
 def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
            add_generation_prompt: bool = False) -> str:
-    """The conversation in K2's chat format (no [BOS]/[EOS])."""
+    """The conversation in K2's chat format (no [BOS]/[EOS]); for display and logs: encode
+    with `encode_chat`/`encode_chat_prompt`, never by encoding this text with specials allowed."""
     return "".join(text for text, _ in segments(messages, tools, add_generation_prompt))
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, Any]],
-                tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:
-    """Token ids of `render(messages, tools)` and a mask, True on the tokens SFT trains on.
+def encode_parts_batch(tokenizer: Any, batch: list[list[Part]]) -> list[list[int]]:
+    """Token ids of each list of parts: control parts by id, data parts as plain text.
 
-    Pieces are encoded one by one; every boundary sits at a special token, so the ids equal
-    encoding the whole rendered text.
+    Adjacent data parts are joined before encoding, and control tokens split the text as
+    encoding the whole rendered text would, so a benign conversation gets exactly the ids of
+    `tokenizer.encode(render(...), allow_special=True)`.
     """
+    special = tokenizer.special_tokens
+    plans: list[list[int | str]] = []  # per item: control ids and data texts, in order
+    texts: list[str] = []
+    for parts in batch:
+        plan: list[int | str] = []
+        run: list[str] = []
+        for text, control in parts:
+            if not control:
+                run.append(text)
+                continue
+            if run:
+                plan.append("".join(run))
+                run = []
+            if text not in special:
+                raise ChatFormatError(f"the tokenizer has no control token {text}")
+            plan.append(special[text])
+        if run:
+            plan.append("".join(run))
+        texts += [x for x in plan if isinstance(x, str) and x]
+        plans.append(plan)
+    encoded = iter(tokenizer.encode_batch(texts, allow_special=False) if texts else [])
+    out: list[list[int]] = []
+    for plan in plans:
+        ids: list[int] = []
+        for x in plan:
+            if isinstance(x, int):
+                ids.append(x)
+            elif x:
+                ids.extend(next(encoded))
+        out.append(ids)
+    return out
+
+
+def encode_chat(tokenizer: Any, messages: list[dict[str, Any]],
+                tools: list[dict[str, Any]] | None = None,
+                add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    """Token ids of the conversation and a mask, True on the tokens SFT trains on.
+
+    Control tokens come from the structure, message content is encoded as text (special-token
+    strings in it stay text); pieces are encoded one by one, every boundary at a control token.
+    """
+    pieces = chat_parts(messages, tools, add_generation_prompt)
+    encoded = encode_parts_batch(tokenizer, [parts for parts, _ in pieces])
     ids: list[int] = []
     mask: list[bool] = []
-    pieces = segments(messages, tools)
-    encoded = tokenizer.encode_batch([t for t, _ in pieces], allow_special=True)
     for (_, train), piece in zip(pieces, encoded, strict=True):
         ids.extend(piece)
         mask.extend([train] * len(piece))
     return ids, mask
+
+
+def encode_chat_prompt(tokenizer: Any, messages: list[dict[str, Any]],
+                       tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of the conversation plus the generation prompt (what a model completes)."""
+    return encode_chat(tokenizer, messages, tools, add_generation_prompt=True)[0]
 
 
 def parse_assistant(text: str) -> dict[str, Any]:

@@ -3,30 +3,48 @@
 Routes: POST /v1/chat/completions (K2's chat format; tool calls parsed into OpenAI
 `tool_calls`, finish_reason `tool_calls`; SSE streaming), POST /v1/completions (streaming
 too), GET /v1/models, GET /health. Concurrent requests share engine batches (`Batcher`).
-Bad requests get a 4xx JSON body `{"error": {"message", "type"}}`; nothing crashes the server.
+Bad requests get a 4xx JSON body `{"error": {"message", "type", "code"}}`; nothing crashes
+the server. Hardening (README, "Serving under abuse"): chat content is encoded as text
+(control tokens only from the envelope), bodies over a limit get 413 unread, parsing and
+tokenising run off the event loop, a client that goes away cancels its generation, a bounded
+queue answers 429, an optional API key guards every route but /health.
 """
 
 
 import asyncio
+import hmac
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .chat import CALLS_BEGIN, ChatFormatError, parse_assistant, render
+from .chat import (
+    CALL_ARGS,
+    CALL_BEGIN,
+    CALLS_BEGIN,
+    ChatFormatError,
+    Part,
+    chat_parts,
+    encode_parts_batch,
+    parse_assistant,
+)
 from .generation.batcher import Batcher
 from .generation.engine import Completion, Engine, SamplingParams
 from .generators.base import make_usage
+
+API_KEY_ENV = "K2_SERVE_API_KEY"
+MAX_TOP_LOGPROBS = 20  # as vLLM and OpenAI chat
 
 
 class _Request(BaseModel):
     """Fields common to both completion routes (unknown OpenAI fields are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
-    model: str | None = Field(None, description="Model name (any; one model is served).")
+    model: str | None = Field(None, description="Model name: the served one (or none).")
     temperature: float = Field(1.0, ge=0, le=2, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus mass.")
     max_tokens: int | None = Field(None, ge=1, description="Completion token limit.")
@@ -35,6 +53,9 @@ class _Request(BaseModel):
     n: int = Field(1, ge=1, le=16, description="Completions per request.")
     stream: bool = Field(False, description="Server-sent events instead of one JSON body.")
     stream_options: dict[str, Any] | None = Field(None, description="{include_usage: bool}.")
+    return_tokens_as_token_ids: bool = Field(
+        False, description="vLLM's extension: logprobs tokens as 'token_id:ID'.")
+    ignore_eos: bool = Field(False, description="vLLM's extension: run to max_tokens.")
 
     @field_validator("stop")
     @classmethod
@@ -50,30 +71,68 @@ class ChatRequest(_Request):
 
     messages: list[dict[str, Any]] = Field(..., min_length=1, description="The conversation.")
     tools: list[dict[str, Any]] | None = Field(None, description="OpenAI-style tool specs.")
-    tool_choice: Any = Field(None, description="`none` hides the tools; other values: auto.")
+    tool_choice: Any = Field(None, description="none, auto, required or {type: function, "
+                                               "function: {name}}.")
     max_completion_tokens: int | None = Field(None, ge=1, description="Alias of max_tokens.")
+    logprobs: bool = Field(False, description="Raw log-probabilities of the generated tokens.")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="Alternatives per token (needs logprobs).")
 
 
 class CompletionRequest(_Request):
     """POST /v1/completions."""
 
     prompt: str | list[str] | list[int] = Field(..., description="Text, texts, or token ids.")
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                 description="Raw logprobs plus this many alternatives per token.")
 
 
 class ApiError(Exception):
-    """A request the server refuses: HTTP status, message and OpenAI error type."""
+    """A request the server refuses: HTTP status, message, OpenAI error type and code."""
 
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.kind = status, message, kind
+        self.code, self.param, self.headers = code, param, headers
 
 
-def _error_body(message: str, kind: str) -> dict[str, Any]:
-    return {"error": {"message": message, "type": kind}}
+def _error_body(message: str, kind: str, code: str | None = None,
+                param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def parse_body(raw: bytes, model: type[BaseModel]) -> Any:
+    """The validated request from raw JSON bytes; ApiError 400 on anything malformed."""
+    try:
+        data = json.loads(raw)
+    except RecursionError:  # JSON nested thousands deep: the parser's recursion gives up
+        raise ApiError(400, "the request body nests too deeply") from None
+    except ValueError:
+        raise ApiError(400, "the request body is not valid JSON") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deeply") from None
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise ApiError(400, f"{where}: {err['msg']}") from None
+
+
+class _Forced:
+    """What `tool_choice` makes the server put after the generation prompt, and its text."""
+
+    def __init__(self, parts: list[Part], required: bool):
+        self.parts, self.required = parts, required
+        self.text = "".join(t for t, _ in parts)
 
 
 class Server:
@@ -89,14 +148,37 @@ class Server:
         self.batcher = Batcher(engine)
         self.created = int(time.time())
         self.stop_ids = set(engine.default_stop_ids)
+        self.tool_call_errors = 0  # malformed tool calls the model emitted (in /health)
+        # The longest any one token decodes to, in UTF-8 bytes: text of more than
+        # max_positions times this many bytes cannot fit the context whatever its tokens, so
+        # it is refused without spending seconds tokenising it.
+        special = set(self.tokenizer.special_tokens.values())
+        ids = [i for i in range(self.tokenizer.vocab_size) if i not in special]
+        texts = self.tokenizer.decode_batch([[i] for i in ids])
+        self.max_token_bytes = max([len(t.encode()) for t in texts] or [1])
+        self.max_special_bytes = max([len(t.encode()) for t in self.tokenizer.special_tokens]
+                                     or [1])
 
-    def params(self, req: _Request, max_tokens: int | None, i: int = 0, on_token: Any = None
-               ) -> SamplingParams:
+    def check_model(self, req: _Request) -> None:
+        """404 for a model name other than the served one (as the OpenAI API answers)."""
+        if req.model is not None and req.model != self.model_name:
+            raise ApiError(404, f"The model `{req.model}` does not exist; this server serves "
+                                f"`{self.model_name}`.", code="model_not_found", param="model")
+
+    def params(self, req: _Request, max_tokens: int | None, i: int = 0, on_token: Any = None,
+               cancel: threading.Event | None = None, top_logprobs: int = 0) -> SamplingParams:
         """Engine sampling params of choice `i` of a request."""
         return SamplingParams(
             temperature=req.temperature, top_p=req.top_p,
             max_new_tokens=max_tokens or self.max_tokens, stop=list(req.stop or []),
-            seed=None if req.seed is None else req.seed + i, on_token=on_token)
+            seed=None if req.seed is None else req.seed + i, on_token=on_token,
+            top_logprobs=top_logprobs, cancel=cancel, ignore_eos=req.ignore_eos)
+
+    def check_text_size(self, n_bytes: int, per_token: int) -> None:
+        """400 before tokenising when `n_bytes` of text cannot fit the context at all."""
+        if n_bytes > self.engine.max_positions * per_token:
+            raise ApiError(400, f"the prompt ({n_bytes} bytes) exceeds the model's context of "
+                                f"{self.engine.max_positions} tokens", code="context_length_exceeded")
 
     def check_length(self, ids: list[int], max_new: int) -> None:
         """400 when prompt + completion would not fit the model's positions."""
@@ -105,44 +187,56 @@ class Server:
         limit = self.engine.max_positions
         if len(ids) + max_new > limit:
             raise ApiError(400, f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) exceeds the "
-                                f"model's context of {limit} tokens; shorten it or lower max_tokens")
+                                f"model's context of {limit} tokens; shorten it or lower max_tokens",
+                           code="context_length_exceeded")
 
     async def run(self, ids: list[int], params: SamplingParams) -> Completion:
-        """One request through the batcher."""
+        """One request through the batcher; cancelling the await cancels the generation."""
+        fut = self.batcher.submit(ids, params)
         try:
-            return await self.batcher.agenerate(ids, params)
+            return await asyncio.wrap_future(fut)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+        finally:
+            if not fut.done() and params.cancel is not None:
+                params.cancel.set()  # running already: the engine drops the row next step
 
     async def stream_text(self, ids: list[int], params: SamplingParams,
                           cut: str | None = None) -> AsyncIterator[str | Completion]:
         """Text deltas as tokens arrive, then the Completion; text from `cut` on is held back
-        (a tool-call section), and so is a tail that may still become a stop string."""
+        (a tool-call section), and so is a tail that may still become a stop string. Closing
+        the iterator early (the client went away) cancels the generation."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        params.cancel = params.cancel or threading.Event()
         params.on_token = lambda tok: loop.call_soon_threadsafe(q.put_nowait, tok)
         fut = asyncio.ensure_future(self.run(ids, params))
         fut.add_done_callback(lambda _: q.put_nowait(None))
         hold = max((len(s) for s in params.stop), default=0)
         tokens: list[int] = []
         sent = 0
-        while True:
-            tok = await q.get()
-            if tok is None:
-                break
-            if tok in self.stop_ids:
-                continue
-            tokens.append(tok)
-            text = self.tokenizer.decode(tokens)
-            end = len(text) - hold
-            if cut is not None and cut in text:
-                end = min(end, text.index(cut))
-            if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
-                end = min(end, len(text) - 1)
-            if end > sent:
-                yield text[sent:end]
-                sent = end
-        out = await fut
+        try:
+            while True:
+                tok = await q.get()
+                if tok is None:
+                    break
+                if tok in self.stop_ids:
+                    continue
+                tokens.append(tok)
+                text = self.tokenizer.decode(tokens)
+                end = len(text) - hold
+                if cut is not None and cut in text:
+                    end = min(end, text.index(cut))
+                if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+                    end = min(end, len(text) - 1)
+                if end > sent:
+                    yield text[sent:end]
+                    sent = end
+            out = await fut
+        finally:
+            if not fut.done():
+                params.cancel.set()
+                fut.cancel()
         final = out.text or ""
         if cut is not None and cut in final:
             final = final[: final.index(cut)]
@@ -150,71 +244,172 @@ class Server:
             yield final[sent:]
         yield out
 
+    # --- logprobs ------------------------------------------------------------------------
+    def _token_text(self, tid: int, as_ids: bool) -> str:
+        return f"token_id:{tid}" if as_ids else self.tokenizer.decode([tid])
+
+    def chat_logprobs(self, out: Completion, as_ids: bool) -> dict[str, Any]:
+        """OpenAI chat `logprobs`: every generated token (the stop token included) with its
+        raw log-probability and alternatives."""
+        def entry(tid: int, lp: float) -> dict[str, Any]:
+            tok = self._token_text(tid, as_ids)
+            return {"token": tok, "logprob": lp, "bytes": list(tok.encode())}
+
+        tops = out.top_logprobs or [[] for _ in out.token_ids]
+        return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in top]}
+                            for t, lp, top in zip(out.token_ids, out.logprobs, tops, strict=True)],
+                "refusal": None}
+
+    def completion_logprobs(self, out: Completion, as_ids: bool) -> dict[str, Any]:
+        """OpenAI (legacy) completions `logprobs`: tokens, token_logprobs, top_logprobs,
+        text_offset, one entry per generated token."""
+        toks = [self._token_text(t, as_ids) for t in out.token_ids]
+        offsets, pos = [], 0
+        for t in toks:
+            offsets.append(pos)
+            pos += len(t)
+        tops = None
+        if out.top_logprobs is not None:
+            tops = [{self._token_text(a, as_ids): b for a, b in top} for top in out.top_logprobs]
+        return {"tokens": toks, "token_logprobs": list(out.logprobs), "top_logprobs": tops,
+                "text_offset": offsets}
+
     # --- chat ----------------------------------------------------------------------------
-    def chat_prompt(self, req: ChatRequest) -> list[int]:
-        """Token ids of the rendered conversation with the generation prompt."""
+    def forced(self, req: ChatRequest) -> _Forced | None:
+        """The tool-call envelope `tool_choice` forces the answer to start with, if any."""
+        choice = req.tool_choice
+        if choice in (None, "auto", "none"):
+            return None
+        names = [str((t.get("function") or {}).get("name")) for t in req.tools or []
+                 if isinstance(t, dict)]
+        if choice == "required":
+            if not names:
+                raise ApiError(400, "tool_choice 'required' needs tools", param="tool_choice")
+            return _Forced([(CALLS_BEGIN, True)], required=True)
+        fn = choice.get("function") if isinstance(choice, dict) else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str) or choice.get("type") != "function":
+            raise ApiError(400, "tool_choice: none, auto, required or {type: function, function: "
+                                "{name}}", param="tool_choice")
+        if name not in names:
+            raise ApiError(400, f"tool_choice: no tool named {name!r} in tools", param="tool_choice")
+        return _Forced([(CALLS_BEGIN, True), (CALL_BEGIN, True), (f"functions.{name}:0", False),
+                        (CALL_ARGS, True)], required=True)
+
+    def chat_prompt(self, req: ChatRequest) -> tuple[list[int], _Forced | None]:
+        """Token ids of the conversation with the generation prompt (and what tool_choice
+        forces after it): control tokens from the structure, content always as text."""
         tools = req.tools if req.tool_choice != "none" else None
+        forced = self.forced(req)
         try:
-            text = render(req.messages, tools, add_generation_prompt=True)
+            parts = [p for seg, _ in chat_parts(req.messages, tools, add_generation_prompt=True)
+                     for p in seg]
         except ChatFormatError as exc:
             raise ApiError(400, f"messages: {exc}") from None
-        return self.tokenizer.encode(text, allow_special=True)
+        if forced is not None:
+            parts += forced.parts
+        self.check_text_size(sum(len(t.encode()) for t, ctl in parts if not ctl),
+                             self.max_token_bytes)
+        try:
+            return encode_parts_batch(self.tokenizer, [parts])[0], forced
+        except ChatFormatError as exc:
+            raise ApiError(400, f"messages: {exc}") from None
 
-    def chat_choice(self, out: Completion, index: int) -> dict[str, Any]:
-        """One OpenAI chat choice from a Completion."""
-        msg = parse_assistant(out.text or "")
-        msg.pop("tool_call_errors", None)  # not an OpenAI field; the raw text stays out
+    def chat_choice(self, out: Completion, index: int, forced: _Forced | None = None,
+                    logprobs: bool = False, as_ids: bool = False) -> dict[str, Any]:
+        """One OpenAI chat choice from a Completion.
+
+        Malformed tool calls are not dropped: as vLLM does when its tool parser fails, the
+        model's whole raw output becomes the content (no tool_calls), the errors are listed
+        under the choice's `tool_call_errors` and counted in /health.
+        """
+        raw = (forced.text if forced else "") + (out.text or "")
+        msg = parse_assistant(raw)
+        errors = [e["error"] for e in msg.pop("tool_call_errors", [])]
+        if forced is not None and forced.required and not msg.get("tool_calls") and not errors:
+            errors.append("tool_choice demands a tool call and the model made none")
         finish = out.finish_reason
-        if finish == "stop" and msg.get("tool_calls"):
+        if errors:
+            self.tool_call_errors += len(errors)
+            msg = {"role": "assistant", "content": raw}
+        elif finish == "stop" and msg.get("tool_calls"):
             finish = "tool_calls"
-        return {"index": index, "message": msg, "finish_reason": finish, "logprobs": None}
+        choice = {"index": index, "message": msg, "finish_reason": finish,
+                  "logprobs": self.chat_logprobs(out, as_ids) if logprobs else None}
+        if errors:
+            choice["tool_call_errors"] = errors
+        return choice
 
-    async def chat(self, req: ChatRequest) -> Any:
-        """Handle POST /v1/chat/completions."""
-        ids = self.chat_prompt(req)
-        max_new = req.max_completion_tokens or req.max_tokens or self.max_tokens
-        self.check_length(ids, max_new)
+    def chat_max_new(self, req: ChatRequest) -> int:
+        """The completion budget of a chat request."""
+        return req.max_completion_tokens or req.max_tokens or self.max_tokens
+
+    def prepare_chat(self, req: ChatRequest) -> tuple[list[int], _Forced | None]:
+        """Everything before generation that may be slow (render, tokenise, checks); run it
+        off the event loop."""
+        self.check_model(req)
+        if req.stream and req.n != 1:
+            raise ApiError(400, "n > 1 is not supported with stream")
+        ids, forced = self.chat_prompt(req)
+        self.check_length(ids, self.chat_max_new(req))
+        return ids, forced
+
+    async def chat(self, req: ChatRequest, ids: list[int], forced: _Forced | None,
+                   cancel: threading.Event | None = None) -> Any:
+        """Handle POST /v1/chat/completions (after `prepare_chat`)."""
+        max_new = self.chat_max_new(req)
         rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        top = (req.top_logprobs or 0) if req.logprobs else 0
         if req.stream:
-            if req.n != 1:
-                raise ApiError(400, "n > 1 is not supported with stream")
-            return self.chat_stream(rid, req, ids, max_new)
-        outs = await asyncio.gather(*(self.run(ids, self.params(req, max_new, i))
+            return self.chat_stream(rid, req, ids, max_new, forced, top)
+        outs = await asyncio.gather(*(self.run(ids, self.params(req, max_new, i, cancel=cancel,
+                                                                 top_logprobs=top))
                                       for i in range(req.n)))
         return {
             "id": rid, "object": "chat.completion", "created": int(time.time()),
             "model": self.model_name,
-            "choices": [self.chat_choice(o, i) for i, o in enumerate(outs)],
+            "choices": [self.chat_choice(o, i, forced, req.logprobs, req.return_tokens_as_token_ids)
+                        for i, o in enumerate(outs)],
             "usage": make_usage(len(ids), sum(len(o.token_ids) for o in outs)),
         }
 
-    async def chat_stream(self, rid: str, req: ChatRequest, ids: list[int],
-                          max_new: int) -> AsyncIterator[str]:
-        """SSE chunks: the role, content deltas, tool calls, the finish reason, [DONE]."""
+    async def chat_stream(self, rid: str, req: ChatRequest, ids: list[int], max_new: int,
+                          forced: _Forced | None, top: int) -> AsyncIterator[str]:
+        """SSE chunks: the role, content deltas, tool calls, the finish reason (with the
+        logprobs of every token when asked), [DONE]."""
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.model_name}
 
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
             return _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                              "logprobs": None}]})
+                                              "logprobs": logprobs}]})
 
         yield chunk({"role": "assistant", "content": ""})
         out: Completion | None = None
+        sent = ""
+        # a forced tool call holds everything back: it is parsed whole at the end
+        cut = "" if forced is not None else CALLS_BEGIN
         try:
-            async for piece in self.stream_text(ids, self.params(req, max_new), cut=CALLS_BEGIN):
+            async for piece in self.stream_text(ids, self.params(req, max_new, top_logprobs=top),
+                                                cut=cut):
                 if isinstance(piece, Completion):
                     out = piece
                 else:
+                    sent += piece
                     yield chunk({"content": piece})
         except ApiError as exc:
-            yield _sse(_error_body(exc.message, exc.kind))
+            yield _sse(_error_body(exc.message, exc.kind, exc.code))
             yield "data: [DONE]\n\n"
             return
-        choice = self.chat_choice(out, 0)
+        choice = self.chat_choice(out, 0, forced)
+        content = choice["message"].get("content") or ""
+        if content.startswith(sent) and len(content) > len(sent):
+            yield chunk({"content": content[len(sent):]})  # malformed tool calls, as text
         calls = choice["message"].get("tool_calls") or []
         if calls:
             yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
-        yield chunk({}, choice["finish_reason"])
+        lp = self.chat_logprobs(out, req.return_tokens_as_token_ids) if req.logprobs else None
+        yield chunk({}, choice["finish_reason"], lp)
         if (req.stream_options or {}).get("include_usage"):
             yield _sse({**head, "choices": [],
                         "usage": make_usage(len(ids), len(out.token_ids))})
@@ -222,121 +417,233 @@ class Server:
 
     # --- completions ---------------------------------------------------------------------
     def completion_prompts(self, req: CompletionRequest) -> list[list[int]]:
-        """Token ids of each prompt (a text, texts, or one list of token ids)."""
+        """Token ids of each prompt (a text, texts, or one list of token ids). A completion
+        prompt is raw model input, written whole by the caller: special-token strings in it
+        are K2's control tokens, as in vLLM."""
         p = req.prompt
-        if isinstance(p, str):
-            return [self.tokenizer.encode(p, allow_special=True)]
         if p and all(isinstance(x, int) for x in p):
             vocab = self.tokenizer.vocab_size
             if any(not 0 <= x < vocab for x in p):
                 raise ApiError(400, f"prompt: token ids must be in [0, {vocab})")
             return [list(p)]
-        if not p:
+        texts = [p] if isinstance(p, str) else list(p)
+        if not texts:
             raise ApiError(400, "prompt is empty")
-        return [self.tokenizer.encode(t, allow_special=True) for t in p]
+        per_token = max(self.max_token_bytes, self.max_special_bytes)
+        for t in texts:
+            self.check_text_size(len(t.encode()), per_token)
+        return self.tokenizer.encode_batch(texts, allow_special=True)
 
-    async def complete(self, req: CompletionRequest) -> Any:
-        """Handle POST /v1/completions."""
+    def prepare_complete(self, req: CompletionRequest) -> list[list[int]]:
+        """Checks and tokenising before generation; run it off the event loop."""
+        self.check_model(req)
         prompts = self.completion_prompts(req)
-        max_new = req.max_tokens or 16
         for ids in prompts:
-            self.check_length(ids, max_new)
+            self.check_length(ids, req.max_tokens or 16)
+        if req.stream and (req.n != 1 or len(prompts) != 1):
+            raise ApiError(400, "stream supports one prompt and n = 1")
+        return prompts
+
+    async def complete(self, req: CompletionRequest, prompts: list[list[int]],
+                       cancel: threading.Event | None = None) -> Any:
+        """Handle POST /v1/completions (after `prepare_complete`)."""
+        max_new = req.max_tokens or 16
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+        top = req.logprobs or 0
         if req.stream:
-            if req.n != 1 or len(prompts) != 1:
-                raise ApiError(400, "stream supports one prompt and n = 1")
-            return self.complete_stream(rid, req, prompts[0], max_new)
-        jobs = [(ids, self.params(req, max_new, i)) for ids in prompts for i in range(req.n)]
+            return self.complete_stream(rid, req, prompts[0], max_new, top)
+        jobs = [(ids, self.params(req, max_new, i, cancel=cancel, top_logprobs=top))
+                for ids in prompts for i in range(req.n)]
         outs = await asyncio.gather(*(self.run(ids, sp) for ids, sp in jobs))
+        as_ids = req.return_tokens_as_token_ids
         return {
             "id": rid, "object": "text_completion", "created": int(time.time()),
             "model": self.model_name,
             "choices": [{"index": i, "text": o.text or "", "finish_reason": o.finish_reason,
-                         "logprobs": None} for i, o in enumerate(outs)],
+                         "logprobs": (self.completion_logprobs(o, as_ids)
+                                      if req.logprobs is not None else None)}
+                        for i, o in enumerate(outs)],
             "usage": make_usage(sum(len(ids) for ids, _ in jobs),
                                 sum(len(o.token_ids) for o in outs)),
         }
 
     async def complete_stream(self, rid: str, req: CompletionRequest, ids: list[int],
-                              max_new: int) -> AsyncIterator[str]:
-        """SSE chunks of text, then the finish reason and [DONE]."""
+                              max_new: int, top: int) -> AsyncIterator[str]:
+        """SSE chunks of text, then the finish reason (with the logprobs of every token when
+        asked) and [DONE]."""
         head = {"id": rid, "object": "text_completion", "created": int(time.time()),
                 "model": self.model_name}
         out: Completion | None = None
         try:
-            async for piece in self.stream_text(ids, self.params(req, max_new)):
+            async for piece in self.stream_text(ids, self.params(req, max_new, top_logprobs=top)):
                 if isinstance(piece, Completion):
                     out = piece
                 else:
                     yield _sse({**head, "choices": [{"index": 0, "text": piece,
                                                      "finish_reason": None, "logprobs": None}]})
         except ApiError as exc:
-            yield _sse(_error_body(exc.message, exc.kind))
+            yield _sse(_error_body(exc.message, exc.kind, exc.code))
             yield "data: [DONE]\n\n"
             return
-        yield _sse({**head, "choices": [{"index": 0, "text": "", "logprobs": None,
+        lp = (self.completion_logprobs(out, req.return_tokens_as_token_ids)
+              if req.logprobs is not None else None)
+        yield _sse({**head, "choices": [{"index": 0, "text": "", "logprobs": lp,
                                          "finish_reason": out.finish_reason}]})
         if (req.stream_options or {}).get("include_usage"):
             yield _sse({**head, "choices": [], "usage": make_usage(len(ids), len(out.token_ids))})
         yield "data: [DONE]\n\n"
 
 
-def create_app(engine: Engine, model_name: str = "k2", *, max_tokens: int = 512) -> Any:
+def _json_response(status: int, body: dict[str, Any],
+                   headers: dict[str, str] | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Guard:
+    """ASGI middleware run before routing: the API key (every route but /health) and the
+    declared body size (413 from the Content-Length header alone, nothing read)."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int):
+        self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+
+    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        token = auth[7:].strip() if auth[:7].lower() == "bearer " else \
+            headers.get(b"x-api-key", b"").decode("latin-1")
+        return hmac.compare_digest(token.encode(), self.api_key.encode())
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope["path"] != "/health" and not self._authorized(headers):
+            resp = _json_response(401, _error_body(
+                "Incorrect or missing API key: send Authorization: Bearer <key>",
+                "invalid_request_error", "invalid_api_key"), {"WWW-Authenticate": "Bearer"})
+            return await resp(scope, receive, send)
+        length = headers.get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_body_bytes:
+            return await _too_large(self.max_body_bytes)(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def _too_large(limit: int) -> Any:
+    return _json_response(413, _error_body(
+        f"the request body exceeds the server's limit of {limit} bytes (--max-body-mb)",
+        "invalid_request_error", "request_too_large"), {"Connection": "close"})
+
+
+async def _read_body(request: Any, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it grows past `limit` (chunked uploads)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, f"the request body exceeds the server's limit of {limit} bytes "
+                                "(--max-body-mb)", code="request_too_large",
+                           headers={"Connection": "close"})
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _until_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]],
+                            cancel: threading.Event) -> None:
+    """Set `cancel` when the client goes away (the body is read: the next message is the
+    disconnect)."""
+    while True:
+        if (await receive())["type"] == "http.disconnect":
+            cancel.set()
+            return
+
+
+def create_app(engine: Engine, model_name: str = "k2", *, max_tokens: int = 512,
+               max_body_mb: float = 16.0, api_key: str | None = None,
+               max_queue: int = 256) -> Any:
     """The FastAPI app serving `engine` under `model_name`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse, StreamingResponse
+    from fastapi.responses import StreamingResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     server = Server(engine, model_name, max_tokens)
+    max_body = int(max_body_mb * 1024 * 1024)
     app = FastAPI(title="k2 serve")
     app.state.server = server
+    app.state.pending = 0  # requests admitted and not finished (streams included)
 
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(_error_body(exc.message, exc.kind), status_code=exc.status)
+    async def _api_error(_: Request, exc: ApiError) -> Any:
+        return _json_response(exc.status, _error_body(exc.message, exc.kind, exc.code, exc.param),
+                              exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _invalid(_: Request, exc: RequestValidationError) -> Any:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid")
-        return JSONResponse(_error_body(msg, "invalid_request_error"), status_code=400)
+        return _json_response(400, _error_body(msg, "invalid_request_error"))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(_error_body(str(exc.detail), "invalid_request_error"),
-                            status_code=exc.status_code)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Any:
+        return _json_response(exc.status_code, _error_body(str(exc.detail), "invalid_request_error"))
 
     @app.exception_handler(Exception)
-    async def _internal(_: Request, exc: Exception) -> JSONResponse:
-        return JSONResponse(_error_body(f"internal error: {type(exc).__name__}: {exc}",
-                                        "server_error"), status_code=500)
+    async def _internal(_: Request, exc: Exception) -> Any:
+        if isinstance(exc, RecursionError):
+            return _json_response(400, _error_body("the request nests too deeply",
+                                                   "invalid_request_error"))
+        return _json_response(500, _error_body(f"internal error: {type(exc).__name__}: {exc}",
+                                               "server_error"))
 
-    async def _body(request: Request, model: type[BaseModel]) -> Any:
+    async def _handle(request: Request, model: type[BaseModel],
+                      prepare: Callable[[Any], Any],
+                      go: Callable[[Any, Any, threading.Event], Awaitable[Any]]) -> Any:
+        """Admit (429 when the queue is full), read (413), parse and tokenise off the loop,
+        generate; the client going away cancels the generation."""
+        if app.state.pending >= max_queue:
+            raise ApiError(429, f"the server has {max_queue} requests in flight (--max-queue); "
+                                "retry later", kind="rate_limit_error", code="rate_limit_exceeded",
+                           headers={"Retry-After": "1"})
+        app.state.pending += 1
+        streaming = False
         try:
-            data = await request.json()
-        except ValueError:
-            raise ApiError(400, "the request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        try:
-            return model.model_validate(data)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            where = ".".join(str(x) for x in err["loc"])
-            raise ApiError(400, f"{where}: {err['msg']}") from None
+            raw = await _read_body(request, max_body)
+            req = await asyncio.to_thread(parse_body, raw, model)
+            prepared = await asyncio.to_thread(prepare, req)
+            cancel = threading.Event()
+            watch = None if getattr(req, "stream", False) else asyncio.ensure_future(
+                _until_disconnect(request.receive, cancel))
+            try:
+                result = await go(req, prepared, cancel)
+            finally:
+                if watch is not None:
+                    watch.cancel()
+            if isinstance(result, dict):
+                return result
+            streaming = True
+            return StreamingResponse(_release(result), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        finally:
+            if not streaming:
+                app.state.pending -= 1
 
-    def _respond(result: Any) -> Any:
-        if isinstance(result, dict):
-            return result
-        return StreamingResponse(result, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
+    async def _release(stream: AsyncIterator[str]) -> AsyncIterator[str]:
+        """The stream, leaving the queue count when it ends or its client goes away."""
+        try:
+            async for piece in stream:
+                yield piece
+        finally:
+            app.state.pending -= 1
+            await stream.aclose()  # runs the inner finally now: cancels the generation
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
+        b = server.batcher
         return {"status": "ok", "model": model_name, "weights_version": engine.version,
-                "batches": server.batcher.batches, "requests": server.batcher.requests}
+                "batches": b.batches, "requests": b.requests, "cancelled": b.cancelled,
+                "pending": app.state.pending, "tool_call_errors": server.tool_call_errors}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -345,12 +652,15 @@ def create_app(engine: Engine, model_name: str = "k2", *, max_tokens: int = 512)
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
-        return _respond(await server.chat(await _body(request, ChatRequest)))
+        return await _handle(request, ChatRequest, server.prepare_chat,
+                             lambda req, prep, cancel: server.chat(req, *prep, cancel=cancel))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
-        return _respond(await server.complete(await _body(request, CompletionRequest)))
+        return await _handle(request, CompletionRequest, server.prepare_complete,
+                             lambda req, prep, cancel: server.complete(req, prep, cancel=cancel))
 
+    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body)
     return app
 
 
@@ -365,6 +675,10 @@ class ServeOptions(BaseModel):
     model_name: str | None = Field(None, description="Name in /v1/models; None: the URI's last part.")
     max_batch_size: int = Field(64, gt=0, description="Requests decoded together at most.")
     max_tokens: int = Field(512, gt=0, description="Default completion limit for chat requests.")
+    max_body_mb: float = Field(16.0, gt=0, description="Request bodies over this many MiB get 413.")
+    api_key: str | None = Field(None, description=f"Required bearer key on every route but "
+                                                  f"/health; None: ${API_KEY_ENV} or no key.")
+    max_queue: int = Field(256, gt=0, description="Requests in flight at most; more get 429.")
 
 
 def serve(options: ServeOptions) -> None:
@@ -385,7 +699,8 @@ def serve(options: ServeOptions) -> None:
     engine = Engine.from_checkpoint(options.uri, options.tokenizer,
                                     max_batch_size=options.max_batch_size)
     name = options.model_name or options.uri.rstrip("/").rsplit("/", 1)[-1] or "k2"
-    app = create_app(engine, name, max_tokens=options.max_tokens)
+    app = create_app(engine, name, max_tokens=options.max_tokens, max_body_mb=options.max_body_mb,
+                     api_key=options.api_key, max_queue=options.max_queue)
     print(f"k2 serve: {options.uri} as {name!r} on http://{options.host}:{options.port}/v1",
           flush=True)
     try:
@@ -406,14 +721,26 @@ def serve_command(*, options: Any = None) -> Any:
         p.add_argument("--model-name", default=None, help="name in /v1/models")
         p.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together")
         p.add_argument("--max-tokens", type=int, default=512, help="default completion limit")
+        p.add_argument("--max-body-mb", type=float, default=16.0,
+                       help="refuse request bodies over this many MiB with 413 (default 16)")
+        p.add_argument("--api-key", default=None,
+                       help=f"require this bearer key on every route but /health (default: "
+                            f"${API_KEY_ENV}, else none)")
+        p.add_argument("--max-queue", type=int, default=256,
+                       help="requests in flight at most; more get 429 + Retry-After (default 256)")
 
     def run(args: Any) -> int:
+        import os
+
         from k2_core.errors import ConfigError
 
         try:
             opts = ServeOptions(uri=args.uri, host=args.host, port=args.port,
                                 tokenizer=args.tokenizer, model_name=args.model_name,
-                                max_batch_size=args.max_batch_size, max_tokens=args.max_tokens)
+                                max_batch_size=args.max_batch_size, max_tokens=args.max_tokens,
+                                max_body_mb=args.max_body_mb, max_queue=args.max_queue,
+                                # the environment keeps the key out of `ps` listings
+                                api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
         except ValidationError as exc:
             err = exc.errors()[0]
             raise ConfigError(f"serve: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None

@@ -169,8 +169,16 @@ class BpeTokenizer(Tokenizer):
     name = "bpe"
 
     def __init__(self, tok: Any):
+        from tokenizers import Tokenizer as HFTokenizer
+
         self._tok = tok
         self._json = tok.to_str().encode()
+        # Two encoders, one per special-token mode, fixed at build time: toggling one shared
+        # flag per call let a concurrent allow_special=True call (another thread of `k2 serve`)
+        # turn special-token strings in user text into control tokens.
+        tok.encode_special_tokens = False
+        self._plain = HFTokenizer.from_str(self._json.decode())
+        self._plain.encode_special_tokens = True
         self.special_tokens = {}
         for t in SPECIAL_TOKENS:
             i = tok.token_to_id(t)
@@ -215,9 +223,9 @@ class BpeTokenizer(Tokenizer):
         return self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
-        self._tok.encode_special_tokens = not allow_special
-        encs = self._tok.encode_batch_fast(texts, add_special_tokens=False) if hasattr(
-            self._tok, "encode_batch_fast") else self._tok.encode_batch(texts, add_special_tokens=False)
+        tok = self._tok if allow_special else self._plain
+        encs = tok.encode_batch_fast(texts, add_special_tokens=False) if hasattr(
+            tok, "encode_batch_fast") else tok.encode_batch(texts, add_special_tokens=False)
         return [e.ids for e in encs]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -27,6 +27,7 @@ class Batcher:
         self._thread.start()
         self.batches = 0  # generate calls made (observability and tests)
         self.requests = 0  # requests served
+        self.cancelled = 0  # requests whose caller gave up (cancel event set) before the end
 
     def submit(self, prompt: list[int], params: SamplingParams) -> Future:
         """Queue one request; the Future resolves to its Completion (or its error)."""
@@ -83,4 +84,5 @@ class Batcher:
                     fut.set_exception(exc)
             return
         for (_, _, fut), out in zip(live, outs, strict=True):
+            self.cancelled += out.finish_reason == "cancelled"
             fut.set_result(out)

@@ -36,6 +36,15 @@ class SamplingParams:
     # Called from the generating thread with each new token id of a row still running
     # (streaming); not called for the token that finishes it.
     on_token: Callable[[int], None] | None = field(default=None, repr=False, compare=False)
+    # Alternatives to report per generated token: the `top_logprobs` most likely tokens with
+    # their raw log-probabilities (0: none).
+    top_logprobs: int = 0
+    # Generate past the default stop tokens (<|im_end|>, [EOS]) up to max_new_tokens, as
+    # vLLM's ignore_eos: load tests and benchmarks need outputs of a known length.
+    ignore_eos: bool = False
+    # Set (from any thread) when nobody wants the result any more, e.g. the HTTP client went
+    # away: the row leaves its batch at the next decode step with finish_reason "cancelled".
+    cancel: threading.Event | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.temperature < 0:
@@ -44,6 +53,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.top_logprobs < 0:
+            raise ValueError(f"top_logprobs must be >= 0, got {self.top_logprobs}")
 
 
 @dataclass
@@ -53,8 +64,11 @@ class Completion:
     prompt_ids: list[int]
     token_ids: list[int]
     logprobs: list[float]
-    finish_reason: str  # "stop" | "length"
+    finish_reason: str  # "stop" | "length" | "cancelled"
     text: str | None = None
+    # Per token, the (token id, log pi) of the params' top_logprobs most likely tokens
+    # (temperature 1, raw logits, like `logprobs`); None when none were asked for.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class _Row:
@@ -67,6 +81,7 @@ class _Row:
         self.stop_ids = stop_ids
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
+        self.top: list[list[tuple[int, float]]] = []
         self.finish: str | None = None
         self.text_end: int | None = None  # where a stop string starts in the decoded text
         self.text_len = 0  # decoded length before the latest token (stop-string search)
@@ -146,7 +161,7 @@ class Engine:
                 raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens "
                                  f"{sp.max_new_tokens} exceed the model's {self.max_positions}")
             sp_seed = sp.seed if sp.seed is not None else random.getrandbits(63)
-            stop_ids = set(sp.stop_token_ids) | set(self.default_stop_ids)
+            stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.default_stop_ids))
             rows.append((_Row(i, list(p), sp, stop_ids), sp_seed))
         # Similar lengths share a batch (less padding); results do not depend on the grouping.
         rows.sort(key=lambda r: len(r[0].prompt))
@@ -172,7 +187,8 @@ class Engine:
             if row.text_end is not None:
                 text = text[: row.text_end]
         return Completion(prompt_ids=row.prompt, token_ids=row.tokens, logprobs=row.logprobs,
-                          finish_reason=row.finish or "length", text=text)
+                          finish_reason=row.finish or "length", text=text,
+                          top_logprobs=row.top if row.params.top_logprobs else None)
 
     def _run_batch(self, rows: list[_Row], seeds: list[int]) -> None:
         """Prefill then decode one batch until every row has finished."""
@@ -181,6 +197,8 @@ class Engine:
         for r in rows:
             if r.params.max_new_tokens == 0:
                 r.finish = "length"
+            elif r.params.cancel is not None and r.params.cancel.is_set():
+                r.finish = "cancelled"
         seeds = [s for r, s in zip(rows, seeds, strict=True) if r.finish is None]
         rows = [r for r in rows if r.finish is None]
         if not rows:
@@ -207,11 +225,23 @@ class Engine:
             steps = torch.full((len(rows),), step, dtype=torch.long, device=device)
             tokens = choose_tokens(logits, temperature, top_p, seed_t, steps,
                                    any_sampled=any_sampled, any_top_p=any_top_p)
-            logp = torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+            logp_all = torch.log_softmax(logits.float(), dim=-1)
+            logp = logp_all.gather(1, tokens[:, None])[:, 0]
+            k = max(r.params.top_logprobs for r in rows)
+            tops: list[Any] = [None] * len(rows)
+            if k:
+                top_v, top_i = logp_all.topk(min(k, logp_all.shape[-1]), dim=-1)
+                tops = [list(zip(ti, tv, strict=True))
+                        for ti, tv in zip(top_i.tolist(), top_v.tolist(), strict=True)]
             keep = []
             for i, (r, tok, lp) in enumerate(zip(rows, tokens.tolist(), logp.tolist(), strict=True)):
+                if r.params.cancel is not None and r.params.cancel.is_set():
+                    r.finish = "cancelled"  # its client is gone: free the slot, keep no token
+                    continue
                 r.tokens.append(tok)
                 r.logprobs.append(lp)
+                if r.params.top_logprobs:
+                    r.top.append(tops[i][: r.params.top_logprobs])
                 self._check_finished(r, tok)
                 if r.finish is None:
                     keep.append(i)
