@@ -103,11 +103,12 @@ class EngineJudge:
 
     def judge(self, conversations: list[list[dict[str, str]]]) -> list[str]:
         """The critic's answer text to each conversation."""
-        from k2_data.chat import render
+        from k2_data.chat import encode_chat_prompt
         from k2_data.generation.engine import SamplingParams
 
-        prompts = [self.tokenizer.encode(render(c, add_generation_prompt=True), allow_special=True)
-                   for c in conversations]
+        # the judged answers are model output: encoded as text, they cannot close the
+        # critic's turn or open a system turn of their own
+        prompts = [encode_chat_prompt(self.tokenizer, c) for c in conversations]
         outs = self.engine.generate(prompts, SamplingParams(temperature=0.0,
                                                             max_new_tokens=self.max_tokens))
         return [self.tokenizer.decode([t for t in o.token_ids

@@ -17,10 +17,11 @@ def response_text(tokenizer: Any, token_ids: list[int], stop_ids: set[int]) -> s
 
 def prompt_encoder(tokenizer: Any) -> Any:
     """messages -> token ids of the K2 chat prompt ending with the assistant header."""
-    from k2_data.chat import render
+    from k2_data.chat import encode_chat_prompt
 
     def encode(messages: list[dict[str, Any]]) -> list[int]:
-        return tokenizer.encode(render(messages, add_generation_prompt=True), allow_special=True)
+        # content as text, control tokens from the structure (no injection from a prompt)
+        return encode_chat_prompt(tokenizer, messages)
 
     return encode
 

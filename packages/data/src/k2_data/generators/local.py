@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -70,9 +71,10 @@ class LocalGenerator:
             max_new_tokens=o.max_tokens if max_tokens is None else max_tokens,
             stop=list(stop or []), seed=o.seed if seed is None else seed)
 
-    async def _run(self, prompt: str, params: Any) -> Any:
+    async def _run(self, prompt: str | Callable[[Any], list[int]], params: Any) -> Any:
         batcher = await asyncio.to_thread(self._get_batcher)  # first call loads the model
-        ids = batcher.engine.tokenizer.encode(prompt, allow_special=True)
+        tok = batcher.engine.tokenizer
+        ids = prompt(tok) if callable(prompt) else tok.encode(prompt, allow_special=True)
         return await batcher.agenerate(ids, params)
 
     async def chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
@@ -80,10 +82,12 @@ class LocalGenerator:
                    max_tokens: int | None = None, stop: list[str] | None = None,
                    seed: int | None = None) -> ChatResult:
         """Render with K2's chat format, generate, parse tool calls into OpenAI form."""
-        from ..chat import parse_assistant, render
+        from ..chat import encode_chat_prompt, parse_assistant
 
-        prompt = render(messages, tools, add_generation_prompt=True)
-        out = await self._run(prompt, self._params(temperature, top_p, max_tokens, stop, seed))
+        # synthesis feeds model output back in as messages: encode it as text, control
+        # tokens only from the chat structure
+        out = await self._run(lambda tok: encode_chat_prompt(tok, messages, tools),
+                              self._params(temperature, top_p, max_tokens, stop, seed))
         message = parse_assistant(out.text or "")
         finish = out.finish_reason
         if finish == "stop" and message.get("tool_calls"):
