@@ -22,6 +22,9 @@ class SandboxLimits(BaseModel):
     )
     fsize_mb: int = Field(16, ge=0, description="Largest file the program may write, MiB.")
     nofile: int = Field(64, ge=8, description="Open file descriptors per process (RLIMIT_NOFILE).")
+    workdir_mb: int = Field(
+        64, ge=1, description="Size of the tmpfs that holds the work folder, /tmp, /dev/shm and "
+        "/run together (namespaces only); filling it ends the run as disk_limit.")
     output_bytes: int = Field(
         1 << 20, ge=1024, description="Bytes kept of stdout and of stderr; more kills the run."
     )
@@ -43,9 +46,12 @@ class SandboxLimits(BaseModel):
     )
     hide_paths: tuple[str, ...] = Field(
         ("/root", "/home"),
-        description="Folders covered by an empty read-only tmpfs inside the mount namespace "
-        "(home folders: keys, tokens, checkouts); missing ones are skipped.",
+        description="Kept for compatibility: with namespaces the new root shows nothing of "
+        "the host but the interpreter's prefix and the library folders, so these folders "
+        "(and everything else) are hidden anyway.",
     )
     workdir_root: str | None = Field(
-        None, description="Folder that holds the temporary working folders; None: the system tmp."
+        None, description="Folder that holds the temporary working folders without namespaces "
+        "(isolation='rlimits'); None: the system tmp. With namespaces the work folder is a "
+        "tmpfs made inside the mount namespace."
     )

@@ -1,14 +1,17 @@
-"""Run untrusted Python in its own process: namespaces, an unprivileged uid, rlimits, a timeout.
+"""Run untrusted Python in its own process: namespaces, a new root, an unprivileged uid, rlimits.
 
-With root and `unshare` (this machine): fresh network, pid, mount, ipc and uts namespaces, every
-mount read-only except the temporary working folder, a dedicated uid from a locked pool
-(RLIMIT_NPROC counts per uid), the empty environment, `python -I -S`. Without them the run
-degrades to rlimits, a process group and the timeout; `SandboxResult.protections` says which
-protections were active.
+With root and `unshare` (this machine): fresh network, pid, mount, ipc and uts namespaces; a new
+root (a tmpfs) that holds only the interpreter's prefix and the library folders, read-only, a few
+/dev nodes, a fresh /proc, and one size-capped tmpfs for the work folder, /tmp, /dev/shm and
+/run; a dedicated uid from a locked pool (RLIMIT_NPROC counts per uid), the empty environment,
+`python -I -S`. Without them the run degrades to rlimits, a process group and the timeout;
+`SandboxResult.protections` says which protections were active.
 """
 
 from __future__ import annotations
 
+import atexit
+import base64
 import fcntl
 import functools
 import json
@@ -32,6 +35,10 @@ _BOOTSTRAP = str(Path(__file__).with_name("_bootstrap.py"))
 _UNSHARE_FLAGS = ("--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child",
                   "--mount-proc")
 _MAIN = "main.py"
+WORKDIR = "/sandbox"  # the work folder inside the new root
+_DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
+_LIB_DIRS = ("/lib", "/lib64", "/lib32", "/libx32", "/usr/lib", "/usr/lib64", "/usr/lib32")
+_KILL_GRACE_S = 1.0  # how long a killed run's supervisor gets to report the program's peak
 
 
 @dataclass(frozen=True)
@@ -70,7 +77,7 @@ def protections(limits: SandboxLimits | None = None) -> tuple[str, ...]:
         out += ["unprivileged_user", "no_new_privs", "rlimit_nproc", "uid_sweep"]
     if namespaces:
         out += ["net_namespace", "pid_namespace", "mount_namespace", "ipc_namespace",
-                "readonly_fs"]
+                "readonly_fs", "private_root", "private_tmp", "disk_cap"]
     return tuple(sorted(out))
 
 
@@ -142,38 +149,77 @@ def _sweep_uid(uid: int | None, grace_s: float = 3.0) -> int:
     return len(killed)
 
 
-_INTERPRETERS: dict[tuple, str] = {}
+@dataclass(frozen=True)
+class _Interpreter:
+    """The program's interpreter and what of the host it needs inside the new root."""
+
+    python: str  # its real path (no venv, no symlink): what the new root shows
+    prefix: str  # its sys.base_prefix, bound read-only
+    binds: tuple[str, ...] = ()
+    symlinks: tuple[tuple[str, str], ...] = ()
 
 
-def _interpreter(limits: SandboxLimits) -> str:
+_INTERPRETERS: dict[tuple, _Interpreter] = {}
+
+
+def _interpreter(limits: SandboxLimits) -> _Interpreter | None:
     """The first candidate interpreter the sandbox user can run with its own standard library
     (probed once per process and limits; a failed probe is retried next time)."""
-    key = (limits.python, limits.isolation, limits.hide_paths)
+    key = (limits.python, limits.isolation, limits.hide_paths, limits.workdir_mb)
     if key not in _INTERPRETERS:
         found = _probe_interpreter(limits)
-        if not found:
-            return ""
+        if found is None:
+            return None
         _INTERPRETERS[key] = found
     return _INTERPRETERS[key]
 
 
-def _probe_interpreter(limits: SandboxLimits) -> str:
+def _inside(path: str, folders: list[str]) -> bool:
+    return any(path == f or path.startswith(f.rstrip("/") + "/") for f in folders)
+
+
+def _layout(python: str, prefix: str) -> _Interpreter:
+    """What to bind for `python`: its prefix (and itself when outside it) and the library
+    folders; the top-level library links (/lib -> usr/lib) are made again as links."""
+    binds: list[str] = [prefix]
+    symlinks: list[tuple[str, str]] = []
+    if not _inside(python, binds):
+        binds.append(python)
+    for lib in _LIB_DIRS:
+        if os.path.islink(lib):
+            target = os.path.realpath(lib)
+            if os.path.isdir(target):
+                symlinks.append((lib, os.readlink(lib)))
+                if not _inside(target, binds):
+                    binds.append(target)
+        elif os.path.isdir(lib) and not _inside(lib, binds):
+            binds.append(lib)
+    # a folder inside another must be bound after it (or it is hidden by it)
+    binds = [b for b in binds if not any(b != o and _inside(b, [o]) for o in binds)]
+    return _Interpreter(python, prefix, tuple(sorted(binds)), tuple(symlinks))
+
+
+def _probe_interpreter(limits: SandboxLimits) -> _Interpreter | None:
     explicit = limits.python
-    cands = [explicit] if explicit else [sys.executable, "/usr/bin/python3"]
+    cands = [explicit] if explicit else [os.path.realpath(sys.executable), "/usr/bin/python3"]
     probe = "import sys; print(sys.base_prefix)"
     for cand in cands:
         if not cand or not os.access(cand, os.X_OK):
             continue
+        cand = os.path.realpath(cand)  # a venv's python is a link: run what it points to
         try:
             want = subprocess.run([cand, "-I", "-S", "-c", probe], capture_output=True, text=True,
                                   timeout=10, env={}).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             continue
+        if not want or not os.path.isdir(want):
+            continue
+        interp = _layout(cand, os.path.realpath(want))
         probe_limits = limits.model_copy(update={"python": cand, "wall_s": 30.0, "cpu_s": 10})
-        got = _run(probe, None, probe_limits, {}, cand)
+        got = _run(probe, None, probe_limits, {}, interp)
         if got.ok and got.stdout.strip() == want:
-            return cand
-    return ""
+            return interp
+    return None
 
 
 def run_python(code: str, stdin: str | bytes | None = None, *,
@@ -185,23 +231,32 @@ def run_python(code: str, stdin: str | bytes | None = None, *,
         return SandboxResult("sandbox_error", None, "", "", 0.0, protections=protections(limits),
                              error="isolation='namespaces' but unshare is unavailable "
                                    "(needs root and util-linux unshare)")
-    python = _interpreter(limits)
-    if not python:
+    interp = _interpreter(limits)
+    if interp is None:
         return SandboxResult("sandbox_error", None, "", "", 0.0, protections=protections(limits),
                              error="no interpreter the sandbox user can run; set python=")
-    return _run(code, stdin, limits, files or {}, python)
+    return _run(code, stdin, limits, files or {}, interp)
 
 
-def _write_workdir(limits: SandboxLimits, code: str, files: Mapping[str, str | bytes],
-                   uid: int | None) -> str:
+def _checked_files(code: str, files: Mapping[str, str | bytes]) -> dict[str, bytes]:
+    """The program's files by relative path; a name that leaves the work folder is refused."""
+    out = {}
+    for name, content in {**files, _MAIN: code}.items():
+        norm = os.path.normpath(name)
+        if os.path.isabs(norm) or norm == ".." or norm.startswith("../") or norm == ".":
+            raise ValueError(f"sandbox file {name!r} is outside the working folder")
+        out[norm] = content if isinstance(content, bytes) else content.encode()
+    return out
+
+
+def _write_workdir(limits: SandboxLimits, files: dict[str, bytes], uid: int | None) -> str:
+    """The host working folder of a run without namespaces (rlimits mode only)."""
     root = limits.workdir_root or tempfile.gettempdir()
     workdir = tempfile.mkdtemp(prefix="k2-sandbox-", dir=root)
-    for name, content in {**files, _MAIN: code}.items():
-        path = Path(workdir, name).resolve()
-        if not path.is_relative_to(Path(workdir).resolve()):
-            raise ValueError(f"sandbox file {name!r} is outside the working folder")
+    for name, content in files.items():
+        path = Path(workdir, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(content if isinstance(content, bytes) else content.encode())
+        path.write_bytes(content)
     if uid is not None:
         for dirpath, _, names in os.walk(workdir):
             os.chown(dirpath, uid, uid)
@@ -210,24 +265,44 @@ def _write_workdir(limits: SandboxLimits, code: str, files: Mapping[str, str | b
     return workdir
 
 
+_ROOT_MNT: list[str] = []
+
+
+def _root_mount_point() -> str:
+    """An empty folder, made once per process, that each run's private new root is mounted on
+    (inside the run's own mount namespace: on the host it stays empty)."""
+    if not _ROOT_MNT:
+        path = tempfile.mkdtemp(prefix="k2-sandbox-mnt-")
+        atexit.register(os.rmdir, path)
+        _ROOT_MNT.append(path)
+    return _ROOT_MNT[0]
+
+
 def _run(code: str, stdin: str | bytes | None, limits: SandboxLimits,
-         files: Mapping[str, str | bytes], python: str) -> SandboxResult:
+         files: Mapping[str, str | bytes], interp: _Interpreter) -> SandboxResult:
     caps = capabilities()
     namespaces = caps.unshare is not None and limits.isolation != "rlimits"
     prot = protections(limits)
     start = time.monotonic()
+    try:
+        checked = _checked_files(code, files)
+    except ValueError as e:
+        return SandboxResult("sandbox_error", None, "", "", 0.0, protections=prot, error=str(e))
     with _uid_slot(limits) as uid:
+        workdir = None
+        if not namespaces:
+            try:
+                workdir = _write_workdir(limits, checked, uid)
+            except OSError as e:
+                return SandboxResult("sandbox_error", None, "", "", time.monotonic() - start,
+                                     protections=prot, uid=uid,
+                                     error=f"cannot write the working folder: {e}")
         try:
-            workdir = _write_workdir(limits, code, files, uid)
-        except OSError as e:
-            return SandboxResult("sandbox_error", None, "", "", time.monotonic() - start,
-                                 protections=prot, uid=uid,
-                                 error=f"cannot write the working folder: {e}")
-        try:
-            res = _launch(limits, python, workdir, uid, namespaces, stdin)
+            res = _launch(limits, interp, workdir, checked, uid, stdin)
         finally:
             leftovers = _sweep_uid(uid)
-            _remove(workdir)
+            if workdir is not None:
+                _remove(workdir)
     return SandboxResult(**res, wall_s=time.monotonic() - start, protections=prot, uid=uid,
                          leftovers_killed=leftovers)
 
@@ -253,13 +328,26 @@ def _rlimits(limits: SandboxLimits, uid: int | None) -> dict[str, int]:
     return out
 
 
-def _launch(limits: SandboxLimits, python: str, workdir: str, uid: int | None,
-            namespaces: bool, stdin: str | bytes | None) -> dict:
+def _launch(limits: SandboxLimits, interp: _Interpreter, workdir: str | None,
+            files: dict[str, bytes], uid: int | None, stdin: str | bytes | None) -> dict:
+    namespaces = workdir is None
     status_r, status_w = os.pipe()
-    cfg = {"status_fd": status_w, "readonly": namespaces, "workdir": os.path.realpath(workdir),
-           "hide": [os.path.realpath(p) for p in limits.hide_paths],
+    ctrl_r, ctrl_w = os.pipe()  # a byte here asks the supervisor to kill the program
+    files_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
+    cfg = {"status_fd": status_w, "ctrl_fd": ctrl_r, "new_root": namespaces,
+           "workdir": WORKDIR if namespaces else os.path.realpath(workdir),
            "rlimits": _rlimits(limits, uid), "uid": uid, "gid": uid, "pdeathsig": True,
-           "argv": [python, "-I", "-S", "-B", "-X", "utf8", _MAIN]}
+           "argv": [interp.python, "-I", "-S", "-B", "-X", "utf8", _MAIN]}
+    pass_fds = [status_w, ctrl_r]
+    if namespaces:
+        files_file.write(json.dumps({k: base64.b64encode(v).decode()
+                                     for k, v in files.items()}).encode())
+        files_file.seek(0)
+        cfg.update(files_fd=files_file.fileno(), root_mnt=_root_mount_point(),
+                   binds=list(interp.binds), symlinks=[list(x) for x in interp.symlinks],
+                   devices=[d for d in _DEVICES if os.path.exists(d)],
+                   disk_mb=limits.workdir_mb)
+        pass_fds.append(files_file.fileno())
     cmd = [sys.executable, "-I", "-S", _BOOTSTRAP, json.dumps(cfg)]
     if namespaces:
         cmd = [capabilities().unshare, *_UNSHARE_FLAGS, *cmd]
@@ -269,23 +357,27 @@ def _launch(limits: SandboxLimits, python: str, workdir: str, uid: int | None,
         stdin_file.seek(0)
     try:
         proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, pass_fds=(status_w,), env={},
+                                stderr=subprocess.PIPE, pass_fds=pass_fds, env={},
                                 start_new_session=True)
     except OSError as e:
         os.close(status_r)
+        os.close(ctrl_w)
         return {"outcome": "sandbox_error", "returncode": None, "stdout": "", "stderr": "",
                 "error": f"cannot start the sandbox: {e}"}
     finally:
         os.close(status_w)
+        os.close(ctrl_r)
         stdin_file.close()
+        files_file.close()
     try:
-        bufs, truncated, killed_for = _collect(proc, status_r, limits)
+        bufs, truncated, killed_for = _collect(proc, status_r, ctrl_w, limits)
     finally:
         _kill_group(proc)
         proc.wait()
         proc.stdout.close()
         proc.stderr.close()
         os.close(status_r)
+        os.close(ctrl_w)
     return _classify(limits, bufs, truncated, killed_for, proc.returncode)
 
 
@@ -296,9 +388,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits
+def _collect(proc: subprocess.Popen, status_r: int, ctrl_w: int, limits: SandboxLimits
              ) -> tuple[dict[str, bytearray], dict[str, bool], str]:
-    """Read stdout, stderr (each capped) and the status pipe until done, the deadline or the cap."""
+    """Read stdout, stderr (each capped) and the status pipe until done, the deadline or the cap;
+    a run killed at the deadline or the cap still waits briefly for its status (peak memory)."""
     cap = limits.output_bytes
     bufs = {"stdout": bytearray(), "stderr": bytearray(), "status": bytearray()}
     truncated = {"stdout": False, "stderr": False}
@@ -338,8 +431,32 @@ def _collect(proc: subprocess.Popen, status_r: int, limits: SandboxLimits
                 killed_for = "output"
         if killed_for:
             break
+    if killed_for:
+        _await_status(sel, ctrl_w, bufs)
     sel.close()
     return bufs, truncated, killed_for
+
+
+def _await_status(sel: selectors.BaseSelector, ctrl_w: int, bufs: dict[str, bytearray]) -> None:
+    """Ask the supervisor to kill the program, then read its status (more output is dropped)."""
+    try:
+        os.write(ctrl_w, b"k")
+    except OSError:
+        return  # the supervisor is gone already
+    deadline = time.monotonic() + _KILL_GRACE_S
+    while any(key.data == "status" for key in sel.get_map().values()):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        for key, _ in sel.select(timeout=min(0.1, left)):
+            try:
+                chunk = os.read(key.fd, 65536)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                sel.unregister(key.fd)
+            elif key.data == "status":
+                bufs["status"] += chunk
 
 
 def _classify(limits: SandboxLimits, bufs: dict[str, bytearray], truncated: dict[str, bool],
@@ -373,6 +490,9 @@ def _classify(limits: SandboxLimits, bufs: dict[str, bytearray], truncated: dict
         return {**res, "outcome": "timeout", "error": f"CPU time over {limits.cpu_s} s"}
     if rc == 0:
         return {**res, "outcome": "ok"}
+    if status.get("disk_full") or "No space left on device" in err[-2000:]:
+        return {**res, "outcome": "disk_limit",
+                "error": f"work folder over {limits.workdir_mb} MiB"}
     if "MemoryError" in err[-2000:]:
         return {**res, "outcome": "memory_limit", "error": f"memory over {limits.memory_mb} MiB"}
     return {**res, "outcome": "runtime_error",
