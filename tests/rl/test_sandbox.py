@@ -163,3 +163,42 @@ def test_unprivileged_process_degrades_gracefully():
     assert "rlimit_cpu" in prot and "wall_timeout" in prot
     assert not {"pid_namespace", "unprivileged_user", "rlimit_nproc"} & set(prot)
     assert runs == [["ok", "65534\n", None], ["timeout", "", None], ["runtime_error", "", None]]
+
+
+def test_rl_refuses_a_code_reward_without_namespaces_unless_allowed():
+    from k2_core.errors import ConfigError
+    from k2_rl.options import RlOptions
+    from k2_rl.rewards.code_reward import CodeReward
+    from k2_rl.rewards.isolation import sandbox_protections
+    from k2_rl.rewards.math_reward import MathReward
+    from k2_rl.rewards.options import CodeRewardOptions
+
+    weak = {"math": MathReward(),
+            "code": CodeReward(CodeRewardOptions(sandbox={"isolation": "rlimits"}))}
+    assert RlOptions(init="x").allow_weak_isolation is False
+    with pytest.raises(ConfigError, match=r"tasks\.code\.reward_options\.sandbox\.isolation.*"
+                                          r"allow_weak_isolation=true"):
+        sandbox_protections(weak, allow_weak_isolation=False)
+    logged = sandbox_protections(weak, allow_weak_isolation=True)
+    assert logged.startswith("code: ") and "net_namespace" not in logged
+    assert sandbox_protections({"math": MathReward()}, allow_weak_isolation=False) == ""
+    if capabilities().root and capabilities().unshare:
+        strong = sandbox_protections({"code": CodeReward()}, allow_weak_isolation=False)
+        assert "private_root" in strong and "net_namespace" in strong
+
+
+def test_protections_are_logged_as_a_run_param():
+    from types import SimpleNamespace
+
+    from k2_rl.rewards.isolation import log_protections
+
+    calls = []
+    client = SimpleNamespace(log_param=lambda *a: calls.append(a))
+    hooks = SimpleNamespace(tracker=SimpleNamespace(client=client, run_id="r1"))
+    run = SimpleNamespace(plugins=SimpleNamespace(pm=SimpleNamespace(get_plugin=lambda n: hooks)))
+    log_protections(run, "code: a,b")
+    assert calls == [("r1", "sandbox.protections", "code: a,b")]
+    no_tracker = SimpleNamespace(plugins=SimpleNamespace(pm=SimpleNamespace(
+        get_plugin=lambda n: None)))
+    log_protections(no_tracker, "code: a,b")  # no tracker: nothing to do, no error
+    assert len(calls) == 1

@@ -114,6 +114,9 @@ class RlOptions(BaseModel):
                                       description="The rubric critic's closed loop.")
     seed_offset: int = Field(0, description="Added to train.seed for the prompt stream and the "
                              "sampling seeds (e.g. to draw RL prompts the SFT data did not hold).")
+    allow_weak_isolation: bool = Field(
+        False, description="Let a `code` reward run without namespaces (isolation 'rlimits', or "
+        "'auto' on a machine without root and unshare); refused otherwise.")
 
 
 class K15Options(BaseModel):

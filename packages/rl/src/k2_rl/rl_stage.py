@@ -25,6 +25,7 @@ from k2_core.config import RunConfig
 from k2_core.errors import ConfigError
 
 from .options import RlOptions
+from .rewards.isolation import log_protections, sandbox_protections
 
 
 def prepare_rl_config(cfg: RunConfig) -> tuple[RunConfig, RlOptions, Any, Any]:
@@ -88,6 +89,9 @@ class RLTrainer:
         self.rewards = {t.name: reg.build("reward", t.reward, options=t.reward_options,
                                           where=f"plugins.rl.tasks.{t.name}.reward_options")
                         for t in opts.tasks}
+        # before any engine starts: a code reward without namespaces is refused unless allowed
+        self.sandbox_protections = sandbox_protections(
+            self.rewards, allow_weak_isolation=opts.allow_weak_isolation)
         if opts.engine == "process":
             from .engine_process import ProcessSync, RemoteEngine
 
@@ -343,6 +347,7 @@ class RLTrainer:
         """Run the iterations up to train.steps; returns a summary."""
         cfg, run, hook = self.cfg, self.run, self.plugins.hook
         hook.k2_on_run_start(run=run)
+        log_protections(run, self.sandbox_protections)
         status = "FAILED"
         t_start = time.perf_counter()
         try:
