@@ -267,8 +267,8 @@ def test_segment_ids_feed_the_model_mask(store):
 
 def test_out_of_core_reads_match_in_memory(store):
     uri, _ = store
-    with PackedDataset(opts(uri, doc_mask=True)) as mem, \
-            PackedDataset(opts(uri, doc_mask=True, in_memory_max_mb=0)) as disk:
+    with PackedDataset(opts(uri, doc_mask=True, in_memory_max_mb=1)) as mem, \
+            PackedDataset(opts(uri, doc_mask=True)) as disk:
         assert mem.in_memory and not disk.in_memory
         for x, y in zip(take(mem, 12), take(disk, 12), strict=True):
             assert all(torch.equal(x[k], y[k]) for k in x)

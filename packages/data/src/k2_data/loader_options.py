@@ -30,9 +30,10 @@ class PackedOptions(BaseModel):
         "else yield it as a short final batch split across ranks.",
     )
     in_memory_max_mb: float = Field(
-        2048.0, ge=0,
-        description="Read the whole split into memory when its tokens fit in this many MiB; "
-        "else read each batch's rows from the store.",
+        0.0, ge=0,
+        description="Read the whole split into memory at start when its tokens fit in this many "
+        "MiB; else (and by default) read each batch's rows and document starts from the store as "
+        "byte ranges, so start-up time and memory do not grow with the corpus.",
     )
 
 
