@@ -56,10 +56,9 @@ def _worker(rank, world, port, ns_dtype, out):
             opt.step()
             clipped.append(int(opt.last_clip_stats["heads_clipped"]))
         shard = opt.state_dict()
-        owned = {i for i, r in enumerate(shard["owners"]) if r == rank}
-        assert set(shard["state"]) <= owned and shard["world_size"] == world
+        assert set(shard["state"]) <= set(shard["owned_rows"]) and shard["world_size"] == world
         shards = [None] * world
-        dist.all_gather_object(shards, {"state": shard["state"], "param_groups": shard["param_groups"]})
+        dist.all_gather_object(shards, shard)
         full = opt.consolidated_state_dict()
         # re-shard: a fresh optimizer loads the full dict and keeps only its own entries
         opt2 = DistributedMuonClip(model, qk_clip_targets=plain_targets(model), **_opt_kwargs(ns_dtype))

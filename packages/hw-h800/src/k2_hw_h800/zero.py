@@ -6,10 +6,15 @@ the contributions of every EP rank's tokens through the all-to-all backward). Bo
 divided by dp * ep, so the result is the gradient of the mean of the data ranks' losses —
 the single-process gradient of the global batch.
 
-ZeRO-1 (engine `k2`) is the optimizer's own `zero1(group)` (k2-optim: DistributedMuonClip) over
-the dp group, reached through the optimizer so hw-h800 never imports k2_optim: whole tensors are
-owned by one dp rank (Muon orthogonalises a matrix whole), updated there and broadcast.
-QK-Clip sees the max logits reduced (MAX) over all data ranks of the stage.
+ZeRO-1 (engine `k2`) is the optimizer's own `zero1(...)` (k2-optim: DistributedMuonClip),
+reached through the optimizer so hw-h800 never imports k2_optim. Per pipeline stage, the state
+of the dense parameters is split over the stage's data group (dp x ep ranks) and that of the
+routed experts (EP_ATTR) over the dp group, by dim-0 rows: a Muon matrix whole on one rank
+(Muon orthogonalises it whole), a 3-D expert stack between whole experts, an AdamW tensor
+(embedding, head, router, norms) between rows, balanced so that per-rank optimizer bytes stay
+within 10% of the stage mean (the memory planner's figure). Owners update their rows, which
+are then all-gathered. QK-Clip sees the max logits reduced (MAX) over all data ranks of the
+stage.
 
 With engine `deepspeed` the optimizer's own `deepspeed(group)` (k2-optim: DeepSpeedMuonClip)
 builds a DeepSpeed ZeRO-1 engine: DeepSpeed holds the partitioned fp32 master weights and
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -103,13 +109,18 @@ def _max_over(group: Any):
     return reduce
 
 
-def make_zero1_optimizer(model: nn.Module, optimizer: Any, layout: Layout, zero_stage: int) -> Any:
-    """Re-home `optimizer` (a k2 Muon / MuonClip) on the layout: ZeRO-1 over dp when asked.
+def make_zero1_optimizer(model: nn.Module, optimizer: Any, layout: Layout, zero_stage: int, *,
+                         row_align: Callable[[torch.Tensor], int] | None = None,
+                         stage_params: Iterable[torch.Tensor] | None = None) -> Any:
+    """Re-home `optimizer` (a k2 Muon / MuonClip) on the layout: ZeRO-1 when asked, dense
+    state over the data group (dp x ep), expert state over the dp group.
 
     Gradients are reduced by the backend before `step()` (`reduce_grads=False`); QK-Clip
     reduces max logits over the data ranks. The param groups (and their hyperparameters,
     possibly set by an lr schedule already) carry over unchanged, in the same order, so
-    optimizer state dicts keep single-process parameter indices.
+    optimizer state dicts keep single-process parameter indices. `row_align(p)` puts the
+    row splits on a checkpoint chunk grid; `stage_params` (this rank's pipeline stage, default
+    every parameter) is what gets state and balance.
     """
     reduce = _max_over(layout.data_group)
     if zero_stage == 0:
@@ -119,7 +130,14 @@ def make_zero1_optimizer(model: nn.Module, optimizer: Any, layout: Layout, zero_
     if not hasattr(optimizer, "zero1"):  # k2-optim's Muon/MuonClip shard themselves
         raise ConfigError("parallel.options.zero_stage=1 supports optimizers with a zero1() "
                           "method (k2-optim's muon/muonclip); set zero_stage=0 for others")
-    return optimizer.zero1(layout.dp_group, reduce_grads=False, max_logit_reduce=reduce)
+    return optimizer.zero1(layout.data_group, expert_group=layout.dp_group,
+                           is_expert=_is_expert, row_align=row_align, stage_params=stage_params,
+                           reduce_grads=False, max_logit_reduce=reduce)
+
+
+def _is_expert(p: torch.Tensor) -> bool:
+    """Whether `p` holds only this rank's E/ep experts (replicated over dp, not ep)."""
+    return bool(getattr(p, EP_ATTR, False))
 
 
 def check_deepspeed_layout(options: Any) -> None:

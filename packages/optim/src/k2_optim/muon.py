@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -155,9 +155,14 @@ class Muon(torch.optim.Optimizer):
         """Whether this process updates `p` (always, except in DistributedMuonClip)."""
         return True
 
-    def zero1(self, process_group: Any = None, *, reduce_grads: bool = True,
+    def zero1(self, process_group: Any = None, *, expert_group: Any = None,
+              is_expert: Callable[[Tensor], bool] | None = None,
+              row_align: Callable[[Tensor], int] | None = None,
+              stage_params: Iterable[Tensor] | None = None, reduce_grads: bool = True,
               max_logit_reduce: Any = None) -> torch.optim.Optimizer:
-        """This optimizer re-homed as a ZeRO-1 `DistributedMuonClip` over `process_group`.
+        """This optimizer re-homed as a ZeRO-1 `DistributedMuonClip`: dense parameters' state
+        split by rows over `process_group`, expert shards' (`is_expert`, default the
+        `_k2_ep_sharded` attribute) over `expert_group`; see DistributedMuonClip.
 
         Param groups (with hyperparameters an lr schedule may already have set) carry over in
         order, so state dicts keep single-process parameter indices; QK-Clip settings and
@@ -165,8 +170,9 @@ class Muon(torch.optim.Optimizer):
         """
         from .distributed import to_zero1
 
-        return to_zero1(self, process_group, reduce_grads=reduce_grads,
-                        max_logit_reduce=max_logit_reduce)
+        return to_zero1(self, process_group, expert_group=expert_group, is_expert=is_expert,
+                        row_align=row_align, stage_params=stage_params,
+                        reduce_grads=reduce_grads, max_logit_reduce=max_logit_reduce)
 
     def deepspeed(self, process_group: Any = None, *,
                   max_logit_reduce: Any = None) -> torch.optim.Optimizer:
