@@ -81,6 +81,17 @@ def _tiny_model():
     return build_model(cfg).train()
 
 
+def _tiny_meta_model():
+    from k2_core.configio import load_config
+    from k2_core.model import build_model
+
+    cfg = load_config("tiny", ["model.num_hidden_layers=2", "model.hidden_size=64",
+                               "model.num_attention_heads=2", "model.q_lora_rank=32",
+                               "model.kv_lora_rank=16", "moe.n_routed_experts=4",
+                               "moe.num_experts_per_tok=2", "tracking.tracker=null"], check=set())
+    return build_model(cfg, device="meta").train()
+
+
 def test_parallelize_applies_the_activation_policy(world_of_one):
     from k2_hw_h800.backend import H800Backend
     from k2_hw_h800.options import H800Options
@@ -91,7 +102,7 @@ def test_parallelize_applies_the_activation_policy(world_of_one):
     want = plain(**batch, return_logits=False).loss
     want.backward()
     backend = H800Backend(H800Options(activation_policy={"recompute": True}, device="cpu"))
-    model = backend.parallelize_model(_tiny_model())
+    model = backend.parallelize(_tiny_meta_model(), seed=0)
     assert model._k2_activation_policy.policy.recompute
     got = model(**batch, return_logits=False).loss
     got.backward()
@@ -99,4 +110,4 @@ def test_parallelize_applies_the_activation_policy(world_of_one):
     for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=n)
     with pytest.raises(ConfigError, match="invalid recompte"):
-        H800Backend(H800Options(activation_policy={"recompte": True})).parallelize_model(_tiny_model())
+        H800Backend(H800Options(activation_policy={"recompte": True})).parallelize(_tiny_meta_model(), 0)

@@ -7,9 +7,9 @@ tracker) or a hook (`k2_on_run_start`, `k2_on_step_end`, `k2_on_checkpoint`,
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from .config import RunConfig
 from .errors import K2Error
 from .hookspecs import hookimpl
 from .plugins import Plugins, get_plugins
-from .trainstate import list_checkpoints, load_train_state, save_train_state
+from .trainstate import list_checkpoints
 
 
 class TrainingError(K2Error):
@@ -100,7 +100,11 @@ def build_dataset(cfg: RunConfig, plugins: Plugins, split: str, rank: int = 0,
 
 
 def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
-    """Resolve every slot of `cfg`, build the parts, and resume when a checkpoint exists."""
+    """Resolve every slot of `cfg`, build the parts, and resume when a checkpoint exists.
+
+    The model is built on the meta device; the backend materialises and initialises only
+    what this process trains (see `k2_core.backend`).
+    """
     from .model import build_model
 
     plugins = plugins or get_plugins()
@@ -108,23 +112,20 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
     torch.manual_seed(cfg.train.seed)
     backend = reg.build("backend", cfg.parallel.backend, options=cfg.parallel.options,
                         where="parallel.options")
-    model = build_model(cfg, reg)
-    if hasattr(backend, "parallelize_model"):  # a distributed backend shards before the optimizer
-        model = backend.parallelize_model(model)
+    model = backend.parallelize(build_model(cfg, reg, device="meta"), cfg.train.seed)
     optimizer = reg.build("optimizer", cfg.optim.name, model, lr=cfg.optim.lr,
                           weight_decay=cfg.optim.weight_decay, options=cfg.optim.options,
                           where="optim.options")
-    if hasattr(backend, "wrap_optimizer"):  # e.g. ZeRO-1 over the data-parallel group
-        optimizer = backend.wrap_optimizer(model, optimizer)
+    optimizer = backend.wrap_optimizer(model, optimizer)
     scheduler = reg.build("lr_schedule", cfg.optim.schedule, optimizer,
                           total_steps=cfg.train.steps, options=cfg.optim.schedule_options,
                           where="optim.schedule_options")
-    # ranks that hold the same model part (pipeline stages) read the same batches
-    shard = {"rank": getattr(backend, "data_rank", backend.rank),
-             "world_size": getattr(backend, "data_world_size", backend.world_size)}
-    loader = build_dataset(cfg, plugins, "train", **shard)
-    val = build_dataset(cfg, plugins, "val", **shard) if cfg.train.eval_every else None
-    model, optimizer, loader = backend.prepare(model, optimizer, loader)
+    # ranks that hold the same model part read the same shard; later pipeline stages none
+    shard = {"rank": backend.data_rank, "world_size": backend.data_world_size}
+    loader = val = None
+    if backend.reads_data:
+        loader = build_dataset(cfg, plugins, "train", **shard)
+        val = build_dataset(cfg, plugins, "val", **shard) if cfg.train.eval_every else None
     run = Run(cfg, plugins, model, optimizer, scheduler, loader, val, backend, cfg.checkpoint.dir)
     if val is not None and hasattr(val, "state_dict"):
         run.val_start = val.state_dict()
@@ -136,8 +137,8 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
     elif resume != "never":
         uri = resume
     if uri is not None:
-        load = getattr(backend, "load_train_state", load_train_state)  # backends may re-shard
-        attrs = load(uri, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)
+        attrs = backend.load_train_state(uri, model=model, optimizer=optimizer,
+                                         scheduler=scheduler, loader=loader)
         run.step, run.tracking_run_id = attrs["step"], attrs.get("tracking_run_id")
     if cfg.tracking.tracker and backend.rank == 0:
         tracker = reg.build(
@@ -152,24 +153,20 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, batches: int, bf16: bool = False) -> float:
+def evaluate(model: torch.nn.Module, loader: Any, batches: int, bf16: bool = False,
+             device: torch.device | str = "cpu") -> float:
     """Mean validation loss over `batches` batches of `loader` (max-logit recording off)."""
     was_training = model.training
+    device = torch.device(device)
     model.eval()
     model.set_record_max_logits(False)
-    total, it = torch.zeros(()), iter(loader)
+    total, it = torch.zeros((), device=device), iter(loader)
     for _ in range(batches):
-        batch = next(it)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             total += model(**batch, return_logits=False).loss.float()
     model.train(was_training)
     return float(total) / batches
-
-
-def evaluate_run(run: Run) -> float:
-    """The run's validation loss (`train.eval_batches` batches of its val loader)."""
-    cfg = run.config.train
-    return evaluate(run.model, run.val_loader, cfg.eval_batches, cfg.bf16)
 
 
 def _step_metrics(run: Run, loss: float, grad_norm: float, dt: float, steps: int) -> dict[str, float]:
@@ -191,64 +188,67 @@ def _step_metrics(run: Run, loss: float, grad_norm: float, dt: float, steps: int
     return m
 
 
-def train_step(run: Run, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward/backward over the step's micro-batches; returns (mean loss, grad norm) tensors."""
-    cfg, model = run.config.train, run.model
-    loss_sum = torch.zeros(())
-    for _ in range(cfg.grad_accum):
-        batch = next(batches)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = model(**batch, return_logits=False).loss
-        (loss / cfg.grad_accum).backward()
-        loss_sum += loss.detach().float()
-    clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    return loss_sum / cfg.grad_accum, grad_norm
+def _measure(run: Run, into: dict[str, float], loss: torch.Tensor, grad_norm: torch.Tensor,
+             dt: float, steps: int) -> None:
+    into.update(_step_metrics(run, float(loss), float(grad_norm), dt, steps))
+
+
+def apply_update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor,
+                 before_bias: Any = None) -> bool:
+    """The one update sequence after a step's gradients are reduced and clipped: finite
+    check, optimizer step, schedule, `before_bias()` (e.g. metrics that read this step's
+    expert load), router-bias update, zero-grad. False (and nothing applied) if non-finite."""
+    if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one sync a step
+        run.optimizer.zero_grad(set_to_none=True)
+        run.model.reset_router_counts()
+        return False
+    run.optimizer.step()
+    run.scheduler.step()
+    if before_bias is not None:
+        before_bias()
+    run.model.update_router_bias()
+    run.optimizer.zero_grad(set_to_none=True)
+    return True
 
 
 def train(run: Run, progress: Any = None) -> dict[str, Any]:
     """The training loop; `progress(run, metrics)` is called on every logged step."""
-    cfg, model, hook = run.config, run.model, run.plugins.hook
+    cfg, model, hook, backend = run.config, run.model, run.plugins.hook, run.backend
     model.train()
     model.set_record_max_logits(True)
     hook.k2_on_run_start(run=run)
-    status, bad, batches = "FAILED", 0, iter(run.loader)
+    status, bad = "FAILED", 0
+    batches = iter(run.loader) if run.loader is not None else None
     t_log, steps_since = time.perf_counter(), 0
-    step_fn = getattr(run.backend, "train_step", None) or train_step  # a backend may own the step
-    eval_fn = getattr(run.backend, "evaluate", None) or evaluate_run  # ...and the evaluation
     try:
         while run.step < cfg.train.steps:
             model.reset_max_logits()
-            loss, grad_norm = step_fn(run, batches)
-            if not bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):  # one sync a step
+            loss, grad_norm = backend.train_step(run, batches)
+            metrics: dict[str, float] = {}
+            log = (run.step + 1) % cfg.train.log_every == 0 or run.step + 1 in (1, cfg.train.steps)
+            measure = partial(_measure, run, metrics, loss, grad_norm,
+                              time.perf_counter() - t_log, steps_since + 1) if log else None
+            if not apply_update(run, loss, grad_norm, measure):
                 bad, run.skipped_steps = bad + 1, run.skipped_steps + 1
-                run.optimizer.zero_grad(set_to_none=True)
-                model.reset_router_counts()
                 hook.k2_on_step_end(run=run, step=run.step, metrics={"train/skipped_steps": run.skipped_steps})
                 if bad >= cfg.train.max_bad_steps:
                     raise TrainingError(f"{bad} non-finite steps in a row at step {run.step}; "
                                         "the last good checkpoint is intact")
                 continue
             bad = 0
-            run.optimizer.step()
-            run.scheduler.step()
             run.step += 1
             steps_since += 1
-            log = run.step % cfg.train.log_every == 0 or run.step in (1, cfg.train.steps)
-            metrics = _step_metrics(run, float(loss), float(grad_norm),
-                                    time.perf_counter() - t_log, steps_since) if log else {}
-            model.update_router_bias()
-            run.optimizer.zero_grad(set_to_none=True)
-            if run.val_loader is not None and (run.step % cfg.train.eval_every == 0
-                                               or run.step == cfg.train.steps):
-                if run.val_start is not None:
-                    run.val_loader.load_state_dict(run.val_start)
-                metrics["eval/loss"] = eval_fn(run)
-                model.set_record_max_logits(True)
+            if run.val_loader is not None or not backend.reads_data:
+                if cfg.train.eval_every and (run.step % cfg.train.eval_every == 0
+                                             or run.step == cfg.train.steps):
+                    if run.val_start is not None:
+                        run.val_loader.load_state_dict(run.val_start)
+                    metrics["eval/loss"] = backend.evaluate(run)
+                    model.set_record_max_logits(True)
             hook.k2_on_step_end(run=run, step=run.step, metrics=metrics)
             if log:
                 run.history.append({"step": run.step, **metrics})
-                if progress is not None and run.backend.rank == 0:  # one console line per step
+                if progress is not None and backend.rank == 0:  # one console line per step
                     progress(run, metrics)
                 t_log, steps_since = time.perf_counter(), 0
             if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
@@ -264,8 +264,7 @@ def train(run: Run, progress: Any = None) -> dict[str, Any]:
 
 def save_checkpoint(run: Run) -> str:
     """Checkpoint the whole run state now, then broadcast `k2_on_checkpoint`."""
-    save = getattr(run.backend, "save_train_state", save_train_state)  # backends own the layout
-    uri = save(
+    uri = run.backend.save_train_state(
         run.checkpoint_root, run.step, model=run.model, optimizer=run.optimizer,
         scheduler=run.scheduler, loader=run.loader, keep=run.config.checkpoint.keep,
         attrs={"tracking_run_id": run.tracking_run_id,

@@ -2,10 +2,12 @@
 (k2's own, or inside DeepSpeed with engine=deepspeed), global-load router updates, fail-fast
 collectives and layout-free checkpoints.
 
-k2_core's orchestrator calls, in order: `parallelize_model(model)` (before the optimizer is
-built), `wrap_optimizer(model, optimizer)` (ZeRO-1), `prepare(model, optimizer, loader)`,
-and per step `train_step(run, batches)`; checkpoints go through `save_train_state` /
-`load_train_state`. Checkpoints always hold the single-process layout (every expert, the
+It implements k2_core's backend contract (`k2_core.backend.Backend`): `parallelize(model, seed)`
+takes the model on the meta device, shards the experts, and materialises on this rank's
+device only what the rank trains (its pipeline stage's layers, its experts; other stages'
+parameters stay on meta, frozen, never allocated), initialised layout-free;
+`wrap_optimizer` (ZeRO-1), `train_step`, `evaluate`, `save_train_state` / `load_train_state`.
+Only the first pipeline stage reads the dataset. Checkpoints always hold the single-process layout (every expert, the
 whole optimizer state) written by global rank 0, so a run saved under one layout resumes
 under any other (or in one process), ZeRO-1 optimizer state included.
 """
@@ -17,7 +19,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from k2_core.errors import K2Error
+from k2_core.backend import Backend
+from k2_core.errors import ConfigError, K2Error
+from k2_core.model.init import materialize
 from torch import nn
 
 from .expert_parallel import EP_ATTR, moe_layers
@@ -65,7 +69,7 @@ def _guarded_step(self: Any, closure: Any = None) -> Any:
         raise _collective_error(dist.get_rank(), "the optimizer step", self._k2_timeout_s, exc) from None
 
 
-class H800Backend:
+class H800Backend(Backend):
     """The `backend` slot's `h800`: see the module doc."""
 
     def __init__(self, options: H800Options):
@@ -77,30 +81,73 @@ class H800Backend:
         self.layout: Layout = build_layout(options, self.device)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        self.data_rank = self.layout.data_rank
-        self.data_world_size = self.layout.data_size
         self._param_index: list[nn.Parameter] = []
         self._model: nn.Module | None = None
         self._runner: Any = None  # the pipeline (pp > 1), built at the first step
+
+    @property
+    def data_rank(self) -> int:
+        """Ranks of one stage read different shards; the pipeline's stages share one."""
+        return self.layout.data_rank
+
+    @property
+    def data_world_size(self) -> int:
+        """dp x ep shards."""
+        return self.layout.data_size
+
+    @property
+    def reads_data(self) -> bool:
+        """Only the first pipeline stage reads batches; the others receive what they need."""
+        return self.layout.pp_rank == 0
 
     def _pipeline(self, run: Any) -> Any:
         """This rank's pipeline stages (built once the run's precision is known)."""
         if self._runner is None:
             from .pipeline import build_pipeline
 
-            opts, lay = self.options, self.layout
+            opts, lay, cfg = self.options, self.layout, run.config
             self._runner = build_pipeline(
                 run.model, pp_group=lay.pp_group, pp_rank=lay.pp_rank, pp_size=lay.pp,
                 virtual_stages=opts.virtual_stages, n_microbatches=opts.n_microbatches or lay.pp,
-                device=self.device, autocast=torch.bfloat16 if run.config.train.bf16 else None)
+                device=self.device, autocast=torch.bfloat16 if cfg.train.bf16 else None,
+                micro_batch=(cfg.train.micro_batch_size, cfg.data.seq_len))
             # the orchestrator's metrics read the whole model's max logits: reduce over stages
             run.model.max_logits = self._runner.max_logits
         return self._runner
 
     # --- set-up ---------------------------------------------------------------------------
-    def parallelize_model(self, model: nn.Module) -> nn.Module:
-        """Move to this rank's device and shard experts / apply the activation policy."""
-        self._model = parallelize(model.to(self.device), self.options, self.layout)
+    def _held_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules this rank trains: its stage's layers (+ embedding / norm and head)."""
+        lay = self.layout
+        if lay.pp == 1:
+            return [model]
+        from .pipeline import stage_layer_ids
+
+        inner = model.model
+        ids = stage_layer_ids(len(inner.layers), lay.pp, self.options.virtual_stages, lay.pp_rank)
+        held = [inner.layers[i] for i in ids] + [inner.rotary_emb]
+        if lay.pp_rank == 0:
+            held.append(inner.embed_tokens)
+        if lay.pp_rank == lay.pp - 1:
+            held += [inner.norm, model.lm_head]
+        return held
+
+    def parallelize(self, model: nn.Module, seed: int) -> nn.Module:
+        """Shard experts (on meta), materialise and initialise this rank's share on its
+        device, then apply the activation policy; other stages' parameters stay on meta."""
+        lay = self.layout
+        if lay.pp > 1 and model.config.tie_word_embeddings:
+            raise ConfigError("model.tie_word_embeddings: a tied head spans the first and last "
+                              "pipeline ranks; untie it (K2 is untied) or use pp=1")
+        parallelize(model, self.options, self.layout, activations=False)
+        for m in self._held_modules(model):
+            materialize(m, self.device)
+        model.tie_weights()
+        for p in model.parameters():
+            if p.is_meta:  # another stage trains it: no optimizer or gradient sees it
+                p.requires_grad_(False)
+        model.init_weights(seed)
+        self._model = parallelize(model, self.options, self.layout, experts=False)
         return self._model
 
     def wrap_optimizer(self, model: nn.Module, optimizer: Any) -> Any:
@@ -114,10 +161,6 @@ class H800Backend:
         opt.step = types.MethodType(_guarded_step, opt)  # before any lr schedule wraps it
         self._param_index = [p for g in opt.param_groups for p in g["params"]]
         return opt
-
-    def prepare(self, model: nn.Module, *rest: Any) -> tuple[Any, ...]:
-        """Everything was placed by parallelize_model / wrap_optimizer; pass through."""
-        return (model.to(self.device), *rest)
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
         """Max over every rank of the job."""
@@ -135,7 +178,8 @@ class H800Backend:
             if lay.pp > 1:
                 runner = self._pipeline(run)
                 for _ in range(cfg.grad_accum):
-                    loss = runner.step(next(batches), loss_scale=1.0 / cfg.grad_accum)
+                    batch = next(batches) if batches is not None else None
+                    loss = runner.step(batch, loss_scale=1.0 / cfg.grad_accum)
                     if loss is not None:
                         loss_sum += loss.to(dev)
                 loss_sum = runner.broadcast_loss(loss_sum)
@@ -168,12 +212,14 @@ class H800Backend:
         was_training = model.training
         model.eval()  # also stops MoE load counting
         model.set_record_max_logits(False)
-        total, it = torch.zeros((), device=dev), iter(run.val_loader)
+        it = iter(run.val_loader) if run.val_loader is not None else None
+        total = torch.zeros((), device=dev)
         try:
             for _ in range(cfg.eval_batches):
                 if lay.pp > 1:
                     runner = self._pipeline(run)
-                    total += runner.broadcast_loss(runner.eval_step(next(it)))
+                    batch = next(it) if it is not None else None
+                    total += runner.broadcast_loss(runner.eval_step(batch))
                     continue
                 batch = {k: v.to(dev, non_blocking=True) for k, v in next(it).items()}
                 with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -195,7 +241,7 @@ class H800Backend:
         uses the global load (one flat all-reduce for all layers)."""
         if self.layout.data_size == 1:
             return
-        counts = [m.expert_counts for _, m in moe_layers(model)]
+        counts = [m.expert_counts for _, m in moe_layers(model) if not m.expert_counts.is_meta]
         if not counts:
             return
         flat = torch.cat(counts)

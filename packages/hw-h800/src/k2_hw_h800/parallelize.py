@@ -22,15 +22,18 @@ def apply_activation_policy(model: nn.Module, policy: dict[str, Any]) -> Any:
     return activations.apply_activation_policy(model, policy)  # bad switches: its ConfigError
 
 
-def parallelize(model: nn.Module, options: H800Options, layout: Layout) -> nn.Module:
-    """Apply expert parallelism and the activation policy to `model` in place; returns it.
+def parallelize(model: nn.Module, options: H800Options, layout: Layout, *,
+                experts: bool = True, activations: bool = True) -> nn.Module:
+    """Apply expert parallelism (on meta or materialised weights) and the activation policy to
+    `model` in place; returns it. The backend shards experts before it materialises the
+    model and applies the policy after (`experts` / `activations` pick the parts).
 
     Pipeline stages are cut later by the backend (they need the step's micro-batching).
     """
-    if layout.ep > 1:
+    if experts and layout.ep > 1:
         if not moe_layers(model):
             raise ConfigError(f"parallel.options.ep={layout.ep} but the model has no MoE layer to shard")
         apply_expert_parallel(model, layout.ep_rank, layout.ep, layout.ep_group)
-    if options.activation_policy:
+    if activations and options.activation_policy:
         apply_activation_policy(model, dict(options.activation_policy))
     return model

@@ -125,30 +125,33 @@ class PipelineChunk(nn.Module):
         return (ce + aux * mb_weight).reshape(1)
 
 
-def _layer_counts(n_layers: int, n_chunks: int) -> list[int]:
-    """Decoder layers per chunk, as even as possible (earlier chunks take the remainder)."""
-    base, extra = divmod(n_layers, n_chunks)
-    return [base + (1 if i < extra else 0) for i in range(n_chunks)]
+def split_model(model: K2ForCausalLM, pp: int, virtual_stages: int = 1) -> list[nn.Module]:
+    """Cut `model` into pp x virtual_stages sequential PipelineChunks sharing its modules (no
+    copies), with the planner's layer partition (`plan.partition_layers`): the memory `k2 plan`
+    counts per rank is the memory the pipeline holds."""
+    from .plan import partition_layers
 
-
-def split_model(model: K2ForCausalLM, n_chunks: int) -> list[nn.Module]:
-    """Cut `model` into `n_chunks` sequential PipelineChunks sharing its modules (no copies)."""
-    n_layers = len(model.model.layers)
+    n_layers, n_chunks = len(model.model.layers), pp * virtual_stages
     if not 1 <= n_chunks <= n_layers:
         raise ConfigError(f"parallel.options: {n_chunks} pipeline chunks (pp x virtual stages) for "
                           f"{n_layers} decoder layers; use between 1 and {n_layers} chunks")
-    chunks, start = [], 0
-    for i, count in enumerate(_layer_counts(n_layers, n_chunks)):
+    chunks = []
+    for i, ids in enumerate(partition_layers(n_layers, pp, virtual_stages)[0]):
         last = i == n_chunks - 1
         chunks.append(PipelineChunk(
-            i, n_chunks, list(model.model.layers[start:start + count]), start,
-            model.model.rotary_emb,
+            i, n_chunks, [model.model.layers[j] for j in ids], ids[0], model.model.rotary_emb,
             embed_tokens=model.model.embed_tokens if i == 0 else None,
             norm=model.model.norm if last else None,
             lm_head=model.lm_head if last else None,
         ))
-        start += count
     return chunks
+
+
+def stage_layer_ids(n_layers: int, pp: int, virtual_stages: int, pp_rank: int) -> list[int]:
+    """The decoder layers pipeline rank `pp_rank` holds (every other stage's stay unallocated)."""
+    from .plan import partition_layers
+
+    return partition_layers(n_layers, pp, virtual_stages)[1][pp_rank]
 
 
 def _chunk_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -199,29 +202,55 @@ class PipelineRunner:
         mine = {id(p) for p in self.parameters()}
         return ((n, p) for n, p in self.model.named_parameters() if id(p) in mine)
 
-    def _microbatches(self, batch: dict[str, torch.Tensor],
+    def share_batch(self, batch: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor | None]:
+        """The batch on every pipeline rank, read by the first only: the token ids stay there;
+        labels, positions and packing segments reach the others by two broadcasts."""
+        if batch is not None:
+            unknown = set(batch) - set(BATCH_KEYS)
+            if unknown:
+                raise ValueError(f"pipeline batch: unexpected keys {sorted(unknown)}; "
+                                 f"expected {BATCH_KEYS}")
+        if self.pp_size == 1:
+            return dict(batch or {})
+        dev, first = self.device, self.pp_rank == 0
+        head = torch.zeros(4, dtype=torch.long, device=dev)  # rows, seq, position rows, has segments
+        if first:
+            ids, pos, seg = batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids")
+            head = torch.tensor([ids.shape[0], ids.shape[1], 0 if pos is None else pos.shape[0],
+                                 int(seg is not None)], device=dev)
+        dist.broadcast(head, group=self.pp_group, group_src=0)
+        rows, seq, prow, has_seg = head.tolist()
+        sizes = [rows, prow, rows if has_seg else 0]
+        if first:
+            parts = [t.to(dev).long() for t in (batch["labels"], pos, seg) if t is not None]
+            flat = torch.cat(parts).contiguous()
+        else:
+            flat = torch.empty(sum(sizes), seq, dtype=torch.long, device=dev)
+        dist.broadcast(flat, group=self.pp_group, group_src=0)
+        labels, pos_t, seg_t = flat.split(sizes)
+        return {"input_ids": batch["input_ids"] if first else None, "labels": labels,
+                "position_ids": pos_t if prow else None,
+                "segment_ids": seg_t if has_seg else None}
+
+    def _microbatches(self, batch: dict[str, torch.Tensor | None],
                       loss_scale: float = 1.0) -> tuple[list, list, list]:
-        """Split the batch into per-micro-batch (args, kwargs, targets) on this device."""
-        unknown = set(batch) - set(BATCH_KEYS)
-        if unknown:
-            raise ValueError(f"pipeline batch: unexpected keys {sorted(unknown)}; "
-                             f"expected {BATCH_KEYS}")
-        ids, labels = batch["input_ids"].to(self.device), batch["labels"].to(self.device)
-        rows, n = ids.shape[0], self.n_microbatches
+        """Split the (shared) batch into per-micro-batch (args, kwargs, targets) on this device."""
+        labels = batch["labels"].to(self.device)
+        rows, n = labels.shape[0], self.n_microbatches
         # torch's stages size their receive buffers from the first micro-batch they see
-        if self.batch_shape is not None and tuple(ids.shape) != self.batch_shape:
-            raise ConfigError(f"data: pipeline batches must keep one shape; got {tuple(ids.shape)} "
+        if self.batch_shape is not None and tuple(labels.shape) != self.batch_shape:
+            raise ConfigError(f"data: pipeline batches must keep one shape; got {tuple(labels.shape)} "
                               f"after {self.batch_shape} (pad to data.seq_len, fixed batch size)")
         if rows % n:
             raise ConfigError(f"train.micro_batch_size: {rows} rows do not split into "
                               f"{n} pipeline micro-batches; use a multiple of {n}")
-        self.batch_shape = tuple(ids.shape)
+        self.batch_shape = tuple(labels.shape)
         # Each micro-batch's CE is weighted by its share of the batch's labelled tokens, so
         # the micro-batch losses sum to the mean CE over the whole batch.
         valid = (labels != IGNORE).reshape(n, -1).sum(dim=1)
         ce_weight = valid * (loss_scale / valid.sum().clamp_min(1))
         mb_weight = torch.tensor(loss_scale / n, device=self.device)  # equal-size micro-batches
-        split = {"input_ids": ids.chunk(n), "labels": labels.chunk(n)}
+        split = {"labels": labels.chunk(n)}
         for key in ("position_ids", "segment_ids"):
             t = batch.get(key)
             if t is not None:
@@ -232,19 +261,22 @@ class PipelineRunner:
             kw = {k: split[k][i] for k in ("position_ids", "segment_ids") if k in split}
             kwarg_mbs.append({**kw, "labels": split["labels"][i], "ce_weight": ce_weight[i],
                               "mb_weight": mb_weight})
-        return [(t,) for t in split["input_ids"]], kwarg_mbs, list(split["labels"])
+        ids = batch.get("input_ids")
+        args = [(t,) for t in ids.to(self.device).chunk(n)] if ids is not None else [()] * n
+        return args, kwarg_mbs, list(split["labels"])
 
-    def step(self, batch: dict[str, torch.Tensor], loss_scale: float = 1.0) -> torch.Tensor | None:
+    def step(self, batch: dict[str, torch.Tensor] | None, loss_scale: float = 1.0) -> torch.Tensor | None:
         """Forward and backward over the batch's micro-batches; gradients accumulate in `.grad`.
 
-        Every rank passes the same batch. The gradients are those of `loss_scale` x the batch's
+        The first pipeline rank passes the batch, the others None (see `share_batch`); a
+        batch passed everywhere works too. The gradients are those of `loss_scale` x the batch's
         mean loss (1 / grad_accum when several batches make one optimizer step). Returns the
         batch's mean loss (CE + balance loss, unscaled) on the rank with the last chunk, None
         elsewhere (see `broadcast_loss`).
         """
         if loss_scale <= 0:
             raise ValueError(f"loss_scale must be positive, got {loss_scale}")
-        arg_mbs, kwarg_mbs, target_mbs = self._microbatches(batch, loss_scale)
+        arg_mbs, kwarg_mbs, target_mbs = self._microbatches(self.share_batch(batch), loss_scale)
         losses: list[torch.Tensor] = []
         self.schedule.step(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs,
                            losses=losses, return_outputs=False)
@@ -253,12 +285,12 @@ class PipelineRunner:
         return torch.stack([loss.detach().float() for loss in losses]).sum() / loss_scale
 
     @torch.no_grad()
-    def eval_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    def eval_step(self, batch: dict[str, torch.Tensor] | None) -> torch.Tensor | None:
         """Forward only (no gradients): the batch's mean loss on the last chunk's rank, else None.
 
         Train/eval mode is the caller's (model.eval() stops MoE load counting, as usual).
         """
-        arg_mbs, kwarg_mbs, target_mbs = self._microbatches(batch)
+        arg_mbs, kwarg_mbs, target_mbs = self._microbatches(self.share_batch(batch))
         out = self.schedule.eval(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs)
         return out.float().sum() if self.has_last_chunk else None
 
@@ -322,14 +354,33 @@ def chunk_device(chunk: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def stage_io(chunk: PipelineChunk, rows: int, seq: int, device: torch.device
+             ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """Example (inputs, outputs) of a chunk for one micro-batch of `rows` x `seq` tokens, on
+    the meta device: token ids or (hidden, balance loss) in; (hidden, balance loss) or the
+    [1] loss out. Hidden states keep the parameters' dtype (autocast leaves the residual)."""
+    hidden = next(p.dtype for p in chunk.layers.parameters()) if len(chunk.layers) else torch.float32
+    meta = torch.device("meta")
+    # requires_grad marks what carries a gradient back between stages (static mode reads it)
+    h = torch.empty(rows, seq, chunk.rotary_emb.cfg.hidden_size, dtype=hidden, device=meta,
+                    requires_grad=True)
+    aux = torch.empty((), dtype=torch.float32, device=meta, requires_grad=True)
+    ins = (torch.empty(rows, seq, dtype=torch.long, device=meta),) if chunk.is_first else (h, aux)
+    outs = (torch.empty(1, device=meta, requires_grad=True),) if chunk.is_last else (h, aux)
+    return ins, outs
+
+
 def build_pipeline(model: K2ForCausalLM, *, pp_group: Any, pp_rank: int, pp_size: int,
                    virtual_stages: int, n_microbatches: int, device: torch.device | str,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                   autocast: torch.dtype | None = None) -> PipelineRunner:
+                   autocast: torch.dtype | None = None,
+                   micro_batch: tuple[int, int] | None = None) -> PipelineRunner:
     """Split `model` into pp_size x virtual_stages chunks and schedule this rank's share.
 
     loss_fn(logits, labels) -> mean loss of one micro-batch replaces the fused head + CE
     (the balance loss is added either way); autocast runs each stage's forward in that dtype.
+    `micro_batch` = (rows, seq_len) of every batch gives the stages their shapes statically
+    (no dynamic shape inference, so the pipeline also runs on meta tensors).
     """
     from torch.distributed.pipelining import (
         PipelineStage,
@@ -353,12 +404,19 @@ def build_pipeline(model: K2ForCausalLM, *, pp_group: Any, pp_rank: int, pp_size
                           f"{rounds} micro-batches (got {n_microbatches}); use a multiple of {pp_size}")
     device = torch.device(device)
     n_chunks = pp_size * virtual_stages
-    chunks = split_model(model, n_chunks)
+    chunks = split_model(model, pp_size, virtual_stages)
+    if micro_batch is not None and micro_batch[0] % n_microbatches:
+        raise ConfigError(f"train.micro_batch_size: {micro_batch[0]} rows do not split into "
+                          f"{n_microbatches} pipeline micro-batches; use a multiple of {n_microbatches}")
     stages = []
     for chunk in chunks[pp_rank::pp_size]:
         chunk.loss_fn = loss_fn
-        chunk.to(device)
-        stage = PipelineStage(chunk, chunk.index, n_chunks, device, group=pp_group)
+        static = {}
+        if micro_batch is not None:  # shapes given: no shape-inference forward at the first step
+            rows = micro_batch[0] // n_microbatches
+            static = dict(zip(("input_args", "output_args"),
+                              stage_io(chunk, rows, micro_batch[1], device), strict=True))
+        stage = PipelineStage(chunk, chunk.index, n_chunks, device, group=pp_group, **static)
         stage.register_forward_context(_forward_context(chunk, autocast))
         stages.append(stage)
     # The chunks' losses are already scaled to the batch mean: no rescaling of gradients.

@@ -5,7 +5,6 @@ Parameter names follow HF `DeepseekV3ForCausalLM` so state dicts map one to one.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig, MoEConfig, RunConfig
 from ..registry import Registry
+from .init import init_parameters, materialize
 from .kvcache import KVCache
 from .layers import RMSNorm
 from .losses import linear_cross_entropy
@@ -136,26 +136,16 @@ class K2ForCausalLM(nn.Module):
 
     # --- weights -------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int = 0) -> None:
         """normal(0, initializer_range) for matrices/embeddings/expert tensors, ones for norms,
-        zeros for biases and the router correction bias."""
-        std = self.config.initializer_range
-        norm_params: set[int] = set()
-        for mod in self.modules():
-            if isinstance(mod, RMSNorm) or type(mod).__name__.lower().endswith("norm"):
-                for p in mod.parameters(recurse=False):
-                    norm_params.add(id(p))
-        for _, p in self.named_parameters():
-            if id(p) in norm_params:
-                p.fill_(1.0)
-            elif p.ndim >= 2:
-                p.normal_(0.0, std)
-            else:
-                p.zero_()
-        for name, b in self.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.zero_()
-        self.model.rotary_emb.reset_parameters()
+        zeros for biases and buffers (RoPE recomputed), each tensor from a generator seeded by
+        (seed, its name[, expert]): the same values under any layout (`model.init`)."""
+        init_parameters(self, seed, self.config.initializer_range)
+
+    def tie_weights(self) -> None:
+        """Point the head at the embedding when the config ties them (again after `to_empty`)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     # --- forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
@@ -236,11 +226,13 @@ class K2ForCausalLM(nn.Module):
             m.reset_counts()
 
     def load_stats(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Per MoE layer (by layer index): that layer's `load_stats()`."""
+        """Per MoE layer held here (by layer index): that layer's `load_stats()`; layers of
+        another pipeline stage (still on the meta device) are left out."""
         return {
             i: layer.mlp.load_stats()
             for i, layer in enumerate(self.model.layers)
             if isinstance(layer.mlp, LoadBalanced)
+            and not any(b.is_meta for b in layer.mlp.buffers())
         }
 
     def num_parameters(self) -> int:
@@ -259,15 +251,23 @@ def build_model(
     registry: Registry | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    seed: int | None = None,
 ) -> K2ForCausalLM:
-    """Build and initialise a K2ForCausalLM (on `device`, e.g. "meta" to count parameters)."""
+    """Build a K2ForCausalLM: on "meta" uninitialised (a backend materialises its share),
+    elsewhere (default cpu) materialised and initialised from `seed` (default: the run's
+    `train.seed`, or 0) layout-free, as any backend would initialise the same parameters."""
     if isinstance(cfg, RunConfig):
         model_cfg, moe_cfg = cfg.model, cfg.moe
+        seed = cfg.train.seed if seed is None else seed
     else:
         model_cfg, moe_cfg = cfg
-    device = torch.device(device) if device is not None else None
-    with torch.device(device) if device is not None else nullcontext():
-        model = K2ForCausalLM(model_cfg, moe_cfg, registry=registry, init_weights=device is None or device.type != "meta")
+    with torch.device("meta"):
+        model = K2ForCausalLM(model_cfg, moe_cfg, registry=registry, init_weights=False)
+    device = torch.device(device if device is not None else "cpu")
+    if device.type != "meta":
+        materialize(model, device)
+        model.tie_weights()
+        model.init_weights(seed or 0)
     if dtype is not None:
         model = model.to(dtype)
     return model

@@ -78,6 +78,10 @@ class RotaryEmbedding(nn.Module):
         with torch.no_grad():
             self.inv_freq.copy_(inv_freq)
 
+    def reset_buffers(self) -> None:
+        """The model-init contract's name for `reset_parameters` (see `k2_core.model.init`)."""
+        self.reset_parameters()
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B|1, T] -> (cos, sin), each [B|1, T, rope_dim // 2] in `dtype`."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()
