@@ -88,6 +88,11 @@ ATTACKS = {
                                  "atexit.register(lambda: os._exit(0))\n"
                                  "def add(a, b):\n    raise RuntimeError('no')\n"),
     "exit_zero_before_tests": "import os\nos._exit(0)\n",
+    # a result line nested far deeper than any decoder recurses, on every descriptor
+    "deeply_nested_result_line": ("import os\nline = ('[' * 200000 + ']' * 200000 + '\\n')"
+                                  ".encode()\nfor fd in (1, 3, 4):\n    try:\n"
+                                  "        os.write(fd, line)\n    except OSError:\n"
+                                  "        pass\n" + _WRONG),
     "sys_exit_zero_in_function": "import sys\ndef add(a, b):\n    sys.exit(0)\n",
     # forged result lines in guessed formats on every descriptor it can write to
     "forged_guessed_formats": (

@@ -294,7 +294,7 @@ def parse_answer(stdout: str, n_calls: int) -> AnswerRun:
             continue
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # the answer may nest brackets 100,000 deep
             run.corrupt = "a result line is not JSON"
             break
         if not isinstance(rec, dict) or run.done or run.load or run.missing:
@@ -343,7 +343,7 @@ def parse_tests(stdout: str, n_tests: int) -> dict[int, dict]:
     for line in stdout.splitlines():
         try:
             rec = json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if isinstance(rec, dict) and type(rec.get("i")) is int and 0 <= rec["i"] < n_tests:
             out.setdefault(rec["i"], rec)
