@@ -98,28 +98,29 @@ class KeyedPermutation:
         bits = max(2, (n - 1).bit_length())
         # unequal halves are fine: each round maps (high, low) to (low, high ^ F(low)), a
         # bijection of the b-bit domain whatever the split, and the halves swap roles each round
-        self._split = (bits // 2, bits - bits // 2)
+        hi, lo = bits // 2, bits - bits // 2
         base = _mix64(_mix64((seed % 2**64) ^ 0x6A09E667F3BCC909) ^ (epoch % 2**64))
-        self._keys = [np.uint64(_mix64(base + (r + 1) * 0x9E3779B97F4A7C15))
-                      for r in range(_ROUNDS)]
+        self._rounds_consts = []  # (key, low bits, low mask, high bits, 64 - high bits) per round
+        for r in range(_ROUNDS):
+            key = _mix64(base + (r + 1) * 0x9E3779B97F4A7C15)
+            self._rounds_consts.append(tuple(np.uint64(v) for v in (key, lo, (1 << lo) - 1, hi, 64 - hi)))
+            hi, lo = lo, hi
+        self._n = np.uint64(n)
 
     def _rounds(self, x: np.ndarray) -> np.ndarray:
-        hi, lo = self._split
-        for key in self._keys:
-            high, low = x >> np.uint64(lo), x & np.uint64((1 << lo) - 1)
-            f = _mix64_np(low ^ key) >> np.uint64(64 - hi)  # the top `hi` bits: the best mixed
-            x = (low << np.uint64(hi)) | (high ^ f)
-            hi, lo = lo, hi
+        for key, lo, mask, hi, drop in self._rounds_consts:
+            f = _mix64_np(x & mask ^ key) >> drop  # the top `hi` bits of the hash: the best mixed
+            x = ((x & mask) << hi) | ((x >> lo) ^ f)
         return x
 
     def __call__(self, positions: np.ndarray) -> np.ndarray:
         """The sequence index at each of `positions` (all in [0, n)), as int64."""
         x = self._rounds(np.asarray(positions, dtype=np.uint64))
-        walk = np.flatnonzero(x >= np.uint64(self.n))
+        walk = np.flatnonzero(x >= self._n)
         while walk.size:  # cycle walking: out-of-range values go round again until they land
             y = self._rounds(x[walk])
             x[walk] = y
-            walk = walk[y >= np.uint64(self.n)]
+            walk = walk[y >= self._n]
         return x.astype(np.int64)
 
 
@@ -315,14 +316,19 @@ class _Reader:
         self.seed = options.seed
         self.rank = rank
         self.world_size = world_size
+        # this rank's rows of the next few global batches: one permutation call for _AHEAD
+        # batches, because numpy's per-call cost dominates a batch of a few rows
+        self._ahead: dict[tuple[int, int, int], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    _AHEAD = 64
 
     @property
     def global_batch(self) -> int:
         return self.world_size * self.opt.batch_size
 
-    def order(self, epoch: int, start: int, stop: int) -> np.ndarray:
-        """The sequences at positions [start, stop) of `epoch`'s visiting order."""
-        positions = np.arange(start, stop, dtype=np.int64)
+    def order(self, epoch: int, positions: np.ndarray) -> np.ndarray:
+        """The sequences at `positions` of `epoch`'s visiting order."""
         if not self.opt.shuffle:
             return positions
         return KeyedPermutation(self.n, self.seed, epoch)(positions)
@@ -337,13 +343,22 @@ class _Reader:
     def rows_at(self, epoch: int, pos: int) -> tuple[np.ndarray, int, int]:
         """This rank's rows of the global batch at (epoch, pos), and the state after it."""
         epoch, pos = self.normalise(epoch, pos)
-        end = min(pos + self.global_batch, self.n)
+        gb, b = self.global_batch, self.opt.batch_size
+        end = min(pos + gb, self.n)
         m, ws, r = end - pos, self.world_size, self.rank
-        if m == self.global_batch:
-            start, size = r * self.opt.batch_size, self.opt.batch_size
-        else:  # the short final batch of an epoch (drop_last=False): split as evenly as possible
+        if m < gb:  # the short final batch of an epoch (drop_last=False): split as evenly as possible
             start, size = r * (m // ws) + min(r, m % ws), m // ws + (1 if r < m % ws else 0)
-        return self.order(epoch, pos + start, pos + start + size), epoch, end
+            return self.order(epoch, np.arange(pos + start, pos + start + size)), epoch, end
+        with self._lock:
+            rows = self._ahead.get((self.seed, epoch, pos))
+            if rows is None:
+                k = min(self._AHEAD, (self.n - pos) // gb)  # full global batches left in the epoch
+                firsts = pos + np.arange(k, dtype=np.int64) * gb
+                positions = (firsts[:, None] + r * b + np.arange(b)).reshape(-1)
+                order = self.order(epoch, positions).reshape(k, b)
+                self._ahead = {(self.seed, epoch, int(f)): order[i] for i, f in enumerate(firsts)}
+                rows = self._ahead[(self.seed, epoch, pos)]
+        return rows, epoch, end
 
     def batch(self, rows: np.ndarray) -> dict[str, torch.Tensor]:
         toks = self.tokens.rows(rows).astype(np.int64)
