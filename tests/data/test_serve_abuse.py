@@ -9,6 +9,8 @@ import asyncio
 import json
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 
@@ -339,46 +341,97 @@ def test_queue_bound_429(server):
 
 # --- load test ------------------------------------------------------------------------------------
 
+# The abusive clients run in their own process (so their CPU does not slow this process's
+# timing of the normal requests), for at most `seconds`, each loop pausing `pause` seconds:
+# 4 streams of 400 tokens abandoned after the first bytes, a 50 MB Content-Length with a
+# few KB sent, 50,000-deep JSON. Loopback only; prints how many it sent.
+_ABUSER = r"""
+import asyncio, os, signal, sys, time
+import httpx
+base, key, seconds, pause = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+auth = {"Authorization": f"Bearer {key}"}
+host, port = base.removeprefix("http://").split(":")
+sent = 0
+
+async def abandon(c):
+    body = {"prompt": "Say hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    try:
+        async with c.stream("POST", f"{base}/v1/completions", json=body, headers=auth,
+                            timeout=0.3) as r:
+            async for _ in r.aiter_bytes():
+                break
+    except httpx.TimeoutException:
+        pass
+
+async def oversized(c):
+    r, w = await asyncio.open_connection(host, int(port))
+    w.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Length: {50 << 20}\r\n\r\n".encode() + b"{" * 4096)
+    try:
+        await asyncio.wait_for(r.read(), 5)
+    except (ConnectionError, asyncio.TimeoutError):
+        pass
+    w.close()
+
+async def nested(c):
+    await c.post(f"{base}/v1/chat/completions", content=b"[" * 50_000, headers=auth)
+
+async def loop(act, c, end):
+    global sent
+    while time.monotonic() < end:
+        await act(c)
+        sent += 1
+        await asyncio.sleep(pause)
+
+def stop(*_):
+    print(sent, flush=True)
+    os._exit(0)
+
+signal.signal(signal.SIGTERM, stop)
+
+async def main():
+    end = time.monotonic() + seconds
+    async with httpx.AsyncClient(timeout=10) as c:
+        four = lambda c: asyncio.gather(*(abandon(c) for _ in range(4)))
+        await asyncio.gather(*(loop(a, c, end) for a in (four, oversized, nested)))
+    print(sent, flush=True)
+
+asyncio.run(main())
+"""
+
+
 def _p99(xs: list[float]) -> float:
     return statistics.quantiles(xs, n=100, method="inclusive")[98]
 
 
 def test_load_normal_p99_within_3x_of_idle(server):
-    """Normal requests while abandoned streams, oversized bodies and bad JSON keep arriving
-    (bounded: 20 s at most, loopback only): their p99 stays within 3x of an idle server's."""
-    n = 40
-    idle = [_small_latency(server) for _ in range(n)]
-    stop = threading.Event()
-    abuse_count = [0]
+    """Normal requests (a short chat, one keep-alive client) while abandoned streams,
+    oversized bodies and pathological JSON keep arriving: their p99 stays within 3x of the
+    idle server's. Idle is measured before and after the abuse, so that the shared machine's
+    own noise weighs on both sides."""
+    with httpx.Client(headers=AUTH, timeout=60) as c:
+        def normal() -> float:
+            t = time.perf_counter()
+            r = c.post(f"{server}/v1/chat/completions",
+                       json={"messages": ASK_HELLO, "temperature": 0, "max_tokens": 8})
+            assert r.status_code == 200
+            return time.perf_counter() - t
 
-    def abuser(kind: int) -> None:
-        while not stop.is_set():
-            if kind == 0:
-                asyncio.run(_abandon(server, 4, True))
-            elif kind == 1:
-                _raw_request(server, "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-                             f"Authorization: Bearer {KEY}\r\n"
-                             f"Content-Length: {50 << 20}\r\n\r\n", b"{" * 4096)
-            else:
-                _post(server, "/v1/chat/completions", b"[" * 50_000)
-            abuse_count[0] += 1
-            time.sleep(0.02)  # steady abuse, without starving this process's own client
-
-    threads = [threading.Thread(target=abuser, args=(k,)) for k in (0, 1, 2)]
-    for t in threads:
-        t.start()
-    try:
-        time.sleep(0.5)
-        loaded = []
-        deadline = time.monotonic() + 20
-        while len(loaded) < n and time.monotonic() < deadline:
-            loaded.append(_small_latency(server))
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
+        normal()
+        idle = [normal() for _ in range(50)]
+        abuser = subprocess.Popen([sys.executable, "-c", _ABUSER, server, KEY, "40", "0.05"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)  # the abuse is under way
+            loaded = [normal() for _ in range(100)]
+        finally:
+            abuser.terminate()
+            out, _ = abuser.communicate(timeout=30)
+        idle += [normal() for _ in range(50)]
     p_idle, p_load = _p99(idle), _p99(loaded)
-    print(f"normal p99 idle {p_idle * 1000:.0f} ms, under abuse {p_load * 1000:.0f} ms "
-          f"({len(loaded)} requests, {abuse_count[0]} abusive)")
-    assert len(loaded) == n and abuse_count[0] > 10
+    print(f"\nnormal requests: idle p99 {p_idle * 1000:.0f} ms (median "
+          f"{statistics.median(idle) * 1000:.0f}), under abuse p99 {p_load * 1000:.0f} ms "
+          f"(median {statistics.median(loaded) * 1000:.0f}), {out.strip()} abusive requests")
+    assert int(out.split()[-1]) > 50  # abusive requests sent while the normal ones ran
     assert p_load <= 3 * p_idle, (p_idle, p_load)
+    assert httpx.get(f"{server}/health").json()["cancelled"] > 0

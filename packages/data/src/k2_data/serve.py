@@ -38,6 +38,10 @@ from .generators.base import make_usage
 
 API_KEY_ENV = "K2_SERVE_API_KEY"
 MAX_TOP_LOGPROBS = 20  # as vLLM and OpenAI chat
+# Bodies up to this size are parsed and tokenised on the event loop, larger ones in a thread.
+# Nesting is no risk inline: the JSON parser stops at its recursion limit (~1000 levels),
+# which takes microseconds.
+INLINE_BODY_BYTES = 16 * 1024
 
 
 class _Request(BaseModel):
@@ -610,8 +614,14 @@ def create_app(engine: Engine, model_name: str = "k2", *, max_tokens: int = 512,
         streaming = False
         try:
             raw = await _read_body(request, max_body)
-            req = await asyncio.to_thread(parse_body, raw, model)
-            prepared = await asyncio.to_thread(prepare, req)
+            if len(raw) <= INLINE_BODY_BYTES:
+                # a small body parses and tokenises in well under a millisecond: a round trip
+                # through a worker thread would cost more (GIL hand-offs under load)
+                req = parse_body(raw, model)
+                prepared = prepare(req)
+            else:
+                req = await asyncio.to_thread(parse_body, raw, model)
+                prepared = await asyncio.to_thread(prepare, req)
             cancel = threading.Event()
             watch = None if getattr(req, "stream", False) else asyncio.ensure_future(
                 _until_disconnect(request.receive, cancel))
