@@ -11,14 +11,13 @@ peak memory as one JSON line on the status pipe, also when the runner asks it to
 program (timeout, output cap); when it exits the kernel kills whatever the program left behind.
 """
 
-import base64
 import ctypes
 import json
 import os
 import resource
+import select
 import signal
 import sys
-import threading
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
@@ -106,12 +105,19 @@ def new_root(cfg, files):
     os.chdir("/")
 
 
+def _read_files(fd):
+    """The program's files from `fd`: a JSON line of [name, size] pairs, then the bytes."""
+    with os.fdopen(fd, "rb") as f:
+        sizes = json.loads(f.readline())
+        return {name: f.read(size) for name, size in sizes}
+
+
 def _write_files(workdir, files, uid):
     for name, content in files.items():
         path = os.path.join(workdir, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
-            f.write(base64.b64decode(content))
+            f.write(content)
     if uid is not None:
         for dirpath, dirnames, names in os.walk(workdir):
             for n in dirnames + names:
@@ -138,15 +144,34 @@ def start_program(cfg, status_fd):
         os._exit(127)
 
 
-def _watch_kill(ctrl_fd, pid, whole_namespace):
-    """Kill the program when the runner writes to the control pipe (EOF: nothing to do)."""
-    try:
-        if not os.read(ctrl_fd, 1):
-            return
-    except OSError:
-        return
-    # as pid 1 of the namespace, kill(-1) reaches every process in it but this one
-    os.kill(-1 if whole_namespace else pid, signal.SIGKILL)
+def _wait_program(pid, ctrl_fd, whole_namespace):
+    """Reap children until the program ends; a byte on the control pipe kills it first.
+
+    No thread: SIGCHLD writes to a wakeup pipe, so one select watches both."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler, so the wakeup pipe is written
+    watch = [ctrl_fd, wake_r]
+    while True:
+        while True:  # reap every child that has ended (orphans of the program included)
+            done, status, usage = os.wait4(-1, os.WNOHANG)
+            if done == pid:
+                return status, usage
+            if done == 0:
+                break
+        ready, _, _ = select.select(watch, [], [])
+        if wake_r in ready:
+            while True:
+                try:
+                    if not os.read(wake_r, 4096):
+                        break
+                except BlockingIOError:
+                    break
+        if ctrl_fd in ready:
+            if os.read(ctrl_fd, 1):
+                # as pid 1 of the namespace, kill(-1) reaches every process in it but this one
+                os.kill(-1 if whole_namespace else pid, signal.SIGKILL)
+            watch.remove(ctrl_fd)  # asked once (or the runner closed it): wait for the end
 
 
 def _disk_full(path):
@@ -165,27 +190,17 @@ def main():
     os.set_inheritable(ctrl_fd, False)
     try:
         if cfg["new_root"]:
-            with os.fdopen(cfg["files_fd"], "rb") as f:
-                files = json.loads(f.read())
-            new_root(cfg, files)
+            new_root(cfg, _read_files(cfg["files_fd"]))
     except OSError as e:
         _say(status_fd, error=f"isolate: {e}")
         return 3
     pid = os.fork()
     if pid == 0:
         start_program(cfg, status_fd)
-    killer = threading.Thread(target=_watch_kill, args=(ctrl_fd, pid, cfg["new_root"]),
-                              daemon=True)
-    killer.start()
-    while True:
-        try:
-            done, status, usage = os.wait4(-1, 0)
-        except ChildProcessError:
-            return 3
-        except InterruptedError:
-            continue
-        if done == pid:
-            break
+    try:
+        status, usage = _wait_program(pid, ctrl_fd, cfg["new_root"])
+    except ChildProcessError:
+        return 3
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -sig
     _say(status_fd, returncode=code, signal=sig, cpu_s=usage.ru_utime + usage.ru_stime,

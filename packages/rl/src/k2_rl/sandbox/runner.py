@@ -11,7 +11,6 @@ root (a tmpfs) that holds only the interpreter's prefix and the library folders,
 from __future__ import annotations
 
 import atexit
-import base64
 import fcntl
 import functools
 import json
@@ -340,8 +339,10 @@ def _launch(limits: SandboxLimits, interp: _Interpreter, workdir: str | None,
            "argv": [interp.python, "-I", "-S", "-B", "-X", "utf8", _MAIN]}
     pass_fds = [status_w, ctrl_r]
     if namespaces:
-        files_file.write(json.dumps({k: base64.b64encode(v).decode()
-                                     for k, v in files.items()}).encode())
+        # a line of [name, size] pairs, then the bytes: no encoding to undo on the other side
+        files_file.write(json.dumps([[k, len(v)] for k, v in files.items()]).encode() + b"\n")
+        for content in files.values():
+            files_file.write(content)
         files_file.seek(0)
         cfg.update(files_fd=files_file.fileno(), root_mnt=_root_mount_point(),
                    binds=list(interp.binds), symlinks=[list(x) for x in interp.symlinks],
