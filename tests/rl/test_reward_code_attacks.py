@@ -238,14 +238,18 @@ def test_expected_values_never_enter_the_answers_sandbox(monkeypatch):
 
     monkeypatch.setattr(code_reward, "run_python", spy)
     task = {"prompt": "p", "entry_point": "f",
-            "tests": ["assert f(7) == 918273645", "assert f(8) == (564738291, 'zyxwvu')"]}
+            "tests": ["assert f(7) == 918273645", "assert f(8) == (564738291, 'zyxwvu')",
+                      "assert f(7) - 1 == 918273644"]}  # the last one is not a pair
     body = "def f(x):\n    return 918273645 if x == 7 else (564738291, 'zyxwvu')"
     res = _reward().score(task, [_fence(body)])[0]
     assert res.score == 1.0
     answer_runs = [s for s in seen if "def f(x)" in s]
-    assert answer_runs
+    test_runs = [s for s in seen if "def f(x)" not in s]
+    assert answer_runs and test_runs  # the third test ran in a sandbox of its own
     for s in answer_runs:
         assert s.count("918273645") == 1 and s.count("zyxwvu") == 1  # only the answer's own
+        assert "918273644" not in s
+    assert all("def f(x)" not in s and "918273644" in s for s in test_runs)
 
 
 @pytest.mark.parametrize("value", [
