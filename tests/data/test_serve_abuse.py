@@ -226,6 +226,7 @@ def test_malformed_tool_call_returned_as_content(server):
                   if ln.startswith("data: {")]
     text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
     assert text == choice["message"]["content"]
+    assert events[-1]["choices"][0]["tool_call_errors"] == choice["tool_call_errors"]
 
 
 # --- logprobs ---------------------------------------------------------------------------------

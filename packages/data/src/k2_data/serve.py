@@ -384,9 +384,10 @@ class Server:
         head = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.model_name}
 
-        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+        def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None,
+                  **extra: Any) -> str:
             return _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                                              "logprobs": logprobs}]})
+                                              "logprobs": logprobs, **extra}]})
 
         yield chunk({"role": "assistant", "content": ""})
         out: Completion | None = None
@@ -413,7 +414,9 @@ class Server:
         if calls:
             yield chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]})
         lp = self.chat_logprobs(out, req.return_tokens_as_token_ids) if req.logprobs else None
-        yield chunk({}, choice["finish_reason"], lp)
+        errors = {"tool_call_errors": choice["tool_call_errors"]} if "tool_call_errors" in choice \
+            else {}
+        yield chunk({}, choice["finish_reason"], lp, **errors)
         if (req.stream_options or {}).get("include_usage"):
             yield _sse({**head, "choices": [],
                         "usage": make_usage(len(ids), len(out.token_ids))})
@@ -686,8 +689,9 @@ class ServeOptions(BaseModel):
     max_batch_size: int = Field(64, gt=0, description="Requests decoded together at most.")
     max_tokens: int = Field(512, gt=0, description="Default completion limit for chat requests.")
     max_body_mb: float = Field(16.0, gt=0, description="Request bodies over this many MiB get 413.")
-    api_key: str | None = Field(None, description=f"Required bearer key on every route but "
-                                                  f"/health; None: ${API_KEY_ENV} or no key.")
+    api_key: str | None = Field(None, repr=False,  # never printed with the options
+                                description=f"Required bearer key on every route but /health; "
+                                            f"None: ${API_KEY_ENV} or no key.")
     max_queue: int = Field(256, gt=0, description="Requests in flight at most; more get 429.")
 
 
