@@ -332,13 +332,14 @@ def _launch(limits: SandboxLimits, interp: _Interpreter, workdir: str | None,
     namespaces = workdir is None
     status_r, status_w = os.pipe()
     ctrl_r, ctrl_w = os.pipe()  # a byte here asks the supervisor to kill the program
-    files_file = tempfile.TemporaryFile()  # noqa: SIM115 - closed below
+    # the program's files travel to the bootstrap through this (namespaces only)
+    files_file = tempfile.TemporaryFile() if namespaces else None  # noqa: SIM115 - closed below
     cfg = {"status_fd": status_w, "ctrl_fd": ctrl_r, "new_root": namespaces,
            "workdir": WORKDIR if namespaces else os.path.realpath(workdir),
            "rlimits": _rlimits(limits, uid), "uid": uid, "gid": uid, "pdeathsig": True,
            "argv": [interp.python, "-I", "-S", "-B", "-X", "utf8", _MAIN]}
     pass_fds = [status_w, ctrl_r]
-    if namespaces:
+    if files_file is not None:
         # a line of [name, size] pairs, then the bytes: no encoding to undo on the other side
         files_file.write(json.dumps([[k, len(v)] for k, v in files.items()]).encode() + b"\n")
         for content in files.values():
@@ -369,7 +370,8 @@ def _launch(limits: SandboxLimits, interp: _Interpreter, workdir: str | None,
         os.close(status_w)
         os.close(ctrl_r)
         stdin_file.close()
-        files_file.close()
+        if files_file is not None:
+            files_file.close()
     try:
         bufs, truncated, killed_for = _collect(proc, status_r, ctrl_w, limits)
     finally:
