@@ -379,7 +379,8 @@ class ShardWriter(_Writer):
         rows, shape = entry["chunk_rows"], entry["shape"]
         full = _chunk_bytes(shape, _storage_dtype(dtype).itemsize, rows)
         for i in idx:
-            entry["chunks"][str(i)] = None  # filled in by the job
+            with self._lock:  # the I/O threads fill in other chunks of this entry meanwhile
+                entry["chunks"][str(i)] = None  # claimed now, filled in by the job
             src = tensor if not shape else tensor[i * rows - row_start:(i + 1) * rows - row_start]
             self._slots.acquire()
             try:
