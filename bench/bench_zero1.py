@@ -8,11 +8,12 @@ embeddings / head / router / norms on AdamW). Per step, timed separately (median
 after --warmup steps):
 - `fwd+bwd`: forward and backward (DeepSpeed's ZeRO-1 gradient reduction runs at the end of
   `engine.backward`, k2's inside `optimizer.step()`, so compare the sums);
-- `step`: the optimizer step (k2: gradient all-reduce, owned-matrix Newton-Schulz, broadcast,
-  QK-Clip with max logits all-reduced; k2-ds: gradient all-reduce (the backend's, before
+- `step`: the optimizer step (k2: gradient all-reduce, Newton-Schulz / AdamW of the owned
+  rows (balanced row ownership), row all-gather, QK-Clip with max logits all-reduced; k2-ds: gradient all-reduce (the backend's, before
   clipping), Newton-Schulz of this rank's partition's matrices, DeepSpeed's ZeRO-1 update of
   its fp32 partition and all-gather, QK-Clip; DeepSpeed: its ZeRO-1 Muon step and all-gather).
-The ratios printed are k2 / DeepSpeed and k2-ds / DeepSpeed for `fwd+bwd+step` (target <= 1.0x).
+The ratios printed are k2 / DeepSpeed and k2-ds / DeepSpeed for `fwd+bwd+step` (target <= 1.0x),
+and k2's optimizer-state bytes per rank (max/mean).
 
 DeepSpeed's first CPU start JIT-compiles an extension into TORCH_EXTENSIONS_DIR (~25 s, once).
 
@@ -79,13 +80,18 @@ def _timed_steps(args, model, batch, step, zero_grad) -> tuple[list[float], list
     return fb[args.warmup:], st[args.warmup:]
 
 
-def _time_k2(args, rank: int) -> tuple[list[float], list[float]]:
+def _time_k2(args, rank: int) -> tuple[tuple[list[float], list[float]], list[int]]:
+    """(fwd+bwd and step times, optimizer-state bytes of every rank) of k2's ZeRO-1."""
     from k2_optim.distributed import DistributedMuonClip
 
     model, cfg = _model(args.layers)
     opt = DistributedMuonClip(_groups(model), LR, WD, model=model, qk_clip_tau=100.0)
-    return _timed_steps(args, model, _batch(rank, args.seq, cfg.model.vocab_size), opt.step,
-                        opt.zero_grad)
+    times = _timed_steps(args, model, _batch(rank, args.seq, cfg.model.vocab_size), opt.step,
+                         opt.zero_grad)
+    # the balanced row ownership: optimizer-state bytes held by every rank
+    held: list = [None] * dist.get_world_size()
+    dist.all_gather_object(held, opt.state_bytes())
+    return times, held
 
 
 def _average_grads(model) -> None:
@@ -149,13 +155,14 @@ def _worker(rank: int, world: int, port: int, args, out: str) -> None:
     torch.set_num_threads(max(1, args.threads))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        res = {"k2": _time_k2(args, rank)}
+        k2_times, state_bytes = _time_k2(args, rank)
+        res = {"k2": k2_times}
         if not args.skip_deepspeed:
             res["k2-ds"] = _time_k2_deepspeed(args, rank)
             res["deepspeed"] = _time_deepspeed(args, rank)
         if rank == 0:  # plain JSON: timings only, nothing to unpickle
             with open(out, "w") as f:
-                json.dump(res, f)
+                json.dump({"times": res, "k2_state_bytes": state_bytes}, f)
     finally:
         dist.destroy_process_group()
 
@@ -179,14 +186,18 @@ def main() -> None:
     out = f"/tmp/bench_zero1_{os.getpid()}.json"
     mp.spawn(_worker, args=(2, _free_port(), args, out), nprocs=2, join=True)
     with open(out) as f:
-        res = json.load(f)
+        got = json.load(f)
     os.remove(out)
+    res, held = got["times"], got["k2_state_bytes"]
     med = {k: (statistics.median(fb), statistics.median(st)) for k, (fb, st) in res.items()}
     print(f"tiny preset, {args.layers} layers, 2 gloo ranks x 1 x {args.seq} tokens, "
           f"{args.threads} thread(s) per rank; median of {args.reps}")
     print(f"{'engine':<10} {'fwd+bwd ms':>11} {'step ms':>9} {'total ms':>9}")
     for k, (fb, st) in med.items():
         print(f"{k:<10} {fb * 1e3:>11.1f} {st * 1e3:>9.1f} {(fb + st) * 1e3:>9.1f}")
+    mean = sum(held) / len(held)
+    print(f"k2 optimizer state per rank: {', '.join(f'{b / 2**20:.1f}' for b in held)} MiB "
+          f"(max/mean {max(held) / mean:.3f})")
     if "deepspeed" in med:
         ds = med["deepspeed"]
         for k in ("k2", "k2-ds"):
