@@ -345,14 +345,22 @@ def test_queue_bound_429(server):
 # The abusive clients run in their own process (so their CPU does not slow this process's
 # timing of the normal requests), for at most `seconds`, each loop pausing `pause` seconds:
 # 4 streams of 400 tokens abandoned after the first bytes, a 50 MB Content-Length with a
-# few KB sent, 50,000-deep JSON. Loopback only; prints how many it sent.
+# few KB sent, 50,000-deep JSON. Loopback only. A line "on"/"off" on stdin starts/pauses the
+# abuse; on SIGTERM it prints how many abusive requests it sent.
 _ABUSER = r"""
-import asyncio, os, signal, sys, time
+import asyncio, os, signal, sys, threading, time
 import httpx
 base, key, seconds, pause = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
 auth = {"Authorization": f"Bearer {key}"}
 host, port = base.removeprefix("http://").split(":")
 sent = 0
+on = threading.Event()
+
+def commands():
+    for line in sys.stdin:
+        on.set() if line.strip() == "on" else on.clear()
+
+threading.Thread(target=commands, daemon=True).start()
 
 async def abandon(c):
     body = {"prompt": "Say hello", "max_tokens": 400, "ignore_eos": True, "stream": True}
@@ -380,6 +388,9 @@ async def nested(c):
 async def loop(act, c, end):
     global sent
     while time.monotonic() < end:
+        if not on.is_set():
+            await asyncio.sleep(0.01)
+            continue
         await act(c)
         sent += 1
         await asyncio.sleep(pause)
@@ -408,27 +419,34 @@ def _p99(xs: list[float]) -> float:
 def test_load_normal_p99_within_3x_of_idle(server):
     """Normal requests (a short chat, one keep-alive client) while abandoned streams,
     oversized bodies and pathological JSON keep arriving: their p99 stays within 3x of the
-    idle server's. Idle is measured before and after the abuse, so that the shared machine's
-    own noise weighs on both sides."""
-    with httpx.Client(headers=AUTH, timeout=60) as c:
-        def normal() -> float:
-            t = time.perf_counter()
-            r = c.post(f"{server}/v1/chat/completions",
-                       json={"messages": ASK_HELLO, "temperature": 0, "max_tokens": 8})
-            assert r.status_code == 200
-            return time.perf_counter() - t
+    idle server's. Idle and abused windows alternate, so that the shared machine's own load
+    weighs on both sides alike."""
+    idle: list[float] = []
+    loaded: list[float] = []
+    abuser = subprocess.Popen([sys.executable, "-c", _ABUSER, server, KEY, "60", "0.05"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        with httpx.Client(headers=AUTH, timeout=60) as c:
+            def normal() -> float:
+                t = time.perf_counter()
+                r = c.post(f"{server}/v1/chat/completions",
+                           json={"messages": ASK_HELLO, "temperature": 0, "max_tokens": 8})
+                assert r.status_code == 200
+                return time.perf_counter() - t
 
-        normal()
-        idle = [normal() for _ in range(50)]
-        abuser = subprocess.Popen([sys.executable, "-c", _ABUSER, server, KEY, "40", "0.05"],
-                                  stdout=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1.0)  # the abuse is under way
-            loaded = [normal() for _ in range(100)]
-        finally:
-            abuser.terminate()
-            out, _ = abuser.communicate(timeout=30)
-        idle += [normal() for _ in range(50)]
+            normal()
+            for _ in range(4):
+                time.sleep(0.3)  # abandoned streams of the last window are gone
+                idle += [normal() for _ in range(25)]
+                abuser.stdin.write("on\n")
+                abuser.stdin.flush()
+                time.sleep(0.5)  # the abuse is under way
+                loaded += [normal() for _ in range(25)]
+                abuser.stdin.write("off\n")
+                abuser.stdin.flush()
+    finally:
+        abuser.terminate()
+        out, _ = abuser.communicate(timeout=30)
     p_idle, p_load = _p99(idle), _p99(loaded)
     print(f"\nnormal requests: idle p99 {p_idle * 1000:.0f} ms (median "
           f"{statistics.median(idle) * 1000:.0f}), under abuse p99 {p_load * 1000:.0f} ms "
