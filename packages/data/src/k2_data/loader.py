@@ -514,8 +514,7 @@ class PackedDataset:
                 docs = _Docs(_open_array(starts, fs, f"{base}/doc_starts"),
                              _open_array(arrays["row_docs"], fs, f"{base}/row_docs"),
                              self.seq_len + 1, int(starts.shape[0]))
-        self._arrays = [rows] + ([docs.doc_starts] + ([docs.row_docs] if docs.row_docs else [])
-                                 if docs else [])
+        self._arrays = [a for a in (rows, docs and docs.doc_starts, docs and docs.row_docs) if a]
         self._reader = _Reader(rows, docs, n, self.seq_len, options, rank, world_size)
         self.rank, self.world_size = rank, world_size
         if n == 0 or (options.drop_last and n < self._reader.global_batch):
