@@ -404,13 +404,13 @@ class ShardWriter(_Writer):
         with f:
             for block in _blocks(src, dtype):
                 crc = zlib.crc32(block, crc)
-                f.write(block)
+                _write_all(f, block)
                 n += len(block)
             zeros = bytes(min(_BLOCK, full - n)) if full > n else b""
             while n < full:  # zarr's edge chunks are full-size: pad with zeros
                 z = memoryview(zeros)[:full - n]
                 crc = zlib.crc32(z, crc)
-                f.write(z)
+                _write_all(f, z)
                 n += len(z)
         with self._lock:
             entry["chunks"][str(i)] = [crc, n]
@@ -439,6 +439,13 @@ class ShardWriter(_Writer):
         else:  # no manifest: the rank counts as not finished
             self._closed = True
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _write_all(f: Any, block: memoryview) -> None:
+    """Write all of `block`: an unbuffered file may take less than asked in one call."""
+    while block:
+        k = f.write(block)
+        block = block[k:] if k is not None else block[:0]  # fsspec files take it all, say None
 
 
 def _blocks(src: torch.Tensor, dtype: torch.dtype) -> Iterator[memoryview]:
