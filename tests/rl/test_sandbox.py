@@ -202,3 +202,40 @@ def test_protections_are_logged_as_a_run_param():
         get_plugin=lambda n: None)))
     log_protections(no_tracker, "code: a,b")  # no tracker: nothing to do, no error
     assert len(calls) == 1
+
+
+@pytest.mark.slow
+@needs_full
+def test_k2_rl_logs_sandbox_protections_and_refuses_rlimits(tmp_path):
+    from k2_core.configio import load_config
+    from k2_core.errors import ConfigError
+    from k2_rl.commands import config_path
+    from k2_rl.rl_stage import RLTrainer
+    from mlflow.tracking import MlflowClient
+    from rl_fixtures import save_tiny_checkpoint
+
+    init, _ = save_tiny_checkpoint(tmp_path / "init")
+
+    def cfg(run_dir, *extra):
+        return load_config(config_path("rl-code"), [
+            f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", "train.steps=1",
+            "checkpoint.every=1", "plugins.rl.k=2", "plugins.rl.prompts_per_iter=2",
+            "plugins.rl.eval_prompts=0", "tracking.options.system_metrics=false",
+            "data.options.builtin_n=20", "data.seq_len=128", *extra])
+
+    weak = "plugins.rl.tasks=[{name: code, source: code, reward: code, budget: 10, " \
+           "reward_options: {sandbox: {isolation: rlimits}}}]"
+    with pytest.raises(ConfigError, match="allow_weak_isolation"):
+        RLTrainer(cfg(tmp_path / "weak", weak, "tracking.tracker=null"))
+    allowed = RLTrainer(cfg(tmp_path / "allowed", weak, "tracking.tracker=null",
+                            "plugins.rl.allow_weak_isolation=true"))
+    assert "net_namespace" not in allowed.sandbox_protections
+    allowed.close()
+
+    trainer = RLTrainer(cfg(tmp_path / "rl", "plugins.rl.tasks=[{name: code, source: code, "
+                                             "reward: code, budget: 10}]"))
+    trainer.train()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'rl' / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    logged = run.data.params["sandbox.protections"]
+    assert logged.startswith("code: ") and "private_root" in logged and "net_namespace" in logged
