@@ -164,7 +164,7 @@ _INTERPRETERS: dict[tuple, _Interpreter] = {}
 def _interpreter(limits: SandboxLimits) -> _Interpreter | None:
     """The first candidate interpreter the sandbox user can run with its own standard library
     (probed once per process and limits; a failed probe is retried next time)."""
-    key = (limits.python, limits.isolation, limits.hide_paths, limits.workdir_mb)
+    key = (limits.python, limits.isolation)
     if key not in _INTERPRETERS:
         found = _probe_interpreter(limits)
         if found is None:
@@ -193,7 +193,7 @@ def _layout(python: str, prefix: str) -> _Interpreter:
                     binds.append(target)
         elif os.path.isdir(lib) and not _inside(lib, binds):
             binds.append(lib)
-    # a folder inside another must be bound after it (or it is hidden by it)
+    # a folder inside another is already there through the outer bind (prefix /usr, /usr/lib)
     binds = [b for b in binds if not any(b != o and _inside(b, [o]) for o in binds)]
     return _Interpreter(python, prefix, tuple(sorted(binds)), tuple(symlinks))
 
@@ -272,9 +272,17 @@ def _root_mount_point() -> str:
     (inside the run's own mount namespace: on the host it stays empty)."""
     if not _ROOT_MNT:
         path = tempfile.mkdtemp(prefix="k2-sandbox-mnt-")
-        atexit.register(os.rmdir, path)
+        atexit.register(_remove_mount_point, path)
         _ROOT_MNT.append(path)
     return _ROOT_MNT[0]
+
+
+def _remove_mount_point(path: str) -> None:
+    """Remove the (empty) mount point at exit; a missing one is no error at shutdown."""
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def _run(code: str, stdin: str | bytes | None, limits: SandboxLimits,
