@@ -94,11 +94,15 @@ def new_root(cfg, files):
     _mount(None, root, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
     os.chdir(root)
     number = _PIVOT_ROOT.get(os.uname().machine)
-    if number is None or _libc.syscall(number, b".", b".") != 0:
-        err = ctypes.get_errno() if number else 38
-        raise OSError(err, f"pivot_root: {os.strerror(err)}")
-    # the old root now sits on top of the new one: detach it, and with it every host path
-    for old in (b".", b"/.scratch"):
+    if number is not None and _libc.syscall(number, b".", b".") == 0:
+        # the old root now sits on top of the new one: detach it, and with it every host path
+        detach = (b".", b"/.scratch")
+    else:
+        # pivot_root is refused where / is the initial ramfs: chroot instead; the program, an
+        # unprivileged user without CAP_SYS_CHROOT, cannot climb out of it
+        os.chroot(".")
+        detach = (b"/.scratch",)
+    for old in detach:
         if _libc.umount2(old, MNT_DETACH) != 0:
             err = ctypes.get_errno()
             raise OSError(err, f"umount {old.decode()}: {os.strerror(err)}")
