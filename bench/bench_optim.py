@@ -13,17 +13,30 @@ median step time over `--reps` steps after one warm-up step.
   has no muon_split, which also costs it ~2.4x more NS FLOPs on gate_up).
 - torch.optim.AdamW(foreach=True) on the same parameters as MuonClip.
 
+Peak temporary bytes of a step (beside its time): the rise of the process's peak RSS over a
+step after the warm-up (VmHWM reset through /proc/self/clear_refs; glibc told to mmap every
+allocation over 64 KiB so that freed tensors leave RSS at once), for
+- "whole-group" MuonClip: the step as it was before bounded buckets (Nesterov `_foreach_add`
+  over the whole group, one `torch.cat` per shape, the whole Newton-Schulz output), kept here
+  as `WholeGroupMuonClip` for the comparison;
+- MuonClip with `bucket_bytes` 64 MiB (the default) and `--small-bucket` MiB.
+
 Run: `uv run python bench/bench_optim.py [--layers 1] [--experts 64] [--reps 3]`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import statistics
 import time
+from collections import defaultdict
+from typing import Any
 
 import torch
-from k2_optim import MuonClip, QKClipTarget
+from k2_optim import MuonClip, QKClipTarget, newton_schulz
+from k2_optim.muon import adjusted_scale, matrix_view_shape
 
 H, HEADS, QL, KVL, NOPE, ROPE, V, INTER = 1024, 16, 384, 256, 64, 32, 64, 512
 
@@ -59,7 +72,70 @@ def layer_params(experts: int) -> dict[str, torch.Tensor]:
     return out
 
 
+class WholeGroupMuonClip(MuonClip):
+    """MuonClip's Muon update as it was before bounded buckets: whole-group temporaries."""
+
+    def _muon_update(self, group: dict[str, Any], params: list[torch.Tensor]) -> None:
+        lr, wd, mu = float(group["lr"]), group["weight_decay"], group["momentum"]
+        grads = [p.grad for p in params]
+        bufs = []
+        for p in params:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p)
+            bufs.append(st["momentum_buffer"])
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)
+        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+        buckets: dict[tuple, list[int]] = defaultdict(list)
+        shapes = []
+        for i, p in enumerate(params):
+            n, r, c = matrix_view_shape(p)
+            shapes.append(n)
+            buckets[(r, c, p.device, p.dtype)].append(i)
+        outs = []
+        for (r, c, _dev, dtype), idxs in buckets.items():
+            mats = [updates[i].reshape(shapes[i], r, c) for i in idxs]
+            stacked = mats[0] if len(mats) == 1 else torch.cat(mats)
+            o = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"],
+                              group["ns_eps"], dtype=self.ns_dtype, out_dtype=dtype)
+            outs.append((idxs, [x.reshape(params[i].shape) for x, i in
+                                zip(o.split([shapes[i] for i in idxs]), idxs, strict=True)],
+                         adjusted_scale(r, c, group["adjust_lr_fn"])))
+        if wd:
+            torch._foreach_mul_(params, 1.0 - lr * wd)
+        for idxs, o, scale in outs:
+            torch._foreach_add_([params[i] for i in idxs], o, alpha=-lr * scale)
+
+
+def _status(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_temporary_bytes(fn: Any) -> int:
+    """How far the peak RSS rises above the RSS before `fn()` while it runs."""
+    gc.collect()
+    base = _status("VmRSS:")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    fn()
+    return _status("VmHWM:") - base
+
+
+def peak_of(opt, params, grads) -> int:
+    """Peak temporary bytes of one step after a warm-up step (state allocation)."""
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
+    opt.step()
+    return peak_temporary_bytes(opt.step)
+
+
 def timed(opt, params, grads, reps) -> float:
+    """Median step seconds after a warm-up step."""
     for p, g in zip(params, grads, strict=True):
         p.grad = g
     opt.step()  # warm-up (state allocation)
@@ -77,6 +153,7 @@ def main() -> None:
     ap.add_argument("--experts", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-torch-muon", action="store_true")
+    ap.add_argument("--small-bucket", type=int, default=8, help="MiB")
     args = ap.parse_args()
     experts = args.experts or small_from_preset()
     torch.manual_seed(0)
@@ -93,9 +170,19 @@ def main() -> None:
                             heads=HEADS, q_sqrt_rows=slice(0, NOPE), q_gamma_rows=slice(NOPE, NOPE + ROPE),
                             k_sqrt_rows=slice(0, NOPE)) for lp in layers]
     res = {}
-    opt = MuonClip(params, lr=2e-4, weight_decay=0.1, qk_clip_targets=targets)
-    res["k2_optim.MuonClip (QK-Clip on)"] = timed(opt, params, grads, args.reps)
-    del opt
+    base_name = "k2_optim.MuonClip (QK-Clip on)"
+    muon_bytes = sum(p.numel() * p.element_size() for p in params)
+    variants = (
+        ("MuonClip, whole-group step (before)", WholeGroupMuonClip, {}),
+        (base_name, MuonClip, {}),
+        (f"MuonClip, bucket_bytes {args.small_bucket} MiB", MuonClip,
+         {"bucket_bytes": args.small_bucket << 20}),
+    )
+    for name, cls, kw in variants:
+        opt = cls(params, lr=2e-4, weight_decay=0.1, qk_clip_targets=targets, **kw)
+        res[name] = timed(opt, params, grads, args.reps)
+        opt.remove_hooks()
+        del opt
 
     if not args.skip_torch_muon:
         flat, fgrads = [], []
@@ -114,9 +201,25 @@ def main() -> None:
     aopt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.1, foreach=True)
     res["torch.optim.AdamW (foreach)"] = timed(aopt, params, grads, args.reps)
 
-    base = res["k2_optim.MuonClip (QK-Clip on)"]
+    # memory last: mmapping every allocation over 64 KiB (so that RSS follows the live
+    # tensors) makes each allocation fault its pages in, which would distort the times
+    ctypes.CDLL("libc.so.6").mallopt(-3, 64 << 10)  # M_MMAP_THRESHOLD
+    peaks = {}
+    for name, cls, kw in variants:
+        opt = cls(params, lr=2e-4, weight_decay=0.1, qk_clip_targets=targets, **kw)
+        peaks[name] = peak_of(opt, params, grads)
+        opt.remove_hooks()
+        del opt
+    peaks["torch.optim.AdamW (foreach)"] = peak_of(
+        torch.optim.AdamW(params, lr=2e-4, weight_decay=0.1, foreach=True), params, grads)
+
+    base = res[base_name]
+    print(f"parameter bytes {muon_bytes / 2**20:.0f} MiB")
     for name, t in res.items():
-        print(f"  {name:<40s} {t * 1e3:10.1f} ms/step   MuonClip/this = {base / t:5.2f}")
+        peak = peaks.get(name)
+        mem = "" if peak is None else (f"   peak temporaries {peak / 2**20:6.0f} MiB "
+                                       f"({peak / muon_bytes:4.2f}x params)")
+        print(f"  {name:<40s} {t * 1e3:10.1f} ms/step   MuonClip/this = {base / t:5.2f}{mem}")
     tm = [t for k, t in res.items() if k.startswith("torch.optim.Muon")]
     if tm:
         print(f"MuonClip / torch.optim.Muon time ratio: {base / tm[0]:.2f} (target <= 0.5)")
