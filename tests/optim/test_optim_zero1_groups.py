@@ -100,9 +100,12 @@ def _worker(rank, port, reduce_grads, out):
             s.__dict__.update(t.__dict__)
             s._k2_ep_sharded = True
             shards.append(s)
+        # the reduce_grads run also takes tiny buckets: many Newton-Schulz buckets (experts
+        # cut apart) and many all-gather rounds per step
         opt = DistributedMuonClip(_groups(model, shards), qk_clip_targets=_targets(model),
                                   process_group=None, expert_group=dp_group,
-                                  reduce_grads=reduce_grads, **KW)
+                                  reduce_grads=reduce_grads,
+                                  bucket_bytes=4096 if reduce_grads else 64 << 20, **KW)
         per = BATCH // (DP * EP)
         clipped = []
         for ids in _batches():
