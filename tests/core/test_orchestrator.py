@@ -180,3 +180,22 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     fresh = make(tmp_path, "train.steps=2", "tracking.tracker=null")
     assert fresh.step == 2  # resume=auto picked the newest complete checkpoint
     assert load_train_state(found[-1][1], model=fresh.model)["step"] == 2
+
+
+@pytest.mark.parametrize("where", ["file", "proc"])
+def test_a_bad_checkpoint_dir_fails_in_one_line_before_the_model_is_built(tmp_path, where,
+                                                                          monkeypatch):
+    from k2_core.errors import CheckpointError
+    from k2_core.model import decoder
+
+    target = tmp_path / "a_file"
+    target.write_text("x")
+    bad = str(target) if where == "file" else "/proc/k2_runs"
+    built = []
+    monkeypatch.setattr(decoder, "K2ForCausalLM", lambda *a, **k: built.append(1))
+    pl = load_plugins(extra=[("toy", ToyPlugin())])
+    cfg = load_config("tiny", [*BASE, f"checkpoint.dir={bad}"], registry=pl.registry)
+    with pytest.raises(CheckpointError) as e:
+        build_run(cfg, pl)
+    assert "\n" not in str(e.value) and bad in str(e.value)
+    assert not built

@@ -105,10 +105,12 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
     The model is built on the meta device; the backend materialises and initialises only
     what this process trains (see `k2_core.backend`).
     """
+    from .checkpoint import check_checkpoint_dir
     from .model import build_model
 
     plugins = plugins or get_plugins()
     reg = plugins.registry
+    check_checkpoint_dir(cfg.checkpoint.dir)  # a bad checkpoint.dir fails before anything is built
     torch.manual_seed(cfg.train.seed)
     backend = reg.build("backend", cfg.parallel.backend, options=cfg.parallel.options,
                         where="parallel.options")

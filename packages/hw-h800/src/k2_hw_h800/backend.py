@@ -7,9 +7,9 @@ takes the model on the meta device, shards the experts, and materialises on this
 device only what the rank trains (its pipeline stage's layers, its experts; other stages'
 parameters stay on meta, frozen, never allocated), initialised layout-free;
 `wrap_optimizer` (ZeRO-1), `train_step`, `evaluate`, `save_train_state` / `load_train_state`.
-Only the first pipeline stage reads the dataset. Checkpoints always hold the single-process layout (every expert, the
-whole optimizer state) written by global rank 0, so a run saved under one layout resumes
-under any other (or in one process), ZeRO-1 optimizer state included.
+Only the first pipeline stage reads the dataset. Checkpoints are layout-free (`k2_core.trainstate`): every rank writes only its share
+(`checkpointing.LayoutSharding`) and reads only the rows it holds, so a run saved under one
+layout resumes under any other (or in one process), ZeRO-1 optimizer state included.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from k2_core.backend import Backend
+from k2_core.checkpoint import chunk_rows
 from k2_core.errors import ConfigError, K2Error
-from k2_core.model.init import materialize
+from k2_core.model.init import global_rows, materialize
 from torch import nn
 
 from .expert_parallel import EP_ATTR, moe_layers
@@ -156,7 +157,9 @@ class H800Backend(Backend):
         if self.options.engine == "deepspeed":
             opt = make_deepspeed_optimizer(model, optimizer, self.layout)
         else:
-            opt = make_zero1_optimizer(model, optimizer, self.layout, self.options.zero_stage)
+            # ZeRO row splits on the checkpoint's chunk grid: each owner writes whole chunks
+            opt = make_zero1_optimizer(model, optimizer, self.layout, self.options.zero_stage,
+                                       row_align=lambda p: chunk_rows(global_rows(p)[1]))
         opt._k2_timeout_s = self.options.timeout_s
         opt.step = types.MethodType(_guarded_step, opt)  # before any lr schedule wraps it
         self._param_index = [p for g in opt.param_groups for p in g["params"]]
@@ -249,117 +252,73 @@ class H800Backend(Backend):
         torch._foreach_copy_(counts, list(flat.split([c.numel() for c in counts])))
 
     # --- checkpoints ----------------------------------------------------------------------
-    def _gather_experts(self, t: torch.Tensor) -> torch.Tensor:
-        """This rank's expert slice of `t` concatenated with the other EP ranks' (collective)."""
-        parts = [torch.empty_like(t) for _ in range(self.layout.ep)]
-        dist.all_gather(parts, t.contiguous(), group=self.layout.ep_group)
-        return torch.cat(parts, dim=0)
+    def _sharding(self, model: nn.Module, optimizer: Any) -> Any:
+        from .checkpointing import LayoutSharding
 
-    def _full_states(self, model: nn.Module, optimizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Model and optimizer state dicts in the single-process layout (collective)."""
-        lay = self.layout
-        msd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        expert_names = sorted(n for n, p in model.named_parameters() if getattr(p, EP_ATTR, False))
-        if hasattr(optimizer, "consolidated_state_dict"):
-            osd = optimizer.consolidated_state_dict()
-        else:
-            osd = optimizer.state_dict()
-        if lay.ep > 1:
-            params = dict(model.named_parameters())
-            for n in expert_names:
-                msd[n] = self._gather_experts(params[n].detach()).cpu()
-            for pid, p in enumerate(self._param_index):
-                if not getattr(p, EP_ATTR, False):
-                    continue
-                st = osd["state"].get(pid, {})
-                for k in sorted(st):
-                    v = st[k]
-                    if torch.is_tensor(v) and v.shape == p.shape:
-                        st[k] = self._gather_experts(v.to(p.device)).cpu()
-        if lay.pp > 1:
-            msd, osd = self._merge_stages(model, msd, osd)
-        return msd, osd
-
-    def _merge_stages(self, model: nn.Module, msd: dict[str, Any],
-                      osd: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Each tensor from the pipeline rank that trains it; optimizer states united."""
-        lay = self.layout
-        if self._runner is None:  # no step yet: every stage still holds the initial model
-            return msd, osd
-        mine = {id(t) for c in self._runner.stage_modules
-                for t in c.state_dict(keep_vars=True).values()}
-        keys = list(msd)
-        held = [id(t) in mine for t in model.state_dict(keep_vars=True).values()]
-        every: list[Any] = [None] * lay.pp
-        dist.all_gather_object(every, held, group=lay.pp_group)
-        for i, k in enumerate(keys):
-            owner = next((r for r in range(lay.pp) if every[r][i]), 0)
-            t = msd[k].to(self.device).contiguous()
-            dist.broadcast(t, group=lay.pp_group, group_src=owner)
-            msd[k] = t.cpu()
-        states: list[Any] = [None] * lay.pp
-        dist.all_gather_object(states, osd["state"], group=lay.pp_group)
-        merged: dict[Any, Any] = {}
-        for st in states:
-            merged.update(st)
-        return msd, {"state": merged, "param_groups": osd["param_groups"]}
+        experts = {n for n, p in model.named_parameters() if getattr(p, EP_ATTR, False)}
+        zero_owned = self.options.engine == "k2" and self.options.zero_stage == 1
+        return LayoutSharding(self.layout, experts, zero_owned)
 
     def save_train_state(self, root: str, step: int, *, model: nn.Module, optimizer: Any,
                          scheduler: Any = None, loader: Any = None, keep: int = 2,
                          attrs: dict[str, Any] | None = None) -> str:
-        """Consolidate the sharded states and write them from rank 0 (collective)."""
+        """Every rank writes its share of the layout-free checkpoint (collective): its ZeRO-1
+        state, its part of the replicated tensors; rank 0 commits after a barrier."""
         from k2_core.trainstate import save_train_state
 
         try:
-            msd, osd = self._full_states(model, optimizer)
-            uri = f"{root.rstrip('/')}/step_{step:08d}"
-            if self.rank == 0:
-                uri = save_train_state(root, step, model=model, optimizer=optimizer,
-                                       scheduler=scheduler, loader=loader, keep=keep, attrs=attrs,
-                                       model_state=msd, optimizer_state=osd)
-            dist.barrier()
+            view = _FullStateView(optimizer) if self.options.engine == "deepspeed" else optimizer
+            return save_train_state(root, step, model=model, optimizer=view,
+                                    scheduler=scheduler, loader=loader, keep=keep, attrs=attrs,
+                                    sharding=self._sharding(model, optimizer))
         except RuntimeError as exc:
             if not _is_comm_failure(exc):
                 raise
             raise _collective_error(self.rank, f"the checkpoint of step {step}",
                                     self.options.timeout_s, exc) from None
-        return uri
-
-    def _reshard(self, model: nn.Module) -> Any:
-        """A `reshard(groups, attrs)` for k2_core.trainstate: slice this rank's experts."""
-        lay = self.layout
-        shapes = {n: p.shape for n, p in model.named_parameters() if getattr(p, EP_ATTR, False)}
-        pids = {i: p.shape for i, p in enumerate(self._param_index) if getattr(p, EP_ATTR, False)}
-
-        def cut(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-            n = shape[0]
-            if t.shape[0] == n * lay.ep and tuple(t.shape[1:]) == tuple(shape[1:]):
-                return t[lay.ep_rank * n:(lay.ep_rank + 1) * n].contiguous()
-            return t  # a mismatch is reported by load_state_dict with the name
-
-        def reshard(groups: dict[str, Any], attrs: dict[str, Any]) -> dict[str, Any]:
-            if lay.ep == 1:
-                return groups
-            weights = groups.get("model", {})
-            for n, shape in shapes.items():
-                if n in weights:
-                    weights[n] = cut(weights[n], shape)
-            optim = groups.get("optim", {})
-            for key in list(optim):
-                pid = int(key.split(".", 1)[0])
-                if pid in pids and optim[key].ndim == len(pids[pid]):
-                    optim[key] = cut(optim[key], pids[pid])
-            return groups
-
-        return reshard
 
     def load_train_state(self, uri: str, *, model: nn.Module, optimizer: Any = None,
-                         scheduler: Any = None, loader: Any = None) -> dict[str, Any]:
-        """Load a single-process-layout checkpoint onto this rank's shard."""
+                         scheduler: Any = None, loader: Any = None,
+                         stats: dict[str, int] | None = None) -> dict[str, Any]:
+        """Read the rows this rank holds of a checkpoint written under any layout."""
         from k2_core.trainstate import load_train_state
 
+        if optimizer is not None and self.options.engine == "deepspeed":
+            optimizer = _FullStateView(optimizer)
         return load_train_state(uri, model=model, optimizer=optimizer, scheduler=scheduler,
-                                loader=loader, reshard=self._reshard(model))
+                                loader=loader, stats=stats)
+
+
+class _FullStateView:
+    """DeepSpeed's optimizer as k2_core.trainstate reads and fills one: its state whole, keyed
+    by parameter (every rank holds all of it, so the dp ranks spread the writing; a load hands
+    every rank the whole state, which DeepSpeed cuts into its partitions)."""
+
+    def __init__(self, optimizer: Any):
+        self.optimizer = optimizer
+        self.param_groups = optimizer.param_groups
+        self._state: dict[Any, Any] | None = None
+
+    @property
+    def state(self) -> dict[Any, Any]:
+        """The consolidated state by parameter (collective on first use)."""
+        if self._state is None:
+            flat = [p for g in self.param_groups for p in g["params"]]
+            sd = self.optimizer.consolidated_state_dict()
+            self._state = {flat[int(pid)]: st for pid, st in sd["state"].items()}
+        return self._state
+
+    def owned_rows(self, p: torch.Tensor) -> tuple[int, int]:
+        """Every row: the state is whole."""
+        return (0, int(p.shape[0]) if p.dim() else 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's (for its param groups)."""
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        """Load a whole state dict into the wrapped optimizer."""
+        self.optimizer.load_state_dict({k: v for k, v in sd.items() if k != "owned_rows"})
 
 
 def build_h800_backend(*, options: H800Options) -> H800Backend:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from k2_core.errors import ConfigError
-from k2_core.model.init import EXPERT_OFFSET_ATTR
+from k2_core.model.init import EXPERT_OFFSET_ATTR, GLOBAL_ROWS_ATTR
 from k2_core.model.protocols import LoadBalanced
 from torch import nn
 
@@ -138,6 +138,7 @@ def shard_experts(moe: nn.Module, ep_rank: int, ep_size: int, group: Any) -> Non
             setattr(new, attr, val)
         setattr(new, EP_ATTR, True)
         setattr(new, EXPERT_OFFSET_ATTR, lo)  # layout-free init draws experts lo.. as one process would
+        setattr(new, GLOBAL_ROWS_ATTR, n)  # checkpoints hold every expert
         setattr(ex, name, new)
     if hasattr(ex, "n_experts"):
         ex.n_experts = local

@@ -9,7 +9,7 @@ meta device are skipped (another rank trains them).
 Conventions other packages rely on:
 - `EXPERT_OFFSET_ATTR` on a 3-D parameter: the global index of its first row (an expert
   shard set by expert parallelism); each row e is drawn from the generator of expert
-  `offset + e`.
+  `offset + e`. `GLOBAL_ROWS_ATTR`: the global tensor's dim 0 (all experts), for checkpoints.
 - Buffers start at zero unless their module defines `reset_buffers()` (e.g. RoPE's inv_freq).
 """
 
@@ -21,6 +21,16 @@ import torch
 from torch import nn
 
 EXPERT_OFFSET_ATTR = "_k2_expert_offset"
+GLOBAL_ROWS_ATTR = "_k2_global_rows"
+
+
+def global_rows(t: torch.Tensor) -> tuple[int, tuple[int, ...]]:
+    """(global row of `t`'s first row, the global tensor's shape) of a possibly sharded tensor."""
+    offset = int(getattr(t, EXPERT_OFFSET_ATTR, 0))
+    shape = tuple(t.shape)
+    if hasattr(t, GLOBAL_ROWS_ATTR):
+        shape = (int(getattr(t, GLOBAL_ROWS_ATTR)), *shape[1:])
+    return offset, shape
 
 
 def param_seed(seed: int, name: str, index: int | None = None) -> int:
