@@ -21,7 +21,7 @@ MODEL = [
     "model.num_attention_heads=4", "model.q_lora_rank=64", "model.kv_lora_rank=32",
     "model.qk_nope_head_dim=32", "model.qk_rope_head_dim=16", "model.v_head_dim=32",
     "moe.moe_intermediate_size=256", "moe.n_routed_experts=8", "moe.num_experts_per_tok=2",
-    "data.seq_len=64", "train.micro_batch_size=4", "train.eval_every=0", "train.log_every=1",
+    "train.micro_batch_size=2", "train.eval_every=0", "train.log_every=1",
     "tracking.tracker=null",
 ]
 PP2EP2 = ["parallel.options.pp=2", "parallel.options.ep=2", "parallel.options.n_microbatches=2"]

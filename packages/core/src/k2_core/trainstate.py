@@ -278,10 +278,13 @@ def _optimizer_state(reader: CheckpointReader, model: nn.Module, optimizer: Any
         state[pid] = st
         rows_of[pid] = rows
     saved = reader.attrs.get("optimizer", {}).get("groups", {})
-    groups = []
-    for i, g in enumerate(optimizer.state_dict()["param_groups"]):
+    groups, first = [], 0
+    for i, g in enumerate(optimizer.param_groups):  # torch's state-dict form, settings restored
         settings = saved.get(str(g.get("name", f"group{i}")), {})
-        groups.append({**g, **{k: v for k, v in settings.items() if k in g and k != "params"}})
+        mine = {k: v for k, v in g.items() if k != "params"}
+        mine.update({k: v for k, v in settings.items() if k in mine})
+        groups.append({**mine, "params": list(range(first, first + len(g["params"])))})
+        first += len(g["params"])
     sd: dict[str, Any] = {"state": state, "param_groups": groups}
     if owned is not None:
         sd["owned_rows"] = rows_of

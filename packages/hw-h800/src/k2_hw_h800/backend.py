@@ -312,10 +312,6 @@ class _FullStateView:
         """Every row: the state is whole."""
         return (0, int(p.shape[0]) if p.dim() else 1)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The wrapped optimizer's (for its param groups)."""
-        return self.optimizer.state_dict()
-
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Load a whole state dict into the wrapped optimizer."""
         self.optimizer.load_state_dict({k: v for k, v in sd.items() if k != "owned_rows"})
