@@ -71,6 +71,8 @@ def test_a_740m_model_trains_and_resumes_in_4gib_per_rank(tmp_path):
     second = _torchrun(tmp_path, [*common, "train.steps=4"], "second")
     assert [s for s, _ in list_checkpoints(str(run / "checkpoints"))] == [4]
     peaks = [r["hwm"] / 2**30 for r in first + second]
+    print(f"peak RSS per rank (GiB): to step 2 {[round(p, 2) for p in peaks[:4]]}, "
+          f"resumed to step 4 {[round(p, 2) for p in peaks[4:]]}")
     assert max(peaks) <= LIMIT_GIB, peaks
 
 
