@@ -135,26 +135,6 @@ def make_zero1_optimizer(model: nn.Module, optimizer: Any, layout: Layout, zero_
                            reduce_grads=False, max_logit_reduce=reduce)
 
 
-def stage_parameters(model: nn.Module, layout: Layout, virtual_stages: int = 1
-                     ) -> list[torch.Tensor] | None:
-    """The parameters this rank's pipeline stage trains (its chunks of `split_model`, as the
-    pipeline runner will cut them), for `make_zero1_optimizer(stage_params=...)`; None when
-    pp == 1 (every parameter)."""
-    if layout.pp == 1:
-        return None
-    from .pipeline import split_model
-
-    chunks = split_model(model, layout.pp * virtual_stages)
-    seen: set[int] = set()
-    out = []
-    for chunk in chunks[layout.pp_rank::layout.pp]:
-        for p in chunk.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
-
-
 def _is_expert(p: torch.Tensor) -> bool:
     """Whether `p` holds only this rank's E/ep experts (replicated over dp, not ep)."""
     return bool(getattr(p, EP_ATTR, False))
