@@ -108,10 +108,10 @@ def test_in_process_sync_gives_the_engine_the_new_policy():
 
     tok = tiny_tokenizer()
     cfgs = tiny_configs(tok.vocab_size)
-    torch.manual_seed(0)
-    trainer = K2ForCausalLM(*cfgs)
-    torch.manual_seed(1)
-    engine = Engine(K2ForCausalLM(*cfgs), tok)
+    trainer = K2ForCausalLM(*cfgs)  # initialised from seed 0
+    other = K2ForCausalLM(*cfgs, init_weights=False)
+    other.init_weights(seed=1)  # another policy: the engine's weights before the push
+    engine = Engine(other, tok)
     prompt = [tok.encode("What is 2 + 2?")]
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
     before = engine.generate(prompt, greedy)[0]
