@@ -84,3 +84,14 @@ def test_memory_uri(tmp_path):
     with fsspec.open("memory://cfg/run.yaml", "w") as f:
         f.write("base: tiny\ntrain:\n  steps: 5\n")
     assert load_config("memory://cfg/run.yaml").train.steps == 5
+
+
+@pytest.mark.parametrize("text", ["", "train: {steps: 3}\n"])
+def test_a_yaml_without_base_extends_tiny_not_k2_1t(tmp_path, text):
+    f = tmp_path / "run.yaml"
+    f.write_text(text)
+    cfg = load_config(str(f))
+    tiny = load_config("tiny")
+    assert cfg.model == tiny.model and cfg.moe == tiny.moe  # never the 1T default
+    if text:
+        assert cfg.train.steps == 3

@@ -14,6 +14,7 @@ from .errors import ConfigError, K2Error
 from .registry import Registry
 
 PRESET_PACKAGE = "k2_core.presets"
+DEFAULT_PRESET = "tiny"  # what a command without a config, or a file without `base:`, runs
 
 
 def preset_names() -> list[str]:
@@ -65,6 +66,8 @@ def _load_source(spec: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
             f"no preset or file named {spec!r}; presets: {', '.join(preset_names())}"
         )
     base = data.pop("base", None)
+    if base is None and spec not in preset_names():
+        base = DEFAULT_PRESET  # a file without `base:` extends the one default, never k2-1t
     if base is None:
         return data
     return _merge(_load_source(str(base), seen + (spec,)), data)
@@ -220,7 +223,7 @@ def load_config(
     `check` names the sections whose plugin choices must be installed (default: all), e.g.
     {"model", "moe"} to build a model where no optimizer or dataset plugin is installed.
     """
-    data = apply_overrides(_load_source(spec or "tiny"), overrides or [])
+    data = apply_overrides(_load_source(spec or DEFAULT_PRESET), overrides or [])
     try:
         cfg = RunConfig.model_validate(data)
     except ValidationError as e:
