@@ -63,3 +63,18 @@ def test_malformed_yaml_file(tmp_path):
     (tmp_path / "b.yaml").write_text("model: [unclosed\n")
     out = k2("config", "show", str(tmp_path / "b.yaml"))
     assert out.returncode == 2 and "malformed YAML" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_help_imports_no_torch_and_takes_under_a_cpu_second():
+    """`k2 --help` builds every plugin's command line; none of them may pull in torch."""
+    import resource
+
+    probe = ("import sys, k2_core.cli as c; c.build_parser(); "
+             "print(sorted(m for m in ('torch', 'fastapi', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-m", "k2_core.cli", "--help"], capture_output=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    assert cpu < 1.0, cpu

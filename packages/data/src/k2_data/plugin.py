@@ -90,7 +90,7 @@ def build_k2_generator(*, options: LocalOptions) -> Any:
 
 def serve_command(*, options: Any) -> Any:
     """Serve a k2 checkpoint over an OpenAI-compatible HTTP API (k2 serve URI)."""
-    from .serve import serve_command as impl
+    from .serve_command import serve_command as impl
 
     return impl(options=options)
 

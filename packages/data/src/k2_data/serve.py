@@ -35,8 +35,8 @@ from .chat import (
 from .generation.batcher import Batcher
 from .generation.engine import Completion, Engine, SamplingParams
 from .generators.base import make_usage
+from .serve_command import API_KEY_ENV
 
-API_KEY_ENV = "K2_SERVE_API_KEY"
 MAX_TOP_LOGPROBS = 20  # as vLLM and OpenAI chat
 # Bodies up to this size are parsed and tokenised on the event loop, larger ones in a thread.
 # Nesting is no risk inline: the JSON parser stops at its recursion limit (~1000 levels),
@@ -721,44 +721,3 @@ def serve(options: ServeOptions) -> None:
         uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
     finally:
         app.state.server.batcher.close()
-
-
-def serve_command(*, options: Any = None) -> Any:
-    """Serve a k2 checkpoint over an OpenAI-compatible HTTP API (k2 serve URI)."""
-    from k2_core.cli import Command
-
-    def add(p: Any) -> None:
-        p.add_argument("uri", help="saved model or training checkpoint (any fsspec URI)")
-        p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
-        p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
-        p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's)")
-        p.add_argument("--model-name", default=None, help="name in /v1/models")
-        p.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together")
-        p.add_argument("--max-tokens", type=int, default=512, help="default completion limit")
-        p.add_argument("--max-body-mb", type=float, default=16.0,
-                       help="refuse request bodies over this many MiB with 413 (default 16)")
-        p.add_argument("--api-key", default=None,
-                       help=f"require this bearer key on every route but /health (default: "
-                            f"${API_KEY_ENV}, else none)")
-        p.add_argument("--max-queue", type=int, default=256,
-                       help="requests in flight at most; more get 429 + Retry-After (default 256)")
-
-    def run(args: Any) -> int:
-        import os
-
-        from k2_core.errors import ConfigError
-
-        try:
-            opts = ServeOptions(uri=args.uri, host=args.host, port=args.port,
-                                tokenizer=args.tokenizer, model_name=args.model_name,
-                                max_batch_size=args.max_batch_size, max_tokens=args.max_tokens,
-                                max_body_mb=args.max_body_mb, max_queue=args.max_queue,
-                                # the environment keeps the key out of `ps` listings
-                                api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
-        except ValidationError as exc:
-            err = exc.errors()[0]
-            raise ConfigError(f"serve: {'.'.join(map(str, err['loc']))}: {err['msg']}") from None
-        serve(opts)
-        return 0
-
-    return Command("serve", serve_command.__doc__ or "", add, run)
