@@ -45,3 +45,34 @@ def test_import_then_export_round_trip(tmp_path):
     missing = run("import-hf", str(tmp_path / "nowhere"), str(tmp_path / "x"))
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
+
+
+def test_export_of_a_training_checkpoint(tmp_path):
+    """What `k2 pretrain` writes (runs/NAME/checkpoints/step_N) exports like a saved model:
+    one loader for every command that takes a checkpoint."""
+    from k2_core.configio import load_config
+    from k2_core.model import build_model
+    from k2_core.trainstate import list_checkpoints, save_train_state
+    from transformers import DeepseekV3ForCausalLM
+
+    cfg = load_config("tiny", ["model.num_hidden_layers=2", "model.hidden_size=64",
+                               "model.num_attention_heads=2", "model.q_lora_rank=32",
+                               "model.kv_lora_rank=16", "moe.n_routed_experts=4",
+                               "moe.num_experts_per_tok=2", "tracking.tracker=null"])
+    model = build_model(cfg)
+    opt = torch.optim.AdamW(model.parameters())
+    root = str(tmp_path / "run" / "checkpoints")
+    save_train_state(root, 3, model=model, optimizer=opt,
+                     attrs={"run_config": cfg.model_dump(mode="json")})
+    ckpt = list_checkpoints(root)[-1][1]
+    exp = subprocess.run([K2, "export-hf", ckpt, str(tmp_path / "out")], capture_output=True,
+                         text=True, timeout=300)
+    assert exp.returncode == 0, exp.stderr
+    back = DeepseekV3ForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model.eval()(ids).logits, rtol=1e-4,
+                                   atol=1e-4)
+    bad = subprocess.run([K2, "export-hf", str(tmp_path / "run"), str(tmp_path / "o2")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

@@ -23,17 +23,31 @@ def save_model(model: torch.nn.Module, uri: str, *, run_config: RunConfig | None
     save_tensors(uri, {"model": dict(model.state_dict())}, meta)
 
 
+def _configs(uri: str, attrs: dict[str, Any]) -> tuple[ModelConfig, MoEConfig, RunConfig | None]:
+    """The model's configs from a saved model (`model_config`) or a training checkpoint
+    (`run_config`), and the RunConfig when recorded; one line when neither is valid."""
+    try:
+        run_cfg = RunConfig.model_validate(attrs["run_config"]) if "run_config" in attrs else None
+        if "model_config" in attrs:
+            return (ModelConfig.model_validate(attrs["model_config"]),
+                    MoEConfig.model_validate(attrs.get("moe_config", {})), run_cfg)
+    except ValueError as e:
+        why = str(e).splitlines()[0]
+        raise CheckpointError(f"{uri}: no valid model config in the checkpoint ({why})") from None
+    if run_cfg is None:
+        raise CheckpointError(f"{uri}: no model config recorded in the checkpoint (neither "
+                              "model_config nor run_config); is it a k2 checkpoint?")
+    return run_cfg.model, run_cfg.moe, run_cfg
+
+
 def load_model(uri: str, *, registry: Any = None, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu") -> torch.nn.Module:
-    """Rebuild the model a checkpoint describes and load its weights (checksums verified)."""
+    """Rebuild the model a saved model or a training checkpoint describes and load its
+    weights (checksums verified): the one loader of every command that takes a checkpoint."""
     from .model import K2ForCausalLM
 
     groups, attrs = load_tensors(uri, ["model"])
-    try:
-        mcfg = ModelConfig.model_validate(attrs["model_config"])
-        ecfg = MoEConfig.model_validate(attrs["moe_config"])
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{uri}: no valid model config in the checkpoint ({e})") from None
+    mcfg, ecfg, _ = _configs(uri, attrs)
     # Built uninitialised on the target device: load_state_dict fills every persistent tensor,
     # and non-persistent buffers (rotary tables) are computed at construction.
     with torch.device(device):
@@ -49,16 +63,8 @@ def load_model(uri: str, *, registry: Any = None, dtype: torch.dtype | None = No
 
 
 def load_checkpoint_model(uri: str, registry: Any = None) -> tuple[torch.nn.Module, RunConfig | None]:
-    """The model of a saved model or a training checkpoint, and its RunConfig when recorded."""
+    """The model of a saved model or a training checkpoint (eval mode), and its RunConfig
+    when recorded."""
     _, attrs = load_tensors(uri, [])
-    run_cfg = RunConfig.model_validate(attrs["run_config"]) if "run_config" in attrs else None
-    if "model_config" in attrs:
-        return load_model(uri, registry=registry), run_cfg
-    if run_cfg is None:
-        raise CheckpointError(f"{uri}: no model config recorded in the checkpoint")
-    from .model import build_model
-
-    groups, _ = load_tensors(uri, ["model"])
-    model = build_model(run_cfg, registry)
-    model.load_state_dict(groups["model"])
-    return model.eval(), run_cfg
+    run_cfg = _configs(uri, attrs)[2]
+    return load_model(uri, registry=registry).eval(), run_cfg
