@@ -20,12 +20,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+# the byte-counting filesystem the loader tests use
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "data"))
+from k2data_testutil import counting_fs  # noqa: E402
 
 CHUNK_BYTES = 8 << 20  # what `k2 data prepare` writes
 
@@ -52,31 +57,6 @@ def write_store(path: Path, n_seq: int, seq_len: int, vocab: int) -> None:
     (path / "manifest.json").write_text(json.dumps(
         {"format": "k2-packed", "version": 2, "complete": True, "seq_len": seq_len, "eos_id": 0,
          "vocab_size": vocab}))
-
-
-def counting_fs() -> type:
-    """A local fsspec filesystem, protocol `k2count`, counting every byte read through it."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    class Counting(LocalFileSystem):
-        protocol = ("k2count",)
-        read = 0
-
-        def _open(self, path, mode="rb", **kwargs):
-            f = super()._open(path, mode, **kwargs)
-            inner = f.read
-
-            def read(*args):
-                data = inner(*args)
-                Counting.read += len(data)
-                return data
-
-            f.read = read
-            return f
-
-    fsspec.register_implementation("k2count", Counting, clobber=True)
-    return Counting
 
 
 def amplification(store: Path, rows: int, seq_len: int) -> tuple[float, float]:

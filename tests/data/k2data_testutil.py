@@ -28,3 +28,28 @@ def small_cfg(sources, out, **kw):
             "seq_len": 32, "workers": 0, "shard_docs": 64, "out": out}
     base.update(kw)
     return load_prepare_config(base)
+
+
+def counting_fs() -> type:
+    """A local filesystem under protocol `k2count` that counts every byte read through it."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    class Counting(LocalFileSystem):
+        protocol = ("k2count",)
+        read = 0
+
+        def _open(self, path, mode="rb", **kwargs):
+            f = super()._open(path, mode, **kwargs)
+            inner = f.read
+
+            def read(*args):
+                data = inner(*args)
+                Counting.read += len(data)
+                return data
+
+            f.read = read
+            return f
+
+    fsspec.register_implementation("k2count", Counting, clobber=True)
+    return Counting

@@ -14,6 +14,7 @@ import torch
 import zarr
 from k2_core.errors import ConfigError, K2Error
 from k2_data.loader import PackedDataset, PackedOptions, build_packed, make_loader
+from k2data_testutil import counting_fs
 
 SEQ = 16
 
@@ -416,37 +417,12 @@ def test_keyed_permutation_is_a_pinned_bijection():
     assert np.array_equal(base[600:700], KeyedPermutation(1000, 0, 0)(np.arange(600, 700)))
 
 
-def _counting_fs():
-    """A local filesystem under protocol `k2count` that counts every byte read through it."""
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    class Counting(LocalFileSystem):
-        protocol = ("k2count",)
-        read = 0
-
-        def _open(self, path, mode="rb", **kwargs):
-            f = super()._open(path, mode, **kwargs)
-            inner = f.read
-
-            def read(*args):
-                data = inner(*args)
-                Counting.read += len(data)
-                return data
-
-            f.read = read
-            return f
-
-    fsspec.register_implementation("k2count", Counting, clobber=True)
-    return Counting
-
-
 def test_read_amplification_of_a_shuffled_epoch(tmp_path):
     """Bytes read from the store / bytes of the rows asked for, over a shuffled epoch of 1,024 rows,
     document index included: at most 2x (row byte ranges: about 1x)."""
     seq_len, n = 64, 1024
     write_store(tmp_path / "p", n_seq=n, seq_len=seq_len, chunk_rows=256)
-    counting = _counting_fs()
+    counting = counting_fs()
     o = opts(f"k2count://{tmp_path / 'p'}", batch_size=8, doc_mask=True, prefetch=0, in_memory_max_mb=0)
     with PackedDataset(o) as ds:
         assert not ds.in_memory

@@ -11,56 +11,28 @@ completed runs, committed records, counts.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
-from serve_fixture import make_checkpoint  # noqa: E402
+from serve_fixture import make_checkpoint, start_server, stop_server  # noqa: E402
 from synth_fake_llm import FakeEndpoint  # noqa: E402
 
 K2 = str(Path(sys.executable).parent / "k2")
 pytestmark = pytest.mark.slow  # trains a tiny chat model, starts `k2 serve`
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def k2_server(tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("synth-serve") / "tiny-chat")
     make_checkpoint(ckpt)
-    port = _free_port()
-    proc = subprocess.Popen([K2, "serve", ckpt, "--port", str(port), "--max-tokens", "32"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while True:
-        if proc.poll() is not None:
-            raise AssertionError(f"k2 serve exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"{base}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("k2 serve did not come up")
-        time.sleep(0.3)
+    proc, base = start_server(ckpt, "--max-tokens", "32", timeout_s=180)
     yield f"{base}/v1"
-    proc.terminate()
-    proc.wait(timeout=30)
+    stop_server(proc)
 
 
 def _run(tmp_path, cmd: str, cfg: dict) -> subprocess.CompletedProcess:
