@@ -43,6 +43,11 @@ class Recorder:
     def k2_on_run_end(self, run, status):
         self.calls.append(("k2_on_run_end", {"status": status}))
 
+    @hookimpl
+    def k2_on_export(self, src, run_config, dest, tokenizer):
+        self.calls.append(("k2_on_export", {"src": src, "dest": dest, "tokenizer": tokenizer}))
+        return ["recorded.json"]
+
 
 @pytest.fixture
 def rec():
@@ -89,12 +94,34 @@ def test_k2_on_run_end(rec):
     assert r.calls == [("k2_on_run_end", {"status": "FINISHED"})]
 
 
+def test_k2_on_export(monkeypatch, tmp_path):
+    """Broadcast by `k2 export-hf` after the weights; each plugin returns the files it wrote.
+    k2-data's implementation writes the tokenizer files, or raises a one-line K2Error when the
+    checkpoint has no tokenizer to find."""
+    from k2_core.errors import K2Error
+
+    monkeypatch.setenv("K2_LOAD_PLUGINS", "recorder")
+    r = Recorder()
+    pl = load_plugins(extra=[("recorder", r)])
+    results = pl.hook.k2_on_export(src="memory://ck", run_config=None, dest=str(tmp_path),
+                                   tokenizer=None)
+    assert r.calls == [("k2_on_export", {"src": "memory://ck", "dest": str(tmp_path),
+                                         "tokenizer": None})]
+    assert results == [["recorded.json"]]
+    monkeypatch.setenv("K2_LOAD_PLUGINS", "data")
+    pl = load_plugins()
+    if "data" in [p.name for p in pl.loaded]:
+        with pytest.raises(K2Error, match="no tokenizer beside the weights"):
+            pl.hook.k2_on_export(src=str(tmp_path / "ck"), run_config=None, dest=str(tmp_path),
+                                 tokenizer=None)
+
+
 def test_every_hook_has_a_test_and_docs():
     tests = "\n".join(p.read_text() for p in Path(__file__).parents[1].rglob("test_*.py"))
     readme = (Path(__file__).parents[2] / "packages" / "core" / "README.md").read_text()
     names = hook_names()
-    assert names == ["k2_on_checkpoint", "k2_on_run_end", "k2_on_run_start", "k2_on_step_end",
-                     "k2_register"]
+    assert names == ["k2_on_checkpoint", "k2_on_export", "k2_on_run_end", "k2_on_run_start",
+                     "k2_on_step_end", "k2_register"]
     for name in names:
         assert re.search(rf"def test_{name}\b", tests), f"no test named test_{name}"
         assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"

@@ -170,21 +170,39 @@ def import_command(*, options: Any) -> Command:
 
 
 def _export_run(args: argparse.Namespace) -> int:
-    from .hf import save_pretrained
-    from .modelio import load_model
+    from .errors import K2Error
+    from .hf import ordinary_permissions, save_pretrained
+    from .modelio import load_checkpoint_model
+    from .plugins import get_plugins
 
-    model = load_model(args.src)
+    model, run_cfg = load_checkpoint_model(args.src)
     save_pretrained(model, args.dest)
-    print(f"exported {args.src} -> {args.dest}")
+    # The tokenizer and chat template come from the plugin that owns tokenizers (k2-data).
+    try:
+        results = get_plugins().hook.k2_on_export(src=args.src, run_config=run_cfg,
+                                                   dest=str(args.dest), tokenizer=args.tokenizer)
+        extra = sorted({f for r in results for f in (r or [])})
+    except K2Error as e:
+        if args.tokenizer:
+            raise
+        extra = []
+        print(f"k2 export-hf: warning: no tokenizer written ({e}); pass --tokenizer URI",
+              file=sys.stderr)
+    ordinary_permissions(args.dest)
+    with_tok = " with " + ", ".join(extra) if extra else " (weights and config only)"
+    print(f"exported {args.src} -> {args.dest}{with_tok}")
     return 0
 
 
 def export_command(*, options: Any) -> Command:
-    """Export a k2 checkpoint as a Hugging Face DeepseekV3ForCausalLM folder."""
+    """Export a k2 checkpoint as a Hugging Face folder (DeepseekV3ForCausalLM, tokenizer, chat
+    template) that transformers, vLLM and SGLang load as it is."""
 
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("src", help="fsspec URI of the k2 checkpoint")
-        p.add_argument("dest", help="folder to write config.json and safetensors into")
+        p.add_argument("dest", help="folder to write config.json, safetensors and the tokenizer into")
+        p.add_argument("--tokenizer", default=None,
+                       help="tokenizer folder URI (default: the one the checkpoint was trained with)")
 
     return Command("export-hf", export_command.__doc__ or "", add, _export_run)
 

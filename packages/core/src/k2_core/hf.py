@@ -5,7 +5,8 @@
   stacked expert tensors; block-FP8 weights dequantised on load; MTP layers and rotary
   buffers ignored) into a K2ForCausalLM;
 - `save_pretrained` writes config.json, safetensors shards in the hub's per-expert layout and
-  model.safetensors.index.json, which transformers loads as DeepseekV3ForCausalLM.
+  model.safetensors.index.json, which transformers loads as DeepseekV3ForCausalLM, with
+  ordinary permissions (0644 files, 0755 folders).
 """
 
 from __future__ import annotations
@@ -336,7 +337,19 @@ def save_pretrained(model, path: str | Path, max_shard_bytes: int = 5 * 1024**3)
         written.append(path / fname)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    ordinary_permissions(path)
     return written
+
+
+def ordinary_permissions(path: str | Path) -> None:
+    """Make the folder `path` and everything under it world-readable: 0755 folders, 0644
+    files, whatever wrote them (safetensors writes 0600) and whatever the umask."""
+    path = Path(path)
+    path.chmod(0o755)
+    for p in path.rglob("*"):
+        if p.is_symlink():
+            continue
+        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 __all__ = [
@@ -346,5 +359,6 @@ __all__ = [
     "cast_model",
     "load_pretrained",
     "save_pretrained",
+    "ordinary_permissions",
 ]
 

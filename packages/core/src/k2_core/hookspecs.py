@@ -49,3 +49,15 @@ def k2_on_run_end(run: Any, status: str) -> None:
 
     Broadcast by the orchestrator once, also when the run fails or is interrupted.
     """
+
+
+@hookspec
+def k2_on_export(src: str, run_config: Any, dest: str, tokenizer: str | None) -> list[str] | None:
+    """`k2 export-hf` wrote checkpoint `src` (its RunConfig `run_config`, or None) as a Hugging
+    Face folder `dest`; add the files the folder needs beyond weights and config.json.
+
+    Called by `k2 export-hf` once, after the weights are written. `tokenizer` is the tokenizer
+    folder URI the user named (None: the checkpoint's own). k2-data writes the tokenizer, its
+    chat template and generation_config.json. Returns the names of the files written; raises a
+    `K2Error` when it cannot (a warning unless the user named `tokenizer`).
+    """

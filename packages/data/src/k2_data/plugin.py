@@ -96,6 +96,14 @@ def serve_command(*, options: Any) -> Any:
 
 
 @hookimpl
+def k2_on_export(src: str, run_config: Any, dest: str, tokenizer: str | None) -> list[str]:
+    """`k2 export-hf`: the checkpoint's tokenizer as HF files, with K2's chat template."""
+    from .hf_export import export_tokenizer
+
+    return export_tokenizer(src, run_config, dest, tokenizer)
+
+
+@hookimpl
 def k2_register(registry: Any) -> None:
     """Register the bpe and tiktoken tokenizers, the packed dataset and `k2 data`."""
     registry.register("tokenizer", "bpe", build_bpe, BpeOptions)

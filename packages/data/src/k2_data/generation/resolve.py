@@ -16,9 +16,10 @@ def _exists(uri: str) -> bool:
     return fs.exists(path)
 
 
-def find_tokenizer(uri: str, run_cfg: Any) -> Tokenizer:
+def find_tokenizer(uri: str, run_cfg: Any, *, build_default: bool = True) -> Tokenizer:
     """`{uri}/tokenizer` when saved beside the weights, else the tokenizer of the checkpoint's
-    dataset (run_config.data.options.uri, or the built-in default dataset when it has none)."""
+    dataset (run_config.data.options.uri, or the built-in default dataset when it has none,
+    prepared first if missing unless not `build_default`)."""
     beside = f"{uri.rstrip('/')}/tokenizer"
     if _exists(f"{beside}/{META}"):
         return load_tokenizer(beside)
@@ -34,10 +35,14 @@ def find_tokenizer(uri: str, run_cfg: Any) -> Tokenizer:
 
     data_uri = run_cfg.data.options.get("uri")
     try:
-        if data_uri is None:
+        if data_uri is None and build_default:
             from ..prepare import default_dataset_uri
 
             data_uri = default_dataset_uri()
+        elif data_uri is None:
+            from ..config import DataPrepareConfig, output_uri
+
+            data_uri = output_uri(DataPrepareConfig())
         manifest = read_manifest(data_uri)
         tok_path = manifest.get("tokenizer", {}).get("path", "tokenizer")
         return load_tokenizer(f"{str(data_uri).rstrip('/')}/{tok_path}")
