@@ -224,3 +224,121 @@ def test_builtin_corpus_and_default_dataset(tmp_path, monkeypatch):
     assert set(m["tokens_per_domain"]) == {"code", "math", "knowledge"}
     t0 = time.perf_counter()
     assert prep.default_dataset_uri() == uri and time.perf_counter() - t0 < 1.0  # reused
+
+
+# -- skipped input and failed runs (issue 15) --------------------------------------------------
+
+
+def _corpus_with_bad_input(d: Path) -> str:
+    d.mkdir()
+    write_jsonl(d / "a.jsonl", make_texts(120, 3))
+    (d / "b.jsonl").write_text('{"text": "fine text here"}\n{not json\n{"body": "x"}\n'
+                               '{"text": 7}\n{"text": "   "}\n')
+    (d / "c.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 this is not gzip at all")
+    return str(d / "*")
+
+
+def test_skipped_input_is_logged_and_shown_by_stats(tmp_path, capsys):
+    """Each skipped file or record is in OUT/skipped.jsonl with its reason; `k2 data stats`
+    shows the count, the reasons and the first files/records; OUT.lock is gone."""
+    from k2_core.cli import main
+
+    out = tmp_path / "ds"
+    uri = prepare(small_cfg([{"uri": _corpus_with_bad_input(tmp_path / "src")}], str(out)))
+    m = read_manifest(uri)
+    assert m["skipped"] == {"empty": 1, "invalid_json": 1, "missing_field": 1, "not_text": 1,
+                            "unreadable": 1}
+    log = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    by_reason = {e["reason"]: e for e in log}
+    assert len(log) == 5 and m["skip_log"] == {"path": "skipped.jsonl", "entries": 5,
+                                               "not_logged": 0}
+    assert by_reason["invalid_json"]["file"].endswith("b.jsonl")
+    assert by_reason["invalid_json"]["record"] == "line 2"
+    assert by_reason["missing_field"]["record"] == "line 3"
+    assert by_reason["not_text"]["record"] == "line 4"
+    assert by_reason["empty"]["file"].endswith("b.jsonl")
+    assert by_reason["unreadable"]["file"].endswith("c.jsonl.gz")
+    assert "record" not in by_reason["unreadable"] and by_reason["unreadable"]["detail"]
+    assert not (tmp_path / "ds.lock").exists()
+
+    assert main(["data", "stats", uri]) == 0
+    text = capsys.readouterr().out
+    assert "skipped 5" in text and "c.jsonl.gz" in text and "b.jsonl line 2" in text
+    assert "skipped.jsonl" in text
+    assert main(["data", "stats", uri, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["skipped_total"] == 5 and len(info["skip_log"]) == 5
+
+
+def _leftovers(tmp_path: Path, name: str) -> list[str]:
+    return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob(f"{name}*"))
+
+
+def test_failed_prepare_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """Bad input (no usable document: every file corrupt or empty): exit 2, one line, and no
+    OUT/_work, OUT/tokenizer or OUT.lock; a folder the user made is kept, emptied of ours
+    only. A failure before any shard is committed (injected) leaves nothing either."""
+    from k2_core.cli import main
+
+    src = tmp_path / "bad"
+    src.mkdir()
+    (src / "x.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 garbage")
+    (src / "y.jsonl").write_text('{"text": ""}\n{oops\n')
+    assert main(["data", "prepare", "--out", str(tmp_path / "o1"), f"sources=[{{uri: '{src}'}}]",
+                 "tokenizer.options.vocab_size=400", "workers=0"]) == 2
+    err = capsys.readouterr().err
+    assert "empty result" in err and len(err.strip().splitlines()) == 1, err
+    assert _leftovers(tmp_path, "o1") == []
+
+    (tmp_path / "o2").mkdir()  # the user's (empty) folder: kept, nothing of ours left in it
+    with pytest.raises(ConfigError, match="empty result"):
+        prepare(small_cfg([{"uri": str(src)}], str(tmp_path / "o2")))
+    assert _leftovers(tmp_path, "o2") == ["o2"] and not any((tmp_path / "o2").iterdir())
+
+    import k2_data.prepare as prep
+
+    def boom(self, texts):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(prep._Encoder, "submit", boom)
+    write_jsonl(tmp_path / "good.jsonl", make_texts(100, 4))
+    with pytest.raises(RuntimeError, match="injected"):
+        prepare(small_cfg([{"uri": str(tmp_path / "good.jsonl")}], str(tmp_path / "o3")))
+    assert _leftovers(tmp_path, "o3") == []
+
+
+def test_interrupted_prepare_keeps_only_what_resume_needs(tmp_path, monkeypatch, capsys):
+    """Ctrl-C after shards were committed: _work/ and tokenizer/ stay (a rerun resumes and
+    builds the same bytes as an uninterrupted run), the partial arrays and OUT.lock go.
+    Bad input at the same point leaves nothing."""
+    import k2_data.prepare as prep
+
+    write_jsonl(tmp_path / "good.jsonl", make_texts(200, 6))
+    sources = [{"uri": str(tmp_path / "good.jsonl")}]
+    ref = prepare(small_cfg(sources, str(tmp_path / "ref"), shard_docs=50))
+    real = prep._assemble
+
+    def interrupted(cfg, tok, out, fs, root_path, n_shards):
+        import zarr
+
+        zarr.open_group(out, mode="a").require_group("train")  # a partial array, then Ctrl-C
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_assemble", interrupted)
+    out = tmp_path / "ds"
+    with pytest.raises(KeyboardInterrupt):
+        prepare(small_cfg(sources, str(out), shard_docs=50))
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["_work", "tokenizer"]
+    assert len(list((out / "_work").glob("shard-*.json"))) == 4
+    assert not (tmp_path / "ds.lock").exists()
+    monkeypatch.setattr(prep, "_assemble", real)
+    assert tree_hash(prepare(small_cfg(sources, str(out), shard_docs=50))) == tree_hash(ref)
+
+    def bad_input(*args):
+        raise ConfigError("injected bad input")
+
+    monkeypatch.setattr(prep, "_assemble", bad_input)
+    with pytest.raises(ConfigError, match="injected bad input"):
+        prepare(small_cfg(sources, str(tmp_path / "ds2"), shard_docs=50))
+    assert _leftovers(tmp_path, "ds2") == []

@@ -12,6 +12,7 @@ __all__ = [
     "load_prepare_config", "load_tokenizer", "prepare", "read_manifest", "__version__",
     "Engine", "SamplingParams", "Completion", "render_chat", "encode_chat", "parse_assistant",
     "RephraseConfig", "run_rephrase", "SynthToolsConfig", "run_synth_tools", "read_outputs",
+    "read_skip_log", "CHAT_TEMPLATE",
 ]
 
 _LAZY = {
@@ -19,7 +20,7 @@ _LAZY = {
     "load_tokenizer": "tokenizer", "DataPrepareConfig": "config", "SourceConfig": "config",
     "TokenizerConfig": "config", "load_prepare_config": "config", "Document": "documents",
     "default_dataset_uri": "prepare", "inspect_dataset": "prepare", "prepare": "prepare",
-    "read_manifest": "prepare",
+    "read_manifest": "prepare", "read_skip_log": "prepare", "CHAT_TEMPLATE": "chat",
     "Engine": "generation.engine", "SamplingParams": "generation.engine",
     "Completion": "generation.engine", "encode_chat": "chat", "parse_assistant": "chat",
     "RephraseConfig": "rephrase.config", "run_rephrase": "rephrase",

@@ -38,7 +38,10 @@ def _prepare_run(args: argparse.Namespace) -> int:
     print(f"  train {tr['n_sequences']:,} sequences ({tr['n_tokens']:,} tokens), "
           f"val {va['n_sequences']:,} sequences; {m['duplicates']:,} duplicates dropped")
     if m["skipped"]:
-        print("  skipped: " + ", ".join(f"{k} {v:,}" for k, v in m["skipped"].items()))
+        print(f"  skipped {sum(m['skipped'].values()):,}: "
+              + ", ".join(f"{k} {v:,}" for k, v in m["skipped"].items())
+              + (f" (which and why: {uri.rstrip('/')}/{m['skip_log']['path']})"
+                 if m.get("skip_log") else ""))
     return 0
 
 
@@ -54,14 +57,34 @@ def _tokenizer_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _skip_lines(m: dict[str, Any], log: list[dict[str, Any]], examples: int = 3) -> list[str]:
+    """Skips by reason, each with its first files/records from the skip log."""
+    lines = []
+    for reason, n in m["skipped"].items():
+        where = []
+        for e in (e for e in log if e.get("reason") == reason):
+            if len(where) == examples:
+                where.append("...")
+                break
+            name = e["file"].rsplit("/", 1)[-1]
+            rec = f" {e['record']}" if e.get("record") else ""
+            why = f" ({e['detail']})" if e.get("detail") else ""
+            where.append(f"{name}{rec}{why}")
+        lines.append(f"    {reason:<14} {n:>10,}" + (f"  {'; '.join(where)}" if where else ""))
+    return lines
+
+
 def _stats_run(args: argparse.Namespace) -> int:
-    from .prepare import read_manifest
+    from .prepare import read_manifest, read_skip_log
 
     m = read_manifest(args.uri)
     keys = ("seq_len", "vocab_size", "tokenizer", "splits", "tokens_per_domain", "documents",
             "duplicates", "skipped", "weights", "sources")
     info = {k: m[k] for k in keys}
     info["tokenizer"] = {k: m["tokenizer"][k] for k in ("name", "content_hash")}
+    log = read_skip_log(args.uri, m)
+    info["skipped_total"] = sum(m["skipped"].values())
+    info["skip_log"] = log
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -74,7 +97,17 @@ def _stats_run(args: argparse.Namespace) -> int:
     for dom, n in m["tokens_per_domain"].items():
         print(f"  domain {dom:<12} {n:>14,} tokens ({100 * n / total:.1f}%)")
     print(f"  documents {m['documents']}, duplicates {m['duplicates']:,}")
-    print("  skipped: " + (", ".join(f"{k} {v:,}" for k, v in m["skipped"].items()) or "none"))
+    total = sum(m["skipped"].values())
+    if not total:
+        print("  skipped: none")
+        return 0
+    print(f"  skipped {total:,} (by reason, with the first files/records):")
+    for line in _skip_lines(m, log):
+        print(line)
+    if m.get("skip_log"):
+        more = m["skip_log"].get("not_logged", 0)
+        print(f"  skip log: {args.uri.rstrip('/')}/{m['skip_log']['path']}"
+              + (f" ({more:,} more skips not logged)" if more else ""))
     return 0
 
 

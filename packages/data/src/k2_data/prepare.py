@@ -10,12 +10,20 @@ On-disk layout at OUT (the training loader reads exactly this):
     tokenizer/                  the tokenizer (k2_tokenizer.json + tokenizer.json/.tiktoken)
     manifest.json               format "k2-packed" v2, counts, checksums; `complete: true`
                                 is written last: a folder without it is not a dataset
+    skipped.jsonl               when input was skipped: {reason, file, record, detail} a line
+                                (the first SKIP_LOG_LIMIT skips; counts are all in the manifest)
     _work/                      while building: plan, per-shard committed outputs (resume)
+OUT.lock (beside OUT, local filesystems) is held while building and removed when done.
 
 The run is deterministic (same config -> same bytes, whatever `workers`) and resumable:
 documents are read in a fixed order and cut into shards of `shard_docs`; each shard's tokens
 are committed under _work/ (tokens first, its JSON last); a rerun re-reads the sources (to
 rebuild the dedup set and counts) but tokenizes only uncommitted shards, then assembles.
+
+A failed run removes what it created (never what was there before it started): bad input (a
+ConfigError: no usable document, a missing source...) leaves nothing, since the input has to
+change; any other failure (Ctrl-C, a worker that died, a full disk) keeps _work/ and
+tokenizer/ when at least one shard was committed, so a rerun resumes instead of starting over.
 """
 
 from __future__ import annotations
@@ -39,11 +47,13 @@ from k2_core.errors import ConfigError, K2Error
 from . import _worker
 from .config import DataPrepareConfig, output_uri
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, format_version, read_manifest  # noqa: F401
-from .sources import iter_documents
+from .sources import Skips, iter_documents, skip
 from .tokenizer import Tokenizer, load_tokenizer
 
 WORK = "_work"
 TOKENIZER_DIR = "tokenizer"
+SKIP_LOG = "skipped.jsonl"
+SKIP_LOG_LIMIT = 10_000
 CHUNK_BYTES = 8 << 20
 _DELAY_ENV = "K2_DATA_TEST_SHARD_DELAY"  # test hook: seconds to sleep after each shard commit
 
@@ -252,7 +262,7 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
     One continuous pipeline: batches of `batch_docs` documents go to the workers as soon as
     they are read (the main process keeps reading while they encode), and shards are committed
     in order as soon as all their batches are back."""
-    skipped: Counter = Counter()
+    skipped = Skips(SKIP_LOG_LIMIT)
     seen: set[bytes] = set()
     duplicates = 0
     docs_read = 0
@@ -315,7 +325,8 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
                 try:
                     raw = doc.text.encode("utf-8")
                 except UnicodeEncodeError:
-                    skipped["invalid_utf8"] += 1
+                    skip(skipped, "invalid_utf8", doc.domain, f"doc {doc.id}",
+                         detail="lone surrogates")
                     continue
                 dg = hashlib.sha256(raw).digest()[:16]
                 if dg in seen:
@@ -344,6 +355,7 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
     finally:
         encoder.close()
     return {"n_shards": n_shards, "skipped": dict(sorted(skipped.items())),
+            "skip_log": skipped.entries, "skips_not_logged": skipped.not_logged,
             "duplicates": duplicates, "documents_unique": len(seen)}
 
 
@@ -532,7 +544,7 @@ def _check_out(fs: Any, root: str, out: str, chash: str) -> str:
         return "resume"
     if fs.exists(root):
         entries = [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)]
-        ours = {WORK, TOKENIZER_DIR, "train", "val", "zarr.json", MANIFEST}
+        ours = {WORK, TOKENIZER_DIR, "train", "val", "zarr.json", MANIFEST, SKIP_LOG}
         if entries and not set(entries) <= ours:
             raise ConfigError(f"{out}: exists and is not a k2 dataset; choose another --out")
         if entries:
@@ -543,19 +555,71 @@ def _check_out(fs: Any, root: str, out: str, chash: str) -> str:
 @contextlib.contextmanager
 def _exclusive(fs: Any, root: str) -> Iterator[None]:
     """Hold `<root>.lock` on a local filesystem, so ranks of one job that all find the dataset
-    missing build it once: the first builds, the others wait and then find it complete."""
+    missing build it once: the first builds, the others wait and then find it complete. The
+    holder removes the file before unlocking; a waiter that then gets the lock of a removed
+    file locks the path anew, so no two processes ever hold the lock of one path."""
     if "file" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         yield  # remote stores: one preparing process per output is the caller's business
         return
     import fcntl
 
     os.makedirs(os.path.dirname(root) or ".", exist_ok=True)
-    with open(f"{root}.lock", "a+b") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    lock = f"{root}.lock"
+    while True:
+        f = open(lock, "a+b")
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                if os.fstat(f.fileno()).st_ino == os.stat(lock).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+        except BaseException:
+            f.close()
+            raise
+        f.close()  # the previous holder removed it meanwhile: lock the path anew
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def _entries(fs: Any, root: str) -> set[str] | None:
+    """Names directly under `root`, or None when it does not exist."""
+    if not fs.exists(root):
+        return None
+    return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
+
+
+def _clean_failed(fs: Any, root: str, out: str, before: set[str] | None,
+                  exc: BaseException) -> str:
+    """Remove what a failed build created under `root` (nothing that was there before it);
+    keep _work/ and tokenizer/ when a shard was committed and the failure was not bad input.
+    Returns a one-line account of what was kept, or ''."""
+    now = _entries(fs, root)
+    if now is None:
+        return ""
+    created = now - (before or set())
+    keep: set[str] = set()
+    if not isinstance(exc, ConfigError) and WORK in now:
+        shards = [p for p in fs.ls(f"{root}/{WORK}", detail=False) if p.endswith(".json")
+                  and p.rstrip("/").rsplit("/", 1)[-1].startswith("shard-")]
+        if shards:
+            keep = {WORK, TOKENIZER_DIR}
+    for name in sorted(created - keep):
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(f"{root}/{name}", recursive=True)
+    if before is None and not keep:
+        with contextlib.suppress(OSError):
+            if not fs.ls(root, detail=False):
+                fs.rmdir(root)
+    if keep & now:
+        return (f"{out}: partial build kept in {WORK}/ (committed shards); rerun the same "
+                "command to resume, or remove the folder")
+    return ""
 
 
 def prepare(cfg: DataPrepareConfig, *, quiet: bool = True) -> str:
@@ -569,7 +633,16 @@ def prepare_or_reuse(cfg: DataPrepareConfig, *, quiet: bool = True) -> tuple[str
     fs, root = _fs(out)
     with _exclusive(fs, root):
         state = _check_out(fs, root, out, cfg.config_hash())
-        return _prepare(cfg, quiet, out, fs, root, state), state != "done"
+        before = _entries(fs, root)
+        try:
+            return _prepare(cfg, quiet, out, fs, root, state), state != "done"
+        except BaseException as exc:
+            kept = _clean_failed(fs, root, out, before, exc)
+            if kept and isinstance(exc, K2Error):  # one line: the error, then what was kept
+                raise type(exc)(f"{exc.args[0] if exc.args else exc}; {kept}") from None
+            if kept:
+                print(f"k2 data prepare: {kept}", file=sys.stderr)
+            raise
 
 
 def _prepare(cfg: DataPrepareConfig, quiet: bool, out: str, fs: Any, root: str, state: str) -> str:
@@ -615,9 +688,15 @@ def _prepare(cfg: DataPrepareConfig, quiet: bool, out: str, fs: Any, root: str, 
         "documents": {"unique": counts["documents_unique"], **packed["documents"]},
         "duplicates": counts["duplicates"],
         "skipped": counts["skipped"],
+        **({"skip_log": {"path": SKIP_LOG, "entries": len(counts["skip_log"]),
+                         "not_logged": counts["skips_not_logged"]}} if counts["skip_log"] else {}),
         "checksums": packed["checksums"],
         "complete": True,
     }
+    if counts["skip_log"]:
+        with fs.open(f"{root}/{SKIP_LOG}", "wb") as f:
+            f.write("".join(json.dumps(e, ensure_ascii=False) + "\n"
+                            for e in counts["skip_log"]).encode())
     _write_json(fs, f"{root}/{MANIFEST}", manifest)
     fs.rm(work, recursive=True)
     if not quiet:
@@ -628,6 +707,20 @@ def _prepare(cfg: DataPrepareConfig, quiet: bool, out: str, fs: Any, root: str, 
 def default_dataset_uri() -> str:
     """The packed built-in corpus in the cache folder, built first if missing."""
     return prepare(DataPrepareConfig())
+
+
+def read_skip_log(uri: str, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """The skip log of a prepared dataset ({reason, file, record?, detail?} each); [] if none."""
+    m = manifest if manifest is not None else read_manifest(uri)
+    log = m.get("skip_log")
+    if not log:
+        return []
+    fs, root = _fs(uri)
+    try:
+        with fs.open(f"{root}/{log['path']}", "rb") as f:
+            return [json.loads(line) for line in f.read().decode().splitlines() if line.strip()]
+    except (FileNotFoundError, ValueError):
+        return []
 
 
 def inspect_dataset(uri: str, n: int = 3, split: str = "train", marker: str = "\u2016") -> list[str]:

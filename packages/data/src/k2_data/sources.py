@@ -2,7 +2,9 @@
 built-in corpus. Bad input is counted by reason in a `Counter` and skipped, never fatal.
 
 Reasons: unreadable (file cannot be opened/decompressed/parsed), invalid_json, invalid_utf8,
-missing_field, not_text (field is not a string), empty, too_long (over max_chars).
+missing_field, not_text (field is not a string), empty, too_long (over max_chars). When the
+counter is a `Skips`, each skip is also logged with its file and record (`k2 data prepare`
+writes that log to OUT/skipped.jsonl).
 """
 
 from __future__ import annotations
@@ -17,6 +19,42 @@ from k2_core.errors import ConfigError, K2Error
 
 from .config import DataPrepareConfig, SourceConfig
 from .documents import Document
+
+
+class Skips(Counter):
+    """Skipped-input counts by reason, plus where the first `limit` skips happened: entries
+    {"reason", "file", "record" (e.g. "line 3", "row 7", "doc ID"; absent for a whole file),
+    "detail" (why a file is unreadable)}. `not_logged` counts the skips past `limit`."""
+
+    def __init__(self, limit: int = 10_000):
+        super().__init__()
+        self.limit = limit
+        self.entries: list[dict[str, str]] = []
+        self.not_logged = 0
+
+    def note(self, reason: str, file: str, record: str | None = None, detail: str | None = None,
+             n: int = 1) -> None:
+        self[reason] += n
+        if len(self.entries) >= self.limit:
+            self.not_logged += n
+            return
+        entry = {"reason": reason, "file": file}
+        if record is not None:
+            entry["record"] = record
+        if detail:
+            entry["detail"] = detail
+        if n != 1:
+            entry["count"] = n  # type: ignore[assignment]
+        self.entries.append(entry)
+
+
+def skip(skipped: Counter, reason: str, file: str, record: str | None = None,
+         detail: str | None = None, n: int = 1) -> None:
+    """Count one skip (`n` records) by reason; log where it happened when `skipped` is a Skips."""
+    if isinstance(skipped, Skips):
+        skipped.note(reason, file, record, detail, n)
+    else:
+        skipped[reason] += n
 
 
 def _fs(uri: str):
@@ -83,19 +121,19 @@ def _jsonl(uri: str, src: SourceConfig, skipped: Counter) -> Iterator[tuple[str,
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError:
-                skipped["invalid_utf8"] += 1
+                skip(skipped, "invalid_utf8", uri, f"line {n}")
                 continue
             try:
                 rec = json.loads(line)
             except ValueError:
-                skipped["invalid_json"] += 1
+                skip(skipped, "invalid_json", uri, f"line {n}")
                 continue
             if not isinstance(rec, dict) or src.text_field not in rec:
-                skipped["missing_field"] += 1
+                skip(skipped, "missing_field", uri, f"line {n}")
                 continue
             text = rec[src.text_field]
             if not isinstance(text, str):
-                skipped["not_text"] += 1
+                skip(skipped, "not_text", uri, f"line {n}")
                 continue
             did = rec.get(src.id_field)
             yield (str(did) if did is not None else f"{uri}:{n}"), text
@@ -111,7 +149,8 @@ def _parquet(uri: str, src: SourceConfig, skipped: Counter) -> Iterator[tuple[st
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if src.text_field not in names:
-            skipped["missing_field"] += pf.metadata.num_rows
+            skip(skipped, "missing_field", uri, detail=f"no column {src.text_field!r}",
+                 n=pf.metadata.num_rows)
             return
         cols = [src.text_field] + ([src.id_field] if src.id_field in names else [])
         row = 0
@@ -121,16 +160,16 @@ def _parquet(uri: str, src: SourceConfig, skipped: Counter) -> Iterator[tuple[st
             for text, did in zip(texts, ids, strict=True):
                 row += 1
                 if text is None:
-                    skipped["missing_field"] += 1
+                    skip(skipped, "missing_field", uri, f"row {row}")
                     continue
                 if isinstance(text, bytes):
                     try:
                         text = text.decode("utf-8")
                     except UnicodeDecodeError:
-                        skipped["invalid_utf8"] += 1
+                        skip(skipped, "invalid_utf8", uri, f"row {row}")
                         continue
                 if not isinstance(text, str):
-                    skipped["not_text"] += 1
+                    skip(skipped, "not_text", uri, f"row {row}")
                     continue
                 yield (str(did) if did is not None else f"{uri}:{row}"), text
 
@@ -144,7 +183,7 @@ def _text(uri: str, src: SourceConfig, skipped: Counter) -> Iterator[tuple[str, 
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
-        skipped["invalid_utf8"] += 1
+        skip(skipped, "invalid_utf8", uri)
         return
     yield uri, text
 
@@ -159,8 +198,9 @@ def read_file(uri: str, src: SourceConfig, skipped: Counter) -> Iterator[tuple[s
         yield from reader(uri, src, skipped)
     except K2Error:
         raise
-    except Exception:  # OSError, EOFError, zlib.error, ZstdError, ArrowInvalid, ...
-        skipped["unreadable"] += 1
+    except Exception as e:  # OSError, EOFError, zlib.error, ZstdError, ArrowInvalid, ...
+        why = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+        skip(skipped, "unreadable", uri, detail=why)
 
 
 def builtin(src: SourceConfig, seed: int) -> Iterator[Document]:
@@ -174,13 +214,20 @@ def builtin(src: SourceConfig, seed: int) -> Iterator[Document]:
 
 def read_source(src: SourceConfig, seed: int, skipped: Counter) -> Iterator[Document]:
     """Every raw document of one source (not yet filtered by size)."""
+    for _, d in _read_source(src, seed, skipped):
+        yield d
+
+
+def _read_source(src: SourceConfig, seed: int, skipped: Counter) -> Iterator[tuple[str, Document]]:
+    """(file, document) of every raw document of one source."""
     if src.kind == "builtin":
+        where = f"builtin:{src.domain}"
         for d in builtin(src, seed):
-            yield d if d.domain == src.domain else Document(d.id, d.text, src.domain)
+            yield where, d if d.domain == src.domain else Document(d.id, d.text, src.domain)
         return
     for uri in expand(src):
         for did, text in read_file(uri, src, skipped):
-            yield Document(did, text, src.domain)
+            yield uri, Document(did, text, src.domain)
 
 
 def iter_documents(cfg: DataPrepareConfig, skipped: Counter) -> Iterator[Document]:
@@ -190,18 +237,19 @@ def iter_documents(cfg: DataPrepareConfig, skipped: Counter) -> Iterator[Documen
     for s in cfg.sources:
         if s.kind == "files" and cfg.weight(s.domain) > 0:
             expand(s)
-    iters = [read_source(s, cfg.seed, skipped) for s in cfg.sources if cfg.weight(s.domain) > 0]
+    iters = [_read_source(s, cfg.seed, skipped) for s in cfg.sources if cfg.weight(s.domain) > 0]
     while iters:
         alive = []
         for it in iters:
-            d = next(it, None)
-            if d is None:
+            item = next(it, None)
+            if item is None:
                 continue
             alive.append(it)
+            where, d = item
             if not d.text.strip():
-                skipped["empty"] += 1
+                skip(skipped, "empty", where, f"doc {d.id}")
             elif len(d.text) > cfg.max_chars:
-                skipped["too_long"] += 1
+                skip(skipped, "too_long", where, f"doc {d.id}", detail=f"{len(d.text):,} chars")
             else:
                 yield d
         iters = alive
