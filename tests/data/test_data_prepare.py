@@ -326,14 +326,22 @@ def test_interrupted_prepare_keeps_only_what_resume_needs(tmp_path, monkeypatch,
 
     monkeypatch.setattr(prep, "_assemble", interrupted)
     out = tmp_path / "ds"
-    with pytest.raises(KeyboardInterrupt):
-        prepare(small_cfg(sources, str(out), shard_docs=50))
-    assert "rerun the same command to resume" in capsys.readouterr().err
+    from k2_core.cli import main
+
+    cfg = tmp_path / "prep.yaml"
+    cfg.write_text(f"sources: [{{uri: '{sources[0]['uri']}'}}]\nseq_len: 32\nshard_docs: 50\n"
+                   "workers: 0\ntokenizer: {name: bpe, options: {vocab_size: 400}}\n")
+    assert main(["data", "prepare", str(cfg), "--out", str(out)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted" in err[0] and "rerun the same command to resume" in err[0]
     assert sorted(p.name for p in out.iterdir()) == ["_work", "tokenizer"]
     assert len(list((out / "_work").glob("shard-*.json"))) == 4
     assert not (tmp_path / "ds.lock").exists()
     monkeypatch.setattr(prep, "_assemble", real)
-    assert tree_hash(prepare(small_cfg(sources, str(out), shard_docs=50))) == tree_hash(ref)
+    resumed = small_cfg(sources, str(out), shard_docs=50)
+    plan = json.loads((out / "_work" / "plan.json").read_text())
+    assert plan["config_hash"] == resumed.config_hash()  # the rerun resumes, not starts over
+    assert tree_hash(prepare(resumed)) == tree_hash(ref)
 
     def bad_input(*args):
         raise ConfigError("injected bad input")

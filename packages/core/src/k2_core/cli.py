@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     except K2Error as e:
         print(f"k2: {e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("k2: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what it kept: KeyboardInterrupt(text)
+        print("k2: interrupted" + (f"; {e.args[0]}" if e.args else ""), file=sys.stderr)
         return 130
 
 

@@ -13,6 +13,11 @@ _ENCODE: Any = None
 
 def init(name: str, state: dict[str, Any], threads: int) -> None:
     """Pool initializer: rebuild the tokenizer's raw encoder from `Tokenizer.state()`."""
+    import signal
+
+    # Ctrl-C reaches the whole process group: the main process handles it (cleans up, one
+    # line) and shuts the pool down; a worker printing its own KeyboardInterrupt would not.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))
     os.environ["TOKENIZERS_PARALLELISM"] = "true"
     global _ENCODE

@@ -325,7 +325,7 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
                 try:
                     raw = doc.text.encode("utf-8")
                 except UnicodeEncodeError:
-                    skip(skipped, "invalid_utf8", doc.domain, f"doc {doc.id}",
+                    skip(skipped, "invalid_utf8", f"domain:{doc.domain}", f"doc {doc.id}",
                          detail="lone surrogates")
                     continue
                 dg = hashlib.sha256(raw).digest()[:16]
@@ -637,9 +637,14 @@ def prepare_or_reuse(cfg: DataPrepareConfig, *, quiet: bool = True) -> tuple[str
         try:
             return _prepare(cfg, quiet, out, fs, root, state), state != "done"
         except BaseException as exc:
-            kept = _clean_failed(fs, root, out, before, exc)
+            try:
+                kept = _clean_failed(fs, root, out, before, exc)
+            except Exception:  # cleaning up must not hide why the run failed
+                kept = ""
             if kept and isinstance(exc, K2Error):  # one line: the error, then what was kept
                 raise type(exc)(f"{exc.args[0] if exc.args else exc}; {kept}") from None
+            if kept and isinstance(exc, KeyboardInterrupt):  # `k2: interrupted; <kept>`
+                raise KeyboardInterrupt(kept) from None
             if kept:
                 print(f"k2 data prepare: {kept}", file=sys.stderr)
             raise
