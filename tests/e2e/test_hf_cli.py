@@ -149,13 +149,18 @@ def test_export_writes_a_tokenizer_and_chat_template_transformers_loads(tmp_path
     old = os.umask(0o077)
     try:
         assert main(["export-hf", ckpt, str(tmp_path / "out" / "model")]) == 0
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("private")  # the user's, 0600: untouched
+        assert main(["export-hf", ckpt, str(tmp_path / "mine")]) == 0
     finally:
         os.umask(old)
     out = tmp_path / "out" / "model"
     assert "tokenizer.json" in capsys.readouterr().out
-    modes = _modes(out)
-    assert {m for p, m in modes.items() if (out / p).is_dir()} == {"0o755"}, modes
-    assert {m for p, m in modes.items() if (out / p).is_file()} == {"0o644"}, modes
+    modes = _modes(tmp_path / "out")
+    assert {m for p, m in modes.items() if (tmp_path / "out" / p).is_dir()} == {"0o755"}, modes
+    assert {m for p, m in modes.items() if (tmp_path / "out" / p).is_file()} == {"0o644"}, modes
+    assert _modes(tmp_path / "mine")["notes.txt"] == "0o600"
+    assert _modes(tmp_path / "mine")["tokenizer_config.json"] == "0o644"
     for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
               "generation_config.json", "config.json", "model.safetensors.index.json"):
         assert (out / f).is_file(), f

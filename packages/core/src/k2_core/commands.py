@@ -188,7 +188,7 @@ def _export_run(args: argparse.Namespace) -> int:
         extra = []
         print(f"k2 export-hf: warning: no tokenizer written ({e}); pass --tokenizer URI",
               file=sys.stderr)
-    ordinary_permissions(args.dest)
+    ordinary_permissions(args.dest, extra)
     with_tok = " with " + ", ".join(extra) if extra else " (weights and config only)"
     print(f"exported {args.src} -> {args.dest}{with_tok}")
     return 0

@@ -314,6 +314,7 @@ def save_pretrained(model, path: str | Path, max_shard_bytes: int = 5 * 1024**3)
     from safetensors.torch import save_file
 
     path = Path(path)
+    made = [p.absolute() for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config_to_hf(model.config, model.moe_config), indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -337,17 +338,17 @@ def save_pretrained(model, path: str | Path, max_shard_bytes: int = 5 * 1024**3)
         written.append(path / fname)
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (path / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    ordinary_permissions(path)
+    ordinary_permissions(path, [*made, path / "config.json", path / INDEX_NAME, *written])
     return written
 
 
-def ordinary_permissions(path: str | Path) -> None:
-    """Make the folder `path` and everything under it world-readable: 0755 folders, 0644
-    files, whatever wrote them (safetensors writes 0600) and whatever the umask."""
-    path = Path(path)
-    path.chmod(0o755)
-    for p in path.rglob("*"):
-        if p.is_symlink():
+def ordinary_permissions(folder: str | Path, paths: list[str | Path]) -> None:
+    """Give `folder` and `paths` (relative to it or absolute) ordinary permissions: 0755
+    folders, 0644 files, whatever wrote them (safetensors writes 0600) and whatever the umask.
+    Only what the export wrote: other files in the folder stay as they are."""
+    folder = Path(folder)
+    for p in [folder, *(folder / q for q in paths)]:
+        if p.is_symlink() or not p.exists():
             continue
         p.chmod(0o755 if p.is_dir() else 0o644)
 
