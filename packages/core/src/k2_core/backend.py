@@ -63,7 +63,9 @@ class Backend:
 
     def autocast(self, bf16: bool) -> AbstractContextManager:
         """bf16 autocast on this backend's device type when `bf16`, else a no-op context."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        from .precision import autocast
+
+        return autocast(self.device.type, torch.bfloat16, enabled=bf16)
 
     # --- the step -------------------------------------------------------------------------
     def train_step(self, run: Any, batches: Any) -> tuple[torch.Tensor, torch.Tensor]:

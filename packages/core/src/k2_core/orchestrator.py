@@ -18,6 +18,7 @@ from .config import RunConfig
 from .errors import K2Error
 from .hookspecs import hookimpl
 from .plugins import Plugins, get_plugins
+from .precision import autocast
 from .trainstate import list_checkpoints
 
 
@@ -99,18 +100,21 @@ def build_dataset(cfg: RunConfig, plugins: Plugins, split: str, rank: int = 0,
     )
 
 
-def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
+def build_run(cfg: RunConfig, plugins: Plugins | None = None, *, dry_run: bool = False) -> Run:
     """Resolve every slot of `cfg`, build the parts, and resume when a checkpoint exists.
 
     The model is built on the meta device; the backend materialises and initialises only
-    what this process trains (see `k2_core.backend`).
+    what this process trains (see `k2_core.backend`). `dry_run` (e.g. `k2 plan --dry-run`,
+    a backend on the meta device): no dataset, no resume, no tracker, nothing on disk; the
+    caller feeds the batches.
     """
     from .checkpoint import check_checkpoint_dir
     from .model import build_model
 
     plugins = plugins or get_plugins()
     reg = plugins.registry
-    check_checkpoint_dir(cfg.checkpoint.dir)  # a bad checkpoint.dir fails before anything is built
+    if not dry_run:  # a bad checkpoint.dir fails before anything is built
+        check_checkpoint_dir(cfg.checkpoint.dir)
     torch.manual_seed(cfg.train.seed)
     backend = reg.build("backend", cfg.parallel.backend, options=cfg.parallel.options,
                         where="parallel.options")
@@ -125,13 +129,13 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
     # ranks that hold the same model part read the same shard; later pipeline stages none
     shard = {"rank": backend.data_rank, "world_size": backend.data_world_size}
     loader = val = None
-    if backend.reads_data:
+    if backend.reads_data and not dry_run:
         loader = build_dataset(cfg, plugins, "train", **shard)
         val = build_dataset(cfg, plugins, "val", **shard) if cfg.train.eval_every else None
     run = Run(cfg, plugins, model, optimizer, scheduler, loader, val, backend, cfg.checkpoint.dir)
     if val is not None and hasattr(val, "state_dict"):
         run.val_start = val.state_dict()
-    resume = cfg.checkpoint.resume
+    resume = "never" if dry_run else cfg.checkpoint.resume
     uri = None
     if resume == "auto":
         found = list_checkpoints(run.checkpoint_root)
@@ -142,7 +146,7 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None) -> Run:
         attrs = backend.load_train_state(uri, model=model, optimizer=optimizer,
                                          scheduler=scheduler, loader=loader)
         run.step, run.tracking_run_id = attrs["step"], attrs.get("tracking_run_id")
-    if cfg.tracking.tracker and backend.rank == 0:
+    if cfg.tracking.tracker and backend.rank == 0 and not dry_run:
         tracker = reg.build(
             "tracker", cfg.tracking.tracker, options=cfg.tracking.options, where="tracking.options",
             tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
@@ -165,7 +169,7 @@ def evaluate(model: torch.nn.Module, loader: Any, batches: int, bf16: bool = Fal
     total, it = torch.zeros((), device=device), iter(loader)
     for _ in range(batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in next(it).items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with autocast(device.type, torch.bfloat16, enabled=bf16):
             total += model(**batch, return_logits=False).loss.float()
     model.train(was_training)
     return float(total) / batches

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -58,7 +58,11 @@ class Held:
 
 
 class Sharding(Protocol):
-    """How the processes of a job split a save (a distributed backend implements it)."""
+    """How the processes of a job split a save (a distributed backend implements it).
+
+    Optionally `holds(tensor) -> bool`: which model tensors this process holds, where being
+    on the meta device does not say (a dry run on meta tensors); absent or None: not on meta.
+    """
 
     rank: int
     world_size: int
@@ -85,11 +89,13 @@ class OneProcess:
 
 # -- what a process holds -------------------------------------------------------------------
 
-def model_tensors(model: nn.Module) -> list[Held]:
-    """The model's state-dict tensors this process holds (another stage's stay on meta)."""
+def model_tensors(model: nn.Module, holds: Callable[[torch.Tensor], bool] | None = None
+                  ) -> list[Held]:
+    """The model's state-dict tensors this process holds: `holds(t)`, by default those not on
+    meta (another stage's stay there; a dry run, all on meta, says which it holds)."""
     out = []
     for name, t in model.state_dict(keep_vars=True).items():
-        if t.is_meta:
+        if (t.is_meta if holds is None else not holds(t)):
             continue
         start, shape = global_rows(t)
         out.append(Held("model", name, shape, start, t.detach()))
@@ -159,6 +165,14 @@ def _rng_tensors() -> list[Held]:
     return out
 
 
+def rank_share(model: nn.Module, optimizer: Any, sharding: Sharding | None = None) -> list[Held]:
+    """The rows this process writes of a checkpoint (the RNG state of rank 0 aside): model
+    tensors and optimizer state it holds, as `sharding` assigns them (collective)."""
+    sh = sharding or OneProcess()
+    held = model_tensors(model, getattr(sh, "holds", None))
+    return sh.assign([*held, *optimizer_tensors(model, optimizer)])
+
+
 def save_train_state(root: str, step: int, *, model: nn.Module, optimizer: Any,
                      scheduler: Any = None, loader: Any = None, keep: int = 2,
                      attrs: dict[str, Any] | None = None,
@@ -171,7 +185,7 @@ def save_train_state(root: str, step: int, *, model: nn.Module, optimizer: Any,
     if sh.rank == 0 and fs.exists(tmp_path):  # what a killed earlier attempt at this step left
         fs.rm(tmp_path, recursive=True)
     sh.barrier()
-    pieces = sh.assign([*model_tensors(model), *optimizer_tensors(model, optimizer)])
+    pieces = rank_share(model, optimizer, sh)
     if sh.rank == 0:
         pieces += _rng_tensors()
     with ShardWriter(tmp_uri, sh.rank) as w:

@@ -23,6 +23,7 @@ from k2_core.backend import Backend
 from k2_core.checkpoint import chunk_rows
 from k2_core.errors import ConfigError, K2Error
 from k2_core.model.init import global_rows, materialize
+from k2_core.precision import autocast, use_low_precision_weights
 from torch import nn
 
 from .expert_parallel import EP_ATTR, moe_layers
@@ -101,6 +102,9 @@ class H800Backend(Backend):
         """Only the first pipeline stage reads batches; the others receive what they need."""
         return self.layout.pp_rank == 0
 
+    def _bf16(self, train: Any) -> bool:
+        return bool(train.bf16) or self.options.dtype == "bf16"
+
     def _pipeline(self, run: Any) -> Any:
         """This rank's pipeline stages (built once the run's precision is known)."""
         if self._runner is None:
@@ -110,7 +114,7 @@ class H800Backend(Backend):
             self._runner = build_pipeline(
                 run.model, pp_group=lay.pp_group, pp_rank=lay.pp_rank, pp_size=lay.pp,
                 virtual_stages=opts.virtual_stages, n_microbatches=opts.n_microbatches or lay.pp,
-                device=self.device, autocast=torch.bfloat16 if cfg.train.bf16 else None,
+                device=self.device, autocast=torch.bfloat16 if self._bf16(cfg.train) else None,
                 micro_batch=(cfg.train.micro_batch_size, cfg.data.seq_len))
             # the orchestrator's metrics read the whole model's max logits: reduce over stages
             run.model.max_logits = self._runner.max_logits
@@ -141,15 +145,27 @@ class H800Backend(Backend):
             raise ConfigError("model.tie_word_embeddings: a tied head spans the first and last "
                               "pipeline ranks; untie it (K2 is untied) or use pp=1")
         parallelize(model, self.options, self.layout, activations=False)
+        held: set[int] = set()
         for m in self._held_modules(model):
             materialize(m, self.device)
         model.tie_weights()
+        for m in self._held_modules(model):
+            held.update(id(p) for p in m.parameters())
         for p in model.parameters():
-            if p.is_meta:  # another stage trains it: no optimizer or gradient sees it
+            if id(p) not in held:  # another stage trains it: no optimizer or gradient sees it
                 p.requires_grad_(False)
         model.init_weights(seed)
+        if self.options.dtype == "bf16":
+            # the report's policy: BF16 weights, FP32 gradient buffers (master weights and
+            # state are the optimizer's, FP32, ZeRO-sharded)
+            use_low_precision_weights(model, torch.bfloat16)
         self._model = parallelize(model, self.options, self.layout, experts=False)
         return self._model
+
+    def autocast(self, bf16: bool) -> Any:
+        """bf16 autocast when asked, and always with BF16 weights (norms and softmax in FP32)."""
+        on = bf16 or self.options.dtype == "bf16"
+        return autocast(self.device.type, torch.bfloat16, enabled=on)
 
     def wrap_optimizer(self, model: nn.Module, optimizer: Any) -> Any:
         """The optimizer re-homed on the layout (ZeRO-1 over dp when zero_stage=1; with
@@ -189,7 +205,7 @@ class H800Backend(Backend):
             else:
                 for _ in range(cfg.grad_accum):
                     batch = {k: v.to(dev, non_blocking=True) for k, v in next(batches).items()}
-                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    with self.autocast(cfg.bf16):
                         loss = model(**batch, return_logits=False).loss
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach().float()
@@ -205,6 +221,8 @@ class H800Backend(Backend):
                 raise
             raise _collective_error(self.rank, f"step {run.step + 1}", self.options.timeout_s,
                                     exc) from None
+        if dev.type == "meta":  # a dry run: no values to bring back
+            return loss_mean, grad_norm
         return loss_mean.cpu(), grad_norm.cpu()
 
     @torch.no_grad()
@@ -225,7 +243,7 @@ class H800Backend(Backend):
                     total += runner.broadcast_loss(runner.eval_step(batch))
                     continue
                 batch = {k: v.to(dev, non_blocking=True) for k, v in next(it).items()}
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                with self.autocast(cfg.bf16):
                     total += model(**batch, return_logits=False).loss.float()
             if lay.data_size > 1:
                 dist.all_reduce(total, group=lay.data_group)
@@ -252,12 +270,18 @@ class H800Backend(Backend):
         torch._foreach_copy_(counts, list(flat.split([c.numel() for c in counts])))
 
     # --- checkpoints ----------------------------------------------------------------------
-    def _sharding(self, model: nn.Module, optimizer: Any) -> Any:
+    def checkpoint_sharding(self, model: nn.Module, optimizer: Any) -> Any:
+        """Who writes what of a checkpoint on this layout (`checkpointing.LayoutSharding`)."""
         from .checkpointing import LayoutSharding
 
         experts = {n for n, p in model.named_parameters() if getattr(p, EP_ATTR, False)}
         zero_owned = self.options.engine == "k2" and self.options.zero_stage == 1
-        return LayoutSharding(self.layout, experts, zero_owned)
+        holds = None
+        if self.device.type == "meta":  # everything is on meta: say which tensors are held
+            mine = {id(t) for m in self._held_modules(model)
+                    for t in (*m.parameters(), *m.buffers())}
+            holds = lambda t: id(t) in mine  # noqa: E731
+        return LayoutSharding(self.layout, experts, zero_owned, holds)
 
     def save_train_state(self, root: str, step: int, *, model: nn.Module, optimizer: Any,
                          scheduler: Any = None, loader: Any = None, keep: int = 2,
@@ -270,7 +294,7 @@ class H800Backend(Backend):
             view = _FullStateView(optimizer) if self.options.engine == "deepspeed" else optimizer
             return save_train_state(root, step, model=model, optimizer=view,
                                     scheduler=scheduler, loader=loader, keep=keep, attrs=attrs,
-                                    sharding=self._sharding(model, optimizer))
+                                    sharding=self.checkpoint_sharding(model, optimizer))
         except RuntimeError as exc:
             if not _is_comm_failure(exc):
                 raise

@@ -45,10 +45,12 @@ def _gather_int(value: int, group: Any, size: int) -> list[int]:
 class LayoutSharding:
     """The `k2_core.trainstate.Sharding` of one rank of the h800 backend."""
 
-    def __init__(self, layout: Layout, expert_names: set[str], zero_owned: bool):
+    def __init__(self, layout: Layout, expert_names: set[str], zero_owned: bool,
+                 holds: Any = None):
         self.layout = layout
         self.expert_names = expert_names
         self.zero_owned = zero_owned
+        self.holds = holds  # on the meta device (a dry run): which model tensors are this rank's
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 

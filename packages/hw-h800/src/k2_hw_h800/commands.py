@@ -25,8 +25,13 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--virtual-stages", type=int, default=None, help="force virtual stages per rank")
     p.add_argument("--micro-batch-size", type=int, default=None,
                    help="force sequences per micro-batch")
-    p.add_argument("--master-weights", action="store_true",
-                   help="also keep FP32 master weights in the ZeRO-1 optimizer state")
+    p.add_argument("--master-weights", action=argparse.BooleanOptionalAction, default=True,
+                   help="count FP32 master weights in the ZeRO-1 optimizer state (default: yes, "
+                   "the h800 backend's bf16 policy)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="also build sampled ranks of the plan on meta tensors over a fake "
+                   "process group, run one step and a counted checkpoint save, and compare "
+                   "what each holds with the plan (exit 1 if any differs by more than 5%%)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -45,8 +50,18 @@ def _run(args: argparse.Namespace) -> int:
         micro_batch_size=args.micro_batch_size, master_weights=args.master_weights,
     )
     plan = make_plan(cfg.model, cfg.moe, cluster, opts, model_name=cfg.name or args.model)
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else plan_summary(plan))
-    return 0
+    if not args.dry_run:
+        print(json.dumps(plan.to_dict(), indent=2) if args.json else plan_summary(plan))
+        return 0
+    from .dryrun import dry_run, dry_run_table
+
+    report = dry_run(args.model, plan)
+    if args.json:
+        print(json.dumps({**report, "plan": plan.to_dict()}, indent=2))
+    else:
+        print(plan_summary(plan))
+        print(dry_run_table(report))
+    return 0 if report["ok"] else 1
 
 
 def plan_command(*, options: Any) -> Command:

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from k2_core.errors import ConfigError
 from k2_core.model.init import EXPERT_OFFSET_ATTR, GLOBAL_ROWS_ATTR
 from k2_core.model.protocols import LoadBalanced
+from k2_core.precision import host_counts
 from torch import nn
 
 EP_ATTR = "_k2_ep_sharded"  # set on expert parameters that hold only this rank's E/ep experts
@@ -106,7 +107,8 @@ def _ep_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     send_counts = counts.view(ep["size"], ep["local"]).sum(dim=1)
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=ep["group"])
-    in_splits, out_splits = send_counts.tolist(), recv_counts.tolist()  # the host syncs
+    pairs = pair_expert.numel()  # the host syncs (uniform splits on meta: a dry run)
+    in_splits, out_splits = host_counts(send_counts, pairs), host_counts(recv_counts, pairs)
     local_id = pair_expert.index_select(0, perm) % ep["local"]
     recv_x = all_to_all(flat.index_select(0, token), out_splits, in_splits, ep["group"])
     recv_e = torch.empty(sum(out_splits), dtype=local_id.dtype, device=local_id.device)

@@ -16,6 +16,7 @@ from k2_core.params import attention_params
 from .activations import FP8_TILE, ActivationPolicy
 
 F32 = 4
+BF16 = 2
 I64 = 8
 
 
@@ -146,6 +147,7 @@ class StageState:
     bf16_params: float
     fp32_grads: float
     optimizer: float
+    checkpoint: float = 0.0  # what this GPU writes of a checkpoint (its share, item 5's rule)
 
     @property
     def model_state(self) -> float:
@@ -181,4 +183,8 @@ def stage_state(m: ModelConfig, moe: MoEConfig, layers: list[int], *, first: boo
     per_param = F32 * (2 if master_weights else 1)  # Muon momentum (+ master copy)
     opt = per_param * experts / dp + (per_param * (muon - experts) + (
         2 * F32 + (F32 if master_weights else 0)) * adamw) / (dp * ep)
-    return StageState(params=n, bf16_params=2 * n, fp32_grads=F32 * n, optimizer=opt)
+    # a checkpoint's writers: the optimizer state (and masters) by its ZeRO owner, the BF16
+    # expert weights spread over their dp replicas, every other weight over the stage's dp x ep
+    ckpt = opt + BF16 * experts / dp + BF16 * (n - experts) / (dp * ep)
+    return StageState(params=n, bf16_params=BF16 * n, fp32_grads=F32 * n, optimizer=opt,
+                      checkpoint=ckpt)

@@ -52,7 +52,7 @@ def resolve_device(options: H800Options) -> torch.device:
         idx = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(idx)
         return torch.device("cuda", idx)
-    return torch.device("cpu")
+    return torch.device(want)  # cpu, or meta for a dry run
 
 
 def init_process_group(options: H800Options, device: torch.device) -> None:
@@ -82,7 +82,9 @@ def build_layout(options: H800Options, device: torch.device) -> Layout:
     if pp * dp * ep != world:
         raise ConfigError(f"parallel.options: pp*dp*ep = {pp}*{dp}*{ep} = {pp * dp * ep} but the job has "
                           f"{world} ranks; set dp=auto or fix the degrees")
-    mesh = init_device_mesh(device.type, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
+    # a dry run's meta tensors talk over the fake process group's cpu side
+    mesh_device = "cpu" if device.type == "meta" else device.type
+    mesh = init_device_mesh(mesh_device, (pp, dp, ep), mesh_dim_names=("pp", "dp", "ep"))
     data_mesh = mesh["dp", "ep"]._flatten("data")
     return Layout(
         pp=pp, dp=dp, ep=ep,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class H800Options(BaseModel):
@@ -26,6 +26,12 @@ class H800Options(BaseModel):
         "k2", description="ZeRO-1 engine: k2's DistributedMuonClip over torch.distributed, or "
         "deepspeed: a DeepSpeed ZeRO-1 engine holding the partitioned fp32 weights and AdamW "
         "state with K2's MuonClip update and QK-Clip (pp=1, ep=1, zero_stage=1 only).")
+    dtype: Literal["bf16", "fp32"] = Field(
+        "fp32", description="Training-state precision. bf16 (the report's, default with "
+        "engine=k2): BF16 weights for compute, FP32 gradient accumulation buffers, FP32 master "
+        "weights and optimizer state ZeRO-sharded beside them (forward/backward under bf16 "
+        "autocast). fp32: FP32 weights, gradients and state, as the `single` backend "
+        "(the default with engine=deepspeed, whose engine holds FP32 weights).")
     activation_policy: dict[str, Any] = Field(
         default_factory=dict, description="Switches passed to k2_hw_h800.activations "
         "(e.g. recompute, fp8_storage, cpu_offload); empty: no policy.")
@@ -33,5 +39,21 @@ class H800Options(BaseModel):
         300.0, gt=0, description="Collective timeout in seconds: a lost rank fails the job after this.")
     dist_backend: Literal["auto", "gloo", "nccl"] = Field(
         "auto", description="torch.distributed backend; auto = nccl on CUDA, gloo on CPU.")
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="Device of this rank; auto = cuda:LOCAL_RANK when CUDA is available.")
+    device: Literal["auto", "cpu", "cuda", "meta"] = Field(
+        "auto", description="Device of this rank; auto = cuda:LOCAL_RANK when CUDA is available. "
+        "meta: tensors without storage, for `k2 plan --dry-run` (its fake process group).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_follows_engine(cls, data: Any) -> Any:
+        """engine=deepspeed defaults to fp32 (DeepSpeed's ZeRO-1 holds FP32 weights)."""
+        if isinstance(data, dict) and data.get("engine") == "deepspeed" and "dtype" not in data:
+            data = {**data, "dtype": "fp32"}
+        return data
+
+    @model_validator(mode="after")
+    def _deepspeed_is_fp32(self) -> H800Options:
+        if self.engine == "deepspeed" and self.dtype != "fp32":
+            raise ValueError("parallel.options.dtype: engine=deepspeed holds FP32 weights; set "
+                             "dtype=fp32 or use engine=k2 for bf16")
+        return self

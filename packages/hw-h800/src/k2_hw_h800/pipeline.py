@@ -27,6 +27,7 @@ from k2_core.errors import ConfigError
 from k2_core.model import K2ForCausalLM
 from k2_core.model.losses import IGNORE, linear_cross_entropy
 from k2_core.model.protocols import LoadBalanced
+from k2_core.precision import autocast as autocast_on
 from torch import nn
 
 BATCH_KEYS = ("input_ids", "labels", "position_ids", "segment_ids")
@@ -212,6 +213,11 @@ class PipelineRunner:
                                  f"expected {BATCH_KEYS}")
         if self.pp_size == 1:
             return dict(batch or {})
+        if self.device.type == "meta":  # a dry run hands every rank the (meta) batch: no values
+            if batch is None:
+                raise ValueError("pipeline on meta tensors: pass the batch on every rank")
+            return {k: batch.get(k) for k in BATCH_KEYS} | {
+                "input_ids": batch["input_ids"] if self.pp_rank == 0 else None}
         dev, first = self.device, self.pp_rank == 0
         head = torch.zeros(4, dtype=torch.long, device=dev)  # rows, seq, position rows, has segments
         if first:
@@ -330,7 +336,7 @@ def _forward_context(chunk: PipelineChunk, autocast: torch.dtype | None) -> Call
     def ctx(info: Any) -> Iterator[None]:
         with ExitStack() as stack:
             if autocast is not None:
-                stack.enter_context(torch.autocast(chunk_device(chunk).type, dtype=autocast))
+                stack.enter_context(autocast_on(chunk_device(chunk).type, autocast))
             if not info.is_metadata_inference:
                 yield
                 return

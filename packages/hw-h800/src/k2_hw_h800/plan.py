@@ -65,8 +65,9 @@ class PlanOptions(BaseModel):
         None, gt=0, description="Force sequences per micro-batch (default: search 1, 2, 4, 8)."
     )
     master_weights: bool = Field(
-        False, description="Also keep an FP32 master copy of the parameters in the ZeRO-1 "
-        "optimizer state (K2's model state is BF16 parameters plus FP32 gradient buffers)."
+        True, description="Keep an FP32 master copy of the parameters in the ZeRO-1 optimizer "
+        "state, as the h800 backend's default dtype policy (bf16) does beside BF16 parameters "
+        "and FP32 gradient buffers; False counts the optimizer's moments only."
     )
     dispatch_bytes: int = Field(
         2, gt=0, description="Bytes per element of the EP dispatch/combine payload (BF16: 2)."
@@ -374,6 +375,7 @@ class Plan:
                 "fp32_grads_gb": gb(s.fp32_grads),
                 "model_state_gb": gb(s.model_state),
                 "optimizer_zero1_gb": gb(s.optimizer),
+                "checkpoint_share_gb": gb(s.checkpoint),
                 "activations": acts,
                 "total_gb": gb(c.totals[c.policy][worst]),
                 "usable_hbm_gb": round(cl.hbm_gb - cl.reserved_gb, 3),

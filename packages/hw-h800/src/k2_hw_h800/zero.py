@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from k2_core.errors import ConfigError
+from k2_core.precision import grad_of
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
@@ -52,15 +53,22 @@ def _all_reduce_flat(grads: list[torch.Tensor], group: Any, scale: float) -> Non
         torch._foreach_copy_(gs, list(_unflatten_dense_tensors(flat, gs)))
 
 
+def _grads(model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(dense, expert) gradients: FP32 `main_grad` buffers under BF16 weights, else `.grad`."""
+    dense, expert = [], []
+    for p in model.parameters():
+        g = grad_of(p)
+        if g is not None:
+            (expert if getattr(p, EP_ATTR, False) else dense).append(g)
+    return dense, expert
+
+
 @torch.no_grad()
 def reduce_gradients(model: nn.Module, layout: Layout) -> None:
     """Average gradients over the data ranks (dense: dp x ep group; experts: dp group)."""
     if layout.data_size == 1:
         return
-    dense, expert = [], []
-    for p in model.parameters():
-        if p.grad is not None:
-            (expert if getattr(p, EP_ATTR, False) else dense).append(p.grad)
+    dense, expert = _grads(model)
     scale = 1.0 / layout.data_size
     if dense:
         _all_reduce_flat(dense, layout.data_group, scale)
@@ -74,10 +82,7 @@ def reduce_gradients(model: nn.Module, layout: Layout) -> None:
 @torch.no_grad()
 def clip_global_grad_norm(model: nn.Module, layout: Layout, max_norm: float) -> torch.Tensor:
     """The L2 norm of the whole model's (reduced) gradient, over all shards; clip to max_norm."""
-    dense, expert = [], []
-    for p in model.parameters():
-        if p.grad is not None:
-            (expert if getattr(p, EP_ATTR, False) else dense).append(p.grad)
+    dense, expert = _grads(model)
     dev = (dense or expert)[0].device if (dense or expert) else torch.device("cpu")
 
     def sq(gs: list[torch.Tensor]) -> torch.Tensor:

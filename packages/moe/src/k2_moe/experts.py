@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from k2_core.precision import autocast, host_counts
 from torch import nn
 
 
@@ -62,7 +63,7 @@ class Dispatch:
         # scatter_add rather than bincount: CUDA's bincount syncs with the host to size itself
         self.counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(
             0, flat, torch.ones_like(flat))
-        self.splits = self.counts.tolist()  # the single host sync per forward
+        self.splits = host_counts(self.counts, flat.numel())  # the single host sync per forward
         active, start = [], 0
         for e, c in enumerate(self.splits):
             if c:
@@ -283,7 +284,7 @@ def experts_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tens
     if shared is not None:
         s_gu = torch.cat([shared.gate_proj.weight, shared.up_proj.weight], dim=0)
         s_d = shared.down_proj.weight
-    if torch.is_autocast_enabled(dev):
+    if dev != "meta" and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
     else:
         dt = w_gate_up.dtype
@@ -291,7 +292,7 @@ def experts_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tens
     if s_gu is not None:
         s_gu, s_d = s_gu.to(dt), s_d.to(dt)
     kernel = resolve_kernel(kernel, x.device)
-    with torch.autocast(dev, enabled=False):
+    with autocast(dev, enabled=False):
         return _ExpertsFn.apply(x.contiguous(), w_gate_up, w_down, topk_weight, s_gu, s_d,
                                 dispatch, kernel)
 

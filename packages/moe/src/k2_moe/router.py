@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from k2_core.precision import autocast
 from torch import nn
 
 if TYPE_CHECKING:
@@ -86,7 +87,7 @@ class SigmoidRouter(nn.Module):
         """
         x = x.reshape(-1, self.hidden_size)
         if self.fp32:
-            with torch.autocast(x.device.type, enabled=False):
+            with autocast(x.device.type, enabled=False):
                 logits = F.linear(x.float(), self.weight.float())
         else:
             logits = F.linear(x, self.weight.to(x.dtype)).float()

@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from .muon import Muon, _dim0
+from .muon import Muon, _dim0, grad_of
 from .qkclip import MuonClip
 from .zero_plan import StateSpec, Zero1Plan, plan_zero1
 
@@ -51,14 +51,16 @@ def assign_owners(numels: Sequence[int], world_size: int) -> list[int]:
     return owners
 
 
-def state_spec(p: Tensor, use_muon: bool, align: int = 1) -> StateSpec:
+def state_spec(p: Tensor, use_muon: bool, align: int = 1, master: bool = False) -> StateSpec:
     """How `p`'s optimizer state looks to the planner: Muon one momentum, AdamW two moments,
-    both shaped like p; 2-D (and >= 4-D) Muon matrices whole, everything else by rows."""
+    both shaped like p (FP32 plus an FP32 master copy when `master`); 2-D (and >= 4-D) Muon
+    matrices whole, everything else by rows."""
     rows = _dim0(p)
     per_row = p.numel() // rows if rows else 0
     splittable = p.ndim == 3 if use_muon else p.ndim >= 1
-    return StateSpec(rows, per_row * p.element_size() * (1 if use_muon else 2), splittable,
-                     max(1, int(align)))
+    tensors = (1 if use_muon else 2) + (1 if master else 0)
+    width = 4 if master else p.element_size()
+    return StateSpec(rows, per_row * width * tensors, splittable, max(1, int(align)))
 
 
 def _is_expert(p: Tensor) -> bool:
@@ -177,7 +179,8 @@ class DistributedMuonClip(MuonClip):
 
         def spec(i: int) -> StateSpec:
             p = flat[i]
-            return state_spec(p, muon[id(p)], row_align(p) if row_align else 1)
+            return state_spec(p, muon[id(p)], row_align(p) if row_align else 1,
+                              self.has_master(p))
 
         members: list[list[int]] = []
         expert_specs: list[list[StateSpec]] = []
@@ -188,8 +191,10 @@ class DistributedMuonClip(MuonClip):
             every: list[Any] = [None] * self.world_size
             dist.all_gather_object(every, own, group=self.process_group)
             groups = dict(every)  # the members of every expert group -> its specs
-            keys = sorted(groups)
             pg = self.process_group or dist.group.WORLD
+            if sum(len(k) for k in groups) < self.world_size:
+                groups = _translated_groups(own, pg, self.world_size)
+            keys = sorted(groups)
             try:
                 members = [[dist.get_group_rank(pg, g) for g in key] for key in keys]
             except (ValueError, RuntimeError) as exc:
@@ -246,8 +251,9 @@ class DistributedMuonClip(MuonClip):
         for expert, group in ((False, self.process_group), (True, self.expert_group)):
             by_dtype: dict[Any, list[Tensor]] = defaultdict(list)
             for p in self._all_params():
-                if p.grad is not None and (id(p) in self._expert_ids) == expert:
-                    by_dtype[(p.grad.dtype, p.grad.device)].append(p.grad)
+                g = grad_of(p)
+                if g is not None and (id(p) in self._expert_ids) == expert:
+                    by_dtype[(g.dtype, g.device)].append(g)
             for grads in by_dtype.values():
                 flat = _flatten_dense_tensors(grads)
                 dist.all_reduce(flat, group=group)
@@ -274,7 +280,7 @@ class DistributedMuonClip(MuonClip):
         for r, lst in enumerate(owners):
             for i, a, b in lst:
                 p = flat[i]
-                if p.grad is None or p.numel() == 0:  # not updated this step (as on its owner)
+                if grad_of(p) is None or p.numel() == 0:  # not updated (as on its owner)
                     continue
                 per = p.numel() // _dim0(p)
                 key = (str(p.dtype), str(p.device))
@@ -369,6 +375,22 @@ class DistributedMuonClip(MuonClip):
         return {"state": _merge_pieces(pieces, shapes), "param_groups": local["param_groups"]}
 
 
+def _translated_groups(own: tuple[tuple[int, ...], list[Any]], pg: Any, size: int
+                       ) -> dict[tuple[int, ...], list[Any]]:
+    """Every expert group of `pg`, built from this rank's own: a fake process group (`k2 plan
+    --dry-run`) echoes this rank's object from every rank, so the other groups are taken to be
+    its translates on the mesh (strided, as the dp group within dp x ep; the same specs)."""
+    ranks = dist.get_process_group_ranks(pg)
+    pos = [ranks.index(g) for g in own[0]]
+    n = len(pos)
+    stride = pos[1] - pos[0] if n > 1 else 1
+    if n > 1 and (stride * n != size or pos != list(range(pos[0], size, stride))):
+        raise ValueError("DistributedMuonClip: cannot infer the expert groups of a fake "
+                         "process group from a group that is not strided")
+    starts = range(stride) if n > 1 else range(size)
+    return {tuple(ranks[o + k * stride] for k in range(n)): own[1] for o in starts}
+
+
 def _segments(pieces: list[tuple[Tensor, int, int]], lo: int, hi: int
               ) -> list[tuple[Tensor, int, int, int]]:
     """The parts of a rank's stream [lo, hi): (param, element offset in it, count, offset in
@@ -394,6 +416,7 @@ def rehome_arguments(optimizer: Muon) -> tuple[list[dict[str, Any]], dict[str, A
         ns_coefficients=d["ns_coefficients"], ns_eps=d["ns_eps"],
         adjust_lr_fn=d["adjust_lr_fn"], adamw_betas=d["betas"], adamw_eps=d["eps"],
         ns_dtype=optimizer.ns_dtype, bucket_bytes=optimizer.bucket_bytes,
+        master_weights=optimizer.master_weights,
     )
     if isinstance(optimizer, MuonClip):
         kwargs.update(qk_clip=optimizer.qk_clip, qk_clip_tau=optimizer.qk_clip_tau,

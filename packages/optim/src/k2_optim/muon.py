@@ -5,6 +5,13 @@ group; matrices of the same (rows, cols) are stacked into one [n, r, c] tensor a
 orthogonalised together by `newton_schulz` (bmm/baddbmm). 3-D expert tensors [E, out, in]
 count as E matrices; a parameter with attribute `muon_split = s` is s equal row blocks
 (dim -2) orthogonalised separately.
+
+Mixed precision: a parameter's gradient is `p.main_grad` when that attribute exists (an FP32
+accumulation buffer a trainer keeps beside BF16 weights, as Megatron's), else `p.grad`
+(`grad_of`). Parameters held below FP32 get FP32 master weights in the optimizer state
+(`master`, shaped like the rows the optimizer owns) when `master_weights` is on (the default):
+momentum, moments and the update are FP32, and the BF16 weight is the master rounded after
+each step.
 """
 
 from __future__ import annotations
@@ -43,6 +50,12 @@ def matrix_view_shape(p: Tensor) -> tuple[int, int, int]:
     if r % s:
         raise ValueError(f"muon_split={s} does not divide the {r} rows of shape {tuple(p.shape)}")
     return n * s, r // s, c
+
+
+def grad_of(p: Tensor) -> Tensor | None:
+    """The gradient a step uses: `p.main_grad` (an FP32 accumulation buffer) if set, else `.grad`."""
+    g = getattr(p, "main_grad", None)
+    return g if g is not None else p.grad
 
 
 def _dim0(p: Tensor) -> int:
@@ -111,6 +124,7 @@ class Muon(torch.optim.Optimizer):
         adamw_weight_decay: float | None = None,
         ns_dtype: torch.dtype = torch.bfloat16,
         bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        master_weights: bool = True,
     ) -> None:
         if lr < 0 or weight_decay < 0 or momentum < 0:
             raise ValueError("lr, weight_decay and momentum must be >= 0")
@@ -144,6 +158,7 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"bucket_bytes must be > 0, got {bucket_bytes}")
         # not a param-group default: state dicts written before it existed still load
         self.bucket_bytes = int(bucket_bytes)
+        self.master_weights = bool(master_weights)
         super().__init__(fixed, defaults)
         for g in self.param_groups:
             if g["use_muon"]:
@@ -204,6 +219,59 @@ class Muon(torch.optim.Optimizer):
             return t
         return t[rows[0]:rows[1]]
 
+    def has_master(self, p: Tensor) -> bool:
+        """Whether `p`'s update goes through an FP32 master copy (p held below FP32)."""
+        return self.master_weights and p.is_floating_point() and p.element_size() < 4
+
+    def _weight(self, p: Tensor) -> Tensor:
+        """What the update writes: p's FP32 master rows (created from p on first use) or p's
+        owned rows themselves."""
+        if not self.has_master(p):
+            return self._rows_view(p, p)
+        st = self.state[p]
+        if "master" not in st:
+            st["master"] = self._rows_view(p, p).float()
+        return st["master"]
+
+    def _state_like(self, p: Tensor) -> Tensor:
+        """A zero FP32-or-p.dtype tensor shaped like p's owned rows (momentum, moments)."""
+        w = self._rows_view(p, p)
+        return torch.zeros_like(w, dtype=torch.float32 if self.has_master(p) else w.dtype,
+                                memory_format=torch.preserve_format)
+
+    def _write_back(self, params: list[Tensor]) -> None:
+        """Round the updated master rows into the (BF16) parameters."""
+        pairs = [(self._rows_view(p, p), self.state[p]["master"]) for p in params
+                 if self.has_master(p)]
+        if pairs:
+            torch._foreach_copy_([w for w, _ in pairs], [m for _, m in pairs])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's load, except that master-weight parameters keep FP32 state (torch casts
+        every floating state tensor to its parameter's dtype) and a `master` saved by a
+        run without master weights is dropped."""
+        super().load_state_dict(state_dict)
+        flat = [p for g in self.param_groups for p in g["params"]]
+        for pid, saved in state_dict["state"].items():
+            p = flat[int(pid)]
+            st = self.state.get(p)
+            if st is None:
+                continue
+            if not self.has_master(p):
+                st.pop("master", None)
+                continue
+            for k, v in saved.items():
+                if k != "step" and torch.is_tensor(v) and v.is_floating_point():
+                    st[k] = v.to(device=p.device, dtype=torch.float32)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear `.grad` and zero the FP32 `main_grad` buffers (they persist across steps)."""
+        super().zero_grad(set_to_none)
+        bufs = [g for grp in self.param_groups for p in grp["params"]
+                if (g := getattr(p, "main_grad", None)) is not None]
+        if bufs:
+            torch._foreach_zero_(bufs)
+
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:
         """One Muon/AdamW update of every group, then `_after_update()` (QK-Clip in MuonClip)."""
@@ -214,7 +282,7 @@ class Muon(torch.optim.Optimizer):
         self._before_update()
         for group in self.param_groups:
             params = [p for p in group["params"]
-                      if p.grad is not None and self.owned_rows(p) is not None]
+                      if grad_of(p) is not None and self.owned_rows(p) is not None]
             if not params:
                 continue
             if group["use_muon"]:
@@ -229,7 +297,7 @@ class Muon(torch.optim.Optimizer):
         for pieces, outs, scale in self._muon_buckets(group, params, split_params=True):
             targets = []
             for (i, lo, hi, _n), o in zip(pieces, outs, strict=True):
-                w = self._piece(params[i], params[i], lo, hi)
+                w = self._piece(self._weight(params[i]), params[i], lo, hi, owned=True)
                 # a contiguous parameter takes the [n, r, c] result as a view (no copy, and a
                 # transposed Newton-Schulz output needs none); anything else gets a reshape
                 targets.append((w.view(o.shape), o) if w.is_contiguous() else (w, o.reshape(w.shape)))
@@ -237,6 +305,16 @@ class Muon(torch.optim.Optimizer):
             if wd:
                 torch._foreach_mul_(ws, 1.0 - lr * wd)           # decoupled weight decay
             torch._foreach_add_(ws, [o for _, o in targets], alpha=-lr * scale)
+            self._write_back_pieces(params, pieces)
+
+    def _write_back_pieces(self, params: list[Tensor], pieces: list[tuple[int, int, int, int]]
+                           ) -> None:
+        """Round the master rows of a bucket's pieces into their (BF16) parameters."""
+        pairs = [(self._piece(params[i], params[i], lo, hi),
+                  self._piece(self.state[params[i]]["master"], params[i], lo, hi, owned=True))
+                 for i, lo, hi, _n in pieces if self.has_master(params[i])]
+        if pairs:
+            torch._foreach_copy_([w for w, _ in pairs], [m for _, m in pairs])
 
     def _directions(self, group: dict[str, Any], params: list[Tensor]
                     ) -> Iterator[tuple[list[int], list[Tensor], float]]:
@@ -258,8 +336,7 @@ class Muon(torch.optim.Optimizer):
         """p's momentum buffer, shaped like its owned rows (created on first use)."""
         st = self.state[p]
         if "momentum_buffer" not in st:
-            st["momentum_buffer"] = torch.zeros_like(self._rows_view(p, p),
-                                                     memory_format=torch.preserve_format)
+            st["momentum_buffer"] = self._state_like(p)
         return st["momentum_buffer"]
 
     def _muon_buckets(self, group: dict[str, Any], params: list[Tensor], *, split_params: bool
@@ -280,9 +357,11 @@ class Muon(torch.optim.Optimizer):
             step = rows
             if split_params and p.ndim == 3:
                 step = max(1, self.bucket_bytes // max(1, per_row * r * c * p.element_size()))
+            # the update's dtype: the master's (FP32) when there is one, else the parameter's
+            dtype = torch.float32 if self.has_master(p) else p.dtype
             for lo in range(0, rows, step):
                 hi = min(rows, lo + step)
-                by_shape[(r, c, p.device, p.dtype)].append((i, lo, hi, (hi - lo) * per_row))
+                by_shape[(r, c, p.device, dtype)].append((i, lo, hi, (hi - lo) * per_row))
         for (r, c, dev, dtype), pieces in by_shape.items():
             mat_bytes = r * c * torch.empty((), dtype=dtype).element_size()
             bucket: list[tuple[int, int, int, int]] = []
@@ -301,7 +380,7 @@ class Muon(torch.optim.Optimizer):
                               dev: torch.device, dtype: torch.dtype
                               ) -> tuple[list[tuple[int, int, int, int]], list[Tensor], float]:
         mu = group["momentum"]
-        grads = [self._piece(params[i].grad, params[i], lo, hi) for i, lo, hi, _n in bucket]
+        grads = [self._piece(grad_of(params[i]), params[i], lo, hi) for i, lo, hi, _n in bucket]
         bufs = [self._piece(self._buffer(params[i]), params[i], lo, hi, owned=True)
                 for i, lo, hi, _n in bucket]
         torch._foreach_mul_(bufs, mu)
@@ -342,15 +421,17 @@ class Muon(torch.optim.Optimizer):
     def _adamw_bucket(self, group: dict[str, Any], bucket: list[Tensor]) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
         b1, b2 = group["betas"]
-        params = [self._rows_view(p, p) for p in bucket]
-        grads = [self._rows_view(p.grad, p) for p in bucket]
+        params = [self._weight(p) for p in bucket]
+        grads = [g if g.dtype == w.dtype else g.float()  # a BF16 .grad beside an FP32 master
+                 for g, w in zip((self._rows_view(grad_of(p), p) for p in bucket), params,
+                                 strict=True)]
         m, v, bc1, bc2 = [], [], [], []
-        for p, w in zip(bucket, params, strict=True):
+        for p in bucket:
             st = self.state[p]
             if "exp_avg" not in st:
                 st["step"] = 0
-                st["exp_avg"] = torch.zeros_like(w, memory_format=torch.preserve_format)
-                st["exp_avg_sq"] = torch.zeros_like(w, memory_format=torch.preserve_format)
+                st["exp_avg"] = self._state_like(p)
+                st["exp_avg_sq"] = self._state_like(p)
             st["step"] = int(st["step"]) + 1
             m.append(st["exp_avg"])
             v.append(st["exp_avg_sq"])
@@ -365,3 +446,4 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_div_(denom, bc2)
         torch._foreach_add_(denom, group["eps"])
         torch._foreach_addcdiv_(params, m, denom, [-lr / b for b in bc1])
+        self._write_back(bucket)

@@ -91,8 +91,10 @@ class QKClipTarget:
         return None if ml is None else ml.reshape(-1)
 
     @torch.no_grad()
-    def apply(self, gamma: Tensor) -> None:
-        """Scale rows by gamma [heads] (1 where the head is not clipped)."""
+    def apply(self, gamma: Tensor,
+              master: Callable[[Tensor], tuple[Tensor, int] | None] | None = None) -> None:
+        """Scale rows by gamma [heads] (1 where the head is not clipped); `master(w)` gives
+        (w's FP32 master rows, their first row) to scale alike, or None."""
         for which, w, b in (("q", self.q_weight, self.q_bias), ("k", self.k_weight, self.k_bias)):
             if w is None:
                 continue
@@ -101,6 +103,10 @@ class QKClipTarget:
                 pw = self._pow[which] = pw.to(w.device)
             scale = gamma.to(device=w.device, dtype=torch.float32).unsqueeze(1).pow(pw).reshape(-1)
             w.mul_(scale.to(w.dtype).view(-1, *([1] * (w.ndim - 1))))
+            got = master(w) if master is not None else None
+            if got is not None:
+                m, start = got
+                m.mul_(scale[start:start + m.shape[0]].view(-1, *([1] * (m.ndim - 1))))
             if b is not None:
                 b.mul_(scale.to(b.dtype))
 
@@ -227,6 +233,14 @@ class MuonClip(Muon):
     def _after_update(self) -> None:
         self.apply_qk_clip()
 
+    def _master_rows(self, w: Tensor) -> tuple[Tensor, int] | None:
+        """(the FP32 master rows this process holds of parameter w, their first row), or None."""
+        st = self.state.get(w)
+        if not st or "master" not in st:
+            return None
+        rows = self.owned_rows(w)
+        return None if rows is None else (st["master"], rows[0])
+
     @torch.no_grad()
     def apply_qk_clip(self) -> dict[str, Tensor] | None:
         """Clip every target from its recorded max logits (step() calls this after updating)."""
@@ -246,7 +260,7 @@ class MuonClip(Muon):
         over = flat > tau                                   # NaN compares False: never clipped
         gamma = torch.where(over, tau / flat.clamp(min=tau), torch.ones_like(flat))
         for (t, _), g in zip(pairs, gamma.split(counts), strict=True):
-            t.apply(g)
+            t.apply(g, self._master_rows)
         if len(set(counts)) == 1:
             per_layer = flat.view(len(counts), counts[0]).amax(dim=1)
             per_clip = over.view(len(counts), counts[0]).sum(dim=1)
