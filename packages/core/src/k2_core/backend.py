@@ -61,6 +61,15 @@ class Backend:
         """The optimizer as this backend runs it (unchanged here)."""
         return optimizer
 
+    def local_state_bytes(self, cfg: Any) -> list[int]:
+        """Bytes of training state each process on this host will hold (here one process, the
+        whole model in fp32: weights, gradients, Muon momentum; AdamW's two moments for the
+        embedding and head)."""
+        from .params import count_parameters
+
+        c = count_parameters(cfg.model, cfg.moe)
+        return [12 * c["total"] + 4 * (c["embedding"] + c["lm_head"])]
+
     def autocast(self, bf16: bool) -> AbstractContextManager:
         """bf16 autocast on this backend's device type when `bf16`, else a no-op context."""
         from .precision import autocast

@@ -208,6 +208,10 @@ class ParallelConfig(Section):
 
     backend: str = Field("single", description="`backend` slot implementation.")
     options: dict[str, Any] = Field(default_factory=dict, description="Options of the chosen backend.")
+    memory_check: bool = Field(
+        True, description="Refuse, before allocating, a run whose weights, gradients and "
+        "optimizer state (the backend's per-process share, summed over this host's processes "
+        "on the CPU) exceed this machine's memory; false: go ahead anyway.")
 
 
 class TrackingConfig(Section):

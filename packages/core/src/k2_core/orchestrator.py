@@ -118,6 +118,10 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None, *, dry_run: bool =
     torch.manual_seed(cfg.train.seed)
     backend = reg.build("backend", cfg.parallel.backend, options=cfg.parallel.options,
                         where="parallel.options")
+    if not dry_run:  # before anything is allocated
+        from .memcheck import check_memory_fits
+
+        check_memory_fits(cfg, backend)
     model = backend.parallelize(build_model(cfg, reg, device="meta"), cfg.train.seed)
     optimizer = reg.build("optimizer", cfg.optim.name, model, lr=cfg.optim.lr,
                           weight_decay=cfg.optim.weight_decay, options=cfg.optim.options,

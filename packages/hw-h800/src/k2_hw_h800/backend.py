@@ -167,6 +167,28 @@ class H800Backend(Backend):
         on = bf16 or self.options.dtype == "bf16"
         return autocast(self.device.type, torch.bfloat16, enabled=on)
 
+    def local_state_bytes(self, cfg: Any) -> list[int]:
+        """Per process of this host (torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE): the weights,
+        gradients and ZeRO-1 optimizer state of its pipeline stage, as the planner counts them
+        for this layout and dtype policy."""
+        import os
+
+        from .memory import stage_state
+        from .plan import partition_layers
+
+        lay, o = self.layout, self.options
+        _, stages = partition_layers(cfg.model.num_hidden_layers, lay.pp, o.virtual_stages)
+        first = self.rank - int(os.environ.get("LOCAL_RANK", "0"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        out = []
+        for r in range(first, min(first + local, self.world_size)):
+            s = r // (lay.dp * lay.ep)
+            st = stage_state(cfg.model, cfg.moe, stages[s], first=s == 0, last=s == lay.pp - 1,
+                             ep=lay.ep, dp=lay.dp, master_weights=o.dtype == "bf16")
+            weights = st.bf16_params if o.dtype == "bf16" else 2 * st.bf16_params
+            out.append(int(weights + st.fp32_grads + st.optimizer))
+        return out
+
     def wrap_optimizer(self, model: nn.Module, optimizer: Any) -> Any:
         """The optimizer re-homed on the layout (ZeRO-1 over dp when zero_stage=1; with
         engine=deepspeed, K2's MuonClip inside a DeepSpeed ZeRO-1 engine)."""
