@@ -40,6 +40,13 @@ def _configs(uri: str, attrs: dict[str, Any]) -> tuple[ModelConfig, MoEConfig, R
     return run_cfg.model, run_cfg.moe, run_cfg
 
 
+def checkpoint_configs(uri: str) -> tuple[ModelConfig, MoEConfig, RunConfig | None]:
+    """The model's configs (and the RunConfig when recorded) of a saved model or a training
+    checkpoint, read from its attrs alone: no weight is loaded."""
+    _, attrs = load_tensors(uri, [])
+    return _configs(uri, attrs)
+
+
 def load_model(uri: str, *, registry: Any = None, dtype: torch.dtype | None = None,
                device: str | torch.device = "cpu") -> torch.nn.Module:
     """Rebuild the model a saved model or a training checkpoint describes and load its

@@ -324,6 +324,19 @@ def load_train_state(uri: str, *, model: nn.Module, optimizer: Any = None,
             stats["bytes_read"] = reader.bytes_read
 
 
+def load_weights(uri: str, model: nn.Module) -> None:
+    """Only the model weights of a checkpoint (a training checkpoint of any layout, or a saved
+    model), and only the rows this process holds (its stage, its experts): how a fine-tuning
+    run starts from another run's weights under any backend. Optimizer, schedule, loader and
+    RNG state are left alone."""
+    reader = CheckpointReader(uri)
+    held = model_tensors(model)
+    missing = [h.name for h in held if f"model/{h.name}" not in reader.tensors]
+    if missing:
+        raise CheckpointError(f"{uri}: weights do not match the model (missing {missing[0]})")
+    _read_into(reader, held)
+
+
 def _load(reader: CheckpointReader, model: nn.Module, optimizer: Any, scheduler: Any,
           loader: Any) -> dict[str, Any]:
     uri = reader.uri

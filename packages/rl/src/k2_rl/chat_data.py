@@ -5,7 +5,8 @@ marks the tokens the model must learn (each assistant body and its closing <|im_
 conversation of n tokens gives n - 1 (input, label) positions; several are packed per row with
 `segment_ids` (attention stays within a conversation) and `position_ids` restarting at 0, and
 the row's tail is padding with label -100. Rows are built once and visited in a seeded
-permutation per epoch; `state_dict` is (epoch, position), so a resume continues exactly.
+permutation per epoch; `state_dict` is (epoch, position), so a resume continues exactly. Data
+ranks share the order: each step's global batch is the same rows in any layout.
 """
 
 from __future__ import annotations
@@ -185,8 +186,11 @@ class ChatDataset:
         self.n_conversations = len(examples)
         self.labelled_tokens = sum(sum(1 for x in lab if x != -100) for _, lab in examples)
         packed = pack_rows(examples, seq_len, tokenizer.pad_id, options.pack)
-        keep = np.arange(rank, packed["input_ids"].shape[0], world_size)
-        self.rows = {k: torch.from_numpy(v[keep]) for k, v in packed.items()}
+        # every rank keeps every row and walks the same global order; rank r takes the r-th
+        # batch_size rows of each window of world_size x batch_size, so a step's global batch
+        # is the same rows in any layout (one process with grad_accum = world_size included)
+        self.rows = {k: torch.from_numpy(v) for k, v in packed.items()}
+        self.rank, self.world_size = rank, world_size
         self.epoch, self.pos = 0, 0
 
     def _records(self, o: ChatDataOptions) -> list[dict[str, Any]]:
@@ -200,7 +204,7 @@ class ChatDataset:
 
     @property
     def n_rows(self) -> int:
-        """Packed rows on this rank."""
+        """Packed rows (every rank holds them all)."""
         return int(self.rows["input_ids"].shape[0])
 
     def _order(self, epoch: int) -> torch.Tensor:
@@ -213,16 +217,19 @@ class ChatDataset:
         return self
 
     def __next__(self) -> dict[str, torch.Tensor]:
+        need = self.batch_size * self.world_size  # the global window of this step's batch
         order = self._order(self.epoch)
-        idx = []
-        while len(idx) < self.batch_size:
+        idx, got = [], 0
+        while got < need:
             if self.pos >= self.n_rows:
                 self.epoch, self.pos = self.epoch + 1, 0
                 order = self._order(self.epoch)
-            take = min(self.batch_size - len(idx), self.n_rows - self.pos)
+            take = min(need - got, self.n_rows - self.pos)
             idx.append(order[self.pos:self.pos + take])
             self.pos += take
-        sel = torch.cat(idx)
+            got += take
+        mine = self.rank * self.batch_size
+        sel = torch.cat(idx)[mine:mine + self.batch_size]
         return {k: v[sel] for k, v in self.rows.items()}
 
     def state_dict(self) -> dict[str, Any]:

@@ -39,6 +39,12 @@ def prepare_rl_config(cfg: RunConfig) -> tuple[RunConfig, RlOptions, Any, Any]:
     if "rl" not in cfg.plugins:
         raise ConfigError("plugins.rl.init: missing; name the policy checkpoint "
                           "(e.g. plugins.rl.init=runs/sft-math)")
+    if cfg.parallel.backend != "single":
+        # its step and rollouts do not go through a distributed backend yet: no gradient
+        # would be reduced across ranks, so refuse rather than train diverging replicas
+        raise ConfigError(f"parallel.backend: k2 rl runs in one process for now, not under "
+                          f"{cfg.parallel.backend!r}; use parallel.backend=single (k2 sft runs "
+                          "under h800)")
     opts = RlOptions.model_validate(cfg.plugins["rl"])
     init = resolve_checkpoint(opts.init)
     model, init_cfg = load_checkpoint_model(init)
