@@ -70,28 +70,67 @@ def test_k2_register(rec):
     assert pl.registry.get("command", "plugins").plugin == "core"
 
 
-def test_k2_on_run_start(rec):
-    r, pl = rec
-    pl.hook.k2_on_run_start(run="RUN")
-    assert r.calls == [("k2_on_run_start", {"run": "RUN"})]
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two steps of `train()` with a checkpoint after each, under the recorder; then a run
+    that fails (non-finite steps up to max_bad_steps)."""
+    from k2_core.orchestrator import TrainingError, train
+    from toy_run import ToyPlugin, make
+
+    r = Recorder()
+    run = make(tmp_path_factory.mktemp("ok"), "train.steps=2", "checkpoint.every=1",
+               "train.eval_every=0", "tracking.tracker=null", more=[("recorder", r)])
+    train(run)
+    bad_plugin, bad = ToyPlugin(), Recorder()
+    bad_plugin.poison_steps = {0, 1, 2}
+    failing = make(tmp_path_factory.mktemp("bad"), "train.steps=3", "train.max_bad_steps=2",
+                   "model.dense_ffn=nan_swiglu", "model.first_k_dense_replace=1",
+                   "tracking.tracker=null", plugin=bad_plugin, more=[("recorder", bad)])
+    with pytest.raises(TrainingError):
+        train(failing)
+    return r, run, bad
 
 
-def test_k2_on_step_end(rec):
-    r, pl = rec
-    pl.hook.k2_on_step_end(run=None, step=7, metrics={"loss": 1.5})
-    assert r.calls == [("k2_on_step_end", {"step": 7, "metrics": {"loss": 1.5}})]
+def _names(calls):
+    return [c[0] for c in calls]
 
 
-def test_k2_on_checkpoint(rec):
-    r, pl = rec
-    pl.hook.k2_on_checkpoint(run=None, step=3, uri="memory://ck/3")
-    assert r.calls == [("k2_on_checkpoint", {"step": 3, "uri": "memory://ck/3"})]
+def test_k2_on_run_start(trained):
+    """`train()` opens with k2_on_run_start(run), before any step."""
+    r, run, bad = trained
+    assert r.calls[0] == ("k2_on_run_start", {"run": run})
+    assert _names(bad.calls)[0] == "k2_on_run_start"
 
 
-def test_k2_on_run_end(rec):
-    r, pl = rec
-    pl.hook.k2_on_run_end(run=None, status="FINISHED")
-    assert r.calls == [("k2_on_run_end", {"status": "FINISHED"})]
+def test_k2_on_step_end(trained):
+    """One k2_on_step_end per optimizer step, in order, with that step's metrics."""
+    r, _, bad = trained
+    steps = [c[1] for c in r.calls if c[0] == "k2_on_step_end"]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert all("train/loss" in s["metrics"] and "train/lr" in s["metrics"] for s in steps)
+    # a skipped (non-finite) step still reports, with the skip count and no loss
+    skipped = [c[1]["metrics"] for c in bad.calls if c[0] == "k2_on_step_end"]
+    assert skipped and all(m == {"train/skipped_steps": i + 1} for i, m in enumerate(skipped))
+
+
+def test_k2_on_checkpoint(trained):
+    """After each step's k2_on_step_end, k2_on_checkpoint(step, uri) of a committed checkpoint."""
+    from k2_core.checkpoint import is_committed
+
+    r, _, bad = trained
+    assert _names(r.calls) == ["k2_on_run_start", "k2_on_step_end", "k2_on_checkpoint",
+                               "k2_on_step_end", "k2_on_checkpoint", "k2_on_run_end"]
+    ckpts = [c[1] for c in r.calls if c[0] == "k2_on_checkpoint"]
+    assert [c["step"] for c in ckpts] == [1, 2]
+    assert all(is_committed(c["uri"]) and c["uri"].endswith(f"step_{c['step']:08d}") for c in ckpts)
+    assert "k2_on_checkpoint" not in _names(bad.calls)
+
+
+def test_k2_on_run_end(trained):
+    """`train()` closes with k2_on_run_end: FINISHED, or FAILED when the run raised."""
+    r, _, bad = trained
+    assert r.calls[-1] == ("k2_on_run_end", {"status": "FINISHED"})
+    assert bad.calls[-1] == ("k2_on_run_end", {"status": "FAILED"})
 
 
 def test_k2_on_export(monkeypatch, tmp_path):

@@ -47,7 +47,11 @@ def test_duplicate_and_unknown_slot_rejected():
         reg.register("nope", "r", lambda *, options: None)
 
 
-def test_all_house_slots_exist():
-    assert set(SLOTS) >= {"attention", "ffn", "router", "optimizer", "lr_schedule", "tokenizer",
-                          "dataset", "generator", "synthesizer", "reward", "rl_algorithm",
-                          "backend", "tracker", "stage", "command"}
+def test_every_slot_is_filled_by_the_installed_plugins():
+    """Behaviour, not a restatement of SLOTS: with every package installed, each slot of the
+    house plan has at least one working implementation registered through the hooks."""
+    from k2_core.plugins import load_plugins
+
+    reg = load_plugins().registry
+    empty = [slot for slot in SLOTS if not reg.names(slot)]
+    assert not empty, f"slots nobody fills: {empty}"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from k2_core import hookimpl
-from test_orchestrator import ToyPlugin, make
+from toy_run import ToyPlugin, make
 
 
 def _free_port() -> int:

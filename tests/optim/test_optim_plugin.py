@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from k2_optim import DistributedMuonClip, Muon, MuonClip
+from k2_optim import Muon, MuonClip
 from k2_optim.plugin import CosineOptions, MuonClipOptions, MuonOptions, WSDOptions
 from optim_helpers import k2_tiny
 
@@ -63,7 +63,6 @@ def test_distributed_option_needs_a_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed"):
         reg.build("optimizer", "muonclip", torch.nn.Linear(4, 4), lr=1e-3, weight_decay=0.0,
                   options={"distributed": True})
-    assert issubclass(DistributedMuonClip, MuonClip)
 
 
 def test_plugin_import_is_light():

@@ -13,7 +13,7 @@ import base64
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 from k2_core.errors import ConfigError
@@ -393,7 +393,3 @@ def load_tokenizer(uri: str) -> Tokenizer:
     return tok
 
 
-def iter_texts(docs: Iterable[Any]) -> Iterator[str]:
-    """Texts of documents (for training)."""
-    for d in docs:
-        yield d.text

@@ -13,13 +13,10 @@ from .options import H800Options
 
 
 def apply_activation_policy(model: nn.Module, policy: dict[str, Any]) -> Any:
-    """Hand the policy switches to k2_hw_h800.activations (the planner's module), if present."""
-    try:
-        from . import activations
-    except ImportError:
-        raise ConfigError("parallel.options.activation_policy is set but k2_hw_h800.activations "
-                          "is not available in this install; leave activation_policy empty") from None
-    return activations.apply_activation_policy(model, policy)  # bad switches: its ConfigError
+    """Hand the policy switches to k2_hw_h800.activations (bad switches: its ConfigError)."""
+    from .activations import apply_activation_policy as apply
+
+    return apply(model, policy)
 
 
 def parallelize(model: nn.Module, options: H800Options, layout: Layout, *,

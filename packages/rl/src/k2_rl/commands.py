@@ -5,19 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib import resources
 from typing import Any
 
 from k2_core.cli import Command
 
-BUILTIN_CONFIGS = ("sft-math", "rl-math", "rl-code")
-
-
-def config_path(spec: str) -> str:
-    """A packaged config name (sft-math, rl-math, rl-code) -> its file; anything else unchanged."""
-    if spec in BUILTIN_CONFIGS:
-        return str(resources.files("k2_rl").joinpath("configs", f"{spec}.yaml"))
-    return spec
+from .builtin_configs import BUILTIN_CONFIGS, config_path  # noqa: F401 (also importable here)
 
 
 def _load(args: argparse.Namespace, default: str) -> Any:

@@ -125,7 +125,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     from k2_core.configio import load_config
     from k2_core.plugins import get_registry
 
-    from .commands import config_path
+    from .builtin_configs import config_path
     from .rl_stage import RLTrainer
     from .sft import run_sft
 

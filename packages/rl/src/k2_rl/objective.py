@@ -60,7 +60,7 @@ def advantages(rewards: torch.Tensor, groups: torch.Tensor,
     return Advantages(adv, weight, valid, torch.unique(groups[valid]).numel())
 
 
-def k15_terms(logp: torch.Tensor, old_logp: torch.Tensor, adv: Advantages | None = None, *,
+def k15_terms(logp: torch.Tensor, old_logp: torch.Tensor, adv: Advantages, *,
               tau: float, index: torch.Tensor | None = None) -> torch.Tensor:
     """This slice's share of the loss: sum_i w_i (a_i - tau * log-ratio_i)^2 / groups.
 

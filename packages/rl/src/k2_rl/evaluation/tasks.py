@@ -28,7 +28,6 @@ from .generate import complete
 from .options import (
     ArithmeticOptions,
     CodeOptions,
-    EvalOptions,
     KnowledgeQAOptions,
     PerplexityOptions,
 )
@@ -238,6 +237,3 @@ TASKS: dict[str, Callable[..., dict[str, float]]] = {
 }
 
 
-def task_options(options: EvalOptions, name: str) -> Any:
-    """The options section of task `name`."""
-    return getattr(options, name)
