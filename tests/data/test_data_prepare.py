@@ -123,8 +123,26 @@ def test_empty_or_missing_is_a_config_error(tmp_path):
         prepare(small_cfg([{"uri": str(tmp_path / "f.jsonl")}], str(tmp_path / "o3")))
 
 
-def _cli(args, env=None, **kw):
-    return subprocess.Popen([sys.executable, "-m", "k2_core.cli", "data", *args],
+# `k2 data ...` in a process whose shard commits are slowed by `delay` seconds each (so a test
+# can kill it, or race others, mid-run): the delay is injected here, not in k2_data
+_SLOW_CLI = """
+import sys, time
+import k2_data.prepare as prepare
+delay, real = float(sys.argv[1]), prepare._write_json
+def slow(fs, path, obj, **kw):
+    real(fs, path, obj, **kw)
+    if "/_work/shard-" in path and path.endswith(".json"):
+        time.sleep(delay)
+prepare._write_json = slow
+from k2_core.cli import main
+sys.exit(main(["data", *sys.argv[2:]]))
+"""
+
+
+def _cli(args, env=None, delay=None, **kw):
+    cmd = ([sys.executable, "-c", _SLOW_CLI, str(delay)] if delay else
+           [sys.executable, "-m", "k2_core.cli", "data"])
+    return subprocess.Popen([*cmd, *args],
                             env={**os.environ, "K2_LOAD_PLUGINS": "data", **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
@@ -149,7 +167,7 @@ def test_concurrent_prepares_of_one_output_build_it_once(tmp_path):
     cfg_path, ref = _corpus_and_reference(tmp_path, 300, 5)
     out = tmp_path / "shared"
     procs = [_cli(["prepare", str(cfg_path), "--out", str(out)],
-                  env={"K2_DATA_TEST_SHARD_DELAY": "0.3"}) for _ in range(3)]
+                  delay=0.3) for _ in range(3)]
     said = []
     for p in procs:
         stdout, err = p.communicate(timeout=180)
@@ -162,7 +180,7 @@ def test_concurrent_prepares_of_one_output_build_it_once(tmp_path):
 def test_resume_after_sigkill_matches_uninterrupted(tmp_path):
     cfg_path, ref = _corpus_and_reference(tmp_path, 400, 11)
     out = tmp_path / "killed"
-    proc = _cli(["prepare", str(cfg_path), "--out", str(out)], env={"K2_DATA_TEST_SHARD_DELAY": "0.4"})
+    proc = _cli(["prepare", str(cfg_path), "--out", str(out)], delay=0.4)
     deadline = time.time() + 60
     while not (out / "_work" / "shard-000001.json").exists():
         assert proc.poll() is None, proc.communicate()

@@ -55,7 +55,6 @@ TOKENIZER_DIR = "tokenizer"
 SKIP_LOG = "skipped.jsonl"
 SKIP_LOG_LIMIT = 10_000
 CHUNK_BYTES = 8 << 20
-_DELAY_ENV = "K2_DATA_TEST_SHARD_DELAY"  # test hook: seconds to sleep after each shard commit
 
 
 def _fs(uri: str) -> tuple[Any, str]:
@@ -267,7 +266,6 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
     duplicates = 0
     docs_read = 0
     n_shards = 0
-    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     encoder = _Encoder(tok, cfg.workers)
     if cfg.workers > 0:
         _import_in_background("zarr")  # needed by _assemble; the main process mostly waits here
@@ -287,8 +285,6 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
             "digest": [d.hex() for d, _ in meta], "domain": [dom for _, dom in meta],
             "length": lengths.tolist(),
         }, compact=True)
-        if delay:
-            time.sleep(delay)
 
     def drain(limit: int) -> None:
         """Wait until at most `limit` batches are in flight; commit finished shards in order."""
