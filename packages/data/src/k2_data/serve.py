@@ -2,7 +2,9 @@
 
 Routes: POST /v1/chat/completions (K2's chat format; tool calls parsed into OpenAI
 `tool_calls`, finish_reason `tool_calls`; SSE streaming), POST /v1/completions (streaming
-too), GET /v1/models, GET /health. Concurrent requests share engine batches (`Batcher`).
+too), GET /v1/models, GET /health, POST /update_weights_from_disk (a new weights version from
+a checkpoint under a --weights-root, with the API key; serve_weights.py). Completion responses
+carry `weights_version`, the version of the weights that generated them. Concurrent requests share engine batches (`Batcher`).
 Bad requests get a 4xx JSON body `{"error": {"message", "type", "code"}}`; nothing crashes
 the server. Hardening (README, "Serving under abuse"): chat content is encoded as text
 (control tokens only from the envelope), bodies over a limit get 413 unread, parsing and
@@ -36,6 +38,7 @@ from .generation.batcher import Batcher
 from .generation.engine import Completion, Engine, SamplingParams
 from .generators.base import make_usage
 from .serve_command import API_KEY_ENV
+from .serve_weights import UpdateWeightsRequest, WeightLoader
 
 MAX_TOP_LOGPROBS = 20  # as vLLM and OpenAI chat
 # Bodies up to this size are parsed and tokenised on the event loop, larger ones in a thread.
@@ -374,6 +377,7 @@ class Server:
             "model": self.model_name,
             "choices": [self.chat_choice(o, i, forced, req.logprobs, req.return_tokens_as_token_ids)
                         for i, o in enumerate(outs)],
+            "weights_version": min(o.version for o in outs),
             "usage": make_usage(len(ids), sum(len(o.token_ids) for o in outs)),
         }
 
@@ -468,8 +472,10 @@ class Server:
             "model": self.model_name,
             "choices": [{"index": i, "text": o.text or "", "finish_reason": o.finish_reason,
                          "logprobs": (self.completion_logprobs(o, as_ids)
-                                      if req.logprobs is not None else None)}
+                                      if req.logprobs is not None else None),
+                         "weights_version": o.version}
                         for i, o in enumerate(outs)],
+            "weights_version": min(o.version for o in outs),
             "usage": make_usage(sum(len(ids) for ids, _ in jobs),
                                 sum(len(o.token_ids) for o in outs)),
         }
@@ -495,7 +501,8 @@ class Server:
         lp = (self.completion_logprobs(out, req.return_tokens_as_token_ids)
               if req.logprobs is not None else None)
         yield _sse({**head, "choices": [{"index": 0, "text": "", "logprobs": lp,
-                                         "finish_reason": out.finish_reason}]})
+                                         "finish_reason": out.finish_reason,
+                                         "weights_version": out.version}]})
         if (req.stream_options or {}).get("include_usage"):
             yield _sse({**head, "choices": [], "usage": make_usage(len(ids), len(out.token_ids))})
         yield "data: [DONE]\n\n"
@@ -567,7 +574,7 @@ async def _until_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]],
 
 def create_app(engine: Engine, model_name: str = "k2", *, max_tokens: int = 512,
                max_body_mb: float = 16.0, api_key: str | None = None,
-               max_queue: int = 256) -> Any:
+               max_queue: int = 256, weights_roots: tuple[str, ...] = ()) -> Any:
     """The FastAPI app serving `engine` under `model_name`."""
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -673,6 +680,20 @@ def create_app(engine: Engine, model_name: str = "k2", *, max_tokens: int = 512,
         return await _handle(request, CompletionRequest, server.prepare_complete,
                              lambda req, prep, cancel: server.complete(req, prep, cancel=cancel))
 
+    loader = WeightLoader(engine, weights_roots, has_api_key=bool(api_key))
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights(request: Request) -> Any:
+        req = parse_body(await _read_body(request, max_body), UpdateWeightsRequest)
+        refusal = loader.refusal(req.model_path)
+        if refusal is not None:
+            raise ApiError(403, refusal, kind="permission_error", code="weights_root",
+                           param="model_path")
+        try:
+            return await asyncio.to_thread(loader.load, req.model_path, req.version)
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="model_path") from None
+
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=max_body)
     return app
 
@@ -693,6 +714,9 @@ class ServeOptions(BaseModel):
                                 description=f"Required bearer key on every route but /health; "
                                             f"None: ${API_KEY_ENV} or no key.")
     max_queue: int = Field(256, gt=0, description="Requests in flight at most; more get 429.")
+    weights_roots: tuple[str, ...] = Field(
+        (), description="Folders (URIs) whose checkpoints POST /update_weights_from_disk may "
+                        "load (needs api_key too); empty: weight updates are refused.")
 
 
 def serve(options: ServeOptions) -> None:
@@ -714,7 +738,8 @@ def serve(options: ServeOptions) -> None:
                                     max_batch_size=options.max_batch_size)
     name = options.model_name or options.uri.rstrip("/").rsplit("/", 1)[-1] or "k2"
     app = create_app(engine, name, max_tokens=options.max_tokens, max_body_mb=options.max_body_mb,
-                     api_key=options.api_key, max_queue=options.max_queue)
+                     api_key=options.api_key, max_queue=options.max_queue,
+                     weights_roots=options.weights_roots)
     print(f"k2 serve: {options.uri} as {name!r} on http://{options.host}:{options.port}/v1",
           flush=True)
     try:

@@ -27,6 +27,9 @@ def serve_command(*, options: Any = None) -> Any:
                             f"${API_KEY_ENV}, else none)")
         p.add_argument("--max-queue", type=int, default=256,
                        help="requests in flight at most; more get 429 + Retry-After (default 256)")
+        p.add_argument("--weights-root", action="append", default=[], metavar="DIR",
+                       help="allow POST /update_weights_from_disk to load checkpoints under DIR "
+                            "(repeatable; needs the API key); default: weight updates refused")
 
     def run(args: Any) -> int:
         import os
@@ -41,6 +44,7 @@ def serve_command(*, options: Any = None) -> Any:
                                 tokenizer=args.tokenizer, model_name=args.model_name,
                                 max_batch_size=args.max_batch_size, max_tokens=args.max_tokens,
                                 max_body_mb=args.max_body_mb, max_queue=args.max_queue,
+                                weights_roots=tuple(args.weights_root),
                                 api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
         except ValidationError as exc:
             err = exc.errors()[0]

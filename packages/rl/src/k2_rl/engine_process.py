@@ -118,7 +118,8 @@ def _child_main(conn: Any, spec: _ChildSpec) -> None:
 
 
 def _versioned(c: Completion, version: int) -> VersionedCompletion:
-    return VersionedCompletion(**{f.name: getattr(c, f.name) for f in fields(c)}, version=version)
+    return VersionedCompletion(**{f.name: getattr(c, f.name) for f in fields(c)
+                                  if f.name != "version"}, version=version)
 
 
 def _serve(conn: Any, engine: Engine, sync: DistributedSync, template: dict[str, Any]) -> None:

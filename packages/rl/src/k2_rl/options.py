@@ -70,6 +70,50 @@ class CriticLoopOptions(BaseModel):
     every: int = Field(1, gt=0, description="Iterations between critic checks.")
 
 
+class OpenAIEngineOptions(BaseModel):
+    """plugins.rl.openai: rollouts from a running OpenAI-compatible engine (engine=openai).
+
+    Rollouts go through its /v1/completions with prompts as token ids and per-token raw
+    log-probabilities (k2 serve; vLLM with --logprobs-mode raw_logprobs; SGLang). After each
+    update the trainer writes the weights under `weights_dir` and asks the engine to load them
+    (POST /update_weights_from_disk), then checks a few log-probabilities against its own.
+    """
+
+    model_config = _FROZEN
+
+    base_url: str = Field("http://127.0.0.1:8000/v1", description="The engine's OpenAI API "
+                          "base URL (ending in /v1; the weight route is at its root).")
+    model: str | None = Field(None, description="Model name to request (None: the first one "
+                              "the engine lists under /v1/models).")
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the engine's API key "
+                          "(sent as a Bearer token; k2 serve needs it for weight updates); "
+                          "None: no key.")
+    concurrency: int = Field(16, gt=0, description="Requests in flight at most (one sample each).")
+    timeout_s: float = Field(300.0, gt=0, description="Seconds one request may take (and a "
+                             "weight load, and the drain before an update).")
+    retries: int = Field(2, ge=0, description="Retries of a sample whose request failed (connection "
+                         "error, timeout, 408/429/5xx); after them it is excluded from its group "
+                         "and counted (rollout/failed_samples).")
+    retry_backoff_s: float = Field(0.5, ge=0, description="Wait before the first retry (doubles).")
+    weight_update: Literal["k2", "sglang"] = Field(
+        "k2", description="How the engine gets a new policy version: k2 = `k2 serve` loads the "
+        "k2 checkpoint written under weights_dir (it must lie under one of the server's "
+        "--weights-root); sglang = SGLang's /update_weights_from_disk on an HF export (untested "
+        "here).")
+    weights_dir: str | None = Field(
+        None, description="Where each new version's weights are written, as a URI the engine can "
+        "read (None: {run dir}/engine-weights).")
+    keep_weights: int = Field(2, ge=1, description="Versions kept under weights_dir (older ones "
+                              "are deleted after a successful update).")
+    check_prompts: int = Field(2, ge=1, description="Prompts of the log-probability check after "
+                               "each weight load.")
+    check_tokens: int = Field(8, ge=1, description="Greedy tokens per check prompt.")
+    logprob_tolerance: float = Field(
+        1e-3, gt=0, description="Largest |engine - trainer| log-probability the check accepts "
+        "(float32 on both sides agrees to ~1e-5; a bf16 GPU engine needs ~5e-2).")
+
+
 class RlOptions(BaseModel):
     """The `rl` section (plugins.rl): rollouts, the K1.5 objective, budgets, PTX, sync."""
 
@@ -100,10 +144,13 @@ class RlOptions(BaseModel):
         "(e.g. the `chat` dataset of curated SFT data), mixed into each update.")
     micro_batch_size: int = Field(16, gt=0, description="Responses per training forward.")
     max_batch_size: int = Field(64, gt=0, description="Engine batch size.")
-    engine: Literal["colocated", "process"] = Field(
+    engine: Literal["colocated", "process", "openai"] = Field(
         "colocated", description="Where the rollout engine runs: colocated = in the trainer "
         "process (weights copied in memory); process = a spawned child process that gets the "
-        "weights by a bucketed torch.distributed (gloo) broadcast after every update.")
+        "weights by a bucketed torch.distributed (gloo) broadcast after every update; openai = "
+        "a running OpenAI-compatible server (k2 serve, vLLM, SGLang; see `openai`).")
+    openai: OpenAIEngineOptions = Field(default_factory=OpenAIEngineOptions,
+                                        description="engine=openai: the server and its updates.")
     engine_timeout_s: float = Field(
         600.0, gt=0, description="engine=process: seconds to wait for the engine process to "
         "start, answer a generate or load a weight push before the run fails.")

@@ -7,7 +7,8 @@ One iteration (= one policy version):
    penalty; excluded ones (sandbox errors) leave the advantage;
 3. train: the K1.5 loss on the response tokens against the log-probabilities recorded at
    sampling time (+ PTX loss on SFT batches), one MuonClip step;
-4. sync: the new weights go to the engine as the next policy version.
+4. sync: the new weights go to the engine as the next policy version (engine=openai: written
+   under weights_dir, loaded by the server between drained requests, then checked).
 The orchestrator's pieces are reused: build_run (model, optimizer, schedule, PTX loader from the
 `data` section, tracker hooks, resume), save_train_state and the lifecycle hooks.
 """
@@ -107,6 +108,12 @@ class RLTrainer:
                 tokenizer=tokenizer, max_batch_size=opts.max_batch_size,
                 timeout_s=opts.engine_timeout_s, bucket_mb=opts.sync_bucket_mb)
             self.sync: Any = ProcessSync(self.engine)
+        elif opts.engine == "openai":
+            from .engine_openai import OpenAIEngine
+
+            # a running server; its first weights come by the same checked update (below)
+            self.engine = OpenAIEngine(opts.openai, tokenizer=tokenizer, version=run.step,
+                                       check_served_version=opts.openai.weight_update == "k2")
         else:
             # the engine owns a separate copy of the weights: rollouts see exactly one version
             engine_model = K2ForCausalLM(cfg.model, cfg.moe, reg, init_weights=False)
@@ -131,6 +138,15 @@ class RLTrainer:
             if rl_state is not None:
                 self.rollouts.load_state_dict(rl_state["rollout"])
                 self.prompts.load_state_dict(rl_state["prompts"])
+            if opts.engine == "openai":
+                from .engine_openai import OpenAISync
+
+                probe = PromptStream(opts.tasks, prompt_encoder(tokenizer), cfg.train.seed + 7919,
+                                     opts.default_budget, split="val")
+                self.sync = OpenAISync(self.engine, opts.openai.weights_dir
+                                       or f"{run.run_dir.rstrip('/')}/engine-weights",
+                                       [next(probe)[1] for _ in range(opts.openai.check_prompts)])
+                self.sync.push(run.model, run.step)  # the engine starts on the trainer's weights
             self.algorithm = reg.build("rl_algorithm", opts.algorithm,
                                        options=opts.algorithm_options,
                                        where="plugins.rl.algorithm_options")
@@ -317,6 +333,7 @@ class RLTrainer:
         m.update({"rl/temperature": temp, "rl/groups": float(len(groups)),
                   "rl/paused": float(rstats.paused), "rl/resumed": float(rstats.resumed),
                   "rl/refused_stale_groups": float(rstats.refused_groups),
+                  "rollout/failed_samples": float(rstats.failed_samples),
                   "rollout/tokens_per_s": rstats.tokens_per_s, "time/rollout_s": rstats.seconds,
                   "time/reward_s": reward_s, "time/sync_s": self.sync.last_seconds,
                   "sync/mb_per_s": self.sync.last_bytes / 2**20 / max(self.sync.last_seconds, 1e-9)})

@@ -5,7 +5,8 @@ Each iteration every unfinished trajectory (paused earlier, or new) is extended 
 its task's token budget, is finished; one still running at the segment limit is paused and kept
 for the next iteration, which resumes it from the prompt plus everything it has produced so far.
 Every response token carries the log-probability under, and the version of, the policy that
-sampled it. A group (the K samples of one prompt) goes to training once all K are finished, so
+sampled it. A sample the engine gave up on (finish_reason "failed", after its retries) leaves
+its group and is counted; the rest of the group trains as usual. A group (the K samples of one prompt) goes to training once all K are finished, so
 its baseline is complete. Paused groups whose oldest token is staler than the version gate
 allows are dropped (counted as refused).
 """
@@ -58,6 +59,7 @@ class RolloutStats:
     resumed: int = 0
     paused: int = 0
     refused_groups: int = 0
+    failed_samples: int = 0  # samples the engine gave up on (excluded from their groups)
     generated_tokens: int = 0
     seconds: float = 0.0
 
@@ -127,14 +129,22 @@ class RolloutManager:
         by_room: dict[int, list[Trajectory]] = {}
         for t in todo:
             by_room.setdefault(self._room(t), []).append(t)
+        failed: set[int] = set()
         for room, ts in sorted(by_room.items()):
             # one seed per sample and segment: the K samples of a prompt must differ
             params = [self.make_params(temperature=temperature, max_new_tokens=room,
                                        seed=_seed(seed, t)) for t in ts]
             outs = self.engine.generate([t.prompt_ids + t.token_ids for t in ts], params)
             for t, c in zip(ts, outs, strict=True):
+                if c.finish_reason == "failed":  # failed after its retries: leaves its group
+                    failed.add(id(t))
+                    continue
                 self._extend(t, c, version)
                 stats.generated_tokens += len(c.token_ids)
+        if failed:
+            stats.failed_samples += len(failed)
+            self.in_flight = [t for t in self.in_flight if id(t) not in failed]
+            todo = [t for t in todo if id(t) not in failed]
         stats.paused += sum(1 for t in todo if not t.finished)
         done_groups: dict[int, list[Trajectory]] = {}
         for t in self.in_flight:
@@ -146,6 +156,9 @@ class RolloutManager:
         return complete
 
     def _extend(self, t: Trajectory, c: Any, version: int) -> None:
+        # the version the completion was requested under, when the engine tags it
+        tagged = getattr(c, "version", -1)
+        version = tagged if tagged is not None and tagged >= 0 else version
         t.token_ids += list(c.token_ids)
         t.logprobs += [float(x) for x in c.logprobs]
         t.versions += [version] * len(c.token_ids)

@@ -69,6 +69,9 @@ class Completion:
     # Per token, the (token id, log pi) of the params' top_logprobs most likely tokens
     # (temperature 1, raw logits, like `logprobs`); None when none were asked for.
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    # The engine's weights version that generated it (read under the engine's lock, so a
+    # weight load racing the generation cannot mislabel it).
+    version: int = -1
 
 
 class _Row:
@@ -167,6 +170,7 @@ class Engine:
         rows.sort(key=lambda r: len(r[0].prompt))
         with self._lock, torch.inference_mode():
             was_training = self.model.training
+            version = self.version  # load_weights takes the same lock: one version throughout
             self.model.eval()
             try:
                 for start in range(0, len(rows), self.max_batch_size):
@@ -175,9 +179,9 @@ class Engine:
             finally:
                 self.model.train(was_training)
         done = sorted((r for r, _ in rows), key=lambda r: r.index)
-        return [self._completion(r) for r in done]
+        return [self._completion(r, version) for r in done]
 
-    def _completion(self, row: _Row) -> Completion:
+    def _completion(self, row: _Row, version: int) -> Completion:
         text = None
         if self.tokenizer is not None:
             body = row.tokens
@@ -188,7 +192,8 @@ class Engine:
                 text = text[: row.text_end]
         return Completion(prompt_ids=row.prompt, token_ids=row.tokens, logprobs=row.logprobs,
                           finish_reason=row.finish or "length", text=text,
-                          top_logprobs=row.top if row.params.top_logprobs else None)
+                          top_logprobs=row.top if row.params.top_logprobs else None,
+                          version=version)
 
     def _run_batch(self, rows: list[_Row], seeds: list[int]) -> None:
         """Prefill then decode one batch until every row has finished."""

@@ -1,0 +1,290 @@
+"""`plugins.rl.engine=openai`: rollouts and weight updates through a real `k2 serve` on 127.0.0.1.
+
+Tolerance of the log-probability equality: 1e-4. The server and the trainer run the same
+float32 model code on CPU; they differ only in how the sums are ordered (the server decodes
+token by token from its KV cache in batches of other requests, the trainer scores the whole
+sequence in one forward), which moves a log-probability by ~1e-6, two orders below the bound.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from rl_fixtures import save_tiny_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+from serve_fixture import start_server, stop_server  # noqa: E402
+
+KEY = "test-key-openai-engine"
+KEY_ENV = "K2_TEST_OPENAI_ENGINE_KEY"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(k2 serve process, base URL, init checkpoint URI, weights root) for the module."""
+    root = tmp_path_factory.mktemp("openai-engine")
+    init, _ = save_tiny_checkpoint(root / "init")
+    proc, base = start_server(init, "--weights-root", str(root), "--max-batch-size", "16",
+                              env={"K2_SERVE_API_KEY": KEY})
+    yield proc, base, init, root
+    stop_server(proc)
+
+
+def _rl_cfg(init, run_dir, base, steps=2, extra=()):
+    from k2_core.configio import load_config
+    from k2_rl.commands import config_path
+
+    return load_config(config_path("rl-math"), [
+        f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", f"train.steps={steps}",
+        "plugins.rl.engine=openai", f"plugins.rl.openai.base_url={base}/v1",
+        f"plugins.rl.openai.api_key_env={KEY_ENV}", "plugins.rl.openai.concurrency=8",
+        "plugins.rl.openai.logprob_tolerance=1e-4",
+        "train.eval_every=0", "checkpoint.every=100", "plugins.rl.eval_prompts=0",
+        "data.seq_len=128", "data.options.builtin_n=50", "train.micro_batch_size=2",
+        "optim.lr=2e-2", "plugins.rl.k=4", "plugins.rl.prompts_per_iter=2",
+        "plugins.rl.segment_tokens=6", "plugins.rl.default_budget=14",
+        "plugins.rl.ptx_weight=1.0", "plugins.rl.partial_rollout=false", "tracking.tracker=null",
+        "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]", *extra])
+
+
+def _health(base):
+    return httpx.get(f"{base}/health", timeout=10).json()
+
+
+def _trainer_lps(model, traj):
+    from k2_rl.engine_openai import trainer_logprobs
+
+    return trainer_logprobs(model, traj.prompt_ids, traj.token_ids)
+
+
+def test_one_rl_iteration_through_k2_serve_with_a_weight_update(served, tmp_path, monkeypatch):
+    from k2_core.model import K2ForCausalLM
+    from k2_rl.rl_stage import RLTrainer
+
+    _, base, init, root = served
+    monkeypatch.setenv(KEY_ENV, KEY)
+    trainer = RLTrainer(_rl_cfg(init, root / "run1", base))
+    try:
+        # the start is an update too: the server now serves the trainer's step-0 weights
+        assert trainer.engine.version == 0 and _health(base)["weights_version"] == 0
+        old = K2ForCausalLM(trainer.cfg.model, trainer.cfg.moe, init_weights=False)
+        old.load_state_dict(trainer.run.model.state_dict())
+        m = trainer.iteration()
+        assert trainer.engine.version == 1 and _health(base)["weights_version"] == 1
+        assert m["rl/groups"] >= 1 and m["rollout/failed_samples"] == 0
+        assert m["time/sync_s"] > 0 and trainer.sync.last_check <= TOL
+        print(f"rollout through k2 serve: {m['rollout/tokens_per_s']:.0f} tokens/s")
+        written = sorted(p.name for p in (root / "run1" / "engine-weights").iterdir())
+        assert written == ["v00000000", "v00000001"]
+
+        # the next rollout comes from the new weights: tagged 1, and its log-probabilities are
+        # the updated trainer's, not the old weights'
+        groups, stats = trainer.rollout(1.0)
+        trajs = [t for g in groups for t in g] + list(trainer.rollouts.in_flight)
+        trajs = [t for t in trajs if t.token_ids]
+        assert trajs and stats.generated_tokens > 0
+        worst_new = worst_old = 0.0
+        for t in trajs:
+            assert set(t.versions) == {1}
+            new, prev = _trainer_lps(trainer.run.model, t), _trainer_lps(old, t)
+            worst_new = max(worst_new, max(abs(a - b) for a, b in zip(t.logprobs, new, strict=True)))
+            worst_old = max(worst_old, max(abs(a - b) for a, b in zip(t.logprobs, prev, strict=True)))
+        print(f"logprob gap: {worst_new:.2g} (new weights), {worst_old:.2g} (old); check "
+              f"{trainer.sync.last_check:.2g}")
+        assert worst_new <= TOL, worst_new  # the engine's logprobs equal the trainer's
+        assert worst_old > 100 * TOL, worst_old  # and the update really changed them
+    finally:
+        trainer.close()
+
+
+def test_a_stale_engine_fails_the_check_with_one_line(served, monkeypatch):
+    from k2_core.modelio import load_model
+    from k2_rl.engine_openai import OpenAIEngine, OpenAIEngineError, check_logprobs
+    from k2_rl.options import OpenAIEngineOptions
+
+    _, base, init, root = served
+    monkeypatch.setenv(KEY_ENV, KEY)
+    engine = OpenAIEngine(OpenAIEngineOptions(base_url=f"{base}/v1", api_key_env=KEY_ENV))
+    try:
+        model = load_model(init)
+        engine.load_weights_from_disk(init, 7)
+        engine._version = 7
+        assert check_logprobs(engine, model, [[5, 6, 7]], 6, TOL) <= TOL
+        with torch.no_grad():
+            model.lm_head.weight.mul_(1.5)  # the trainer moved on; the engine did not
+        with pytest.raises(OpenAIEngineError, match="differ from the trainer's") as err:
+            check_logprobs(engine, model, [[5, 6, 7]], 6, TOL)
+        assert "\n" not in str(err.value)
+    finally:
+        engine.close()
+
+
+def test_weight_updates_only_from_the_roots_and_with_the_key(served, tmp_path):
+    _, base, init, root = served
+    url = f"{base}/update_weights_from_disk"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url, json={"model_path": str(tmp_path / "elsewhere")}, headers=auth, timeout=30)
+    assert r.status_code == 403
+    msg = r.json()["error"]["message"]
+    assert "outside the server's weight roots" in msg and "\n" not in msg
+    escape = f"{root}/../{tmp_path.name}"
+    assert httpx.post(url, json={"model_path": escape}, headers=auth,
+                      timeout=30).status_code == 403
+    assert httpx.post(url, json={"model_path": init}, timeout=30).status_code == 401
+    r = httpx.post(url, json={"model_path": str(root / "missing")}, headers=auth, timeout=30)
+    assert r.status_code == 400 and "cannot read the checkpoint" in r.json()["error"]["message"]
+    before = _health(base)["weights_version"]
+    r = httpx.post(url, json={"model_path": init}, headers=auth, timeout=60)
+    assert r.status_code == 200 and r.json()["weights_version"] == before + 1
+    out = httpx.post(f"{base}/v1/completions", headers=auth, timeout=60, json={
+        "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0, "logprobs": 0}).json()
+    assert out["weights_version"] == before + 1 and out["choices"][0]["weights_version"] == before + 1
+
+
+def test_weight_loader_refusals():
+    from k2_data.serve_weights import WeightLoader, within_roots
+
+    assert within_roots("/a/b/c", ["/a/b"]) and within_roots("file:///a/b", ["/a/b"])
+    assert not within_roots("/a/bc", ["/a/b"]) and not within_roots("/a/b/../x", ["/a/b"])
+    assert within_roots("s3://bkt/runs/v1", ["s3://bkt/runs"])
+    assert not within_roots("s3://bkt/runs/../x", ["s3://bkt/runs"])
+    assert not within_roots("memory://bkt/runs/v1", ["s3://bkt/runs"])
+    assert "API key" in WeightLoader(None, ("/a",), has_api_key=False).refusal("/a/x")
+    assert "--weights-root" in WeightLoader(None, (), has_api_key=True).refusal("/a/x")
+    assert WeightLoader(None, ("/a",), has_api_key=True).refusal("/a/x") is None
+
+
+def test_update_pauses_new_requests_and_drains_those_in_flight(served, monkeypatch):
+    from k2_data.generation.engine import SamplingParams
+    from k2_rl.engine_openai import OpenAIEngine
+    from k2_rl.options import OpenAIEngineOptions
+
+    _, base, _, _ = served
+    monkeypatch.setenv(KEY_ENV, KEY)
+    engine = OpenAIEngine(OpenAIEngineOptions(base_url=f"{base}/v1", api_key_env=KEY_ENV,
+                                              concurrency=4), version=3)
+    got: dict[str, object] = {}
+    try:
+        params = SamplingParams(temperature=1.0, max_new_tokens=120, ignore_eos=True, seed=1)
+        first = threading.Thread(target=lambda: got.__setitem__(
+            "first", [c.version for c in engine.generate([[5, 6, 7]] * 3, params)]))
+        first.start()
+        while engine._in_flight < 3:
+            time.sleep(0.005)
+
+        def load():
+            # drained: the 3 requests in flight have all come back, and nothing else was sent
+            got["at_load"] = (engine._in_flight, engine.requests)
+            later.start()  # a request made during the update waits for it
+            time.sleep(0.3)
+            got["sent_during_load"] = engine.requests - 3
+
+        later = threading.Thread(target=lambda: got.__setitem__(
+            "later", engine.generate([[5, 6]], SamplingParams(max_new_tokens=2))[0].version))
+        engine.update(load, 4)
+        first.join()
+        later.join()
+        assert got["at_load"] == (0, 3) and got["sent_during_load"] == 0
+        assert got["first"] == [3, 3, 3]  # tagged with the version live when each was sent
+        assert got["later"] == 4 and engine.requests == 4
+    finally:
+        engine.close()
+
+
+class _FlakyEngine:
+    """A pytest-httpserver handler: valid k2-like completions, except that the first sample of
+    the prompt starting with `bad` fails with 503 every time (its retries carry its seed)."""
+
+    def __init__(self, bad: int, logprobs: bool = True):
+        self.bad, self.logprobs, self.failing_seed, self.calls = bad, logprobs, None, 0
+
+    def __call__(self, request):
+        from werkzeug import Response
+
+        body = json.loads(request.data)
+        self.calls += 1
+        if body["prompt"][0] == self.bad and self.failing_seed in (None, body.get("seed")):
+            self.failing_seed = body.get("seed")
+            return Response("overloaded", status=503)
+        n = min(3, body["max_tokens"])
+        lp = {"tokens": [f"token_id:{10 + i}" for i in range(n)],
+              "token_logprobs": [-0.5] * n, "top_logprobs": None, "text_offset": [0] * n}
+        choice = {"index": 0, "text": "abc", "finish_reason": "stop",
+                  "logprobs": lp if self.logprobs else None}
+        return Response(json.dumps({"choices": [choice]}), content_type="application/json")
+
+
+def _engine_at(httpserver, handler, **kw):
+    from k2_rl.engine_openai import OpenAIEngine
+    from k2_rl.options import OpenAIEngineOptions
+
+    httpserver.expect_request("/v1/completions", method="POST").respond_with_handler(handler)
+    opts = OpenAIEngineOptions(base_url=httpserver.url_for("/v1"), model="m",
+                               retry_backoff_s=0.01, **kw)
+    return OpenAIEngine(opts)
+
+
+def test_a_sample_failing_after_its_retries_leaves_its_group_and_is_counted(httpserver):
+    from k2_data.generation.engine import SamplingParams
+    from k2_rl.rollout import RolloutManager, RolloutStats
+    from k2_rl.weight_sync import VersionGate
+
+    handler = _FlakyEngine(bad=2)
+    engine = _engine_at(httpserver, handler, retries=2)
+    try:
+        rm = RolloutManager(engine, lambda **kw: SamplingParams(**kw), k=3, segment_tokens=None,
+                            gate=VersionGate(1), partial=False)
+        stats = RolloutStats()
+        prompts = iter([({"q": 1}, [1, 5], "math", 8), ({"q": 2}, [2, 5], "math", 8)])
+        rm.add_prompts(prompts, 2, stats)
+        groups = rm.step(1.0, 123, stats)
+        sizes = sorted(len(g) for g in groups)
+        assert sizes == [2, 3]  # the failed sample left its group; the group still trains
+        assert stats.failed_samples == 1 and engine.failed_samples == 1
+        assert engine.retries == 2 and handler.calls == 5 + 3  # 5 good + 1 x (1 + 2 retries)
+        assert not rm.in_flight
+    finally:
+        engine.close()
+
+
+def test_a_completion_without_logprobs_is_refused(httpserver):
+    from k2_data.generation.engine import SamplingParams
+    from k2_rl.engine_openai import OpenAIEngineError
+
+    engine = _engine_at(httpserver, _FlakyEngine(bad=-1, logprobs=False))
+    try:
+        with pytest.raises(OpenAIEngineError, match="without log-probabilities") as err:
+            engine.generate([[1, 2]], SamplingParams(max_new_tokens=4))
+        assert "\n" not in str(err.value)
+    finally:
+        engine.close()
+
+
+def test_k2_serve_without_logprobs_in_the_request_is_refused_by_the_parser(served):
+    from k2_rl.engine_openai import OpenAIEngineError, parse_completion
+
+    _, base, _, _ = served
+    out = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     timeout=60, json={"prompt": [5, 6], "max_tokens": 2}).json()
+    with pytest.raises(OpenAIEngineError, match="without log-probabilities"):
+        parse_completion(out["choices"][0], "k2 serve")
+
+
+def test_openai_options_are_validated():
+    from k2_rl.options import RlOptions
+
+    opts = RlOptions(init="x", engine="openai", openai={"base_url": "http://h:1/v1",
+                                                        "concurrency": 4, "retries": 0})
+    assert opts.openai.concurrency == 4 and opts.openai.weight_update == "k2"
+    with pytest.raises(ValueError, match="concurrency"):
+        RlOptions(init="x", engine="openai", openai={"concurrency": 0})
+    with pytest.raises(ValueError, match="weight_update"):
+        RlOptions(init="x", engine="openai", openai={"weight_update": "vllm"})
