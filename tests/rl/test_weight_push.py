@@ -58,9 +58,12 @@ def engines():
 
 
 def test_push_assembles_the_trainers_weights_and_refuses_bad_pushes(engines):
+    from k2_core.backend import SingleProcessBackend
+
     trainer = _tiny_model(1)
     pusher = WeightPusher([r.address for r in engines], bucket_mb=0.05)
-    stats = pusher.push(trainer, 1)
+    sharding = SingleProcessBackend().checkpoint_sharding(trainer, None)  # OneProcess
+    stats = pusher.push(trainer, 1, sharding=sharding)
     want = _state(trainer)
     assert stats.buckets > 3 and stats.bytes == sum(t.numel() * t.element_size()
                                                     for t in want.values())

@@ -104,6 +104,12 @@ class Backend:
         return t
 
     # --- checkpoints ----------------------------------------------------------------------
+    def checkpoint_sharding(self, model: nn.Module, optimizer: Any) -> Any:
+        """Who writes (and pushes) what of the state: here this one process, everything."""
+        from .trainstate import OneProcess
+
+        return OneProcess()
+
     def save_train_state(self, root: str, step: int, **state: Any) -> str:
         """Write the whole training state for `step` under `root`; returns its URI."""
         from .trainstate import save_train_state
