@@ -81,7 +81,8 @@ def test_one_rl_iteration_through_k2_serve_with_a_weight_update(served, tmp_path
         assert trainer.engine.version == 1 and _health(base)["weights_version"] == 1
         assert m["rl/groups"] >= 1 and m["rollout/failed_samples"] == 0
         assert m["time/sync_s"] > 0 and trainer.sync.last_check <= TOL
-        print(f"rollout through k2 serve: {m['rollout/tokens_per_s']:.0f} tokens/s")
+        print(f"rollout through k2 serve: {m['rollout/tokens_per_s']:.0f} tokens/s, "
+              f"update {m['time/sync_s']:.2f} s")
         written = sorted(p.name for p in (root / "run1" / "engine-weights").iterdir())
         assert written == ["v00000000", "v00000001"]
 
