@@ -3,18 +3,29 @@
 single-process run on the same global batch, and their checkpoints hold the whole model in
 the single-process layout (each tensor from the stage that trains it).
 
-Tolerance: every logged loss within 2e-3 of the single-process loss (see test_backend_train)."""
+Routing is tie-free by construction and checked (backend_runs.fix_routing, RoutingMargin);
+losses and checkpoint tensors agree within backend_runs.LOSS_TOL / LAYOUT_BOUNDS (float
+reduction order only; the reasoning is written beside them)."""
 
 from __future__ import annotations
 
 import pytest
-from backend_runs import distributed_losses, small_model, train_losses, use_env
+from backend_runs import (
+    EXACT_NS,
+    LOSS_TOL,
+    assert_layout_equal,
+    distributed_losses,
+    small_model,
+    train_losses,
+    use_env,
+    worst_loss_gap,
+)
 
-STEPS, TOL = 10, 2e-3
+STEPS = 10
 SHRINK = [
     *small_model(4),
     f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "tracking.tracker=null",
-    f"checkpoint.every={STEPS}",
+    f"checkpoint.every={STEPS}", *EXACT_NS,
 ]
 LAYOUTS = {  # name: (world, backend options, micro batch, grad_accum of the 1-process reference)
     "pp2xep2": (4, ["parallel.options.pp=2", "parallel.options.ep=2",
@@ -33,8 +44,6 @@ def cache(tmp_path_factory):
 @pytest.mark.distributed
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_pipeline_layout_matches_single_process(tmp_path, cache, layout):
-    from k2_core.checkpoint import load_tensors
-
     world, opts, micro, accum = LAYOUTS[layout]
     use_env(cache)
     single = tmp_path / "single"
@@ -47,20 +56,6 @@ def test_pipeline_layout_matches_single_process(tmp_path, cache, layout):
     assert all(p == per_rank[0] for p in per_rank)
     got = per_rank[0]
     assert len(got) == len(want) == STEPS
-    worst = max(abs(a - b) for a, b in zip(got, want, strict=True))
-    assert worst < TOL, (worst, got, want)
+    assert worst_loss_gap(got, want, layout) < LOSS_TOL, (got, want)
     name = f"checkpoints/step_{STEPS:08d}"
-    a, _ = load_tensors(str(single / name))
-    b, _ = load_tensors(str(dist_dir / name))
-    for group in ("model", "optim"):
-        assert a[group].keys() == b[group].keys()
-        for k in a[group]:
-            assert a[group][k].shape == b[group][k].shape, k
-            diff = a[group][k].float() - b[group][k].float()
-            rel = diff.norm() / a[group][k].float().norm().clamp_min(1e-12)
-            # router biases move in +-1e-3 steps (the sign of the load error): a near-tie
-            # in one step's counts may move one expert's bias one step differently, which
-            # re-routes a few tokens and moves that layer's optimizer moments by a few %
-            bound = 2e-2 if group == "model" else 5e-2
-            assert rel < bound or ("e_score_correction_bias" in k and diff.abs().max() <= 2.1e-3), \
-                (group, k, float(rel))
+    assert_layout_equal(str(single / name), str(dist_dir / name))

@@ -80,12 +80,13 @@ def test_a_740m_model_trains_and_resumes_in_4gib_per_rank(tmp_path):
 @pytest.mark.distributed
 def test_pp2xep2_first_losses_equal_one_process(tmp_path):
     """The same model and policy at a size one process holds: the first losses agree within
-    1e-4 relative (the initial weights are bit-identical; only float order differs)."""
-    from backend_runs import distributed_losses, train_losses, use_env
+    1e-5 relative (the initial weights are bit-identical, routing is tie-free by construction
+    and checked, Newton-Schulz runs in fp32: only float order differs, a few ulps of a loss)."""
+    from backend_runs import EXACT_NS, distributed_losses, train_losses, use_env, worst_loss_gap
 
     mid = ["model.hidden_size=256", "model.num_hidden_layers=8", "moe.n_routed_experts=16",
            "moe.moe_intermediate_size=128", "train.steps=2", "train.eval_every=0",
-           "train.log_every=1", "tracking.tracker=null", "checkpoint.every=100"]
+           "train.log_every=1", "tracking.tracker=null", "checkpoint.every=100", *EXACT_NS]
     cache = str(tmp_path / "cache")
     use_env(cache)
     want = train_losses(mid, ["train.micro_batch_size=2", "train.grad_accum=2",
@@ -93,5 +94,4 @@ def test_pp2xep2_first_losses_equal_one_process(tmp_path):
     got = distributed_losses(4, cache, mid, [
         "parallel.options.pp=2", "parallel.options.ep=2", "parallel.options.n_microbatches=2",
         "train.micro_batch_size=2", f"checkpoint.dir={tmp_path / 'four'}"], str(tmp_path / "l"))[0]
-    for a, b in zip(got, want, strict=True):
-        assert abs(a - b) <= 1e-4 * abs(b), (got, want)
+    assert worst_loss_gap(got, want, "pp2xep2 mid-size") <= 1e-5 * min(want), (got, want)

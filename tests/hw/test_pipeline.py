@@ -1,6 +1,7 @@
 """Pipeline parallelism (k2_hw_h800.pipeline): chunks compose to the model; PP2 and PP2 with
 two virtual stages per rank (interleaved 1F1B) over gloo match the single-process loss,
-gradients and max logits, and track its losses over a few AdamW steps."""
+gradients and max logits, and track its losses over a few AdamW steps. Routing is tie-free by
+construction and checked (backend_runs.fix_routing, RoutingMargin)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.pipelining  # noqa: F401  (imported once here; forked workers share it)
 import torch.multiprocessing as mp
+from backend_runs import RoutingMargin, fix_routing, worst_loss_gap
 from k2_core.config import ModelConfig, MoEConfig
 from k2_core.errors import ConfigError
 from k2_core.model import build_model
@@ -28,7 +30,9 @@ def _model():
                       max_position_embeddings=256, initializer_range=0.1)
     moe = MoEConfig(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
                     n_shared_experts=1, seq_aux_loss_coef=0.01)
-    return build_model((cfg, moe)).train()
+    model = build_model((cfg, moe))
+    fix_routing(model)  # tie-free routing: layouts may differ by float order only
+    return model.train()
 
 
 def _batches(packed: bool) -> list[dict[str, torch.Tensor]]:
@@ -54,6 +58,7 @@ def _reference(packed: bool) -> dict:
     """Single process, whole batch: loss, gradients and max logits of step 1, then the losses."""
     model = _model()
     model.set_record_max_logits(True)
+    margin = RoutingMargin(model)
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
     losses, first = [], {}
     for step, batch in enumerate(_batches(packed)):
@@ -67,6 +72,7 @@ def _reference(packed: bool) -> dict:
         opt.step()
         model.update_router_bias()
         opt.zero_grad()
+    margin.check("single")
     return {**first, "losses": losses}
 
 
@@ -78,6 +84,7 @@ def _worker(rank, world, port, virtual, packed, out):
     try:
         model = _model()
         model.set_record_max_logits(True)
+        margin = RoutingMargin(model)
         runner = build_pipeline(model, pp_group=dist.group.WORLD, pp_rank=rank, pp_size=world,
                                 virtual_stages=virtual, n_microbatches=N_MB, device="cpu")
         opt = torch.optim.AdamW(runner.parameters(), lr=LR)
@@ -103,6 +110,7 @@ def _worker(rank, world, port, virtual, packed, out):
             opt.step()
             model.update_router_bias()
             opt.zero_grad()
+        margin.check(f"pipeline rank {rank}")
         if virtual == 1:  # a fresh model, one step with the stages' forwards under bf16 autocast
             bf16 = build_pipeline(_model(), pp_group=dist.group.WORLD, pp_rank=rank, pp_size=world,
                                   virtual_stages=1, n_microbatches=N_MB, device="cpu",
@@ -174,8 +182,10 @@ def test_pipeline_matches_single_process(tmp_path, virtual, packed):
         torch.testing.assert_close(r["eval_loss"], ref["loss"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(r["max_logits"], ref["max_logits"], rtol=1e-5, atol=1e-5)
         assert r["losses"] == last["losses"]
-    torch.testing.assert_close(torch.tensor(last["losses"]), torch.tensor(ref["losses"]),
-                               rtol=1e-4, atol=1e-4)
+    # 4 AdamW steps from identical weights, tie-free routing: the losses (~5) differ by float
+    # order only, a few ulps a step (measured 1e-6); 1e-5 as for the first step's
+    assert worst_loss_gap(last["losses"], ref["losses"], f"pipeline v{virtual}") < 1e-5, \
+        (last["losses"], ref["losses"])
     assert ref["losses"][-1] < ref["losses"][0]
     if virtual == 1:
         with torch.autocast("cpu", dtype=torch.bfloat16):
