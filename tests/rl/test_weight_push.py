@@ -13,6 +13,7 @@ import os
 import re
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -101,12 +102,12 @@ def test_a_generation_in_flight_finishes_on_its_version(engines):
     trainer = _tiny_model(1)
     pusher = WeightPusher([recv.address], bucket_mb=0.05)
     pusher.push(trainer, 1)
-    params = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_new_tokens=24, temperature=0.0, ignore_eos=True)
     out: list = []
     gen = threading.Thread(target=lambda: out.extend(recv.generate([[1, 2, 3]] * 4, params)))
     gen.start()
     while not recv._serving.locked() and gen.is_alive():
-        pass
+        time.sleep(0.001)
     pusher.push(trainer, 2)  # staged while generating; the switch waits for the generation
     gen.join()
     assert recv.version == 2
@@ -285,3 +286,17 @@ def test_four_sharded_trainer_ranks_push_to_two_engine_processes(tmp_path):
     for dump in dumps:
         assert dump.keys() == plus.keys()
         assert all(torch.equal(dump[k], plus[k]) for k in plus)
+
+
+def test_an_engine_that_is_down_fails_the_push_in_one_line(engines):
+    from k2_rl.weight_push import WeightPushError
+
+    pusher = WeightPusher([engines[0].address, ("127.0.0.1", _free_port())], timeout_s=5)
+    with pytest.raises(WeightPushError, match=r"trainer rank 0 could not stream to the engines"
+                       ) as err:
+        pusher.push(_tiny_model(1), 1)
+    assert "\n" not in str(err.value)
+    assert engines[0].version == 0  # the other engine was told to drop what it staged
+    pusher.engines = [engines[0].address]
+    pusher.push(_tiny_model(1), 1)
+    assert engines[0].version == 1
