@@ -289,3 +289,17 @@ def test_openai_options_are_validated():
         RlOptions(init="x", engine="openai", openai={"concurrency": 0})
     with pytest.raises(ValueError, match="weight_update"):
         RlOptions(init="x", engine="openai", openai={"weight_update": "vllm"})
+
+
+def test_a_relative_weights_dir_is_sent_to_the_server_absolute(tmp_path, monkeypatch):
+    """k2 serve resolves a relative path against its own cwd, not the trainer's."""
+    from types import SimpleNamespace
+
+    from k2_rl.engine_openai import OpenAISync
+    from k2_rl.options import OpenAIEngineOptions
+
+    monkeypatch.chdir(tmp_path)
+    fake = SimpleNamespace(opts=OpenAIEngineOptions())
+    assert OpenAISync(fake, "runs/x/engine-weights", []).weights_dir == \
+        str(tmp_path / "runs/x/engine-weights")
+    assert OpenAISync(fake, "s3://bkt/w/", []).weights_dir == "s3://bkt/w"

@@ -352,8 +352,13 @@ class OpenAISync:
     drain, load, check, resume."""
 
     def __init__(self, engine: OpenAIEngine, weights_dir: str, check_prompts: list[list[int]]):
+        from fsspec.core import split_protocol
+
         self.engine, self.opts = engine, engine.opts
-        self.weights_dir = weights_dir.rstrip("/")
+        # a local path goes to the server absolute: it resolves paths against its own cwd
+        local = split_protocol(weights_dir)[0] in (None, "file", "local")
+        self.weights_dir = os.path.abspath(split_protocol(weights_dir)[1]) if local \
+            else weights_dir.rstrip("/")
         self.check_prompts = check_prompts
         self.written: list[str] = []
         self.last_seconds = 0.0
