@@ -300,3 +300,10 @@ def test_an_engine_that_is_down_fails_the_push_in_one_line(engines):
     pusher.engines = [engines[0].address]
     pusher.push(_tiny_model(1), 1)
     assert engines[0].version == 1
+
+
+def test_bf16_trainer_weights_land_in_an_fp32_engine(engines):
+    trainer = _tiny_model(1).to(torch.bfloat16)
+    WeightPusher([engines[0].address], bucket_mb=0.05).push(trainer, 1)
+    got = _state(engines[0].engine.model)
+    assert all(torch.equal(got[k], v.to(got[k].dtype)) for k, v in _state(trainer).items())

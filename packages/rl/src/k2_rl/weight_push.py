@@ -75,16 +75,27 @@ _ERRORS: dict[str, type[WeightPushError]] = {
 
 # -- frames ---------------------------------------------------------------------------------
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
-    """Exactly n bytes from `sock` (ConnectionError when the peer closes first)."""
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
+def _recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from `sock` (ConnectionError when the peer closes first)."""
+    n, got = view.nbytes, 0
     while got < n:
         k = sock.recv_into(view[got:], n - got)
         if k == 0:
             raise ConnectionError(f"connection closed after {got} of {n} bytes")
         got += k
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+    """Exactly n bytes from `sock`."""
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf))
     return buf
+
+
+def _drain(sock: socket.socket, n: int) -> None:
+    """Read and drop n bytes (a payload nobody will use)."""
+    while n > 0:
+        n -= len(_recv_exact(sock, min(n, 1 << 20)))
 
 
 def send_frame(sock: socket.socket, header: dict[str, Any], payload: Sequence[Any] = ()) -> None:
@@ -95,8 +106,8 @@ def send_frame(sock: socket.socket, header: dict[str, Any], payload: Sequence[An
         sock.sendall(part)
 
 
-def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytearray] | None:
-    """(header, payload) of the next frame, or None at a clean end of stream."""
+def recv_header(sock: socket.socket) -> dict[str, Any] | None:
+    """The next frame's header (its payload still to read), or None at a clean end of stream."""
     first = sock.recv(_LEN.size, socket.MSG_WAITALL)
     if not first:
         return None
@@ -105,7 +116,14 @@ def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytearray] | None:
     (n,) = _LEN.unpack(first)
     if n > _MAX_HEADER:
         raise ConnectionError(f"a frame header of {n} bytes: not a weight-push peer")
-    header = json.loads(bytes(_recv_exact(sock, n)))
+    return json.loads(bytes(_recv_exact(sock, n)))
+
+
+def recv_frame(sock: socket.socket) -> tuple[dict[str, Any], bytearray] | None:
+    """(header, payload) of the next frame, or None at a clean end of stream."""
+    header = recv_header(sock)
+    if header is None:
+        return None
     size = int(header.get("nbytes", 0))
     return header, (_recv_exact(sock, size) if size else bytearray())
 
@@ -479,19 +497,17 @@ class WeightReceiver:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             try:
-                while (got := recv_frame(conn)) is not None:
-                    header, payload = got
-                    reply = self._handle(header, payload)
-                    if reply is not None:
-                        send_frame(conn, reply)
+                while (header := recv_header(conn)) is not None:
+                    if header.get("kind") == "bucket":
+                        self._bucket(conn, header)
+                        continue
+                    _drain(conn, int(header.get("nbytes", 0)))
+                    send_frame(conn, self._handle(header))
             except Exception as exc:  # noqa: BLE001 - a bad peer ends its connection, not the engine
                 self.last_error = f"a weight-push connection failed: {exc}"
 
-    def _handle(self, h: dict[str, Any], payload: bytearray) -> dict[str, Any] | None:
+    def _handle(self, h: dict[str, Any]) -> dict[str, Any]:
         kind = h.get("kind")
-        if kind == "bucket":
-            self._bucket(h, payload)
-            return None
         if kind == "end":
             with self._lock:
                 st = self._staging
@@ -523,43 +539,56 @@ class WeightReceiver:
                 self._staging = _Staging(h["push"], int(h["version"]), self._own)
             return self._staging
 
-    def _bucket(self, h: dict[str, Any], payload: bytearray) -> None:
+    def _invalid(self, h: dict[str, Any]) -> str | None:
+        """Why bucket header `h` does not fit this engine's tensors, or None."""
+        at = 0
+        for t in h["tensors"]:
+            own = self._own.get(t["name"])
+            if own is None or list(own.shape) != list(t["shape"]):
+                return (f"{t['name']} is {t['shape']} on the trainer but "
+                        f"{list(own.shape) if own is not None else 'absent'} on the engine; "
+                        "start the engine from the trainer's model config")
+            start, rows = int(t["start"]), int(t["rows"])
+            size = rows * (own.numel() // max(1, _rows(own))) * _dtype(t["dtype"]).itemsize
+            if start < 0 or rows < 1 or start + rows > _rows(own) or t["offset"] != at \
+                    or t["nbytes"] != size:
+                return (f"rows {start}..{start + rows} of {t['name']} do not fit the engine's "
+                        "tensor; the trainer and engine disagree on the model")
+            at += size
+        return None if at == int(h["nbytes"]) else "its size disagrees with its tensors"
+
+    def _bucket(self, conn: socket.socket, h: dict[str, Any]) -> None:
+        """Receive a bucket's payload straight into the staging rows, then check its crc32."""
         st = self._stage(h)
-        if st is None:
-            return
         sender, index = int(h["sender"]), int(h["index"])
         names = [t["name"] for t in h["tensors"]]
         where = f"bucket {index} of trainer rank {sender} ({', '.join(names[:3])}" \
                 f"{', ...' if len(names) > 3 else ''})"
-        if zlib.crc32(payload) != int(h["crc32"]):
+        problem = None if st is None else self._invalid(h)
+        if st is None or problem:
+            _drain(conn, int(h["nbytes"]))
+            if st is not None and problem:
+                self._fail(st, "WeightPushError", f"{where}: {problem}")
+            return
+        crc, runs = 0, []
+        for t in h["tensors"]:
+            dtype, start, rows = _dtype(t["dtype"]), int(t["start"]), int(t["rows"])
+            full = st.tensors[t["name"]]
+            dst = full.view(_rows(full), -1)[start:start + rows]
+            if dtype == dst.dtype:  # no copy: the socket writes into the staging tensor
+                view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
+                _recv_into(conn, view)
+                crc = zlib.crc32(view, crc)
+            else:  # another dtype on the trainer (BF16 there, FP32 here): convert
+                buf = _recv_exact(conn, int(t["nbytes"]))
+                crc = zlib.crc32(buf, crc)
+                dst.copy_(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(rows, -1))
+            runs.append((t["name"], start, start + rows))
+        if crc != int(h["crc32"]):
             self._fail(st, "BucketChecksumError",
                        f"{where} failed its crc32 check (corrupted in transit); the engine "
                        f"stays on version {self.version}: push version {st.version} again")
             return
-        data = torch.frombuffer(payload, dtype=torch.uint8) if payload else None
-        runs = []
-        for t in h["tensors"]:
-            own = self._own.get(t["name"])
-            if own is None or list(own.shape) != list(t["shape"]):
-                theirs = f"{t['shape']}"
-                self._fail(st, "WeightPushError",
-                           f"{where}: {t['name']} is {theirs} on the trainer but "
-                           f"{list(own.shape) if own is not None else 'absent'} on the engine; "
-                           "start the engine from the trainer's model config")
-                return
-            start, rows = int(t["start"]), int(t["rows"])
-            if start < 0 or start + rows > _rows(own) or data is None:
-                self._fail(st, "WeightPushError", f"{where}: rows {start}..{start + rows} of "
-                           f"{t['name']} are out of range; the trainer and engine disagree")
-                return
-            dtype = _dtype(t["dtype"])
-            seg = data[t["offset"]:t["offset"] + t["nbytes"]]
-            if t["offset"] % dtype.itemsize:  # not aligned for a view as `dtype`
-                seg = seg.clone()
-            piece = seg.view(dtype)
-            dst = st.tensors[t["name"]].view(_rows(own), -1)
-            dst[start:start + rows].copy_(piece.view(rows, -1))
-            runs.append((t["name"], start, start + rows))
         with self._lock:
             for name, a, b in runs:
                 st.covered[name].append((a, b))
