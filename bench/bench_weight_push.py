@@ -1,8 +1,8 @@
 """GB/s of a weight push from 4 sharded trainer ranks to 2 engine processes, and k2-1t scaled.
 
 Four gloo trainer ranks of the h800 backend at DP2 x EP2 (`build_run` on the `tiny` preset
-grown to ~200 MB of FP32 weights) push to two engine processes on 127.0.0.1 with
-`k2_rl.weight_push` (each rank streams its checkpoint share to both engines in crc32-checked
+grown to ~50 M parameters) push to two engine processes on 127.0.0.1 with
+`k2_rl.weight_push` (weights in the h800 backend's dtype policy; each rank streams its checkpoint share to both engines in crc32-checked
 buckets; rank 0 commits after a barrier). One warm-up push, then `--pushes` timed ones; the
 figure is model bytes / push wall time (median), checksums, staging and the switch included.
 
@@ -32,7 +32,7 @@ import time
 import torch
 import torch.multiprocessing as mp
 
-MODEL = [  # ~50 M parameters: ~200 MB of FP32 weights
+MODEL = [  # ~50 M parameters: ~100 MB of BF16 (~200 MB of FP32) weights
     "model.num_hidden_layers=4", "model.hidden_size=512", "model.intermediate_size=1024",
     "model.num_attention_heads=4", "model.q_lora_rank=128", "model.kv_lora_rank=64",
     "model.qk_nope_head_dim=32", "model.qk_rope_head_dim=16", "model.v_head_dim=32",
@@ -78,8 +78,8 @@ def _trainer(rank: int, world: int, port: int, cache: str, engines: list, pushes
                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        run = build_run(load_config("tiny", [*MODEL, "parallel.backend=h800",
-                                             "parallel.options.ep=2"]))
+        run = build_run(load_config("tiny", [*MODEL, "parallel.backend=h800", "parallel.options.ep=2",
+                                             f"checkpoint.dir={os.path.dirname(out)}/ckpt"]))
         sharding = run.backend.checkpoint_sharding(run.model, run.optimizer)
         pusher = WeightPusher([tuple(a) for a in engines], bucket_mb=bucket_mb)
         pusher.push(run.model, 1, sharding=sharding)  # warm-up
@@ -90,7 +90,8 @@ def _trainer(rank: int, world: int, port: int, cache: str, engines: list, pushes
             pusher.push(run.model, v, sharding=sharding)
             times.append(time.perf_counter() - t0)
         with open(f"{out}.{rank}", "w") as f:
-            json.dump({"times": times, "bytes": pusher.last.bytes, "buckets": pusher.last.buckets,
+            dtype = str(next(p.dtype for p in run.model.parameters() if not p.is_meta))
+            json.dump({"times": times, "bytes": pusher.last.bytes, "dtype": dtype, "buckets": pusher.last.buckets,
                        "per_rank": pusher.last.per_rank_bytes}, f)
     finally:
         if dist.is_initialized():
@@ -124,7 +125,7 @@ def measure(pushes: int, bucket_mb: float, engines_n: int = 2, world: int = 4) -
     res = [json.load(open(f"{out}.{r}")) for r in range(world)]
     wall = [max(r["times"][i] for r in res) for i in range(pushes)]
     return {"wall": wall, "bytes": [r["bytes"] for r in res], "buckets": [r["buckets"] for r in res],
-            "engines": engines_n, "versions": versions}
+            "engines": engines_n, "versions": versions, "dtype": res[0]["dtype"]}
 
 
 def k2_1t_shares() -> tuple[float, float, int]:
@@ -156,7 +157,7 @@ def main() -> None:
     wall = statistics.median(m["wall"])
     wire = model * m["engines"]  # every engine receives the whole model
     per_rank = max(m["bytes"]) * m["engines"] / wall  # the busiest rank's outbound rate
-    print(f"measured: {model / 1e6:.0f} MB model (FP32), 4 trainer ranks (h800 DP2 x EP2, gloo) "
+    print(f"measured: {model / 1e6:.0f} MB model ({m['dtype']}), 4 trainer ranks (h800 DP2 x EP2, gloo) "
           f"-> {m['engines']} engine processes over TCP on 127.0.0.1, {args.bucket_mb:g} MiB "
           f"buckets, {os.cpu_count()} CPU cores")
     print(f"  per-rank shares {[round(b / 1e6, 1) for b in m['bytes']]} MB, buckets "
