@@ -150,6 +150,53 @@ def test_weight_updates_only_from_the_roots_and_with_the_key(served, tmp_path):
     assert out["weights_version"] == before + 1 and out["choices"][0]["weights_version"] == before + 1
 
 
+
+def test_a_generation_in_flight_finishes_on_its_version(served):
+    """k2 serve switches weights between engine batches: a long completion running when the
+    update arrives keeps the old weights and says so; the next one runs on the new weights."""
+    from k2_core.modelio import load_model, save_model
+    from k2_rl.engine_openai import parse_completion, trainer_logprobs
+
+    _, base, init, root = served
+    auth = {"Authorization": f"Bearer {KEY}"}
+    old = load_model(init)
+    new = load_model(init)
+    with torch.no_grad():
+        new.lm_head.weight.mul_(1.5)
+    save_model(new, str(root / "scaled"))
+    url = f"{base}/update_weights_from_disk"
+    v0 = httpx.post(url, json={"model_path": init}, headers=auth, timeout=60).json()["weights_version"]
+    prompt = [5, 6, 7]
+    got = {}
+
+    def long_completion():
+        got["long"] = httpx.post(f"{base}/v1/completions", headers=auth, timeout=120, json={
+            "prompt": prompt, "max_tokens": 300, "temperature": 1.0, "seed": 3, "logprobs": 0,
+            "ignore_eos": True, "return_tokens_as_token_ids": True}).json()
+        got["long_end"] = time.monotonic()
+
+    t = threading.Thread(target=long_completion)
+    t.start()
+    while _health(base)["pending"] < 1:
+        time.sleep(0.01)
+    time.sleep(0.3)  # it is decoding now
+    sent = time.monotonic()
+    r = httpx.post(url, json={"model_path": str(root / "scaled")}, headers=auth, timeout=120)
+    t.join()
+    assert got["long_end"] > sent  # the update really arrived while it was generating
+    assert r.status_code == 200 and r.json()["weights_version"] == v0 + 1
+    choice = got["long"]["choices"][0]
+    assert choice["weights_version"] == v0  # finished on the version it started with
+    ids, lps = parse_completion(choice, "k2 serve")
+    assert len(ids) == 300
+    assert max(abs(a - b) for a, b in zip(lps, trainer_logprobs(old, prompt, ids), strict=True)) <= TOL
+    after = httpx.post(f"{base}/v1/completions", headers=auth, timeout=60, json={
+        "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 0,
+        "return_tokens_as_token_ids": True}).json()["choices"][0]
+    assert after["weights_version"] == v0 + 1
+    ids, lps = parse_completion(after, "k2 serve")
+    assert max(abs(a - b) for a, b in zip(lps, trainer_logprobs(new, prompt, ids), strict=True)) <= TOL
+
 def test_weight_loader_refusals():
     from k2_data.serve_weights import WeightLoader, within_roots
 
