@@ -303,6 +303,25 @@ def test_a_sample_failing_after_its_retries_leaves_its_group_and_is_counted(http
         engine.close()
 
 
+
+def test_an_engine_that_is_down_fails_the_run_with_one_line():
+    from k2_data.generation.engine import SamplingParams
+    from k2_rl.engine_openai import OpenAIEngine, OpenAIEngineError
+    from k2_rl.options import OpenAIEngineOptions
+    from serve_fixture import free_port
+
+    engine = OpenAIEngine(OpenAIEngineOptions(
+        base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", retries=1,
+        retry_backoff_s=0.01, concurrency=4, max_consecutive_failures=6))
+    try:
+        outs = engine.generate([[1, 2]] * 5, SamplingParams(max_new_tokens=4))
+        assert [o.finish_reason for o in outs] == ["failed"] * 5  # excluded, not yet fatal
+        with pytest.raises(OpenAIEngineError, match="failed 7 samples in a row") as err:
+            engine.generate([[1, 2]] * 2, SamplingParams(max_new_tokens=4))
+        assert "ConnectError" in str(err.value) and "\n" not in str(err.value)
+    finally:
+        engine.close()
+
 def test_a_completion_without_logprobs_is_refused(httpserver):
     from k2_data.generation.engine import SamplingParams
     from k2_rl.engine_openai import OpenAIEngineError

@@ -117,6 +117,8 @@ class OpenAIEngine:
         self._in_flight = 0
         self._closed = False
         self.failed_samples = 0  # samples given up after their retries (cumulative)
+        self.consecutive_failures = 0  # reset by any sample that succeeds
+        self.last_error = ""
         self.retries = 0  # retried requests (cumulative)
         self.requests = 0
         self.default_stop_ids: list[int] = []
@@ -147,7 +149,13 @@ class OpenAIEngine:
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
         futs = [self.pool.submit(self._sample, list(p), sp) for p, sp in zip(prompts, plist, strict=True)]
-        return [f.result() for f in futs]
+        outs = [f.result() for f in futs]
+        if self.consecutive_failures >= self.opts.max_consecutive_failures:
+            raise OpenAIEngineError(
+                f"the engine at {self.base_url} failed {self.consecutive_failures} samples in a "
+                f"row, each after {self.opts.retries} retries (last: {self.last_error}); is it "
+                "down? (plugins.rl.openai.max_consecutive_failures)")
+        return outs
 
     def update(self, load: Any, version: int) -> None:
         """Pause new requests, drain those in flight, run `load()`, then serve `version` and
@@ -230,8 +238,13 @@ class OpenAIEngine:
         delay = self.opts.retry_backoff_s
         for attempt in range(self.opts.retries + 1):
             try:
-                return self._post(prompt, params, version)
-            except _Retryable:
+                out = self._post(prompt, params, version)
+                with self._cond:
+                    self.consecutive_failures = 0
+                return out
+            except _Retryable as exc:
+                with self._cond:
+                    self.last_error = _first_line(str(exc))
                 if attempt == self.opts.retries:
                     break
                 with self._cond:
@@ -240,6 +253,7 @@ class OpenAIEngine:
                 delay *= 2
         with self._cond:
             self.failed_samples += 1
+            self.consecutive_failures += 1
         return Completion(prompt_ids=prompt, token_ids=[], logprobs=[], finish_reason=FAILED,
                           text=None, version=version)
 
@@ -252,9 +266,9 @@ class OpenAIEngine:
         try:
             resp = self.client.post(f"{self.base_url}/completions", json=self.body(prompt, params))
         except httpx.HTTPError as exc:
-            raise _Retryable(str(exc)) from None
+            raise _Retryable(f"{type(exc).__name__}: {_first_line(str(exc))}") from None
         if resp.status_code in _RETRY_STATUS:
-            raise _Retryable(f"{resp.status_code}")
+            raise _Retryable(f"HTTP {resp.status_code}: {_error_message(resp)}")
         if resp.status_code != 200:
             raise OpenAIEngineError(f"{where} refused a completion with {resp.status_code}: "
                                     f"{_error_message(resp)}")

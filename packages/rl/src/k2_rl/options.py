@@ -96,6 +96,9 @@ class OpenAIEngineOptions(BaseModel):
                          "error, timeout, 408/429/5xx); after them it is excluded from its group "
                          "and counted (rollout/failed_samples).")
     retry_backoff_s: float = Field(0.5, ge=0, description="Wait before the first retry (doubles).")
+    max_consecutive_failures: int = Field(
+        32, gt=0, description="Samples failing in a row (each after its retries) that fail the "
+        "run with one line: the engine is down rather than flaky.")
     weight_update: Literal["k2", "sglang"] = Field(
         "k2", description="How the engine gets a new policy version: k2 = `k2 serve` loads the "
         "k2 checkpoint written under weights_dir (it must lie under one of the server's "
