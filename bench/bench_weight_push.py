@@ -16,7 +16,7 @@ as the report's checkpoint engine broadcasts), or every engine replica fed direc
 (replicas of `--engine-gpus` GPUs on the same 2048 GPUs, so each GPU sends its share to
 2048 / engine-gpus replicas). Printed beside the report's "< 30 s for a full update".
 
-Run: `uv run python bench/bench_weight_push.py [--pushes 3] [--bucket-mb 16]`.
+Run: `uv run python bench/bench_weight_push.py [--pushes 3] [--bucket-mb 16] [--dtype bf16]`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def _engine(conn, cache: str) -> None:
 
 
 def _trainer(rank: int, world: int, port: int, cache: str, engines: list, pushes: int,
-             bucket_mb: float, out: str) -> None:
+             bucket_mb: float, out: str, extra: list[str]) -> None:
     import torch.distributed as dist
     from k2_core.configio import load_config
     from k2_core.orchestrator import build_run
@@ -79,7 +79,8 @@ def _trainer(rank: int, world: int, port: int, cache: str, engines: list, pushes
     torch.set_num_threads(1)
     try:
         run = build_run(load_config("tiny", [*MODEL, "parallel.backend=h800", "parallel.options.ep=2",
-                                             f"checkpoint.dir={os.path.dirname(out)}/ckpt"]))
+                                             f"checkpoint.dir={os.path.dirname(out)}/ckpt",
+                                             *extra]))
         sharding = run.backend.checkpoint_sharding(run.model, run.optimizer)
         pusher = WeightPusher([tuple(a) for a in engines], bucket_mb=bucket_mb)
         pusher.push(run.model, 1, sharding=sharding)  # warm-up
@@ -98,7 +99,8 @@ def _trainer(rank: int, world: int, port: int, cache: str, engines: list, pushes
             dist.destroy_process_group()
 
 
-def measure(pushes: int, bucket_mb: float, engines_n: int = 2, world: int = 4) -> dict:
+def measure(pushes: int, bucket_mb: float, extra: list[str], engines_n: int = 2,
+            world: int = 4) -> dict:
     """Push wall times and bytes of `world` trainer ranks to `engines_n` engine processes."""
     tmp = tempfile.mkdtemp(prefix="k2-bench-push-")
     cache, out = os.path.join(tmp, "cache"), os.path.join(tmp, "res")
@@ -113,7 +115,7 @@ def measure(pushes: int, bucket_mb: float, engines_n: int = 2, world: int = 4) -
     try:
         addrs = [list(c.recv()) for c in pipes]
         mp.start_processes(_trainer, args=(world, _free_port(), cache, addrs, pushes, bucket_mb,
-                                           out), nprocs=world, join=True, start_method="fork")
+                                           out, extra), nprocs=world, join=True, start_method="fork")
         for c in pipes:
             c.send("version")
         versions = [c.recv() for c in pipes]
@@ -150,9 +152,12 @@ def main() -> None:
     ap.add_argument("--bucket-mb", type=float, default=16.0)
     ap.add_argument("--engine-gpus", type=int, default=32,
                     help="GPUs of one engine replica of k2-1t (fan-out to every replica)")
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
+                    help="the trainers' parallel.options.dtype (default: the backend's)")
     args = ap.parse_args()
 
-    m = measure(args.pushes, args.bucket_mb)
+    m = measure(args.pushes, args.bucket_mb,
+                [f"parallel.options.dtype={args.dtype}"] if args.dtype else [])
     model = sum(m["bytes"])
     wall = statistics.median(m["wall"])
     wire = model * m["engines"]  # every engine receives the whole model
