@@ -10,8 +10,9 @@ big-endian header length, the header as UTF-8 JSON, then `nbytes` raw payload by
 - `bucket` {push, version, full, sender, index, crc32, nbytes, tensors: [{name, shape, start,
   rows, dtype, offset, nbytes}]}: rows [start, start + rows) of each named tensor (global
   `shape`), packed back to back in at most `bucket_mb` MiB (a larger share is cut by rows);
-  `crc32` is zlib's over the payload. The receiver checks the checksum, copies the rows into a
-  staging copy of its tensors and records which rows of which tensor it now has.
+  `crc32` is zlib's over the payload. The receiver reads the rows straight into a staging
+  copy of its tensors (converting another dtype), checks the checksum, and only then records
+  which rows of which tensor it now has.
 - `end` {push, sender, buckets}: the sender's last frame; the receiver answers {ok, received}
   once every frame before it is staged.
 Then the trainers' process group synchronises (an all-gather of bucket counts), and rank 0
@@ -24,7 +25,9 @@ commits on a fresh connection to each engine, in two phases:
   completion carries the version that produced it; `abort` {push} drops the staging copy.
 A refusal reaches every trainer rank as the same one-line `WeightPushError` subclass, and
 every engine stays on its previous version. `status` {} answers {version, crc32: {name: crc}}.
-Frames come only from the trainer's own ranks; headers are JSON, payloads raw bytes (no pickle).
+Headers are JSON and payloads raw bytes (no pickle), but nothing authenticates a peer: bind
+the receiver to a trusted network (127.0.0.1 by default). Limit: an engine that fails its
+`switch` after another engine switched leaves the two on different versions (each reports it).
 """
 
 from __future__ import annotations
