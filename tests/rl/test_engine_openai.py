@@ -177,7 +177,8 @@ def test_a_generation_in_flight_finishes_on_its_version(served):
 
     t = threading.Thread(target=long_completion)
     t.start()
-    while _health(base)["pending"] < 1:
+    deadline = time.monotonic() + 30
+    while _health(base)["pending"] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
     time.sleep(0.3)  # it is decoding now
     sent = time.monotonic()
@@ -225,8 +226,10 @@ def test_update_pauses_new_requests_and_drains_those_in_flight(served, monkeypat
         first = threading.Thread(target=lambda: got.__setitem__(
             "first", [c.version for c in engine.generate([[5, 6, 7]] * 3, params)]))
         first.start()
-        while engine._in_flight < 3:
+        deadline = time.monotonic() + 30
+        while engine._in_flight < 3 and time.monotonic() < deadline:
             time.sleep(0.005)
+        assert engine._in_flight == 3
 
         def load():
             # drained: the 3 requests in flight have all come back, and nothing else was sent
