@@ -163,7 +163,10 @@ def _worker(rank: int, world: int, port: int, cache: str, shrink: list[str],
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
-        losses = train_losses(shrink, ["parallel.backend=h800", *overrides])
+        # the fp32 policy: these runs are compared with the fp32 `single` backend (the bf16
+        # default is compared with itself in test_bf16_policy.py)
+        losses = train_losses(shrink, ["parallel.backend=h800", "parallel.options.dtype=fp32",
+                                       *overrides])
         with open(f"{out}.{rank}", "w") as f:
             json.dump(losses, f)
     finally:
@@ -231,8 +234,8 @@ LAYOUT_BOUNDS = {  # relative L2 difference to the single-process checkpoint, pe
     # and fp32 Newton-Schulz (5 quintic iterations) amplifies its input's a few times
     "model": 3e-5, "optim.master": 3e-5,
     # the bias moves by +-bias_update_speed a step from the sign of integer expert counts,
-    # which tie-free routing makes
-    # equal in every layout, and the step counters are integers: both exact
+    # which tie-free routing makes equal in every layout, and the step counters are
+    # integers: both exact
     "bias": 0.0, "optim.step": 0.0,
 }
 # bf16 Newton-Schulz rounds its iterates to 2^-9: a reduction-order difference flips
