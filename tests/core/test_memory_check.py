@@ -54,7 +54,7 @@ def test_h800_counts_the_processes_of_this_host(monkeypatch, tmp_path):
         n = 1026.4e9
         # BF16 weights 2 + FP32 grads 4 + momentum 4 + master 4 bytes a parameter, about
         assert 13.5 * n < bf16 < 15 * n
-        backend.options = backend.options.model_copy(update={"dtype": "fp32"})
+        backend.dtype = "fp32"  # what dtype=fp32 (or auto at dp = 1) resolves to
         (fp32,) = backend.local_state_bytes(cfg)
         assert 11.5 * n < fp32 < 13 * n  # FP32 weights 4 + grads 4 + momentum 4
     finally:

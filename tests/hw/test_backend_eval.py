@@ -45,7 +45,8 @@ def _worker(rank: int, world: int, port: int, cache: str, overrides: list[str], 
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     try:
         with open(f"{out}.{rank}", "w") as f:
-            json.dump(_evals(["parallel.backend=h800", *overrides]), f)
+            json.dump(_evals(["parallel.backend=h800", "parallel.options.dtype=fp32",
+                              *overrides]), f)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

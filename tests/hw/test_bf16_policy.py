@@ -24,7 +24,7 @@ STEPS = 4
 SHRINK = [
     *small_model(), f"train.steps={STEPS}", "train.micro_batch_size=1", "train.log_every=1",
     "train.eval_every=0", "tracking.tracker=null", "checkpoint.every=2", "checkpoint.keep=3",
-    "parallel.options.dtype=bf16", *EXACT_NS,
+    *EXACT_NS,
 ]
 # Autograd hands back BF16 gradients (rounded to 2^-9 relative) for BF16 weights before they
 # reach the FP32 buffers, and a layout batches tokens differently (an expert's weight gradient
@@ -43,7 +43,9 @@ def _ckpt(d: Path, step: int) -> str:
 
 
 def _run(world: int, cache: str, tmp: Path, extra: list[str]) -> list[float]:
-    per_rank = distributed_losses(world, cache, SHRINK, [f"checkpoint.dir={tmp}", *extra],
+    # after backend_runs' fp32 default, so it wins
+    per_rank = distributed_losses(world, cache, SHRINK, ["parallel.options.dtype=bf16",
+                                                         f"checkpoint.dir={tmp}", *extra],
                                   str(tmp / "losses"))
     assert all(p == per_rank[0] for p in per_rank)
     return per_rank[0]
@@ -89,3 +91,17 @@ def test_bf16_policy_dp2xep2_matches_one_process(tmp_path, one_process):
         shutil.copytree(_ckpt(tmp_path, 2), _ckpt(d, 2))
         again = _run(world, one_process["cache"], d, opts)
         assert worst_loss_gap(again, got[2:], f"bf16 resume world {world}") < LOSS_TOL
+
+
+def test_auto_dtype_is_bf16_where_zero1_shares_the_masters():
+    """auto: the report's policy at dp >= 2; FP32 at dp = 1 (masters would cost 14 bytes a
+    parameter against FP32's 12) and under engine=deepspeed; explicit choices are kept."""
+    from k2_hw_h800.options import H800Options, resolve_dtype
+    from pydantic import ValidationError
+
+    assert [resolve_dtype(H800Options(), dp) for dp in (1, 2, 8)] == ["fp32", "bf16", "bf16"]
+    assert resolve_dtype(H800Options(dtype="bf16"), 1) == "bf16"
+    assert resolve_dtype(H800Options(dtype="fp32"), 8) == "fp32"
+    assert resolve_dtype(H800Options(engine="deepspeed"), 8) == "fp32"
+    with pytest.raises(ValidationError, match="engine=deepspeed holds FP32 weights"):
+        H800Options(engine="deepspeed", dtype="bf16")

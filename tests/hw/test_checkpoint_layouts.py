@@ -68,7 +68,9 @@ def _worker(rank: int, world: int, port: int, opts: list[str], src: str | None, 
                       K2_LOAD_PLUGINS="optim,moe,data,hw_h800", OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     try:
-        _phase(["parallel.backend=h800", *opts], src, root, out, rank)
+        # fp32: the round trip goes through the fp32 `single` backend and back, bit-exactly
+        _phase(["parallel.backend=h800", "parallel.options.dtype=fp32", *opts], src, root, out,
+               rank)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

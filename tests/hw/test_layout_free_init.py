@@ -31,6 +31,7 @@ def _worker(rank: int, world: int, port: int, opts: list[str], out: str) -> None
     torch.set_num_threads(1)
     try:
         cfg = load_config("tiny", [*OVERRIDES, "parallel.backend=h800",
+                                   "parallel.options.dtype=fp32",
                                    *[f"parallel.options.{o}" for o in opts]])
         reg = get_plugins().registry
         backend = reg.build("backend", "h800", options=cfg.parallel.options)

@@ -84,3 +84,25 @@ def test_qk_clip_scales_the_master_too():
     master = opt.state[q]["master"]
     assert torch.allclose(master[:2], torch.full((2, 3), 0.5)) and torch.equal(master[2:], torch.ones(2, 3))
     assert torch.equal(q.detach().float(), master)
+
+
+def test_init_state_allocates_up_front_and_steps_the_same():
+    """init_state() claims masters and moments before the first step (the h800 bf16 policy
+    calls it so step temporaries cannot fragment the heap under them); the steps are unchanged."""
+    lazy_m, eager_m = _model(torch.bfloat16), _model(torch.bfloat16)
+    lazy, eager = Muon(lazy_m, lr=0.02), Muon(eager_m, lr=0.02)
+    eager.init_state()
+    for p in eager_m.parameters():
+        st = eager.state[p]
+        assert st["master"].dtype == torch.float32 and torch.equal(st["master"], p.detach().float())
+        assert ("momentum_buffer" in st) != ("exp_avg" in st)
+    for step in range(2):
+        for a, b, g in zip(lazy_m.parameters(), eager_m.parameters(), _grads(lazy_m, step),
+                           strict=True):
+            a.grad, b.grad = g.to(torch.bfloat16), g.to(torch.bfloat16)
+        lazy.step()
+        eager.step()
+    for a, b in zip(lazy_m.parameters(), eager_m.parameters(), strict=True):
+        assert torch.equal(a, b)
+        for k, v in lazy.state[a].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(eager.state[b][k])), k

@@ -28,7 +28,7 @@ from torch import nn
 
 from .expert_parallel import EP_ATTR, moe_layers
 from .mesh import Layout, build_layout, init_process_group, resolve_device
-from .options import H800Options
+from .options import H800Options, resolve_dtype
 from .parallelize import parallelize
 from .zero import (
     check_deepspeed_layout,
@@ -81,6 +81,7 @@ class H800Backend(Backend):
         self.device = resolve_device(options)
         init_process_group(options, self.device)
         self.layout: Layout = build_layout(options, self.device)
+        self.dtype = resolve_dtype(options, self.layout.dp)  # "bf16" or "fp32"
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self._param_index: list[nn.Parameter] = []
@@ -103,7 +104,7 @@ class H800Backend(Backend):
         return self.layout.pp_rank == 0
 
     def _bf16(self, train: Any) -> bool:
-        return bool(train.bf16) or self.options.dtype == "bf16"
+        return bool(train.bf16) or self.dtype == "bf16"
 
     def _pipeline(self, run: Any) -> Any:
         """This rank's pipeline stages (built once the run's precision is known)."""
@@ -146,8 +147,9 @@ class H800Backend(Backend):
                               "pipeline ranks; untie it (K2 is untied) or use pp=1")
         parallelize(model, self.options, self.layout, activations=False)
         held: set[int] = set()
-        for m in self._held_modules(model):
-            materialize(m, self.device)
+        bf16 = self.dtype == "bf16"
+        for m in self._held_modules(model):  # BF16 weights allocated as such (no FP32 detour)
+            materialize(m, self.device, torch.bfloat16 if bf16 else None)
         model.tie_weights()
         for m in self._held_modules(model):
             held.update(id(p) for p in m.parameters())
@@ -155,7 +157,7 @@ class H800Backend(Backend):
             if id(p) not in held:  # another stage trains it: no optimizer or gradient sees it
                 p.requires_grad_(False)
         model.init_weights(seed)
-        if self.options.dtype == "bf16":
+        if bf16:
             # the report's policy: BF16 weights, FP32 gradient buffers (master weights and
             # state are the optimizer's, FP32, ZeRO-sharded)
             use_low_precision_weights(model, torch.bfloat16)
@@ -164,7 +166,7 @@ class H800Backend(Backend):
 
     def autocast(self, bf16: bool) -> Any:
         """bf16 autocast when asked, and always with BF16 weights (norms and softmax in FP32)."""
-        on = bf16 or self.options.dtype == "bf16"
+        on = bf16 or self.dtype == "bf16"
         return autocast(self.device.type, torch.bfloat16, enabled=on)
 
     def local_state_bytes(self, cfg: Any) -> list[int]:
@@ -184,8 +186,8 @@ class H800Backend(Backend):
         for r in range(first, min(first + local, self.world_size)):
             s = r // (lay.dp * lay.ep)
             st = stage_state(cfg.model, cfg.moe, stages[s], first=s == 0, last=s == lay.pp - 1,
-                             ep=lay.ep, dp=lay.dp, master_weights=o.dtype == "bf16")
-            weights = st.bf16_params if o.dtype == "bf16" else 2 * st.bf16_params
+                             ep=lay.ep, dp=lay.dp, master_weights=self.dtype == "bf16")
+            weights = st.bf16_params if self.dtype == "bf16" else 2 * st.bf16_params
             out.append(int(weights + st.fp32_grads + st.optimizer))
         return out
 
@@ -198,6 +200,11 @@ class H800Backend(Backend):
             # ZeRO row splits on the checkpoint's chunk grid: each owner writes whole chunks
             opt = make_zero1_optimizer(model, optimizer, self.layout, self.options.zero_stage,
                                        row_align=lambda p: chunk_rows(global_rows(p)[1]))
+        if self.dtype == "bf16" and hasattr(opt, "init_state"):
+            # masters and moments claimed now, before any step's temporaries: allocated at the
+            # first step they land above the freed BF16 gradients and the heap keeps the hole
+            # (measured: +0.45 GiB of RSS on a 72M-parameter model, +0.05 GiB peak this way)
+            opt.init_state()
         opt._k2_timeout_s = self.options.timeout_s
         opt.step = types.MethodType(_guarded_step, opt)  # before any lr schedule wraps it
         self._param_index = [p for g in opt.param_groups for p in g["params"]]

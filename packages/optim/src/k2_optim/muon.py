@@ -264,6 +264,24 @@ class Muon(torch.optim.Optimizer):
                 if k != "step" and torch.is_tensor(v) and v.is_floating_point():
                     st[k] = v.to(device=p.device, dtype=torch.float32)
 
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Allocate the state of every owned trainable parameter now (momentum or AdamW's
+        moments, FP32 masters) instead of at the first step: memory is claimed before any
+        step's temporaries, so they cannot fragment the heap under it."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if not p.requires_grad or self.owned_rows(p) is None:
+                    continue
+                if group["use_muon"]:
+                    self._buffer(p)
+                elif "exp_avg" not in self.state[p]:
+                    st = self.state[p]
+                    st["step"] = 0
+                    st["exp_avg"], st["exp_avg_sq"] = self._state_like(p), self._state_like(p)
+                if self.has_master(p):
+                    self._weight(p)
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear `.grad` and zero the FP32 `main_grad` buffers (they persist across steps)."""
         super().zero_grad(set_to_none)
@@ -355,10 +373,12 @@ class Muon(torch.optim.Optimizer):
             rows = self._rows_view(p, p).shape[0] if p.ndim == 3 else 1
             per_row = n // _dim0(p) if p.ndim == 3 else n      # matrices per dim-0 row
             step = rows
-            if split_params and p.ndim == 3:
-                step = max(1, self.bucket_bytes // max(1, per_row * r * c * p.element_size()))
-            # the update's dtype: the master's (FP32) when there is one, else the parameter's
+            # the update's dtype: the master's (FP32) when there is one, else the parameter's;
+            # buckets are sized in it (a BF16 parameter's update takes FP32 bytes)
             dtype = torch.float32 if self.has_master(p) else p.dtype
+            if split_params and p.ndim == 3:
+                size = torch.empty((), dtype=dtype).element_size()
+                step = max(1, self.bucket_bytes // max(1, per_row * r * c * size))
             for lo in range(0, rows, step):
                 hi = min(rows, lo + step)
                 by_shape[(r, c, p.device, dtype)].append((i, lo, hi, (hi - lo) * per_row))
@@ -409,7 +429,7 @@ class Muon(torch.optim.Optimizer):
         bucket: list[Tensor] = []
         size = 0
         for p in params:
-            nbytes = self._rows_view(p, p).numel() * p.element_size()
+            nbytes = self._rows_view(p, p).numel() * (4 if self.has_master(p) else p.element_size())
             if bucket and size + nbytes > self.bucket_bytes:
                 self._adamw_bucket(group, bucket)
                 bucket, size = [], 0

@@ -45,15 +45,25 @@ def _generator(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
+def _normal_(t: torch.Tensor, std: float, seed: int) -> None:
+    """normal(0, std) drawn in FP32 (into a temporary of t's shape when t is narrower), so a
+    BF16 tensor holds exactly the FP32 draw rounded, as if cast after an FP32 init."""
+    g = _generator(t.device, seed)
+    if t.dtype == torch.float32:
+        t.normal_(0.0, std, generator=g)
+    else:
+        t.copy_(torch.empty(t.shape, dtype=torch.float32, device=t.device).normal_(0.0, std, generator=g))
+
+
 @torch.no_grad()
 def seeded_normal_(p: torch.Tensor, seed: int, name: str, std: float) -> None:
     """Fill `p` with normal(0, std): one generator per tensor, or per expert row of a 3-D stack."""
     if p.ndim == 3:
         offset = int(getattr(p, EXPERT_OFFSET_ATTR, 0))
         for e in range(p.shape[0]):  # one-off set-up, not the hot path: a generator per expert
-            p[e].normal_(0.0, std, generator=_generator(p.device, param_seed(seed, name, offset + e)))
+            _normal_(p[e], std, param_seed(seed, name, offset + e))
         return
-    p.normal_(0.0, std, generator=_generator(p.device, param_seed(seed, name)))
+    _normal_(p, std, param_seed(seed, name))
 
 
 def _norm_param_ids(model: nn.Module) -> set[int]:
@@ -87,8 +97,10 @@ def init_parameters(model: nn.Module, seed: int, std: float) -> None:
             reset()
 
 
-def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
-    """Allocate `module`'s meta parameters and buffers on `device` (uninitialised), in place.
+def materialize(module: nn.Module, device: torch.device | str,
+                dtype: torch.dtype | None = None) -> nn.Module:
+    """Allocate `module`'s meta parameters and buffers on `device` (uninitialised), in place;
+    floating parameters in `dtype` when given (buffers keep theirs).
 
     Unlike `nn.Module.to_empty`, a parameter keeps its Python attributes (expert-parallel
     marks, `muon_split`, the expert offset) and a parameter shared by two modules (tied
@@ -101,7 +113,9 @@ def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
             if p is None or not p.is_meta:
                 continue
             if id(p) not in done:
-                new = nn.Parameter(torch.empty_like(p, device=device), requires_grad=p.requires_grad)
+                dt = dtype if dtype is not None and p.is_floating_point() else p.dtype
+                new = nn.Parameter(torch.empty_like(p, device=device, dtype=dt),
+                                   requires_grad=p.requires_grad)
                 new.__dict__.update(p.__dict__)
                 done[id(p)] = new
             mod._parameters[key] = done[id(p)]
