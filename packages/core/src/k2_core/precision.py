@@ -14,7 +14,6 @@ The contract other packages rely on (k2-optim reads it without importing k2_core
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -56,11 +55,6 @@ def use_low_precision_weights(model: nn.Module, dtype: torch.dtype) -> list[nn.P
         p.register_post_accumulate_grad_hook(_fold_into_main_grad)
         done.append(p)
     return done
-
-
-def grads(params: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """`grad_of(p)` of every parameter that has one."""
-    return [g for g in map(grad_of, params) if g is not None]
 
 
 def autocast(device_type: str, dtype: torch.dtype = torch.bfloat16,
