@@ -28,22 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "rl"))
 sys.path.insert(0, str(ROOT / "tests" / "data"))
-
-
-def _checkpoint(root: Path) -> tuple[str, object]:
-    from k2_core.configio import load_config
-    from k2_core.model import build_model
-    from k2_core.modelio import save_model
-    from rl_fixtures import tiny_tokenizer
-
-    tok = tiny_tokenizer(vocab=2048)
-    cfg = load_config("tiny", [f"model.vocab_size={tok.vocab_size}"])
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    uri = str(root / "init")
-    save_model(model, uri)
-    tok.save(f"{uri}/tokenizer")
-    return uri, tok
+sys.path.insert(0, str(ROOT / "bench"))
 
 
 def _median_rate(fn, tokens: int, reps: int = 3) -> float:
@@ -78,7 +63,9 @@ def main() -> None:
                               "threads": args.threads}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        uri, tok = _checkpoint(root)
+        from bench_rl import tiny_checkpoint  # the same init checkpoint as bench_rl
+
+        uri, tok = tiny_checkpoint(root)
         stream = PromptStream((TaskOptions(name="math"),), prompt_encoder(tok), 0, args.tokens)
         prompts = [next(stream)[1] for _ in range(args.samples)]
         params = [SamplingParams(temperature=1.0, max_new_tokens=args.tokens, ignore_eos=True,

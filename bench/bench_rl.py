@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "rl"))
 
 
-def _tiny_checkpoint(root: Path) -> str:
+def tiny_checkpoint(root: Path) -> tuple[str, object]:
+    """A saved `tiny` model (vocab of a small BPE) with its tokenizer beside it: (uri, tokenizer)."""
     from k2_core.configio import load_config
     from k2_core.model import build_model
     from k2_core.modelio import save_model
@@ -41,7 +42,7 @@ def _tiny_checkpoint(root: Path) -> str:
     uri = str(root / "init")
     save_model(model, uri)
     tok.save(f"{uri}/tokenizer")
-    return uri
+    return uri, tok
 
 
 def bench_iterations(iters: int, root: Path, engine: str = "colocated") -> dict[str, float]:
@@ -50,7 +51,7 @@ def bench_iterations(iters: int, root: Path, engine: str = "colocated") -> dict[
     from k2_rl.commands import config_path
     from k2_rl.rl_stage import RLTrainer
 
-    init = _tiny_checkpoint(root)
+    init, _ = tiny_checkpoint(root)
     cfg = load_config(config_path("rl-math"), [
         f"plugins.rl.init={init}", f"checkpoint.dir={root / 'rl'}", f"train.steps={iters}",
         "train.eval_every=0", f"checkpoint.every={iters}", "tracking.tracker=null",
