@@ -117,6 +117,15 @@ def rubric_critic_reward(*, options: Any) -> Any:
     return build_rubric_critic(options=options)
 
 
+# --- agentic and safety evaluation (k2 eval-toolcall, k2 eval-agent, k2 redteam) -----------
+
+def eval_toolcall_command(*, options: Any) -> Any:
+    """Tool-call conformance of any OpenAI-compatible endpoint."""
+    from .evaluation.agentic.commands import eval_toolcall_command as impl
+
+    return impl(options=options)
+
+
 @hookimpl
 def k2_register(registry: Any) -> None:
     """Register k2-rl's commands and implementations."""
@@ -136,3 +145,4 @@ def k2_register(registry: Any) -> None:
     registry.register("reward", "rubric_critic", rubric_critic_reward, RubricCriticOptions)
     registry.register_section("sft", SftOptions)
     registry.register_section("rl", RlOptions)
+    registry.register("command", "eval-toolcall", eval_toolcall_command)

@@ -1,0 +1,85 @@
+"""The command lines of `k2 eval-toolcall`, `k2 eval-agent` and `k2 redteam` (arguments only:
+the evaluation modules load in `run`, so `k2 --help` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from k2_core.cli import Command
+
+from .common import add_endpoint_args, positive_int
+
+
+def _toolcall_run(args: argparse.Namespace) -> int:
+    from k2_core.errors import ConfigError
+
+    from .common import check_endpoint, emit, log_report
+    from .suite import HAND_SPECS, generate_suite, load_suite, specs_from_synth_tools, write_suite
+    from .toolcall import ToolcallOptions, format_report, run_toolcall
+
+    if args.write_suite:
+        specs = specs_from_synth_tools(args.specs) if args.specs else HAND_SPECS
+        cases = generate_suite(specs, seed=args.seed)
+        write_suite(cases, args.write_suite)
+        print(f"wrote {len(cases)} cases over {len(specs)} tools to {args.write_suite}")
+        return 0
+    if not args.base_url or not args.model:
+        raise ConfigError("--base-url and --model are required (or --write-suite FILE)")
+    if args.min_valid is not None and not 0 <= args.min_valid <= 1:
+        raise ConfigError(f"--min-valid: must be within [0, 1] (got {args.min_valid})")
+    cases = load_suite(args.suite)
+    check_endpoint(args.base_url, args.model, args.api_key_env)
+    opts = ToolcallOptions(stream=args.stream, concurrency=args.concurrency,
+                           temperature=args.temperature, seed=args.seed,
+                           max_tokens=args.max_tokens, timeout_s=args.timeout, limit=args.limit)
+    rep = run_toolcall(cases, args.base_url, args.model, opts, args.api_key_env)
+    rep["suite"] = args.suite
+    if not args.no_track:
+        metrics = {"valid_rate": rep["valid_rate"], "requests_per_s": rep["requests_per_s"],
+                   **{f"rate/{k}": v for k, v in rep["rates"].items()},
+                   **{f"feature/{k}/valid_rate": v["valid_rate"]
+                      for k, v in rep["by_feature"].items()}}
+        for k in ("called_when_required", "silent_when_forbidden"):
+            if rep[k] is not None:
+                metrics[k] = rep[k]
+        rep["tracking"] = log_report("eval-toolcall", rep, metrics,
+                                     {"model": args.model, "base_url": args.base_url,
+                                      "suite": args.suite, **opts.model_dump()},
+                                     args.tracking_uri)
+    emit(rep, format_report(rep), args)
+    if args.min_valid is not None and rep["valid_rate"] < args.min_valid:
+        print(f"k2 eval-toolcall: valid rate {rep['valid_rate']:.3f} is below --min-valid "
+              f"{args.min_valid}")
+        return 1
+    return 0
+
+
+def eval_toolcall_command(*, options: Any) -> Command:
+    """Tool-call conformance of an OpenAI-compatible endpoint: schema-valid calls, K2 envelope
+    parsing, streamed == non-streamed (table, JSON, mlflow)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        add_endpoint_args(p, required=False)
+        p.add_argument("--suite", default="builtin",
+                       help="JSONL suite of cases (default: the built-in one, 70 cases)")
+        p.add_argument("--concurrency", type=positive_int, default=8,
+                       help="requests in flight (default 8)")
+        p.add_argument("--stream", action="store_true",
+                       help="stream every case too; the reassembled stream must equal the "
+                            "non-streamed answer")
+        p.add_argument("--min-valid", type=float, default=None,
+                       help="exit 1 when the valid rate is below this (0..1)")
+        p.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
+        p.add_argument("--seed", type=int, default=0, help="request seed (default 0)")
+        p.add_argument("--max-tokens", type=positive_int, default=256,
+                       help="completion limit per request (default 256)")
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+        p.add_argument("--limit", type=positive_int, default=None, help="the first N cases")
+        p.add_argument("--write-suite", default=None, metavar="FILE",
+                       help="generate a suite from tool specs into FILE and exit")
+        p.add_argument("--specs", default=None,
+                       help="with --write-suite: k2 synth-tools agents.json or tools JSONL "
+                            "(default: the hand-written specs)")
+
+    return Command("eval-toolcall", eval_toolcall_command.__doc__ or "", add, _toolcall_run)
