@@ -10,7 +10,7 @@ import pytest
 import torch
 from k2_core.configio import load_config
 from k2_core.errors import ConfigError
-from k2_core.model import build_model
+from k2_core.model import MLA, build_model
 from k2_core.plugins import get_registry
 from k2_hw_h800.activations import (
     POLICY_LEVELS,
@@ -216,3 +216,46 @@ def test_cuda_offload_uses_pinned_memory_and_matches(cfg):
         assert torch.allclose(g, ref_grads[n], rtol=1e-5, atol=1e-7), n
     got = measure_saved_bytes(model, lambda: model(ids, labels=ids, return_logits=False))
     assert all(v.host > 0 for v in got.values())
+
+
+class _ChangedMLA(MLA):
+    """An MLA whose forward and steps differ from the stock one (a stand-in for a future edit)."""
+
+    def expand(self, cq, ckv, k_rot, cos, sin):
+        q, k, v = super().expand(cq, ckv, k_rot, cos, sin)
+        return q * 1.5, k, v
+
+    def forward(self, x, cos, sin, attn_mask=None, cache=None):
+        return 0.5 * super().forward(x, cos, sin, attn_mask, cache)
+
+
+def test_policy_follows_a_changed_mla(base, ids):
+    """The policy wraps MLA's `expand` seam instead of copying its forward: a model whose MLA
+    computes something else still gets the same loss and grads under recompute."""
+    changed = copy.deepcopy(base)
+    for layer in changed.model.layers:
+        layer.self_attn.__class__ = _ChangedMLA
+    ref_loss, ref_grads = _step(changed, ids)
+    assert not torch.equal(ref_loss, _step(base, ids)[0])  # the change does change the model
+    for name in ("recompute", "recompute+fp8+offload"):
+        model = copy.deepcopy(changed)
+        apply_activation_policy(model, POLICY_LEVELS[name])
+        loss, grads = _step(model, ids)
+        assert torch.equal(loss, ref_loss), name
+        for n, g in grads.items():
+            err = ((g - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-12)).item()
+            assert err <= GRAD_TOL[name] + 1e-7, (name, n, err)
+
+
+def test_recompute_uses_the_experts_announcement(base, ids, monkeypatch):
+    """An experts kernel that stops naming what it saves is an error under recompute/FP8, not a
+    silent fallback to keeping everything; offload alone needs no names and still runs."""
+    import k2_moe.experts
+
+    monkeypatch.setattr(k2_moe.experts, "announce_saved", lambda saved: None)
+    model = copy.deepcopy(base)
+    apply_activation_policy(model, POLICY_LEVELS["recompute"])
+    with pytest.raises(RuntimeError, match="announce"):
+        model(ids, labels=ids, return_logits=False)
+    apply_activation_policy(model, ActivationPolicy(cpu_offload=True))
+    model(ids, labels=ids, return_logits=False).loss.backward()

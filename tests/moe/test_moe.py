@@ -328,3 +328,38 @@ def test_small_batch_inference_path_equals_the_dispatch_path(n_shared):
         with torch.enable_grad():  # grad mode takes the sorted-dispatch path
             ref = k2(x).detach()
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_shared", [0, 1])
+@pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
+def test_experts_kernel_announces_what_it_saves(kernel, n_shared):
+    """The kernel names its saved activations (k2_core.model.saved): activation policies store
+    them by that name, so what it announces must be exactly what autograd then packs."""
+    from k2_core.model.saved import ExpertsSaved, listen_saved
+
+    if kernel == "grouped_mm" and not (hasattr(torch.nn.functional, "grouped_mm")
+                                       or hasattr(torch, "_grouped_mm")):
+        pytest.skip("no grouped_mm in this torch")
+    model, moe = small_configs(n_shared=n_shared)
+    k2 = _k2_moe(model, moe, kernel=kernel)
+    x = torch.randn(2, 5, model.hidden_size, requires_grad=True)
+    announced, packed = [], []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t), \
+            listen_saved(announced.append):
+        y = k2(x)
+    assert len(announced) == 1 and isinstance(announced[0], ExpertsSaved)
+    saved = announced[0]
+    n, inter = 10, moe.moe_intermediate_size
+    s = n * moe.num_experts_per_tok
+    assert saved.h.shape == (s, 2 * inter) and saved.act.shape == (s, inter)
+    assert saved.ws.shape == (s, 1)
+    if n_shared:
+        assert saved.hs.shape == (n, 2 * inter * n_shared) and saved.acts.shape == (n, inter * n_shared)
+    else:
+        assert saved.hs is None and saved.acts is None
+    keys = {t.untyped_storage().data_ptr() for t in packed}
+    for t in saved:
+        if t is not None:
+            assert t.untyped_storage().data_ptr() in keys
+    y.sum().backward()  # the backward reads them back through the same tuple
+    assert x.grad is not None

@@ -16,6 +16,13 @@ K2 cut activation memory three ways (K2_REFERENCE.md, Infrastructure); each is a
 - `cpu_offload`: every other saved activation goes to host memory (pinned, copied on a side
   stream on CUDA; plain copies on CPU) and comes back on unpack.
 
+The policy wraps the model's seams, never copies of its code: `MLA.expand` (the
+up-projections through RoPE) and `SwiGLU.gated` (silu(g) * u) run as recompute regions and
+RMSNorm's forward as one; k2_moe's experts kernel, a custom autograd function, names what it
+saves (`k2_core.model.saved.ExpertsSaved`, announced before `save_for_backward`) and the policy
+recognises those tensors by that announcement. A MoE layer whose kernel announced nothing under
+recompute or FP8 storage is an error, not a silent fallback.
+
 The policies act through `torch.autograd.graph.saved_tensors_hooks` opened around each decoder
 layer's forward (one "session" per layer call), so they also hold when a pipeline stage runs
 layers directly. Embedding, final norm and head are outside any layer and left as they are.
@@ -35,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from k2_core.model.saved import ExpertsSaved, listen_saved
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -217,26 +225,35 @@ class _Recipe:
         return out.as_strided(shape, stride, offset)
 
 
+@dataclass
+class _SwiGLUParts:
+    """One SwiGLU inside the experts kernel (routed or shared): what rebuilds its product.
+
+    `h` and `ws` are the packed handles of the announced pre-activations and gate weights
+    (`ws` stays None for the shared expert, which has no gate weight)."""
+
+    inter: int
+    weighted: bool
+    h: Any = None
+    ws: Any = None
+
+
 class _Deferred:
     """A saved MoE SwiGLU product recomputed from the saved pre-activations (and gate weights)."""
 
-    __slots__ = ("state", "shared")
+    __slots__ = ("parts",)
 
-    def __init__(self, state: dict[str, Any], shared: bool):
-        self.state = state
-        self.shared = shared
+    def __init__(self, parts: _SwiGLUParts):
+        self.parts = parts
 
     def restore(self) -> torch.Tensor:
         """silu(gate) * up (* routed gate weight), exactly as the experts kernel forms it."""
-        st = self.state
-        if self.shared:
-            h, inter, ws = _unpack(st["hs"]), st["Is"], None
-        else:
-            h, inter, ws = _unpack(st["h"]), st["I"], _unpack(st["ws"])
+        p = self.parts
+        h = _unpack(p.h)
         with torch.no_grad():
-            act = F.silu(h[:, :inter]).mul_(h[:, inter:])
-            if ws is not None:
-                act.mul_(ws)
+            act = F.silu(h[:, :p.inter]).mul_(h[:, p.inter:])
+            if p.weighted:
+                act.mul_(_unpack(p.ws))
         return act
 
 
@@ -303,7 +320,9 @@ class _Session:
         self.recipes: dict[int, tuple[_RecipeGroup, int]] = {}
         self.fp8: dict[int, weakref.ref] = {}
         self.cache: dict[tuple, tuple[weakref.ref, Any]] = {}
-        self.moe: dict[str, Any] | None = None
+        # storage key -> (role in ExpertsSaved, the SwiGLU it belongs to), from announcements
+        self.experts: dict[int, tuple[str, _SwiGLUParts]] = {}
+        self.announced = 0  # experts-kernel announcements seen (the MoE post-hook checks)
         self.offloaded: list[_Offloaded] = []
         self.prev: weakref.ref | None = None  # the previous layer's session, same forward
         self.unpacked = False
@@ -350,8 +369,9 @@ class _Session:
             if base is not None and _storage_key(base) == key:
                 group.pending += 1
                 return _Recipe(group, i, t, base)
-        if self.moe is not None:
-            kept = self._pack_moe(t)
+        role = self.experts.get(key)
+        if role is not None:
+            kept = self._pack_experts(t, *role)
             if kept is not None:
                 return kept
         ref = self.fp8.get(key)
@@ -361,36 +381,30 @@ class _Session:
             return self._offload(t)
         return t
 
-    def _pack_moe(self, t: torch.Tensor) -> Any:
-        """k2_moe's experts kernel saves x, h [S, 2I], act [S, I], ws [S, 1] (then, with the
-        shared expert inside it, hs [N, 2Is] and acts [N, Is]) in that order; recognise them
-        by shape and order. S is whatever rows reach the kernel (N x k here, the received rows
-        under expert parallelism)."""
-        st = self.moe
-        # the kernel makes these inside its forward: no autograd history (unlike x or the
-        # shared expert's concatenated weights, which it saves too)
-        if t.dim() != 2 or not t.is_floating_point() or t.requires_grad:
-            return None
-        shape, step = tuple(t.shape), st["step"]
-        if step == 0 and shape[1] == 2 * st["I"]:
-            st["step"], st["S"] = 1, shape[0]
-            st["h"] = fp8_quantize(t) if self.policy.fp8_storage else self._plain(t)
-            return st["h"]
-        s = st.get("S")
-        if step == 1 and shape == (s, st["I"]) and self.policy.recompute:
-            st["step"] = 2
-            return _Deferred(st, shared=False)
-        if step in (1, 2) and shape == (s, 1):
-            st["step"] = 3
-            st["ws"] = self._plain(t)
-            return st["ws"]
-        if step == 3 and st["Is"] and shape == (st["N"], 2 * st["Is"]):
-            st["step"] = 4
-            st["hs"] = fp8_quantize(t) if self.policy.fp8_storage else self._plain(t)
-            return st["hs"]
-        if step == 4 and shape == (st["N"], st["Is"]) and self.policy.recompute:
-            st["step"] = 5
-            return _Deferred(st, shared=True)
+    def on_experts_saved(self, saved: Any) -> None:
+        """Note what an experts kernel announced it saves (k2_core.model.saved.ExpertsSaved)."""
+        if not isinstance(saved, ExpertsSaved):
+            return
+        self.announced += 1
+        routed = _SwiGLUParts(inter=saved.act.shape[1], weighted=True)
+        roles = [(saved.h, "h", routed), (saved.act, "act", routed), (saved.ws, "ws", routed)]
+        if saved.hs is not None:
+            shared = _SwiGLUParts(inter=saved.acts.shape[1], weighted=False)
+            roles += [(saved.hs, "h", shared), (saved.acts, "act", shared)]
+        for t, name, parts in roles:
+            self.experts[_storage_key(t)] = (name, parts)
+
+    def _pack_experts(self, t: torch.Tensor, role: str, parts: _SwiGLUParts) -> Any:
+        """The experts kernel's named tensors: pre-activations as FP8 (or plain), products
+        deferred to the backward (rebuilt from the pre-activations), gate weights plain."""
+        if role == "h":
+            parts.h = fp8_quantize(t) if self.policy.fp8_storage else self._plain(t)
+            return parts.h
+        if role == "ws":
+            parts.ws = self._plain(t)
+            return parts.ws
+        if role == "act" and self.policy.recompute:
+            return _Deferred(parts)
         return None
 
     def _plain(self, t: torch.Tensor) -> Any:
@@ -417,7 +431,7 @@ class _Session:
         self.cache.clear()
         self.recipes.clear()
         self.fp8.clear()
-        self.moe = None
+        self.experts.clear()
 
 
 def _active() -> _Session | None:
@@ -428,7 +442,8 @@ def _active() -> _Session | None:
 def _session(sess: _Session) -> Iterator[_Session]:
     _SESSIONS.append(sess)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(sess.pack, sess.unpack):
+        with torch.autograd.graph.saved_tensors_hooks(sess.pack, sess.unpack), \
+                listen_saved(sess.on_experts_saved):
             yield sess
     finally:
         _SESSIONS.pop()
@@ -448,73 +463,32 @@ def _norm_forward(orig: Callable[[torch.Tensor], torch.Tensor]) -> Callable[...,
     return forward
 
 
-def _silu_mul(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    return F.silu(g) * u
+def _gated_forward(orig: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """SwiGLU's `gated` step (silu(g) * u): g and u stored as FP8, the product recomputed."""
 
-
-def _swiglu_forward(mod: nn.Module,
-                    orig: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def gated(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         s = _active()
         if s is None:
-            return orig(x)
-        g, u = mod.gate_proj(x), mod.up_proj(x)
+            return orig(g, u)
         s.mark_fp8(g, u)
         if s.policy.recompute and g.requires_grad:
-            return mod.down_proj(s.region(_silu_mul, g, u))
-        return mod.down_proj(_silu_mul(g, u))
+            return s.region(orig, g, u)
+        return orig(g, u)
 
-    return forward
+    return gated
 
 
-def _mla_forward(attn: nn.Module, orig: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """MLA's forward (k2_core.model.attention.MLA) with q, k, v formed in one recompute region."""
+def _expand_forward(orig: Callable[..., Any]) -> Callable[..., Any]:
+    """MLA's `expand` step (up-projections through RoPE to q, k, v) as one recompute region."""
 
-    def up(cq: torch.Tensor, ckv: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor,
-           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        from k2_core.model.rope import apply_rotary
-
-        bsz, seq = cq.shape[:2]
-        nh = attn.num_heads
-        q = attn.q_proj(cq) if attn.q_lora_rank is None else attn.q_b_proj(cq)
-        q = q.view(bsz, seq, nh, attn.qk_head_dim)
-        q_nope, q_rot = q.split([attn.qk_nope_head_dim, attn.qk_rope_head_dim], dim=-1)
-        kv = attn.kv_b_proj(ckv).view(bsz, seq, nh, attn.qk_nope_head_dim + attn.v_head_dim)
-        k_nope, v = kv.split([attn.qk_nope_head_dim, attn.v_head_dim], dim=-1)
-        q_rot = apply_rotary(q_rot, cos.unsqueeze(2), sin.unsqueeze(2), attn.rope_interleave)
-        k_rot = apply_rotary(k_rot, cos, sin, attn.rope_interleave)
-        q = torch.cat((q_nope, q_rot), dim=-1).transpose(1, 2)
-        k = torch.cat((k_nope, k_rot.unsqueeze(2).expand(-1, -1, nh, -1)), dim=-1).transpose(1, 2)
-        v = v.transpose(1, 2)
-        pad = attn.qk_head_dim - attn.v_head_dim
-        vp = F.pad(v, (0, pad)) if pad > 0 else v
-        return q, k, vp
-
-    def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    def expand(cq: torch.Tensor, ckv: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> Any:
         s = _active()
-        # anything else (e.g. a KV cache for decoding) goes to the model's own forward
-        if s is None or not s.policy.recompute or not x.requires_grad or any(
-                v is not None for v in kwargs.values()):
-            return orig(x, cos, sin, attn_mask, **kwargs)
-        bsz, seq, _ = x.shape
-        cq = x if attn.q_lora_rank is None else attn.q_a_layernorm(attn.q_a_proj(x))
-        kv_nope, k_rot = attn.kv_a_proj_with_mqa(x).split(
-            [attn.kv_lora_rank, attn.qk_rope_head_dim], dim=-1)
-        ckv = attn.kv_a_layernorm(kv_nope)
-        q, k, vp = s.region(up, cq, ckv, k_rot, cos, sin)
-        if attn.record_max_logits:
-            attn._record_max_logits(q, k, attn_mask)
-        if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, vp, is_causal=True, scale=attn.softmax_scale)
-        else:
-            out = F.scaled_dot_product_attention(q, k, vp, attn_mask=attn_mask,
-                                                 scale=attn.softmax_scale)
-        out = out[..., : attn.v_head_dim]
-        out = out.transpose(1, 2).reshape(bsz, seq, attn.num_heads * attn.v_head_dim)
-        return attn.o_proj(out)
+        if s is None or not s.policy.recompute or not (cq.requires_grad or ckv.requires_grad):
+            return orig(cq, ckv, k_rot, cos, sin)
+        return s.region(orig, cq, ckv, k_rot, cos, sin)
 
-    return forward
+    return expand
 
 
 # --- applying a policy --------------------------------------------------------------------
@@ -526,20 +500,20 @@ class PolicyHandle:
     def __init__(self, model: nn.Module, policy: ActivationPolicy):
         self.model = model
         self.policy = policy
-        self._patched: list[nn.Module] = []
+        self._patched: list[tuple[nn.Module, str]] = []
         self._hooks: list[Any] = []
         self.last: weakref.ref | None = None  # the latest layer session (prefetch chain)
 
-    def patch(self, mod: nn.Module, forward: Callable[..., Any]) -> None:
-        """Shadow `mod.forward` with an instance attribute (state-dict names unchanged)."""
-        mod.forward = forward
-        self._patched.append(mod)
+    def patch(self, mod: nn.Module, forward: Callable[..., Any], name: str = "forward") -> None:
+        """Shadow method `name` of `mod` with an instance attribute (state-dict names unchanged)."""
+        setattr(mod, name, forward)
+        self._patched.append((mod, name))
 
     def remove(self) -> None:
-        """Restore the model's own forwards and drop the hooks."""
-        for mod in self._patched:
-            if "forward" in mod.__dict__:
-                del mod.forward
+        """Restore the model's own methods and drop the hooks."""
+        for mod, name in self._patched:
+            if name in mod.__dict__:
+                delattr(mod, name)
         for h in self._hooks:
             h.remove()
         self._patched.clear()
@@ -588,22 +562,28 @@ def _side_stream(args: tuple) -> torch.cuda.Stream | None:
 
 
 def _moe_hooks(handle: PolicyHandle, mod: nn.Module) -> None:
-    shared = getattr(mod, "shared_experts", None)
-    inter_s = shared.down_proj.in_features if shared is not None else 0
+    """Mark the MoE input for FP8; after the forward, check the experts kernel announced what
+    it saved (without that, recompute and FP8 of its activations would silently not happen)."""
+
+    before: list[int] = []  # announcements seen when the forward began (pre/post pair up)
 
     def pre(m: nn.Module, args: tuple) -> None:
         s = _active()
         if s is None:
             return
-        x = args[0]
-        s.moe = {"N": x.numel() // x.shape[-1], "I": m.experts.intermediate_size,
-                 "Is": inter_s, "step": 0}
-        s.mark_fp8(x)  # the MoE up-projection input
+        s.mark_fp8(args[0])  # the MoE up-projection input
+        before.append(s.announced)
 
     def post(m: nn.Module, args: tuple, out: Any) -> None:
         s = _active()
-        if s is not None:
-            s.moe = None
+        if s is None or not before:
+            return
+        seen = before.pop()
+        if s.announced == seen and (s.policy.recompute or s.policy.fp8_storage):
+            raise RuntimeError(
+                f"activation policy: the MoE layer {type(m).__name__} ran without its experts "
+                "kernel announcing what it saves (k2_core.model.saved.announce_saved with an "
+                "ExpertsSaved); recompute / fp8_storage cannot handle its activations")
 
     handle._hooks.append(mod.register_forward_pre_hook(pre))
     handle._hooks.append(mod.register_forward_hook(post))
@@ -632,10 +612,10 @@ def apply_activation_policy(model: nn.Module, policy: ActivationPolicy | dict) -
             if isinstance(mod, RMSNorm):
                 handle.patch(mod, _norm_forward(mod.forward))
             elif isinstance(mod, MLA):
-                handle.patch(mod, _mla_forward(mod, mod.forward))
+                handle.patch(mod, _expand_forward(mod.expand), "expand")
             elif isinstance(mod, SwiGLU):
                 # the dense FFN; a shared expert only when run as a module (expert parallel)
-                handle.patch(mod, _swiglu_forward(mod, mod.forward))
+                handle.patch(mod, _gated_forward(mod.gated), "gated")
         if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate"):
             _moe_hooks(handle, layer.mlp)
     model._k2_activation_policy = handle

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from k2_core.model.saved import ExpertsSaved, announce_saved
 from k2_core.precision import autocast, host_counts
 from torch import nn
 
@@ -215,8 +216,9 @@ class _ExpertsFn(torch.autograd.Function):
     The shared expert (optional) runs as one more, always-on expert: its fused gate/up weight
     `s_gate_up` [2Is, H] and `s_down` [H, Is]; its output is the buffer the routed rows are
     index-added into, and its input gradient the buffer their input gradients are added into.
-    Saved for backward: x, the weights, h [S, 2I], the weighted activation [S, I], the gate
-    weights [S] (and the shared expert's h and activation); nothing is recomputed but the
+    Saved for backward: x, the weights, and an `ExpertsSaved` (k2_core.model.saved), announced
+    by name for activation policies: h [S, 2I], the weighted activation [S, I], the gate
+    weights [S, 1] (and the shared expert's h and activation); nothing is recomputed but the
     SwiGLU elementwise.
     """
 
@@ -236,7 +238,10 @@ class _ExpertsFn(torch.autograd.Function):
             out = torch.zeros(n, hidden, dtype=dt, device=dev)
         routed = _routed_forward_grouped if kernel == "grouped_mm" else _routed_forward_tiled
         h, act = routed(out, x, w_gate_up, w_down, ws, dispatch)
-        ctx.save_for_backward(x, w_gate_up, w_down, h, act, ws, s_gate_up, s_down, hs, acts)
+        # named for activation policies (k2_core.model.saved): they store these by name
+        saved = ExpertsSaved(h, act, ws, hs, acts)
+        announce_saved(saved)
+        ctx.save_for_backward(x, w_gate_up, w_down, s_gate_up, s_down, *saved)
         ctx.dispatch = dispatch
         ctx.kernel = kernel
         ctx.w_dtype = topk_weight.dtype
@@ -244,7 +249,8 @@ class _ExpertsFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, w_gate_up, w_down, h, act, ws, s_gate_up, s_down, hs, acts = ctx.saved_tensors
+        x, w_gate_up, w_down, s_gate_up, s_down, *rest = ctx.saved_tensors
+        h, act, ws, hs, acts = ExpertsSaved(*rest)
         d: Dispatch = ctx.dispatch
         need = ctx.needs_input_grad
         dout = dout.to(h.dtype).contiguous()

@@ -8,7 +8,7 @@ head's max pre-softmax logit over visible pairs, kept on device in `max_logits` 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +18,16 @@ from ..config import ModelConfig
 from .kvcache import KVCache
 from .layers import RMSNorm
 from .rope import apply_rotary, softmax_scale
+
+
+class MLALatents(NamedTuple):
+    """What MLA's down-projections make of x: `q` the query latent [B, T, q_lora_rank] (x itself
+    without q_lora), `kv` the normed KV latent [B, T, kv_lora_rank], `k_rot` the unrotated
+    shared rotary key [B, T, rope]."""
+
+    q: torch.Tensor
+    kv: torch.Tensor
+    k_rot: torch.Tensor
 
 
 class MLA(nn.Module):
@@ -67,44 +77,61 @@ class MLA(nn.Module):
         attends from the new tokens to every cached token with kv_b_proj absorbed."""
         if cache is not None and not cache.is_empty():
             return self._forward_cached(x, cos, sin, cache)
-        bsz, seq, _ = x.shape
+        latents = self.compress(x)
+        q, k, v = self.expand(*latents, cos, sin)
+        if cache is not None:  # the latent and the rotated shared key (head 0's rope columns)
+            cache.write(self.layer_idx, torch.cat((latents.kv, k[:, 0, :, self.qk_nope_head_dim:]), dim=-1))
+        return self.attend(q, k, v, attn_mask)
+
+    # The three steps of a forward without a filled cache. They are the seams an activation
+    # policy wraps from outside (k2_hw_h800.activations runs `expand` as a recompute region):
+    # change what a step computes here, not by copying `forward` elsewhere.
+
+    def compress(self, x: torch.Tensor) -> MLALatents:
+        """The down-projections: x [B, T, H] -> the query and KV latents and the unrotated rotary key."""
+        cq = x if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
+        kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        return MLALatents(cq, self.kv_a_layernorm(kv_nope), k_rot)
+
+    def expand(self, cq: torch.Tensor, ckv: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The up-projections through RoPE: latents -> q, k, v [B, heads, T, qk_head_dim] (SDPA's inputs).
+
+        v comes zero-padded to q's width: SDPA's fused (flash) kernels need one head width for
+        q, k and v, MLA's values are narrower (128 vs 192 in K2), and zero columns change
+        nothing but the width; `attend` slices them off.
+        """
+        bsz, seq = cq.shape[:2]
         nh = self.num_heads
-        if self.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(cq) if self.q_lora_rank is None else self.q_b_proj(cq)
         q = q.view(bsz, seq, nh, self.qk_head_dim)
         q_nope, q_rot = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-
-        kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_layernorm(kv_nope)
-        kv = self.kv_b_proj(latent).view(bsz, seq, nh, self.qk_nope_head_dim + self.v_head_dim)
+        kv = self.kv_b_proj(ckv).view(bsz, seq, nh, self.qk_nope_head_dim + self.v_head_dim)
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
         q_rot = apply_rotary(q_rot, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_interleave)
         k_rot = apply_rotary(k_rot, cos, sin, self.rope_interleave)  # [B, T, rope], one for all heads
-        if cache is not None:
-            cache.write(self.layer_idx, torch.cat((latent, k_rot), dim=-1))
 
         # [B, heads, T, D] views; the shared rotary key is broadcast, copied once by the cat.
         q = torch.cat((q_nope, q_rot), dim=-1).transpose(1, 2)
         k = torch.cat((k_nope, k_rot.unsqueeze(2).expand(-1, -1, nh, -1)), dim=-1).transpose(1, 2)
         v = v.transpose(1, 2)
+        pad = self.qk_head_dim - self.v_head_dim
+        return q, k, (F.pad(v, (0, pad)) if pad > 0 else v)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention over `expand`'s q, k, padded v (recording max logits if asked), then o_proj -> [B, T, H]."""
+        bsz, _, seq, _ = q.shape
         if self.record_max_logits:
             self._record_max_logits(q, k, attn_mask)
-        # SDPA's fused (flash) kernels need one head width for q, k and v; MLA's values are
-        # narrower (128 vs 192 in K2), which would drop SDPA to its slow math path. Zero
-        # columns of v change nothing but the width, so pad and slice back.
-        pad = self.qk_head_dim - self.v_head_dim
-        vp = F.pad(v, (0, pad)) if pad > 0 else v
         if attn_mask is None:
-            out = F.scaled_dot_product_attention(q, k, vp, is_causal=True, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, vp, attn_mask=attn_mask, scale=self.softmax_scale)
-        if pad > 0:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.softmax_scale)
+        if out.shape[-1] != self.v_head_dim:
             out = out[..., : self.v_head_dim]
-        out = out.transpose(1, 2).reshape(bsz, seq, nh * self.v_head_dim)
+        out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_head_dim)
         return self.o_proj(out)
 
     def _forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -31,7 +31,11 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the gated FFN."""
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.gated(self.gate_proj(x), self.up_proj(x)))
+
+    def gated(self, g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """silu(g) * u: the step an activation policy wraps (k2_hw_h800 recomputes it)."""
+        return F.silu(g) * u
 
 
 def build_swiglu(model, moe, layer_idx: int, *, registry=None, options=None) -> SwiGLU:
