@@ -39,6 +39,7 @@ import time
 import zlib
 from collections import Counter, deque
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -255,6 +256,19 @@ def _shard_name(i: int) -> str:
     return f"shard-{i:06d}"
 
 
+@dataclass
+class _Shard:
+    """A shard being built: its documents' (digest, domain), its encoder batches, whether full.
+
+    `handles` is None for a shard an earlier (interrupted) run committed: only its documents'
+    digests are needed (for dedup), nothing is encoded or committed again."""
+
+    index: int
+    meta: list[tuple[bytes, str]] = field(default_factory=list)
+    handles: list[Any] | None = field(default_factory=list)
+    closed: bool = False
+
+
 def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[str, Any]:
     """Read, dedup and tokenize every document into committed shards; returns the counts.
 
@@ -269,12 +283,12 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
     encoder = _Encoder(tok, cfg.workers)
     if cfg.workers > 0:
         _import_in_background("zarr")  # needed by _assemble; the main process mostly waits here
-    # shards not yet committed, oldest first: [index, meta, handles, closed]
-    pending: deque[list[Any]] = deque()
+    pending: deque[_Shard] = deque()  # shards not yet committed, oldest first
     outstanding: deque[Any] = deque()  # batches submitted and not known to be finished
 
-    def commit(idx: int, meta: list[tuple[bytes, str]], handles: list[Any]) -> None:
-        parts = [encoder.result(h) for h in handles]
+    def commit(shard: _Shard) -> None:
+        idx, meta = shard.index, shard.meta
+        parts = [encoder.result(h) for h in shard.handles or ()]
         flat = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.uint32)
         lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
         base = f"{work}/{_shard_name(idx)}"
@@ -290,31 +304,30 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
         """Wait until at most `limit` batches are in flight; commit finished shards in order."""
         while outstanding and (len(outstanding) > limit or encoder.done(outstanding[0])):
             encoder.wait(outstanding.popleft())
-        while pending and pending[0][3] and all(encoder.done(h) for h in pending[0][2]):
-            idx, meta, handles, _ = pending.popleft()
-            commit(idx, meta, handles)
+        while pending and pending[0].closed and all(encoder.done(h) for h in pending[0].handles):
+            commit(pending.popleft())
 
-    def new_shard() -> list[Any]:
+    def new_shard() -> _Shard:
         nonlocal n_shards
         # committed by an earlier (interrupted) run: only its documents' hashes are needed
         skip = fs.exists(f"{work}/{_shard_name(n_shards)}.json")
-        shard = [n_shards, [], None if skip else [], False]
+        shard = _Shard(n_shards, handles=None if skip else [])
         n_shards += 1
         if not skip:
             pending.append(shard)
         return shard
 
-    def flush_batch(shard: list[Any], texts: list[str]) -> None:
-        if shard[2] is not None and texts:
+    def flush_batch(shard: _Shard, texts: list[str]) -> None:
+        if shard.handles is not None and texts:
             h = encoder.submit(texts)
-            shard[2].append(h)
+            shard.handles.append(h)
             outstanding.append(h)
         drain(encoder.max_inflight)
 
     try:
         with _progress() as prog:
             task = prog.add_task("tokenizing documents", total=None)
-            shard: list[Any] | None = None
+            shard: _Shard | None = None
             texts: list[str] = []
             for doc in iter_documents(cfg, skipped):
                 docs_read += 1
@@ -331,20 +344,20 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
                 seen.add(dg)
                 if shard is None:
                     shard = new_shard()
-                shard[1].append((dg, doc.domain))
-                if shard[2] is not None:
+                shard.meta.append((dg, doc.domain))
+                if shard.handles is not None:
                     texts.append(doc.text)
                     if len(texts) == cfg.batch_docs:
                         flush_batch(shard, texts)
                         texts = []
-                if len(shard[1]) == cfg.shard_docs:
-                    shard[3] = True  # closed: committed as soon as its batches are back
+                if len(shard.meta) == cfg.shard_docs:
+                    shard.closed = True  # committed as soon as its batches are back
                     flush_batch(shard, texts)
                     texts = []
                     shard = None
                     prog.update(task, completed=docs_read)
             if shard is not None:
-                shard[3] = True
+                shard.closed = True
                 flush_batch(shard, texts)
             drain(0)
             assert not pending
