@@ -126,6 +126,13 @@ def eval_toolcall_command(*, options: Any) -> Any:
     return impl(options=options)
 
 
+def eval_agent_command(*, options: Any) -> Any:
+    """Multi-turn tool-use episodes against any OpenAI-compatible endpoint."""
+    from .evaluation.agentic.commands import eval_agent_command as impl
+
+    return impl(options=options)
+
+
 @hookimpl
 def k2_register(registry: Any) -> None:
     """Register k2-rl's commands and implementations."""
@@ -146,3 +153,4 @@ def k2_register(registry: Any) -> None:
     registry.register_section("sft", SftOptions)
     registry.register_section("rl", RlOptions)
     registry.register("command", "eval-toolcall", eval_toolcall_command)
+    registry.register("command", "eval-agent", eval_agent_command)

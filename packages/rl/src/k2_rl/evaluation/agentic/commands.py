@@ -4,6 +4,7 @@ the evaluation modules load in `run`, so `k2 --help` stays fast)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from k2_core.cli import Command
@@ -83,3 +84,77 @@ def eval_toolcall_command(*, options: Any) -> Command:
                             "(default: the hand-written specs)")
 
     return Command("eval-toolcall", eval_toolcall_command.__doc__ or "", add, _toolcall_run)
+
+
+def _agent_run(args: argparse.Namespace) -> int:
+    from .agent import AgentOptions, format_report, load_tasks, run_eval_agent
+    from .common import check_endpoint, emit, generator_spec, log_report, options_or_exit
+
+    tasks = load_tasks(args.tasks)
+    opts = options_or_exit(AgentOptions, {
+        "max_turns": args.max_turns, "max_tokens": args.max_tokens,
+        "max_seconds": args.max_seconds, "max_tokens_per_turn": args.max_tokens_per_turn,
+        "temperature": args.temperature, "seed": args.seed, "limit": args.limit,
+        "judge_threshold": args.judge_threshold, "timeout_s": args.timeout})
+    roles = {"user": generator_spec(args.user, args.base_url, args.model, "--user"),
+             "tool": generator_spec(args.tool_sim, args.base_url, args.model, "--tool-sim"),
+             "judge": generator_spec(args.judge, args.base_url, args.model, "--judge")}
+    check_endpoint(args.base_url, args.model, args.api_key_env)
+    rep = run_eval_agent(tasks, args.base_url, args.model, opts, roles, args.out,
+                         concurrency=args.concurrency, api_key_env=args.api_key_env)
+    rep["tasks"] = args.tasks or "builtin"
+    if not args.no_track:
+        keys = ("success_rate", "calls_per_episode", "invalid_call_rate", "turns_per_episode",
+                "tokens_per_episode", "tokens_per_episode_max", "seconds_per_episode",
+                "unjudged", "episodes", "tool_sim_errors")
+        metrics = {k: rep[k] for k in keys}
+        if rep["success_rate_judged"] is not None:
+            metrics["success_rate_judged"] = rep["success_rate_judged"]
+        metrics.update({f"outcome/{k}": v for k, v in rep["outcomes"].items()})
+        files = [str(p) for p in Path(rep["out"], "data").glob("*.jsonl")]
+        rep["tracking"] = log_report("eval-agent", rep, metrics,
+                                     {"model": args.model, "base_url": args.base_url,
+                                      "tasks": rep["tasks"], "out": rep["out"],
+                                      **opts.model_dump(), "roles": rep["roles"]},
+                                     args.tracking_uri, files)
+    emit(rep, format_report(rep), args)
+    return 0 if rep["complete"] else 1
+
+
+def eval_agent_command(*, options: Any) -> Command:
+    """Multi-turn tool use in simulated environments: synth-tools tasks, simulated user and
+    tools, rubric judge; success, calls, invalid calls, turns, tokens (resumable)."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        add_endpoint_args(p)
+        p.add_argument("--tasks", default=None,
+                       help="JSONL of tasks as k2 synth-tools writes them (OUT/tasks/data/*.jsonl); "
+                            "default: the 8 built-in tasks")
+        p.add_argument("--limit", type=positive_int, default=None,
+                       help="a seed-stable sample of N tasks")
+        p.add_argument("--max-turns", type=positive_int, default=8,
+                       help="answers of the model per episode (default 8)")
+        p.add_argument("--max-tokens", type=positive_int, default=4096,
+                       help="completion tokens of the model per episode (default 4096)")
+        p.add_argument("--max-seconds", type=float, default=300.0,
+                       help="seconds per episode (default 300)")
+        p.add_argument("--max-tokens-per-turn", type=positive_int, default=512,
+                       help="completion limit per answer (default 512)")
+        p.add_argument("--temperature", type=float, default=0.0, help="default 0 (greedy)")
+        p.add_argument("--seed", type=int, default=0, help="sample, persona and request seed")
+        p.add_argument("--user", default=None, metavar="GEN",
+                       help="simulated user: http(s)://HOST/v1[#MODEL] or k2:CHECKPOINT "
+                            "(default: the endpoint under test)")
+        p.add_argument("--tool-sim", default=None, metavar="GEN",
+                       help="tool environment's world model (same forms; default: the endpoint)")
+        p.add_argument("--judge", default=None, metavar="GEN",
+                       help="rubric judge (same forms; default: the endpoint, i.e. self-judged)")
+        p.add_argument("--judge-threshold", type=float, default=0.7,
+                       help="minimum judge score of a success (default 0.7)")
+        p.add_argument("--concurrency", type=positive_int, default=4,
+                       help="episodes in flight (default 4)")
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+        p.add_argument("--out", default=None,
+                       help="run folder (default runs/eval-agent/MODEL-HASH; rerun to resume)")
+
+    return Command("eval-agent", eval_agent_command.__doc__ or "", add, _agent_run)

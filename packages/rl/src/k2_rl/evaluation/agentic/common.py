@@ -65,6 +65,18 @@ def generator_spec(text: str | None, base_url: str, model: str, flag: str) -> An
     raise ConfigError(f"{flag}: give http(s)://HOST/v1[#MODEL] or k2:CHECKPOINT (got {text!r})")
 
 
+def options_or_exit(model: type, values: dict[str, Any]) -> Any:
+    """`model(**values)`, or ConfigError naming the flag of the first bad value."""
+    from pydantic import ValidationError
+
+    try:
+        return model(**values)
+    except ValidationError as e:
+        err = e.errors()[0]
+        flag = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "options"
+        raise ConfigError(f"{flag}: {err['msg']} (got {err.get('input')!r})") from None
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer > 0."""
     import argparse
