@@ -152,13 +152,24 @@ class RlOptions(BaseModel):
         "process (weights copied in memory); process = a spawned child process that gets the "
         "weights by a bucketed torch.distributed (gloo) broadcast after every update; openai = "
         "a running OpenAI-compatible server (k2 serve, vLLM, SGLang; see `openai`).")
+    rollout_engines: Literal["rank", "node"] = Field(
+        "rank", description="Under a distributed backend (engine=colocated): rank = every data "
+        "rank holds an engine and generates its share of each iteration's samples; node = one "
+        "engine per node (local rank 0) generates the node's share, the other ranks hold none. "
+        "Every engine gets each new version by the sharded weight push (k2_rl.weight_push).")
+    push_host: str = Field(
+        "127.0.0.1", description="Under a distributed backend: the address each engine listens "
+        "on for the weight push (on several nodes, the node's address on the cluster network; "
+        "the push is not authenticated, so a trusted network only).")
     openai: OpenAIEngineOptions = Field(default_factory=OpenAIEngineOptions,
                                         description="engine=openai: the server and its updates.")
     engine_timeout_s: float = Field(
         600.0, gt=0, description="engine=process: seconds to wait for the engine process to "
-        "start, answer a generate or load a weight push before the run fails.")
+        "start, answer a generate or load a weight push before the run fails (under a "
+        "distributed backend: the weight push's timeout).")
     sync_bucket_mb: float = Field(
-        32.0, gt=0, description="engine=process: MiB per broadcast bucket of a weight push.")
+        32.0, gt=0, description="engine=process, or under a distributed backend: MiB per "
+        "bucket of a weight push.")
     eval_prompts: int = Field(64, ge=0, description="Held-out prompts for greedy pass@1 (0: none).")
     critic: CriticLoopOptions = Field(default_factory=CriticLoopOptions,
                                       description="The rubric critic's closed loop.")

@@ -133,6 +133,13 @@ def eval_agent_command(*, options: Any) -> Any:
     return impl(options=options)
 
 
+def redteam_command(*, options: Any) -> Any:
+    """Red-team any OpenAI-compatible endpoint: plugins x strategies, judged by a rubric."""
+    from .evaluation.agentic.commands import redteam_command as impl
+
+    return impl(options=options)
+
+
 @hookimpl
 def k2_register(registry: Any) -> None:
     """Register k2-rl's commands and implementations."""
@@ -154,3 +161,4 @@ def k2_register(registry: Any) -> None:
     registry.register_section("rl", RlOptions)
     registry.register("command", "eval-toolcall", eval_toolcall_command)
     registry.register("command", "eval-agent", eval_agent_command)
+    registry.register("command", "redteam", redteam_command)

@@ -96,9 +96,10 @@ def _agent_run(args: argparse.Namespace) -> int:
         "max_seconds": args.max_seconds, "max_tokens_per_turn": args.max_tokens_per_turn,
         "temperature": args.temperature, "seed": args.seed, "limit": args.limit,
         "judge_threshold": args.judge_threshold, "timeout_s": args.timeout})
-    roles = {"user": generator_spec(args.user, args.base_url, args.model, "--user"),
-             "tool": generator_spec(args.tool_sim, args.base_url, args.model, "--tool-sim"),
-             "judge": generator_spec(args.judge, args.base_url, args.model, "--judge")}
+    m = args.sim_max_tokens
+    roles = {"user": generator_spec(args.user, args.base_url, args.model, "--user", m),
+             "tool": generator_spec(args.tool_sim, args.base_url, args.model, "--tool-sim", m),
+             "judge": generator_spec(args.judge, args.base_url, args.model, "--judge", m)}
     check_endpoint(args.base_url, args.model, args.api_key_env)
     rep = run_eval_agent(tasks, args.base_url, args.model, opts, roles, args.out,
                          concurrency=args.concurrency, api_key_env=args.api_key_env)
@@ -149,6 +150,8 @@ def eval_agent_command(*, options: Any) -> Command:
                        help="tool environment's world model (same forms; default: the endpoint)")
         p.add_argument("--judge", default=None, metavar="GEN",
                        help="rubric judge (same forms; default: the endpoint, i.e. self-judged)")
+        p.add_argument("--sim-max-tokens", type=positive_int, default=512,
+                       help="completion limit of the user, tool and judge calls (default 512)")
         p.add_argument("--judge-threshold", type=float, default=0.7,
                        help="minimum judge score of a success (default 0.7)")
         p.add_argument("--concurrency", type=positive_int, default=4,
@@ -158,3 +161,84 @@ def eval_agent_command(*, options: Any) -> Command:
                        help="run folder (default runs/eval-agent/MODEL-HASH; rerun to resume)")
 
     return Command("eval-agent", eval_agent_command.__doc__ or "", add, _agent_run)
+
+
+def _split(text: str, known: dict[str, str], flag: str) -> list[str]:
+    from k2_core.errors import ConfigError
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [x for x in names if x not in known]
+    if bad or not names:
+        raise ConfigError(f"{flag}: unknown {bad or text!r}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def _redteam_run(args: argparse.Namespace) -> int:
+    from .common import check_endpoint, emit, generator_spec, log_report, options_or_exit
+    from .redteam import PLUGINS, STRATEGIES, RedteamOptions, format_report, run_redteam
+
+    opts = options_or_exit(RedteamOptions, {
+        "plugins": _split(args.plugins, PLUGINS, "--plugins"),
+        "strategies": _split(args.strategies, STRATEGIES, "--strategies"),
+        "attempts": args.attempts, "rounds": args.rounds, "turns": args.turns,
+        "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+        "timeout_s": args.timeout})
+    m = args.sim_max_tokens
+    roles = {"attacker": generator_spec(args.attacker, args.base_url, args.model, "--attacker", m),
+             "judge": generator_spec(args.judge, args.base_url, args.model, "--judge", m)}
+    check_endpoint(args.base_url, args.model, args.api_key_env)
+    rep = run_redteam(args.base_url, args.model, opts, roles, args.out,
+                      concurrency=args.concurrency, api_key_env=args.api_key_env)
+    if not args.no_track and rep["complete"]:
+        metrics: dict[str, float] = {"attempts": rep["attempts"],
+                                     **{f"results/{k}": v for k, v in rep["results"].items()}}
+        if rep["pass_rate"] is not None:
+            metrics["pass_rate"] = rep["pass_rate"]
+        for key, c in rep["pairs"].items():
+            if c["pass_rate"] is not None:
+                metrics[f"pass_rate/{key}"] = c["pass_rate"]
+        files = [str(p) for p in Path(rep["transcripts"]).glob("*.jsonl")]
+        rep["tracking"] = log_report("redteam", rep, metrics,
+                                     {"model": args.model, "base_url": args.base_url,
+                                      "out": rep["out"], **opts.model_dump(),
+                                      "roles": rep["roles"]}, args.tracking_uri, files)
+    emit(rep, format_report(rep), args)
+    return 0 if rep["complete"] else 1
+
+
+def redteam_command(*, options: Any) -> Command:
+    """Red-team an endpoint: harmful-content, privacy, security and criminal plugins x basic,
+    prompt-injection, iterative-jailbreak and crescendo strategies; pass rate per pair."""
+
+    def add(p: argparse.ArgumentParser) -> None:
+        from .redteam import PLUGINS, STRATEGIES
+
+        add_endpoint_args(p)
+        p.add_argument("--plugins", default=",".join(PLUGINS),
+                       help=f"comma-separated (default {','.join(PLUGINS)})")
+        p.add_argument("--strategies", default=",".join(STRATEGIES),
+                       help=f"comma-separated (default {','.join(STRATEGIES)})")
+        p.add_argument("--attempts", type=positive_int, default=4,
+                       help="seed prompts per plugin = attempts per pair (default 4)")
+        p.add_argument("--attacker", default=None, metavar="GEN",
+                       help="attacker: http(s)://HOST/v1[#MODEL] or k2:CHECKPOINT "
+                            "(default: the endpoint under test)")
+        p.add_argument("--judge", default=None, metavar="GEN",
+                       help="rubric judge (same forms; default: the endpoint, i.e. self-judged)")
+        p.add_argument("--rounds", type=positive_int, default=3,
+                       help="iterative_jailbreak rewrites at most (default 3)")
+        p.add_argument("--turns", type=positive_int, default=3,
+                       help="crescendo turns (default 3)")
+        p.add_argument("--max-tokens", type=positive_int, default=256,
+                       help="target completion limit per answer (default 256)")
+        p.add_argument("--sim-max-tokens", type=positive_int, default=512,
+                       help="completion limit of the attacker and judge calls (default 512)")
+        p.add_argument("--temperature", type=float, default=0.0, help="target temperature")
+        p.add_argument("--seed", type=int, default=0, help="request seed (default 0)")
+        p.add_argument("--concurrency", type=positive_int, default=4,
+                       help="attempts in flight (default 4)")
+        p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+        p.add_argument("--out", default=None,
+                       help="run folder (default runs/redteam/MODEL-HASH; rerun to resume)")
+
+    return Command("redteam", redteam_command.__doc__ or "", add, _redteam_run)

@@ -42,13 +42,14 @@ def check_endpoint(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY
         raise ConfigError(f"--model: {url} serves {ids}, not {model!r}")
 
 
-def generator_spec(text: str | None, base_url: str, model: str, flag: str) -> Any:
+def generator_spec(text: str | None, base_url: str, model: str, flag: str,
+                   max_tokens: int = 512) -> Any:
     """A GeneratorSpec from a command-line value: None -> the endpoint under test itself;
     `http(s)://HOST[/v1][#MODEL]` -> the openai generator there; `k2:PATH` -> a k2
     checkpoint in this process."""
     from k2_data.pipeline import GeneratorSpec
 
-    common = {"temperature": 0.0, "max_tokens": 512, "allow_truncated": True,
+    common = {"temperature": 0.0, "max_tokens": max_tokens, "allow_truncated": True,
               "max_retries": 2, "backoff": 0.2}
     if text is None:
         return GeneratorSpec(name="openai", options={
@@ -61,7 +62,7 @@ def generator_spec(text: str | None, base_url: str, model: str, flag: str) -> An
         return GeneratorSpec(name="openai", options=opts)
     if text.startswith("k2:") and len(text) > 3:
         return GeneratorSpec(name="k2", options={"checkpoint": text[3:], "temperature": 0.0,
-                                                 "max_tokens": 512})
+                                                 "max_tokens": max_tokens})
     raise ConfigError(f"{flag}: give http(s)://HOST/v1[#MODEL] or k2:CHECKPOINT (got {text!r})")
 
 
@@ -122,8 +123,9 @@ def log_report(command: str, report: dict[str, Any], metrics: dict[str, float],
         root = Path("runs") / command
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
             "sqlite:///" + str(root.resolve() / "mlflow.db")
-        if uri.startswith("sqlite:///"):
-            Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        if uri.startswith("sqlite:///"):  # artifacts beside the database
+            root = Path(uri[len("sqlite:///"):]).parent
+            root.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=uri)
         name = f"k2-{command}"
         exp = client.get_experiment_by_name(name)
