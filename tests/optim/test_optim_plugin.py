@@ -90,3 +90,33 @@ def test_train_a_k2_model_with_muonclip_and_wsd():
         losses.append(float(out.loss.detach()))
         assert opt.last_clip_stats["per_layer_max"].shape == (2,)
     assert losses[-1] < losses[0]
+
+
+def test_plugin_without_k2_core_says_which_extra():
+    """k2-optim alone (no k2-core): the entry point's module fails with a line naming the `k2`
+    extra, while the optimizers still import."""
+    code = (
+        "import sys\n"
+        "sys.modules['k2_core'] = None\n"  # as if k2-core were not installed
+        "import k2_optim\n"
+        "try:\n"
+        "    import k2_optim.plugin\n"
+        "except ImportError as e:\n"
+        "    print(e)\n"
+        "else:\n"
+        "    raise SystemExit('k2_optim.plugin imported without k2_core')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert "pip install 'k2-optim[k2]'" in out.stdout and "k2_core" in out.stdout
+
+
+def test_pyproject_declares_the_k2_extra():
+    """What plugin.py imports beyond torch is declared: the `k2` extra, bounded on k2-core."""
+    import tomllib
+    from pathlib import Path
+
+    meta = tomllib.loads((Path(__file__).parents[2] / "packages/optim/pyproject.toml").read_text())
+    assert meta["project"]["dependencies"] == ["torch>=2.9"]
+    extra = meta["project"]["optional-dependencies"]["k2"]
+    assert any(d.startswith("k2-core>=") and ",<" in d for d in extra)
+    assert any(d.startswith("pydantic") for d in extra)

@@ -2,15 +2,22 @@
 
 Kept light: importing this module imports neither torch nor the optimizer code (every `k2`
 CLI call loads it); the factories import them on first use. This is the only k2_optim module
-that imports k2_core.
+that imports k2_core (and pydantic): they come with the `k2` extra, `pip install
+'k2-optim[k2]'`, which pins the k2-core hook/registry API this module plugs into (0.1.x).
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from k2_core.hookspecs import hookimpl
-from pydantic import BaseModel, ConfigDict, Field
+try:
+    from k2_core.hookspecs import hookimpl
+    from pydantic import BaseModel, ConfigDict, Field
+except ImportError as e:  # k2-optim installed alone (torch only): Muon/MuonClip still work
+    raise ImportError(
+        f"k2_optim.plugin is k2-optim's k2 integration and needs k2-core and pydantic "
+        f"({e.name} is missing): pip install 'k2-optim[k2]'; Muon and MuonClip themselves "
+        "need only torch (import k2_optim)") from e
 
 
 class MuonOptions(BaseModel):
