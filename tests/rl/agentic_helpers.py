@@ -159,3 +159,49 @@ def run_k2(*args: str, timeout: float = 120, env: dict[str, str] | None = None
 
     return subprocess.run([K2, *args], capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def train_chat_checkpoint(path: str, conversations: list[tuple[list[dict], list[dict] | None]],
+                          *, max_positions: int = 2048, vocab_size: int = 2000,
+                          steps: int = 300, batch: int = 8) -> None:
+    """A tiny MLA checkpoint (and BPE tokenizer) that memorises `conversations` (messages,
+    tools): the model behind the example reports of docs/agentic-eval.md."""
+    import torch
+    from k2_core.config import ModelConfig, MoEConfig
+    from k2_core.model import build_model
+    from k2_core.modelio import save_model
+    from k2_data.chat import encode_chat, render
+    from k2_data.tokenizer import BpeTokenizer
+
+    tok = BpeTokenizer.train([render(m, t) for m, t in conversations], vocab_size=vocab_size,
+                             min_frequency=1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=96, intermediate_size=192,
+                      num_hidden_layers=2, first_k_dense_replace=2, num_attention_heads=4,
+                      q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                      v_head_dim=16, max_position_embeddings=max_positions, rope_theta=10000.0)
+    model = build_model((cfg, MoEConfig()))
+    rows = [encode_chat(tok, m, t) for m, t in conversations]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        pick = torch.randperm(len(rows), generator=g)[:batch].tolist()
+        width = max(len(rows[i][0]) for i in pick)
+        ids = torch.zeros(len(pick), width, dtype=torch.long)
+        labels = torch.full((len(pick), width), -100, dtype=torch.long)
+        for j, i in enumerate(pick):
+            r, mask = rows[i]
+            ids[j, : len(r)] = torch.tensor(r)
+            for t in range(1, len(r)):
+                if mask[t]:
+                    labels[j, t - 1] = r[t]
+        loss = model(ids, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if loss.item() < 0.01:
+            break
+    model.eval()
+    save_model(model, path)
+    tok.save(f"{path}/tokenizer")

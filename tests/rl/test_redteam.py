@@ -156,3 +156,16 @@ def test_bad_input_is_one_line_exit_2(capsys, args, message):
     assert k2_main(argv + args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("k2: config error:") and "\n" not in err and message in err, err
+
+
+def test_attacker_and_judge_may_be_a_k2_checkpoint_or_any_endpoint():
+    from k2_data.pipeline import build_generator
+    from k2_rl.evaluation.agentic.common import generator_spec
+
+    spec = generator_spec("k2:runs/sft-math", "http://h:1", "m", "--judge", 64)
+    assert spec.name == "k2" and spec.options["checkpoint"] == "runs/sft-math"
+    assert type(build_generator(spec)).__name__ == "LocalGenerator"  # loads on first use
+    spec = generator_spec("http://vllm:8000#Qwen/Qwen3-8B", "http://h:1", "m", "--judge")
+    assert spec.options["base_url"] == "http://vllm:8000/v1"
+    assert spec.options["model"] == "Qwen/Qwen3-8B"
+    assert generator_spec(None, "http://h:1/v1", "m", "--judge").options["model"] == "m"
