@@ -152,6 +152,24 @@ def test_max_logit_reduce_hook_is_applied():
     assert int(opt.last_clip_stats["heads_clipped"]) == int((s * 4 > tau).sum()) > 0
 
 
+def test_max_logit_reduce_is_joined_without_a_forward():
+    """A process that ran no forward this step (e.g. an RL data rank with no response of its
+    own) must still join the max-logit collective, or the ranks' collectives fall out of step;
+    it contributes -inf, which never wins the max."""
+    model = k2_tiny(1)
+    model.set_record_max_logits(True)  # but no forward: nothing recorded
+    seen = []
+
+    def reduce(t):  # stands in for an all-reduce MAX where another rank saw large logits
+        seen.append(t.clone())
+        return torch.full_like(t, 1e6)
+
+    opt = MuonClip(model, lr=0.0, weight_decay=0.0, qk_clip_tau=10.0, max_logit_reduce=reduce)
+    opt.step()
+    heads = model.config.num_attention_heads
+    assert len(seen) == 1 and seen[0].shape == (heads,) and bool(torch.isinf(seen[0]).all())
+    assert int(opt.last_clip_stats["heads_clipped"]) == heads  # the reduced logits are applied
+
 def test_qk_clip_off_changes_nothing():
     model = k2_tiny(1)
     _boost_logits(model)

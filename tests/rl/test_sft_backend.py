@@ -1,7 +1,7 @@
 """`k2 sft` under the h800 backend (issue 16): each rank loads only the init weights it holds,
 reads its share of each global batch, and trains through the backend contract; DP2 and PP2
 equal one process on the same global batch, and a DP2 checkpoint resumes in one process.
-`k2 rl` under a distributed backend is refused in one line."""
+(`k2 rl` under the backend: test_rl_backend.py.)"""
 
 from __future__ import annotations
 
@@ -131,14 +131,3 @@ def test_sft_under_h800_matches_one_process(tmp_path, monkeypatch):
     assert abs(rest[1] - one[1]) < LOSS_TOL
     _close(_weights(str(tmp_path / "one")), _weights(str(again)))
 
-
-def test_rl_under_a_distributed_backend_is_refused(tmp_path):
-    from k2_core.configio import load_config
-    from k2_core.errors import ConfigError
-    from k2_rl.commands import config_path
-    from k2_rl.rl_stage import prepare_rl_config
-
-    cfg = load_config(config_path("rl-math"), [f"plugins.rl.init={tmp_path}",
-                                               "parallel.backend=h800"])
-    with pytest.raises(ConfigError, match="k2 rl runs in one process for now"):
-        prepare_rl_config(cfg)

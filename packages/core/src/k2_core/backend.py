@@ -7,7 +7,9 @@ The orchestrator (`build_run`, `train`) calls, in order:
    layers, its experts) and initialises them layout-free (`K2ForCausalLM.init_weights`);
 2. `wrap_optimizer(model, optimizer)` (e.g. ZeRO-1 over the data-parallel ranks);
 3. per step `train_step(run, batches)` -> (mean loss, global grad norm), gradients reduced
-   and clipped, then the orchestrator's one update sequence (`apply_update`);
+   and clipped, then the orchestrator's one update sequence (`apply_update`). A stage that
+   runs its own forward/backward (the RL objective) calls `finish_step(run, loss)` instead,
+   which does the same reduction and clipping;
 4. `evaluate(run)` for the validation loss; `save_train_state` / `load_train_state` for
    checkpoints (a backend owns the layout it writes and reads).
 
@@ -87,9 +89,13 @@ class Backend:
                 loss = model(**batch, return_logits=False).loss
             (loss / cfg.grad_accum).backward()
             loss_sum += loss.detach().float()
-        clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        return loss_sum / cfg.grad_accum, grad_norm
+        return self.finish_step(run, loss_sum / cfg.grad_accum)
+
+    def finish_step(self, run: Any, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After this process's backward: reduce the gradients (and the MoE load) over the data
+        ranks, clip by the global norm; (loss averaged over the data ranks, grad norm)."""
+        clip = run.config.train.grad_clip if run.config.train.grad_clip > 0 else float("inf")
+        return loss, torch.nn.utils.clip_grad_norm_(run.model.parameters(), clip)
 
     @torch.no_grad()
     def evaluate(self, run: Any) -> float:

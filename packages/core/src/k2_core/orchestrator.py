@@ -46,6 +46,7 @@ class Run:
     skipped_steps: int = 0
     val_start: dict[str, Any] | None = None  # the val loader's initial state: every eval reads the same batches
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_attrs: dict[str, Any] = field(default_factory=dict)  # the checkpoint's attrs, if resumed
 
     @property
     def checkpoint_root(self) -> str:
@@ -150,6 +151,7 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None, *, dry_run: bool =
         attrs = backend.load_train_state(uri, model=model, optimizer=optimizer,
                                          scheduler=scheduler, loader=loader)
         run.step, run.tracking_run_id = attrs["step"], attrs.get("tracking_run_id")
+        run.resumed_attrs = attrs
     if cfg.tracking.tracker and backend.rank == 0 and not dry_run:
         tracker = reg.build(
             "tracker", cfg.tracking.tracker, options=cfg.tracking.options, where="tracking.options",

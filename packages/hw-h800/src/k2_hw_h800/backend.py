@@ -238,19 +238,32 @@ class H800Backend(Backend):
                         loss = model(**batch, return_logits=False).loss
                     (loss / cfg.grad_accum).backward()
                     loss_sum += loss.detach().float()
-            reduce_gradients(model, lay)
-            self._reduce_expert_counts(model)
-            if lay.data_size > 1:
-                dist.all_reduce(loss_sum, group=lay.data_group)
-            loss_mean = loss_sum / (cfg.grad_accum * lay.data_size)
-            clip = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = clip_global_grad_norm(model, lay, clip)
         except RuntimeError as exc:
             if not _is_comm_failure(exc):
                 raise
             raise _collective_error(self.rank, f"step {run.step + 1}", self.options.timeout_s,
                                     exc) from None
-        if dev.type == "meta":  # a dry run: no values to bring back
+        return self.finish_step(run, loss_sum / cfg.grad_accum)
+
+    def finish_step(self, run: Any, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """After this rank's backward: average the gradients and sum the MoE load over the data
+        ranks, clip by the global norm; (loss averaged over the data ranks, grad norm)."""
+        lay = self.layout
+        try:
+            reduce_gradients(run.model, lay)
+            self._reduce_expert_counts(run.model)
+            loss = loss.detach().float().to(self.device)
+            if lay.data_size > 1:
+                dist.all_reduce(loss, group=lay.data_group)
+            loss_mean = loss / lay.data_size
+            clip = run.config.train.grad_clip if run.config.train.grad_clip > 0 else float("inf")
+            grad_norm = clip_global_grad_norm(run.model, lay, clip)
+        except RuntimeError as exc:
+            if not _is_comm_failure(exc):
+                raise
+            raise _collective_error(self.rank, f"step {run.step + 1}", self.options.timeout_s,
+                                    exc) from None
+        if self.device.type == "meta":  # a dry run: no values to bring back
             return loss_mean, grad_norm
         return loss_mean.cpu(), grad_norm.cpu()
 

@@ -10,6 +10,7 @@ over heads); the loop is over layers only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -249,6 +250,11 @@ class MuonClip(Muon):
         logits = self._current_max_logits()
         self._running = {}
         self._clip_calls += 1
+        if self.max_logit_reduce is not _identity:
+            # a collective: a process that recorded nothing (e.g. no forward of its own this
+            # step) still joins it, with a max logit that never wins
+            logits = [torch.full((t.heads,), -math.inf, device=t.q_weight.device)
+                      if ml is None else ml for t, ml in zip(self.qk_clip_targets, logits, strict=True)]
         pairs = [(t, ml) for t, ml in zip(self.qk_clip_targets, logits, strict=True) if ml is not None]
         if not pairs:
             self.last_clip_stats = None

@@ -10,12 +10,14 @@ One iteration (= one policy version):
 4. sync: the new weights go to the engine as the next policy version (engine=openai: written
    under weights_dir, loaded by the server between drained requests, then checked).
 The orchestrator's pieces are reused: build_run (model, optimizer, schedule, PTX loader from the
-`data` section, tracker hooks, resume), save_train_state and the lifecycle hooks.
+`data` section, tracker hooks, resume), the backend's gradient reduction and checkpoints, the
+one update sequence (`apply_update`) and the lifecycle hooks. Under a distributed backend
+(`parallel.backend=h800`: DP, EP, DP x EP) rollouts, rewards and training are spread over the
+data ranks and the engines are fed by the sharded weight push (`k2_rl.data_ranks`).
 """
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -29,9 +31,28 @@ from .options import RlOptions
 from .rewards.isolation import log_protections, sandbox_protections
 
 
-def prepare_rl_config(cfg: RunConfig) -> tuple[RunConfig, RlOptions, Any, Any]:
-    """(config with the init checkpoint's model, rl options, init model, tokenizer)."""
-    from k2_core.modelio import load_checkpoint_model
+def _check_distributed(cfg: RunConfig, opts: RlOptions) -> None:
+    """Refuse, in one line each, what `k2 rl` does not run under a distributed backend."""
+    if cfg.parallel.backend == "single":
+        return
+    where = f"under parallel.backend={cfg.parallel.backend}"
+    if int(cfg.parallel.options.get("pp", 1)) > 1:
+        # the K1.5 loss needs each response's whole log-probability on one rank, and the
+        # engines the whole model: a pipeline stage has neither
+        raise ConfigError(f"parallel.options.pp: k2 rl does not run with pipeline stages "
+                          f"(pp={cfg.parallel.options['pp']}); use dp/ep (k2 sft runs under pp)")
+    if opts.engine != "colocated":
+        raise ConfigError(f"plugins.rl.engine: {opts.engine!r} is not supported {where}; use "
+                          "engine=colocated (engines on the data ranks, fed by the weight push)")
+    if opts.critic.enabled:
+        raise ConfigError(f"plugins.rl.critic.enabled: the closed-loop critic runs in one "
+                          f"process only, not {where}; set it to false")
+
+
+def prepare_rl_config(cfg: RunConfig) -> tuple[RunConfig, RlOptions, Any]:
+    """(config with the init checkpoint's model, rl options, tokenizer); only the checkpoint's
+    configs are read here, no weights."""
+    from k2_core.modelio import checkpoint_configs
 
     from .chat_data import load_tokenizer_of, tokenizer_uri_of
     from .checkpoints import resolve_checkpoint
@@ -40,15 +61,10 @@ def prepare_rl_config(cfg: RunConfig) -> tuple[RunConfig, RlOptions, Any, Any]:
     if "rl" not in cfg.plugins:
         raise ConfigError("plugins.rl.init: missing; name the policy checkpoint "
                           "(e.g. plugins.rl.init=runs/sft-math)")
-    if cfg.parallel.backend != "single":
-        # its step and rollouts do not go through a distributed backend yet: no gradient
-        # would be reduced across ranks, so refuse rather than train diverging replicas
-        raise ConfigError(f"parallel.backend: k2 rl runs in one process for now, not under "
-                          f"{cfg.parallel.backend!r}; use parallel.backend=single (k2 sft runs "
-                          "under h800)")
     opts = RlOptions.model_validate(cfg.plugins["rl"])
+    _check_distributed(cfg, opts)
     init = resolve_checkpoint(opts.init)
-    model, init_cfg = load_checkpoint_model(init)
+    model_cfg, moe_cfg, init_cfg = checkpoint_configs(init)
     tok_uri = opts.tokenizer or _beside(init) or tokenizer_uri_of(init_cfg)
     tokenizer = load_tokenizer_of(init_cfg, tok_uri)
     data_opts = dict(cfg.data.options)
@@ -56,41 +72,37 @@ def prepare_rl_config(cfg: RunConfig) -> tuple[RunConfig, RlOptions, Any, Any]:
         data_opts["tokenizer"] = tok_uri
     opts = opts.model_copy(update={"init": init, "tokenizer": tok_uri})
     cfg = cfg.model_copy(update={
-        "model": model.config, "moe": model.moe_config,
+        "model": model_cfg, "moe": moe_cfg,
         "plugins": {**cfg.plugins, "rl": opts.model_dump(mode="json")},
         "data": cfg.data.model_copy(update={"options": data_opts})})
-    return cfg, opts, model, tokenizer
+    return cfg, opts, tokenizer
 
 
 class RLTrainer:
     """Holds the run, the engine, the rollout manager and the rewards of one `k2 rl` run."""
 
     def __init__(self, cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | None = None):
-        from k2_core.checkpoint import load_tensors
         from k2_core.model import K2ForCausalLM
         from k2_core.orchestrator import build_run
         from k2_core.plugins import get_plugins
-        from k2_core.trainstate import list_checkpoints
+        from k2_core.trainstate import load_weights
         from k2_data.generation.engine import Engine, SamplingParams
 
         from .checkpoints import TokenizerBesideHooks, attach_hooks
+        from .data_ranks import DataRanks
         from .prompts import PromptStream
         from .rl_eval import prompt_encoder
         from .rollout import RolloutManager
         from .weight_sync import InProcessSync, VersionGate
 
-        cfg, opts, init_model, tokenizer = prepare_rl_config(cfg)
+        cfg, opts, tokenizer = prepare_rl_config(cfg)
         self.cfg, self.opts, self.tokenizer, self.progress = cfg, opts, tokenizer, progress
         self.plugins = get_plugins()
         self.run = run = build_run(cfg, self.plugins)
-        rl_state = None
-        if run.step == 0:
-            run.model.load_state_dict(init_model.state_dict())
-        else:
-            resume = cfg.checkpoint.resume
-            uri = list_checkpoints(run.checkpoint_root)[-1][1] if resume == "auto" else resume
-            rl_state = load_tensors(uri, [])[1].get("rl_state")
-        del init_model
+        self.ranks = DataRanks(run.backend)
+        if run.step == 0:  # a fresh run starts from the init weights; a resumed one has its own
+            load_weights(opts.init, run.model)  # each rank reads only what it holds
+        rl_state = run.resumed_attrs.get("rl_state")
         attach_hooks(self.plugins, TokenizerBesideHooks(tokenizer), "k2-rl-tokenizer")
         reg = self.plugins.registry
         self.rewards = {t.name: reg.build("reward", t.reward, options=t.reward_options,
@@ -99,7 +111,11 @@ class RLTrainer:
         # before any engine starts: a code reward without namespaces is refused unless allowed
         self.sandbox_protections = sandbox_protections(
             self.rewards, allow_weak_isolation=opts.allow_weak_isolation)
-        if opts.engine == "process":
+        if self.ranks.distributed:
+            from .data_ranks import build_engines
+
+            self.engine, self.sync = build_engines(cfg, opts, run, tokenizer, self.ranks)
+        elif opts.engine == "process":
             from .engine_process import ProcessSync, RemoteEngine
 
             # the child builds its own model; its first weights come by the same broadcast
@@ -226,17 +242,24 @@ class RLTrainer:
         return groups, stats
 
     def score(self, groups: list[list[Any]]) -> list[dict[str, Any]]:
-        """Each response as a dict: trajectory, text, reward result, final reward."""
+        """Each response as a dict: trajectory, text, reward result, final reward (and `own`:
+        whether this data rank scored it, and trains on it). Group i is scored by data rank
+        i mod world; every rank gets every group's scores."""
         from .budget import penalised
 
-        out = []
-        for g in groups:
+        mine: list[list[dict[str, Any]]] = []
+        for i in self.ranks.mine(len(groups)):
+            g = groups[i]
             texts = [self._text(t) for t in g]
             results = self.rewards[g[0].task].score(g[0].prompt, texts)
-            for t, text, res in zip(g, texts, results, strict=True):
-                r = penalised(float(res.score), t.over_budget, self.opts.over_budget_penalty)
-                out.append({"traj": t, "text": text, "result": res, "reward": r})
-        return out
+            mine.append([{"traj": t, "text": text, "result": res, "reward": penalised(
+                float(res.score), t.over_budget, self.opts.over_budget_penalty)}
+                for t, text, res in zip(g, texts, results, strict=True)])
+        scored: list[list[dict[str, Any]]] = [[] for _ in groups]
+        for rank, theirs in enumerate(self.ranks.gather(mine)):
+            for i, items in zip(range(rank, len(groups), self.ranks.world), theirs, strict=True):
+                scored[i] = [{**s, "own": rank == self.ranks.rank} for s in items]
+        return [s for items in scored for s in items]
 
     def _text(self, t: Any) -> str:
         from .rl_eval import response_text
@@ -244,74 +267,108 @@ class RLTrainer:
         return response_text(self.tokenizer, t.token_ids, self.stop_ids)
 
     def train_step(self, scored: list[dict[str, Any]]) -> dict[str, float]:
-        """One optimizer step of the K1.5 objective (+ PTX) on the scored responses."""
-        from .objective import advantages, sequence_logprob, token_logprobs
+        """One optimizer step of the K1.5 objective (+ PTX) on the scored responses: this data
+        rank's forward/backward on the responses it scored, then the backend's reduction."""
+        from k2_core.orchestrator import apply_update
 
-        model, run, opts = self.run.model, self.run, self.opts
+        from .objective import advantages
+
+        run, opts, ranks = self.run, self.opts, self.ranks
+        model = run.model
         trajs = [s["traj"] for s in scored]
         group_ids = {g: i for i, g in enumerate(dict.fromkeys(t.group for t in trajs))}
         groups = torch.tensor([group_ids[t.group] for t in trajs])
         rewards = torch.tensor([s["reward"] for s in scored])
         valid = torch.tensor([not s["result"].excluded for s in scored])
-        adv = advantages(rewards, groups, valid)
+        adv = advantages(rewards, groups, valid)  # over every rank's groups: the same everywhere
         model.train()
         model.set_record_max_logits(True)
         model.reset_max_logits()
-        pad = self.tokenizer.pad_id
-        loss_sum, ent_sum, ent_n, ratio = 0.0, 0.0, 0, torch.zeros(len(trajs))
-        tokens = 0
+        own = [i for i, s in enumerate(scored) if s.get("own", True)]
+        own.sort(key=lambda i: len(trajs[i].prompt_ids) + len(trajs[i].token_ids))
+        chunks = [own[a:a + opts.micro_batch_size] for a in range(0, len(own), opts.micro_batch_size)]
+        micro = [m for m in chunks if bool(adv.valid[m].any())]  # all-excluded ones train nothing
+        # [loss, entropy sum, entropy tokens, tokens] and each sample's log-ratio, summed over ranks
+        sums, ratio = torch.zeros(4, dtype=torch.float64), torch.zeros(len(trajs))
         t0 = time.perf_counter()
-        order = sorted(range(len(trajs)), key=lambda i: len(trajs[i].prompt_ids) + len(trajs[i].token_ids))
-        for start in range(0, len(order), opts.micro_batch_size):
-            idx = order[start:start + opts.micro_batch_size]
-            if not bool(adv.valid[idx].any()):
-                continue
-            seqs = [trajs[i].prompt_ids + trajs[i].token_ids for i in idx]
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(idx), width), pad, dtype=torch.long)
-            mask = torch.zeros(len(idx), width, dtype=torch.bool)
-            old = torch.zeros(len(idx))
-            for row, i in enumerate(idx):
-                t = trajs[i]
-                ids[row, :len(seqs[row])] = torch.tensor(seqs[row])
-                mask[row, len(t.prompt_ids):len(seqs[row])] = True
-                old[row] = sum(t.logprobs)
-            lp, ent = token_logprobs(model, ids, mask)
-            logp = sequence_logprob(lp, mask)
-            index = torch.tensor(idx)
-            loss = self.algorithm.loss(logp, old, adv, index=index)
-            loss.backward()
-            loss_sum += float(loss.detach())
-            ent_sum += float(ent.sum())
-            ent_n += int(mask.sum())
-            ratio[index] = (logp.detach() - old)
-            tokens += int(mask.sum()) + sum(len(trajs[i].prompt_ids) for i in idx)
+        # every rank runs as many forwards as the busiest (expert parallelism's all-to-alls)
+        for k in range(ranks.max_int(len(micro)) if ranks.distributed else len(micro)):
+            if k < len(micro):
+                self._micro_step(micro[k], trajs, adv, sums, ratio)
+            else:
+                self._padding_step()
         ptx_loss = float("nan")
         if self.ptx is not None:
-            batch = next(self.ptx)
-            loss = model(**batch, return_logits=False).loss
+            batch = {k: v.to(run.backend.device) for k, v in next(self.ptx).items()}
+            with run.backend.autocast(self.cfg.train.bf16):
+                loss = model(**batch, return_logits=False).loss
             (opts.ptx_weight * loss).backward()
             ptx_loss = float(loss.detach())
-            tokens += int(batch["input_ids"].numel())
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
-        if math.isfinite(grad_norm):
-            run.optimizer.step()
-            run.scheduler.step()
-            model.update_router_bias()
-        else:
-            model.reset_router_counts()
-        run.optimizer.zero_grad(set_to_none=True)
+            sums[3] += int(batch["input_ids"].numel())
+        # the backend averages the loss over the data ranks like the gradients, so each
+        # reports its share times the ranks: the mean is the loss of all responses
+        loss_mean, grad_norm = run.backend.finish_step(
+            run, torch.tensor(sums[0].item() * ranks.world))
+        apply_update(run, loss_mean, grad_norm)
         secs = time.perf_counter() - t0
+        ranks.sum_(sums)
+        ranks.sum_(ratio)
         stats = getattr(run.optimizer, "last_clip_stats", None) or {}
         v = adv.valid
-        return {"rl/loss": loss_sum, "rl/ptx_loss": ptx_loss, "train/grad_norm": grad_norm,
-                "rl/entropy": ent_sum / max(ent_n, 1),
+        return {"rl/loss": float(loss_mean), "rl/ptx_loss": ptx_loss,
+                "train/grad_norm": float(grad_norm),
+                "rl/entropy": float(sums[1] / max(float(sums[2]), 1.0)),
                 "rl/log_ratio_mean": float(ratio[v].mean()) if bool(v.any()) else 0.0,
                 "rl/advantage_abs_mean": float(adv.advantage[v].abs().mean()) if bool(v.any()) else 0.0,
                 "qk_clip/heads_clipped": float(stats.get("heads_clipped", 0)),
-                "train/tokens_per_s": tokens / max(secs, 1e-9), "time/train_s": secs,
+                "train/tokens_per_s": float(sums[3]) / max(secs, 1e-9), "time/train_s": secs,
                 "train/lr": run.scheduler.get_last_lr()[0]}
+
+    def _micro_step(self, idx: list[int], trajs: list[Any], adv: Any, sums: torch.Tensor,
+                    ratio: torch.Tensor) -> None:
+        """Forward/backward of one micro-batch of responses; its statistics into sums/ratio."""
+        from .objective import sequence_logprob, token_logprobs
+
+        pad = self.tokenizer.pad_id
+        seqs = [trajs[i].prompt_ids + trajs[i].token_ids for i in idx]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(idx), width, dtype=torch.bool)
+        old = torch.zeros(len(idx))
+        for row, i in enumerate(idx):
+            ids[row, :len(seqs[row])] = torch.tensor(seqs[row])
+            mask[row, len(trajs[i].prompt_ids):len(seqs[row])] = True
+            old[row] = sum(trajs[i].logprobs)
+        dev = self.run.backend.device
+        with self.run.backend.autocast(self.cfg.train.bf16):
+            lp, ent = token_logprobs(self.run.model, ids.to(dev), mask.to(dev))
+        logp = sequence_logprob(lp.float(), mask.to(dev)).cpu()
+        index = torch.tensor(idx)
+        # each rank's share of the sum, times the ranks: the backend's gradient average undoes it
+        loss = self.algorithm.loss(logp, old, adv, index=index) * self.ranks.world
+        loss.backward()
+        sums[0] += float(loss.detach()) / self.ranks.world
+        sums[1] += float(ent.sum())
+        sums[2] += int(mask.sum())
+        sums[3] += int(mask.sum()) + sum(len(trajs[i].prompt_ids) for i in idx)
+        ratio[index] = logp.detach() - old
+
+    def _padding_step(self) -> None:
+        """A forward/backward that changes nothing, for a rank with fewer micro-batches than
+        another (expert parallelism needs every rank in each all-to-all): eval mode counts no
+        expert load, the max logits are not recorded, the loss is multiplied by zero."""
+        model = self.run.model
+        ids = torch.full((1, 2), self.tokenizer.pad_id, dtype=torch.long,
+                         device=self.run.backend.device)
+        model.eval()
+        model.set_record_max_logits(False)
+        try:
+            with self.run.backend.autocast(self.cfg.train.bf16):
+                out = model(ids, return_logits=True).logits
+            (out.float().sum() * 0.0).backward()
+        finally:
+            model.train()
+            model.set_record_max_logits(True)
 
     def iteration(self) -> dict[str, float]:
         """One rollout / reward / train / sync iteration; returns its metrics."""
@@ -352,11 +409,11 @@ class RLTrainer:
         return out
 
     def save(self) -> str:
-        """Checkpoint the run with the rollout buffer and the prompt position."""
-        from k2_core.trainstate import save_train_state
-
+        """Checkpoint the run with the rollout buffer and the prompt position (the backend's
+        layout-free checkpoint: every rank writes its share; the rollout state is the same on
+        every rank)."""
         run = self.run
-        uri = save_train_state(
+        uri = run.backend.save_train_state(
             run.checkpoint_root, run.step, model=run.model, optimizer=run.optimizer,
             scheduler=run.scheduler, loader=run.loader, keep=self.cfg.checkpoint.keep,
             attrs={"tracking_run_id": run.tracking_run_id,
@@ -385,7 +442,7 @@ class RLTrainer:
                     m.update(self.evaluate())
                 hook.k2_on_step_end(run=run, step=run.step, metrics=m)
                 self.history.append({"step": run.step, **m})
-                if self.progress is not None:
+                if self.progress is not None and run.backend.rank == 0:
                     self.progress(run.step, m)
                 if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
                     self.save()
