@@ -91,3 +91,25 @@ def test_unknown_study(tmp_path):
     with pytest.raises(ConfigError, match="no study named"):
         run_study("nope", str(tmp_path))
 
+
+def test_k2_study_alias_without_k2_experiment(monkeypatch, capsys, tmp_path):
+    """With no `k2 experiment` installed (no k2-rl), the deprecated `k2 study` still runs the
+    study itself, after its one warning line."""
+    import k2_core.studies
+    from k2_core.cli import main
+
+    monkeypatch.setenv("K2_LOAD_PLUGINS", "optim,moe,data")
+    seen = {}
+
+    def fake(name, out_dir, scale=1.0, overrides=None, num_threads=None, **kwargs):
+        seen.update(name=name, out=out_dir, scale=scale, overrides=overrides)
+        return {"seconds": 0.0, "report": "r.md", "png": "p.png", "tracking_uri": "u",
+                "experiment": "study-qk_clip"}
+
+    monkeypatch.setattr(k2_core.studies, "run_study", fake)
+    assert main(["study", "qk_clip", "train.steps=3", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and "deprecated" in out.err
+    assert out.out.startswith("k2 study qk_clip:")  # run here, not through `k2 experiment`
+    assert seen == {"name": "qk_clip", "out": str(tmp_path), "scale": 1.0,
+                    "overrides": ["train.steps=3"]}

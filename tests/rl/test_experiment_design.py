@@ -76,6 +76,29 @@ def test_unknown_experiment_is_one_line(capsys):
         run_experiment("heads", "unused", scale=0)
 
 
+def test_k2_study_is_a_deprecated_alias_of_k2_experiment(monkeypatch, capsys, tmp_path):
+    """`k2 study NAME` prints one deprecation line and runs `k2 experiment NAME` (through the
+    command registry: k2-core does not import k2-rl)."""
+    import k2_rl.experiments
+    from k2_core.cli import main
+
+    seen = {}
+
+    def fake(name, out_dir, config, overrides, scale=1.0, num_threads=None, **kwargs):
+        seen.update(name=name, out=out_dir, config=config, overrides=overrides, scale=scale)
+        return {"seconds": 0.0, "report": "r.md", "png": "p.png", "tracking_uri": "u",
+                "mlflow_experiment": "study-qk_clip"}
+
+    monkeypatch.setattr(k2_rl.experiments, "run_experiment", fake)
+    assert main(["study", "qk_clip", "train.steps=3", "optim.lr=0.1", "--scale", "0.5",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr()
+    assert out.err.count("\n") == 1 and "deprecated" in out.err and "k2 experiment qk_clip" in out.err
+    assert out.out.startswith("k2 experiment qk_clip:")
+    assert seen == {"name": "qk_clip", "out": str(tmp_path), "config": "tiny",
+                    "overrides": ["train.steps=3", "optim.lr=0.1"], "scale": 0.5}
+
+
 def _runs(result):
     from mlflow.tracking import MlflowClient
 

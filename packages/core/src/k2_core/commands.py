@@ -282,10 +282,25 @@ def eval_loss_command(*, options: Any) -> Command:
     return Command("eval-loss", eval_loss_command.__doc__ or "", add, _eval_loss_run)
 
 
-# -- k2 study ---------------------------------------------------------------------------------
+# -- k2 study (deprecated alias of k2 experiment) ---------------------------------------------
 
 
 def _study_run(args: argparse.Namespace) -> int:
+    print("k2: warning: `k2 study` is deprecated and will be removed; use "
+          f"`k2 experiment {args.name}` (the same runs)", file=sys.stderr)
+    argv = [args.name, *args.overrides, "--out", args.out or f"runs/study-{args.name}",
+            "--scale", str(args.scale)]
+    argv += ["--threads", str(args.threads)] if args.threads else []
+    argv += ["--json"] if args.json else []
+    from .plugins import get_plugins
+
+    registry = get_plugins().registry
+    if "experiment" in registry.names("command"):  # k2-rl's `k2 experiment`, found by name
+        cmd: Command = registry.build("command", "experiment")
+        parser = argparse.ArgumentParser(prog="k2 experiment")
+        cmd.add_arguments(parser)
+        return int(cmd.run(parser.parse_args(argv)) or 0)
+    # no `k2 experiment` installed (k2-core alone): the same studies, run here
     from .studies import run_study
 
     r = run_study(args.name, args.out or f"runs/study-{args.name}", scale=args.scale,
@@ -299,10 +314,10 @@ def _study_run(args: argparse.Namespace) -> int:
 
 
 def study_command(*, options: Any) -> Command:
-    """Run a built-in study (qk_clip, muon_vs_adamw): tracked runs, a PNG and a markdown report."""
+    """Deprecated alias of `k2 experiment NAME` for the studies qk_clip and muon_vs_adamw."""
 
     def add(p: argparse.ArgumentParser) -> None:
-        from .studies import STUDIES  # stdlib-only module: torch loads when a study runs
+        from .studies import STUDIES  # import-light module: torch loads when a study runs
 
         p.add_argument("name", choices=sorted(STUDIES))
         p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm")

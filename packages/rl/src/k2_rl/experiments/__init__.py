@@ -6,15 +6,14 @@
 - `qk_clip`, `muon_vs_adamw`: the pre-training studies of k2_core.studies (`k2 study`).
 
 Each runs its arms as ordinary tracked runs nested under one parent mlflow run and writes a
-PNG and `report.md` into its output folder. Import-light: the experiment modules (and torch)
+PNG and `report.md` into its output folder, all through k2_core's harness (`k2_core.harness`);
+`k2 study NAME` is a deprecated alias of `k2 experiment NAME`. Import-light: the experiment modules (and torch)
 load when one runs.
 """
 
 from __future__ import annotations
 
 import importlib
-import time
-from pathlib import Path
 from typing import Any
 
 # name -> (module, function); qk_clip and muon_vs_adamw live in k2_core.studies.
@@ -47,19 +46,8 @@ def run_experiment(name: str, out_dir: str, config: str = "tiny", overrides: lis
         r = run_study(name, out_dir, scale=scale, overrides=list(overrides or []),
                       num_threads=num_threads, preset=config, **kwargs)
         return {**r, "experiment": name, "mlflow_experiment": r["experiment"]}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    import torch
+    from k2_core.harness import execute
 
     module, fn = _OWN[name]
-    threads = torch.get_num_threads()
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    t0 = time.perf_counter()
-    try:
-        result = getattr(importlib.import_module(module), fn)(out, scale, list(overrides or []),
-                                                              preset=config, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    return result
+    return execute(getattr(importlib.import_module(module), fn), out_dir, scale,
+                   list(overrides or []), num_threads, preset=config, **kwargs)

@@ -1,8 +1,9 @@
-"""What every experiment shares: arms run as tracked runs under one parent mlflow run.
+"""What every k2-rl experiment shares beyond k2_core's harness: its base overrides and small
+curve helpers.
 
-The machinery (an `Arm`, the parent run, running arms in turn, plotting helpers) is
-k2_core.studies', reused here so that `k2 study` and `k2 experiment` write the same kind of
-runs; this module adds the base overrides of an experiment and small curve helpers.
+The harness itself (an `Arm`, the parent run, running arms in turn, the plot frame, the report
+and parent-run close) is `k2_core.harness`, shared with the studies of k2_core.studies, so that
+every `k2 experiment` writes the same kind of runs.
 """
 
 from __future__ import annotations
@@ -11,17 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from k2_core.studies import (  # noqa: F401  (re-exported for the experiment modules)
-    Arm,
-    _cadence,
-    _fmt,
-    _Parent,
-    _pyplot,
-    _run_arms,
-    _series,
-    _steps,
-    _tracking_uri,
-)
+from k2_core.harness import Arm, cadence
 
 # Every experiment arm: 2 layers of the `tiny` preset (its MLA and expert widths unchanged)
 # and micro-batches of 4 x 256 tokens, about half a second a step on one CPU core.
@@ -39,7 +30,7 @@ def experiment_name(name: str) -> str:
 def base_overrides(name: str, steps: int, uri: str, evals: int = 10, warmup: int | None = None,
                    eval_batches: int = 4) -> list[str]:
     """Overrides shared by every arm of experiment `name` (before its own and the user's)."""
-    log_every, eval_every = _cadence(steps, evals=evals)
+    log_every, eval_every = cadence(steps, evals=evals)
     return [
         *EXPERIMENT_MODEL,
         f"train.steps={steps}",

@@ -14,16 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from k2_core.harness import (
+    Arm,
+    ParentRun,
+    conclude,
+    fmt,
+    run_arms,
+    save_plot,
+    scaled_steps,
+    series,
+    tracking_uri,
+)
+
 from .common import (
     EXPERIMENT_MODEL,
-    Arm,
-    _fmt,
-    _Parent,
-    _pyplot,
-    _run_arms,
-    _series,
-    _steps,
-    _tracking_uri,
     arm_dir,
     base_overrides,
     experiment_name,
@@ -58,27 +62,27 @@ def heads_experiment(out: Path, scale: float, overrides: list[str], preset: str 
 
     from .flops import train_flops_per_token
 
-    steps = _steps(STEPS, scale)
-    uri = _tracking_uri(out, overrides)
+    steps = scaled_steps(STEPS, scale)
+    uri = tracking_uri(out, overrides)
     base = [*base_overrides("heads", steps, uri, eval_batches=EVAL_BATCHES), *overrides]
     heads = load_config(preset, base).model.num_attention_heads
     arms = [Arm(f"heads={h}", [*base, f"model.num_attention_heads={h}", f"name=heads-{h}",
                                f"checkpoint.dir={arm_dir(out, f'heads={h}')}"])
             for h in (heads, 2 * heads)]
     cfgs = {a.label: load_config(preset, a.overrides) for a in arms}
-    parent = _Parent(uri, experiment_name("heads"), out, "heads",
+    parent = ParentRun(uri, experiment_name("heads"), out, "heads",
                      {"scale": scale, "steps": steps, "heads": heads, "preset": preset,
                       "overrides": " ".join(overrides)})
     status = "FAILED"
     try:
-        status = _run_arms(arms, parent, preset, echo)
+        status = run_arms(arms, parent, preset, echo)
     finally:
         rows = {}
         for a in arms:
             if not a.history:
                 continue
             c = cfgs[a.label]
-            _, losses = _series(a, "eval/loss")
+            _, losses = series(a, "eval/loss")
             rows[a.label] = {
                 "heads": c.model.num_attention_heads,
                 "train_flops_per_token": train_flops_per_token(c.model, c.moe, c.data.seq_len),
@@ -96,15 +100,13 @@ def heads_experiment(out: Path, scale: float, overrides: list[str], preset: str 
             gain = 100 * (one["final_eval_loss"] - two["final_eval_loss"]) / one["final_eval_loss"]
         summary = {"heads": heads, "loss_gain_pct": gain, "flops_added": added,
                    "k2_flops_added_pct_128k": k2_added["131072"]["added_pct"]}
-        png = _plot(out / "heads.png", arms, summary) if status == "FINISHED" else None
-        report = out / "report.md"
-        if status == "FINISHED":
-            report.write_text(_report(rows, summary, steps, arms, preset, overrides, png))
         metrics = {f"{k.replace('=', '')}/{x}": v for k, r in rows.items() for x, v in finite(r).items()}
         metrics.update({f"flops_added_pct/ctx_{c}": v["added_pct"] for c, v in added.items()})
         if gain is not None:
             metrics["loss_gain_pct"] = gain
-        parent.finish(metrics, [p for p in (png, report) if p], status)
+        png, report = conclude(
+            out, parent, status, metrics, plot=lambda: _plot(out / "heads.png", arms, summary),
+            report=lambda png: _report(rows, summary, steps, arms, preset, overrides, png))
     return {"experiment": "heads", "out_dir": str(out), "png": str(png) if png else None,
             "report": str(report), "tracking_uri": uri, "mlflow_experiment": experiment_name("heads"),
             "parent_run_id": parent.run_id, "steps": steps,
@@ -112,30 +114,24 @@ def heads_experiment(out: Path, scale: float, overrides: list[str], preset: str 
 
 
 def _plot(path: Path, arms: list[Arm], summary: dict[str, Any]) -> Path | None:
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for arm, color in zip(arms, ("tab:blue", "tab:red"), strict=False):
-        a1.plot(*_series(arm, "train/loss"), color=color, alpha=0.35)
-        a1.plot(*_series(arm, "eval/loss"), "o-", ms=3, color=color, label=f"{arm.label} eval")
-    gain = summary["loss_gain_pct"]
-    a1.set(xlabel="step (equal tokens)", ylabel="loss",
-           title="loss" + (f" (2x heads: {gain:+.2f}% lower eval loss)" if gain is not None else ""))
-    ctx = sorted(summary["flops_added"], key=int)
-    a2.plot([int(c) for c in ctx], [summary["flops_added"][c]["added_pct"] for c in ctx], "o-",
-            color="tab:red", label="FLOPs added by 2x heads")
-    if gain is not None:
-        a2.axhline(gain, ls="--", color="tab:blue", label=f"eval-loss gain {gain:+.2f}%")
-    a2.set(xscale="log", xlabel="context length (tokens)", ylabel="%",
-           title="inference FLOPs added per token vs loss gained")
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-        a.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    def draw(plt: Any, a1: Any, a2: Any) -> None:
+        for arm, color in zip(arms, ("tab:blue", "tab:red"), strict=False):
+            a1.plot(*series(arm, "train/loss"), color=color, alpha=0.35)
+            a1.plot(*series(arm, "eval/loss"), "o-", ms=3, color=color, label=f"{arm.label} eval")
+        gain = summary["loss_gain_pct"]
+        a1.set(xlabel="step (equal tokens)", ylabel="loss",
+               title="loss" + (f" (2x heads: {gain:+.2f}% lower eval loss)" if gain is not None else ""))
+        ctx = sorted(summary["flops_added"], key=int)
+        a2.plot([int(c) for c in ctx], [summary["flops_added"][c]["added_pct"] for c in ctx], "o-",
+                color="tab:red", label="FLOPs added by 2x heads")
+        if gain is not None:
+            a2.axhline(gain, ls="--", color="tab:blue", label=f"eval-loss gain {gain:+.2f}%")
+        a2.set(xscale="log", xlabel="context length (tokens)", ylabel="%",
+               title="inference FLOPs added per token vs loss gained")
+        a1.legend()
+        a2.legend()
+
+    return save_plot(path, draw)
 
 
 def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int, arms: list[Arm],
@@ -152,8 +148,8 @@ def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int
         "|---|---|---|---|---|",
     ]
     for k, r in rows.items():
-        lines.append(f"| {k} | {r['train_flops_per_token']:.3g} | {_fmt(r['final_eval_loss'])} | "
-                     f"{_fmt(r['best_eval_loss'])} | {r['seconds']} |")
+        lines.append(f"| {k} | {r['train_flops_per_token']:.3g} | {fmt(r['final_eval_loss'])} | "
+                     f"{fmt(r['best_eval_loss'])} | {r['seconds']} |")
     lines += ["", "| context | forward FLOPs / token | with 2x heads | added | attention share |",
               "|---|---|---|---|---|"]
     for c, v in sorted(summary["flops_added"].items(), key=lambda kv: int(kv[0])):

@@ -25,15 +25,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from k2_core.harness import (
+    Arm,
+    ParentRun,
+    conclude,
+    fmt,
+    run_arms,
+    save_plot,
+    series,
+    tracking_uri,
+)
+
 from .common import (
     EXPERIMENT_MODEL,
-    Arm,
-    _fmt,
-    _Parent,
-    _pyplot,
-    _run_arms,
-    _series,
-    _tracking_uri,
     arm_dir,
     base_overrides,
     experiment_name,
@@ -138,7 +142,7 @@ def rephrase_experiment(out: Path, scale: float, overrides: list[str], preset: s
 
     people = max(20, round(PEOPLE * scale))
     world = World.generate(WORLD_SEED, n_people=people)
-    uri = _tracking_uri(out, overrides)
+    uri = tracking_uri(out, overrides)
     probe = load_config(preset, [*EXPERIMENT_MODEL, *overrides])
     if tokenizer is None:
         from k2_data.prepare import default_dataset_uri
@@ -166,12 +170,12 @@ def rephrase_experiment(out: Path, scale: float, overrides: list[str], preset: s
     arms = [Arm(a, [*base, f"data.options.uri={data[a][0]}", f"data.seq_len={seq_len}",
                     f"name=rephrase-{a.replace(' ', '_')}", f"checkpoint.dir={arm_dir(out, a)}"])
             for a in ARMS]
-    parent = _Parent(uri, experiment_name("rephrase"), out, "rephrase",
+    parent = ParentRun(uri, experiment_name("rephrase"), out, "rephrase",
                      {"scale": scale, "steps": steps, "people": people, "world_seed": WORLD_SEED,
                       "preset": preset, "rephrasings": source, "overrides": " ".join(overrides)})
     status, rows = "FAILED", {}
     try:
-        _run_arms(arms, parent, preset, echo)
+        run_arms(arms, parent, preset, echo)
         qa_opts = KnowledgeQAOptions(n=qa_limit, world_seed=WORLD_SEED, world_people=people)
         for a in arms:
             m = data[a.label][1]
@@ -181,7 +185,7 @@ def rephrase_experiment(out: Path, scale: float, overrides: list[str], preset: s
             rows[a.label] = {**ev["tasks"]["knowledge_qa"],
                              "train_tokens_per_epoch": m["splits"]["train"]["n_tokens"],
                              "epochs_seen": steps * batch / m["splits"]["train"]["n_sequences"],
-                             "final_train_loss": (_series(a, "train/loss")[1] or [None])[-1],
+                             "final_train_loss": (series(a, "train/loss")[1] or [None])[-1],
                              "seconds": round(a.seconds, 1),
                              "mlflow_run_id": a.summary.get("tracking_run_id")}
             if echo:
@@ -189,13 +193,11 @@ def rephrase_experiment(out: Path, scale: float, overrides: list[str], preset: s
                      f"answer NLL {rows[a.label]['answer_nll']:.3f}")
         status = "FINISHED"
     finally:
-        png = _plot(out / "rephrase.png", arms, rows) if status == "FINISHED" else None
-        report = out / "report.md"
-        if status == "FINISHED":
-            report.write_text(_report(rows, steps, batch, people, source, preset, overrides, png))
         metrics = {f"{k.replace(' ', '_')}/{x}": float(v) for k, r in rows.items()
                    for x, v in r.items() if isinstance(v, int | float)}
-        parent.finish(metrics, [p for p in (png, report) if p], status)
+        png, report = conclude(
+            out, parent, status, metrics, plot=lambda: _plot(out / "rephrase.png", arms, rows),
+            report=lambda png: _report(rows, steps, batch, people, source, preset, overrides, png))
     return {"experiment": "rephrase", "out_dir": str(out), "png": str(png) if png else None,
             "report": str(report), "tracking_uri": uri, "mlflow_experiment": experiment_name("rephrase"),
             "parent_run_id": parent.run_id, "steps": steps, "people": people,
@@ -203,37 +205,30 @@ def rephrase_experiment(out: Path, scale: float, overrides: list[str], preset: s
 
 
 def _plot(path: Path, arms: list[Arm], rows: dict[str, dict[str, Any]]) -> Path | None:
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 4.5))
-    colors = ("tab:gray", "tab:orange", "tab:green")
-    labels = [a.label for a in arms if a.label in rows]
-    em = [100 * rows[k]["exact_match"] for k in labels]
-    a1.bar(labels, em, color=colors[:len(labels)])
-    floor = 100 * rows[labels[0]]["majority_baseline"]
-    a1.axhline(floor, ls="--", color="black", label=f"most common answer: {floor:.1f}%")
-    for i, v in enumerate(em):
-        a1.annotate(f"{v:.1f}%", (i, v), ha="center", va="bottom")
-    a1.set(ylabel="exact match (%)", title="knowledge_qa on held-out entities and phrasings")
-    a1.legend()
-    nll = [rows[k]["answer_nll"] for k in labels]
-    a2.bar(labels, nll, color=colors[:len(labels)])
-    for i, v in enumerate(nll):
-        a2.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom")
-    a2.set(ylabel="gold answer NLL per token (lower is better)", title="answer likelihood")
-    for arm, c in zip(arms, colors, strict=False):
-        a3.plot(*_series(arm, "train/loss"), color=c, label=arm.label)
-    a3.set(xlabel="step (equal compute)", ylabel="train loss", title="training loss")
-    a3.legend()
-    for a in (a1, a2, a3):
-        a.grid(alpha=0.3)
-    for a in (a1, a2):
-        a.tick_params(axis="x", labelsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    def draw(plt: Any, a1: Any, a2: Any, a3: Any) -> None:
+        colors = ("tab:gray", "tab:orange", "tab:green")
+        labels = [a.label for a in arms if a.label in rows]
+        em = [100 * rows[k]["exact_match"] for k in labels]
+        a1.bar(labels, em, color=colors[:len(labels)])
+        floor = 100 * rows[labels[0]]["majority_baseline"]
+        a1.axhline(floor, ls="--", color="black", label=f"most common answer: {floor:.1f}%")
+        for i, v in enumerate(em):
+            a1.annotate(f"{v:.1f}%", (i, v), ha="center", va="bottom")
+        a1.set(ylabel="exact match (%)", title="knowledge_qa on held-out entities and phrasings")
+        a1.legend()
+        nll = [rows[k]["answer_nll"] for k in labels]
+        a2.bar(labels, nll, color=colors[:len(labels)])
+        for i, v in enumerate(nll):
+            a2.annotate(f"{v:.2f}", (i, v), ha="center", va="bottom")
+        a2.set(ylabel="gold answer NLL per token (lower is better)", title="answer likelihood")
+        for arm, c in zip(arms, colors, strict=False):
+            a3.plot(*series(arm, "train/loss"), color=c, label=arm.label)
+        a3.set(xlabel="step (equal compute)", ylabel="train loss", title="training loss")
+        a3.legend()
+        for a in (a1, a2):
+            a.tick_params(axis="x", labelsize=8)
+
+    return save_plot(path, draw, panels=3, figsize=(15, 4.5))
 
 
 def _report(rows: dict[str, dict[str, Any]], steps: int, batch: int, people: int, source: str,
@@ -256,7 +251,7 @@ def _report(rows: dict[str, dict[str, Any]], steps: int, batch: int, people: int
     for k, r in rows.items():
         lines.append(f"| {k} | {100 * r['exact_match']:.1f}% | {r['answer_nll']:.3f} | "
                      f"{r['epochs_seen']:.1f} | {r['train_tokens_per_epoch']:,} | "
-                     f"{_fmt(r['final_train_loss'])} | {r['seconds']} |")
+                     f"{fmt(r['final_train_loss'])} | {r['seconds']} |")
     lines += ["", "## Reading",
               f"- Always giving a relation's most common training answer scores "
               f"{100 * first['majority_baseline']:.1f}%: the floor any arm must beat.",

@@ -16,16 +16,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from k2_core.harness import (
+    Arm,
+    ParentRun,
+    conclude,
+    fmt,
+    run_arms,
+    save_plot,
+    scaled_steps,
+    series,
+    tracking_uri,
+)
+
 from .common import (
     EXPERIMENT_MODEL,
-    Arm,
-    _fmt,
-    _Parent,
-    _pyplot,
-    _run_arms,
-    _series,
-    _steps,
-    _tracking_uri,
     arm_dir,
     base_overrides,
     experiment_name,
@@ -53,20 +57,20 @@ def sparsity_experiment(out: Path, scale: float, overrides: list[str], preset: s
 
     if len(experts) < 2 or len(set(experts)) != len(experts):
         raise ConfigError(f"sparsity: experts must be 2 or more distinct counts, got {experts}")
-    steps = _steps(STEPS, scale)
-    uri = _tracking_uri(out, overrides)
+    steps = scaled_steps(STEPS, scale)
+    uri = tracking_uri(out, overrides)
     base = [*base_overrides("sparsity", steps, uri, evals=EVALS, eval_batches=EVAL_BATCHES),
             *SPARSITY_MODEL, *overrides]
     arms = [Arm(f"experts={e}", [*base, f"moe.n_routed_experts={e}", f"name=sparsity-experts{e}",
                                  f"checkpoint.dir={arm_dir(out, f'experts={e}')}"])
             for e in sorted(experts)]
     cfgs = {a.label: load_config(preset, a.overrides) for a in arms}  # bad overrides fail here
-    parent = _Parent(uri, experiment_name("sparsity"), out, "sparsity",
+    parent = ParentRun(uri, experiment_name("sparsity"), out, "sparsity",
                      {"scale": scale, "steps": steps, "experts": list(experts), "preset": preset,
                       "overrides": " ".join([*SPARSITY_MODEL, *overrides])})
     status = "FAILED"
     try:
-        status = _run_arms(arms, parent, preset, echo)
+        status = run_arms(arms, parent, preset, echo)
     finally:
         rows = {}
         for a in arms:
@@ -74,7 +78,7 @@ def sparsity_experiment(out: Path, scale: float, overrides: list[str], preset: s
                 continue
             c = cfgs[a.label]
             fpt = train_flops_per_token(c.model, c.moe, c.data.seq_len)
-            steps_x, losses = _series(a, "eval/loss")
+            steps_x, losses = series(a, "eval/loss")
             rows[a.label] = {
                 "experts": c.moe.n_routed_experts, "top_k": c.moe.num_experts_per_tok,
                 "sparsity": c.moe.n_routed_experts / c.moe.num_experts_per_tok,
@@ -85,11 +89,10 @@ def sparsity_experiment(out: Path, scale: float, overrides: list[str], preset: s
                 "seconds": round(a.seconds, 1), "mlflow_run_id": a.summary.get("tracking_run_id"),
             }
         summary = summarize_sparsity(rows)
-        png = _plot(out / "sparsity.png", rows, summary) if status == "FINISHED" else None
-        report = out / "report.md"
-        if status == "FINISHED":
-            report.write_text(_report(rows, summary, steps, arms, preset, overrides, png))
-        parent.finish(_metrics(rows, summary), [p for p in (png, report) if p], status)
+        png, report = conclude(
+            out, parent, status, _metrics(rows, summary),
+            plot=lambda: _plot(out / "sparsity.png", rows, summary),
+            report=lambda png: _report(rows, summary, steps, arms, preset, overrides, png))
     return {"experiment": "sparsity", "out_dir": str(out), "png": str(png) if png else None,
             "report": str(report), "tracking_uri": uri, "mlflow_experiment": experiment_name("sparsity"),
             "parent_run_id": parent.run_id, "steps": steps,
@@ -133,36 +136,29 @@ def _metrics(rows: dict[str, dict[str, Any]], summary: dict[str, Any]) -> dict[s
 
 
 def _plot(path: Path, rows: dict[str, dict[str, Any]], summary: dict[str, Any]) -> Path | None:
-    plt = _pyplot()
-    if plt is None:
-        return None
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    cmap = plt.get_cmap("viridis")
-    keys = sorted(rows, key=lambda k: rows[k]["sparsity"])
-    for i, k in enumerate(keys):
-        r = rows[k]
-        a1.plot(r["flops"], r["eval_loss"], "o-", ms=3, color=cmap(0.85 * i / max(1, len(keys) - 1)),
-                label=f"{k} (sparsity {r['sparsity']:g})")
-    if summary["common_loss"] is not None:
-        a1.axhline(summary["common_loss"], ls="--", color="gray",
-                   label=f"common loss {summary['common_loss']:.3f}")
-    a1.set(xlabel="training FLOPs", ylabel="validation loss", title="validation loss vs FLOPs")
-    reach = summary["flops_to_common_loss"]
-    xs = [rows[k]["sparsity"] for k in keys if reach.get(k)]
-    ys = [reach[k] for k in keys if reach.get(k)]
-    a2.bar([str(int(x)) if float(x).is_integer() else f"{x:g}" for x in xs], ys, color="tab:blue")
-    for i, k in enumerate(k for k in keys if reach.get(k)):
-        adv = summary["most_sparse_advantage"].get(k)
-        a2.annotate(f"{adv:.2f}x" if adv else "1x", (i, ys[i]), ha="center", va="bottom")
-    a2.set(xlabel="sparsity (experts / top-k)", ylabel="FLOPs to reach the common loss",
-           title="FLOPs to the common loss (x: vs the sparsest)")
-    for a in (a1, a2):
-        a.grid(alpha=0.3)
-    a1.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    def draw(plt: Any, a1: Any, a2: Any) -> None:
+        cmap = plt.get_cmap("viridis")
+        keys = sorted(rows, key=lambda k: rows[k]["sparsity"])
+        for i, k in enumerate(keys):
+            r = rows[k]
+            a1.plot(r["flops"], r["eval_loss"], "o-", ms=3, color=cmap(0.85 * i / max(1, len(keys) - 1)),
+                    label=f"{k} (sparsity {r['sparsity']:g})")
+        if summary["common_loss"] is not None:
+            a1.axhline(summary["common_loss"], ls="--", color="gray",
+                       label=f"common loss {summary['common_loss']:.3f}")
+        a1.set(xlabel="training FLOPs", ylabel="validation loss", title="validation loss vs FLOPs")
+        reach = summary["flops_to_common_loss"]
+        xs = [rows[k]["sparsity"] for k in keys if reach.get(k)]
+        ys = [reach[k] for k in keys if reach.get(k)]
+        a2.bar([str(int(x)) if float(x).is_integer() else f"{x:g}" for x in xs], ys, color="tab:blue")
+        for i, k in enumerate(k for k in keys if reach.get(k)):
+            adv = summary["most_sparse_advantage"].get(k)
+            a2.annotate(f"{adv:.2f}x" if adv else "1x", (i, ys[i]), ha="center", va="bottom")
+        a2.set(xlabel="sparsity (experts / top-k)", ylabel="FLOPs to reach the common loss",
+               title="FLOPs to the common loss (x: vs the sparsest)")
+        a1.legend()
+
+    return save_plot(path, draw)
 
 
 def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int, arms: list[Arm],
@@ -186,8 +182,8 @@ def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int
         f = reach.get(k)
         adv = summary["most_sparse_advantage"].get(k, 1.0 if k == summary.get("most_sparse") else None)
         lines.append(f"| {k} | {r['sparsity']:g} | {r['train_flops_per_token']:.3g} | "
-                     f"{_fmt(r['final_eval_loss'])} | {_fmt(r['best_eval_loss'])} | "
-                     f"{f'{f:.3g}' if f else '-'} | {_fmt(adv, 2)} | {r['seconds']} |")
+                     f"{fmt(r['final_eval_loss'])} | {fmt(r['best_eval_loss'])} | "
+                     f"{f'{f:.3g}' if f else '-'} | {fmt(adv, 2)} | {r['seconds']} |")
     lines += ["", "## Reading"]
     if summary["common_loss"] is not None:
         most = summary["most_sparse"]
