@@ -301,30 +301,22 @@ def _study_run(args: argparse.Namespace) -> int:
         cmd.add_arguments(parser)
         return int(cmd.run(parser.parse_args(argv)) or 0)
     # no `k2 experiment` installed (k2-core alone): the same studies, run here
+    from .harness import print_result
     from .studies import run_study
 
     r = run_study(args.name, args.out or f"runs/study-{args.name}", scale=args.scale,
                   overrides=list(args.overrides), num_threads=args.threads)
-    if args.json:
-        print(json.dumps(r, indent=2, default=str))
-        return 0
-    print(f"k2 study {args.name}: {r['seconds']:.0f}s; report {r['report']}; plot {r['png']}; "
-          f"mlflow {r['tracking_uri']} experiment {r['experiment']}")
-    return 0
+    return print_result(f"k2 study {args.name}", r, args.json)
 
 
 def study_command(*, options: Any) -> Command:
     """Deprecated alias of `k2 experiment NAME` for the studies qk_clip and muon_vs_adamw."""
 
     def add(p: argparse.ArgumentParser) -> None:
-        from .studies import STUDIES  # import-light module: torch loads when a study runs
+        from .harness import add_arguments
+        from .studies import STUDIES  # import-light modules: torch loads when a study runs
 
-        p.add_argument("name", choices=sorted(STUDIES))
-        p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm")
-        p.add_argument("--out", help="output folder (default runs/study-NAME)")
-        p.add_argument("--scale", type=float, default=1.0, help="multiplies the step counts")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-        p.add_argument("--json", action="store_true", help="print JSON")
+        add_arguments(p, sorted(STUDIES), default_out="runs/study-NAME")
 
     return Command("study", study_command.__doc__ or "", add, _study_run)
 

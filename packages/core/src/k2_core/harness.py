@@ -11,7 +11,8 @@ Every `k2 experiment` (k2_core.studies' `qk_clip` and `muon_vs_adamw`, k2_rl's `
 - `save_plot` (one matplotlib figure of 1 x n panels, written as a PNG; skipped without
   matplotlib) and `conclude` (the PNG and `report.md` when every arm finished, then the parent
   run closed with the metrics and files);
-- `execute` (output folder, torch threads, wall time) around an experiment function.
+- `execute` (output folder, torch threads, wall time) around an experiment function, and
+  `add_arguments` / `print_result`, the command line every experiment command shares.
 
 Helpers: `scaled_steps`, `cadence` (log/eval every), `tracking_uri`, `series` (one metric of an
 arm's history), `fmt` (a table cell). Import-light: torch and mlflow load when something runs.
@@ -19,6 +20,8 @@ arm's history), `fmt` (a table cell). Import-light: torch and mlflow load when s
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import os
 import time
@@ -217,3 +220,28 @@ def execute(fn: Callable[..., dict[str, Any]], out_dir: str, scale: float, overr
         torch.set_num_threads(threads)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     return result
+
+
+def add_arguments(p: argparse.ArgumentParser, names: Sequence[str], *, default_out: str,
+                  config: bool = False) -> None:
+    """An experiment command's arguments: NAME [CONFIG] [overrides ...] --out --scale --threads --json."""
+    p.add_argument("name", choices=names)
+    if config:
+        p.add_argument("config", nargs="?", default=None, help="preset name or YAML (default tiny)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm")
+    p.add_argument("--out", help=f"output folder (default {default_out})")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiplies the experiment's size (steps; rephrase: world and steps)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def print_result(command: str, result: dict[str, Any], as_json: bool) -> int:
+    """Print an experiment's result as JSON, or as one line (seconds, report, plot, mlflow); 0."""
+    if as_json:
+        print(json.dumps(result, indent=2, default=str))
+        return 0
+    mlflow_experiment = result.get("mlflow_experiment", result.get("experiment"))
+    print(f"{command}: {result['seconds']:.0f}s; report {result['report']}; plot {result['png']}; "
+          f"mlflow {result['tracking_uri']} experiment {mlflow_experiment}")
+    return 0

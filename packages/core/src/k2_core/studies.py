@@ -113,8 +113,8 @@ def qk_clip_study(out: Path, scale: float, overrides: list[str], preset: str = "
                          f"checkpoint.dir={out / 'runs' / 'muonclip'}"]),
     ]
     parent = ParentRun(uri, "study-qk_clip", out, "qk_clip",
-                     {"scale": scale, "steps": steps, "lr": lr, "tau": tau, "preset": preset,
-                      "overrides": " ".join([*STUDY_MODEL, *overrides])})
+                        {"scale": scale, "steps": steps, "lr": lr, "tau": tau, "preset": preset,
+                         "overrides": " ".join([*STUDY_MODEL, *overrides])})
     status = "FAILED"
     try:
         status = run_arms(arms, parent, preset, echo)
@@ -207,9 +207,9 @@ def muon_vs_adamw_study(out: Path, scale: float, overrides: list[str], preset: s
                                       f"checkpoint.dir={out / 'runs' / f'adamw-{lr:g}'}"],
                  group="adamw", lr=lr) for lr in adamw_lrs]
     parent = ParentRun(uri, "study-muon_vs_adamw", out, "muon_vs_adamw",
-                     {"scale": scale, "steps": steps, "muon_lrs": list(muon_lrs),
-                      "adamw_lrs": list(adamw_lrs), "preset": preset,
-                      "overrides": " ".join([*STUDY_MODEL, *overrides])})
+                        {"scale": scale, "steps": steps, "muon_lrs": list(muon_lrs),
+                         "adamw_lrs": list(adamw_lrs), "preset": preset,
+                         "overrides": " ".join([*STUDY_MODEL, *overrides])})
     status = "FAILED"
     try:
         status = run_arms(arms, parent, preset, echo)

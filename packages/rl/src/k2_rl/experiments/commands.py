@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Any
 
@@ -11,6 +10,8 @@ from k2_core.cli import Command
 
 
 def _run(args: argparse.Namespace) -> int:
+    from k2_core.harness import print_result
+
     from . import run_experiment
 
     config, overrides = args.config, list(args.overrides)
@@ -27,12 +28,7 @@ def _run(args: argparse.Namespace) -> int:
         kwargs["generator"] = args.generator
     r = run_experiment(args.name, args.out or f"runs/experiment-{args.name}", config or "tiny",
                        overrides, scale=args.scale, num_threads=args.threads, **kwargs)
-    if args.json:
-        print(json.dumps(r, indent=2, default=str))
-        return 0
-    print(f"k2 experiment {args.name}: {r['seconds']:.0f}s; report {r['report']}; plot {r['png']}; "
-          f"mlflow {r['tracking_uri']} experiment {r['mlflow_experiment']}")
-    return 0
+    return print_result(f"k2 experiment {args.name}", r, args.json)
 
 
 def experiment_command(*, options: Any) -> Command:
@@ -40,16 +36,11 @@ def experiment_command(*, options: Any) -> Command:
     runs, a PNG and a markdown report."""
 
     def add(p: argparse.ArgumentParser) -> None:
+        from k2_core.harness import add_arguments
+
         from . import EXPERIMENT_NAMES  # import-light: torch loads when an experiment runs
 
-        p.add_argument("name", choices=EXPERIMENT_NAMES)
-        p.add_argument("config", nargs="?", default=None, help="preset name or YAML (default tiny)")
-        p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm")
-        p.add_argument("--out", help="output folder (default runs/experiment-NAME)")
-        p.add_argument("--scale", type=float, default=1.0,
-                       help="multiplies the experiment's size (steps; rephrase: world and steps)")
+        add_arguments(p, EXPERIMENT_NAMES, default_out="runs/experiment-NAME", config=True)
         p.add_argument("--generator", help="rephrase: generator endpoint for `k2 rephrase`")
-        p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-        p.add_argument("--json", action="store_true", help="print JSON")
 
     return Command("experiment", (experiment_command.__doc__ or "").replace("\n    ", " "), add, _run)

@@ -71,8 +71,8 @@ def heads_experiment(out: Path, scale: float, overrides: list[str], preset: str 
             for h in (heads, 2 * heads)]
     cfgs = {a.label: load_config(preset, a.overrides) for a in arms}
     parent = ParentRun(uri, experiment_name("heads"), out, "heads",
-                     {"scale": scale, "steps": steps, "heads": heads, "preset": preset,
-                      "overrides": " ".join(overrides)})
+                        {"scale": scale, "steps": steps, "heads": heads, "preset": preset,
+                         "overrides": " ".join(overrides)})
     status = "FAILED"
     try:
         status = run_arms(arms, parent, preset, echo)

@@ -171,8 +171,8 @@ def rephrase_experiment(out: Path, scale: float, overrides: list[str], preset: s
                     f"name=rephrase-{a.replace(' ', '_')}", f"checkpoint.dir={arm_dir(out, a)}"])
             for a in ARMS]
     parent = ParentRun(uri, experiment_name("rephrase"), out, "rephrase",
-                     {"scale": scale, "steps": steps, "people": people, "world_seed": WORLD_SEED,
-                      "preset": preset, "rephrasings": source, "overrides": " ".join(overrides)})
+                        {"scale": scale, "steps": steps, "people": people, "world_seed": WORLD_SEED,
+                         "preset": preset, "rephrasings": source, "overrides": " ".join(overrides)})
     status, rows = "FAILED", {}
     try:
         run_arms(arms, parent, preset, echo)

@@ -66,8 +66,8 @@ def sparsity_experiment(out: Path, scale: float, overrides: list[str], preset: s
             for e in sorted(experts)]
     cfgs = {a.label: load_config(preset, a.overrides) for a in arms}  # bad overrides fail here
     parent = ParentRun(uri, experiment_name("sparsity"), out, "sparsity",
-                     {"scale": scale, "steps": steps, "experts": list(experts), "preset": preset,
-                      "overrides": " ".join([*SPARSITY_MODEL, *overrides])})
+                        {"scale": scale, "steps": steps, "experts": list(experts), "preset": preset,
+                         "overrides": " ".join([*SPARSITY_MODEL, *overrides])})
     status = "FAILED"
     try:
         status = run_arms(arms, parent, preset, echo)
