@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-# Test helper modules (rl_fixtures, serve_fixture, ...) live beside the tests that made them;
-# put every tests/ folder on the path so a test file run alone still finds them.
-for _d in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir()):
+# Test helper modules (rl_fixtures, serve_fixture, ...) live beside the tests that made them,
+# shared ones (small_model) in tests/ itself; put every tests/ folder on the path so a test file
+# run alone still finds them.
+for _d in [Path(__file__).parent, *sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir())]:
     if str(_d) not in sys.path:
         sys.path.append(str(_d))
 

@@ -5,15 +5,10 @@ from __future__ import annotations
 import pytest
 from k2_core.errors import ConfigError
 from k2_core.studies import run_study
+from small_model import small_model
 
 # A much smaller model than the studies' own, so each run takes a second or two.
-SMALL = [
-    "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=2",
-    "model.q_lora_rank=32", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16",
-    "model.qk_rope_head_dim=8", "model.v_head_dim=16", "moe.moe_intermediate_size=32",
-    "moe.n_routed_experts=4", "moe.num_experts_per_tok=2", "train.micro_batch_size=1",
-    "train.eval_batches=1",
-]
+SMALL = [*small_model(layers=None, experts=4), "train.micro_batch_size=1", "train.eval_batches=1"]
 SCALE = 0.02  # qk_clip: 6 steps, muon_vs_adamw: 4 steps
 
 
@@ -90,6 +85,7 @@ def test_muon_vs_adamw_study(tmp_path, monkeypatch):
 def test_unknown_study(tmp_path):
     with pytest.raises(ConfigError, match="no study named"):
         run_study("nope", str(tmp_path))
+
 
 
 def test_k2_study_alias_without_k2_experiment(monkeypatch, capsys, tmp_path):

@@ -54,12 +54,10 @@ def test_export_of_a_training_checkpoint(tmp_path):
     from k2_core.configio import load_config
     from k2_core.model import build_model
     from k2_core.trainstate import list_checkpoints, save_train_state
+    from small_model import small_model
     from transformers import DeepseekV3ForCausalLM
 
-    cfg = load_config("tiny", ["model.num_hidden_layers=2", "model.hidden_size=64",
-                               "model.num_attention_heads=2", "model.q_lora_rank=32",
-                               "model.kv_lora_rank=16", "moe.n_routed_experts=4",
-                               "moe.num_experts_per_tok=2", "tracking.tracker=null"])
+    cfg = load_config("tiny", [*small_model(experts=4), "tracking.tracker=null"])
     model = build_model(cfg)
     opt = torch.optim.AdamW(model.parameters())
     root = str(tmp_path / "run" / "checkpoints")

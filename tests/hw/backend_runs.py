@@ -25,16 +25,7 @@ import socket
 
 import torch
 import torch.multiprocessing as mp
-
-
-def small_model(layers: int = 2) -> list[str]:
-    """Overrides shrinking the `tiny` preset to the MoE model every backend test trains."""
-    return [
-        f"model.num_hidden_layers={layers}", "model.hidden_size=64", "model.intermediate_size=128",
-        "model.num_attention_heads=2", "model.q_lora_rank=32", "model.kv_lora_rank=16",
-        "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-        "moe.moe_intermediate_size=32", "moe.n_routed_experts=8", "moe.num_experts_per_tok=2",
-    ]
+from small_model import small_model  # noqa: F401  (the backend tests' model: tests/small_model.py)
 
 
 def free_port() -> int:

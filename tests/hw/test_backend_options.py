@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from k2_core.errors import ConfigError, K2Error
+from small_model import small_model
 
 
 @pytest.fixture
@@ -74,10 +75,7 @@ def _tiny_model():
     from k2_core.model import build_model
 
     torch.manual_seed(0)
-    cfg = load_config("tiny", ["model.num_hidden_layers=2", "model.hidden_size=64",
-                               "model.num_attention_heads=2", "model.q_lora_rank=32",
-                               "model.kv_lora_rank=16", "moe.n_routed_experts=4",
-                               "moe.num_experts_per_tok=2", "tracking.tracker=null"], check=set())
+    cfg = load_config("tiny", [*small_model(experts=4), "tracking.tracker=null"], check=set())
     return build_model(cfg).train()
 
 
@@ -85,10 +83,7 @@ def _tiny_meta_model():
     from k2_core.configio import load_config
     from k2_core.model import build_model
 
-    cfg = load_config("tiny", ["model.num_hidden_layers=2", "model.hidden_size=64",
-                               "model.num_attention_heads=2", "model.q_lora_rank=32",
-                               "model.kv_lora_rank=16", "moe.n_routed_experts=4",
-                               "moe.num_experts_per_tok=2", "tracking.tracker=null"], check=set())
+    cfg = load_config("tiny", [*small_model(experts=4), "tracking.tracker=null"], check=set())
     return build_model(cfg, device="meta").train()
 
 

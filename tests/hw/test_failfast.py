@@ -16,14 +16,12 @@ import sys
 import time
 
 import pytest
+from small_model import small_model
 
 TIMEOUT_S = 30
 ARGS = [
-    "tiny", "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-    "model.num_attention_heads=2", "model.q_lora_rank=32", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "moe.moe_intermediate_size=32", "moe.n_routed_experts=8", "moe.num_experts_per_tok=2",
-    "train.steps=16", "train.micro_batch_size=1", "train.log_every=1", "train.eval_every=0",
+    "tiny", *small_model(), "train.steps=16", "train.micro_batch_size=1", "train.log_every=1",
+    "train.eval_every=0",
     "tracking.tracker=null", "checkpoint.every=2", "parallel.backend=h800",
     "parallel.options.ep=2", f"parallel.options.timeout_s={TIMEOUT_S}",
 ]

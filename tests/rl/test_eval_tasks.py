@@ -8,14 +8,10 @@ import math
 
 import pytest
 import torch
+from small_model import small_model
 
 # A much smaller model than `tiny` (same vocabulary: the built-in corpus' tokenizer).
-SMALL = [
-    "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-    "model.num_attention_heads=2", "model.q_lora_rank=32", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "moe.moe_intermediate_size=32", "moe.n_routed_experts=4", "moe.num_experts_per_tok=2",
-]
+SMALL = small_model(experts=4)
 FAST = ["arithmetic.max_new_tokens=24", "arithmetic.k=2", "code.max_new_tokens=24",
         "knowledge_qa.max_new_tokens=6"]
 

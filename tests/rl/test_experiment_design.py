@@ -4,14 +4,11 @@ toy scale (tracked arms nested under one parent run, a PNG and a report)."""
 from __future__ import annotations
 
 import pytest
+from small_model import small_model
 
 # A much smaller model than the experiments' own, so that each arm takes seconds.
-SMALL = [
-    "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=2",
-    "model.q_lora_rank=32", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16",
-    "model.qk_rope_head_dim=8", "model.v_head_dim=16", "moe.moe_intermediate_size=32",
-    "train.micro_batch_size=1", "train.eval_batches=1",
-]
+SMALL = [*small_model(layers=None, experts=None), "train.micro_batch_size=1",
+         "train.eval_batches=1"]
 
 
 def test_flops_count_reproduces_the_reports_head_figure():
@@ -180,9 +177,9 @@ def test_qk_clip_runs_under_k2_experiment(tmp_path, monkeypatch):
     from k2_rl.experiments import run_experiment
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    r = run_experiment("qk_clip", str(tmp_path), overrides=[*SMALL, "moe.n_routed_experts=4",
-                                                             "moe.num_experts_per_tok=2"],
-                       scale=0.01, echo=None, num_threads=1)
+    small = [*small_model(layers=None, experts=4), "train.micro_batch_size=1", "train.eval_batches=1"]
+    r = run_experiment("qk_clip", str(tmp_path), overrides=small, scale=0.01, echo=None,
+                       num_threads=1)
     assert r["experiment"] == "qk_clip" and r["mlflow_experiment"] == "study-qk_clip"
     assert set(r["arms"]) == {"muon", "muonclip"}
     _runs(r)

@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from small_model import small_model
 
-SMALL = [
-    "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-    "model.num_attention_heads=2", "model.q_lora_rank=32", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "moe.moe_intermediate_size=32", "moe.n_routed_experts=4", "moe.num_experts_per_tok=2",
-]
+SMALL = small_model(experts=4)
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
 
 

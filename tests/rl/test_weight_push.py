@@ -28,6 +28,7 @@ from k2_rl.weight_push import (
     engine_status,
     tensor_crc32,
 )
+from small_model import small_model
 
 # -- one process ------------------------------------------------------------------------------
 
@@ -139,11 +140,7 @@ def test_a_missing_tensor_is_named():
 # -- 4 gloo trainer ranks (h800 backend, DP2 x EP2) to 2 engine processes ----------------------
 
 SHRINK = [
-    "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
-    "model.num_attention_heads=2", "model.q_lora_rank=32", "model.kv_lora_rank=16",
-    "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8", "model.v_head_dim=16",
-    "moe.moe_intermediate_size=32", "moe.n_routed_experts=8", "moe.num_experts_per_tok=2",
-    "train.micro_batch_size=2", "train.eval_every=0", "tracking.tracker=null",
+    *small_model(), "train.micro_batch_size=2", "train.eval_every=0", "tracking.tracker=null",
 ]
 ENV = {"K2_LOAD_PLUGINS": "optim,moe,data,hw_h800", "OMP_NUM_THREADS": "1"}
 
