@@ -54,8 +54,8 @@ def _engine(conn, cache: str) -> None:
     from k2_core.configio import load_config
     from k2_core.model import K2ForCausalLM
     from k2_core.plugins import get_registry
+    from k2_core.weight_push import WeightReceiver
     from k2_data.generation.engine import Engine
-    from k2_rl.weight_push import WeightReceiver
 
     os.environ.update(ENV, K2_CACHE_DIR=cache)
     torch.set_num_threads(1)
@@ -72,7 +72,7 @@ def _trainer(rank: int, world: int, port: int, cache: str, engines: list, pushes
     import torch.distributed as dist
     from k2_core.configio import load_config
     from k2_core.orchestrator import build_run
-    from k2_rl.weight_push import WeightPusher
+    from k2_core.weight_push import WeightPusher
 
     os.environ.update(ENV, K2_CACHE_DIR=cache, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                       RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))

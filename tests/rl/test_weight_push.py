@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-from k2_rl.weight_push import (
+from k2_core.weight_push import (
     BucketChecksumError,
     Faults,
     MissingBucketError,
@@ -173,7 +173,7 @@ def _engine_main(conn, cache: str) -> None:
 
 def _push(pusher, run, version, sharding, **kw) -> list[str] | None:
     """Push; None, or [error class name, message] when refused."""
-    from k2_rl.weight_push import WeightPushError
+    from k2_core.weight_push import WeightPushError
 
     try:
         pusher.push(run.model, version, sharding=sharding, **kw)
@@ -288,7 +288,7 @@ def test_four_sharded_trainer_ranks_push_to_two_engine_processes(tmp_path):
 
 
 def test_an_engine_that_is_down_fails_the_push_in_one_line(engines):
-    from k2_rl.weight_push import WeightPushError
+    from k2_core.weight_push import WeightPushError
 
     pusher = WeightPusher([engines[0].address, ("127.0.0.1", _free_port())], timeout_s=5)
     with pytest.raises(WeightPushError, match=r"trainer rank 0 could not stream to the engines"

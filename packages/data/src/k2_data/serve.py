@@ -717,6 +717,10 @@ class ServeOptions(BaseModel):
     weights_roots: tuple[str, ...] = Field(
         (), description="Folders (URIs) whose checkpoints POST /update_weights_from_disk may "
                         "load (needs api_key too); empty: weight updates are refused.")
+    push_port: int | None = Field(
+        None, ge=0, le=65535, description="Also receive weights by the bucketed push "
+        "(k2_core.weight_push) on this port, authenticated by api_key; None: no push listener.")
+    push_host: str = Field("127.0.0.1", description="Address of the push listener.")
 
 
 def serve(options: ServeOptions) -> None:
@@ -734,15 +738,31 @@ def serve(options: ServeOptions) -> None:
     except OSError as exc:
         raise ConfigError(f"serve: cannot listen on {options.host}:{options.port} ({exc.strerror}); "
                           "pick another --port or --host") from None
+    if options.push_port is not None and not options.api_key:
+        raise ConfigError("serve: --push-port: the push is authenticated by the server's API "
+                          f"key; set --api-key or ${API_KEY_ENV}")
     engine = Engine.from_checkpoint(options.uri, options.tokenizer,
                                     max_batch_size=options.max_batch_size)
+    receiver = None
+    if options.push_port is not None:
+        from k2_core.weight_push import WeightReceiver
+
+        try:
+            receiver = WeightReceiver(engine, options.push_host, options.push_port,
+                                      token=options.api_key)
+        except OSError as exc:
+            raise ConfigError(f"serve: --push-port: cannot listen on {options.push_host}:"
+                              f"{options.push_port} ({exc.strerror}); pick another") from None
     name = options.model_name or options.uri.rstrip("/").rsplit("/", 1)[-1] or "k2"
     app = create_app(engine, name, max_tokens=options.max_tokens, max_body_mb=options.max_body_mb,
                      api_key=options.api_key, max_queue=options.max_queue,
                      weights_roots=options.weights_roots)
-    print(f"k2 serve: {options.uri} as {name!r} on http://{options.host}:{options.port}/v1",
+    print(f"k2 serve: {options.uri} as {name!r} on http://{options.host}:{options.port}/v1"
+          + (f"; weight push on {receiver.address[0]}:{receiver.address[1]}" if receiver else ""),
           flush=True)
     try:
         uvicorn.run(app, host=options.host, port=options.port, log_level="warning")
     finally:
+        if receiver is not None:
+            receiver.close()
         app.state.server.batcher.close()

@@ -30,6 +30,12 @@ def serve_command(*, options: Any = None) -> Any:
         p.add_argument("--weights-root", action="append", default=[], metavar="DIR",
                        help="allow POST /update_weights_from_disk to load checkpoints under DIR "
                             "(repeatable; needs the API key); default: weight updates refused")
+        p.add_argument("--push-port", type=int, default=None, metavar="PORT",
+                       help="also receive new weights by the sharded bucketed push "
+                            "(k2_core.weight_push) on PORT, authenticated by the API key "
+                            "(default: no push listener)")
+        p.add_argument("--push-host", default="127.0.0.1",
+                       help="address of the push listener (default loopback)")
 
     def run(args: Any) -> int:
         import os
@@ -45,6 +51,7 @@ def serve_command(*, options: Any = None) -> Any:
                                 max_batch_size=args.max_batch_size, max_tokens=args.max_tokens,
                                 max_body_mb=args.max_body_mb, max_queue=args.max_queue,
                                 weights_roots=tuple(args.weights_root),
+                                push_port=args.push_port, push_host=args.push_host,
                                 api_key=args.api_key or os.environ.get(API_KEY_ENV) or None)
         except ValidationError as exc:
             err = exc.errors()[0]

@@ -107,7 +107,7 @@ class PushSync:
 
     def __init__(self, engine: ShardedEngine, addresses: list[tuple[str, int]], run: Any,
                  bucket_mb: float, timeout_s: float):
-        from .weight_push import WeightPusher
+        from k2_core.weight_push import WeightPusher
 
         self.engine, self.run = engine, run
         self.pusher = WeightPusher(addresses, bucket_mb=bucket_mb, timeout_s=timeout_s)
@@ -127,9 +127,8 @@ def build_engines(cfg: Any, opts: Any, run: Any, tokenizer: Any, ranks: DataRank
     """Engines on the generating ranks, listening for the push; the first (full) push of the
     trainer's weights; (the engine every rank uses, its sync)."""
     from k2_core.model import K2ForCausalLM
+    from k2_core.weight_push import WeightReceiver
     from k2_data.generation.engine import Engine
-
-    from .weight_push import WeightReceiver
 
     local_rank = int(os.environ.get("LOCAL_RANK", ranks.rank))
     generating = opts.rollout_engines == "rank" or local_rank == 0
