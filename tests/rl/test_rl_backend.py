@@ -1,7 +1,8 @@
 """`k2 rl` under the h800 backend (issue 16): rollouts, rewards and training spread over the
 data ranks, gradients reduced by the backend, engines fed by the sharded weight push. DP2 and
-DP2 x EP2 give the rewards, losses and weights of one process with the same seeds; a DP2
-checkpoint resumes in one process; what does not run distributed is refused in one line."""
+DP2 x EP2 give the rewards, losses and weights of one process with the same seeds, with partial
+rollouts, budgets, the temperature decay and PTX on; a DP2 checkpoint resumes in one process;
+what does not run distributed is refused in one line."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ OVERRIDES = [
     "optim.options.ns_dtype=float32", "moe.bias_update_speed=0.0", "tracking.tracker=null",
     "plugins.rl.k=4", "plugins.rl.prompts_per_iter=3", "plugins.rl.segment_tokens=6",
     "plugins.rl.default_budget=12", "plugins.rl.eval_prompts=0", "plugins.rl.micro_batch_size=3",
-    "plugins.rl.max_version_lag=1", "plugins.rl.ptx_weight=0",
+    "plugins.rl.max_version_lag=1", "plugins.rl.ptx_weight=0.5", "train.micro_batch_size=1",
     "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 12}]",
 ]
 H800 = ["parallel.backend=h800", "parallel.options.dtype=fp32"]
@@ -62,7 +63,7 @@ def _cfg(init: str, run_dir: str, extra: list[str]):
 
 
 KEYS = ("rl/reward_mean", "rl/loss", "rl/groups", "rl/response_tokens", "train/grad_norm",
-        "rl/entropy", "rl/log_ratio_mean")
+        "rl/entropy", "rl/log_ratio_mean", "rl/ptx_loss")
 
 
 def _run(init: str, run_dir: str, extra: list[str]) -> list[dict[str, float]]:
@@ -114,7 +115,7 @@ def _same(one: list[dict[str, float]], other: list[dict[str, float]]) -> None:
         # the same groups, sampled tokens and rewards; the loss up to summation order
         for k in ("rl/reward_mean", "rl/groups", "rl/response_tokens"):
             assert a[k] == b[k], (k, a, b)
-        for k in ("rl/loss", "rl/entropy", "rl/log_ratio_mean", "train/grad_norm"):
+        for k in ("rl/loss", "rl/entropy", "rl/log_ratio_mean", "train/grad_norm", "rl/ptx_loss"):
             assert abs(a[k] - b[k]) <= LOSS_TOL * max(1.0, abs(a[k])), (k, a, b)
 
 
@@ -130,7 +131,9 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 def test_rl_under_h800_matches_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("K2_LOAD_PLUGINS", PLUGINS)
     init = _init(tmp_path)
-    one = _run(init, str(tmp_path / "one"), [])
+    # PTX: each data rank reads one row of the `data` section a step = one process's 2
+    # micro-batches of 1 (the mean of their means)
+    one = _run(init, str(tmp_path / "one"), ["train.grad_accum=2"])
     assert len(one) == STEPS and any(h["rl/loss"] != 0 for h in one)  # something was learnt
     dp2 = _spawn(2, init, str(tmp_path / "dp2"), [])
     _same(one, dp2)
@@ -142,7 +145,7 @@ def test_rl_under_h800_matches_one_process(tmp_path, monkeypatch):
     again = tmp_path / "again"
     shutil.copytree(tmp_path / "dp2" / "checkpoints" / "step_00000002",
                     again / "checkpoints" / "step_00000002")
-    rest = _run(init, str(again), [])
+    rest = _run(init, str(again), ["train.grad_accum=2"])
     _same(one[2:], rest)
     _close(_weights(str(tmp_path / "one")), _weights(str(again)))
 
@@ -152,7 +155,7 @@ def test_rl_under_h800_matches_one_process(tmp_path, monkeypatch):
 def test_rl_under_dp2_ep2_matches_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("K2_LOAD_PLUGINS", PLUGINS)
     init = _init(tmp_path)
-    one = _run(init, str(tmp_path / "one"), [])
+    one = _run(init, str(tmp_path / "one"), ["train.grad_accum=4"])
     # 4 data ranks, experts split over 2: ranks with fewer micro-batches run padding ones
     dpep = _spawn(4, init, str(tmp_path / "dpep"), ["parallel.options.ep=2"])
     _same(one, dpep)

@@ -297,14 +297,7 @@ class RLTrainer:
                 self._micro_step(micro[k], trajs, adv, sums, ratio)
             else:
                 self._padding_step()
-        ptx_loss = float("nan")
-        if self.ptx is not None:
-            batch = {k: v.to(run.backend.device) for k, v in next(self.ptx).items()}
-            with run.backend.autocast(self.cfg.train.bf16):
-                loss = model(**batch, return_logits=False).loss
-            (opts.ptx_weight * loss).backward()
-            ptx_loss = float(loss.detach())
-            sums[3] += int(batch["input_ids"].numel())
+        ptx_loss = self._ptx_step(sums) if self.ptx is not None else float("nan")
         # the backend averages the loss over the data ranks like the gradients, so each
         # reports its share times the ranks: the mean is the loss of all responses
         loss_mean, grad_norm = run.backend.finish_step(
@@ -323,6 +316,21 @@ class RLTrainer:
                 "qk_clip/heads_clipped": float(stats.get("heads_clipped", 0)),
                 "train/tokens_per_s": float(sums[3]) / max(secs, 1e-9), "time/train_s": secs,
                 "train/lr": run.scheduler.get_last_lr()[0]}
+
+    def _ptx_step(self, sums: torch.Tensor) -> float:
+        """The PTX loss on `train.grad_accum` batches of this rank's `data` shard (the mean of
+        their means, as pre-training averages micro-batches and the backend data ranks);
+        returns it averaged over the data ranks."""
+        run, accum = self.run, self.cfg.train.grad_accum
+        total = torch.zeros(1, dtype=torch.float64)
+        for _ in range(accum):
+            batch = {k: v.to(run.backend.device) for k, v in next(self.ptx).items()}
+            with run.backend.autocast(self.cfg.train.bf16):
+                loss = run.model(**batch, return_logits=False).loss
+            (self.opts.ptx_weight * loss / accum).backward()
+            total += float(loss.detach()) / accum
+            sums[3] += int(batch["input_ids"].numel())
+        return float(self.ranks.sum_(total)) / self.ranks.world
 
     def _micro_step(self, idx: list[int], trajs: list[Any], adv: Any, sums: torch.Tensor,
                     ratio: torch.Tensor) -> None:
