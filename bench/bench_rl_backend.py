@@ -2,8 +2,8 @@
 
     uv run python bench/bench_rl_backend.py [--iters 3] [--json]
 
-Both runs use the `rl-math` config (K=8 samples x 8 prompts, segment 48 tokens, budget 96,
-partial rollout off) on a `tiny`-preset model with random weights and a small BPE tokenizer,
+Both runs use the `rl-math` config cut to K=4 samples x 8 prompts and a budget of 48 tokens
+(partial rollout off) on a `tiny`-preset model with random weights and a small BPE tokenizer,
 both in fp32 (parallel.options.dtype=fp32). One process runs with 2 torch threads; DP2 runs 2
 processes of 1 thread each, so both use the machine's 2 cores. Under DP2 each rank generates
 half of each iteration's samples, scores half the groups and trains on them; the engines get
@@ -39,7 +39,9 @@ def _cfg(init: str, run_dir: str, iters: int, extra: list[str]):
     return load_config(config_path("rl-math"), [
         f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", f"train.steps={iters}",
         "train.eval_every=0", f"checkpoint.every={iters}", "tracking.tracker=null",
-        "data.options.builtin_n=50", "plugins.rl.partial_rollout=false", *extra])
+        "data.options.builtin_n=50", "plugins.rl.partial_rollout=false", "plugins.rl.k=4",
+        "plugins.rl.prompts_per_iter=8", "plugins.rl.default_budget=48",
+        "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 48}]", *extra])
 
 
 def _summary(history: list[dict[str, float]]) -> dict[str, float]:
