@@ -356,8 +356,10 @@ def test_openai_options_are_validated():
     assert opts.openai.concurrency == 4 and opts.openai.weight_update == "k2"
     with pytest.raises(ValueError, match="concurrency"):
         RlOptions(init="x", engine="openai", openai={"concurrency": 0})
+    assert RlOptions(init="x", engine="openai",
+                     openai={"weight_update": "vllm"}).openai.restart_command is None
     with pytest.raises(ValueError, match="weight_update"):
-        RlOptions(init="x", engine="openai", openai={"weight_update": "vllm"})
+        RlOptions(init="x", engine="openai", openai={"weight_update": "tgi"})
 
 
 def test_a_relative_weights_dir_is_sent_to_the_server_absolute(tmp_path, monkeypatch):
@@ -372,3 +374,130 @@ def test_a_relative_weights_dir_is_sent_to_the_server_absolute(tmp_path, monkeyp
     assert OpenAISync(fake, "runs/x/engine-weights", []).weights_dir == \
         str(tmp_path / "runs/x/engine-weights")
     assert OpenAISync(fake, "s3://bkt/w/", []).weights_dir == "s3://bkt/w"
+
+
+# --- weight_update=vllm (the real vLLM runs in test_vllm_engine.py, a slow test) ---------------
+class _FakeVllm:
+    """The OpenAIEngine surface OpenAISync uses, recording the calls."""
+
+    def __init__(self, tokenizer, refuse=False, **opts):
+        from k2_rl.options import OpenAIEngineOptions
+
+        self.opts = OpenAIEngineOptions(weight_update="vllm", restart_timeout_s=30, **opts)
+        self.tokenizer, self.calls, self.refuse = tokenizer, [], refuse
+
+    def update(self, load, version):
+        load()
+
+    def reload_vllm(self, uri):
+        from k2_rl.engine_openai import OpenAIEngineError
+
+        self.calls.append(("reload", uri))
+        if self.refuse:
+            raise OpenAIEngineError("vLLM reload refused by http://h/collective_rpc (500): ...")
+
+    def wait_ready(self, timeout_s):
+        self.calls.append(("ready", timeout_s))
+
+
+@pytest.fixture
+def stale_once(monkeypatch):
+    """check_logprobs fails its first call (a stale reload), then passes."""
+    import k2_rl.engine_openai as eo
+
+    seen = []
+
+    def check(engine, model, prompts, n, tol, version=None):
+        seen.append(version)
+        if len(seen) == 1:
+            raise eo.OpenAIEngineError("the engine's log-probabilities differ from the trainer's")
+        return 1e-7
+
+    monkeypatch.setattr(eo, "check_logprobs", check)
+    return seen
+
+
+def _tiny_model_and_tok():
+    from k2_core.model import K2ForCausalLM
+    from rl_fixtures import tiny_configs, tiny_tokenizer
+
+    tok = tiny_tokenizer(vocab=300)
+    return K2ForCausalLM(*tiny_configs(tok.vocab_size)), tok
+
+
+def test_vllm_update_reloads_then_restarts_when_the_check_fails(tmp_path, stale_once):
+    from k2_rl.engine_openai import OpenAISync
+
+    model, tok = _tiny_model_and_tok()
+    marker = tmp_path / "restarted"
+    engine = _FakeVllm(tok, restart_command=f"echo {{model_path}} > {marker}")
+    sync = OpenAISync(engine, str(tmp_path / "w dir"), [[5, 6]])
+    sync.push(model, 3)
+    uri = str(tmp_path / "w dir" / "v00000003")
+    assert engine.calls[0] == ("reload", uri) and engine.calls[1][0] == "ready"
+    assert marker.read_text().strip() == uri  # quoted for the shell: the space survived
+    assert sync.restarts == 1 and stale_once == [3, 3] and sync.last_check == 1e-7
+    # an HF folder vLLM can be (re)started on: config, weights, tokenizer, chat template
+    names = {p.name for p in Path(uri).iterdir()}
+    assert {"config.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert "chat_template" in json.loads((Path(uri) / "tokenizer_config.json").read_text())
+
+
+def test_vllm_update_without_a_restart_command_fails_with_one_line(tmp_path, stale_once):
+    from k2_rl.engine_openai import OpenAIEngineError, OpenAISync
+
+    model, tok = _tiny_model_and_tok()
+    engine = _FakeVllm(tok)
+    with pytest.raises(OpenAIEngineError, match="weight update to version 1 .*differ") as err:
+        OpenAISync(engine, str(tmp_path), [[5, 6]]).push(model, 1)
+    assert "\n" not in str(err.value) and [c[0] for c in engine.calls] == ["reload"]
+
+
+def test_vllm_restart_command_failing_fails_the_update_with_its_last_line(tmp_path, stale_once):
+    from k2_rl.engine_openai import OpenAIEngineError, OpenAISync
+
+    model, tok = _tiny_model_and_tok()
+    engine = _FakeVllm(tok, restart_command="echo starting; echo 'no GPU, no luck' >&2; exit 3")
+    with pytest.raises(OpenAIEngineError, match="restart_command exited with 3: no GPU, no luck"):
+        OpenAISync(engine, str(tmp_path), [[5, 6]]).push(model, 1)
+
+
+def test_vllm_reload_route_missing_says_to_enable_dev_mode(httpserver):
+    from k2_rl.engine_openai import OpenAIEngine, OpenAIEngineError
+    from k2_rl.options import OpenAIEngineOptions
+
+    got = []
+
+    def handler(request):
+        from werkzeug import Response
+
+        got.append(json.loads(request.data))
+        return Response(json.dumps({"results": [None]}), content_type="application/json")
+
+    httpserver.expect_request("/collective_rpc", method="POST").respond_with_handler(handler)
+    engine = OpenAIEngine(OpenAIEngineOptions(base_url=httpserver.url_for("/v1"), model="m",
+                                              weight_update="vllm"))
+    try:
+        engine.reload_vllm("/w/v00000001")
+        assert got[0]["method"] == "reload_weights"
+        assert got[0]["kwargs"] == {"weights_path": "/w/v00000001"}
+        httpserver.clear()
+        httpserver.expect_request("/collective_rpc").respond_with_data("Not Found", status=404)
+        with pytest.raises(OpenAIEngineError, match="VLLM_SERVER_DEV_MODE=1") as err:
+            engine.reload_vllm("/w/v00000002")
+        assert "\n" not in str(err.value)
+    finally:
+        engine.close()
+
+
+def test_vllm_reload_refused_falls_back_to_the_restart(tmp_path, monkeypatch):
+    import k2_rl.engine_openai as eo
+
+    monkeypatch.setattr(eo, "check_logprobs", lambda *a, **k: 2e-7)
+    model, tok = _tiny_model_and_tok()
+    engine = _FakeVllm(tok, refuse=True, restart_command="true {model_path}")
+    sync = eo.OpenAISync(engine, str(tmp_path), [[5, 6]])
+    sync.push(model, 2)
+    assert [c[0] for c in engine.calls] == ["reload", "ready"] and sync.restarts == 1
+    with pytest.raises(eo.OpenAIEngineError, match="version 2 .*refused by"):
+        eo.OpenAISync(_FakeVllm(tok, refuse=True), str(tmp_path / "b"), [[5, 6]]).push(model, 2)

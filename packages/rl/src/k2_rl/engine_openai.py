@@ -14,13 +14,18 @@ with the reason (the K1.5 log-ratio needs them); a sample whose request still fa
 
 `OpenAISync` is the weight sync (InProcessSync's surface): it writes the new version under
 `weights_dir`, asks the engine to load it (POST /update_weights_from_disk: k2 serve reads the
-k2 checkpoint; SGLang an HF export), and compares a few greedy tokens' log-probabilities from
-the engine with the trainer's own before the engine takes new requests again.
+k2 checkpoint; SGLang an HF export; vLLM, weight_update=vllm: POST /collective_rpc
+reload_weights of an HF export, a development route), and compares a few greedy tokens'
+log-probabilities from the engine with the trainer's own before the engine takes new requests
+again. For vLLM a failed check runs `restart_command` (restart the server on the new export)
+and checks again: vLLM 0.32's in-place reload leaves MLA's absorbed weights stale.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
+import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -302,6 +307,43 @@ class OpenAIEngine:
             out.append((c.token_ids, c.logprobs))
         return out
 
+    def reload_vllm(self, uri: str) -> None:
+        """vLLM: POST /collective_rpc reload_weights from the HF folder `uri` (a development
+        route: the server needs VLLM_SERVER_DEV_MODE=1); one line on a refusal."""
+        import httpx
+
+        url = f"{self.root_url}/collective_rpc"
+        body = {"method": "reload_weights", "kwargs": {"weights_path": uri},
+                "timeout": self.opts.timeout_s}
+        try:
+            resp = self.client.post(url, json=body, timeout=self.opts.timeout_s)
+        except httpx.HTTPError as exc:
+            raise OpenAIEngineError(f"vLLM reload at {url} failed ({type(exc).__name__}: "
+                                    f"{_first_line(str(exc))})") from None
+        if resp.status_code == 404:
+            raise OpenAIEngineError(f"{url} is not found: start vLLM with VLLM_SERVER_DEV_MODE=1 "
+                                    "for its reload route (or set a restart_command)")
+        if resp.status_code != 200:
+            raise OpenAIEngineError(f"vLLM reload refused by {url} ({resp.status_code}): "
+                                    f"{_error_message(resp)}")
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until {base_url}/models answers 200 (a restarted engine is up)."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.client.get(f"{self.base_url}/models", timeout=10).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise OpenAIEngineError(f"the engine at {self.base_url} did not answer /models "
+                                        f"within {timeout_s:g} s of its restart "
+                                        "(plugins.rl.openai.restart_timeout_s)")
+            time.sleep(1.0)
+
     def load_weights_from_disk(self, uri: str, version: int | None) -> dict[str, Any]:
         """POST /update_weights_from_disk (k2 serve and SGLang); one line on a refusal."""
         import httpx
@@ -378,14 +420,25 @@ class OpenAISync:
         self.last_seconds = 0.0
         self.last_bytes = 0
         self.last_check = 0.0  # largest logprob gap of the last check
+        self.restarts = 0  # weight_update=vllm: reloads that failed the check, then restarted
 
     def write(self, model: torch.nn.Module, version: int) -> str:
         """Write `model` as `version` where the engine can read it; returns its URI."""
         uri = f"{self.weights_dir}/v{version:08d}"
-        if self.opts.weight_update == "sglang":
+        if self.opts.weight_update in ("sglang", "vllm"):
             from k2_core.hf import save_pretrained
 
             save_pretrained(model, uri)
+            if self.opts.weight_update == "vllm" and self.engine.tokenizer is not None:
+                # a folder vLLM can also be (re)started on (restart_command)
+                from pathlib import Path
+
+                from k2_data.hf_export import hf_tokenizer_files
+
+                files = hf_tokenizer_files(self.engine.tokenizer,
+                                           model.config.max_position_embeddings)
+                for name, data in files.items():
+                    (Path(uri) / name).write_bytes(data)
         else:
             from k2_core.modelio import save_model
 
@@ -398,21 +451,55 @@ class OpenAISync:
         uri = self.write(model, version)
         engine = self.engine
 
+        def check() -> None:
+            self.last_check = check_logprobs(engine, model, self.check_prompts,
+                                             self.opts.check_tokens,
+                                             self.opts.logprob_tolerance, version)
+
         def load() -> None:
-            sent = None if self.opts.weight_update == "sglang" else version
-            engine.load_weights_from_disk(uri, sent)
+            fallback = self.opts.weight_update == "vllm" and bool(self.opts.restart_command)
             try:
-                self.last_check = check_logprobs(engine, model, self.check_prompts,
-                                                 self.opts.check_tokens,
-                                                 self.opts.logprob_tolerance, version)
+                if self.opts.weight_update == "vllm":
+                    engine.reload_vllm(uri)
+                else:
+                    sent = None if self.opts.weight_update == "sglang" else version
+                    engine.load_weights_from_disk(uri, sent)
+                check()
             except OpenAIEngineError as exc:
-                raise OpenAIEngineError(f"weight update to version {version} ({uri}): {exc}") from None
+                if not fallback:
+                    raise OpenAIEngineError(
+                        f"weight update to version {version} ({uri}): {exc}") from None
+                # vLLM refused the reload or served wrong weights after it: restart it on
+                # the new export and check again
+                self.restart(uri)
+                try:
+                    check()
+                except OpenAIEngineError as again:
+                    raise OpenAIEngineError(f"weight update to version {version} ({uri}), "
+                                            f"after restart_command: {again}") from None
 
         engine.update(load, version)
         self.written.append(uri)
         self._prune()
         self.last_seconds = time.perf_counter() - t0
         self.last_bytes = state_bytes(sync_state(model))
+
+    def restart(self, uri: str) -> None:
+        """Run restart_command on the new export `uri` and wait for the engine to answer."""
+        cmd = str(self.opts.restart_command).replace("{model_path}", shlex.quote(uri))
+        t0 = time.monotonic()
+        try:
+            done = subprocess.run(cmd, shell=True, capture_output=True, text=True,
+                                  timeout=self.opts.restart_timeout_s)
+        except subprocess.TimeoutExpired:
+            raise OpenAIEngineError(f"restart_command ran past {self.opts.restart_timeout_s:g} s "
+                                    "(plugins.rl.openai.restart_timeout_s)") from None
+        if done.returncode != 0:
+            tail = (done.stderr or done.stdout).strip().splitlines()
+            raise OpenAIEngineError(f"restart_command exited with {done.returncode}: "
+                                    f"{tail[-1] if tail else '(no output)'}")
+        self.engine.wait_ready(max(1.0, self.opts.restart_timeout_s - (time.monotonic() - t0)))
+        self.restarts += 1
 
     def _prune(self) -> None:
         import fsspec

@@ -76,7 +76,8 @@ class OpenAIEngineOptions(BaseModel):
     Rollouts go through its /v1/completions with prompts as token ids and per-token raw
     log-probabilities (k2 serve; vLLM with --logprobs-mode raw_logprobs; SGLang). After each
     update the trainer writes the weights under `weights_dir` and asks the engine to load them
-    (POST /update_weights_from_disk), then checks a few log-probabilities against its own.
+    (POST /update_weights_from_disk; vLLM: /collective_rpc reload_weights), then checks a few
+    log-probabilities against its own.
     """
 
     model_config = _FROZEN
@@ -99,11 +100,22 @@ class OpenAIEngineOptions(BaseModel):
     max_consecutive_failures: int = Field(
         32, gt=0, description="Samples failing in a row (each after its retries) that fail the "
         "run with one line: the engine is down rather than flaky.")
-    weight_update: Literal["k2", "sglang"] = Field(
+    weight_update: Literal["k2", "sglang", "vllm"] = Field(
         "k2", description="How the engine gets a new policy version: k2 = `k2 serve` loads the "
         "k2 checkpoint written under weights_dir (it must lie under one of the server's "
         "--weights-root); sglang = SGLang's /update_weights_from_disk on an HF export (untested "
-        "here).")
+        "here); vllm = vLLM's development route (server started with VLLM_SERVER_DEV_MODE=1): "
+        "POST /collective_rpc reload_weights from an HF export with its tokenizer. On MLA "
+        "models vLLM 0.32's reload serves wrong weights (it does not re-derive W_UK_T/W_UV), "
+        "so the check fails and `restart_command` is the fallback (docs/vllm.md).")
+    restart_command: str | None = Field(
+        None, description="weight_update=vllm: shell command run when vLLM refuses a reload "
+        "or fails the check after it, with {model_path} replaced by the new version's HF folder "
+        "(quoted); it must leave the engine at base_url serving that folder. k2 then waits up "
+        "to restart_timeout_s for /v1/models and checks again. None: the update fails with "
+        "one line.")
+    restart_timeout_s: float = Field(900.0, gt=0, description="Seconds restart_command and the "
+                                     "restarted engine's start may take together.")
     weights_dir: str | None = Field(
         None, description="Where each new version's weights are written, as a URI the engine can "
         "read (None: {run dir}/engine-weights).")
