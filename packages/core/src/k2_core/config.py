@@ -194,6 +194,10 @@ class TrainConfig(Section):
     grad_accum: int = Field(1, gt=0, description="Micro-batches per optimizer step.")
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 disables it).")
     bf16: bool = Field(False, description="Run forward/backward under bf16 autocast.")
+    compile: bool = Field(
+        False, description="Regional torch.compile of each decoder block (attention, dense FFN, "
+        "router; the routed experts stay eager), applied after the backend builds the model "
+        "(k2_core.compile). Not with an activation policy.")
     seed: int = Field(0, description="Seed for weights, data order and sampling.")
     log_every: int = Field(10, gt=0, description="Steps between logged metrics.")
     eval_every: int = Field(50, ge=0, description="Steps between validation-loss evaluations (0: never).")

@@ -124,6 +124,10 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None, *, dry_run: bool =
 
         check_memory_fits(cfg, backend)
     model = backend.parallelize(build_model(cfg, reg, device="meta"), cfg.train.seed)
+    if cfg.train.compile and not dry_run:  # after the backend: both backends, one place
+        from .compile import compile_blocks
+
+        compile_blocks(model)
     optimizer = reg.build("optimizer", cfg.optim.name, model, lr=cfg.optim.lr,
                           weight_decay=cfg.optim.weight_decay, options=cfg.optim.options,
                           where="optim.options")
