@@ -22,6 +22,17 @@ allocation over 64 KiB so that freed tensors leave RSS at once), for
 - MuonClip with `bucket_bytes` 64 MiB (the default) and `--small-bucket` MiB.
 
 Run: `uv run python bench/bench_optim.py [--layers 1] [--experts 64] [--reps 3]`.
+
+`--family tiny|small|k2` instead times the Muon step on an MoE-shaped parameter set against
+`torch.optim.Muon` given the *same* matrices (issue 19): per layer the MLA matrices, a
+shared expert and 3-D expert stacks (gate_up [E, 2I, H] with muon_split=2, down [E, H, I]);
+torch gets every expert's gate, up and down block as its own 2-D parameter, so both sides
+orthogonalise the same matrices (same FLOPs). Shapes: `tiny` / `small` are the presets'
+(16 / 64 experts), `k2` keeps K2's head dims (nope/rope/v 128/64/128) and its expert
+width-to-hidden ratio at hidden 1536, 12 heads, expert width 384, 32 experts. The two
+optimizers alternate step by step (one warm-up step each), the ratio is taken per pair and
+its median printed; `--profile` adds the share of `aten::copy_` in a k2 step.
+`uv run python bench/bench_optim.py --family small --family-layers 1 --reps 3`.
 """
 
 from __future__ import annotations
@@ -108,6 +119,83 @@ class WholeGroupMuonClip(MuonClip):
             torch._foreach_add_([params[i] for i in idxs], o, alpha=-lr * scale)
 
 
+FAMILIES = {
+    # hidden, heads, q_lora, kv_lora, nope, rope, v, expert width, experts, layers
+    "tiny": (256, 8, 128, 64, 32, 16, 32, 128, 16, 4),
+    "small": (1024, 16, 384, 256, 64, 32, 64, 512, 64, 1),
+    "k2": (1536, 12, 384, 128, 128, 64, 128, 384, 32, 1),
+}
+
+
+def family_params(name: str, layers: int | None, experts: int | None
+                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    """(k2 parameters, torch's 2-D parameters holding the same matrices, layers)."""
+    h, heads, ql, kvl, nope, rope, v, inter, e, nl = FAMILIES[name]
+    e, nl = experts or e, layers or nl
+    shapes = {
+        "q_a_proj": (ql, h), "q_b_proj": (heads * (nope + rope), ql),
+        "kv_a_proj_with_mqa": (kvl + rope, h), "kv_b_proj": (heads * (nope + v), kvl),
+        "o_proj": (h, heads * v), "gate_up_proj": (e, 2 * inter, h), "down_proj": (e, h, inter),
+        "shared_gate": (inter, h), "shared_up": (inter, h), "shared_down": (h, inter),
+    }
+    ours, theirs = [], []
+    for _ in range(nl):
+        for k, shape in shapes.items():
+            p = torch.nn.Parameter(torch.randn(shape) * 0.02)
+            p.grad = torch.randn(shape) * 1e-3
+            if k == "gate_up_proj":
+                p.muon_split = 2
+            ours.append(p)
+            n, r, c = matrix_view_shape(p)
+            for w, g in zip(p.detach().reshape(n, r, c), p.grad.reshape(n, r, c), strict=True):
+                q = torch.nn.Parameter(w.clone())
+                q.grad = g.clone()
+                theirs.append(q)
+    return ours, theirs, nl
+
+
+def run_family(args: argparse.Namespace) -> None:
+    """k2_optim.Muon vs torch.optim.Muon on the same matrices, alternating step by step."""
+    from k2_optim import Muon
+
+    torch.manual_seed(0)
+    ours, theirs, nl = family_params(args.family, args.family_layers, args.experts)
+    numel = sum(p.numel() for p in ours)
+    print(f"family {args.family}: {nl} layers, {numel / 1e6:.1f}M params; k2: {len(ours)} "
+          f"tensors, torch.optim.Muon: {len(theirs)} 2-D matrices; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    kw = dict(lr=2e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    k2 = Muon(ours, **kw)
+    ref = torch.optim.Muon(theirs, **kw)
+    k2.step()
+    ref.step()
+    pairs = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        k2.step()
+        t1 = time.perf_counter()
+        ref.step()
+        t2 = time.perf_counter()
+        pairs.append((t1 - t0, t2 - t1))
+    ks, ts = [a for a, _ in pairs], [b for _, b in pairs]
+    ratio = statistics.median(a / b for a, b in pairs)
+    print(f"  k2_optim.Muon        median {statistics.median(ks) * 1e3:9.1f} ms/step  "
+          f"({', '.join(f'{t * 1e3:.0f}' for t in ks)})")
+    print(f"  torch.optim.Muon     median {statistics.median(ts) * 1e3:9.1f} ms/step  "
+          f"({', '.join(f'{t * 1e3:.0f}' for t in ts)})")
+    print(f"k2 / torch.optim.Muon time ratio (median of {len(pairs)} pairs): {ratio:.2f} "
+          f"(target <= 0.5)")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            k2.step()
+        ev = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in ev)
+        for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:6]:
+            print(f"  profile: {e.key:<28s} {100 * e.self_cpu_time_total / total:5.1f}% of the k2 step")
+
+
 def _status(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -154,7 +242,14 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-torch-muon", action="store_true")
     ap.add_argument("--small-bucket", type=int, default=8, help="MiB")
+    ap.add_argument("--family", choices=sorted(FAMILIES), default=None,
+                    help="time Muon vs torch.optim.Muon on this MoE shape family only")
+    ap.add_argument("--family-layers", type=int, default=None)
+    ap.add_argument("--profile", action="store_true")
     args = ap.parse_args()
+    if args.family:
+        run_family(args)
+        return
     experts = args.experts or small_from_preset()
     torch.manual_seed(0)
     layers = [layer_params(experts) for _ in range(args.layers)]

@@ -48,8 +48,11 @@ def test_direction_plus_inner_step_equals_muonclip(world_of_one, nesterov, adjus
         opt.write_directions()
         opt.inner.step()
         opt.zero_grad()
+    # the two orders of scaling the direction (into .grad, or in the update's alpha) differ
+    # in the last FP32 bit; AdamW entries whose sqrt(v) is below eps amplify that by orders
+    # of magnitude (one embedding entry: ~3e-6 after 3 steps, 1/7000 of an lr step)
     for (n, a), b in zip(ref_model.named_parameters(), ds_model.parameters(), strict=True):
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=n)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=n)
     # K2's momentum lives outside DeepSpeed's state, in the single-process layout
     torch.testing.assert_close(opt.state[ds_model.gate_up]["momentum_buffer"],
                                ref.state[ref_model.gate_up]["momentum_buffer"])

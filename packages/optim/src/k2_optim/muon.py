@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from .grouping import param_groups as _auto_groups
-from .orthogonalize import NS_COEFFICIENTS, NS_EPS, NS_STEPS, newton_schulz
+from .orthogonalize import NS_COEFFICIENTS, NS_EPS, NS_STEPS, NSWorkspace, newton_schulz
 
 ADJUST_LR_FNS = ("match_rms_adamw", "original", "none")
 #: the most update bytes one Newton-Schulz batch stacks (its temporaries scale with it)
@@ -103,7 +103,11 @@ class Muon(torch.optim.Optimizer):
     The step works in buckets of at most `bucket_bytes` (default 64 MiB) of same-shaped
     matrices (a 3-D stack is cut between buckets at whole experts): momentum, the stacked
     Nesterov update and Newton-Schulz exist for one bucket at a time, so the step's
-    temporaries stay near a few buckets whatever the model size.
+    temporaries stay near a few buckets whatever the model size. They live in a workspace
+    (`NSWorkspace`, about two buckets) that is reused bucket after bucket and kept between
+    steps, so a step allocates nothing large: the stacked update is written once in its
+    dtype, normalised straight into the NS dtype, iterated in its own layout and added to
+    the weights from there. `free_workspace()` returns that memory (the next step re-creates it).
     """
 
     def __init__(
@@ -159,11 +163,24 @@ class Muon(torch.optim.Optimizer):
         # not a param-group default: state dicts written before it existed still load
         self.bucket_bytes = int(bucket_bytes)
         self.master_weights = bool(master_weights)
+        self._workspace = NSWorkspace()
         super().__init__(fixed, defaults)
         for g in self.param_groups:
             if g["use_muon"]:
                 for p in g["params"]:
                     matrix_view_shape(p)  # validates ndim / muon_split
+
+    @property
+    def workspace(self) -> NSWorkspace:
+        """The step's reusable scratch memory (stacked updates and Newton-Schulz iterates)."""
+        ws = getattr(self, "_workspace", None)
+        if ws is None:
+            ws = self._workspace = NSWorkspace()
+        return ws
+
+    def free_workspace(self) -> None:
+        """Release the step's scratch memory now (it is allocated again by the next step)."""
+        self.workspace.clear()
 
     # --- hooks for subclasses ------------------------------------------------------------
     def _owned(self, p: Tensor) -> bool:
@@ -316,8 +333,8 @@ class Muon(torch.optim.Optimizer):
             targets = []
             for (i, lo, hi, _n), o in zip(pieces, outs, strict=True):
                 w = self._piece(self._weight(params[i]), params[i], lo, hi, owned=True)
-                # a contiguous parameter takes the [n, r, c] result as a view (no copy, and a
-                # transposed Newton-Schulz output needs none); anything else gets a reshape
+                # a contiguous parameter takes the [n, r, c] result as a view (no copy);
+                # anything else gets a reshape
                 targets.append((w.view(o.shape), o) if w.is_contiguous() else (w, o.reshape(w.shape)))
             ws = [w for w, _ in targets]
             if wd:
@@ -338,7 +355,8 @@ class Muon(torch.optim.Optimizer):
                     ) -> Iterator[tuple[list[int], list[Tensor], float]]:
         """Momentum (+ Nesterov) and batched Newton-Schulz, bucket by bucket; yields per bucket
         (indices into `params`, orthogonalised updates shaped like their owned rows, scale).
-        Each bucket's momentum is advanced when the bucket is reached: consume it all."""
+        Each bucket's momentum is advanced when the bucket is reached: consume it all. The
+        updates are views of the workspace: use them before asking for the next bucket."""
         for pieces, outs, scale in self._muon_buckets(group, params, split_params=False):
             shaped = [o.reshape(self._rows_view(params[i], params[i]).shape)
                       for (i, _lo, _hi, _n), o in zip(pieces, outs, strict=True)]
@@ -363,7 +381,7 @@ class Muon(torch.optim.Optimizer):
         (Nesterov) updates and orthogonalise them; yields (pieces, outputs, scale).
 
         A piece (i, lo, hi, n) is rows [lo, hi) of params[i]'s owned rows, n matrices; its
-        output is [n, r, c] (possibly a transposed view). A bucket holds at most
+        output is [n, r, c], a view of the workspace until the next bucket. A bucket holds at most
         `bucket_bytes` of updates unless one piece alone is larger; `split_params` lets a 3-D
         stack be cut between buckets at whole dim-0 rows (experts).
         """
@@ -406,22 +424,28 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_mul_(bufs, mu)
         torch._foreach_add_(bufs, grads)                       # M = mu*M + G
         total = sum(n for *_, n in bucket)
-        if group["nesterov"]:
-            # U = G + mu*M written straight into the stacked buffer: the only copy made
-            stacked = torch.empty((total, r, c), dtype=dtype, device=dev)
+        if not group["nesterov"] and len(bucket) == 1 and bufs[0].is_contiguous():
+            stacked = bufs[0].view(total, r, c)
+        else:
+            # the stacked update in the workspace (reused, so no fresh pages each step)
+            (stacked,) = self.workspace.take(dev, [((total, r, c), dtype)], slot="stack")
             dst, off = [], 0
             for (_i, _lo, _hi, n), g in zip(bucket, grads, strict=True):
                 dst.append(stacked[off:off + n].view(g.shape))
                 off += n
-            torch._foreach_copy_(dst, grads)
-            torch._foreach_add_(dst, bufs, alpha=mu)
-        elif len(bucket) == 1:
-            stacked = bufs[0].reshape(total, r, c)
-        else:
-            stacked = torch.cat([b.reshape(n, r, c) for (*_, n), b in zip(bucket, bufs, strict=True)])
+            if group["nesterov"]:
+                for d, g, b in zip(dst, grads, bufs, strict=True):
+                    torch.add(g, b, alpha=mu, out=d)  # U = G + mu*M in one pass
+            else:
+                torch._foreach_copy_(dst, bufs)
+        # the result stays in the NS dtype when that is exact in the update's dtype (bf16
+        # into FP32: the weight update casts as it reads); a wider NS dtype is rounded to
+        # the update's, as before
+        wider = torch.empty((), dtype=self.ns_dtype).element_size() > \
+            torch.empty((), dtype=dtype).element_size()
         o = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
-                          dtype=self.ns_dtype, out_dtype=dtype)
-        del stacked
+                          dtype=self.ns_dtype, out_dtype=dtype if wider else None,
+                          workspace=self.workspace)
         return bucket, list(o.split([n for *_, n in bucket])), adjusted_scale(r, c, group["adjust_lr_fn"])
 
     def _adamw_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
