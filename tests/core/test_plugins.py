@@ -86,3 +86,44 @@ def test_plugins_text_lists_everything(env_with_fakes):
     assert "FAILED broken (fake-k2-plugins 0.3)" in out.stdout
     for dist in ALL_DISTS:
         assert dist in out.stdout
+
+
+def test_lazy_references_through_entry_points(tmp_path):
+    """A plugin registering `"module:attr"` references: nothing imported until built, and a
+    broken command reference costs one warning line, not the other commands."""
+    (tmp_path / "lazy_plug.py").write_text(textwrap.dedent("""
+        from k2_core import hookimpl
+        @hookimpl
+        def k2_register(registry):
+            registry.register("reward", "lazy_reward", "lazy_impl:build")
+            registry.register("command", "lazy-broken", "no_such_module_xyz:cmd")
+    """))
+    (tmp_path / "lazy_impl.py").write_text(
+        'def build(*, options):\n    """A lazily imported reward."""\n    return 7\n')
+    info = tmp_path / "lazy_k2_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lazy-k2-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[k2]\nlazy = lazy_plug\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), K2_LOAD_PLUGINS="lazy")
+    probe = textwrap.dedent("""
+        import json, sys
+        from k2_core.cli import build_parser
+        from k2_core.plugins import get_registry
+        build_parser()
+        reg = get_registry()
+        doc = reg.get("reward", "lazy_reward").doc
+        before = "lazy_impl" in sys.modules
+        print(json.dumps([doc, before, reg.build("reward", "lazy_reward"), "lazy_impl" in sys.modules]))
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == ["A lazily imported reward.", False, 7, True]
+    assert out.stderr.splitlines() == [
+        "k2: warning: plugin error: plugin lazy: command 'lazy-broken': reference "
+        "'no_such_module_xyz:cmd': cannot import no_such_module_xyz (ModuleNotFoundError: No "
+        "module named 'no_such_module_xyz')"]
+    listing = _k2(env, "plugins")
+    assert listing.returncode == 0
+    assert "lazy_reward" in listing.stdout and "A lazily imported reward." in listing.stdout
+    assert "lazy-broken" in listing.stdout and "lazy-k2-plugin" in listing.stdout

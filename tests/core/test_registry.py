@@ -55,3 +55,54 @@ def test_every_slot_is_filled_by_the_installed_plugins():
     reg = load_plugins().registry
     empty = [slot for slot in SLOTS if not reg.names(slot)]
     assert not empty, f"slots nobody fills: {empty}"
+
+
+def _probe_module(tmp_path, monkeypatch, name: str) -> None:
+    """A module `name` on sys.path whose factory doubles its option; importing it is visible."""
+    (tmp_path / f"{name}.py").write_text(
+        '"""A probe."""\n'
+        "def build(*, options):\n"
+        '    """Doubles k.\n\n    More text that is not the summary.\n    """\n'
+        "    return 2 * options.k\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_reference_is_imported_on_first_build_only(tmp_path, monkeypatch):
+    import sys
+
+    _probe_module(tmp_path, monkeypatch, "k2_probe_lazy_ref")
+    reg = Registry()
+    PluginRegistry(reg, "p", "dist-p", "1.0").register("router", "lazy", "k2_probe_lazy_ref:build",
+                                                       Opts)
+    r = reg.get("router", "lazy")
+    assert r.doc == "Doubles k."  # read from the source, not by importing it
+    assert "k2_probe_lazy_ref" not in sys.modules
+    assert reg.build("router", "lazy", options={"k": 4}) == 8
+    assert "k2_probe_lazy_ref" in sys.modules
+    assert r.factory is sys.modules["k2_probe_lazy_ref"].build
+
+
+@pytest.mark.parametrize("ref, why", [
+    ("k2_no_such_module_xyz:build", "cannot import k2_no_such_module_xyz (ModuleNotFoundError"),
+    ("k2_probe_bad_ref:nope", "k2_probe_bad_ref has no attribute 'nope'"),
+])
+def test_bad_reference_is_one_line_naming_plugin_slot_and_reference(tmp_path, monkeypatch, ref,
+                                                                    why):
+    _probe_module(tmp_path, monkeypatch, "k2_probe_bad_ref")
+    reg = Registry()
+    PluginRegistry(reg, "myplug", "dist-p", "1.0").register("reward", "bad", ref)
+    assert reg.get("reward", "bad").doc == ""  # listing a broken reference does not raise
+    with pytest.raises(PluginError) as e:
+        reg.build("reward", "bad")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"plugin error: plugin myplug: reward 'bad': reference {ref!r}: ")
+    assert why in msg
+
+
+@pytest.mark.parametrize("ref", ["no_colon", "a.b:", ":f", "a-b:f", "a:b:c"])
+def test_malformed_reference_rejected_at_registration(ref):
+    with pytest.raises(PluginError, match=r"plugin myplug: reward 'bad': reference .* not of the "
+                                          r"form 'package.module:attr'"):
+        PluginRegistry(Registry(), "myplug", "d", "1").register("reward", "bad", ref)

@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         sys.stderr.write(f"k2: warning: plugin(s) failed to load: {names} (see `k2 plugins`)\n")
     registry = plugins.registry
     for name in registry.names("command"):
-        cmd: Command = registry.build("command", name)
+        try:
+            cmd: Command = registry.build("command", name)
+        except K2Error as e:  # a plugin's broken command must not take the others down
+            sys.stderr.write(f"k2: warning: {e}\n")
+            continue
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
         p.set_defaults(_run=cmd.run)

@@ -15,6 +15,8 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def k2_register(registry: Any) -> None:
     """Add named implementations to slots with `registry.register(slot, name, factory, options)`.
 
+    `factory` is a callable or a `"package.module:attr"` reference to one, imported on first
+    build (keep the plugin module import-light: every `k2` call, `--help` included, loads it).
     Called once per plugin by the plugin manager when it loads, before any command runs.
     """
 

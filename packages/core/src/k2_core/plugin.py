@@ -1,6 +1,7 @@
 """k2-core's built-in implementations, registered through the same hook as any plugin.
 
-Factories import their modules lazily so that loading plugins (and `k2 --help`) stays fast.
+Implementations in heavy modules are registered as `"module:attr"` references, imported on
+first build, so that loading plugins (and `k2 --help`) stays fast.
 """
 
 from __future__ import annotations
@@ -18,20 +19,6 @@ class AdamWOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     betas: tuple[float, float] = Field((0.9, 0.95), description="Adam betas.")
     eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
-
-
-def build_mla(*args: Any, **kwargs: Any) -> Any:
-    """Multi-head latent attention (DeepSeek-V3 / Kimi K2)."""
-    from .model.attention import build_mla as impl
-
-    return impl(*args, **kwargs)
-
-
-def build_swiglu(*args: Any, **kwargs: Any) -> Any:
-    """Dense SwiGLU feed-forward of width intermediate_size."""
-    from .model.layers import build_swiglu as impl
-
-    return impl(*args, **kwargs)
 
 
 def build_adamw(model: Any, *, lr: float, weight_decay: float, options: AdamWOptions) -> Any:
@@ -55,13 +42,6 @@ def build_constant_schedule(optimizer: Any, *, total_steps: int, options: BaseMo
     import torch
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-
-
-def build_mlflow(**kwargs: Any) -> Any:
-    """mlflow: a local sqlite store in the run folder by default, any tracking URI by config."""
-    from .tracking import build_mlflow as impl
-
-    return impl(**kwargs)
 
 
 def build_pretrain_stage(*, options: BaseModel) -> Any:
@@ -89,12 +69,12 @@ def k2_register(registry: Any) -> None:
     """Register k2-core's attention, dense FFN, optimizer, backend and CLI commands."""
     from . import commands
 
-    registry.register("attention", "mla", build_mla)
-    registry.register("ffn", "swiglu", build_swiglu)
+    registry.register("attention", "mla", "k2_core.model.attention:build_mla")
+    registry.register("ffn", "swiglu", "k2_core.model.layers:build_swiglu")
     registry.register("optimizer", "adamw", build_adamw, AdamWOptions)
     registry.register("backend", "single", build_single_backend)
     registry.register("lr_schedule", "constant", build_constant_schedule)
     registry.register("stage", "pretrain", build_pretrain_stage)
-    registry.register("tracker", "mlflow", build_mlflow, _mlflow_options())
+    registry.register("tracker", "mlflow", "k2_core.tracking:build_mlflow", _mlflow_options())
     for name, factory in commands.CORE_COMMANDS.items():
         registry.register("command", name, factory)

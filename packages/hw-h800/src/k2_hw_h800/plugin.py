@@ -1,6 +1,7 @@
 """Plugin hooks of k2_hw_h800: the `h800` backend.
 
-Kept light: the factories import torch.distributed and the backend code on first use.
+Kept light: the implementations are `"module:attr"` references, so torch.distributed and the
+backend code are imported on first build.
 """
 
 from __future__ import annotations
@@ -12,22 +13,9 @@ from k2_core.hookspecs import hookimpl
 from .options import H800Options
 
 
-def build_h800(*, options: H800Options) -> Any:
-    """The `h800` backend: joins the torchrun job, builds the (pp, dp, ep) mesh."""
-    from .backend import build_h800_backend
-
-    return build_h800_backend(options=options)
-
-
-def plan_command(*, options: Any) -> Any:
-    """Plan pipeline/expert/data parallelism, micro-batching and per-GPU memory (k2 plan)."""
-    from .commands import plan_command as impl
-
-    return impl(options=options)
-
-
 @hookimpl
 def k2_register(registry: Any) -> None:
-    """Register the `h800` backend."""
-    registry.register("backend", "h800", build_h800, H800Options)
-    registry.register("command", "plan", plan_command)
+    """Register the `h800` backend and `k2 plan`."""
+    registry.register("backend", "h800", "k2_hw_h800.backend:build_h800_backend", H800Options,
+                      doc="The `h800` backend: joins the torchrun job, builds the (pp, dp, ep) mesh.")
+    registry.register("command", "plan", "k2_hw_h800.commands:plan_command")
