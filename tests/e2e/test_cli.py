@@ -78,3 +78,30 @@ def test_help_imports_no_torch_and_takes_under_a_cpu_second():
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     assert cpu < 1.0, cpu
+
+
+def test_command_has_its_own_module_and_the_old_forms_still_work():
+    """`k2_core.command.Command(help, add_arguments, run)`; `k2_core.cli.Command` and a leading
+    name (the old form) keep working for a release, with a DeprecationWarning."""
+    import warnings
+
+    import k2_core.cli
+    from k2_core.command import Command
+
+    def add(p):
+        return None
+
+    def run(a):
+        return 0
+
+    cmd = Command("Do a thing.", add, run)
+    assert (cmd.help, cmd.add_arguments, cmd.run) == ("Do a thing.", add, run)
+    assert not hasattr(cmd, "name")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert Command("thing", "Do a thing.", add, run) == cmd
+        assert Command(name="thing", help="Do a thing.", add_arguments=add, run=run) == cmd
+        assert k2_core.cli.Command is Command
+    assert [w.category for w in caught] == [DeprecationWarning] * 3
+    with pytest.raises(TypeError, match="missing"):
+        Command("Do a thing.", add)

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+import warnings
+from typing import Any
 
+from .command import Command as _Command
 from .errors import K2Error
 
 
-@dataclass(frozen=True)
-class Command:
-    """A subcommand: its help line, how it adds its arguments, and what it runs (exit code)."""
-
-    name: str
-    help: str
-    add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int | None]
+def __getattr__(name: str) -> Any:
+    """`k2_core.cli.Command`: a deprecated alias of `k2_core.command.Command` (one release)."""
+    if name == "Command":
+        warnings.warn("k2_core.cli.Command moved to k2_core.command.Command; the old path goes "
+                      "in the next release", DeprecationWarning, stacklevel=2)
+        return _Command
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry = plugins.registry
     for name in registry.names("command"):
         try:
-            cmd: Command = registry.build("command", name)
+            cmd: _Command = registry.build("command", name)
         except K2Error as e:  # a plugin's broken command must not take the others down
             sys.stderr.write(f"k2: warning: {e}\n")
             continue

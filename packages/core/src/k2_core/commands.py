@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from .cli import Command
+from .command import Command
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from k2_core.cli import Command
+from k2_core.command import Command
 
 
 def _split_spec(args: argparse.Namespace) -> tuple[str | None, list[str]]:

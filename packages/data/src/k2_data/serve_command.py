@@ -10,7 +10,7 @@ API_KEY_ENV = "K2_SERVE_API_KEY"  # the server's key, kept out of `ps` listings
 
 def serve_command(*, options: Any = None) -> Any:
     """Serve a k2 checkpoint over an OpenAI-compatible HTTP API (k2 serve URI)."""
-    from k2_core.cli import Command
+    from k2_core.command import Command
 
     def add(p: Any) -> None:
         p.add_argument("uri", help="saved model or training checkpoint (any fsspec URI)")

@@ -7,7 +7,7 @@ import json
 import time
 from typing import Any
 
-from k2_core.cli import Command
+from k2_core.command import Command
 
 from .builtin_configs import BUILTIN_CONFIGS, config_path  # noqa: F401 (also importable here)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from k2_core.cli import Command
+from k2_core.command import Command
 
 from ..pipeline.cli import add_run_arguments, spec_and_overrides
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from k2_core.cli import Command
+from k2_core.command import Command
 
 DEFAULT_TASKS = "perplexity,arithmetic,knowledge_qa,code"
 

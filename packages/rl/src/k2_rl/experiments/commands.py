@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from k2_core.cli import Command
+from k2_core.command import Command
 
 
 def _run(args: argparse.Namespace) -> int:

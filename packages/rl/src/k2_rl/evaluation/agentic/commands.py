@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from k2_core.cli import Command
+from k2_core.command import Command
 
 from .common import add_endpoint_args, positive_int
 
