@@ -40,3 +40,57 @@ def save_tiny_checkpoint(path, seed: int = 0):
     save_model(model, uri)
     tok.save(f"{uri}/tokenizer")
     return uri, tok
+
+
+def tie_free_checkpoint(path) -> str:
+    """`save_tiny_checkpoint` with tie-free routing: layer 1's selection bias keeps experts 0
+    and 2 ahead by 2.0 (sigmoid scores lie in (0, 1)), so no float reordering between layouts
+    changes a token's experts; returns the URI."""
+    from k2_core.modelio import load_model, save_model
+
+    uri, tok = save_tiny_checkpoint(path)
+    model = load_model(uri)
+    for m in model.modules():
+        bias = getattr(getattr(m, "gate", None), "e_score_correction_bias", None)
+        if bias is not None:
+            with torch.no_grad():
+                bias.zero_()
+                bias[[0, 2]] = 2.0
+    save_model(model, uri)
+    tok.save(f"{uri}/tokenizer")
+    return uri
+
+
+def _rank_main(rank: int, world: int, port: int, plugins: str, fn, args: tuple, out: str) -> None:
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      OMP_NUM_THREADS="1", K2_LOAD_PLUGINS=plugins)
+    torch.set_num_threads(1)
+    try:
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(fn(*args), f)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(world: int, plugins: str, fn, args: tuple, out: str) -> list:
+    """`fn(*args)` on `world` gloo ranks of one node (1 thread each); the JSON result of each
+    rank, which must be the same on every rank."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_main, args=(world, port, plugins, fn, args, out), nprocs=world, join=True)
+    per_rank = [json.load(open(f"{out}.{r}")) for r in range(world)]
+    assert all(p == per_rank[0] for p in per_rank)
+    return per_rank[0]

@@ -6,15 +6,11 @@ what does not run distributed is refused in one line."""
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import socket
 
 import pytest
 import torch
-import torch.multiprocessing as mp
-from rl_fixtures import save_tiny_checkpoint
+from rl_fixtures import run_ranks, tie_free_checkpoint
 
 STEPS = 3
 # fp32 weights (parallel.options.dtype=fp32), fp32 Newton-Schulz and tie-free routing (below):
@@ -34,24 +30,6 @@ OVERRIDES = [
 ]
 H800 = ["parallel.backend=h800", "parallel.options.dtype=fp32"]
 PLUGINS = "optim,moe,data,hw_h800,rl"
-
-
-def _init(tmp_path) -> str:
-    """The tiny saved policy with tie-free routing (layer 1's selection bias keeps experts 0
-    and 2 ahead by 2.0; sigmoid scores lie in (0, 1))."""
-    from k2_core.modelio import load_model, save_model
-
-    uri, tok = save_tiny_checkpoint(tmp_path / "init")
-    model = load_model(uri)
-    for m in model.modules():
-        bias = getattr(getattr(m, "gate", None), "e_score_correction_bias", None)
-        if bias is not None:
-            with torch.no_grad():
-                bias.zero_()
-                bias[[0, 2]] = 2.0
-    save_model(model, uri)
-    tok.save(f"{uri}/tokenizer")
-    return uri
 
 
 def _cfg(init: str, run_dir: str, extra: list[str]):
@@ -74,32 +52,9 @@ def _run(init: str, run_dir: str, extra: list[str]) -> list[dict[str, float]]:
     return [{k: h[k] for k in KEYS} for h in trainer.history]
 
 
-def _worker(rank: int, world: int, port: int, init: str, run_dir: str, extra: list[str],
-            out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1", K2_LOAD_PLUGINS=PLUGINS)
-    torch.set_num_threads(1)
-    try:
-        history = _run(init, run_dir, [*H800, *extra])
-        with open(f"{out}.{rank}", "w") as f:
-            json.dump(history, f)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _spawn(world: int, init: str, run_dir: str, extra: list[str]) -> list[dict[str, float]]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = f"{run_dir}.history"
-    mp.spawn(_worker, args=(world, port, init, run_dir, extra, out), nprocs=world, join=True)
-    per_rank = [json.load(open(f"{out}.{r}")) for r in range(world)]
-    assert all(p == per_rank[0] for p in per_rank)  # every rank logs the same metrics
-    return per_rank[0]
+    # every rank logs the same metrics
+    return run_ranks(world, PLUGINS, _run, (init, run_dir, [*H800, *extra]), f"{run_dir}.history")
 
 
 def _weights(run_dir: str, step: int = STEPS) -> dict[str, torch.Tensor]:
@@ -130,7 +85,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 @pytest.mark.distributed
 def test_rl_under_h800_matches_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("K2_LOAD_PLUGINS", PLUGINS)
-    init = _init(tmp_path)
+    init = tie_free_checkpoint(tmp_path / "init")
     # PTX: each data rank reads one row of the `data` section a step = one process's 2
     # micro-batches of 1 (the mean of their means)
     one = _run(init, str(tmp_path / "one"), ["train.grad_accum=2"])
@@ -154,7 +109,7 @@ def test_rl_under_h800_matches_one_process(tmp_path, monkeypatch):
 @pytest.mark.distributed
 def test_rl_under_dp2_ep2_matches_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("K2_LOAD_PLUGINS", PLUGINS)
-    init = _init(tmp_path)
+    init = tie_free_checkpoint(tmp_path / "init")
     one = _run(init, str(tmp_path / "one"), ["train.grad_accum=4"])
     # 4 data ranks, experts split over 2: ranks with fewer micro-batches run padding ones
     dpep = _spawn(4, init, str(tmp_path / "dpep"), ["parallel.options.ep=2"])

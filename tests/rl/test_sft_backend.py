@@ -5,40 +5,17 @@ equal one process on the same global batch, and a DP2 checkpoint resumes in one 
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
-from rl_fixtures import save_tiny_checkpoint
+from rl_fixtures import run_ranks, tie_free_checkpoint
 
 STEPS = 4
 # The runs differ only in float reduction order (fp32 weights: parallel.options.dtype=fp32),
-# and routing is made tie-free (the selection bias below keeps the top-2 experts 1 above the
+# and routing is made tie-free (rl_fixtures.tie_free_checkpoint keeps the top-2 experts above the
 # rest), so no token changes expert: losses agree to a few fp32 ulps of the loss summed over
 # steps, weights to ~1e-6 relative; bounds 20-50x that.
 LOSS_TOL = 1e-4
 WEIGHT_TOL = 5e-5
-
-
-def _init(tmp_path) -> str:
-    """The tiny saved model with tie-free routing: layer 1's selection bias favours experts
-    0 and 2 by 2.0 (sigmoid scores lie in (0, 1), so the choice never flips)."""
-    from k2_core.modelio import load_model, save_model
-
-    uri, tok = save_tiny_checkpoint(tmp_path / "init")
-    model = load_model(uri)
-    for m in model.modules():
-        bias = getattr(getattr(m, "gate", None), "e_score_correction_bias", None)
-        if bias is not None:
-            with torch.no_grad():
-                bias.zero_()
-                bias[[0, 2]] = 2.0
-    save_model(model, uri)
-    tok.save(f"{uri}/tokenizer")
-    return uri
 
 
 def _cfg(init: str, run_dir: str, extra: list[str]):
@@ -61,33 +38,10 @@ def _losses(init: str, run_dir: str, extra: list[str]) -> list[float]:
     return [out["first_loss"], out["last_loss"]]
 
 
-def _worker(rank: int, world: int, port: int, init: str, run_dir: str, extra: list[str],
-            out: str) -> None:
-    import torch.distributed as dist
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1", K2_LOAD_PLUGINS="optim,moe,data,hw_h800,rl")
-    torch.set_num_threads(1)
-    try:
-        losses = _losses(init, run_dir, ["parallel.backend=h800", "parallel.options.dtype=fp32",
-                                         *extra])
-        with open(f"{out}.{rank}", "w") as f:
-            json.dump(losses, f)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _spawn(world: int, init: str, run_dir: str, extra: list[str]) -> list[float]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = f"{run_dir}.losses"
-    mp.spawn(_worker, args=(world, port, init, run_dir, extra, out), nprocs=world, join=True)
-    per_rank = [json.load(open(f"{out}.{r}")) for r in range(world)]
-    assert all(p == per_rank[0] for p in per_rank)
-    return per_rank[0]
+    return run_ranks(world, "optim,moe,data,hw_h800,rl", _losses,
+                     (init, run_dir, ["parallel.backend=h800", "parallel.options.dtype=fp32",
+                                      *extra]), f"{run_dir}.losses")
 
 
 def _weights(run_dir: str, step: int = STEPS) -> dict[str, torch.Tensor]:
@@ -108,7 +62,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
 @pytest.mark.distributed
 def test_sft_under_h800_matches_one_process(tmp_path, monkeypatch):
     monkeypatch.setenv("K2_LOAD_PLUGINS", "optim,moe,data,hw_h800,rl")
-    init = _init(tmp_path)
+    init = tie_free_checkpoint(tmp_path / "init")
     # DP2: each rank 2 rows a step = one process's 2 micro-batches of 2 (mean of two means)
     one = _losses(init, str(tmp_path / "one"), ["train.micro_batch_size=2", "train.grad_accum=2"])
     dp2 = _spawn(2, init, str(tmp_path / "dp2"), ["train.micro_batch_size=2"])

@@ -251,10 +251,12 @@ class MuonClip(Muon):
         self._running = {}
         self._clip_calls += 1
         if self.max_logit_reduce is not _identity:
-            # a collective: a process that recorded nothing (e.g. no forward of its own this
-            # step) still joins it, with a max logit that never wins
+            # a collective: a process that holds a layer but recorded nothing for it (e.g. no
+            # forward of its own this step) still joins it, with a max logit that never wins
+            # (layers of other pipeline stages, on meta, stay out on every rank of the group)
             logits = [torch.full((t.heads,), -math.inf, device=t.q_weight.device)
-                      if ml is None else ml for t, ml in zip(self.qk_clip_targets, logits, strict=True)]
+                      if ml is None and not t.q_weight.is_meta else ml
+                      for t, ml in zip(self.qk_clip_targets, logits, strict=True)]
         pairs = [(t, ml) for t, ml in zip(self.qk_clip_targets, logits, strict=True) if ml is not None]
         if not pairs:
             self.last_clip_stats = None

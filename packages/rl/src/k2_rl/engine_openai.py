@@ -18,7 +18,7 @@ k2 checkpoint; SGLang an HF export; vLLM, weight_update=vllm: POST /collective_r
 reload_weights of an HF export, a development route), and compares a few greedy tokens'
 log-probabilities from the engine with the trainer's own before the engine takes new requests
 again. For vLLM a failed check runs `restart_command` (restart the server on the new export)
-and checks again: vLLM 0.32's in-place reload leaves MLA's absorbed weights stale.
+and checks again: vLLM 0.32's in-place CPU reload serves wrong weights on MoE models (K2's).
 """
 
 from __future__ import annotations

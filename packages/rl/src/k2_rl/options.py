@@ -105,9 +105,9 @@ class OpenAIEngineOptions(BaseModel):
         "k2 checkpoint written under weights_dir (it must lie under one of the server's "
         "--weights-root); sglang = SGLang's /update_weights_from_disk on an HF export (untested "
         "here); vllm = vLLM's development route (server started with VLLM_SERVER_DEV_MODE=1): "
-        "POST /collective_rpc reload_weights from an HF export with its tokenizer. On MLA "
-        "models vLLM 0.32's reload serves wrong weights (it does not re-derive W_UK_T/W_UV), "
-        "so the check fails and `restart_command` is the fallback (docs/vllm.md).")
+        "POST /collective_rpc reload_weights from an HF export with its tokenizer. On MoE "
+        "models (K2's) vLLM 0.32's CPU reload serves wrong weights, so the check fails and "
+        "`restart_command` is the fallback (docs/vllm.md).")
     restart_command: str | None = Field(
         None, description="weight_update=vllm: shell command run when vLLM refuses a reload "
         "or fails the check after it, with {model_path} replaced by the new version's HF folder "
