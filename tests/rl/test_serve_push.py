@@ -1,6 +1,7 @@
 """`k2 serve --push-port`: a real server receives a new version by the bucketed weight push
 (k2_core.weight_push), authenticated by its API key, and its next completions come from the new
-weights; a wrong key is refused in one line and the server keeps its version."""
+weights; a wrong key is refused in one line and the server keeps its version. `k2 rl` with
+engine=openai and weight_update=k2-push runs an iteration through it, nothing written to disk."""
 
 from __future__ import annotations
 
@@ -62,6 +63,46 @@ def test_k2_serve_loads_a_pushed_version(tmp_path):
         mine = trainer_logprobs(model, prompt, ids)
         gap = max(abs(a - b) for a, b in zip(lps, mine, strict=True))
         assert gap <= TOL, gap  # the server now runs the pushed weights
+    finally:
+        stop_server(proc)
+
+
+@pytest.mark.slow
+def test_an_rl_iteration_with_weight_update_k2_push(tmp_path, monkeypatch):
+    from k2_core.configio import load_config
+    from k2_rl.builtin_configs import config_path
+    from k2_rl.rl_stage import RLTrainer
+
+    init, _ = save_tiny_checkpoint(tmp_path / "init")
+    push_port = free_port()
+    proc, base = start_server(init, "--push-port", str(push_port), "--max-batch-size", "16",
+                              env={"K2_SERVE_API_KEY": KEY})
+    monkeypatch.setenv("K2_TEST_PUSH_KEY", KEY)
+    try:
+        cfg = load_config(config_path("rl-math"), [
+            f"plugins.rl.init={init}", f"checkpoint.dir={tmp_path / 'rl'}", "train.steps=1",
+            "plugins.rl.engine=openai", f"plugins.rl.openai.base_url={base}/v1",
+            "plugins.rl.openai.api_key_env=K2_TEST_PUSH_KEY",
+            "plugins.rl.openai.weight_update=k2-push",
+            f"plugins.rl.openai.push_address=127.0.0.1:{push_port}",
+            "plugins.rl.openai.logprob_tolerance=1e-4", "plugins.rl.openai.concurrency=8",
+            "train.eval_every=0", "checkpoint.every=100", "plugins.rl.eval_prompts=0",
+            "data.seq_len=128", "data.options.builtin_n=50", "optim.lr=2e-2",
+            "plugins.rl.k=4", "plugins.rl.prompts_per_iter=2", "plugins.rl.default_budget=14",
+            "plugins.rl.partial_rollout=false", "tracking.tracker=null",
+            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]"])
+        trainer = RLTrainer(cfg)
+        try:
+            assert trainer.engine.version == 0 and trainer.sync.pushes == 1  # the start: full
+            m = trainer.iteration()
+            assert trainer.engine.version == 1 and trainer.sync.pushes == 2
+            assert m["rl/groups"] >= 1 and trainer.sync.last_check <= TOL
+            assert trainer.sync.last_bytes > 0
+            assert not (tmp_path / "rl" / "engine-weights").exists()  # nothing on disk
+            _, _, version = _completion_lps(base, [5, 6, 7])
+            assert version == 1
+        finally:
+            trainer.close()
     finally:
         stop_server(proc)
 

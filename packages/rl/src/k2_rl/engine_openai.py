@@ -104,12 +104,18 @@ class OpenAIEngine:
         self.base_url = opts.base_url.rstrip("/")
         self.root_url = self.base_url[:-3] if self.base_url.endswith("/v1") else self.base_url
         headers = {}
+        self.api_key: str | None = None
         if opts.api_key_env:
             key = os.environ.get(opts.api_key_env)
             if not key:
                 raise ConfigError(f"plugins.rl.openai.api_key_env: ${opts.api_key_env} is not "
                                   "set (it should hold the engine's API key)")
             headers["Authorization"] = f"Bearer {key}"
+            self.api_key = key
+        if opts.weight_update == "k2-push" and not (opts.push_address and self.api_key):
+            raise ConfigError("plugins.rl.openai.push_address: weight_update=k2-push needs the "
+                              "server's push listener (HOST:PORT of k2 serve --push-port) and "
+                              "its API key (api_key_env)")
         self.client = httpx.Client(
             timeout=opts.timeout_s, headers=headers,
             limits=httpx.Limits(max_connections=opts.concurrency,
@@ -421,6 +427,34 @@ class OpenAISync:
         self.last_bytes = 0
         self.last_check = 0.0  # largest logprob gap of the last check
         self.restarts = 0  # weight_update=vllm: reloads that failed the check, then restarted
+        self.pushes = 0  # weight_update=k2-push: versions pushed
+
+    def _push_buckets(self, model: torch.nn.Module, version: int) -> None:
+        """weight_update=k2-push: pause, drain, push `model` to the server's push listener in
+        checksummed buckets (the first push a full reload, later ones version + 1), check,
+        resume; nothing is written to disk."""
+        from k2_core.weight_push import WeightPusher, WeightPushError
+
+        t0 = time.perf_counter()
+        host, _, port = str(self.opts.push_address).rpartition(":")
+        pusher = WeightPusher([(host, int(port))], bucket_mb=self.opts.push_bucket_mb,
+                              timeout_s=self.opts.timeout_s, token=self.engine.api_key)
+        full = self.pushes == 0  # the server starts on other weights: no version to follow
+
+        def load() -> None:
+            try:
+                pusher.push(model, version, full=full)
+            except WeightPushError as exc:
+                raise OpenAIEngineError(f"weight push of version {version} to "
+                                        f"{self.opts.push_address}: {exc}") from None
+            self.last_check = check_logprobs(self.engine, model, self.check_prompts,
+                                             self.opts.check_tokens,
+                                             self.opts.logprob_tolerance, version)
+
+        self.engine.update(load, version)
+        self.pushes += 1
+        self.last_seconds = time.perf_counter() - t0
+        self.last_bytes = pusher.last.bytes
 
     def write(self, model: torch.nn.Module, version: int) -> str:
         """Write `model` as `version` where the engine can read it; returns its URI."""
@@ -447,6 +481,9 @@ class OpenAISync:
 
     def push(self, model: torch.nn.Module, version: int) -> None:
         """Make `version` (= `model`'s weights) the engine's policy, checked, or raise."""
+        if self.opts.weight_update == "k2-push":
+            self._push_buckets(model, version)
+            return
         t0 = time.perf_counter()
         uri = self.write(model, version)
         engine = self.engine

@@ -100,14 +100,21 @@ class OpenAIEngineOptions(BaseModel):
     max_consecutive_failures: int = Field(
         32, gt=0, description="Samples failing in a row (each after its retries) that fail the "
         "run with one line: the engine is down rather than flaky.")
-    weight_update: Literal["k2", "sglang", "vllm"] = Field(
+    weight_update: Literal["k2", "k2-push", "sglang", "vllm"] = Field(
         "k2", description="How the engine gets a new policy version: k2 = `k2 serve` loads the "
         "k2 checkpoint written under weights_dir (it must lie under one of the server's "
-        "--weights-root); sglang = SGLang's /update_weights_from_disk on an HF export (untested "
+        "--weights-root); k2-push = the bucketed, checksummed weight push "
+        "(k2_core.weight_push) to `k2 serve --push-port` at push_address, authenticated by the "
+        "API key, nothing written to disk; sglang = SGLang's /update_weights_from_disk on an HF export (untested "
         "here); vllm = vLLM's development route (server started with VLLM_SERVER_DEV_MODE=1): "
         "POST /collective_rpc reload_weights from an HF export with its tokenizer. On MoE "
         "models (K2's) vLLM 0.32's CPU reload serves wrong weights, so the check fails and "
         "`restart_command` is the fallback (docs/vllm.md).")
+    push_address: str | None = Field(
+        None, description="weight_update=k2-push: HOST:PORT of the server's push listener "
+        "(`k2 serve --push-port`).")
+    push_bucket_mb: float = Field(64.0, gt=0, description="weight_update=k2-push: MiB per "
+                                  "checksummed bucket.")
     restart_command: str | None = Field(
         None, description="weight_update=vllm: shell command run when vLLM refuses a reload "
         "or fails the check after it, with {model_path} replaced by the new version's HF folder "

@@ -129,7 +129,7 @@ class RLTrainer:
 
             # a running server; its first weights come by the same checked update (below)
             self.engine = OpenAIEngine(opts.openai, tokenizer=tokenizer, version=run.step,
-                                       check_served_version=opts.openai.weight_update == "k2")
+                                       check_served_version=opts.openai.weight_update in ("k2", "k2-push"))
         else:
             # the engine owns a separate copy of the weights: rollouts see exactly one version
             engine_model = K2ForCausalLM(cfg.model, cfg.moe, reg, init_weights=False)
