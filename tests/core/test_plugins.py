@@ -127,3 +127,24 @@ def test_lazy_references_through_entry_points(tmp_path):
     assert listing.returncode == 0
     assert "lazy_reward" in listing.stdout and "A lazily imported reward." in listing.stdout
     assert "lazy-broken" in listing.stdout and "lazy-k2-plugin" in listing.stdout
+
+
+def test_builtin_plugin_module_and_its_deprecated_alias():
+    """k2-core's built-in plugin is `k2_core.builtin_plugin` (the entry point says so);
+    `k2_core.plugin` is the same module for a release, with a DeprecationWarning."""
+    from importlib.metadata import entry_points
+
+    import k2_core.builtin_plugin as builtin
+
+    core = [ep for ep in entry_points(group="k2") if ep.name == "core"]
+    assert [ep.value for ep in core] == ["k2_core.builtin_plugin"]
+    assert load_plugins().pm.get_plugin("core") is builtin
+    probe = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+             "try:\n    import k2_core.plugin\nexcept DeprecationWarning as e:\n    print(e)\n"
+             "warnings.simplefilter('ignore')\n"
+             "import k2_core.plugin, k2_core.builtin_plugin\n"
+             "print(k2_core.plugin is k2_core.builtin_plugin)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "k2_core.plugin was renamed k2_core.builtin_plugin; the old name goes in the next release",
+        "True"]

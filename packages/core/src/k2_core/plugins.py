@@ -71,7 +71,7 @@ def _error_text(exc: BaseException) -> str:
 
 def load_plugins(extra: list[tuple[str, ModuleType | object]] | None = None) -> Plugins:
     """Build a plugin manager: core built-ins, allowed entry points, then `extra` (for tests)."""
-    from . import plugin as builtin
+    from . import builtin_plugin as builtin
 
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
