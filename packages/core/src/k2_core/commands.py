@@ -78,7 +78,7 @@ def plugins_command(*, options: Any) -> Command:
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("--json", action="store_true", help="print JSON")
 
-    return Command("plugins", plugins_command.__doc__ or "", add, _plugins_run)
+    return Command(plugins_command.__doc__ or "", add, _plugins_run)
 
 
 # -- k2 config show -------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def config_command(*, options: Any) -> Command:
         p.add_argument("action", choices=["show", "presets"], help="show a config, or list presets")
         _add_config_args(p)
 
-    return Command("config", config_command.__doc__ or "", add, _config_run)
+    return Command(config_command.__doc__ or "", add, _config_run)
 
 
 # -- k2 params --------------------------------------------------------------------------------
@@ -142,7 +142,7 @@ def params_command(*, options: Any) -> Command:
     def add(p: argparse.ArgumentParser) -> None:
         _add_config_args(p)
 
-    return Command("params", params_command.__doc__ or "", add, _params_run)
+    return Command(params_command.__doc__ or "", add, _params_run)
 
 
 # -- k2 import-hf / export-hf -------------------------------------------------------------------
@@ -166,7 +166,7 @@ def import_command(*, options: Any) -> Command:
         p.add_argument("src", help="HF folder with config.json and *.safetensors")
         p.add_argument("dest", help="fsspec URI of the k2 checkpoint to write")
 
-    return Command("import-hf", import_command.__doc__ or "", add, _import_run)
+    return Command(import_command.__doc__ or "", add, _import_run)
 
 
 def _export_run(args: argparse.Namespace) -> int:
@@ -204,7 +204,7 @@ def export_command(*, options: Any) -> Command:
         p.add_argument("--tokenizer", default=None,
                        help="tokenizer folder URI (default: the one the checkpoint was trained with)")
 
-    return Command("export-hf", export_command.__doc__ or "", add, _export_run)
+    return Command(export_command.__doc__ or "", add, _export_run)
 
 
 # -- k2 pretrain / eval-loss ----------------------------------------------------------------
@@ -242,7 +242,7 @@ def pretrain_command(*, options: Any) -> Command:
     def add(p: argparse.ArgumentParser) -> None:
         _add_config_args(p)
 
-    return Command("pretrain", pretrain_command.__doc__ or "", add, _pretrain_run)
+    return Command(pretrain_command.__doc__ or "", add, _pretrain_run)
 
 
 def _eval_loss_run(args: argparse.Namespace) -> int:
@@ -279,7 +279,7 @@ def eval_loss_command(*, options: Any) -> Command:
         p.add_argument("--batches", type=int, default=20, help="batches to average")
         p.add_argument("--json", action="store_true", help="print JSON")
 
-    return Command("eval-loss", eval_loss_command.__doc__ or "", add, _eval_loss_run)
+    return Command(eval_loss_command.__doc__ or "", add, _eval_loss_run)
 
 
 # -- k2 study (deprecated alias of k2 experiment) ---------------------------------------------
@@ -318,7 +318,7 @@ def study_command(*, options: Any) -> Command:
 
         add_arguments(p, sorted(STUDIES), default_out="runs/study-NAME")
 
-    return Command("study", study_command.__doc__ or "", add, _study_run)
+    return Command(study_command.__doc__ or "", add, _study_run)
 
 
 CORE_COMMANDS = {

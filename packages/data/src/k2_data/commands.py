@@ -160,7 +160,7 @@ def data_command(*, options: Any) -> Command:
         pi.add_argument("--n", type=int, default=3, help="number of sequences")
         pi.add_argument("--split", default="train", choices=["train", "val"], help="split")
 
-    return Command("data", data_command.__doc__ or "", add, _run)
+    return Command(data_command.__doc__ or "", add, _run)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -59,4 +59,4 @@ def serve_command(*, options: Any = None) -> Any:
         serve(opts)
         return 0
 
-    return Command("serve", serve_command.__doc__ or "", add, run)
+    return Command(serve_command.__doc__ or "", add, run)

@@ -66,4 +66,4 @@ def _run(args: argparse.Namespace) -> int:
 
 def plan_command(*, options: Any) -> Command:
     """Plan pipeline/expert/data parallelism, micro-batching and per-GPU memory on a cluster."""
-    return Command("plan", plan_command.__doc__ or "", _add, _run)
+    return Command(plan_command.__doc__ or "", _add, _run)

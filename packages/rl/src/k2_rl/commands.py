@@ -53,7 +53,7 @@ def sft_command(*, options: Any) -> Command:
     def add(p: argparse.ArgumentParser) -> None:
         _add_config_args(p, "sft-math")
 
-    return Command("sft", sft_command.__doc__ or "", add, _sft_run)
+    return Command(sft_command.__doc__ or "", add, _sft_run)
 
 
 def _print_progress(step: int, m: dict[str, float]) -> None:
@@ -88,7 +88,7 @@ def rl_command(*, options: Any) -> Command:
     def add(p: argparse.ArgumentParser) -> None:
         _add_config_args(p, "rl-math")
 
-    return Command("rl", rl_command.__doc__ or "", add, _rl_run)
+    return Command(rl_command.__doc__ or "", add, _rl_run)
 
 
 def _demo_run(args: argparse.Namespace) -> int:
@@ -120,4 +120,4 @@ def demo_command(*, options: Any) -> Command:
                        help="dotted override for the RL runs (repeatable), e.g. optim.lr=2e-4")
         p.add_argument("--json", action="store_true", help="print the report as JSON")
 
-    return Command("rl-demo", demo_command.__doc__ or "", add, _demo_run)
+    return Command(demo_command.__doc__ or "", add, _demo_run)

@@ -21,4 +21,4 @@ def _run(args: argparse.Namespace) -> int:
 
 def rephrase_command(*, options: object) -> Command:
     """Rewrite documents in several styles, checked for fidelity (resumable)."""
-    return Command("rephrase", rephrase_command.__doc__ or "", add_run_arguments, _run)
+    return Command(rephrase_command.__doc__ or "", add_run_arguments, _run)

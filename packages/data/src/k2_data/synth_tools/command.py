@@ -23,4 +23,4 @@ def _run(args: argparse.Namespace) -> int:
 
 def synth_tools_command(*, options: object) -> Command:
     """Synthesise tool specs, agents, tasks and judged tool-use trajectories (resumable)."""
-    return Command("synth-tools", synth_tools_command.__doc__ or "", add_run_arguments, _run)
+    return Command(synth_tools_command.__doc__ or "", add_run_arguments, _run)

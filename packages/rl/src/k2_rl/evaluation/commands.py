@@ -46,7 +46,7 @@ def eval_command(*, options: Any) -> Command:
         p.add_argument("--no-track", action="store_true", help="do not log to mlflow")
         p.add_argument("--json", action="store_true", help="print JSON")
 
-    return Command("eval", eval_command.__doc__ or "", add, _run)
+    return Command(eval_command.__doc__ or "", add, _run)
 
 
 def _lm_eval_run(args: argparse.Namespace) -> int:
@@ -64,4 +64,4 @@ def lm_eval_command(*, options: Any) -> Command:
         p.prefix_chars = "\0"
         p.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm-eval's arguments")
 
-    return Command("lm-eval", lm_eval_command.__doc__ or "", add, _lm_eval_run)
+    return Command(lm_eval_command.__doc__ or "", add, _lm_eval_run)

@@ -43,4 +43,4 @@ def experiment_command(*, options: Any) -> Command:
         add_arguments(p, EXPERIMENT_NAMES, default_out="runs/experiment-NAME", config=True)
         p.add_argument("--generator", help="rephrase: generator endpoint for `k2 rephrase`")
 
-    return Command("experiment", (experiment_command.__doc__ or "").replace("\n    ", " "), add, _run)
+    return Command((experiment_command.__doc__ or "").replace("\n    ", " "), add, _run)

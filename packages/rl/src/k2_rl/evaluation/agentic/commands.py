@@ -83,7 +83,7 @@ def eval_toolcall_command(*, options: Any) -> Command:
                        help="with --write-suite: k2 synth-tools agents.json or tools JSONL "
                             "(default: the hand-written specs)")
 
-    return Command("eval-toolcall", eval_toolcall_command.__doc__ or "", add, _toolcall_run)
+    return Command(eval_toolcall_command.__doc__ or "", add, _toolcall_run)
 
 
 def _agent_run(args: argparse.Namespace) -> int:
@@ -160,7 +160,7 @@ def eval_agent_command(*, options: Any) -> Command:
         p.add_argument("--out", default=None,
                        help="run folder (default runs/eval-agent/MODEL-HASH; rerun to resume)")
 
-    return Command("eval-agent", eval_agent_command.__doc__ or "", add, _agent_run)
+    return Command(eval_agent_command.__doc__ or "", add, _agent_run)
 
 
 def _split(text: str, known: dict[str, str], flag: str) -> list[str]:
@@ -241,4 +241,4 @@ def redteam_command(*, options: Any) -> Command:
         p.add_argument("--out", default=None,
                        help="run folder (default runs/redteam/MODEL-HASH; rerun to resume)")
 
-    return Command("redteam", redteam_command.__doc__ or "", add, _redteam_run)
+    return Command(redteam_command.__doc__ or "", add, _redteam_run)
