@@ -13,9 +13,10 @@ chat model trained to answer two conversations, one with a tool call:
 - an RLTrainer with plugins.rl.engine=openai, weight_update=vllm on a random-weight policy of
   the same shape: every update reloads through vLLM's development route (/collective_rpc
   reload_weights), which on vLLM 0.32's CPU build serves wrong weights (log-probabilities off
-  by ~1, even when it reloads the weights it already serves; its log says MLA's W_UK_T/W_UV
-  were not loaded); the log-probability check catches it and restart_command (this file run
-  as a script) restarts vLLM on the new export, checked again;
+  by ~1, even when it reloads the weights it already serves; the MoE layer is the cause: a
+  dense-only model of the same shape reloads exactly, see docs/vllm.md); the
+  log-probability check catches it and restart_command (this file run as a script)
+  restarts vLLM on the new export, checked again;
 - on the restarted server, greedy tokens and raw log-probabilities equal k2's engine and the
   trainer's forward within 1e-5 (measured ~5e-7; float32 on both sides);
 - one RL iteration: its update is checked the same way, and the next rollout's
