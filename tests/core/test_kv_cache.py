@@ -89,3 +89,25 @@ def test_capacity_and_padding_misuse_rejected():
     model(ids, cache=cache)
     with pytest.raises(ValueError, match="empty cache"):
         model(ids, cache=cache, new_lengths=torch.tensor([3, 4]))
+
+
+@torch.no_grad()
+def test_uniform_rows_take_the_slice_path():
+    # equal-length rows (no right padding) write slices, decode one token without a mask and
+    # read cos/sin from a per-cache table; the per-row (ragged) path gives the same logits
+    model = _model(32, True, dense=False)
+    ids = torch.randint(0, VOCAB, (2, 12))
+    fast, ragged = model.new_cache(2, 16), model.new_cache(2, 16)
+    a = [model(ids[:, :6], cache=fast).logits]
+    b = [model(ids[:, :6], cache=ragged, new_lengths=torch.tensor([6, 6])).logits]
+    assert fast.uniform and not ragged.uniform
+    positions = fast.begin(1)
+    assert fast.visible is None and positions.tolist() == [[6]]
+    fast.write_index = None  # undo the probe (commit would)
+    for t in range(6, 12):
+        a.append(model(ids[:, t:t + 1], cache=fast).logits)
+        b.append(model(ids[:, t:t + 1], cache=ragged).logits)
+    torch.testing.assert_close(torch.cat(a, 1), torch.cat(b, 1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(torch.cat(a, 1), model(ids).logits, atol=1e-5, rtol=1e-5)
+    for la, lb in zip(fast.layers, ragged.layers, strict=True):
+        torch.testing.assert_close(la[:, :12], lb[:, :12], atol=1e-6, rtol=1e-6)

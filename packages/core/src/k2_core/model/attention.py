@@ -164,8 +164,10 @@ class MLA(nn.Module):
         if seq > 1:
             keys = keys.expand(-1, seq, -1, -1)
         # the new tokens' heads are SDPA's query rows; row t sees slots <= its own position
+        # (no mask: a one-token step of equal-length rows sees every slot)
+        mask = None if cache.visible is None else cache.visible[:, :, None, :]
         out_lat = F.scaled_dot_product_attention(
-            qc, keys, keys[..., :dl], attn_mask=cache.visible[:, :, None, :], scale=self.softmax_scale)
+            qc, keys, keys[..., :dl], attn_mask=mask, scale=self.softmax_scale)
         out = torch.matmul(out_lat.transpose(1, 2), w_uv.transpose(1, 2))  # [B, h, T, v]
         out = out.transpose(1, 2).reshape(bsz, seq, nh * self.v_head_dim)
         return self.o_proj(out)

@@ -107,7 +107,8 @@ class K2Model(nn.Module):
         if new_lengths is not None and not cache.is_empty():
             raise ValueError("new_lengths (right padding) is only allowed on an empty cache")
         x = self.embed_tokens(input_ids)
-        cos, sin = self.rotary_emb(cache.begin(seq), x.dtype)
+        cache.begin(seq)
+        cos, sin = cache.rotary(self.rotary_emb, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, None, cache)
         cache.commit(seq if new_lengths is None else new_lengths, seq)

@@ -216,7 +216,9 @@ class Engine:
         ids = ids.to(device)
         cache = model.new_cache(len(rows), max(lens) + budget)
         lens_t = torch.tensor(lens, device=device)
-        hidden = model.model(ids, cache=cache, new_lengths=lens_t)
+        # equal prompt lengths: no padding, so the cache knows its rows stay aligned (slice
+        # writes, no per-step mask)
+        hidden = model.model(ids, cache=cache, new_lengths=lens_t if min(lens) < max(lens) else None)
         last = hidden[torch.arange(len(rows), device=device), lens_t - 1]
         logits = model.lm_head(last)
 
@@ -227,7 +229,9 @@ class Engine:
         any_sampled = any(r.params.temperature > 0 for r in rows)
         any_top_p = any(r.params.top_p < 1 for r in rows)
         while rows:
-            steps = torch.full((len(rows),), step, dtype=torch.long, device=device)
+            # the step counter only feeds the sampled rows' uniforms: no tensor when greedy
+            steps = torch.full((len(rows),), step, dtype=torch.long, device=device) \
+                if any_sampled else None
             tokens = choose_tokens(logits, temperature, top_p, seed_t, steps,
                                    any_sampled=any_sampled, any_top_p=any_top_p)
             logp_all = torch.log_softmax(logits.float(), dim=-1)
