@@ -36,6 +36,8 @@ def _sft_run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     s = run_sft(cfg, progress=not args.json)
     secs = time.perf_counter() - t0
+    if s.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     if args.json:
         print(json.dumps({**s, "seconds": secs}))
         return 0
@@ -70,6 +72,8 @@ def _rl_run(args: argparse.Namespace) -> int:
 
     cfg = _load(args, "rl-math")
     s = run_rl(cfg, None if args.json else _print_progress)
+    if s.get("rank", 0) != 0:  # under torchrun only rank 0 reports
+        return 0
     if args.json:
         print(json.dumps(s))
         return 0

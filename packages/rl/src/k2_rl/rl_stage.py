@@ -480,7 +480,8 @@ class RLTrainer:
                 "first_reward": rewards[0] if rewards else None,
                 "last_reward": rewards[-1] if rewards else None,
                 "pass@1": {k: (v[0], v[-1]) for k, v in evals.items() if v},
-                "run_dir": self.run.run_dir, "tracking_run_id": self.run.tracking_run_id}
+                "run_dir": self.run.run_dir, "tracking_run_id": self.run.tracking_run_id,
+                "rank": self.run.backend.rank}
 
 
 def _reward_metrics(scored: list[dict[str, Any]]) -> dict[str, float]:
