@@ -46,7 +46,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))  # serve_fixture
 
 VENV = Path(os.environ.get("K2_VLLM_VENV") or "~/.cache/k2/vllm-venv").expanduser()
