@@ -1,16 +1,18 @@
 """`k2 rl` under the h800 backend (DP2, 2 gloo ranks) beside one process: the same config and seeds.
 
-    uv run python bench/bench_rl_backend.py [--iters 3] [--json]
+    uv run python bench/bench_rl_backend.py [--iters 3] [--threads 2] [--json]
 
 Both runs use the `rl-math` config cut to K=4 samples x 8 prompts and a budget of 48 tokens
 (partial rollout off) on a `tiny`-preset model with random weights and a small BPE tokenizer,
-both in fp32 (parallel.options.dtype=fp32). One process runs with 2 torch threads; DP2 runs 2
-processes of 1 thread each, so both use the machine's 2 cores. Under DP2 each rank generates
-half of each iteration's samples, scores half the groups and trains on them; the engines get
-each version by the sharded weight push (each rank sends its half of the rows to both engines
-over TCP). Prints the median seconds of each
-phase of an iteration (after the first), rollout tokens/s and the weight push in MB/s, side by
-side, with the DP2 / one-process ratio.
+both in fp32 (parallel.options.dtype=fp32). One process runs with `--threads` torch threads
+(2: the machine's cores); DP2 runs 2 processes of 1 thread each. Measure on an idle box: on a
+loaded one a 2-thread process waits for both of its threads at every parallel region and the
+one-process figures collapse (at a load average of 5 here, one process at 2 threads took 9x
+DP2's time an iteration). Under DP2 each rank generates half of each iteration's samples,
+scores half the groups and trains on them; the engines get each version by the sharded weight
+push (each rank sends its half of the rows to both engines over TCP). Prints the median
+seconds of each phase of an iteration (after the first), rollout tokens/s and the weight push
+in MB/s, side by side, with the DP2 / one-process ratio.
 """
 
 from __future__ import annotations
@@ -54,11 +56,11 @@ def _summary(history: list[dict[str, float]]) -> dict[str, float]:
     return out
 
 
-def one_process(init: str, root: str, iters: int) -> dict[str, float]:
-    """Median phase seconds of `iters` iterations in this process (2 threads)."""
+def one_process(init: str, root: str, iters: int, threads: int = 2) -> dict[str, float]:
+    """Median phase seconds of `iters` iterations in this process (`threads` threads)."""
     from k2_rl.rl_stage import RLTrainer
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     trainer = RLTrainer(_cfg(init, f"{root}/one", iters, []))
     trainer.train()
     return _summary(trainer.history)
@@ -97,13 +99,14 @@ def dp2(init: str, root: str, iters: int) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=2, help="torch threads of the one process")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from bench_rl import tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         init, _ = tiny_checkpoint(Path(tmp))
-        a = one_process(init, tmp, args.iters)
+        a = one_process(init, tmp, args.iters, args.threads)
         b = dp2(init, tmp, args.iters)
     if args.json:
         print(json.dumps({"one_process": a, "dp2": b}, indent=2))
