@@ -59,6 +59,8 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens of the batch table")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per case (best is kept)")
+    ap.add_argument("--batches", default="1,4,16,64",
+                    help="batch sizes of the batch table (comma-separated; empty: no table)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,10 +90,13 @@ def main() -> None:
             print(f"{plen:<7}{bs:<6}{name:<24}{w:>8.2f}{n / w:>8.1f}{w_full / w:>7.2f}"
                   f"{c:>8.2f}{n / c:>10.1f}{c_full / c:>7.2f}")
         print(f"{'':<13}same tokens: {same}", flush=True)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if not batches:
+        return
     print()
     print(f"{'batch':<7}{'wall s':>8}{'tok/s':>9}{'x b=1':>7}{'CPU s':>8}{'tok/CPU s':>10}{'x b=1':>7}")
     base = None
-    for bs in (1, 4, 16, 64):
+    for bs in batches:
         prompts = torch.randint(0, vocab, (bs, args.prompt), generator=g).tolist()
         params = [SamplingParams(temperature=1.0, max_new_tokens=args.new, seed=i) for i in range(bs)]
         w, c = _best(lambda p=prompts, s=params: engine.generate(p, s), args.repeats)

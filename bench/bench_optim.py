@@ -31,7 +31,8 @@ orthogonalise the same matrices (same FLOPs). Shapes: `tiny` / `small` are the p
 (16 / 64 experts), `k2` keeps K2's head dims (nope/rope/v 128/64/128) and its expert
 width-to-hidden ratio at hidden 1536, 12 heads, expert width 384, 32 experts. The two
 optimizers alternate step by step (one warm-up step each), the ratio is taken per pair and
-its median printed; `--profile` adds the share of `aten::copy_` in a k2 step.
+its median printed (CPU time with `--threads 1`, else wall time); `--profile` adds the
+largest ops' shares of a k2 step.
 `uv run python bench/bench_optim.py --family small --family-layers 1 --reps 3`.
 """
 
@@ -169,13 +170,16 @@ def run_family(args: argparse.Namespace) -> None:
     ref = torch.optim.Muon(theirs, **kw)
     k2.step()
     ref.step()
+    # one thread: this process's CPU time (robust to other jobs on a shared box); more
+    # threads: wall time (their spin-waits would count as CPU time)
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
     pairs = []
     for _ in range(args.reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         k2.step()
-        t1 = time.perf_counter()
+        t1 = clock()
         ref.step()
-        t2 = time.perf_counter()
+        t2 = clock()
         pairs.append((t1 - t0, t2 - t1))
     ks, ts = [a for a, _ in pairs], [b for _, b in pairs]
     ratio = statistics.median(a / b for a, b in pairs)
@@ -246,7 +250,10 @@ def main() -> None:
                     help="time Muon vs torch.optim.Muon on this MoE shape family only")
     ap.add_argument("--family-layers", type=int, default=None)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.family:
         run_family(args)
         return
