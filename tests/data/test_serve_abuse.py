@@ -104,6 +104,20 @@ def test_declared_oversized_body_413_unread(server):
     assert b"request_too_large" in resp and time.perf_counter() - t0 < 2
 
 
+def test_client_hanging_up_mid_body_is_not_a_crash(server):
+    """A client that closes its connection halfway through its body (a timeout under load)
+    leaves no traceback in the server's log (checked when the module's server stops) and the
+    server goes on answering."""
+    host, port = server.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(("POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                   f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                   "Content-Length: 1000\r\n\r\n").encode() + b'{"prompt": [1, 2')
+        time.sleep(0.3)  # the server is now waiting for the rest of the body
+    time.sleep(0.5)
+    assert httpx.get(f"{server}/health", timeout=10).status_code == 200
+
+
 def test_sent_oversized_body_413(server):
     """50 MB actually sent (chunked, no length): 413 once it passes the limit; /health answers
     throughout."""

@@ -550,15 +550,22 @@ def _too_large(limit: int) -> Any:
 
 
 async def _read_body(request: Any, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it grows past `limit` (chunked uploads)."""
+    """The body, refused with 413 as soon as it grows past `limit` (chunked uploads); a client
+    that hangs up before its body is complete gets an answer nobody reads, not a traceback."""
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body exceeds the server's limit of {limit} bytes "
-                                "(--max-body-mb)", code="request_too_large",
-                           headers={"Connection": "close"})
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"the request body exceeds the server's limit of {limit} "
+                                    "bytes (--max-body-mb)", code="request_too_large",
+                               headers={"Connection": "close"})
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "the client closed the connection before its request body arrived",
+                       code="client_disconnected", headers={"Connection": "close"}) from None
     return b"".join(chunks)
 
 
