@@ -94,3 +94,19 @@ def run_ranks(world: int, plugins: str, fn, args: tuple, out: str) -> list:
     per_rank = [json.load(open(f"{out}.{r}")) for r in range(world)]
     assert all(p == per_rank[0] for p in per_rank)
     return per_rank[0]
+
+
+def final_weights(run_dir: str, step: int) -> dict:
+    """The model tensors of a run's (layout-free) checkpoint at `step`."""
+    from k2_core.checkpoint import load_tensors
+
+    groups, _ = load_tensors(f"{run_dir}/checkpoints/step_{step:08d}", ["model"])
+    return groups["model"]
+
+
+def assert_weights_close(a: dict, b: dict, tol: float) -> None:
+    """Every tensor of `a` within relative L2 distance `tol` of `b`'s."""
+    assert a.keys() == b.keys()
+    for k in a:
+        rel = float((a[k].float() - b[k].float()).norm() / a[k].float().norm().clamp_min(1e-12))
+        assert rel < tol, (k, rel)

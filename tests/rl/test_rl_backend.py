@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from rl_fixtures import run_ranks, tie_free_checkpoint
+from rl_fixtures import assert_weights_close, final_weights, run_ranks, tie_free_checkpoint
 
 STEPS = 3
 # fp32 weights (parallel.options.dtype=fp32), fp32 Newton-Schulz and tie-free routing (below):
@@ -58,10 +58,7 @@ def _spawn(world: int, init: str, run_dir: str, extra: list[str]) -> list[dict[s
 
 
 def _weights(run_dir: str, step: int = STEPS) -> dict[str, torch.Tensor]:
-    from k2_core.checkpoint import load_tensors
-
-    groups, _ = load_tensors(f"{run_dir}/checkpoints/step_{step:08d}", ["model"])
-    return groups["model"]
+    return final_weights(run_dir, step)
 
 
 def _same(one: list[dict[str, float]], other: list[dict[str, float]]) -> None:
@@ -75,10 +72,7 @@ def _same(one: list[dict[str, float]], other: list[dict[str, float]]) -> None:
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        rel = float((a[k].float() - b[k].float()).norm() / a[k].float().norm().clamp_min(1e-12))
-        assert rel < WEIGHT_TOL, (k, rel)
+    assert_weights_close(a, b, WEIGHT_TOL)
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from rl_fixtures import run_ranks, tie_free_checkpoint
+from rl_fixtures import assert_weights_close, final_weights, run_ranks, tie_free_checkpoint
 
 STEPS = 4
 # The runs differ only in float reduction order (fp32 weights: parallel.options.dtype=fp32),
@@ -45,17 +45,11 @@ def _spawn(world: int, init: str, run_dir: str, extra: list[str]) -> list[float]
 
 
 def _weights(run_dir: str, step: int = STEPS) -> dict[str, torch.Tensor]:
-    from k2_core.checkpoint import load_tensors
-
-    groups, _ = load_tensors(f"{run_dir}/checkpoints/step_{step:08d}", ["model"])
-    return groups["model"]
+    return final_weights(run_dir, step)
 
 
 def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        rel = float((a[k].float() - b[k].float()).norm() / a[k].float().norm().clamp_min(1e-12))
-        assert rel < WEIGHT_TOL, (k, rel)
+    assert_weights_close(a, b, WEIGHT_TOL)
 
 
 @pytest.mark.slow
