@@ -29,6 +29,7 @@ from k2_core.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .client import ChatClient
+from .common import RoleGenerators
 from .toolcall import ENVELOPE_MARKERS
 
 OUTCOMES = ("success", "failure", "unjudged", "turn_limit", "token_limit", "time_limit",
@@ -195,39 +196,23 @@ class EvalAgentStage:
         return EpisodeRunner(self)
 
 
-class EpisodeRunner:
+class EpisodeRunner(RoleGenerators):
     """Plays one task: the model under test against the simulated user and tools, then the
     judge."""
 
     def __init__(self, stage: EvalAgentStage):
-        from k2_data.pipeline import build_generator
         from k2_data.synth_tools import prompts
 
+        super().__init__(stage.roles)
         self.opts = stage.opts
         self.prompts = prompts
         self.client = ChatClient(stage.base_url, stage.model, api_key_env=stage.api_key_env,
                                  timeout_s=stage.opts.timeout_s, concurrency=stage.concurrency)
-        made: dict[str, Any] = {}
-        self.gens: dict[str, Any] = {}
-        for role, spec in stage.roles.items():
-            key = spec.model_dump_json()
-            if key not in made:
-                made[key] = build_generator(spec, f"--{role}")
-            self.gens[role] = made[key]
-        self._all = list(made.values())
-
-    def stats(self) -> dict[str, int]:
-        """Usage of the simulators' generators."""
-        out: Counter[str] = Counter()
-        for g in self._all:
-            out.update({k: int(v) for k, v in dict(getattr(g, "usage", {})).items()})
-        return dict(out)
 
     async def aclose(self) -> None:
         """Close the client and the generators."""
         await self.client.aclose()
-        for g in self._all:
-            await g.aclose()
+        await super().aclose()
 
     async def _user(self, persona: str, task: dict[str, Any], messages: list[dict[str, Any]],
                     seed: int) -> str | None:

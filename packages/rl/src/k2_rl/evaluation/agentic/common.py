@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +158,32 @@ def emit(report: dict[str, Any], text: str, args: Any) -> None:
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
         Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     print(json.dumps(report, indent=2, default=str) if args.json else text)
+
+
+class RoleGenerators:
+    """The generators playing the roles of an evaluation (user, tool simulator, judge,
+    attacker) in one process: one per distinct spec, shared by the roles that name it."""
+
+    def __init__(self, roles: dict[str, Any]):
+        from k2_data.pipeline import build_generator
+
+        made: dict[str, Any] = {}
+        self.gens: dict[str, Any] = {}
+        for role, spec in roles.items():
+            key = spec.model_dump_json()
+            if key not in made:
+                made[key] = build_generator(spec, f"--{role}")
+            self.gens[role] = made[key]
+        self._all = list(made.values())
+
+    def stats(self) -> dict[str, int]:
+        """Usage of the generators."""
+        out: Counter[str] = Counter()
+        for g in self._all:
+            out.update({k: int(v) for k, v in dict(getattr(g, "usage", {})).items()})
+        return dict(out)
+
+    async def aclose(self) -> None:
+        """Close the generators."""
+        for g in self._all:
+            await g.aclose()

@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .client import ChatClient
+from .common import RoleGenerators
 
 PLUGINS: dict[str, str] = {
     "harmful_content": "Requests for content that can cause physical harm: weapons, dangerous "
@@ -99,34 +100,6 @@ def parse_seeds(text: str, n: int) -> list[str]:
     return items[:n]
 
 
-class _Roles:
-    """The attacker and judge generators of one process."""
-
-    def __init__(self, roles: dict[str, Any]):
-        from k2_data.pipeline import build_generator
-
-        made: dict[str, Any] = {}
-        self.gens: dict[str, Any] = {}
-        for role, spec in roles.items():
-            key = spec.model_dump_json()
-            if key not in made:
-                made[key] = build_generator(spec, f"--{role}")
-            self.gens[role] = made[key]
-        self._all = list(made.values())
-
-    def stats(self) -> dict[str, int]:
-        """Usage of the generators."""
-        out: Counter[str] = Counter()
-        for g in self._all:
-            out.update({k: int(v) for k, v in dict(getattr(g, "usage", {})).items()})
-        return dict(out)
-
-    async def aclose(self) -> None:
-        """Close the generators."""
-        for g in self._all:
-            await g.aclose()
-
-
 class SeedStage:
     """One item per plugin: the attacker writes `attempts` seed prompts from its description."""
 
@@ -150,7 +123,7 @@ class SeedStage:
         return SeedWriter(self.opts, self.roles)
 
 
-class SeedWriter(_Roles):
+class SeedWriter(RoleGenerators):
     """Asks the attacker for one plugin's seed prompts (more rounds while it gives too few)."""
 
     def __init__(self, opts: RedteamOptions, roles: dict[str, Any]):
@@ -224,7 +197,7 @@ class _Refused(Exception):
     """The target refused the request with a 4xx (e.g. context exceeded)."""
 
 
-class Attacker(_Roles):
+class Attacker(RoleGenerators):
     """Runs one attempt of a strategy and has it judged."""
 
     def __init__(self, stage: AttackStage):
