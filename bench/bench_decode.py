@@ -64,7 +64,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    from k2_data.generation import Engine, SamplingParams
+    from k2_data.inference import Engine, SamplingParams
 
     model, cfg = _model()
     engine = Engine(model, max_batch_size=64)

@@ -52,7 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from k2_core.modelio import load_model
-    from k2_data.generation.engine import Engine, SamplingParams
+    from k2_data.inference.engine import Engine, SamplingParams
     from k2_rl.engine_openai import OpenAIEngine, OpenAISync
     from k2_rl.options import OpenAIEngineOptions, TaskOptions
     from k2_rl.prompts import PromptStream

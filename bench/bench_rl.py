@@ -108,7 +108,7 @@ def bench_sync(reps: int = 5) -> dict[str, float]:
     import torch.multiprocessing as mp
     from k2_core.configio import load_config
     from k2_core.model import build_model
-    from k2_data.generation.engine import Engine
+    from k2_data.inference.engine import Engine
     from k2_rl.weight_sync import InProcessSync
 
     model = build_model(load_config("tiny"))

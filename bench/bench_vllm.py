@@ -56,7 +56,7 @@ def main() -> None:
 
     from k2_core.model import build_model
     from k2_core.modelio import save_model
-    from k2_data.generation.engine import SamplingParams
+    from k2_data.inference.engine import SamplingParams
     from k2_rl.engine_openai import OpenAIEngine, trainer_logprobs
     from k2_rl.options import OpenAIEngineOptions
     from rl_fixtures import tiny_tokenizer

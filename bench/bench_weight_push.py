@@ -55,7 +55,7 @@ def _engine(conn, cache: str) -> None:
     from k2_core.model import K2ForCausalLM
     from k2_core.plugins import get_registry
     from k2_core.weight_push import WeightReceiver
-    from k2_data.generation.engine import Engine
+    from k2_data.inference.engine import Engine
 
     os.environ.update(ENV, K2_CACHE_DIR=cache)
     torch.set_num_threads(1)

@@ -10,7 +10,7 @@ from k2_core.config import ModelConfig, MoEConfig, RunConfig
 from k2_core.errors import CheckpointError
 from k2_core.model import build_model
 from k2_core.modelio import save_model
-from k2_data.generation import Engine, SamplingParams
+from k2_data.inference import Engine, SamplingParams
 from k2_data.tokenizer import BpeTokenizer
 
 TEXTS = [f"the {w} of {n} is {n * 7} and the {w} is not {n + 3}." for w in

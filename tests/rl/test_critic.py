@@ -89,7 +89,7 @@ def tiny():
 
 
 def test_engine_critic_and_its_sft_step(tiny):
-    from k2_data.generation.engine import Engine
+    from k2_data.inference.engine import Engine
 
     model, tok = tiny
     engine = Engine(model, tok)

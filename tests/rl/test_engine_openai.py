@@ -199,7 +199,7 @@ def test_a_generation_in_flight_finishes_on_its_version(served):
     assert max(abs(a - b) for a, b in zip(lps, trainer_logprobs(new, prompt, ids), strict=True)) <= TOL
 
 def test_weight_loader_refusals():
-    from k2_data.serve_weights import WeightLoader, within_roots
+    from k2_data.inference.weights import WeightLoader, within_roots
 
     assert within_roots("/a/b/c", ["/a/b"]) and within_roots("file:///a/b", ["/a/b"])
     assert not within_roots("/a/bc", ["/a/b"]) and not within_roots("/a/b/../x", ["/a/b"])
@@ -212,7 +212,7 @@ def test_weight_loader_refusals():
 
 
 def test_update_pauses_new_requests_and_drains_those_in_flight(served, monkeypatch):
-    from k2_data.generation.engine import SamplingParams
+    from k2_data.inference.engine import SamplingParams
     from k2_rl.engine_openai import OpenAIEngine
     from k2_rl.options import OpenAIEngineOptions
 
@@ -284,7 +284,7 @@ def _engine_at(httpserver, handler, **kw):
 
 
 def test_a_sample_failing_after_its_retries_leaves_its_group_and_is_counted(httpserver):
-    from k2_data.generation.engine import SamplingParams
+    from k2_data.inference.engine import SamplingParams
     from k2_rl.rollout import RolloutManager, RolloutStats
     from k2_rl.weight_sync import VersionGate
 
@@ -308,7 +308,7 @@ def test_a_sample_failing_after_its_retries_leaves_its_group_and_is_counted(http
 
 
 def test_an_engine_that_is_down_fails_the_run_with_one_line():
-    from k2_data.generation.engine import SamplingParams
+    from k2_data.inference.engine import SamplingParams
     from k2_rl.engine_openai import OpenAIEngine, OpenAIEngineError
     from k2_rl.options import OpenAIEngineOptions
     from serve_fixture import free_port
@@ -326,7 +326,7 @@ def test_an_engine_that_is_down_fails_the_run_with_one_line():
         engine.close()
 
 def test_a_completion_without_logprobs_is_refused(httpserver):
-    from k2_data.generation.engine import SamplingParams
+    from k2_data.inference.engine import SamplingParams
     from k2_rl.engine_openai import OpenAIEngineError
 
     engine = _engine_at(httpserver, _FlakyEngine(bad=-1, logprobs=False))

@@ -20,7 +20,7 @@ def _prompts(tok):
 def _reference(model, tok):
     """An in-process engine holding a copy of `model`'s current weights."""
     from k2_core.model import K2ForCausalLM
-    from k2_data.generation.engine import Engine
+    from k2_data.inference.engine import Engine
 
     copy = K2ForCausalLM(model.config, model.moe_config, init_weights=False)
     copy.load_state_dict(model.state_dict())
@@ -29,7 +29,7 @@ def _reference(model, tok):
 
 def _params():
     """Greedy, and seeded nucleus sampling (one seed per prompt)."""
-    from k2_data.generation.engine import SamplingParams
+    from k2_data.inference.engine import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
     sampled = [SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=s)

@@ -87,7 +87,7 @@ class _Oracle:
         self.tok, self.answers = tokenizer, answers
 
     def generate(self, prompts, params):
-        from k2_data.generation.engine import Completion
+        from k2_data.inference.engine import Completion
 
         out = []
         for p in prompts:

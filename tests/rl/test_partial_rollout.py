@@ -126,7 +126,7 @@ def test_stale_paused_groups_are_refused():
 def test_with_the_engine_a_resumed_greedy_response_equals_an_uninterrupted_one():
     import torch
     from k2_core.model import K2ForCausalLM
-    from k2_data.generation.engine import Engine, SamplingParams
+    from k2_data.inference.engine import Engine, SamplingParams
     from rl_fixtures import tiny_configs, tiny_tokenizer
 
     tok = tiny_tokenizer()

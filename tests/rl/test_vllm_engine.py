@@ -353,7 +353,7 @@ def _completion(base: str, prompt: list[int], n: int) -> tuple[list[int], list[f
 def _compare(base: str, model, tok, prompts: list[list[int]], n: int) -> tuple[int, float, float]:
     """(greedy tokens equal, max |vLLM - k2 Engine|, max |vLLM - trainer forward|); asserts
     the tokens are equal."""
-    from k2_data.generation.engine import Engine, SamplingParams
+    from k2_data.inference.engine import Engine, SamplingParams
     from k2_rl.engine_openai import trainer_logprobs
 
     ours = Engine(model, tok, max_batch_size=8).generate(

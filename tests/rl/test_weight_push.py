@@ -51,7 +51,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
 
 @pytest.fixture
 def engines():
-    from k2_data.generation.engine import Engine
+    from k2_data.inference.engine import Engine
 
     recvs = [WeightReceiver(Engine(_tiny_model(100 + i), max_batch_size=4)) for i in range(2)]
     yield recvs
@@ -97,7 +97,7 @@ def test_push_assembles_the_trainers_weights_and_refuses_bad_pushes(engines):
 
 
 def test_a_generation_in_flight_finishes_on_its_version(engines):
-    from k2_data.generation.engine import SamplingParams
+    from k2_data.inference.engine import SamplingParams
 
     recv = engines[0]
     trainer = _tiny_model(1)
@@ -128,7 +128,7 @@ def test_a_missing_tensor_is_named():
         def barrier(self) -> None:
             pass
 
-    from k2_data.generation.engine import Engine
+    from k2_data.inference.engine import Engine
 
     with WeightReceiver(Engine(_tiny_model(3), max_batch_size=2)) as recv:
         with pytest.raises(MissingBucketError, match=r"rows 0\.\.\d+ of \S+norm\.weight were in no"
@@ -156,7 +156,7 @@ def _engine_main(conn, cache: str) -> None:
     from k2_core.configio import load_config
     from k2_core.model import K2ForCausalLM
     from k2_core.plugins import get_registry
-    from k2_data.generation.engine import Engine
+    from k2_data.inference.engine import Engine
     from safetensors.torch import save_file
 
     os.environ.update(ENV, K2_CACHE_DIR=cache)

@@ -102,7 +102,7 @@ def test_version_gate_refuses_stale_rollouts():
 
 def test_in_process_sync_gives_the_engine_the_new_policy():
     from k2_core.model import K2ForCausalLM
-    from k2_data.generation.engine import Engine, SamplingParams
+    from k2_data.inference.engine import Engine, SamplingParams
     from k2_rl.weight_sync import InProcessSync
     from rl_fixtures import tiny_configs, tiny_tokenizer
 

@@ -457,7 +457,7 @@ class WeightReceiver:
     pushed version in a staging copy and switches `engine` to it atomically on commit.
 
     `engine` needs `model`, `version` and `load_weights(state, version)` (taking the lock its
-    `generate` holds), like `k2_data.generation.engine.Engine`."""
+    `generate` holds), like `k2_data.inference.engine.Engine`."""
 
     def __init__(self, engine: Any, host: str = "127.0.0.1", port: int = 0,
                  timeout_s: float = 120.0, token: str | None = None):

@@ -129,7 +129,7 @@ def export_tokenizer(src: str, run_config: Any, dest: str, tokenizer: str | None
     if tokenizer:
         tok = load_tokenizer(tokenizer)
     else:
-        from .generation.resolve import find_tokenizer
+        from .inference.resolve import find_tokenizer
 
         tok = find_tokenizer(src, run_config, build_default=False)  # export builds nothing
     out = Path(dest)

@@ -64,4 +64,4 @@ def k2_register(registry: Any) -> None:
     registry.register("generator", "k2", "k2_data.generators.local:build_local", LocalOptions,
                       doc="A k2 checkpoint in this process: batched sampling with MLA's compressed "
                       "KV cache.")
-    registry.register("command", "serve", "k2_data.serve_command:serve_command")
+    registry.register("command", "serve", "k2_data.inference.command:serve_command")

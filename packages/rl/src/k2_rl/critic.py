@@ -104,7 +104,7 @@ class EngineJudge:
     def judge(self, conversations: list[list[dict[str, str]]]) -> list[str]:
         """The critic's answer text to each conversation."""
         from k2_data.chat import encode_chat_prompt
-        from k2_data.generation.engine import SamplingParams
+        from k2_data.inference.engine import SamplingParams
 
         # the judged answers are model output: encoded as text, they cannot close the
         # critic's turn or open a system turn of their own
@@ -248,7 +248,7 @@ def build_rubric_critic(*, options: RubricCriticOptions) -> RubricCritic:
                                    where="reward_options.generator_options")
         judge = GeneratorJudge(gen, options.max_tokens)
     elif options.critic is not None:
-        from k2_data.generation.engine import Engine
+        from k2_data.inference.engine import Engine
 
         from .checkpoints import resolve_checkpoint
 

@@ -128,7 +128,7 @@ def build_engines(cfg: Any, opts: Any, run: Any, tokenizer: Any, ranks: DataRank
     trainer's weights; (the engine every rank uses, its sync)."""
     from k2_core.model import K2ForCausalLM
     from k2_core.weight_push import WeightReceiver
-    from k2_data.generation.engine import Engine
+    from k2_data.inference.engine import Engine
 
     local_rank = int(os.environ.get("LOCAL_RANK", ranks.rank))
     generating = opts.rollout_engines == "rank" or local_rank == 0

@@ -69,7 +69,7 @@ def _held_out(ckpt_or_engine: Any, s: DemoSettings, tokenizer: Any = None) -> di
     `greedy_passed` keeps each problem's greedy outcome for the paired comparison.
     """
     from k2_core.plugins import get_registry
-    from k2_data.generation.engine import Engine
+    from k2_data.inference.engine import Engine
 
     from .checkpoints import resolve_checkpoint
     from .options import TaskOptions

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from k2_core.errors import ConfigError, K2Error
-from k2_data.generation.engine import Completion, SamplingParams
+from k2_data.inference.engine import Completion, SamplingParams
 
 from .options import OpenAIEngineOptions
 from .weight_sync import state_bytes, sync_state
@@ -134,7 +134,7 @@ class OpenAIEngine:
         self.requests = 0
         self.default_stop_ids: list[int] = []
         if tokenizer is not None:
-            from k2_data.generation.engine import IM_END
+            from k2_data.inference.engine import IM_END
             from k2_data.tokenizer import EOS
 
             special = tokenizer.special_tokens

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 from k2_core.errors import K2Error
-from k2_data.generation.engine import Completion, Engine, SamplingParams
+from k2_data.inference.engine import Completion, Engine, SamplingParams
 
 from .weight_sync import DistributedSync, sync_state
 

@@ -35,7 +35,7 @@ def pass_at_1(engine: Any, tokenizer: Any, task: TaskOptions, reward: Any, *, n:
     Greedy by default; with `temperature` > 0 it is the mean success of `samples` seeded
     samples per record (the probability that one sampled answer is right).
     """
-    from k2_data.generation.engine import SamplingParams
+    from k2_data.inference.engine import SamplingParams
 
     stream = task_records(task, split, seed)
     records = [next(stream) for _ in range(n)]

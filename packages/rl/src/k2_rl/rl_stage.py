@@ -86,7 +86,7 @@ class RLTrainer:
         from k2_core.orchestrator import build_run
         from k2_core.plugins import get_plugins
         from k2_core.trainstate import load_weights
-        from k2_data.generation.engine import Engine, SamplingParams
+        from k2_data.inference.engine import Engine, SamplingParams
 
         from .checkpoints import TokenizerBesideHooks, attach_hooks
         from .data_ranks import DataRanks
@@ -179,7 +179,7 @@ class RLTrainer:
         if not opts.critic.enabled:
             return None, None
         from k2_core.model import K2ForCausalLM
-        from k2_data.generation.engine import Engine
+        from k2_data.inference.engine import Engine
 
         from .critic import CriticTrainer, EngineJudge
 

@@ -1,5 +1,11 @@
-"""Generation from k2 checkpoints: the batched, KV-cached engine and its sampling."""
+"""Deprecated: moved to k2_data.inference (a package of its own here, so that the old
+submodule paths resolve to the new modules rather than to copies of them)."""
 
-from .engine import Completion, Engine, SamplingParams
+import warnings
+
+from ..inference import Completion, Engine, SamplingParams
+
+warnings.warn("k2_data.generation moved to k2_data.inference; the old path goes in the next "
+              "release", DeprecationWarning, stacklevel=2)
 
 __all__ = ["Completion", "Engine", "SamplingParams"]

@@ -43,8 +43,8 @@ class LocalGenerator:
     def _get_batcher(self) -> Any:
         with self._lock:
             if self._batcher is None:
-                from ..generation.batcher import Batcher
-                from ..generation.engine import Engine
+                from ..inference.batcher import Batcher
+                from ..inference.engine import Engine
 
                 if self._engine is None:
                     self._engine = Engine.from_checkpoint(
@@ -62,7 +62,7 @@ class LocalGenerator:
 
     def _params(self, temperature: float | None, top_p: float | None, max_tokens: int | None,
                 stop: list[str] | None, seed: int | None) -> Any:
-        from ..generation.engine import SamplingParams
+        from ..inference.engine import SamplingParams
 
         o = self.options
         return SamplingParams(

@@ -1,4 +1,4 @@
-"""Text in, text out through k2's KV-cache engine (k2_data.generation), in batches."""
+"""Text in, text out through k2's KV-cache engine (k2_data.inference), in batches."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def complete(target: Any, prompts: list[str], *, max_new_tokens: int, temperatur
              batch_size: int = 16) -> list[list[str]]:
     """`n` completions of each prompt (greedy when temperature is 0), cut at the first stop
     string or the end-of-sequence token; returned per prompt."""
-    from k2_data.generation.engine import SamplingParams
+    from k2_data.inference.engine import SamplingParams
 
     tok = target.tokenizer
     ids = tok.encode_batch(prompts)

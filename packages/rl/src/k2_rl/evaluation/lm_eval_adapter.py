@@ -111,7 +111,7 @@ class K2LM(LM):
     def generate_until(self, requests: list[Any]) -> list[str]:
         """Continue each context until a stop string (`until`) or `max_gen_toks`, through the
         KV-cache engine; greedy unless `do_sample` with a temperature is asked for."""
-        from k2_data.generation.engine import SamplingParams
+        from k2_data.inference.engine import SamplingParams
 
         from .generate import cut_at_stop
 

@@ -26,7 +26,7 @@ class EvalTarget:
     def engine(self, batch_size: int = 16) -> Any:
         """The KV-cache generation engine over this model (rebuilt for another batch size)."""
         if self._engine is None or self._engine.max_batch_size != batch_size:
-            from k2_data.generation.engine import Engine
+            from k2_data.inference.engine import Engine
 
             self._engine = Engine(self.model, self.tokenizer, max_batch_size=batch_size)
         return self._engine
@@ -66,7 +66,7 @@ def load_target(uri: str, *, data: str | None = None, tokenizer: str | None = No
     is `data`, else the run's, else the built-in corpus."""
     from k2_core.checkpoint import load_tensors
     from k2_core.modelio import load_checkpoint_model
-    from k2_data.generation.resolve import find_tokenizer
+    from k2_data.inference.resolve import find_tokenizer
     from k2_data.tokenizer import load_tokenizer
 
     model, cfg = load_checkpoint_model(uri)
