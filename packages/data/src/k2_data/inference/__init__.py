@@ -6,6 +6,18 @@ The `generator` slot's implementations (generators/) sit beside the pipelines th
 the `k2` generator drives this engine in-process. Only `k2 serve` needs FastAPI.
 """
 
-from .engine import Completion, Engine, SamplingParams
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .engine import Completion, Engine, SamplingParams
 
 __all__ = ["Completion", "Engine", "SamplingParams"]
+
+
+def __getattr__(name: str) -> Any:
+    """The engine's names, imported on first use: `k2 --help` reaches `command` without torch."""
+    if name in __all__:
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
