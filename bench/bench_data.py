@@ -101,8 +101,10 @@ def main() -> None:
         n_prep -= m["documents"]["train"] + m["documents"]["val"]  # EOS separators
         r_base, r_prep = n_base / t_base, n_prep / t_prep
         print(f"corpus: {args.mb:.0f} MB JSON Lines, {n_base:,} tokens, {os.cpu_count()} CPUs")
-        print(f"plain loop (1 process, encode per document): {r_base:>12,.0f} tokens/s ({t_base:.2f}s)")
-        print(f"k2 data prepare ({args.workers} workers, packed to zarr): {r_prep:>12,.0f} tokens/s ({t_prep:.2f}s)")
+        print(f"plain loop (1 process, encode per document): {r_base:>12,.0f} tokens/s "
+              f"({t_base:.2f}s)")
+        print(f"k2 data prepare ({args.workers} workers, packed to zarr): "
+              f"{r_prep:>12,.0f} tokens/s ({t_prep:.2f}s)")
         print(f"ratio: {r_prep / r_base:.2f}x")
         k = max(1, min(args.workers, os.cpu_count() or 1))
         print(f"cpu: plain loop {c_base:.2f}s; prepare {c_main + c_workers:.2f}s (main {c_main:.2f}s "

@@ -120,7 +120,8 @@ def main() -> None:
         store = Path(tmp) / "packed"
         t0 = time.perf_counter()
         write_store(store, args.n_seq, args.seq, cfg.model.vocab_size)
-        print(f"store: {args.n_seq} x {args.seq + 1} tokens written in {time.perf_counter() - t0:.1f}s")
+        print(f"store: {args.n_seq} x {args.seq + 1} tokens written in "
+              f"{time.perf_counter() - t0:.1f}s")
         before, after = amplification(store, args.amp_rows, args.seq)
         print(f"read amplification over {args.amp_rows} shuffled rows (batch 8, doc masking): "
               f"before {before:.1f}x (zarr chunks), after {after:.3f}x (byte ranges)")

@@ -126,7 +126,8 @@ def main() -> None:
         err = (k2(x) - hf(x)).abs().max().item()
     fl = flops_fwd_bwd(model, moe, args.tokens)
     print(f"MoE block: hidden {model.hidden_size}, expert inter {moe.moe_intermediate_size}, "
-          f"{moe.n_routed_experts} experts top-{moe.num_experts_per_tok}, {moe.n_shared_experts} shared; "
+          f"{moe.n_routed_experts} experts top-{moe.num_experts_per_tok}, "
+          f"{moe.n_shared_experts} shared; "
           f"{args.tokens} tokens fwd+bwd; threads {args.threads}; k2 kernel {args.kernel}; "
           f"{fl / 1e9:.2f} GFLOP/step; fp32 max|k2-hf| = {err:.1e}")
     print(f"{'precision':<10}{'transformers tok/s':>20}{'k2 tok/s':>12}{'k2/hf':>8}"

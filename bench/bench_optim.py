@@ -4,8 +4,9 @@ Parameters shaped like the `small` preset's MoE layers (hidden 1024, 16 heads, q
 kv_lora 256, nope/rope/v 64/32/64, 64 experts of width 512, one shared expert), built
 directly as tensors: per layer q_a/q_b/kv_a/kv_b/o projections, experts.gate_up_proj
 [E, 2I, H] (muon_split=2) and experts.down_proj [E, H, I], shared-expert gate/up/down. The
-default, 1 layer, is ~105M parameters (fp32; torch.optim.Muon takes ~40 s a step on 2 CPU cores); `--layers` scales it. Random gradients,
-median step time over `--reps` steps after one warm-up step.
+default, 1 layer, is ~105M parameters (fp32; torch.optim.Muon takes ~40 s a step on 2 CPU
+cores); `--layers` scales it. Random gradients, median step time over `--reps` steps after one
+warm-up step.
 
 - MuonClip: one batched NS per matrix shape; QK-Clip on every layer (half the heads over tau).
 - torch.optim.Muon(adjust_lr_fn="match_rms_adamw"): 2-D params only, so each expert tensor is
@@ -197,7 +198,8 @@ def run_family(args: argparse.Namespace) -> None:
         ev = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in ev)
         for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:6]:
-            print(f"  profile: {e.key:<28s} {100 * e.self_cpu_time_total / total:5.1f}% of the k2 step")
+            print(f"  profile: {e.key:<28s} "
+                  f"{100 * e.self_cpu_time_total / total:5.1f}% of the k2 step")
 
 
 def _status(key: str) -> int:

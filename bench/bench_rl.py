@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "rl"))
 
 
 def tiny_checkpoint(root: Path) -> tuple[str, object]:
-    """A saved `tiny` model (vocab of a small BPE) with its tokenizer beside it: (uri, tokenizer)."""
+    """A saved `tiny` model (vocab of a small BPE) with its tokenizer beside it:
+    (uri, tokenizer)."""
     from k2_core.configio import load_config
     from k2_core.model import build_model
     from k2_core.modelio import save_model

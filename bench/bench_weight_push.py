@@ -2,9 +2,10 @@
 
 Four gloo trainer ranks of the h800 backend at DP2 x EP2 (`build_run` on the `tiny` preset
 grown to ~50 M parameters) push to two engine processes on 127.0.0.1 with
-`k2_rl.weight_push` (weights in the h800 backend's dtype policy; each rank streams its checkpoint share to both engines in crc32-checked
-buckets; rank 0 commits after a barrier). One warm-up push, then `--pushes` timed ones; the
-figure is model bytes / push wall time (median), checksums, staging and the switch included.
+`k2_rl.weight_push` (weights in the h800 backend's dtype policy; each rank streams its
+checkpoint share to both engines in crc32-checked buckets; rank 0 commits after a barrier).
+One warm-up push, then `--pushes` timed ones; the figure is model bytes / push wall time
+(median), checksums, staging and the switch included.
 
 Scaled to k2-1t on the report's cluster (256 nodes of 8 H800, PP16 x EP16 x DP8, BF16 weights):
 `k2_hw_h800.plan.make_plan` and `memory.stage_state` give each GPU's share of the weights (its
@@ -162,7 +163,8 @@ def main() -> None:
     wall = statistics.median(m["wall"])
     wire = model * m["engines"]  # every engine receives the whole model
     per_rank = max(m["bytes"]) * m["engines"] / wall  # the busiest rank's outbound rate
-    print(f"measured: {model / 1e6:.0f} MB model ({m['dtype']}), 4 trainer ranks (h800 DP2 x EP2, gloo) "
+    print(f"measured: {model / 1e6:.0f} MB model ({m['dtype']}), "
+          "4 trainer ranks (h800 DP2 x EP2, gloo) "
           f"-> {m['engines']} engine processes over TCP on 127.0.0.1, {args.bucket_mb:g} MiB "
           f"buckets, {os.cpu_count()} CPU cores")
     print(f"  per-rank shares {[round(b / 1e6, 1) for b in m['bytes']]} MB, buckets "

@@ -9,9 +9,10 @@ after --warmup steps):
 - `fwd+bwd`: forward and backward (DeepSpeed's ZeRO-1 gradient reduction runs at the end of
   `engine.backward`, k2's inside `optimizer.step()`, so compare the sums);
 - `step`: the optimizer step (k2: gradient all-reduce, Newton-Schulz / AdamW of the owned
-  rows (balanced row ownership), row all-gather, QK-Clip with max logits all-reduced; k2-ds: gradient all-reduce (the backend's, before
-  clipping), Newton-Schulz of this rank's partition's matrices, DeepSpeed's ZeRO-1 update of
-  its fp32 partition and all-gather, QK-Clip; DeepSpeed: its ZeRO-1 Muon step and all-gather).
+  rows (balanced row ownership), row all-gather, QK-Clip with max logits all-reduced; k2-ds:
+  gradient all-reduce (the backend's, before clipping), Newton-Schulz of this rank's
+  partition's matrices, DeepSpeed's ZeRO-1 update of its fp32 partition and all-gather,
+  QK-Clip; DeepSpeed: its ZeRO-1 Muon step and all-gather).
 The ratios printed are k2 / DeepSpeed and k2-ds / DeepSpeed for `fwd+bwd+step` (target <= 1.0x),
 and k2's optimizer-state bytes per rank (max/mean).
 

@@ -1,4 +1,5 @@
-"""Logit parity with transformers' DeepseekV3ForCausalLM, both directions, over many small configs."""
+"""Logit parity with transformers' DeepseekV3ForCausalLM, both directions, over many small
+configs."""
 
 from __future__ import annotations
 

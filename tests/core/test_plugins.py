@@ -113,7 +113,8 @@ def test_lazy_references_through_entry_points(tmp_path):
         reg = get_registry()
         doc = reg.get("reward", "lazy_reward").doc
         before = "lazy_impl" in sys.modules
-        print(json.dumps([doc, before, reg.build("reward", "lazy_reward"), "lazy_impl" in sys.modules]))
+        print(json.dumps([doc, before, reg.build("reward", "lazy_reward"),
+                          "lazy_impl" in sys.modules]))
     """)
     out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
                          timeout=120)

@@ -1,4 +1,5 @@
-"""k2_data.loader.PackedDataset: shuffle, sharding, exact resume, re-sharding, doc masks, threads."""
+"""k2_data.loader.PackedDataset: shuffle, sharding, exact resume, re-sharding, doc masks,
+threads."""
 
 from __future__ import annotations
 
@@ -257,7 +258,8 @@ def test_doc_mask_segments_and_positions(store):
 
 
 def test_segment_ids_feed_the_model_mask(store):
-    """The decoder masks attention across segment_ids: documents in one row do not see each other."""
+    """The decoder masks attention across segment_ids: documents in one row do not see each
+    other."""
     uri, _ = store
     with PackedDataset(opts(uri, doc_mask=True, prefetch=0)) as ds:
         b = next(ds)
@@ -484,7 +486,8 @@ def test_start_up_memory_does_not_grow_with_the_corpus(tmp_path):
 
 
 def test_old_layouts_still_read(tmp_path):
-    """A version-1 store (no row_docs) and a compressed one (zarr decodes it) give the same batches."""
+    """A version-1 store (no row_docs) and a compressed one (zarr decodes it) give the same
+    batches."""
     write_store(tmp_path / "v2")
     write_store(tmp_path / "v1", version=1)
     write_store(tmp_path / "zstd", compressed=True)

@@ -1,4 +1,5 @@
-"""`k2 serve` as a real subprocess on 127.0.0.1, called with httpx and the official openai client."""
+"""`k2 serve` as a real subprocess on 127.0.0.1, called with httpx and the official openai
+client."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ shards, so every rank's experts and the all-to-all in both directions are exerci
 weights (from the unbiased scores), the router's gradient and the bias update still run. What
 it gives up: tokens of a layer no longer pick different experts, so uneven all-to-all splits
 and the job-wide expert load are checked by test_expert_parallel (a skewed bias, its own
-margin checked) rather than here. `RoutingMargin` records the smallest relative top-k margin seen over a run and fails loudly
-if a future change brings near-ties back."""
+margin checked) rather than here. `RoutingMargin` records the smallest relative top-k margin
+seen over a run and fails loudly if a future change brings near-ties back."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Shared helpers of the SFT/RL tests: a tiny tokenizer and a tiny saved k2 model (no tests here)."""
+"""Shared helpers of the SFT/RL tests: a tiny tokenizer and a tiny saved k2 model (no tests
+here)."""
 
 from __future__ import annotations
 

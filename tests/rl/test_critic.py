@@ -1,4 +1,5 @@
-"""The rubric critic: pairwise verdicts -> scores, agreement with verifiable outcomes, critic SFT."""
+"""The rubric critic: pairwise verdicts -> scores, agreement with verifiable outcomes, critic
+SFT."""
 
 from __future__ import annotations
 

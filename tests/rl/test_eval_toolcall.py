@@ -175,7 +175,8 @@ def test_a_faulty_endpoint_lands_each_fault_in_its_own_category(tmp_path):
 
 
 @pytest.mark.parametrize("content,args,message", [
-    ('{"id": "a", "messages": [{"role": "user", "content": "x"}], "expect": {"call": "maybe"}}',
+    ('{"id": "a", "messages": [{"role": "user", "content": "x"}], '
+     '"expect": {"call": "maybe"}}',
      [], "line 1: expect.call: Input should be 'must' or 'must_not'"),
     ("not json", [], "line 1: not a JSON object"),
     ('{"id": "a", "messages": [{"role": "user", "content": "x"}], '

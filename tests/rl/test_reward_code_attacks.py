@@ -213,7 +213,8 @@ def test_parent_comparison_means_what_the_test_meant(test, body, want):
      "import math\ndef area(r):\n    return math.pi * r * r"),
     (["assert f(2) + g(3) == 8", "assert g(0) == 1"],
      "def f(x):\n    return x * 2\ndef g(x):\n    return x + 1"),
-    (["def check(candidate):\n    assert candidate(1) == 2\n    assert candidate(5) == 6\n"
+    (["def check(candidate):\n    assert candidate(1) == 2\n"
+      "    assert candidate(5) == 6\n"
       "    assert candidate(-1) == 0\ncheck(f)"], "def f(x):\n    return x + 1"),
 ])
 def test_assertions_that_are_not_pairs_run_through_a_call_boundary(tests, body):

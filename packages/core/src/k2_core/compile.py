@@ -102,7 +102,8 @@ def _raise_cache_limit(n_layers: int) -> None:
 
 
 def compile_blocks(model: nn.Module) -> nn.Module:
-    """Compile each decoder block of a built K2ForCausalLM in place (see the module doc); returns it."""
+    """Compile each decoder block of a built K2ForCausalLM in place (see the module doc);
+    returns it."""
     from .model.protocols import LoadBalanced
 
     refuse_activation_policy(model)

@@ -157,7 +157,8 @@ class MoEConfig(Section):
             raise ValueError(f"must be <= n_group ({g}), got {v}")
         n, k = info.data.get("n_routed_experts"), info.data.get("num_experts_per_tok")
         if g and n and k and k > v * (n // g):
-            raise ValueError(f"topk_group x experts per group ({v} x {n // g}) must be >= num_experts_per_tok ({k})")
+            raise ValueError(f"topk_group x experts per group ({v} x {n // g}) must be >= "
+                             f"num_experts_per_tok ({k})")
         return v
 
 
@@ -225,7 +226,8 @@ class TrackingConfig(Section):
     options: dict[str, Any] = Field(default_factory=dict, description="Options of the chosen tracker.")
     experiment: str = Field("k2", description="Experiment name.")
     tracking_uri: str | None = Field(
-        None, description="Tracking URI (null: MLFLOW_TRACKING_URI, else a local store in the run folder)."
+        None, description="Tracking URI (null: MLFLOW_TRACKING_URI, else a local store in the "
+                          "run folder)."
     )
 
 
@@ -236,7 +238,8 @@ class CheckpointConfig(Section):
     every: int = Field(100, gt=0, description="Steps between checkpoints.")
     keep: int = Field(2, gt=0, description="Checkpoints kept (older ones are deleted).")
     resume: str = Field(
-        "auto", description="auto: newest complete checkpoint in the run folder; never; or a checkpoint URI."
+        "auto", description="auto: newest complete checkpoint in the run folder; never; or a "
+                            "checkpoint URI."
     )
 
 

@@ -39,7 +39,8 @@ def _read_yaml(text: str, where: str) -> dict[str, Any]:
 
 
 def read_yaml_uri(uri: str) -> dict[str, Any]:
-    """A YAML mapping from any fsspec URI; a missing, unreadable or malformed file is a ConfigError."""
+    """A YAML mapping from any fsspec URI; a missing, unreadable or malformed file is a
+    ConfigError."""
     import fsspec
 
     try:

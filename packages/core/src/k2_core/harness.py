@@ -61,7 +61,8 @@ def cadence(steps: int, points: int = 60, evals: int = 10) -> tuple[int, int]:
 
 
 def tracking_uri(out: Path, overrides: Sequence[str]) -> str:
-    """The tracking URI an override names, else $MLFLOW_TRACKING_URI, else a sqlite file in `out`."""
+    """The tracking URI an override names, else $MLFLOW_TRACKING_URI, else a sqlite file in
+    `out`."""
     for o in overrides:
         if o.startswith("tracking.tracking_uri="):
             return o.partition("=")[2]
@@ -128,7 +129,8 @@ def run_arm(arm: Arm, preset: str, echo: Callable[[str], None] | None) -> None:
         if echo is None:
             return
         ev = f"  eval {m['eval/loss']:.3f}" if "eval/loss" in m else ""
-        echo(f"  [{arm.label}] step {run.step}/{cfg.train.steps}  loss {m.get('train/loss', math.nan):.3f}"
+        echo(f"  [{arm.label}] step {run.step}/{cfg.train.steps}"
+             f"  loss {m.get('train/loss', math.nan):.3f}"
              f"  max logit {m.get('attn/max_logit', math.nan):.1f}"
              f"  clipped {m.get('qk_clip/heads_clipped', 0):.0f}{ev}")
 
@@ -224,7 +226,8 @@ def execute(fn: Callable[..., dict[str, Any]], out_dir: str, scale: float, overr
 
 def add_arguments(p: argparse.ArgumentParser, names: Sequence[str], *, default_out: str,
                   config: bool = False) -> None:
-    """An experiment command's arguments: NAME [CONFIG] [overrides ...] --out --scale --threads --json."""
+    """An experiment command's arguments: NAME [CONFIG] [overrides ...] --out --scale --threads
+    --json."""
     p.add_argument("name", choices=names)
     if config:
         p.add_argument("config", nargs="?", default=None, help="preset name or YAML (default tiny)")

@@ -166,7 +166,8 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 def _iter_tensors(files: list[Path], num_layers: int) -> Iterator[tuple[str, torch.Tensor, Path]]:
-    """(name, dequantised tensor, file) for every model tensor; skips MTP layers and rotary buffers."""
+    """(name, dequantised tensor, file) for every model tensor; skips MTP layers and rotary
+    buffers."""
     from safetensors import safe_open
 
     for file in files:
@@ -206,7 +207,8 @@ def cast_model(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def _checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint holds: parameters (a tied head once) and router correction biases."""
+    """The tensors a checkpoint holds: parameters (a tied head once) and router correction
+    biases."""
     out: dict[str, torch.Tensor] = {}
     for name, t in model.state_dict(keep_vars=True).items():
         if isinstance(t, torch.nn.Parameter) or name.endswith(".e_score_correction_bias"):
@@ -250,7 +252,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, reg
             raise CheckpointError(f"unexpected tensor {name} in {file.name}")
         if tuple(dst.shape) != tuple(t.shape):
             raise CheckpointError(
-                f"{name} in {file.name}: shape {tuple(t.shape)} does not match the model's {tuple(dst.shape)}"
+                f"{name} in {file.name}: shape {tuple(t.shape)} does not match the model's "
+                f"{tuple(dst.shape)}"
             )
         with torch.no_grad():
             dst.copy_(t.to(dst.dtype))
@@ -281,7 +284,8 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, reg
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 if proj not in experts.get(i, {}):
                     raise CheckpointError(
-                        f"missing tensor {prefix}.{i}.{proj}.weight (experts of {pending_file[prefix].name})"
+                        f"missing tensor {prefix}.{i}.{proj}.weight "
+                        f"(experts of {pending_file[prefix].name})"
                     )
     missing = [k for k in targets if k not in seen and not k.endswith("rotary_emb.inv_freq")]
     if missing:

@@ -45,7 +45,8 @@ class TrainProgress:
 
     def __call__(self, run: Any, metrics: dict[str, float]) -> None:
         """Update with a logged step's metrics."""
-        info = (f"loss {metrics.get('train/loss', float('nan')):.4f}  lr {metrics.get('train/lr', 0):.2e}  "
+        info = (f"loss {metrics.get('train/loss', float('nan')):.4f}  "
+                f"lr {metrics.get('train/lr', 0):.2e}  "
                 f"{metrics.get('train/tokens_per_s', 0):,.0f} tok/s  "
                 f"max logit {metrics.get('attn/max_logit', float('nan')):.1f}")
         if "eval/loss" in metrics:

@@ -157,10 +157,11 @@ def _report_qk_clip(arms: list[Arm], stats: dict[str, Any], steps: int, lr: floa
         f"`{preset}` with {' '.join(STUDY_MODEL)}{' ' + ' '.join(overrides) if overrides else ''}; "
         f"{steps} steps, lr {lr:g} (WSD), seed identical for both runs (same init and batches).",
         f"Arms: plain Muon (`optim.name=muon`) vs MuonClip (`optim.name=muonclip`, "
-        f"qk_clip_tau={tau:g}). Max logit = pre-clip max over heads and layers of each logged step.",
+        f"qk_clip_tau={tau:g}). Max logit = pre-clip max over heads and layers of each "
+        "logged step.",
         "",
-        "| run | peak max logit | final max logit | peak / tau | max heads clipped | final train loss "
-        "| mean train loss, last 10% | final eval loss | seconds |",
+        "| run | peak max logit | final max logit | peak / tau | max heads clipped "
+        "| final train loss | mean train loss, last 10% | final eval loss | seconds |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for a in arms:
@@ -169,11 +170,13 @@ def _report_qk_clip(arms: list[Arm], stats: dict[str, Any], steps: int, lr: floa
         lines.append(
             f"| {a.label} | {fmt(s['peak_max_logit'], 1)} | {fmt(s['final_max_logit'], 1)} | "
             f"{fmt(ratio, 2)} | {fmt(s['max_heads_clipped'], 0)} | {fmt(s['final_train_loss'])} | "
-            f"{fmt(s['mean_train_loss_last10pct'])} | {fmt(s['final_eval_loss'])} | {s['seconds']} |")
+            f"{fmt(s['mean_train_loss_last10pct'])} | {fmt(s['final_eval_loss'])} | "
+            f"{s['seconds']} |")
     lines += ["", "## Reading"]
     if m["peak_max_logit"] is not None and c["peak_max_logit"] is not None:
         lines.append(
-            f"- Muon's max logit peaked at {m['peak_max_logit']:.1f} ({m['peak_max_logit'] / tau:.1f}x "
+            f"- Muon's max logit peaked at {m['peak_max_logit']:.1f} "
+            f"({m['peak_max_logit'] / tau:.1f}x "
             f"tau) and ended at {m['final_max_logit']:.1f}; MuonClip's peaked at "
             f"{c['peak_max_logit']:.1f} ({c['peak_max_logit'] / tau:.2f}x tau) and ended at "
             f"{c['final_max_logit']:.1f}.")
@@ -277,7 +280,8 @@ def _report_muon_vs_adamw(arms: list[Arm], stats: dict[str, Any], best: dict[str
         "update RMS matched to AdamW, AdamW on embeddings/head/router/norms at the same lr); "
         "AdamW = torch AdamW on every parameter, betas (0.9, 0.95), weight decay 0.1.",
         "",
-        "| run | final eval loss | best eval loss | mean train loss, last 10% | peak max logit | seconds |",
+        "| run | final eval loss | best eval loss | mean train loss, last 10% | peak max logit "
+        "| seconds |",
         "|---|---|---|---|---|---|",
     ]
     for a in arms:
@@ -297,7 +301,8 @@ def _report_muon_vs_adamw(arms: list[Arm], stats: dict[str, Any], best: dict[str
             lrs = [a.lr for a in arms if a.group == group and a.lr is not None]
             lr = next(a.lr for a in arms if a.label == label)
             if len(lrs) > 1 and lr in (min(lrs), max(lrs)):
-                lines.append(f"- {group}'s best lr ({lr:g}) is at the {'top' if lr == max(lrs) else 'bottom'} "
+                lines.append(f"- {group}'s best lr ({lr:g}) is at the "
+                             f"{'top' if lr == max(lrs) else 'bottom'} "
                              "of its sweep: the optimum is not bracketed, a wider sweep may do better.")
     if png:
         lines += ["", f"![muon_vs_adamw]({png.name})"]

@@ -31,7 +31,8 @@ class SourceConfig(_Model):
     )
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
         "auto",
-        description="File format; `auto` by extension (.jsonl/.json[.gz|.zst], .parquet, else text).",
+        description="File format; `auto` by extension (.jsonl/.json[.gz|.zst], .parquet, else "
+                    "text).",
     )
     text_field: str = Field("text", description="Field holding the document text (jsonl, parquet).")
     id_field: str = Field("id", description="Field holding the document id (falls back to file:row).")

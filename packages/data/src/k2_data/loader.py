@@ -503,9 +503,9 @@ class PackedDataset:
             if in_memory or "row_docs" not in arrays:
                 if not in_memory:
                     warnings.warn(
-                        f"{self.uri}: {FORMAT} version {self.format_version} has no per-row document "
-                        f"index, so its {starts.shape[0]:,} document starts are read into memory; "
-                        f"re-run {reprepare_hint(self.uri)} to read them by range",
+                        f"{self.uri}: {FORMAT} version {self.format_version} has no per-row "
+                        f"document index, so its {starts.shape[0]:,} document starts are read "
+                        f"into memory; re-run {reprepare_hint(self.uri)} to read them by range",
                         stacklevel=2,
                     )
                 docs = _Docs(_MemArray(np.asarray(starts[...], dtype=np.int64)), None,
@@ -554,7 +554,8 @@ class PackedDataset:
 
     @property
     def bytes_read(self) -> int:
-        """Bytes read from the store as byte ranges since opening (zarr-decoded reads: not counted)."""
+        """Bytes read from the store as byte ranges since opening (zarr-decoded reads: not
+        counted)."""
         return sum(a.bytes_read for a in self._arrays)
 
     # --- iteration ------------------------------------------------------------------------------
@@ -621,8 +622,8 @@ class PackedDataset:
         n = state.get("n_sequences", self._reader.n)
         if n != self._reader.n:
             raise ConfigError(
-                f"packed dataset state is for {n} sequences, but {self.uri}/{self.options.split} has "
-                f"{self._reader.n}: the dataset changed"
+                f"packed dataset state is for {n} sequences, but {self.uri}/{self.options.split} "
+                f"has {self._reader.n}: the dataset changed"
             )
         if state.get("shuffle", self.options.shuffle) != self.options.shuffle:
             raise ConfigError(f"packed dataset state has shuffle={state['shuffle']}, options have "
@@ -634,10 +635,10 @@ class PackedDataset:
             epoch, pos = epoch + 1, 0  # saved at the end of an epoch: its tail was dropped
         if pos % gb and pos != self._reader.n:
             raise ConfigError(
-                f"cannot resume the packed dataset at sequence {pos} of epoch {epoch} with world size "
-                f"{self.world_size} x batch {self.options.batch_size} (global batch {gb}): it was saved "
-                f"with world size {old_ws} x batch {old_b} (global batch {old_ws * old_b}), and the "
-                f"position must be a multiple of the new global batch"
+                f"cannot resume the packed dataset at sequence {pos} of epoch {epoch} with "
+                f"world size {self.world_size} x batch {self.options.batch_size} (global batch "
+                f"{gb}): it was saved with world size {old_ws} x batch {old_b} (global batch "
+                f"{old_ws * old_b}), and the position must be a multiple of the new global batch"
             )
         self.close()
         self._reader.seed = seed
@@ -666,8 +667,8 @@ def build_packed(*, options: PackedOptions, rank: int = 0, world_size: int = 1, 
     if batch_size is not None:
         if "batch_size" in options.model_fields_set and options.batch_size != batch_size:
             raise ConfigError(
-                f"data.options.batch_size is {options.batch_size} but the run's micro batch size is "
-                f"{batch_size}; set only train.micro_batch_size"
+                f"data.options.batch_size is {options.batch_size} but the run's micro batch size "
+                f"is {batch_size}; set only train.micro_batch_size"
             )
         update["batch_size"] = batch_size
     if seed is not None and "seed" not in options.model_fields_set:

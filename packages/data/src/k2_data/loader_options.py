@@ -11,14 +11,16 @@ class PackedOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     uri: str | None = Field(
-        None, description="fsspec URI of the packed dataset (None: the default `k2 data prepare` output)."
+        None, description="fsspec URI of the packed dataset (None: the default `k2 data prepare` "
+                          "output)."
     )
     split: str = Field("train", min_length=1, description="Split to read (`train` or `val`).")
     batch_size: int = Field(8, gt=0, description="Sequences per batch on each rank.")
     seed: int = Field(0, description="Seed of the per-epoch shuffle.")
     shuffle: bool = Field(True, description="Visit sequences in a seeded permutation per epoch.")
     doc_mask: bool = Field(
-        False, description="Also return `segment_ids` (document index within the row) for attention masking."
+        False, description="Also return `segment_ids` (document index within the row) for "
+                           "attention masking."
     )
     position_ids: bool = Field(
         True, description="With doc_mask, also return `position_ids` restarting at each document."

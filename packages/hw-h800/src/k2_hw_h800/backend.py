@@ -7,9 +7,10 @@ takes the model on the meta device, shards the experts, and materialises on this
 device only what the rank trains (its pipeline stage's layers, its experts; other stages'
 parameters stay on meta, frozen, never allocated), initialised layout-free;
 `wrap_optimizer` (ZeRO-1), `train_step`, `evaluate`, `save_train_state` / `load_train_state`.
-Only the first pipeline stage reads the dataset. Checkpoints are layout-free (`k2_core.trainstate`): every rank writes only its share
-(`checkpointing.LayoutSharding`) and reads only the rows it holds, so a run saved under one
-layout resumes under any other (or in one process), ZeRO-1 optimizer state included.
+Only the first pipeline stage reads the dataset. Checkpoints are layout-free
+(`k2_core.trainstate`): every rank writes only its share (`checkpointing.LayoutSharding`) and
+reads only the rows it holds, so a run saved under one layout resumes under any other (or in
+one process), ZeRO-1 optimizer state included.
 """
 
 from __future__ import annotations
@@ -270,7 +271,8 @@ class H800Backend(Backend):
     @torch.no_grad()
     def evaluate(self, run: Any) -> float:
         """Validation loss over `train.eval_batches` batches of every data rank's val shard,
-        averaged over the data ranks (pipelined forward-only when pp > 1); the same on every rank."""
+        averaged over the data ranks (pipelined forward-only when pp > 1); the same on every
+        rank."""
         cfg, model, lay, dev = run.config.train, run.model, self.layout, self.device
         was_training = model.training
         model.eval()  # also stops MoE load counting

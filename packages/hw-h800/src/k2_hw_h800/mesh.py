@@ -56,7 +56,8 @@ def resolve_device(options: H800Options) -> torch.device:
 
 
 def init_process_group(options: H800Options, device: torch.device) -> None:
-    """Join the job from torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR/PORT) unless already in one."""
+    """Join the job from torchrun's env (RANK, WORLD_SIZE, MASTER_ADDR/PORT) unless already in
+    one."""
     if dist.is_initialized():
         return
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]

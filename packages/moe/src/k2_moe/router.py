@@ -75,7 +75,8 @@ class SigmoidRouter(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"experts={self.n_experts}, top_k={self.top_k}, groups={self.topk_group}/{self.n_group}, "
+            f"experts={self.n_experts}, top_k={self.top_k}, "
+            f"groups={self.topk_group}/{self.n_group}, "
             f"{self.scoring_func}/{self.topk_method}, scale={self.routed_scaling_factor}"
         )
 

@@ -12,7 +12,8 @@ ADAMW_NAMES: tuple[str, ...] = ("lm_head", "embed_tokens", "wte", "wpe", "embed_
 
 
 def _is_router(module_name: str, module: nn.Module) -> bool:
-    # k2-moe / HF DeepseekV3: `mlp.gate` (SigmoidRouter / DeepseekV3TopkRouter); Mixtral: `.gate` Linear
+    # k2-moe / HF DeepseekV3: `mlp.gate` (SigmoidRouter / DeepseekV3TopkRouter);
+    # Mixtral: `.gate` Linear
     return module_name.rsplit(".", 1)[-1] == "gate" or "router" in type(module).__name__.lower()
 
 

@@ -53,7 +53,8 @@ def matrix_view_shape(p: Tensor) -> tuple[int, int, int]:
 
 
 def grad_of(p: Tensor) -> Tensor | None:
-    """The gradient a step uses: `p.main_grad` (an FP32 accumulation buffer) if set, else `.grad`."""
+    """The gradient a step uses: `p.main_grad` (an FP32 accumulation buffer) if set, else
+    `.grad`."""
     g = getattr(p, "main_grad", None)
     return g if g is not None else p.grad
 

@@ -116,7 +116,8 @@ def _split_of(record: dict[str, Any], val_fraction: float) -> str:
 # --- packing ----------------------------------------------------------------------------------
 
 def shift_labels(ids: list[int], mask: list[bool]) -> tuple[list[int], list[int]]:
-    """(inputs, labels): inputs ids[:-1]; labels[t] = ids[t+1] where that token is learned, else -100."""
+    """(inputs, labels): inputs ids[:-1]; labels[t] = ids[t+1] where that token is learned,
+    else -100."""
     return ids[:-1], [t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)]
 
 

@@ -9,7 +9,8 @@ from k2_core.hookspecs import hookimpl
 
 
 def resolve_checkpoint(uri: str) -> str:
-    """`uri` itself when it is a checkpoint, else the newest one under `uri` or `uri/checkpoints`."""
+    """`uri` itself when it is a checkpoint, else the newest one under `uri` or
+    `uri/checkpoints`."""
     from k2_core.checkpoint import is_committed
     from k2_core.trainstate import list_checkpoints
 

@@ -72,7 +72,8 @@ def bradley_terry(wins: torch.Tensor, iters: int = 200, prior: float = 0.5) -> t
 
 
 def scores_from_wins(wins: torch.Tensor, method: str) -> torch.Tensor:
-    """Per-response scores in [0, 1]: win rate, or P(beat an average response) under Bradley-Terry."""
+    """Per-response scores in [0, 1]: win rate, or P(beat an average response) under
+    Bradley-Terry."""
     games = wins + wins.T
     if method == "win_rate":
         played = games.sum(1)

@@ -1,4 +1,5 @@
-"""`k2 rl` over the data ranks of a distributed backend (`parallel.backend=h800`, DP / EP / DP x EP).
+"""`k2 rl` over the data ranks of a distributed backend (`parallel.backend=h800`, DP / EP /
+DP x EP).
 
 Every rank keeps the same rollout state (the groups in flight, the prompt position), so a
 checkpoint holds one copy and resumes under any layout. The work is what is spread:

@@ -254,7 +254,8 @@ def _summary_text(r: dict[str, Any]) -> str:
                      f"{agg['gain_mean']:+.3f} (" + ", ".join(f"{g:+.3f}" for g in agg["gains"]) + ")")
     if r["rl_greedy"].get("flips"):
         lines.append("  greedy answers RL changed on the same problems: " + "; ".join(
-            f"seed {k}: {v['fixed']} fixed, {v['broken']} broken (sign test p={v['p_value']:.2g})"
+            f"seed {k}: {v['fixed']} fixed, {v['broken']} broken "
+            f"(sign test p={v['p_value']:.2g})"
             for k, v in r["rl_greedy"]["flips"].items()))
     if r["code"]:
         c = r["code"]

@@ -105,8 +105,9 @@ class OpenAIEngineOptions(BaseModel):
         "k2 checkpoint written under weights_dir (it must lie under one of the server's "
         "--weights-root); k2-push = the bucketed, checksummed weight push "
         "(k2_core.weight_push) to `k2 serve --push-port` at push_address, authenticated by the "
-        "API key, nothing written to disk; sglang = SGLang's /update_weights_from_disk on an HF export (untested "
-        "here); vllm = vLLM's development route (server started with VLLM_SERVER_DEV_MODE=1): "
+        "API key, nothing written to disk; sglang = SGLang's /update_weights_from_disk on an HF "
+        "export (untested here); vllm = vLLM's development route (server started with "
+        "VLLM_SERVER_DEV_MODE=1): "
         "POST /collective_rpc reload_weights from an HF export with its tokenizer. On MoE "
         "models (K2's) vLLM 0.32's CPU reload serves wrong weights, so the check fails and "
         "`restart_command` is the fallback (docs/vllm.md).")

@@ -1,4 +1,5 @@
-"""Held-out pass@1 of a policy: one greedy answer per held-out prompt, scored by the task's reward."""
+"""Held-out pass@1 of a policy: one greedy answer per held-out prompt, scored by the task's
+reward."""
 
 from __future__ import annotations
 

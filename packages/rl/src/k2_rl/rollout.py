@@ -6,9 +6,9 @@ its task's token budget, is finished; one still running at the segment limit is 
 for the next iteration, which resumes it from the prompt plus everything it has produced so far.
 Every response token carries the log-probability under, and the version of, the policy that
 sampled it. A sample the engine gave up on (finish_reason "failed", after its retries) leaves
-its group and is counted; the rest of the group trains as usual. A group (the K samples of one prompt) goes to training once all K are finished, so
-its baseline is complete. Paused groups whose oldest token is staler than the version gate
-allows are dropped (counted as refused).
+its group and is counted; the rest of the group trains as usual. A group (the K samples of one
+prompt) goes to training once all K are finished, so its baseline is complete. Paused groups
+whose oldest token is staler than the version gate allows are dropped (counted as refused).
 """
 
 from __future__ import annotations

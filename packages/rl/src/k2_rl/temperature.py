@@ -8,7 +8,8 @@ from typing import Literal
 
 def temperature_at(step: int, total_steps: int, start: float, end: float,
                    kind: Literal["linear", "cosine", "exponential", "constant"] = "cosine") -> float:
-    """The sampling temperature at iteration `step` of `total_steps` (start at 0, end at the last)."""
+    """The sampling temperature at iteration `step` of `total_steps` (start at 0, end at the
+    last)."""
     if kind == "constant" or total_steps <= 1:
         return start
     frac = min(max(step / (total_steps - 1), 0.0), 1.0)

@@ -43,8 +43,9 @@ class VersionGate:
         """Raise StaleRolloutError when the rollout is too stale."""
         if not self.accepts(rollout_version, current_version):
             raise StaleRolloutError(
-                f"rollout from policy version {rollout_version} is {current_version - rollout_version}"
-                f" versions behind the trainer ({current_version}); rl.max_version_lag is {self.max_lag}"
+                f"rollout from policy version {rollout_version} is "
+                f"{current_version - rollout_version} versions behind the trainer "
+                f"({current_version}); rl.max_version_lag is {self.max_lag}"
             )
 
 

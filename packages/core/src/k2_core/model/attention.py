@@ -31,7 +31,8 @@ class MLALatents(NamedTuple):
 
 
 class MLA(nn.Module):
-    """MLA with low-rank queries (or a direct q_proj), a compressed KV latent and a shared rotary key."""
+    """MLA with low-rank queries (or a direct q_proj), a compressed KV latent and a shared
+    rotary key."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int = 0):
         super().__init__()
@@ -88,14 +89,16 @@ class MLA(nn.Module):
     # change what a step computes here, not by copying `forward` elsewhere.
 
     def compress(self, x: torch.Tensor) -> MLALatents:
-        """The down-projections: x [B, T, H] -> the query and KV latents and the unrotated rotary key."""
+        """The down-projections: x [B, T, H] -> the query and KV latents and the unrotated
+        rotary key."""
         cq = x if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
         kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         return MLALatents(cq, self.kv_a_layernorm(kv_nope), k_rot)
 
     def expand(self, cq: torch.Tensor, ckv: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The up-projections through RoPE: latents -> q, k, v [B, heads, T, qk_head_dim] (SDPA's inputs).
+        """The up-projections through RoPE: latents -> q, k, v [B, heads, T, qk_head_dim]
+        (SDPA's inputs).
 
         v comes zero-padded to q's width: SDPA's fused (flash) kernels need one head width for
         q, k and v, MLA's values are narrower (128 vs 192 in K2), and zero columns change
@@ -121,7 +124,8 @@ class MLA(nn.Module):
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention over `expand`'s q, k, padded v (recording max logits if asked), then o_proj -> [B, T, H]."""
+        """Attention over `expand`'s q, k, padded v (recording max logits if asked), then
+        o_proj -> [B, T, H]."""
         bsz, _, seq, _ = q.shape
         if self.record_max_logits:
             self._record_max_logits(q, k, attn_mask)

@@ -25,7 +25,8 @@ _BUILTIN = {("attention", "mla"): "attention", ("ffn", "swiglu"): "ffn"}
 
 @dataclass
 class CausalLMOutput:
-    """logits [B, T, V]; loss = mean CE over labels != -100 (+ aux_loss), or None; aux_loss or None."""
+    """logits [B, T, V]; loss = mean CE over labels != -100 (+ aux_loss), or None; aux_loss or
+    None."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
@@ -206,7 +207,8 @@ class K2ForCausalLM(nn.Module):
         for i, attn in enumerate(self.attention_layers()):
             if getattr(attn, "max_logits", None) is None:
                 raise RuntimeError(
-                    f"layer {i}: no max logits recorded; call set_record_max_logits(True) and run a forward"
+                    f"layer {i}: no max logits recorded; "
+                    "call set_record_max_logits(True) and run a forward"
                 )
             rows.append(attn.max_logits)
         return torch.stack(rows)

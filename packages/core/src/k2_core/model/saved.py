@@ -39,7 +39,8 @@ _LISTENERS: list[Callable[[Any], None]] = []
 
 
 def announce_saved(saved: Any) -> None:
-    """Hand a kernel's named saved tensors to the innermost listener (an activation policy), if any."""
+    """Hand a kernel's named saved tensors to the innermost listener (an activation policy), if
+    any."""
     if _LISTENERS:
         _LISTENERS[-1](saved)
 

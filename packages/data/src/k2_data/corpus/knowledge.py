@@ -222,7 +222,8 @@ def _article(v: str) -> str:
 
 
 class World:
-    """A generated world: entities with facts, rendered as documents and asked about in questions."""
+    """A generated world: entities with facts, rendered as documents and asked about in
+    questions."""
 
     def __init__(self, seed: int, entities: list[Entity]) -> None:
         self.seed = seed
@@ -273,7 +274,9 @@ class World:
             def make(r: random.Random, kind: str = kind, city: Entity = city) -> str:
                 w = word(r, r.choice((2, 3)))
                 if kind == "company":
-                    return f"{w} {r.choice(('Industries', 'Dynamics', 'Holdings', 'Works', 'Systems', 'Trading Company'))}"
+                    suffix = r.choice(("Industries", "Dynamics", "Holdings", "Works", "Systems",
+                                       "Trading Company"))
+                    return f"{w} {suffix}"
                 if kind == "university":
                     return r.choice((f"University of {city.name}", f"{w} University"))
                 if kind == "research institute":
@@ -282,7 +285,8 @@ class World:
                     return r.choice((f"{city.name} Philharmonic", f"{w} Chamber Orchestra"))
                 if kind == "learned society":
                     return f"{w} Society of {r.choice(FIELDS)}"
-                return f"{w} {r.choice(('Athletic Club', 'Rowing Club', 'Chess Club', 'Football Club'))}"
+                club = r.choice(("Athletic Club", "Rowing Club", "Chess Club", "Football Club"))
+                return f"{w} {club}"
 
             name = names.draw(r, make)
             facts = {"kind": kind, "founded_year": str(r.randint(1700, 2015)),
@@ -351,7 +355,8 @@ class World:
         return " ".join(sentences)
 
     def documents(self, style: str = "encyclopedic", variant: int = 0) -> list[Document]:
-        """One document per entity; `style` and `variant` pick another rendering of the same facts."""
+        """One document per entity; `style` and `variant` pick another rendering of the same
+        facts."""
         if style not in STYLES:
             raise ConfigError(f"style must be one of {', '.join(STYLES)} (got {style!r})")
         return [Document(id=f"world{self.seed}/{style}{variant}/{e.id}", text=self._render(e, style, variant),
@@ -367,7 +372,8 @@ class World:
         return "train" if stable_hash("k2-world-q", self.seed, entity_id) % 2 == 0 else "heldout"
 
     def questions(self, split: str = "heldout") -> list[QA]:
-        """Questions whose answers are facts stated in the documents, in phrasings absent from them."""
+        """Questions whose answers are facts stated in the documents, in phrasings absent from
+        them."""
         if split not in QUESTION_SPLITS:
             raise ConfigError(f"split must be one of {', '.join(QUESTION_SPLITS)} (got {split!r})")
         phrasing = "train" if split == "train" else "heldout"

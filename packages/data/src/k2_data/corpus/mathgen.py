@@ -65,7 +65,8 @@ def extract_answer(text: str) -> str | None:
 
 
 def check_math_answer(text: str, answer: str | int | float) -> bool:
-    """True when the last `Answer:` line of `text` states `answer` (numerically when both are numbers)."""
+    """True when the last `Answer:` line of `text` states `answer` (numerically when both are
+    numbers)."""
     got = extract_answer(text)
     if got is None:
         return False
@@ -265,12 +266,14 @@ def _equation(r: random.Random, d: int) -> tuple[str, list[str], int]:
         else:
             lines.append(f"Add {_term(-c)} to both sides: {_linear(k, b)} = {e}")
         isolate(k, b, e)
-        check = f"{_paren(a)} * {_paren(x)} + {_paren(b)} = {a * x + b} and {_paren(c)} * {_paren(x)} + {_paren(e)} = {c * x + e}"
+        check = (f"{_paren(a)} * {_paren(x)} + {_paren(b)} = {a * x + b} and "
+                 f"{_paren(c)} * {_paren(x)} + {_paren(e)} = {c * x + e}")
     else:  # a (x + b) = c
         c = a * (x + b)
         eq = f"{a}(x {'+' if b > 0 else '-'} {abs(b)}) = {c}" if a != 1 else f"{_linear(1, b)} = {c}"
         if a != 1:
-            lines.append(f"Divide both sides by {a}: x {'+' if b > 0 else '-'} {abs(b)} = {c} / {_paren(a)} = {x + b}")
+            lines.append(f"Divide both sides by {a}: x {'+' if b > 0 else '-'} {abs(b)} = "
+                         f"{c} / {_paren(a)} = {x + b}")
         isolate(1, b, x + b)
         check = f"{_paren(a)} * ({_paren(x)} + {_paren(b)}) = {c}"
     lines.append(f"Check: {check}.")
@@ -301,14 +304,16 @@ def _word(r: random.Random, d: int) -> tuple[str, list[str], int]:
     if kind == 1:  # distance = speed * time
         v, t = _number(r, min(d, 3)) + 10, r.randint(2, 12)
         q = r.choice(["A train travels at {v} km per hour for {t} hours. How many km does it travel?",
-                      "A cyclist rides at {v} km per hour for {t} hours. How far does the cyclist go, in km?"]
+                      "A cyclist rides at {v} km per hour for {t} hours. "
+                      "How far does the cyclist go, in km?"]
                      ).format(v=v, t=t)
         return q, [f"Distance is speed times time: {v} * {t} = {v * t} km."], v * t
     if kind == 2:  # equal sharing, exact
         k = r.randint(2, 12)
         each = _number(r, small) + 1
         total = k * each
-        q = (f"{name} has {total} {item} and shares them equally among {k} friends with none left over. "
+        q = (f"{name} has {total} {item} and shares them equally among {k} friends "
+             "with none left over. "
              f"How many {item} does each friend get?")
         return q, [f"Each friend gets {total} / {k} = {each} {item}."], each
     if kind == 3:  # boxes then removal
@@ -324,7 +329,8 @@ def _word(r: random.Random, d: int) -> tuple[str, list[str], int]:
         k = r.randint(1, 30)
         y = r.randint(1, 20)
         s = b + (b + k) + 2 * y
-        q = (f"{name} is {k} years older than {other}. In {y} years the sum of their ages will be {s}. "
+        q = (f"{name} is {k} years older than {other}. "
+             f"In {y} years the sum of their ages will be {s}. "
              f"How old is {other_first} now?")
         lines = [f"Let {other_first}'s age now be a. Then {first} is a + {k}.",
                  f"In {y} years: (a + {y}) + (a + {k} + {y}) = {s}, so 2a + {k + 2 * y} = {s}.",
@@ -360,7 +366,8 @@ def _generate(r: random.Random, difficulty: int, kinds: tuple[str, ...]) -> Math
 
 def iter_math_problems(split: str = "train", seed: int = 0, difficulty: int | tuple[int, int] = 3,
                        kinds: tuple[str, ...] | None = None) -> Iterator[MathProblem]:
-    """An endless, deterministic stream of problems of `split` (difficulty: digits, or a (lo, hi) range)."""
+    """An endless, deterministic stream of problems of `split` (difficulty: digits, or a
+    (lo, hi) range)."""
     check_split(split)
     lo, hi = (difficulty, difficulty) if isinstance(difficulty, int) else difficulty
     if not (1 <= lo <= hi <= MAX_DIFFICULTY):

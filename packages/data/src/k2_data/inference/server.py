@@ -4,7 +4,8 @@ Routes: POST /v1/chat/completions (K2's chat format; tool calls parsed into Open
 `tool_calls`, finish_reason `tool_calls`; SSE streaming), POST /v1/completions (streaming
 too), GET /v1/models, GET /health, POST /update_weights_from_disk (a new weights version from
 a checkpoint under a --weights-root, with the API key; weights.py). Completion responses
-carry `weights_version`, the version of the weights that generated them. Concurrent requests share engine batches (`Batcher`).
+carry `weights_version`, the version of the weights that generated them. Concurrent requests
+share engine batches (`Batcher`).
 Bad requests get a 4xx JSON body `{"error": {"message", "type", "code"}}`; nothing crashes
 the server. Hardening (README, "Serving under abuse"): chat content is encoded as text
 (control tokens only from the envelope), bodies over a limit get 413 unread, parsing and

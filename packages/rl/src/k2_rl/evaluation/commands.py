@@ -32,7 +32,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def eval_command(*, options: Any) -> Command:
-    """Evaluate a checkpoint offline: perplexity, arithmetic, knowledge_qa, code (table, JSON, mlflow)."""
+    """Evaluate a checkpoint: perplexity, arithmetic, knowledge_qa, code (table, JSON, mlflow)."""
 
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("uri", help="checkpoint URI (a run's step_N folder or a saved model)")
@@ -56,7 +56,7 @@ def _lm_eval_run(args: argparse.Namespace) -> int:
 
 
 def lm_eval_command(*, options: Any) -> Command:
-    """lm-evaluation-harness with the `k2` model type: k2 lm-eval --model k2 --model_args path=URI --tasks ..."""
+    """lm-evaluation-harness, `k2` model: k2 lm-eval --model k2 --model_args path=URI --tasks ..."""
 
     def add(p: argparse.ArgumentParser) -> None:
         # Every argument, options included, is lm-eval's: with no prefix characters of its

@@ -16,7 +16,8 @@ class PerplexityOptions(BaseModel):
     split: str = Field("val", description="Held-out split of the packed dataset to read.")
     batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")
     max_sequences: int | None = Field(
-        None, gt=0, description="Read at most this many sequences (None: the whole split; --limit also caps it)."
+        None, gt=0, description="Read at most this many sequences (None: the whole split; "
+                                "--limit also caps it)."
     )
 
 
@@ -29,7 +30,8 @@ class ArithmeticOptions(BaseModel):
     difficulty: tuple[int, int] = Field((1, 3), description="Digits of the larger operand: (lo, hi).")
     k: int = Field(4, gt=0, description="k of pass@k.")
     samples: int | None = Field(
-        None, gt=0, description="Sampled solutions per problem for pass@k (None: k); pass@k is the unbiased estimate."
+        None, gt=0, description="Sampled solutions per problem for pass@k (None: k); pass@k is "
+                                "the unbiased estimate."
     )
     temperature: float = Field(0.8, gt=0, description="Sampling temperature of the pass@k samples.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling of the pass@k samples.")
@@ -42,7 +44,8 @@ class KnowledgeQAOptions(BaseModel):
     model_config = _FROZEN
     n: int | None = Field(300, gt=0, description="Questions (None: all; --limit caps it).")
     world_seed: int | None = Field(
-        None, description="Seed of the world asked about (None: the one in the checkpoint's dataset, else 0)."
+        None, description="Seed of the world asked about (None: the one in the checkpoint's "
+                          "dataset, else 0)."
     )
     world_scale: float | None = Field(
         None, gt=0, description="Scale of that world (None: as in the checkpoint's dataset, else 1)."

@@ -211,7 +211,7 @@ def knowledge_qa(target: Any, opts: KnowledgeQAOptions, limit: int | None, *, ba
     }
 
 
-# -- code -------------------------------------------------------------------------------------------
+# -- code -----------------------------------------------------------------------------------------
 
 
 def code(target: Any, opts: CodeOptions, limit: int | None, *, batch_size: int = 16,

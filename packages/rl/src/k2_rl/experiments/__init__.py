@@ -7,8 +7,8 @@
 
 Each runs its arms as ordinary tracked runs nested under one parent mlflow run and writes a
 PNG and `report.md` into its output folder, all through k2_core's harness (`k2_core.harness`);
-`k2 study NAME` is a deprecated alias of `k2 experiment NAME`. Import-light: the experiment modules (and torch)
-load when one runs.
+`k2 study NAME` is a deprecated alias of `k2 experiment NAME`. Import-light: the experiment
+modules (and torch) load when one runs.
 """
 
 from __future__ import annotations

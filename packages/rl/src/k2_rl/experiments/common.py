@@ -38,7 +38,8 @@ def base_overrides(name: str, steps: int, uri: str, evals: int = 10, warmup: int
         f"train.eval_every={eval_every}",
         f"train.eval_batches={eval_batches}",
         "optim.schedule=wsd",
-        f"optim.schedule_options.warmup_steps={warmup if warmup is not None else max(1, steps // 10)}",
+        "optim.schedule_options.warmup_steps="
+        f"{warmup if warmup is not None else max(1, steps // 10)}",
         f"tracking.experiment={experiment_name(name)}",
         f"tracking.tracking_uri={uri}",
         "tracking.options.system_metrics=false",

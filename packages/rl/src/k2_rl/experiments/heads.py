@@ -140,9 +140,11 @@ def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int
     lines = [
         "# Experiment: heads",
         "",
-        f"`{preset}` with {' '.join(EXPERIMENT_MODEL)}{' ' + ' '.join(overrides) if overrides else ''}; "
+        f"`{preset}` with {' '.join(EXPERIMENT_MODEL)}"
+        f"{' ' + ' '.join(overrides) if overrides else ''}; "
         f"{steps} steps x {tps} tokens = {steps * tps:,} tokens per arm, same seed and batches; "
-        f"{summary['heads']} vs {2 * summary['heads']} attention heads (per-head widths unchanged).",
+        f"{summary['heads']} vs {2 * summary['heads']} attention heads "
+        "(per-head widths unchanged).",
         "",
         "| arm | train FLOPs / token | final eval loss | best eval loss | seconds |",
         "|---|---|---|---|---|",

@@ -237,15 +237,17 @@ def _report(rows: dict[str, dict[str, Any]], steps: int, batch: int, people: int
     lines = [
         "# Experiment: rephrase",
         "",
-        f"`{preset}` with {' '.join(EXPERIMENT_MODEL)}{' ' + ' '.join(overrides) if overrides else ''}; "
+        f"`{preset}` with {' '.join(EXPERIMENT_MODEL)}"
+        f"{' ' + ' '.join(overrides) if overrides else ''}; "
         f"a generated world of {people} people (seed {WORLD_SEED}); every arm {steps} steps of "
         f"{batch} sequences (equal compute: 10 epochs of the raw arm's data), same seed and model.",
         f"Rephrasings: {source}.",
-        f"knowledge_qa: {int(first['questions'])} held-out questions (entities without any training "
-        "question, phrasings absent from training), greedy, exact match after normalisation.",
+        f"knowledge_qa: {int(first['questions'])} held-out questions (entities without "
+        "any training question, phrasings absent from training), greedy, exact match after "
+        "normalisation.",
         "",
-        "| arm | exact match | gold answer NLL | epochs of its data | tokens per epoch | final train loss "
-        "| seconds |",
+        "| arm | exact match | gold answer NLL | epochs of its data | tokens per epoch "
+        "| final train loss | seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     for k, r in rows.items():

@@ -173,8 +173,8 @@ def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int
         f"{steps * tps:,} tokens per arm, same seed, init scheme and batches. Only the number of "
         "routed experts changes; training FLOPs per token are equal across arms up to the router.",
         "",
-        "| arm | sparsity | train FLOPs / token | final eval loss | best eval loss | FLOPs to common loss "
-        "| x vs sparsest | seconds |",
+        "| arm | sparsity | train FLOPs / token | final eval loss | best eval loss "
+        "| FLOPs to common loss | x vs sparsest | seconds |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for k in sorted(rows, key=lambda k: rows[k]["sparsity"]):

@@ -72,7 +72,8 @@ def _latex_to_sympy_text(s: str) -> str:
 
 
 def sympy_equal(a: str, b: str) -> bool:
-    """Equivalence by sympy: the difference simplifies to zero (False when either fails to parse)."""
+    """Equivalence by sympy: the difference simplifies to zero (False when either fails to
+    parse)."""
     import sympy
     from sympy.parsing.sympy_parser import (
         implicit_multiplication_application,
