@@ -12,6 +12,8 @@ Random weights (decode speed does not depend on training). Run:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import time
 
 import torch
@@ -36,6 +38,20 @@ def recompute_decode(model, prompts: list[list[int]], new: int) -> list[list[int
         tok = model.lm_head(model.model(seq)[:, -1]).argmax(-1)  # the head on the last token only
         seq = torch.cat((seq, tok[:, None]), dim=1)
     return seq[:, start:].tolist()
+
+
+@contextlib.contextmanager
+def _moe_weight_gather():
+    """Decode with the small-batch MoE form used on devices (gathering the chosen experts'
+    weights) instead of the CPU's loop over pairs on weight views."""
+    import k2_moe.moe as moe
+
+    real = moe.small_batch_forward
+    moe.small_batch_forward = functools.partial(real, on_host=False)
+    try:
+        yield
+    finally:
+        moe.small_batch_forward = real
 
 
 def _best(fn, repeats: int) -> tuple[float, float]:
@@ -65,6 +81,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     from k2_data.inference import Engine, SamplingParams
+    from k2_moe.experts import SMALL_BATCH_PAIRS
 
     model, cfg = _model()
     engine = Engine(model, max_batch_size=64)
@@ -84,8 +101,12 @@ def main() -> None:
         same = [o.token_ids for o in outs] == recompute_decode(model, prompts, args.new)
         w_cache, c_cache = _best(lambda p=prompts: engine.generate(p, greedy), args.repeats)
         w_full, c_full = _best(lambda p=prompts: recompute_decode(model, p, args.new), 1)
-        for name, w, c in (("recompute full prefix", w_full, c_full),
-                           ("KV cache (engine)", w_cache, c_cache)):
+        rows = [("recompute full prefix", w_full, c_full), ("KV cache (engine)", w_cache, c_cache)]
+        if bs * cfg.moe.num_experts_per_tok <= SMALL_BATCH_PAIRS:
+            with _moe_weight_gather():  # the device form of the small-batch MoE, for comparison
+                w_g, c_g = _best(lambda p=prompts: engine.generate(p, greedy), args.repeats)
+            rows.append(("KV cache, MoE gather", w_g, c_g))
+        for name, w, c in rows:
             n = bs * args.new
             print(f"{plen:<7}{bs:<6}{name:<24}{w:>8.2f}{n / w:>8.1f}{w_full / w:>7.2f}"
                   f"{c:>8.2f}{n / c:>10.1f}{c_full / c:>7.2f}")

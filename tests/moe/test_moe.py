@@ -314,8 +314,8 @@ def test_gate_up_is_marked_as_two_blocks_for_muon():
 
 @pytest.mark.parametrize("n_shared", [0, 1])
 def test_small_batch_inference_path_equals_the_dispatch_path(n_shared):
-    """Decoding (eval, no grad, <= SMALL_BATCH_PAIRS token-expert pairs) skips the dispatch sort
-    and gathers the chosen experts' weights; it must give the same output."""
+    """Decoding (eval, no grad, <= SMALL_BATCH_PAIRS token-expert pairs) skips the dispatch sort;
+    it must give the same output."""
     from k2_moe.experts import SMALL_BATCH_PAIRS
 
     model, moe = small_configs(n_shared=n_shared)
@@ -328,6 +328,23 @@ def test_small_batch_inference_path_equals_the_dispatch_path(n_shared):
         with torch.enable_grad():  # grad mode takes the sorted-dispatch path
             ref = k2(x).detach()
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_small_batch_host_loop_equals_the_weight_gather(rows):
+    """The two small-batch forms (a loop of matrix-vector products on weight views, used on the
+    CPU; the gather of the chosen experts' weights, used on devices) agree."""
+    from k2_moe.experts import GroupedExperts, small_batch_forward
+
+    torch.manual_seed(0)
+    ex = GroupedExperts(8, 16, 12)
+    x = torch.randn(rows, 16)
+    idx = torch.stack([torch.randperm(8)[:4] for _ in range(rows)])
+    w = torch.rand(rows, 4)
+    host = small_batch_forward(x, ex.gate_up_proj, ex.down_proj, idx, w, on_host=True)
+    gather = small_batch_forward(x, ex.gate_up_proj, ex.down_proj, idx, w, on_host=False)
+    torch.testing.assert_close(host, gather, rtol=1e-5, atol=1e-6)
+    assert host.abs().sum() > 0
 
 
 @pytest.mark.parametrize("n_shared", [0, 1])

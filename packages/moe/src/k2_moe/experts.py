@@ -303,18 +303,27 @@ def experts_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tens
                                 dispatch, kernel)
 
 
-# Up to this many (token, expert) pairs, inference gathers the chosen experts' weights and runs
-# two batched matmuls: decoding one token per row is dominated by per-expert op overhead.
+# Up to this many (token, expert) pairs, inference skips the dispatch sort: decoding one token
+# per row is dominated by per-op overhead, not by matmuls.
 SMALL_BATCH_PAIRS = 16
 
 
 @torch.no_grad()
 def small_batch_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                        topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
-    """Routed experts on a few tokens (inference): x [N, H] -> [N, H], no dispatch sort."""
+                        topk_idx: torch.Tensor, topk_weight: torch.Tensor,
+                        on_host: bool | None = None) -> torch.Tensor:
+    """Routed experts on a few tokens (inference): x [N, H] -> [N, H], no dispatch sort.
+
+    `on_host` (default: on the CPU when no cast is needed) loops over the pairs on views of
+    the weights; otherwise the chosen experts' weights are gathered for two batched matmuls,
+    which needs no device sync."""
     n, k = topk_idx.shape
     dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
         else w_gate_up.dtype
+    if on_host is None:
+        on_host = x.device.type == "cpu" and w_gate_up.dtype == dt
+    if on_host:
+        return _pairs_on_host(x.to(dt), w_gate_up, w_down, topk_idx, topk_weight.to(dt))
     idx = topk_idx.reshape(-1)
     xs = x.to(dt).repeat_interleave(k, dim=0).unsqueeze(-1)                # [N*k, H, 1]
     with torch.autocast(x.device.type, enabled=False):
@@ -323,6 +332,24 @@ def small_batch_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.
         a = F.silu(h[:, :inter]) * h[:, inter:] * topk_weight.reshape(-1, 1).to(dt)
         y = torch.bmm(w_down.index_select(0, idx).to(dt), a.unsqueeze(-1))   # [N*k, H, 1]
     return y.view(n, k, -1).sum(dim=1)
+
+
+def _pairs_on_host(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
+                   topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+    """One matrix-vector product per (token, expert) pair on views of the expert weights.
+
+    On the CPU reading the ids costs no device sync, and it spares the gather above, which
+    copies every chosen expert's weights (3x the memory traffic of the product itself)."""
+    inter = w_down.shape[-1]
+    out = torch.zeros_like(x)
+    ids, weights = topk_idx.tolist(), topk_weight.tolist()
+    for t, (row_ids, row_w) in enumerate(zip(ids, weights, strict=True)):
+        xt, acc = x[t], out[t]
+        for e, w in zip(row_ids, row_w, strict=True):
+            h = torch.mv(w_gate_up[e], xt)
+            a = F.silu(h[:inter]).mul_(h[inter:])
+            acc.add_(torch.mv(w_down[e], a), alpha=w)
+    return out
 
 
 class GroupedExperts(nn.Module):
