@@ -151,6 +151,12 @@ def test_weight_updates_only_from_the_roots_and_with_the_key(served, tmp_path):
 
 
 
+# long enough to be still decoding when the update lands, on an idle box too (300 tokens were
+# not: decode got faster and the completion ended before the update was sent); the model's
+# positions end at 1024
+LONG = 1000
+
+
 def test_a_generation_in_flight_finishes_on_its_version(served):
     """k2 serve switches weights between engine batches: a long completion running when the
     update arrives keeps the old weights and says so; the next one runs on the new weights."""
@@ -171,7 +177,7 @@ def test_a_generation_in_flight_finishes_on_its_version(served):
 
     def long_completion():
         got["long"] = httpx.post(f"{base}/v1/completions", headers=auth, timeout=120, json={
-            "prompt": prompt, "max_tokens": 300, "temperature": 1.0, "seed": 3, "logprobs": 0,
+            "prompt": prompt, "max_tokens": LONG, "temperature": 1.0, "seed": 3, "logprobs": 0,
             "ignore_eos": True, "return_tokens_as_token_ids": True}).json()
         got["long_end"] = time.monotonic()
 
@@ -180,7 +186,7 @@ def test_a_generation_in_flight_finishes_on_its_version(served):
     deadline = time.monotonic() + 30
     while _health(base)["pending"] < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    time.sleep(0.3)  # it is decoding now
+    time.sleep(0.05)  # it is decoding now
     sent = time.monotonic()
     r = httpx.post(url, json={"model_path": str(root / "scaled")}, headers=auth, timeout=120)
     t.join()
@@ -189,7 +195,7 @@ def test_a_generation_in_flight_finishes_on_its_version(served):
     choice = got["long"]["choices"][0]
     assert choice["weights_version"] == v0  # finished on the version it started with
     ids, lps = parse_completion(choice, "k2 serve")
-    assert len(ids) == 300
+    assert len(ids) == LONG
     assert max(abs(a - b) for a, b in zip(lps, trainer_logprobs(old, prompt, ids), strict=True)) <= TOL
     after = httpx.post(f"{base}/v1/completions", headers=auth, timeout=60, json={
         "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 0,
