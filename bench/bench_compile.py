@@ -13,7 +13,11 @@ step, per precision, with an empty torch compile cache (cold: TORCHINDUCTOR_CACH
 folder) and then again with the cache that child left (warm: a new process, as a second
 `k2 train` would be).
 
-Run: `uv run python bench/bench_compile.py [--reps 8] [--presets tiny] [--threads 2]`.
+`--transformers` adds transformers' eager DeepseekV3 step on the same weights (bench_model.py's
+build) to the interleaved loop and prints k2's eager and compiled rates against it.
+
+Run: `uv run python bench/bench_compile.py [--reps 8] [--presets tiny] [--threads 2]
+[--transformers]`.
 """
 
 from __future__ import annotations
@@ -93,32 +97,61 @@ def bf16_matmul_gflops(cfg, tokens: int, reps: int = 5) -> float:
     return flop / secs / 1e9
 
 
-def throughput(preset: str, bf16: bool, batch: int, seq: int, reps: int) -> dict:
-    """Eager vs compiled step of `preset` in one process, interleaved; medians."""
+def hf_step(preset: str, ids, labels, bf16: bool):
+    """transformers' DeepseekV3ForCausalLM (bench_model.py's build, same weights), eager: the
+    peer's training step, fwd + bwd + AdamW."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from bench_model import build_pair
+
+    _, _, hf = build_pair(preset)
+    hf.train()
+    opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, foreach=True)
+
+    def step() -> float:
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = hf(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    return step
+
+
+def throughput(preset: str, bf16: bool, batch: int, seq: int, reps: int,
+               with_hf: bool = False) -> dict:
+    """Eager vs compiled step of `preset` (and transformers' eager step if asked) in one
+    process, interleaved; medians."""
     cfg, eager, opt_e = build(preset, False)
     _, comp, opt_c = build(preset, True)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
     labels = torch.randint(0, cfg.model.vocab_size, (batch, seq), generator=g)
     se, sc = make_step(eager, opt_e, ids, labels, bf16), make_step(comp, opt_c, ids, labels, bf16)
+    arms = [se, sc] + ([hf_step(preset, ids, labels, bf16)] if with_hf else [])
     se()
     t = time.perf_counter()
     sc()  # compiles (with whatever this process's cache holds)
     first = time.perf_counter() - t
-    se(), sc()  # one more of each: allocator and caches settle
-    te, tc = [], []
+    for fn in arms:  # one more of each: allocator and caches settle
+        fn()
+    times: list[list[float]] = [[] for _ in arms]
     for _ in range(reps):
-        for fn, out in ((se, te), (sc, tc)):
+        for fn, out in zip(arms, times, strict=True):
             t = time.perf_counter()
             fn()
             out.append(time.perf_counter() - t)
+    te, tc = times[0], times[1]
     e, c = statistics.median(te), statistics.median(tc)
     tok = batch * seq
     gf = step_gflop(cfg, batch, seq)
-    return {"preset": preset, "precision": "bf16" if bf16 else "fp32", "eager_tok_s": tok / e,
-            "compiled_tok_s": tok / c, "ratio": e / c, "eager_gflops": gf / e,
-            "compiled_gflops": gf / c, "first_compiled_step_s": first,
-            "ratio_min": min(te) / min(tc)}
+    out = {"preset": preset, "precision": "bf16" if bf16 else "fp32", "eager_tok_s": tok / e,
+           "compiled_tok_s": tok / c, "ratio": e / c, "eager_gflops": gf / e,
+           "compiled_gflops": gf / c, "first_compiled_step_s": first,
+           "ratio_min": min(te) / min(tc)}
+    if with_hf:
+        out["hf_tok_s"] = tok / statistics.median(times[2])
+    return out
 
 
 def child_compile_time(preset: str, batch: int, seq: int) -> None:
@@ -162,6 +195,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-compile-time", action="store_true")
+    p.add_argument("--transformers", action="store_true",
+                   help="also time transformers' eager step (same weights), interleaved")
     p.add_argument("--only-compile-time", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -180,10 +215,15 @@ def main() -> None:
 
         mm = bf16_matmul_gflops(load_config(preset), args.batch * args.seq)
         for bf16 in (False, True):
-            r = throughput(preset, bf16, args.batch, args.seq, args.reps)
+            r = throughput(preset, bf16, args.batch, args.seq, args.reps, args.transformers)
             print(f"{preset:8}{r['precision']:6}{r['eager_tok_s']:12.0f}{r['compiled_tok_s']:12.0f}"
-                  f"{r['ratio']:7.2f}{r['ratio_min']:10.2f}{r['eager_gflops']:12.1f}{r['compiled_gflops']:11.1f}"
-                  f"{mm:14.0f}{r['first_compiled_step_s']:19.1f}", flush=True)
+                  f"{r['ratio']:7.2f}{r['ratio_min']:10.2f}{r['eager_gflops']:12.1f}"
+                  f"{r['compiled_gflops']:11.1f}{mm:14.0f}{r['first_compiled_step_s']:19.1f}",
+                  flush=True)
+            if args.transformers:
+                print(f"{'':14}transformers eager {r['hf_tok_s']:.0f} tok/s: k2 eager "
+                      f"{r['eager_tok_s'] / r['hf_tok_s']:.2f}x, k2 compiled "
+                      f"{r['compiled_tok_s'] / r['hf_tok_s']:.2f}x", flush=True)
     if not args.skip_compile_time:
         preset = args.presets.split(",")[0]
         ct = compile_times(preset, args.batch, args.seq, args.threads)
