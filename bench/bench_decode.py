@@ -115,7 +115,8 @@ def main() -> None:
     if not batches:
         return
     print()
-    print(f"{'batch':<7}{'wall s':>8}{'tok/s':>9}{'x b=1':>7}{'CPU s':>8}{'tok/CPU s':>10}{'x b=1':>7}")
+    print(f"{'batch':<7}{'wall s':>8}{'tok/s':>9}{'x b=1':>7}"
+          f"{'CPU s':>8}{'tok/CPU s':>10}{'x b=1':>7}")
     base = None
     for bs in batches:
         prompts = torch.randint(0, vocab, (bs, args.prompt), generator=g).tolist()
