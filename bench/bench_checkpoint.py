@@ -58,9 +58,13 @@ def main() -> None:
         shutil.rmtree(root, ignore_errors=True)
     print(f"{args.mib} MiB in {args.tensors} fp32 tensors, local disk")
     print(f"{'':<28}{'seconds':>9}{'MB/s':>9}{'k2/torch time':>15}")
-    rows = [("torch.save", t_save_pt, None), ("k2 save (zarr, crc32)", t_save_k2, t_save_pt),
-            ("torch.load", t_load_pt, None), ("k2 load, checksums", t_load_k2, t_load_pt),
-            ("k2 load, no checksums", t_load_k2_nock, t_load_pt)]
+    rows = [
+        ("torch.save", t_save_pt, None),
+        ("k2 save (zarr, crc32)", t_save_k2, t_save_pt),
+        ("torch.load", t_load_pt, None),
+        ("k2 load, checksums", t_load_k2, t_load_pt),
+        ("k2 load, no checksums", t_load_k2_nock, t_load_pt),
+    ]
     for name, t, ref in rows:
         ratio = f"{t / ref:>15.2f}" if ref else ""
         print(f"{name:<28}{t:>9.3f}{mb / t:>9.0f}{ratio}")

@@ -89,8 +89,10 @@ def save_ranks(uri: str, mib: int, world: int) -> tuple[float, list[tuple[int, f
     """(wall seconds incl. commit, [(bytes, seconds)] per rank, commit seconds)."""
     ctx = mp.get_context("spawn")
     barrier, results = ctx.Barrier(world + 1), ctx.Queue()
-    procs = [ctx.Process(target=rank_main, args=(r, uri, mib, world, barrier, results))
-             for r in range(world)]
+    procs = [
+        ctx.Process(target=rank_main, args=(r, uri, mib, world, barrier, results))
+        for r in range(world)
+    ]
     for p in procs:
         p.start()
     barrier.wait()  # every rank holds its shards: the save starts now
@@ -157,21 +159,29 @@ def main() -> None:
     t_one = statistics.median(one)
     best = min(many, key=lambda m: m[0])
     share = total / args.ranks
-    print(f"{total / mb:.0f} MB of fp32 state, {args.ranks} ranks, local disk, {os.cpu_count()} "
-          f"cores, median of {args.reps}")
+    print(
+        f"{total / mb:.0f} MB of fp32 state, {args.ranks} ranks, local disk, {os.cpu_count()} "
+        f"cores, median of {args.reps}"
+    )
     print(f"{'':<30}{'MB written':>11}{'x share':>9}{'seconds':>9}")
     print(f"{'1 writer (rank 0, all)':<30}{total / mb:>11.1f}{total / share:>9.2f}{t_one:>9.2f}")
     for r, (b, s) in enumerate(best[1]):
         print(f"{f'4 ranks: rank {r}':<30}{b / mb:>11.1f}{b / share:>9.3f}{s:>9.2f}")
     print(f"{'4 ranks: commit (rank 0)':<30}{'':>11}{'':>9}{best[2]:>9.2f}")
-    print(f"{'4 ranks: wall, incl. commit':<30}{sum(b for b, _ in best[1]) / mb:>11.1f}{'':>9}"
-          f"{wall:>9.2f}")
-    print(f"save time, 4 ranks / 1 writer: {wall / t_one:.2f}x wall; slowest rank's own "
-          f"writing {max(s for _, s in best[1]) / t_one:.2f}x; most bytes on one rank "
-          f"{max(b for b, _ in best[1]) / total:.3f}x of the 1 writer's")
+    print(
+        f"{'4 ranks: wall, incl. commit':<30}{sum(b for b, _ in best[1]) / mb:>11.1f}{'':>9}"
+        f"{wall:>9.2f}"
+    )
+    print(
+        f"save time, 4 ranks / 1 writer: {wall / t_one:.2f}x wall; slowest rank's own "
+        f"writing {max(s for _, s in best[1]) / t_one:.2f}x; most bytes on one rank "
+        f"{max(b for b, _ in best[1]) / total:.3f}x of the 1 writer's"
+    )
     print(f"{'resume':<30}{'MB read':>11}{'x held':>9}")
-    for name, reads in ((f"same layout ({args.ranks} ranks)", same),
-                        (f"other layout ({args.ranks - 1}, unaligned)", other)):
+    for name, reads in (
+        (f"same layout ({args.ranks} ranks)", same),
+        (f"other layout ({args.ranks - 1}, unaligned)", other),
+    ):
         for r, (b, held) in enumerate(reads):
             print(f"{f'{name} r{r}':<30}{b / mb:>11.1f}{b / held:>9.3f}")
 

@@ -79,11 +79,16 @@ def step_gflop(cfg, batch: int, seq: int) -> float:
 def bf16_matmul_gflops(cfg, tokens: int, reps: int = 5) -> float:
     """bf16 matmul GFLOP/s at the model's own shapes (dense FFN, expert, q/kv latents, head)."""
     m, e = cfg.model, cfg.moe
-    shapes = [(tokens, m.hidden_size, 2 * m.intermediate_size),
-              (tokens * e.num_experts_per_tok // e.n_routed_experts, m.hidden_size,
-               2 * e.moe_intermediate_size),
-              (tokens, m.hidden_size, (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim),
-              (tokens, m.hidden_size, m.vocab_size)]
+    shapes = [
+        (tokens, m.hidden_size, 2 * m.intermediate_size),
+        (
+            tokens * e.num_experts_per_tok // e.n_routed_experts,
+            m.hidden_size,
+            2 * e.moe_intermediate_size,
+        ),
+        (tokens, m.hidden_size, (m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_rope_head_dim),
+        (tokens, m.hidden_size, m.vocab_size),
+    ]
     flop = secs = 0.0
     for n, k, o in shapes:
         a = torch.randn(n, k, dtype=torch.bfloat16)
@@ -118,8 +123,9 @@ def hf_step(preset: str, ids, labels, bf16: bool):
     return step
 
 
-def throughput(preset: str, bf16: bool, batch: int, seq: int, reps: int,
-               with_hf: bool = False) -> dict:
+def throughput(
+    preset: str, bf16: bool, batch: int, seq: int, reps: int, with_hf: bool = False
+) -> dict:
     """Eager vs compiled step of `preset` (and transformers' eager step if asked) in one
     process, interleaved; medians."""
     cfg, eager, opt_e = build(preset, False)
@@ -145,10 +151,17 @@ def throughput(preset: str, bf16: bool, batch: int, seq: int, reps: int,
     e, c = statistics.median(te), statistics.median(tc)
     tok = batch * seq
     gf = step_gflop(cfg, batch, seq)
-    out = {"preset": preset, "precision": "bf16" if bf16 else "fp32", "eager_tok_s": tok / e,
-           "compiled_tok_s": tok / c, "ratio": e / c, "eager_gflops": gf / e,
-           "compiled_gflops": gf / c, "first_compiled_step_s": first,
-           "ratio_min": min(te) / min(tc)}
+    out = {
+        "preset": preset,
+        "precision": "bf16" if bf16 else "fp32",
+        "eager_tok_s": tok / e,
+        "compiled_tok_s": tok / c,
+        "ratio": e / c,
+        "eager_gflops": gf / e,
+        "compiled_gflops": gf / c,
+        "first_compiled_step_s": first,
+        "ratio_min": min(te) / min(tc),
+    }
     if with_hf:
         out["hf_tok_s"] = tok / statistics.median(times[2])
     return out
@@ -180,9 +193,24 @@ def compile_times(preset: str, batch: int, seq: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="k2_inductor_") as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
         for kind in ("cold", "warm"):
-            p = subprocess.run([sys.executable, __file__, "--child", preset, "--batch", str(batch),
-                                "--seq", str(seq), "--threads", str(threads)],
-                               env=env, capture_output=True, text=True, check=True)
+            p = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    preset,
+                    "--batch",
+                    str(batch),
+                    "--seq",
+                    str(seq),
+                    "--threads",
+                    str(threads),
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             res[kind] = json.loads(p.stdout.strip().splitlines()[-1])
     return res
 
@@ -195,8 +223,11 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=8)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--skip-compile-time", action="store_true")
-    p.add_argument("--transformers", action="store_true",
-                   help="also time transformers' eager step (same weights), interleaved")
+    p.add_argument(
+        "--transformers",
+        action="store_true",
+        help="also time transformers' eager step (same weights), interleaved",
+    )
     p.add_argument("--only-compile-time", action="store_true")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -205,31 +236,42 @@ def main() -> None:
     if args.child:
         child_compile_time(args.child, args.batch, args.seq)
         return
-    print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x seq {args.seq}, "
-          f"fwd+bwd+AdamW, max-logit recording on; medians of {args.reps} interleaved reps")
-    print(f"{'preset':8}{'prec':6}{'eager tok/s':>12}{'comp tok/s':>12}{'ratio':>7}"
-          f"{'min ratio':>10}{'eager GF/s':>12}{'comp GF/s':>11}{'bf16 mm GF/s':>14}"
-          f"{'first comp step s':>19}")
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, batch {args.batch} x seq {args.seq}, "
+        f"fwd+bwd+AdamW, max-logit recording on; medians of {args.reps} interleaved reps"
+    )
+    print(
+        f"{'preset':8}{'prec':6}{'eager tok/s':>12}{'comp tok/s':>12}{'ratio':>7}"
+        f"{'min ratio':>10}{'eager GF/s':>12}{'comp GF/s':>11}{'bf16 mm GF/s':>14}"
+        f"{'first comp step s':>19}"
+    )
     for preset in args.presets.split(",") if not args.only_compile_time else []:
         from k2_core.configio import load_config
 
         mm = bf16_matmul_gflops(load_config(preset), args.batch * args.seq)
         for bf16 in (False, True):
             r = throughput(preset, bf16, args.batch, args.seq, args.reps, args.transformers)
-            print(f"{preset:8}{r['precision']:6}{r['eager_tok_s']:12.0f}{r['compiled_tok_s']:12.0f}"
-                  f"{r['ratio']:7.2f}{r['ratio_min']:10.2f}{r['eager_gflops']:12.1f}"
-                  f"{r['compiled_gflops']:11.1f}{mm:14.0f}{r['first_compiled_step_s']:19.1f}",
-                  flush=True)
+            print(
+                f"{preset:8}{r['precision']:6}{r['eager_tok_s']:12.0f}{r['compiled_tok_s']:12.0f}"
+                f"{r['ratio']:7.2f}{r['ratio_min']:10.2f}{r['eager_gflops']:12.1f}"
+                f"{r['compiled_gflops']:11.1f}{mm:14.0f}{r['first_compiled_step_s']:19.1f}",
+                flush=True,
+            )
             if args.transformers:
-                print(f"{'':14}transformers eager {r['hf_tok_s']:.0f} tok/s: k2 eager "
-                      f"{r['eager_tok_s'] / r['hf_tok_s']:.2f}x, k2 compiled "
-                      f"{r['compiled_tok_s'] / r['hf_tok_s']:.2f}x", flush=True)
+                print(
+                    f"{'':14}transformers eager {r['hf_tok_s']:.0f} tok/s: k2 eager "
+                    f"{r['eager_tok_s'] / r['hf_tok_s']:.2f}x, k2 compiled "
+                    f"{r['compiled_tok_s'] / r['hf_tok_s']:.2f}x",
+                    flush=True,
+                )
     if not args.skip_compile_time:
         preset = args.presets.split(",")[0]
         ct = compile_times(preset, args.batch, args.seq, args.threads)
         for prec in ("fp32", "bf16"):
-            print(f"compile time {preset} {prec}: cold {ct['cold'][prec]:.1f} s, "
-                  f"warm {ct['warm'][prec]:.1f} s (torch's cache, new process)")
+            print(
+                f"compile time {preset} {prec}: cold {ct['cold'][prec]:.1f} s, "
+                f"warm {ct['warm'][prec]:.1f} s (torch's cache, new process)"
+            )
 
 
 if __name__ == "__main__":

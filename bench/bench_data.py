@@ -78,9 +78,12 @@ def main() -> None:
     try:
         make_corpus(tmp, args.mb)
         pattern = os.path.join(tmp, "*.jsonl")
-        base = {"sources": [{"uri": pattern, "domain": "web"}], "seq_len": 1024,
-                "tokenizer": {"name": "bpe", "options": {"vocab_size": args.vocab}},
-                "tokenizer_sample_docs": 2000}
+        base = {
+            "sources": [{"uri": pattern, "domain": "web"}],
+            "seq_len": 1024,
+            "tokenizer": {"name": "bpe", "options": {"vocab_size": args.vocab}},
+            "tokenizer_sample_docs": 2000,
+        }
         tok_dir = os.path.join(tmp, "tok")
         train_tokenizer(load_prepare_config(base), tok_dir)
         tok_json = os.path.join(tok_dir, "tokenizer.json")
@@ -88,8 +91,14 @@ def main() -> None:
         c0 = time.process_time()
         n_base, t_base = baseline(pattern, tok_json)
         c_base = time.process_time() - c0
-        cfg = load_prepare_config({**base, "tokenizer": {"name": "bpe", "options": {"path": tok_json}},
-                                   "workers": args.workers, "out": os.path.join(tmp, "out")})
+        cfg = load_prepare_config(
+            {
+                **base,
+                "tokenizer": {"name": "bpe", "options": {"path": tok_json}},
+                "workers": args.workers,
+                "out": os.path.join(tmp, "out"),
+            }
+        )
         c0, k0 = _cpu(resource.RUSAGE_SELF), _cpu(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         uri = prepare(cfg)
@@ -101,15 +110,21 @@ def main() -> None:
         n_prep -= m["documents"]["train"] + m["documents"]["val"]  # EOS separators
         r_base, r_prep = n_base / t_base, n_prep / t_prep
         print(f"corpus: {args.mb:.0f} MB JSON Lines, {n_base:,} tokens, {os.cpu_count()} CPUs")
-        print(f"plain loop (1 process, encode per document): {r_base:>12,.0f} tokens/s "
-              f"({t_base:.2f}s)")
-        print(f"k2 data prepare ({args.workers} workers, packed to zarr): "
-              f"{r_prep:>12,.0f} tokens/s ({t_prep:.2f}s)")
+        print(
+            f"plain loop (1 process, encode per document): {r_base:>12,.0f} tokens/s "
+            f"({t_base:.2f}s)"
+        )
+        print(
+            f"k2 data prepare ({args.workers} workers, packed to zarr): "
+            f"{r_prep:>12,.0f} tokens/s ({t_prep:.2f}s)"
+        )
         print(f"ratio: {r_prep / r_base:.2f}x")
         k = max(1, min(args.workers, os.cpu_count() or 1))
-        print(f"cpu: plain loop {c_base:.2f}s; prepare {c_main + c_workers:.2f}s (main {c_main:.2f}s "
-              f"+ workers {c_workers:.2f}s); bound with {k} free cores "
-              f"{k * c_base / (c_main + c_workers):.2f}x")
+        print(
+            f"cpu: plain loop {c_base:.2f}s; prepare {c_main + c_workers:.2f}s (main {c_main:.2f}s "
+            f"+ workers {c_workers:.2f}s); bound with {k} free cores "
+            f"{k * c_base / (c_main + c_workers):.2f}x"
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

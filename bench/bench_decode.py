@@ -69,14 +69,21 @@ def main() -> None:
     """Print the cache-vs-recompute table and the batch-scaling table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new", type=int, default=256, help="new tokens per sequence")
-    ap.add_argument("--cases", type=lambda v: tuple(map(int, v.split("x"))), nargs="+",
-                    default=[(32, 1), (128, 1), (32, 16)],
-                    help="PROMPTxBATCH cases of the cache-vs-recompute table")
+    ap.add_argument(
+        "--cases",
+        type=lambda v: tuple(map(int, v.split("x"))),
+        nargs="+",
+        default=[(32, 1), (128, 1), (32, 16)],
+        help="PROMPTxBATCH cases of the cache-vs-recompute table",
+    )
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens of the batch table")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per case (best is kept)")
-    ap.add_argument("--batches", default="1,4,16,64",
-                    help="batch sizes of the batch table (comma-separated; empty: no table)")
+    ap.add_argument(
+        "--batches",
+        default="1,4,16,64",
+        help="batch sizes of the batch table (comma-separated; empty: no table)",
+    )
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -90,11 +97,15 @@ def main() -> None:
     engine.generate([[1, 2, 3]], SamplingParams(max_new_tokens=4, seed=0))  # warm-up
     greedy = SamplingParams(temperature=0, max_new_tokens=args.new)
 
-    print(f"tiny preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
-          f"{args.new} new tokens, greedy, {torch.get_num_threads()} threads")
+    print(
+        f"tiny preset ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), "
+        f"{args.new} new tokens, greedy, {torch.get_num_threads()} threads"
+    )
     print("(CPU s: this process's CPU time, robust to other jobs on a shared machine)")
-    print(f"{'prompt':<7}{'batch':<6}{'method':<24}{'wall s':>8}{'tok/s':>8}{'ratio':>7}"
-          f"{'CPU s':>8}{'tok/CPU s':>10}{'ratio':>7}")
+    print(
+        f"{'prompt':<7}{'batch':<6}{'method':<24}{'wall s':>8}{'tok/s':>8}{'ratio':>7}"
+        f"{'CPU s':>8}{'tok/CPU s':>10}{'ratio':>7}"
+    )
     for plen, bs in args.cases:
         prompts = torch.randint(0, vocab, (bs, plen), generator=g).tolist()
         outs = engine.generate(prompts, greedy)
@@ -108,24 +119,33 @@ def main() -> None:
             rows.append(("KV cache, MoE gather", w_g, c_g))
         for name, w, c in rows:
             n = bs * args.new
-            print(f"{plen:<7}{bs:<6}{name:<24}{w:>8.2f}{n / w:>8.1f}{w_full / w:>7.2f}"
-                  f"{c:>8.2f}{n / c:>10.1f}{c_full / c:>7.2f}")
+            print(
+                f"{plen:<7}{bs:<6}{name:<24}{w:>8.2f}{n / w:>8.1f}{w_full / w:>7.2f}"
+                f"{c:>8.2f}{n / c:>10.1f}{c_full / c:>7.2f}"
+            )
         print(f"{'':<13}same tokens: {same}", flush=True)
     batches = [int(b) for b in args.batches.split(",") if b]
     if not batches:
         return
     print()
-    print(f"{'batch':<7}{'wall s':>8}{'tok/s':>9}{'x b=1':>7}"
-          f"{'CPU s':>8}{'tok/CPU s':>10}{'x b=1':>7}")
+    print(
+        f"{'batch':<7}{'wall s':>8}{'tok/s':>9}{'x b=1':>7}"
+        f"{'CPU s':>8}{'tok/CPU s':>10}{'x b=1':>7}"
+    )
     base = None
     for bs in batches:
         prompts = torch.randint(0, vocab, (bs, args.prompt), generator=g).tolist()
-        params = [SamplingParams(temperature=1.0, max_new_tokens=args.new, seed=i) for i in range(bs)]
+        params = [
+            SamplingParams(temperature=1.0, max_new_tokens=args.new, seed=i) for i in range(bs)
+        ]
         w, c = _best(lambda p=prompts, s=params: engine.generate(p, s), args.repeats)
         rate, crate = bs * args.new / w, bs * args.new / c
         base = base or (rate, crate)
-        print(f"{bs:<7}{w:>8.2f}{rate:>9.1f}{rate / base[0]:>7.2f}{c:>8.2f}{crate:>10.1f}"
-              f"{crate / base[1]:>7.2f}", flush=True)
+        print(
+            f"{bs:<7}{w:>8.2f}{rate:>9.1f}{rate / base[0]:>7.2f}{c:>8.2f}{crate:>10.1f}"
+            f"{crate / base[1]:>7.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

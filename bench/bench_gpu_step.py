@@ -23,8 +23,16 @@ import time
 import torch
 import torch.nn.functional as F
 
-PEAK_TFLOPS = {"H800": 989.0, "H100": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0,
-               "A800": 312.0, "L40S": 362.0, "B200": 2250.0}
+PEAK_TFLOPS = {
+    "H800": 989.0,
+    "H100": 989.0,
+    "H200": 989.0,
+    "H20": 148.0,
+    "A100": 312.0,
+    "A800": 312.0,
+    "L40S": 362.0,
+    "B200": 2250.0,
+}
 
 
 def chip_peak(device: torch.device, override: float | None) -> tuple[str, float]:
@@ -62,8 +70,10 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
     chip, peak = chip_peak(device, args.peak_tflops)
     counts = count_parameters(m, moe)
     flops = model_flops_per_token(m, moe, seq) * tokens
-    print(f"{args.preset}: {counts['total'] / 1e9:.3f}B params ({counts['active'] / 1e9:.3f}B "
-          f"active), {batch} x {seq} tokens, {chip}, peak {peak / 1e12:.3g} TFLOP/s")
+    print(
+        f"{args.preset}: {counts['total'] / 1e9:.3f}B params ({counts['active'] / 1e9:.3f}B "
+        f"active), {batch} x {seq} tokens, {chip}, peak {peak / 1e12:.3g} TFLOP/s"
+    )
     torch.manual_seed(0)
     model = build_model(cfg, get_registry(), device=device, dtype=torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
@@ -83,8 +93,10 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    print(f"{'policy':22s} {'tok/s':>10s} {'MFU':>6s} {'peak GB':>8s} {'plan GB':>8s} "
-          f"{'saved MB':>9s} {'plan MB':>9s} {'host MB':>8s} {'loss':>8s}")
+    print(
+        f"{'policy':22s} {'tok/s':>10s} {'MFU':>6s} {'peak GB':>8s} {'plan GB':>8s} "
+        f"{'saved MB':>9s} {'plan MB':>9s} {'host MB':>8s} {'loss':>8s}"
+    )
     for name in args.policies:
         pol = POLICY_LEVELS[name]
         apply_activation_policy(model, pol)
@@ -111,9 +123,11 @@ def run(args: argparse.Namespace, device: torch.device) -> None:
         # logits, their fp32 copy and its softmax for the loss, and the logits' gradient
         logits = tokens * m.vocab_size
         plan_peak = 2 * n_params * 4 + pred_dev + logits * (2 + 4 + 4 + 2)
-        print(f"{name:22s} {tokens / dt:10.0f} {flops / dt / peak:6.1%} {peak_txt} "
-              f"{plan_peak / 1e9:8.2f} {meas_dev / 1e6:9.1f} {pred_dev / 1e6:9.1f} "
-              f"{meas_host / 1e6:8.1f} {loss.item():8.4f}")
+        print(
+            f"{name:22s} {tokens / dt:10.0f} {flops / dt / peak:6.1%} {peak_txt} "
+            f"{plan_peak / 1e9:8.2f} {meas_dev / 1e6:9.1f} {pred_dev / 1e6:9.1f} "
+            f"{meas_host / 1e6:8.1f} {loss.item():8.4f}"
+        )
 
 
 def main() -> None:
@@ -127,8 +141,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--peak-tflops", type=float, default=None, help="the chip's BF16 peak")
-    ap.add_argument("--policies", nargs="+", default=["none", "recompute", "recompute+fp8",
-                                                      "recompute+fp8+offload"])
+    ap.add_argument(
+        "--policies",
+        nargs="+",
+        default=["none", "recompute", "recompute+fp8", "recompute+fp8+offload"],
+    )
     args = ap.parse_args()
     if args.cpu:
         torch.set_num_threads(2)

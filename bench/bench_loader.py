@@ -49,14 +49,29 @@ def write_store(path: Path, n_seq: int, seq_len: int, vocab: int) -> None:
         row_docs = np.searchsorted(starts, np.arange(n + 1) * row, side="left")
         g = root.create_group(split)
         chunk_rows = min(n, max(1, CHUNK_BYTES // (row * 4)))
-        g.create_array("tokens", shape=tokens.shape, dtype="uint32", chunks=(chunk_rows, row),
-                       compressors=None)[...] = tokens
+        g.create_array(
+            "tokens", shape=tokens.shape, dtype="uint32", chunks=(chunk_rows, row), compressors=None
+        )[...] = tokens
         for name, arr in (("doc_starts", starts), ("row_docs", row_docs)):
-            g.create_array(name, shape=arr.shape, dtype="int64", chunks=(min(1 << 20, arr.size),),
-                           compressors=None)[...] = arr
-    (path / "manifest.json").write_text(json.dumps(
-        {"format": "k2-packed", "version": 2, "complete": True, "seq_len": seq_len, "eos_id": 0,
-         "vocab_size": vocab}))
+            g.create_array(
+                name,
+                shape=arr.shape,
+                dtype="int64",
+                chunks=(min(1 << 20, arr.size),),
+                compressors=None,
+            )[...] = arr
+    (path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "k2-packed",
+                "version": 2,
+                "complete": True,
+                "seq_len": seq_len,
+                "eos_id": 0,
+                "vocab_size": vocab,
+            }
+        )
+    )
 
 
 def amplification(store: Path, rows: int, seq_len: int) -> tuple[float, float]:
@@ -120,20 +135,33 @@ def main() -> None:
         store = Path(tmp) / "packed"
         t0 = time.perf_counter()
         write_store(store, args.n_seq, args.seq, cfg.model.vocab_size)
-        print(f"store: {args.n_seq} x {args.seq + 1} tokens written in "
-              f"{time.perf_counter() - t0:.1f}s")
+        print(
+            f"store: {args.n_seq} x {args.seq + 1} tokens written in "
+            f"{time.perf_counter() - t0:.1f}s"
+        )
         before, after = amplification(store, args.amp_rows, args.seq)
-        print(f"read amplification over {args.amp_rows} shuffled rows (batch 8, doc masking): "
-              f"before {before:.1f}x (zarr chunks), after {after:.3f}x (byte ranges)")
-        options = PackedOptions(uri=str(store), batch_size=args.batch, doc_mask=True, prefetch=4,
-                                in_memory_max_mb=2048 if args.in_memory else 0)
+        print(
+            f"read amplification over {args.amp_rows} shuffled rows (batch 8, doc masking): "
+            f"before {before:.1f}x (zarr chunks), after {after:.3f}x (byte ranges)"
+        )
+        options = PackedOptions(
+            uri=str(store),
+            batch_size=args.batch,
+            doc_mask=True,
+            prefetch=4,
+            in_memory_max_mb=2048 if args.in_memory else 0,
+        )
         t0 = time.perf_counter()
         loader = PackedDataset(options)
         print(f"open: {time.perf_counter() - t0:.3f}s (in memory: {loader.in_memory})")
 
         def step(batch):
-            out = model(batch["input_ids"], labels=batch["labels"],
-                        position_ids=batch["position_ids"], segment_ids=batch["segment_ids"])
+            out = model(
+                batch["input_ids"],
+                labels=batch["labels"],
+                position_ids=batch["position_ids"],
+                segment_ids=batch["segment_ids"],
+            )
             out.loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -158,10 +186,14 @@ def main() -> None:
         produce = (time.perf_counter() - t0) / 200
         produce_cpu = (time.process_time() - c0) / 200  # steadier than wall time on a shared box
     step_ms = 1e3 * total / args.steps
-    print(f"step {step_ms:.1f} ms; waiting on the loader {1e3 * wait / args.steps:.3f} ms/step "
-          f"= {100 * wait / total:.3f}% of the step (target < 2%)")
-    print(f"producing one batch synchronously: {1e3 * produce:.3f} ms "
-          f"= {100 * produce / (total / args.steps):.3f}% of a step ({1e3 * produce_cpu:.3f} ms CPU)")
+    print(
+        f"step {step_ms:.1f} ms; waiting on the loader {1e3 * wait / args.steps:.3f} ms/step "
+        f"= {100 * wait / total:.3f}% of the step (target < 2%)"
+    )
+    print(
+        f"producing one batch synchronously: {1e3 * produce:.3f} ms "
+        f"= {100 * produce / (total / args.steps):.3f}% of a step ({1e3 * produce_cpu:.3f} ms CPU)"
+    )
 
 
 if __name__ == "__main__":

@@ -24,14 +24,22 @@ def build_pair(preset: str = "tiny"):
 
     cfg = load_config(preset)
     k2 = build_model(cfg)
-    hf_cfg = DeepseekV3Config(**{k: v for k, v in config_to_hf(cfg.model, cfg.moe).items()
-                                 if k not in ("architectures", "model_type", "torch_dtype", "dtype")})
-    hf = DeepseekV3ForCausalLM._from_config(hf_cfg, experts_implementation="grouped_mm",
-                                            attn_implementation="sdpa")
+    hf_cfg = DeepseekV3Config(
+        **{
+            k: v
+            for k, v in config_to_hf(cfg.model, cfg.moe).items()
+            if k not in ("architectures", "model_type", "torch_dtype", "dtype")
+        }
+    )
+    hf = DeepseekV3ForCausalLM._from_config(
+        hf_cfg, experts_implementation="grouped_mm", attn_implementation="sdpa"
+    )
     missing, unexpected = hf.load_state_dict(k2.state_dict(), strict=False)
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
-        raise RuntimeError(f"state dicts differ: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise RuntimeError(
+            f"state dicts differ: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     return cfg, k2, hf
 
 
@@ -61,37 +69,50 @@ def main() -> None:
     k2.train()
     hf.train()
     ids = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq))
-    shifted = torch.cat([ids[:, 1:], torch.full((args.batch, 1), -100)], dim=1)  # k2 takes shifted labels
+    shifted = torch.cat(
+        [ids[:, 1:], torch.full((args.batch, 1), -100)], dim=1
+    )  # k2 takes shifted labels
     with torch.no_grad():
         l_k2 = k2(ids, labels=shifted).loss.item()
         l_hf = hf(input_ids=ids, labels=ids).loss.item()
-    opts = {"k2": torch.optim.AdamW(k2.parameters(), lr=1e-4),
-            "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4)}
+    opts = {
+        "k2": torch.optim.AdamW(k2.parameters(), lr=1e-4),
+        "hf": torch.optim.AdamW(hf.parameters(), lr=1e-4),
+    }
 
     def step(name, ctx):
         model, opt = (k2, opts["k2"]) if name == "k2" else (hf, opts["hf"])
         opt.zero_grad(set_to_none=True)
         with ctx():
-            loss = (model(ids, labels=shifted, return_logits=False).loss if name == "k2"
-                    else model(input_ids=ids, labels=ids).loss)
+            loss = (
+                model(ids, labels=shifted, return_logits=False).loss
+                if name == "k2"
+                else model(input_ids=ids, labels=ids).loss
+            )
         loss.backward()
         opt.step()
         if name == "k2":
             k2.update_router_bias()
 
     n_tok = args.batch * args.seq
-    print(f"model: tiny preset, {sum(p.numel() for p in k2.parameters()) / 1e6:.1f}M params, "
-          f"{cfg.model.num_hidden_layers} layers, {cfg.moe.n_routed_experts} experts top-"
-          f"{cfg.moe.num_experts_per_tok}; batch {args.batch} x {args.seq}; threads {args.threads}; "
-          f"initial loss k2 {l_k2:.5f} / transformers {l_hf:.5f}")
+    print(
+        f"model: tiny preset, {sum(p.numel() for p in k2.parameters()) / 1e6:.1f}M params, "
+        f"{cfg.model.num_hidden_layers} layers, {cfg.moe.n_routed_experts} experts top-"
+        f"{cfg.moe.num_experts_per_tok}; batch {args.batch} x {args.seq}; threads {args.threads}; "
+        f"initial loss k2 {l_k2:.5f} / transformers {l_hf:.5f}"
+    )
     from bench_moe import matmul_peak
 
     gflop = step_gflop(cfg, args.batch, args.seq)
     print(f"{gflop:.1f} GFLOP per step (matmuls and attention)")
-    print(f"{'precision':<10}{'transformers tok/s':>20}{'k2 tok/s':>12}{'k2/hf':>8}"
-          f"{'hf GFLOP/s':>12}{'k2 GFLOP/s':>12}{'peak':>8}{'k2 %peak':>10}")
-    for name, ctx in (("fp32", nullcontext),
-                      ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16))):
+    print(
+        f"{'precision':<10}{'transformers tok/s':>20}{'k2 tok/s':>12}{'k2/hf':>8}"
+        f"{'hf GFLOP/s':>12}{'k2 GFLOP/s':>12}{'peak':>8}{'k2 %peak':>10}"
+    )
+    for name, ctx in (
+        ("fp32", nullcontext),
+        ("bf16", lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
+    ):
         for _ in range(2):
             step("hf", ctx)
             step("k2", ctx)
@@ -105,8 +126,10 @@ def main() -> None:
         tok_k2 = n_tok / statistics.median(times["k2"])
         peak = matmul_peak(torch.float32 if name == "fp32" else torch.bfloat16)
         g_hf, g_k2 = gflop * tok_hf / n_tok, gflop * tok_k2 / n_tok
-        print(f"{name:<10}{tok_hf:>20,.0f}{tok_k2:>12,.0f}{tok_k2 / tok_hf:>8.2f}"
-              f"{g_hf:>12.1f}{g_k2:>12.1f}{peak:>8.0f}{100 * g_k2 / peak:>9.1f}%")
+        print(
+            f"{name:<10}{tok_hf:>20,.0f}{tok_k2:>12,.0f}{tok_k2 / tok_hf:>8.2f}"
+            f"{g_hf:>12.1f}{g_k2:>12.1f}{peak:>8.0f}{100 * g_k2 / peak:>9.1f}%"
+        )
 
 
 if __name__ == "__main__":

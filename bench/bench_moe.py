@@ -24,10 +24,23 @@ def tiny_configs():
     except Exception:  # k2_core.configio missing or broken: the tiny shape, hardcoded
         from k2_core.config import ModelConfig, MoEConfig
 
-        return (ModelConfig(hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                            num_attention_heads=8, vocab_size=8192),
-                MoEConfig(moe_intermediate_size=128, n_routed_experts=16, num_experts_per_tok=4,
-                          n_shared_experts=1, n_group=1, topk_group=1))
+        return (
+            ModelConfig(
+                hidden_size=256,
+                intermediate_size=768,
+                num_hidden_layers=4,
+                num_attention_heads=8,
+                vocab_size=8192,
+            ),
+            MoEConfig(
+                moe_intermediate_size=128,
+                n_routed_experts=16,
+                num_experts_per_tok=4,
+                n_shared_experts=1,
+                n_group=1,
+                topk_group=1,
+            ),
+        )
 
 
 def hf_moe(model, moe, impl: str = "grouped_mm"):
@@ -35,10 +48,15 @@ def hf_moe(model, moe, impl: str = "grouped_mm"):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
 
     cfg = DeepseekV3Config(
-        hidden_size=model.hidden_size, intermediate_size=model.intermediate_size,
-        moe_intermediate_size=moe.moe_intermediate_size, n_routed_experts=moe.n_routed_experts,
-        num_experts_per_tok=moe.num_experts_per_tok, n_shared_experts=moe.n_shared_experts,
-        n_group=moe.n_group, topk_group=moe.topk_group, norm_topk_prob=moe.norm_topk_prob,
+        hidden_size=model.hidden_size,
+        intermediate_size=model.intermediate_size,
+        moe_intermediate_size=moe.moe_intermediate_size,
+        n_routed_experts=moe.n_routed_experts,
+        num_experts_per_tok=moe.num_experts_per_tok,
+        n_shared_experts=moe.n_shared_experts,
+        n_group=moe.n_group,
+        topk_group=moe.topk_group,
+        norm_topk_prob=moe.norm_topk_prob,
         routed_scaling_factor=moe.routed_scaling_factor,
     )
     cfg._experts_implementation = impl  # what from_config(..., experts_implementation=) sets
@@ -47,7 +65,12 @@ def hf_moe(model, moe, impl: str = "grouped_mm"):
 
 def flops_fwd_bwd(model, moe, n_tokens: int) -> float:
     """Matmul FLOPs of one forward + backward (backward = 2x forward)."""
-    h, i, e, k = model.hidden_size, moe.moe_intermediate_size, moe.n_routed_experts, moe.num_experts_per_tok
+    h, i, e, k = (
+        model.hidden_size,
+        moe.moe_intermediate_size,
+        moe.n_routed_experts,
+        moe.num_experts_per_tok,
+    )
     routed = n_tokens * k * (2 * h * 2 * i + 2 * i * h)
     shared = n_tokens * (2 * h * 2 * i * moe.n_shared_experts + 2 * i * moe.n_shared_experts * h)
     router = n_tokens * 2 * h * e
@@ -125,13 +148,17 @@ def main() -> None:
     with torch.no_grad():
         err = (k2(x) - hf(x)).abs().max().item()
     fl = flops_fwd_bwd(model, moe, args.tokens)
-    print(f"MoE block: hidden {model.hidden_size}, expert inter {moe.moe_intermediate_size}, "
-          f"{moe.n_routed_experts} experts top-{moe.num_experts_per_tok}, "
-          f"{moe.n_shared_experts} shared; "
-          f"{args.tokens} tokens fwd+bwd; threads {args.threads}; k2 kernel {args.kernel}; "
-          f"{fl / 1e9:.2f} GFLOP/step; fp32 max|k2-hf| = {err:.1e}")
-    print(f"{'precision':<10}{'transformers tok/s':>20}{'k2 tok/s':>12}{'k2/hf':>8}"
-          f"{'hf GFLOP/s':>12}{'k2 GFLOP/s':>12}{'peak':>8}{'k2 %peak':>10}")
+    print(
+        f"MoE block: hidden {model.hidden_size}, expert inter {moe.moe_intermediate_size}, "
+        f"{moe.n_routed_experts} experts top-{moe.num_experts_per_tok}, "
+        f"{moe.n_shared_experts} shared; "
+        f"{args.tokens} tokens fwd+bwd; threads {args.threads}; k2 kernel {args.kernel}; "
+        f"{fl / 1e9:.2f} GFLOP/step; fp32 max|k2-hf| = {err:.1e}"
+    )
+    print(
+        f"{'precision':<10}{'transformers tok/s':>20}{'k2 tok/s':>12}{'k2/hf':>8}"
+        f"{'hf GFLOP/s':>12}{'k2 GFLOP/s':>12}{'peak':>8}{'k2 %peak':>10}"
+    )
     for name, dtype, ctx in (
         ("fp32", torch.float32, nullcontext),
         ("bf16", torch.bfloat16, lambda: torch.autocast("cpu", dtype=torch.bfloat16)),
@@ -140,8 +167,10 @@ def main() -> None:
         t = bench({"hf": hf, "k2": k2}, x, g, ctx, args.reps)
         tok_hf, tok_k2 = args.tokens / t["hf"], args.tokens / t["k2"]
         gf_hf, gf_k2 = fl / t["hf"] / 1e9, fl / t["k2"] / 1e9
-        print(f"{name:<10}{tok_hf:>20,.0f}{tok_k2:>12,.0f}{tok_k2 / tok_hf:>8.2f}"
-              f"{gf_hf:>12.1f}{gf_k2:>12.1f}{peak:>8.0f}{100 * gf_k2 / peak:>9.1f}%")
+        print(
+            f"{name:<10}{tok_hf:>20,.0f}{tok_k2:>12,.0f}{tok_k2 / tok_hf:>8.2f}"
+            f"{gf_hf:>12.1f}{gf_k2:>12.1f}{peak:>8.0f}{100 * gf_k2 / peak:>9.1f}%"
+        )
 
 
 if __name__ == "__main__":

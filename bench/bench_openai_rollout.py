@@ -59,8 +59,11 @@ def main() -> None:
     from k2_rl.rl_eval import prompt_encoder
     from serve_fixture import start_server, stop_server
 
-    out: dict[str, object] = {"samples": args.samples, "tokens_per_sample": args.tokens,
-                              "threads": args.threads}
+    out: dict[str, object] = {
+        "samples": args.samples,
+        "tokens_per_sample": args.tokens,
+        "threads": args.threads,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         from bench_rl import tiny_checkpoint  # the same init checkpoint as bench_rl
@@ -68,28 +71,41 @@ def main() -> None:
         uri, tok = tiny_checkpoint(root)
         stream = PromptStream((TaskOptions(name="math"),), prompt_encoder(tok), 0, args.tokens)
         prompts = [next(stream)[1] for _ in range(args.samples)]
-        params = [SamplingParams(temperature=1.0, max_new_tokens=args.tokens, ignore_eos=True,
-                                 seed=i) for i in range(args.samples)]
+        params = [
+            SamplingParams(temperature=1.0, max_new_tokens=args.tokens, ignore_eos=True, seed=i)
+            for i in range(args.samples)
+        ]
         total = args.samples * args.tokens
         model = load_model(uri)
         local = Engine(model, tok, max_batch_size=64)
-        out["in_process_tokens_per_s"] = _median_rate(lambda: local.generate(prompts, params), total)
+        out["in_process_tokens_per_s"] = _median_rate(
+            lambda: local.generate(prompts, params), total
+        )
         os.environ["K2_BENCH_KEY"] = "bench"
-        proc, base = start_server(uri, "--weights-root", str(root), "--max-batch-size", "64",
-                                  env={"K2_SERVE_API_KEY": "bench",
-                                       "OMP_NUM_THREADS": str(args.threads)})
+        proc, base = start_server(
+            uri,
+            "--weights-root",
+            str(root),
+            "--max-batch-size",
+            "64",
+            env={"K2_SERVE_API_KEY": "bench", "OMP_NUM_THREADS": str(args.threads)},
+        )
         try:
             rates = {}
             for c in args.concurrency:
-                engine = OpenAIEngine(OpenAIEngineOptions(
-                    base_url=f"{base}/v1", api_key_env="K2_BENCH_KEY", concurrency=c))
+                engine = OpenAIEngine(
+                    OpenAIEngineOptions(
+                        base_url=f"{base}/v1", api_key_env="K2_BENCH_KEY", concurrency=c
+                    )
+                )
                 try:
                     rates[c] = _median_rate(lambda e=engine: e.generate(prompts, params), total)
                 finally:
                     engine.close()
             out["k2_serve_tokens_per_s"] = {str(c): r for c, r in rates.items()}
-            engine = OpenAIEngine(OpenAIEngineOptions(base_url=f"{base}/v1",
-                                                      api_key_env="K2_BENCH_KEY"))
+            engine = OpenAIEngine(
+                OpenAIEngineOptions(base_url=f"{base}/v1", api_key_env="K2_BENCH_KEY")
+            )
             try:
                 sync = OpenAISync(engine, str(root / "weights"), prompts[:2])
                 secs = []
@@ -110,8 +126,10 @@ def main() -> None:
     print(f"  in-process engine: {out['in_process_tokens_per_s']:8.0f} tokens/s")
     for c, r in out["k2_serve_tokens_per_s"].items():
         print(f"  k2 serve, concurrency {c:>3}: {r:8.0f} tokens/s")
-    print(f"  checked weight update: {out['update_s']:.2f} s for {out['update_mb']:.1f} MiB "
-          f"(logprob gap {out['update_logprob_gap']:.1g})")
+    print(
+        f"  checked weight update: {out['update_s']:.2f} s for {out['update_mb']:.1f} MiB "
+        f"(logprob gap {out['update_logprob_gap']:.1g})"
+    )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,18 @@ def small_from_preset():
 
         d = _load_source("small")
         m, moe = d["model"], d["moe"]
-        H, HEADS, QL, KVL = m["hidden_size"], m["num_attention_heads"], m["q_lora_rank"], m["kv_lora_rank"]
-        NOPE, ROPE, V, INTER = m["qk_nope_head_dim"], m["qk_rope_head_dim"], m["v_head_dim"], moe["moe_intermediate_size"]
+        H, HEADS, QL, KVL = (
+            m["hidden_size"],
+            m["num_attention_heads"],
+            m["q_lora_rank"],
+            m["kv_lora_rank"],
+        )
+        NOPE, ROPE, V, INTER = (
+            m["qk_nope_head_dim"],
+            m["qk_rope_head_dim"],
+            m["v_head_dim"],
+            moe["moe_intermediate_size"],
+        )
         return moe["n_routed_experts"]
     except Exception:  # noqa: BLE001
         return 64
@@ -71,10 +81,16 @@ def small_from_preset():
 
 def layer_params(experts: int) -> dict[str, torch.Tensor]:
     shapes = {
-        "q_a_proj": (QL, H), "q_b_proj": (HEADS * (NOPE + ROPE), QL),
-        "kv_a_proj_with_mqa": (KVL + ROPE, H), "kv_b_proj": (HEADS * (NOPE + V), KVL),
-        "o_proj": (H, HEADS * V), "gate_up_proj": (experts, 2 * INTER, H), "down_proj": (experts, H, INTER),
-        "shared_gate": (INTER, H), "shared_up": (INTER, H), "shared_down": (H, INTER),
+        "q_a_proj": (QL, H),
+        "q_b_proj": (HEADS * (NOPE + ROPE), QL),
+        "kv_a_proj_with_mqa": (KVL + ROPE, H),
+        "kv_b_proj": (HEADS * (NOPE + V), KVL),
+        "o_proj": (H, HEADS * V),
+        "gate_up_proj": (experts, 2 * INTER, H),
+        "down_proj": (experts, H, INTER),
+        "shared_gate": (INTER, H),
+        "shared_up": (INTER, H),
+        "shared_down": (H, INTER),
     }
     out = {}
     for k, s in shapes.items():
@@ -110,11 +126,24 @@ class WholeGroupMuonClip(MuonClip):
         for (r, c, _dev, dtype), idxs in buckets.items():
             mats = [updates[i].reshape(shapes[i], r, c) for i in idxs]
             stacked = mats[0] if len(mats) == 1 else torch.cat(mats)
-            o = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"],
-                              group["ns_eps"], dtype=self.ns_dtype, out_dtype=dtype)
-            outs.append((idxs, [x.reshape(params[i].shape) for x, i in
-                                zip(o.split([shapes[i] for i in idxs]), idxs, strict=True)],
-                         adjusted_scale(r, c, group["adjust_lr_fn"])))
+            o = newton_schulz(
+                stacked,
+                group["ns_steps"],
+                group["ns_coefficients"],
+                group["ns_eps"],
+                dtype=self.ns_dtype,
+                out_dtype=dtype,
+            )
+            outs.append(
+                (
+                    idxs,
+                    [
+                        x.reshape(params[i].shape)
+                        for x, i in zip(o.split([shapes[i] for i in idxs]), idxs, strict=True)
+                    ],
+                    adjusted_scale(r, c, group["adjust_lr_fn"]),
+                )
+            )
         if wd:
             torch._foreach_mul_(params, 1.0 - lr * wd)
         for idxs, o, scale in outs:
@@ -129,16 +158,23 @@ FAMILIES = {
 }
 
 
-def family_params(name: str, layers: int | None, experts: int | None
-                  ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+def family_params(
+    name: str, layers: int | None, experts: int | None
+) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
     """(k2 parameters, torch's 2-D parameters holding the same matrices, layers)."""
     h, heads, ql, kvl, nope, rope, v, inter, e, nl = FAMILIES[name]
     e, nl = experts or e, layers or nl
     shapes = {
-        "q_a_proj": (ql, h), "q_b_proj": (heads * (nope + rope), ql),
-        "kv_a_proj_with_mqa": (kvl + rope, h), "kv_b_proj": (heads * (nope + v), kvl),
-        "o_proj": (h, heads * v), "gate_up_proj": (e, 2 * inter, h), "down_proj": (e, h, inter),
-        "shared_gate": (inter, h), "shared_up": (inter, h), "shared_down": (h, inter),
+        "q_a_proj": (ql, h),
+        "q_b_proj": (heads * (nope + rope), ql),
+        "kv_a_proj_with_mqa": (kvl + rope, h),
+        "kv_b_proj": (heads * (nope + v), kvl),
+        "o_proj": (h, heads * v),
+        "gate_up_proj": (e, 2 * inter, h),
+        "down_proj": (e, h, inter),
+        "shared_gate": (inter, h),
+        "shared_up": (inter, h),
+        "shared_down": (h, inter),
     }
     ours, theirs = [], []
     for _ in range(nl):
@@ -163,9 +199,11 @@ def run_family(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     ours, theirs, nl = family_params(args.family, args.family_layers, args.experts)
     numel = sum(p.numel() for p in ours)
-    print(f"family {args.family}: {nl} layers, {numel / 1e6:.1f}M params; k2: {len(ours)} "
-          f"tensors, torch.optim.Muon: {len(theirs)} 2-D matrices; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"family {args.family}: {nl} layers, {numel / 1e6:.1f}M params; k2: {len(ours)} "
+        f"tensors, torch.optim.Muon: {len(theirs)} 2-D matrices; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     kw = dict(lr=2e-4, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     k2 = Muon(ours, **kw)
     ref = torch.optim.Muon(theirs, **kw)
@@ -184,12 +222,18 @@ def run_family(args: argparse.Namespace) -> None:
         pairs.append((t1 - t0, t2 - t1))
     ks, ts = [a for a, _ in pairs], [b for _, b in pairs]
     ratio = statistics.median(a / b for a, b in pairs)
-    print(f"  k2_optim.Muon        median {statistics.median(ks) * 1e3:9.1f} ms/step  "
-          f"({', '.join(f'{t * 1e3:.0f}' for t in ks)})")
-    print(f"  torch.optim.Muon     median {statistics.median(ts) * 1e3:9.1f} ms/step  "
-          f"({', '.join(f'{t * 1e3:.0f}' for t in ts)})")
-    print(f"k2 / torch.optim.Muon time ratio (median of {len(pairs)} pairs): {ratio:.2f} "
-          f"(target <= 0.5)")
+    print(
+        f"  k2_optim.Muon        median {statistics.median(ks) * 1e3:9.1f} ms/step  "
+        f"({', '.join(f'{t * 1e3:.0f}' for t in ks)})"
+    )
+    print(
+        f"  torch.optim.Muon     median {statistics.median(ts) * 1e3:9.1f} ms/step  "
+        f"({', '.join(f'{t * 1e3:.0f}' for t in ts)})"
+    )
+    print(
+        f"k2 / torch.optim.Muon time ratio (median of {len(pairs)} pairs): {ratio:.2f} "
+        f"(target <= 0.5)"
+    )
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
@@ -198,8 +242,10 @@ def run_family(args: argparse.Namespace) -> None:
         ev = prof.key_averages()
         total = sum(e.self_cpu_time_total for e in ev)
         for e in sorted(ev, key=lambda e: -e.self_cpu_time_total)[:6]:
-            print(f"  profile: {e.key:<28s} "
-                  f"{100 * e.self_cpu_time_total / total:5.1f}% of the k2 step")
+            print(
+                f"  profile: {e.key:<28s} "
+                f"{100 * e.self_cpu_time_total / total:5.1f}% of the k2 step"
+            )
 
 
 def _status(key: str) -> int:
@@ -248,8 +294,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--skip-torch-muon", action="store_true")
     ap.add_argument("--small-bucket", type=int, default=8, help="MiB")
-    ap.add_argument("--family", choices=sorted(FAMILIES), default=None,
-                    help="time Muon vs torch.optim.Muon on this MoE shape family only")
+    ap.add_argument(
+        "--family",
+        choices=sorted(FAMILIES),
+        default=None,
+        help="time Muon vs torch.optim.Muon on this MoE shape family only",
+    )
     ap.add_argument("--family-layers", type=int, default=None)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -265,22 +315,36 @@ def main() -> None:
     params = [p for lp in layers for p in lp.values()]
     grads = [torch.randn_like(p) * 1e-3 for p in params]
     n = sum(p.numel() for p in params)
-    print(f"{args.layers} layers of the small preset's MoE layer, {experts} experts: "
-          f"{n / 1e6:.1f}M params, {len(params)} tensors; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{args.layers} layers of the small preset's MoE layer, {experts} experts: "
+        f"{n / 1e6:.1f}M params, {len(params)} tensors; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     logits = torch.linspace(50.0, 150.0, HEADS)  # half the heads over tau = 100
-    targets = [QKClipTarget(max_logits=lambda: logits, q_weight=lp["q_b_proj"], k_weight=lp["kv_b_proj"],
-                            heads=HEADS, q_sqrt_rows=slice(0, NOPE), q_gamma_rows=slice(NOPE, NOPE + ROPE),
-                            k_sqrt_rows=slice(0, NOPE)) for lp in layers]
+    targets = [
+        QKClipTarget(
+            max_logits=lambda: logits,
+            q_weight=lp["q_b_proj"],
+            k_weight=lp["kv_b_proj"],
+            heads=HEADS,
+            q_sqrt_rows=slice(0, NOPE),
+            q_gamma_rows=slice(NOPE, NOPE + ROPE),
+            k_sqrt_rows=slice(0, NOPE),
+        )
+        for lp in layers
+    ]
     res = {}
     base_name = "k2_optim.MuonClip (QK-Clip on)"
     muon_bytes = sum(p.numel() * p.element_size() for p in params)
     variants = (
         ("MuonClip, whole-group step (before)", WholeGroupMuonClip, {}),
         (base_name, MuonClip, {}),
-        (f"MuonClip, bucket_bytes {args.small_bucket} MiB", MuonClip,
-         {"bucket_bytes": args.small_bucket << 20}),
+        (
+            f"MuonClip, bucket_bytes {args.small_bucket} MiB",
+            MuonClip,
+            {"bucket_bytes": args.small_bucket << 20},
+        ),
     )
     for name, cls, kw in variants:
         opt = cls(params, lr=2e-4, weight_decay=0.1, qk_clip_targets=targets, **kw)
@@ -315,14 +379,18 @@ def main() -> None:
         opt.remove_hooks()
         del opt
     peaks["torch.optim.AdamW (foreach)"] = peak_of(
-        torch.optim.AdamW(params, lr=2e-4, weight_decay=0.1, foreach=True), params, grads)
+        torch.optim.AdamW(params, lr=2e-4, weight_decay=0.1, foreach=True), params, grads
+    )
 
     base = res[base_name]
     print(f"parameter bytes {muon_bytes / 2**20:.0f} MiB")
     for name, t in res.items():
         peak = peaks.get(name)
-        mem = "" if peak is None else (f"   peak temporaries {peak / 2**20:6.0f} MiB "
-                                       f"({peak / muon_bytes:4.2f}x params)")
+        mem = (
+            ""
+            if peak is None
+            else (f"   peak temporaries {peak / 2**20:6.0f} MiB ({peak / muon_bytes:4.2f}x params)")
+        )
         print(f"  {name:<40s} {t * 1e3:10.1f} ms/step   MuonClip/this = {base / t:5.2f}{mem}")
     tm = [t for k, t in res.items() if k.startswith("torch.optim.Muon")]
     if tm:

@@ -39,13 +39,24 @@ def make_app(latency_s: float):
             req = json.loads(body)
             m = re.search(r"<passage>\n(.*?)\n</passage>", req["messages"][-1]["content"], re.S)
             sents = re.split(r"(?<=\.)\s+", m.group(1) if m else "")
-            out = {"choices": [{"index": 0, "finish_reason": "stop",
-                                "message": {"role": "assistant",
-                                            "content": " ".join(reversed(sents))}}],
-                   "usage": {"prompt_tokens": 50, "completion_tokens": 20}}
+            out = {
+                "choices": [
+                    {
+                        "index": 0,
+                        "finish_reason": "stop",
+                        "message": {"role": "assistant", "content": " ".join(reversed(sents))},
+                    }
+                ],
+                "usage": {"prompt_tokens": 50, "completion_tokens": 20},
+            }
         data = json.dumps(out).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"application/json")]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": data})
 
     return app
@@ -56,8 +67,9 @@ def serve(latency_s: float) -> tuple[str, subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, __file__, "--serve", str(port),
-                             "--latency-ms", str(latency_s * 1000)])
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", str(port), "--latency-ms", str(latency_s * 1000)]
+    )
     deadline = time.time() + 60
     while time.time() < deadline:
         try:
@@ -71,8 +83,7 @@ def serve(latency_s: float) -> tuple[str, subprocess.Popen]:
 def _serve_forever(port: int, latency_s: float) -> None:
     import uvicorn
 
-    uvicorn.run(make_app(latency_s), host="127.0.0.1", port=port, log_level="error",
-                backlog=1024)
+    uvicorn.run(make_app(latency_s), host="127.0.0.1", port=port, log_level="error", backlog=1024)
 
 
 def _cpu(pid: int | None = None) -> float:
@@ -90,15 +101,32 @@ def run_once(base_url: str, concurrency: int, n_items: int, root: str) -> tuple[
     docs = f"{root}/docs-{concurrency}.jsonl"
     with open(docs, "w") as f:
         for i in range(n_items):
-            f.write(json.dumps({"id": f"b{i}", "text": f"Station {i} lies on line {i % 7}. "
-                                f"It opened in year {1900 + i}. It has {i % 5 + 1} exits."})
-                    + "\n")
-    cfg = RephraseConfig.model_validate({
-        "source": {"uri": docs}, "n_rephrasings": 1,
-        "generator": {"options": {"base_url": base_url, "model": "bench",
-                                  "max_concurrency": concurrency}},
-        "pipeline": {"out": f"{root}/out-{concurrency}", "concurrency": concurrency,
-                     "shard_size": 64, "tracking": False, "progress": False}})
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"b{i}",
+                        "text": f"Station {i} lies on line {i % 7}. "
+                        f"It opened in year {1900 + i}. It has {i % 5 + 1} exits.",
+                    }
+                )
+                + "\n"
+            )
+    cfg = RephraseConfig.model_validate(
+        {
+            "source": {"uri": docs},
+            "n_rephrasings": 1,
+            "generator": {
+                "options": {"base_url": base_url, "model": "bench", "max_concurrency": concurrency}
+            },
+            "pipeline": {
+                "out": f"{root}/out-{concurrency}",
+                "concurrency": concurrency,
+                "shard_size": 64,
+                "tracking": False,
+                "progress": False,
+            },
+        }
+    )
     t0 = time.perf_counter()
     s = run_rephrase(cfg)
     dt = time.perf_counter() - t0
@@ -110,8 +138,12 @@ def main() -> None:
     """Measure and print the side-by-side table."""
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--latency-ms", type=float, default=50.0)
-    p.add_argument("--items-per-slot", type=int, default=20,
-                   help="items per unit of concurrency (run length ~ this x latency)")
+    p.add_argument(
+        "--items-per-slot",
+        type=int,
+        default=20,
+        help="items per unit of concurrency (run length ~ this x latency)",
+    )
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32])
     p.add_argument("--serve", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -125,18 +157,23 @@ def main() -> None:
         for c in args.concurrency:
             cpu0, srv0 = _cpu(), _cpu(server.pid)
             rate, n = run_once(base_url, c, args.items_per_slot * c, root)
-            rows.append((c, n, rate, 1000 * (_cpu() - cpu0) / n,
-                         1000 * (_cpu(server.pid) - srv0) / n))
+            rows.append(
+                (c, n, rate, 1000 * (_cpu() - cpu0) / n, 1000 * (_cpu(server.pid) - srv0) / n)
+            )
     server.terminate()
     server.wait()
     base = rows[0][2]
     ideal = 1000 / args.latency_ms
     print(f"endpoint latency {args.latency_ms:.0f} ms (ideal {ideal:.0f} records/s per slot)")
-    print(f"{'concurrency':>11} | {'records':>7} | {'records/s':>9} | {'vs c=' + str(rows[0][0]):>7}"
-          f" | {'of ideal':>8} | client CPU ms/record | server CPU ms/record")
+    print(
+        f"{'concurrency':>11} | {'records':>7} | {'records/s':>9} | {'vs c=' + str(rows[0][0]):>7}"
+        f" | {'of ideal':>8} | client CPU ms/record | server CPU ms/record"
+    )
     for c, n, rate, ccpu, scpu in rows:
-        print(f"{c:>11} | {n:>7} | {rate:>9.1f} | {rate / base:>6.1f}x | "
-              f"{100 * rate / (ideal * c):>7.0f}% | {ccpu:>20.2f} | {scpu:>20.2f}")
+        print(
+            f"{c:>11} | {n:>7} | {rate:>9.1f} | {rate / base:>6.1f}x | "
+            f"{100 * rate / (ideal * c):>7.0f}% | {ccpu:>20.2f} | {scpu:>20.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,8 +37,11 @@ def run_preset(name: str, layers: int, batch: int, seq: int | None) -> list[tupl
     dense = cfg.model.first_k_dense_replace
     # the first dense layer also owns the rotary tables every layer shares; take the last
     # dense layer and the last MoE layer as the representatives
-    picks = {"dense": dense - 1, "moe": cfg.model.num_hidden_layers - 1} if dense else {
-        "moe": cfg.model.num_hidden_layers - 1}
+    picks = (
+        {"dense": dense - 1, "moe": cfg.model.num_hidden_layers - 1}
+        if dense
+        else {"moe": cfg.model.num_hidden_layers - 1}
+    )
     rows = []
     for pname, pol in POLICY_LEVELS.items():
         apply_activation_policy(model, pol)
@@ -47,8 +50,19 @@ def run_preset(name: str, layers: int, batch: int, seq: int | None) -> list[tupl
         dt = time.perf_counter() - t0
         for kind, layer in picks.items():
             pred = layer_activation_bytes(cfg.model, cfg.moe, layer, batch * seq, pol)
-            rows.append((name, layer, kind, pname, got[layer].device, pred.device,
-                         got[layer].host, pred.host, dt))
+            rows.append(
+                (
+                    name,
+                    layer,
+                    kind,
+                    pname,
+                    got[layer].device,
+                    pred.device,
+                    got[layer].host,
+                    pred.host,
+                    dt,
+                )
+            )
     return rows
 
 
@@ -61,18 +75,23 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default: the preset's)")
     args = ap.parse_args()
     torch.set_num_threads(2)
-    print(f"{'preset':6s} {'layer':>5s} {'kind':5s} {'policy':22s} {'measured MB':>12s} "
-          f"{'planner MB':>11s} {'diff':>7s} {'host meas':>10s} {'host plan':>10s} {'diff':>7s}")
+    print(
+        f"{'preset':6s} {'layer':>5s} {'kind':5s} {'policy':22s} {'measured MB':>12s} "
+        f"{'planner MB':>11s} {'diff':>7s} {'host meas':>10s} {'host plan':>10s} {'diff':>7s}"
+    )
     worst = 0.0
     for name in args.presets:
-        for (preset, layer, kind, pol, dev, pdev, host, phost, _dt) in run_preset(
-                name, args.layers, args.batch, args.seq):
+        for preset, layer, kind, pol, dev, pdev, host, phost, _dt in run_preset(
+            name, args.layers, args.batch, args.seq
+        ):
             d1 = pdev / dev - 1 if dev else 0.0
             d2 = phost / host - 1 if host else (0.0 if not phost else 1.0)
             worst = max(worst, abs(d1), abs(d2))
-            print(f"{preset:6s} {layer:5d} {kind:5s} {pol:22s} {dev / 1e6:12.3f} "
-                  f"{pdev / 1e6:11.3f} {100 * d1:+6.2f}% {host / 1e6:10.3f} {phost / 1e6:10.3f} "
-                  f"{100 * d2:+6.2f}%")
+            print(
+                f"{preset:6s} {layer:5d} {kind:5s} {pol:22s} {dev / 1e6:12.3f} "
+                f"{pdev / 1e6:11.3f} {100 * d1:+6.2f}% {host / 1e6:10.3f} {phost / 1e6:10.3f} "
+                f"{100 * d2:+6.2f}%"
+            )
     print(f"largest deviation: {100 * worst:.2f}% (target: within 10%)")
 
 

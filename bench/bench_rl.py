@@ -53,22 +53,40 @@ def bench_iterations(iters: int, root: Path, engine: str = "colocated") -> dict[
     from k2_rl.rl_stage import RLTrainer
 
     init, _ = tiny_checkpoint(root)
-    cfg = load_config(config_path("rl-math"), [
-        f"plugins.rl.init={init}", f"checkpoint.dir={root / 'rl'}", f"train.steps={iters}",
-        "train.eval_every=0", f"checkpoint.every={iters}", "tracking.tracker=null",
-        "data.options.builtin_n=50", "plugins.rl.partial_rollout=false",
-        f"plugins.rl.engine={engine}"])
+    cfg = load_config(
+        config_path("rl-math"),
+        [
+            f"plugins.rl.init={init}",
+            f"checkpoint.dir={root / 'rl'}",
+            f"train.steps={iters}",
+            "train.eval_every=0",
+            f"checkpoint.every={iters}",
+            "tracking.tracker=null",
+            "data.options.builtin_n=50",
+            "plugins.rl.partial_rollout=false",
+            f"plugins.rl.engine={engine}",
+        ],
+    )
     trainer = RLTrainer(cfg)
     rows = []
     try:
         while trainer.run.step < iters:
             rows.append(trainer.iteration())
-            rows[-1]["sync/ms_per_mb"] = (trainer.sync.last_seconds * 1e3
-                                          / (trainer.sync.last_bytes / 2**20))
+            rows[-1]["sync/ms_per_mb"] = (
+                trainer.sync.last_seconds * 1e3 / (trainer.sync.last_bytes / 2**20)
+            )
     finally:
         trainer.close()
-    keys = ["time/rollout_s", "time/reward_s", "time/train_s", "time/sync_s", "sync/ms_per_mb",
-            "rollout/tokens_per_s", "train/tokens_per_s", "rl/response_tokens"]
+    keys = [
+        "time/rollout_s",
+        "time/reward_s",
+        "time/train_s",
+        "time/sync_s",
+        "sync/ms_per_mb",
+        "rollout/tokens_per_s",
+        "train/tokens_per_s",
+        "rl/response_tokens",
+    ]
     return {k: statistics.median(r[k] for r in rows) for k in keys}
 
 
@@ -129,9 +147,12 @@ def bench_sync(reps: int = 5) -> dict[str, float]:
     dist_s, nbytes, buckets = q.get(timeout=600)
     for p in procs:
         p.join()
-    return {"model_mb": mb, "inprocess_ms_per_mb": statistics.median(times) * 1e3 / mb,
-            "distributed_ms_per_mb": dist_s * 1e3 / (nbytes / 2**20),
-            "distributed_buckets": buckets}
+    return {
+        "model_mb": mb,
+        "inprocess_ms_per_mb": statistics.median(times) * 1e3 / mb,
+        "distributed_ms_per_mb": dist_s * 1e3 / (nbytes / 2**20),
+        "distributed_buckets": buckets,
+    }
 
 
 def main() -> None:
@@ -140,8 +161,12 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", choices=["iteration", "sync"], default=None, help="run one part")
-    ap.add_argument("--engine", choices=["colocated", "process", "both"], default="both",
-                    help="engine mode(s) of the iteration part")
+    ap.add_argument(
+        "--engine",
+        choices=["colocated", "process", "both"],
+        default="both",
+        help="engine mode(s) of the iteration part",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -157,9 +182,11 @@ def main() -> None:
         print(json.dumps(out, indent=2))
         return
     if sync:
-        print(f"weight sync of {sync['model_mb']:.1f} MB: in-process "
-              f"{sync['inprocess_ms_per_mb']:.2f} ms/MB, torch.distributed (gloo, "
-              f"{sync['distributed_buckets']} buckets) {sync['distributed_ms_per_mb']:.2f} ms/MB")
+        print(
+            f"weight sync of {sync['model_mb']:.1f} MB: in-process "
+            f"{sync['inprocess_ms_per_mb']:.2f} ms/MB, torch.distributed (gloo, "
+            f"{sync['distributed_buckets']} buckets) {sync['distributed_ms_per_mb']:.2f} ms/MB"
+        )
     if not its:
         return
     phases = ("time/rollout_s", "time/reward_s", "time/train_s", "time/sync_s")
@@ -174,10 +201,12 @@ def main() -> None:
         label = k.split("/")[1][:-2] if k else "total"
         print(f"  {label:<8}" + "".join(f"{c:>22}" for c in cells))
     for mode, it in its.items():
-        print(f"  {mode}: weight sync {it['sync/ms_per_mb']:.2f} ms/MB, rollout "
-              f"{it['rollout/tokens_per_s']:,.0f} tokens/s (KV cache), training "
-              f"{it['train/tokens_per_s']:,.0f} tokens/s, mean response "
-              f"{it['rl/response_tokens']:.0f} tokens")
+        print(
+            f"  {mode}: weight sync {it['sync/ms_per_mb']:.2f} ms/MB, rollout "
+            f"{it['rollout/tokens_per_s']:,.0f} tokens/s (KV cache), training "
+            f"{it['train/tokens_per_s']:,.0f} tokens/s, mean response "
+            f"{it['rl/response_tokens']:.0f} tokens"
+        )
 
 
 if __name__ == "__main__":

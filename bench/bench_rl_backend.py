@@ -38,12 +38,24 @@ def _cfg(init: str, run_dir: str, iters: int, extra: list[str]):
     from k2_core.configio import load_config
     from k2_rl.builtin_configs import config_path
 
-    return load_config(config_path("rl-math"), [
-        f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", f"train.steps={iters}",
-        "train.eval_every=0", f"checkpoint.every={iters}", "tracking.tracker=null",
-        "data.options.builtin_n=50", "plugins.rl.partial_rollout=false", "plugins.rl.k=4",
-        "plugins.rl.prompts_per_iter=8", "plugins.rl.default_budget=48",
-        "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 48}]", *extra])
+    return load_config(
+        config_path("rl-math"),
+        [
+            f"plugins.rl.init={init}",
+            f"checkpoint.dir={run_dir}",
+            f"train.steps={iters}",
+            "train.eval_every=0",
+            f"checkpoint.every={iters}",
+            "tracking.tracker=null",
+            "data.options.builtin_n=50",
+            "plugins.rl.partial_rollout=false",
+            "plugins.rl.k=4",
+            "plugins.rl.prompts_per_iter=8",
+            "plugins.rl.default_budget=48",
+            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 48}]",
+            *extra,
+        ],
+    )
 
 
 def _summary(history: list[dict[str, float]]) -> dict[str, float]:
@@ -69,15 +81,24 @@ def one_process(init: str, root: str, iters: int, threads: int = 2) -> dict[str,
 def _worker(rank: int, port: int, init: str, root: str, iters: int, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     from k2_rl.rl_stage import RLTrainer
 
     try:
-        trainer = RLTrainer(_cfg(init, f"{root}/dp2", iters, ["parallel.backend=h800",
-                                                           "parallel.options.dtype=fp32"]))
+        trainer = RLTrainer(
+            _cfg(
+                init, f"{root}/dp2", iters, ["parallel.backend=h800", "parallel.options.dtype=fp32"]
+            )
+        )
         trainer.train()
         if rank == 0:
             Path(out).write_text(json.dumps(_summary(trainer.history)))

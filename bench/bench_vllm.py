@@ -75,14 +75,18 @@ def main() -> None:
     py, reason = vllm_python()
     if py is None:
         sys.exit(f"bench_vllm: {reason}")
-    out: dict[str, object] = {"samples": args.samples, "tokens_per_sample": args.tokens,
-                              "threads": args.threads}
+    out: dict[str, object] = {
+        "samples": args.samples,
+        "tokens_per_sample": args.tokens,
+        "threads": args.threads,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         tok = tiny_tokenizer(vocab=512)
         mcfg, moe = k2_shaped_configs(tok.vocab_size)
-        mcfg = mcfg.model_copy(update={"hidden_size": args.hidden,
-                                       "intermediate_size": 2 * args.hidden})
+        mcfg = mcfg.model_copy(
+            update={"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden}
+        )
         torch.manual_seed(0)
         model = build_model((mcfg, moe)).eval()
         out["parameters"] = sum(p.numel() for p in model.parameters())
@@ -92,16 +96,24 @@ def main() -> None:
         export_hf(ckpt, export)
 
         g = torch.Generator().manual_seed(1)
-        prompts = [torch.randint(3, tok.vocab_size, (int(n),), generator=g).tolist()
-                   for n in torch.randint(4, 24, (args.samples,), generator=g)]
+        prompts = [
+            torch.randint(3, tok.vocab_size, (int(n),), generator=g).tolist()
+            for n in torch.randint(4, 24, (args.samples,), generator=g)
+        ]
         params = SamplingParams(temperature=0.0, max_new_tokens=args.tokens, ignore_eos=True)
 
         def measure(base: str, model_name: str | None, key_env: str | None) -> tuple[dict, list]:
             rates, outs = {}, []
             for c in args.concurrency:
-                engine = OpenAIEngine(OpenAIEngineOptions(
-                    base_url=f"{base}/v1", model=model_name, api_key_env=key_env,
-                    concurrency=c, timeout_s=600))
+                engine = OpenAIEngine(
+                    OpenAIEngineOptions(
+                        base_url=f"{base}/v1",
+                        model=model_name,
+                        api_key_env=key_env,
+                        concurrency=c,
+                        timeout_s=600,
+                    )
+                )
                 try:
                     engine.generate(prompts[:2], SamplingParams(temperature=0.0, max_new_tokens=2))
                     rates[str(c)], outs = _rate(lambda e=engine: e.generate(prompts, params))
@@ -111,8 +123,13 @@ def main() -> None:
 
         # k2 serve on the checkpoint
         t0 = time.perf_counter()
-        proc, base = start_server(ckpt, "--max-batch-size", "64", timeout_s=600,
-                                  env={"OMP_NUM_THREADS": str(args.threads)})
+        proc, base = start_server(
+            ckpt,
+            "--max-batch-size",
+            "64",
+            timeout_s=600,
+            env={"OMP_NUM_THREADS": str(args.threads)},
+        )
         out["k2_serve_start_s"] = time.perf_counter() - t0
         try:
             k2_rates, k2_outs = measure(base, None, None)
@@ -138,23 +155,34 @@ def main() -> None:
         mine_k = trainer_logprobs(model, k.prompt_ids, k.token_ids)
         gap_k = max(gap_k, max(abs(a - b) for a, b in zip(k.logprobs, mine_k, strict=True)))
         if v.token_ids == k.token_ids:
-            gap_vk = max(gap_vk, max(abs(a - b) for a, b in zip(v.logprobs, k.logprobs,
-                                                                strict=True)))
-    out.update(k2_serve_tokens_per_s=k2_rates, vllm_tokens_per_s=v_rates,
-               samples_same_tokens=same, max_logprob_diff_vllm_vs_trainer=gap_v,
-               max_logprob_diff_k2_serve_vs_trainer=gap_k, max_logprob_diff_vllm_vs_k2=gap_vk)
+            gap_vk = max(
+                gap_vk, max(abs(a - b) for a, b in zip(v.logprobs, k.logprobs, strict=True))
+            )
+    out.update(
+        k2_serve_tokens_per_s=k2_rates,
+        vllm_tokens_per_s=v_rates,
+        samples_same_tokens=same,
+        max_logprob_diff_vllm_vs_trainer=gap_v,
+        max_logprob_diff_k2_serve_vs_trainer=gap_k,
+        max_logprob_diff_vllm_vs_k2=gap_vk,
+    )
     if args.json:
         print(json.dumps(out, indent=1))
         return
-    print(f"{args.samples} greedy samples x {args.tokens} tokens, {args.threads} thread(s) per "
-          f"server, K2-shaped MLA model of {out['parameters']:,} parameters (float32, CPU)")
+    print(
+        f"{args.samples} greedy samples x {args.tokens} tokens, {args.threads} thread(s) per "
+        f"server, K2-shaped MLA model of {out['parameters']:,} parameters (float32, CPU)"
+    )
     print(f"  {'concurrency':>11}  {'k2 serve':>10}  {'vLLM':>10}  {'vLLM / k2':>9}  (tokens/s)")
     for c in v_rates:
-        print(f"  {c:>11}  {k2_rates[c]:10.0f}  {v_rates[c]:10.0f}  "
-              f"{v_rates[c] / k2_rates[c]:9.2f}")
+        print(
+            f"  {c:>11}  {k2_rates[c]:10.0f}  {v_rates[c]:10.0f}  {v_rates[c] / k2_rates[c]:9.2f}"
+        )
     print(f"  greedy tokens equal: {same}/{args.samples} samples")
-    print(f"  max |logprob diff|: vLLM vs trainer {gap_v:.2g}, k2 serve vs trainer {gap_k:.2g}, "
-          f"vLLM vs k2 serve {gap_vk:.2g}")
+    print(
+        f"  max |logprob diff|: vLLM vs trainer {gap_v:.2g}, k2 serve vs trainer {gap_k:.2g}, "
+        f"vLLM vs k2 serve {gap_vk:.2g}"
+    )
     print(f"  start: k2 serve {out['k2_serve_start_s']:.0f} s, vLLM {out['vllm_start_s']:.0f} s")
 
 

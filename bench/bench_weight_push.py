@@ -34,11 +34,21 @@ import torch
 import torch.multiprocessing as mp
 
 MODEL = [  # ~50 M parameters: ~100 MB of BF16 (~200 MB of FP32) weights
-    "model.num_hidden_layers=4", "model.hidden_size=512", "model.intermediate_size=1024",
-    "model.num_attention_heads=4", "model.q_lora_rank=128", "model.kv_lora_rank=64",
-    "model.qk_nope_head_dim=32", "model.qk_rope_head_dim=16", "model.v_head_dim=32",
-    "moe.moe_intermediate_size=512", "moe.n_routed_experts=16", "moe.num_experts_per_tok=2",
-    "train.micro_batch_size=1", "train.eval_every=0", "tracking.tracker=null",
+    "model.num_hidden_layers=4",
+    "model.hidden_size=512",
+    "model.intermediate_size=1024",
+    "model.num_attention_heads=4",
+    "model.q_lora_rank=128",
+    "model.kv_lora_rank=64",
+    "model.qk_nope_head_dim=32",
+    "model.qk_rope_head_dim=16",
+    "model.v_head_dim=32",
+    "moe.moe_intermediate_size=512",
+    "moe.n_routed_experts=16",
+    "moe.num_experts_per_tok=2",
+    "train.micro_batch_size=1",
+    "train.eval_every=0",
+    "tracking.tracker=null",
 ]
 ENV = {"K2_LOAD_PLUGINS": "optim,moe,data,hw_h800", "OMP_NUM_THREADS": "1"}
 REPORT_S = 30.0  # K2 report: a full update of the 1T model in under 30 s
@@ -68,20 +78,45 @@ def _engine(conn, cache: str) -> None:
         conn.send(recv.version)
 
 
-def _trainer(rank: int, world: int, port: int, cache: str, engines: list, pushes: int,
-             bucket_mb: float, out: str, extra: list[str]) -> None:
+def _trainer(
+    rank: int,
+    world: int,
+    port: int,
+    cache: str,
+    engines: list,
+    pushes: int,
+    bucket_mb: float,
+    out: str,
+    extra: list[str],
+) -> None:
     import torch.distributed as dist
     from k2_core.configio import load_config
     from k2_core.orchestrator import build_run
     from k2_core.weight_push import WeightPusher
 
-    os.environ.update(ENV, K2_CACHE_DIR=cache, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        ENV,
+        K2_CACHE_DIR=cache,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     try:
-        run = build_run(load_config("tiny", [*MODEL, "parallel.backend=h800", "parallel.options.ep=2",
-                                             f"checkpoint.dir={os.path.dirname(out)}/ckpt",
-                                             *extra]))
+        run = build_run(
+            load_config(
+                "tiny",
+                [
+                    *MODEL,
+                    "parallel.backend=h800",
+                    "parallel.options.ep=2",
+                    f"checkpoint.dir={os.path.dirname(out)}/ckpt",
+                    *extra,
+                ],
+            )
+        )
         sharding = run.backend.checkpoint_sharding(run.model, run.optimizer)
         pusher = WeightPusher([tuple(a) for a in engines], bucket_mb=bucket_mb)
         pusher.push(run.model, 1, sharding=sharding)  # warm-up
@@ -93,15 +128,24 @@ def _trainer(rank: int, world: int, port: int, cache: str, engines: list, pushes
             times.append(time.perf_counter() - t0)
         with open(f"{out}.{rank}", "w") as f:
             dtype = str(next(p.dtype for p in run.model.parameters() if not p.is_meta))
-            json.dump({"times": times, "bytes": pusher.last.bytes, "dtype": dtype, "buckets": pusher.last.buckets,
-                       "per_rank": pusher.last.per_rank_bytes}, f)
+            json.dump(
+                {
+                    "times": times,
+                    "bytes": pusher.last.bytes,
+                    "dtype": dtype,
+                    "buckets": pusher.last.buckets,
+                    "per_rank": pusher.last.per_rank_bytes,
+                },
+                f,
+            )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def measure(pushes: int, bucket_mb: float, extra: list[str], engines_n: int = 2,
-            world: int = 4) -> dict:
+def measure(
+    pushes: int, bucket_mb: float, extra: list[str], engines_n: int = 2, world: int = 4
+) -> dict:
     """Push wall times and bytes of `world` trainer ranks to `engines_n` engine processes."""
     tmp = tempfile.mkdtemp(prefix="k2-bench-push-")
     cache, out = os.path.join(tmp, "cache"), os.path.join(tmp, "res")
@@ -115,8 +159,13 @@ def measure(pushes: int, bucket_mb: float, extra: list[str], engines_n: int = 2,
         procs.append(p)
     try:
         addrs = [list(c.recv()) for c in pipes]
-        mp.start_processes(_trainer, args=(world, _free_port(), cache, addrs, pushes, bucket_mb,
-                                           out, extra), nprocs=world, join=True, start_method="fork")
+        mp.start_processes(
+            _trainer,
+            args=(world, _free_port(), cache, addrs, pushes, bucket_mb, out, extra),
+            nprocs=world,
+            join=True,
+            start_method="fork",
+        )
         for c in pipes:
             c.send("version")
         versions = [c.recv() for c in pipes]
@@ -127,8 +176,14 @@ def measure(pushes: int, bucket_mb: float, extra: list[str], engines_n: int = 2,
                 p.kill()
     res = [json.load(open(f"{out}.{r}")) for r in range(world)]
     wall = [max(r["times"][i] for r in res) for i in range(pushes)]
-    return {"wall": wall, "bytes": [r["bytes"] for r in res], "buckets": [r["buckets"] for r in res],
-            "engines": engines_n, "versions": versions, "dtype": res[0]["dtype"]}
+    return {
+        "wall": wall,
+        "bytes": [r["bytes"] for r in res],
+        "buckets": [r["buckets"] for r in res],
+        "engines": engines_n,
+        "versions": versions,
+        "dtype": res[0]["dtype"],
+    }
 
 
 def k2_1t_shares() -> tuple[float, float, int]:
@@ -151,40 +206,61 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pushes", type=int, default=3)
     ap.add_argument("--bucket-mb", type=float, default=16.0)
-    ap.add_argument("--engine-gpus", type=int, default=32,
-                    help="GPUs of one engine replica of k2-1t (fan-out to every replica)")
-    ap.add_argument("--dtype", choices=["bf16", "fp32"], default=None,
-                    help="the trainers' parallel.options.dtype (default: the backend's)")
+    ap.add_argument(
+        "--engine-gpus",
+        type=int,
+        default=32,
+        help="GPUs of one engine replica of k2-1t (fan-out to every replica)",
+    )
+    ap.add_argument(
+        "--dtype",
+        choices=["bf16", "fp32"],
+        default=None,
+        help="the trainers' parallel.options.dtype (default: the backend's)",
+    )
     args = ap.parse_args()
 
-    m = measure(args.pushes, args.bucket_mb,
-                [f"parallel.options.dtype={args.dtype}"] if args.dtype else [])
+    m = measure(
+        args.pushes, args.bucket_mb, [f"parallel.options.dtype={args.dtype}"] if args.dtype else []
+    )
     model = sum(m["bytes"])
     wall = statistics.median(m["wall"])
     wire = model * m["engines"]  # every engine receives the whole model
     per_rank = max(m["bytes"]) * m["engines"] / wall  # the busiest rank's outbound rate
-    print(f"measured: {model / 1e6:.0f} MB model ({m['dtype']}), "
-          "4 trainer ranks (h800 DP2 x EP2, gloo) "
-          f"-> {m['engines']} engine processes over TCP on 127.0.0.1, {args.bucket_mb:g} MiB "
-          f"buckets, {os.cpu_count()} CPU cores")
-    print(f"  per-rank shares {[round(b / 1e6, 1) for b in m['bytes']]} MB, buckets "
-          f"{m['buckets']}, engine versions after {args.pushes + 1} pushes {m['versions']}")
+    print(
+        f"measured: {model / 1e6:.0f} MB model ({m['dtype']}), "
+        "4 trainer ranks (h800 DP2 x EP2, gloo) "
+        f"-> {m['engines']} engine processes over TCP on 127.0.0.1, {args.bucket_mb:g} MiB "
+        f"buckets, {os.cpu_count()} CPU cores"
+    )
+    print(
+        f"  per-rank shares {[round(b / 1e6, 1) for b in m['bytes']]} MB, buckets "
+        f"{m['buckets']}, engine versions after {args.pushes + 1} pushes {m['versions']}"
+    )
     print(f"  push wall time {wall:.3f} s (median of {[round(w, 3) for w in m['wall']]})")
-    print(f"  {model / wall / 1e9:.3f} GB/s of model per push, {wire / wall / 1e9:.3f} GB/s "
-          f"into the engines, {per_rank / 1e9:.3f} GB/s out of the busiest rank")
+    print(
+        f"  {model / wall / 1e9:.3f} GB/s of model per push, {wire / wall / 1e9:.3f} GB/s "
+        f"into the engines, {per_rank / 1e9:.3f} GB/s out of the busiest rank"
+    )
 
     share, mean_share, gpus = k2_1t_shares()
     nic = 400e9 / 8
     replicas = gpus // args.engine_gpus
-    print(f"k2-1t, 256 x 8 H800, PP16 x EP16 x DP8: a GPU pushes {share / 1e9:.2f} GB of BF16 "
-          f"weights (largest; mean {mean_share / 1e9:.2f} GB), {gpus} GPUs at once")
+    print(
+        f"k2-1t, 256 x 8 H800, PP16 x EP16 x DP8: a GPU pushes {share / 1e9:.2f} GB of BF16 "
+        f"weights (largest; mean {mean_share / 1e9:.2f} GB), {gpus} GPUs at once"
+    )
     print(f"{'fan-out':<44}{'rate per GPU':>16}{'full update':>14}{'report':>10}{'ratio':>8}")
-    for fan, label in ((1, "one engine copy (engines relay)"),
-                       (replicas, f"{replicas} replicas of {args.engine_gpus} GPUs, fed directly")):
+    for fan, label in (
+        (1, "one engine copy (engines relay)"),
+        (replicas, f"{replicas} replicas of {args.engine_gpus} GPUs, fed directly"),
+    ):
         for rate, rname in ((per_rank, "measured/rank"), (nic, "400 Gbps NIC")):
             t = share * fan / rate
-            print(f"{label:<44}{rate / 1e9:>9.2f} GB/s{'':>1}{t:>12.1f} s{'< 30 s':>10}"
-                  f"{t / REPORT_S:>7.2f}x  ({rname})")
+            print(
+                f"{label:<44}{rate / 1e9:>9.2f} GB/s{'':>1}{t:>12.1f} s{'< 30 s':>10}"
+                f"{t / REPORT_S:>7.2f}x  ({rname})"
+            )
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ def _model(layers: int):
     from k2_core.model import build_model
 
     torch.manual_seed(0)
-    cfg = load_config("tiny", [f"model.num_hidden_layers={layers}", "tracking.tracker=null"],
-                      check=set())
+    cfg = load_config(
+        "tiny", [f"model.num_hidden_layers={layers}", "tracking.tracker=null"], check=set()
+    )
     return build_model(cfg).train(), cfg
 
 
@@ -78,7 +79,7 @@ def _timed_steps(args, model, batch, step, zero_grad) -> tuple[list[float], list
         t2 = time.perf_counter()
         fb.append(t1 - t0)
         st.append(t2 - t1)
-    return fb[args.warmup:], st[args.warmup:]
+    return fb[args.warmup :], st[args.warmup :]
 
 
 def _time_k2(args, rank: int) -> tuple[tuple[list[float], list[float]], list[int]]:
@@ -87,8 +88,9 @@ def _time_k2(args, rank: int) -> tuple[tuple[list[float], list[float]], list[int
 
     model, cfg = _model(args.layers)
     opt = DistributedMuonClip(_groups(model), LR, WD, model=model, qk_clip_tau=100.0)
-    times = _timed_steps(args, model, _batch(rank, args.seq, cfg.model.vocab_size), opt.step,
-                         opt.zero_grad)
+    times = _timed_steps(
+        args, model, _batch(rank, args.seq, cfg.model.vocab_size), opt.step, opt.zero_grad
+    )
     # the balanced row ownership: optimizer-state bytes held by every rank
     held: list = [None] * dist.get_world_size()
     dist.all_gather_object(held, opt.state_bytes())
@@ -117,8 +119,9 @@ def _time_k2_deepspeed(args, rank: int) -> tuple[list[float], list[float]]:
         _average_grads(model)
         opt.step()
 
-    return _timed_steps(args, model, _batch(rank, args.seq, cfg.model.vocab_size), step,
-                        opt.zero_grad)
+    return _timed_steps(
+        args, model, _batch(rank, args.seq, cfg.model.vocab_size), step, opt.zero_grad
+    )
 
 
 def _time_deepspeed(args, rank: int) -> tuple[list[float], list[float]]:
@@ -130,11 +133,14 @@ def _time_deepspeed(args, rank: int) -> tuple[list[float], list[float]]:
         for p in g["params"]:
             p.use_muon = bool(g["use_muon"])
     config = {
-        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 1},
         "optimizer": {"type": "Muon", "params": {"lr": LR, "momentum": 0.95, "weight_decay": WD}},
     }
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=config
+    )
     batch = _batch(rank, args.seq, cfg.model.vocab_size)
     fb, st = [], []
     for _ in range(args.warmup + args.reps):
@@ -147,12 +153,18 @@ def _time_deepspeed(args, rank: int) -> tuple[list[float], list[float]]:
         t2 = time.perf_counter()
         fb.append(t1 - t0)
         st.append(t2 - t1)
-    return fb[args.warmup:], st[args.warmup:]
+    return fb[args.warmup :], st[args.warmup :]
 
 
 def _worker(rank: int, world: int, port: int, args, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     torch.set_num_threads(max(1, args.threads))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
@@ -177,9 +189,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--skip-deepspeed", action="store_true")
-    ap.add_argument("--no-compile", action="store_true",
-                    help="TORCHDYNAMO_DISABLE=1: DeepSpeed's Muon runs eager (its torch.compile "
-                    "of Newton-Schulz takes many minutes on a small CPU); k2 never compiles")
+    ap.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="TORCHDYNAMO_DISABLE=1: DeepSpeed's Muon runs eager (its torch.compile "
+        "of Newton-Schulz takes many minutes on a small CPU); k2 never compiles",
+    )
     args = ap.parse_args()
     if args.no_compile:
         os.environ["TORCHDYNAMO_DISABLE"] = "1"
@@ -191,19 +206,25 @@ def main() -> None:
     os.remove(out)
     res, held = got["times"], got["k2_state_bytes"]
     med = {k: (statistics.median(fb), statistics.median(st)) for k, (fb, st) in res.items()}
-    print(f"tiny preset, {args.layers} layers, 2 gloo ranks x 1 x {args.seq} tokens, "
-          f"{args.threads} thread(s) per rank; median of {args.reps}")
+    print(
+        f"tiny preset, {args.layers} layers, 2 gloo ranks x 1 x {args.seq} tokens, "
+        f"{args.threads} thread(s) per rank; median of {args.reps}"
+    )
     print(f"{'engine':<10} {'fwd+bwd ms':>11} {'step ms':>9} {'total ms':>9}")
     for k, (fb, st) in med.items():
         print(f"{k:<10} {fb * 1e3:>11.1f} {st * 1e3:>9.1f} {(fb + st) * 1e3:>9.1f}")
     mean = sum(held) / len(held)
-    print(f"k2 optimizer state per rank: {', '.join(f'{b / 2**20:.1f}' for b in held)} MiB "
-          f"(max/mean {max(held) / mean:.3f})")
+    print(
+        f"k2 optimizer state per rank: {', '.join(f'{b / 2**20:.1f}' for b in held)} MiB "
+        f"(max/mean {max(held) / mean:.3f})"
+    )
     if "deepspeed" in med:
         ds = med["deepspeed"]
         for k in ("k2", "k2-ds"):
-            print(f"{k} / deepspeed (fwd+bwd+step): {sum(med[k]) / sum(ds):.2f}x; "
-                  f"step only: {med[k][1] / ds[1]:.2f}x")
+            print(
+                f"{k} / deepspeed (fwd+bwd+step): {sum(med[k]) / sum(ds):.2f}x; "
+                f"step only: {med[k][1] / ds[1]:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -56,11 +56,21 @@ def main() -> None:
     bad = 0
     for neox in (False, True):  # DeepSeek uses neox=False (interleaved)
         with set_current_vllm_config(VllmConfig()):
-            rope = get_rope(ROPE, max_position=4096, is_neox_style=neox,
-                            rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-                            dtype=torch.float32)
-        for layout, heads, key_heads in [("2d", 4, 4), ("2d", 4, 1), ("3d", 1, 1),
-                                         ("3d", 4, 4), ("3d", 4, 1), ("mla", 16, 1)]:
+            rope = get_rope(
+                ROPE,
+                max_position=4096,
+                is_neox_style=neox,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+                dtype=torch.float32,
+            )
+        for layout, heads, key_heads in [
+            ("2d", 4, 4),
+            ("2d", 4, 1),
+            ("3d", 1, 1),
+            ("3d", 4, 4),
+            ("3d", 4, 1),
+            ("mla", 16, 1),
+        ]:
             dq, dk = case(rope, heads, key_heads, layout)
             flag = "  <-- WRONG" if max(dq, dk) > 1e-4 else ""
             bad += bool(flag)

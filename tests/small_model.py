@@ -9,9 +9,15 @@ from __future__ import annotations
 
 # hidden 64, 2 heads of qk 16+8 and v 16, latents 32 (q) / 16 (kv), FFN 128, experts 32 wide
 WIDTHS = [
-    "model.hidden_size=64", "model.intermediate_size=128", "model.num_attention_heads=2",
-    "model.q_lora_rank=32", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16",
-    "model.qk_rope_head_dim=8", "model.v_head_dim=16", "moe.moe_intermediate_size=32",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_attention_heads=2",
+    "model.q_lora_rank=32",
+    "model.kv_lora_rank=16",
+    "model.qk_nope_head_dim=16",
+    "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16",
+    "moe.moe_intermediate_size=32",
 ]
 
 

@@ -51,8 +51,11 @@ def test_uncommitted_checkpoint_is_refused(tmp_path):
 def test_corruption_is_detected(tmp_path):
     uri = str(tmp_path / "ck")
     save_tensors(uri, {"model": {"a": torch.arange(64, dtype=torch.float32)}})
-    chunk = next(p for p in (tmp_path / "ck" / "model" / "a").rglob("*") if p.is_file()
-                 and p.name != "zarr.json")
+    chunk = next(
+        p
+        for p in (tmp_path / "ck" / "model" / "a").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
     raw = bytearray(chunk.read_bytes())
     raw[10] ^= 0xFF
     chunk.write_bytes(bytes(raw))
@@ -86,10 +89,15 @@ def test_save_and_load_model(tmp_path):
 def test_truncated_chunk_names_the_array(tmp_path):
     uri = str(tmp_path / "ck")
     save_tensors(uri, {"model": {"w": torch.arange(64, dtype=torch.float32)}})
-    chunk = next(p for p in (tmp_path / "ck" / "model" / "w").rglob("*") if p.is_file()
-                 and p.name != "zarr.json")
+    chunk = next(
+        p
+        for p in (tmp_path / "ck" / "model" / "w").rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    )
     chunk.write_bytes(chunk.read_bytes()[:37])
-    with pytest.raises(CheckpointError, match=r"tensor model/w (cannot be read|fails its checksum)"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor model/w (cannot be read|fails its checksum)"
+    ):
         load_tensors(uri)
 
 
@@ -101,8 +109,13 @@ def test_zarr_reads_the_chunks_k2_writes(tmp_path, monkeypatch):
     import zarr
 
     monkeypatch.setattr(ck, "CHUNK_ELEMENTS", 64)  # several chunks, the last one partial
-    ts = {"rows": torch.randn(37, 5), "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 4),
-          "half": torch.randn(9, 3).bfloat16(), "cube": torch.randn(7, 2, 3)}
+    ts = {
+        "rows": torch.randn(37, 5),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "half": torch.randn(9, 3).bfloat16(),
+        "cube": torch.randn(7, 2, 3),
+    }
     uri = str(tmp_path / "ck")
     save_tensors(uri, {"model": ts})
     root = zarr.open_group(uri, mode="r")
@@ -123,5 +136,7 @@ def test_missing_chunk_names_the_array(tmp_path, monkeypatch):
     uri = str(tmp_path / "ck")
     save_tensors(uri, {"model": {"w": torch.randn(40, 4)}})
     (tmp_path / "ck" / "model" / "w" / "c" / "1" / "0").unlink()
-    with pytest.raises(CheckpointError, match=r"tensor model/w cannot be read \(chunk c/1/0 missing"):
+    with pytest.raises(
+        CheckpointError, match=r"tensor model/w cannot be read \(chunk c/1/0 missing"
+    ):
         load_tensors(uri)

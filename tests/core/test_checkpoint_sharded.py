@@ -103,8 +103,13 @@ def _layout(state: dict[str, torch.Tensor], world: int) -> dict[int, list[tuple[
     return plan
 
 
-def _save(uri: str, state: dict[str, torch.Tensor], world: int = WORLD,
-          skip_close: int | None = None, writer=ShardWriter) -> list:
+def _save(
+    uri: str,
+    state: dict[str, torch.Tensor],
+    world: int = WORLD,
+    skip_close: int | None = None,
+    writer=ShardWriter,
+) -> list:
     """Every simulated rank writes its rows; returns the writers (closed unless skipped)."""
     writers = []
     for rank, items in _layout(state, world).items():
@@ -158,7 +163,8 @@ def test_four_ranks_write_a_plain_zarr_store(tmp_path):
     stored = sum(p.stat().st_size for p in _chunk_files(tmp_path / "ck"))
     assert sum(per_rank) == stored
     assert json.loads((tmp_path / "ck" / COMMIT).read_text())["ranks"] == {
-        str(r): b for r, b in enumerate(per_rank)}
+        str(r): b for r, b in enumerate(per_rank)
+    }
     assert not (tmp_path / "ck" / ck.RANKS_DIR).exists()
     share = stored / WORLD
     assert max(per_rank) <= 1.1 * share + MB, (per_rank, share)
@@ -202,10 +208,12 @@ def test_each_rank_reads_only_its_rows(tmp_path):
 
     same = read_as(WORLD)
     assert max(same) <= 1.1, same
+
     # another layout: 3 ranks whose optimizer rows ignore the chunk grid
     def uneven(shape, world):
         edges = np.linspace(0, shape[0], world + 1).astype(int)
         return list(zip(edges[:-1], edges[1:], strict=True))
+
     other = read_as(3, uneven)
     assert max(other) <= 2.0, other
     assert max(read_as(3)) <= 1.1  # 3 ranks on the chunk grid read only what they hold
@@ -281,16 +289,21 @@ def test_corrupt_or_truncated_chunks_are_one_line_errors(tmp_path):
     assert torch.equal(read_rows(uri, "model", "embed", 0, 192), state["model/embed"][:192])
     with pytest.raises(CheckpointError) as e:
         read_rows(uri, "model", "embed", 150, 250)
-    assert str(e.value) == (f"checkpoint error: {uri}: tensor model/embed fails its checksum "
-                            f"(chunk c/3/0, corrupt file)")
+    assert str(e.value) == (
+        f"checkpoint error: {uri}: tensor model/embed fails its checksum "
+        f"(chunk c/3/0, corrupt file)"
+    )
     chunk.write_bytes(bytes(raw[:1000]))
-    with pytest.raises(CheckpointError, match=r"tensor model/embed cannot be read \(chunk c/3/0 "
-                                              r"truncated\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor model/embed cannot be read \(chunk c/3/0 "
+        r"truncated\)",
+    ):
         load_tensors(uri)
 
 
 def _keys(fs, root: str) -> list[str]:
-    return sorted(p[len(root):].lstrip("/") for p in fs.find(root))
+    return sorted(p[len(root) :].lstrip("/") for p in fs.find(root))
 
 
 def test_an_fsspec_store_gets_the_same_layout(tmp_path):
@@ -311,7 +324,9 @@ def test_an_fsspec_store_gets_the_same_layout(tmp_path):
         back, _ = load_tensors(mem)
         assert torch.equal(back["optim"]["2.exp_avg"], state["optim/2.exp_avg"])
         reader = CheckpointReader(mem)
-        assert torch.equal(reader.read_rows("model", "experts.w", 4, 8), state["model/experts.w"][4:8])
+        assert torch.equal(
+            reader.read_rows("model", "experts.w", 4, 8), state["model/experts.w"][4:8]
+        )
         assert reader.bytes_read == 4 * 128 * 256 * 4
     finally:
         fsspec.filesystem("memory").rm(mem.removeprefix("memory://").split("/")[0], recursive=True)
@@ -320,10 +335,15 @@ def test_an_fsspec_store_gets_the_same_layout(tmp_path):
 def test_version_1_stores_still_load(tmp_path):
     """tests/core/data holds stores the version 1 writer made (see the fixture script below)."""
     g = torch.Generator().manual_seed(0)
-    want = {"w32": torch.randn(37, 5, generator=g), "w16": torch.randn(9, 3, generator=g).bfloat16(),
-            "f8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn), "ids": torch.arange(10),
-            "scalar": torch.tensor(3.5), "empty": torch.zeros(0, 4),
-            "cube": torch.randn(7, 2, 3, generator=g)}
+    want = {
+        "w32": torch.randn(37, 5, generator=g),
+        "w16": torch.randn(9, 3, generator=g).bfloat16(),
+        "f8": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+        "ids": torch.arange(10),
+        "scalar": torch.tensor(3.5),
+        "empty": torch.zeros(0, 4),
+        "cube": torch.randn(7, 2, 3, generator=g),
+    }
     uri = str(DATA / "v1_tensors")
     groups, attrs = load_tensors(uri)
     assert attrs["format_version"] == 1 and attrs["step"] == 4
@@ -359,20 +379,37 @@ def test_counting_writer_adds_up_without_touching_data(tmp_path):
     assert sum(s for a in summary["arrays"].values() for _, s in a["chunks"].values()) == real[1]
 
 
-@pytest.mark.parametrize("file,text,why", [
-    (COMMIT, "{not json", r"k2_commit.json: not valid JSON \(Expecting property name"),
-    (COMMIT, '{"format": "k2-checkpoint"}', r"k2_commit.json: not a k2 commit marker"),
-    (COMMIT, '{"format_version": 2, "tensors": {"model/w": {"shape": "3", "dtype": "float32"}}}',
-     r"k2_commit.json: tensor model/w: 'shape' must be a list"),
-    (COMMIT, '{"format_version": 2, "tensors": {"model/w": {"shape": [3], "dtype": "floaty"}}}',
-     r"k2_commit.json: tensor model/w: 'dtype' is not a torch dtype"),
-    (COMMIT, '{"format_version": 2, "tensors": {"model/w": {"shape": [3], "dtype": "float32", '
-     '"chunk_rows": 3, "crc32": 5}}}', r"tensor model/w: 'crc32' must list 1 checksums"),
-    (COMMIT, '{"format_version": 9, "tensors": {}}', r"format version 9 is not one this k2 reads"),
-    (COMMIT, '[]', r"not a k2 commit marker"),
-    ("zarr.json", "\x00\x01garbage", r"ck/zarr.json: not valid JSON"),
-    ("zarr.json", '{"attributes": [1]}', r"ck/zarr.json: not a zarr group"),
-])
+@pytest.mark.parametrize(
+    "file,text,why",
+    [
+        (COMMIT, "{not json", r"k2_commit.json: not valid JSON \(Expecting property name"),
+        (COMMIT, '{"format": "k2-checkpoint"}', r"k2_commit.json: not a k2 commit marker"),
+        (
+            COMMIT,
+            '{"format_version": 2, "tensors": {"model/w": {"shape": "3", "dtype": "float32"}}}',
+            r"k2_commit.json: tensor model/w: 'shape' must be a list",
+        ),
+        (
+            COMMIT,
+            '{"format_version": 2, "tensors": {"model/w": {"shape": [3], "dtype": "floaty"}}}',
+            r"k2_commit.json: tensor model/w: 'dtype' is not a torch dtype",
+        ),
+        (
+            COMMIT,
+            '{"format_version": 2, "tensors": {"model/w": {"shape": [3], "dtype": "float32", '
+            '"chunk_rows": 3, "crc32": 5}}}',
+            r"tensor model/w: 'crc32' must list 1 checksums",
+        ),
+        (
+            COMMIT,
+            '{"format_version": 9, "tensors": {}}',
+            r"format version 9 is not one this k2 reads",
+        ),
+        (COMMIT, "[]", r"not a k2 commit marker"),
+        ("zarr.json", "\x00\x01garbage", r"ck/zarr.json: not valid JSON"),
+        ("zarr.json", '{"attributes": [1]}', r"ck/zarr.json: not a zarr group"),
+    ],
+)
 def test_garbage_metadata_is_a_one_line_error(tmp_path, file, text, why):
     uri = str(tmp_path / "ck")
     ck.save_tensors(uri, {"model": {"w": torch.ones(3)}})
@@ -401,8 +438,11 @@ def test_check_checkpoint_dir(tmp_path):
     assert not (tmp_path / "new").exists()  # ... and the check leaves no trace
     check_checkpoint_dir(f"memory://k2-check-{os.getpid()}/x")
     (tmp_path / "f").write_text("x")
-    for bad, why in [(tmp_path / "f", "is a file"), (tmp_path / "f" / "sub", "is a file"),
-                     ("/proc/k2-ckpt", "kernel pseudo-filesystem")]:
+    for bad, why in [
+        (tmp_path / "f", "is a file"),
+        (tmp_path / "f" / "sub", "is a file"),
+        ("/proc/k2-ckpt", "kernel pseudo-filesystem"),
+    ]:
         with pytest.raises(CheckpointError, match=why) as e:
             check_checkpoint_dir(str(bad))
         assert "\n" not in str(e.value)
@@ -435,8 +475,12 @@ _RSS_SCRIPT = textwrap.dedent("""
 
 
 def test_a_streamed_save_adds_little_to_the_resident_set(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)], capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _RSS_SCRIPT, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     extra = [int(x) for x in proc.stdout.split()]
     assert max(extra) < 256 * MB, [x / MB for x in extra]

@@ -56,7 +56,9 @@ def test_compiled_fp32_matches_eager_and_breaks_no_graph(tmp_path):
     assert len(le) == 2 and all(_rel(x, y) < 1e-5 for x, y in zip(lc, le, strict=True)), (lc, le)
     for he, hc in zip(e, c, strict=True):
         assert _rel(hc["train/loss"], he["train/loss"]) < 1e-3, (hc, he)
-        assert all(_rel(x, y) < 1e-3 for x, y in zip(_layer_logits(hc), _layer_logits(he), strict=True))
+        assert all(
+            _rel(x, y) < 1e-3 for x, y in zip(_layer_logits(hc), _layer_logits(he), strict=True)
+        )
     assert _rel(c[-1]["eval/loss"], e[-1]["eval/loss"]) < 1e-3
     # the routed experts saw every token: the load counts of both runs are the same
     se, sc = eager.model.load_stats(), compiled.model.load_stats()
@@ -132,12 +134,24 @@ def test_expert_parallel_compiled_matches_single_process_eager(tmp_path, monkeyp
 
     monkeypatch.setenv("K2_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("K2_LOAD_PLUGINS", "optim,moe,data,hw_h800")
-    shrink = [*small_model(), "train.steps=4", "train.micro_batch_size=1", "train.log_every=1",
-              "train.eval_every=0", NO_TRACK, "checkpoint.every=100", *EXACT_NS]
+    shrink = [
+        *small_model(),
+        "train.steps=4",
+        "train.micro_batch_size=1",
+        "train.log_every=1",
+        "train.eval_every=0",
+        NO_TRACK,
+        "checkpoint.every=100",
+        *EXACT_NS,
+    ]
     want = train_losses(shrink, ["train.grad_accum=2", f"checkpoint.dir={tmp_path / 'one'}"])
-    got = distributed_losses(2, str(tmp_path / "cache"), shrink,
-                             ["parallel.options.ep=2", "train.compile=true",
-                              f"checkpoint.dir={tmp_path / 'ep'}"], str(tmp_path / "losses"))
+    got = distributed_losses(
+        2,
+        str(tmp_path / "cache"),
+        shrink,
+        ["parallel.options.ep=2", "train.compile=true", f"checkpoint.dir={tmp_path / 'ep'}"],
+        str(tmp_path / "losses"),
+    )
     assert got[0] == got[1]
     # float order differs (compiled kernels, all-reduce, expert batching); routing is tie-free
     assert all(_rel(g, w) < 1e-4 for g, w in zip(got[0], want, strict=True)), (got[0], want)

@@ -17,15 +17,27 @@ def test_presets_ship_and_validate():
 
 def test_k2_preset_is_the_published_config():
     m = load_config("k2-1t")
-    assert (m.model.num_hidden_layers, m.model.hidden_size, m.model.num_attention_heads) == (61, 7168, 64)
-    assert (m.moe.n_routed_experts, m.moe.num_experts_per_tok, m.moe.routed_scaling_factor) == (384, 8, 2.827)
+    assert (m.model.num_hidden_layers, m.model.hidden_size, m.model.num_attention_heads) == (
+        61,
+        7168,
+        64,
+    )
+    assert (m.moe.n_routed_experts, m.moe.num_experts_per_tok, m.moe.routed_scaling_factor) == (
+        384,
+        8,
+        2.827,
+    )
     assert m.model.rope_scaling.factor == 32 and m.model.rope_theta == 50000
 
 
 def test_overrides_and_types():
     cfg = load_config("tiny", ["optim.lr=3e-3", "moe.n_routed_experts=32", "train.bf16=true"])
     assert cfg.optim.lr == pytest.approx(3e-3) and cfg.moe.n_routed_experts == 32 and cfg.train.bf16
-    assert parse_value("3e-3") == 3e-3 and parse_value("null") is None and parse_value("[1,2]") == [1, 2]
+    assert (
+        parse_value("3e-3") == 3e-3
+        and parse_value("null") is None
+        and parse_value("[1,2]") == [1, 2]
+    )
     assert apply_overrides({"a": {"b": 1}}, ["a.c.d=x"]) == {"a": {"b": 1, "c": {"d": "x"}}}
 
 
@@ -48,11 +60,22 @@ def test_yaml_file_with_base(tmp_path):
     [
         ("tiny", ["optim.lr=-1"], "optim.lr: must be > 0 (got -1)"),
         ("tiny", ["optim.lr=fast"], "optim.lr: must be a number (got 'fast')"),
-        ("tiny", ["moe.num_experts_per_tok=20"],
-         "moe.num_experts_per_tok: must be <= n_routed_experts (16), got 20"),
-        ("tiny", ["model.no_such_field=3"], "model.no_such_field: unknown key; valid keys: vocab_size"),
+        (
+            "tiny",
+            ["moe.num_experts_per_tok=20"],
+            "moe.num_experts_per_tok: must be <= n_routed_experts (16), got 20",
+        ),
+        (
+            "tiny",
+            ["model.no_such_field=3"],
+            "model.no_such_field: unknown key; valid keys: vocab_size",
+        ),
         ("tiny", ["bogus.x=1"], "bogus: unknown key; valid keys: name, model"),
-        ("tiny", ["model.num_key_value_heads=3"], "model.num_key_value_heads: must divide num_attention_heads (8), got 3"),
+        (
+            "tiny",
+            ["model.num_key_value_heads=3"],
+            "model.num_key_value_heads: must divide num_attention_heads (8), got 3",
+        ),
         ("tiny", ["moe.n_group=3"], "moe.n_group: must divide n_routed_experts (16), got 3"),
         ("tiny", ["moe.router=nope"], "moe.router: no router named 'nope'; available:"),
         ("tiny", ["optim.name=sgd9"], "optim.name: no optimizer named 'sgd9'; available: adamw"),

@@ -56,8 +56,9 @@ def rec():
 
 
 def hook_names() -> list[str]:
-    return sorted(n for n, f in inspect.getmembers(hookspecs, inspect.isfunction)
-                  if n.startswith("k2_"))
+    return sorted(
+        n for n, f in inspect.getmembers(hookspecs, inspect.isfunction) if n.startswith("k2_")
+    )
 
 
 def test_k2_register(rec):
@@ -78,14 +79,27 @@ def trained(tmp_path_factory):
     from toy_run import ToyPlugin, make
 
     r = Recorder()
-    run = make(tmp_path_factory.mktemp("ok"), "train.steps=2", "checkpoint.every=1",
-               "train.eval_every=0", "tracking.tracker=null", more=[("recorder", r)])
+    run = make(
+        tmp_path_factory.mktemp("ok"),
+        "train.steps=2",
+        "checkpoint.every=1",
+        "train.eval_every=0",
+        "tracking.tracker=null",
+        more=[("recorder", r)],
+    )
     train(run)
     bad_plugin, bad = ToyPlugin(), Recorder()
     bad_plugin.poison_steps = {0, 1, 2}
-    failing = make(tmp_path_factory.mktemp("bad"), "train.steps=3", "train.max_bad_steps=2",
-                   "model.dense_ffn=nan_swiglu", "model.first_k_dense_replace=1",
-                   "tracking.tracker=null", plugin=bad_plugin, more=[("recorder", bad)])
+    failing = make(
+        tmp_path_factory.mktemp("bad"),
+        "train.steps=3",
+        "train.max_bad_steps=2",
+        "model.dense_ffn=nan_swiglu",
+        "model.first_k_dense_replace=1",
+        "tracking.tracker=null",
+        plugin=bad_plugin,
+        more=[("recorder", bad)],
+    )
     with pytest.raises(TrainingError):
         train(failing)
     return r, run, bad
@@ -118,8 +132,14 @@ def test_k2_on_checkpoint(trained):
     from k2_core.checkpoint import is_committed
 
     r, _, bad = trained
-    assert _names(r.calls) == ["k2_on_run_start", "k2_on_step_end", "k2_on_checkpoint",
-                               "k2_on_step_end", "k2_on_checkpoint", "k2_on_run_end"]
+    assert _names(r.calls) == [
+        "k2_on_run_start",
+        "k2_on_step_end",
+        "k2_on_checkpoint",
+        "k2_on_step_end",
+        "k2_on_checkpoint",
+        "k2_on_run_end",
+    ]
     ckpts = [c[1] for c in r.calls if c[0] == "k2_on_checkpoint"]
     assert [c["step"] for c in ckpts] == [1, 2]
     assert all(is_committed(c["uri"]) and c["uri"].endswith(f"step_{c['step']:08d}") for c in ckpts)
@@ -142,25 +162,34 @@ def test_k2_on_export(monkeypatch, tmp_path):
     monkeypatch.setenv("K2_LOAD_PLUGINS", "recorder")
     r = Recorder()
     pl = load_plugins(extra=[("recorder", r)])
-    results = pl.hook.k2_on_export(src="memory://ck", run_config=None, dest=str(tmp_path),
-                                   tokenizer=None)
-    assert r.calls == [("k2_on_export", {"src": "memory://ck", "dest": str(tmp_path),
-                                         "tokenizer": None})]
+    results = pl.hook.k2_on_export(
+        src="memory://ck", run_config=None, dest=str(tmp_path), tokenizer=None
+    )
+    assert r.calls == [
+        ("k2_on_export", {"src": "memory://ck", "dest": str(tmp_path), "tokenizer": None})
+    ]
     assert results == [["recorded.json"]]
     monkeypatch.setenv("K2_LOAD_PLUGINS", "data")
     pl = load_plugins()
     if "data" in [p.name for p in pl.loaded]:
         with pytest.raises(K2Error, match="no tokenizer beside the weights"):
-            pl.hook.k2_on_export(src=str(tmp_path / "ck"), run_config=None, dest=str(tmp_path),
-                                 tokenizer=None)
+            pl.hook.k2_on_export(
+                src=str(tmp_path / "ck"), run_config=None, dest=str(tmp_path), tokenizer=None
+            )
 
 
 def test_every_hook_has_a_test_and_docs():
     tests = "\n".join(p.read_text() for p in Path(__file__).parents[1].rglob("test_*.py"))
     readme = (Path(__file__).parents[2] / "packages" / "core" / "README.md").read_text()
     names = hook_names()
-    assert names == ["k2_on_checkpoint", "k2_on_export", "k2_on_run_end", "k2_on_run_start",
-                     "k2_on_step_end", "k2_register"]
+    assert names == [
+        "k2_on_checkpoint",
+        "k2_on_export",
+        "k2_on_run_end",
+        "k2_on_run_start",
+        "k2_on_step_end",
+        "k2_register",
+    ]
     for name in names:
         assert re.search(rf"def test_{name}\b", tests), f"no test named test_{name}"
         assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"

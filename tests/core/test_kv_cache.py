@@ -13,13 +13,25 @@ VOCAB = 200
 
 def _model(q_lora: int | None, interleave: bool, dense: bool = True):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                      first_k_dense_replace=3 if dense else 1, num_attention_heads=4,
-                      q_lora_rank=q_lora, kv_lora_rank=24, qk_nope_head_dim=16,
-                      qk_rope_head_dim=8, v_head_dim=12, max_position_embeddings=128,
-                      rope_theta=10000.0, rope_interleave=interleave)
-    moe = MoEConfig(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                    n_shared_experts=1)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        first_k_dense_replace=3 if dense else 1,
+        num_attention_heads=4,
+        q_lora_rank=q_lora,
+        kv_lora_rank=24,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rope_interleave=interleave,
+    )
+    moe = MoEConfig(
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1
+    )
     model = build_model((cfg, moe))
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -43,7 +55,7 @@ def test_cached_decode_matches_full_forward(q_lora, interleave):
     full = model(ids).logits
     cache = model.new_cache(3, 24)
     out = [model(ids[:, :7], cache=cache).logits]
-    out += [model(ids[:, t:t + 1], cache=cache).logits for t in range(7, 16)]
+    out += [model(ids[:, t : t + 1], cache=cache).logits for t in range(7, 16)]
     out.append(model(ids[:, 16:], cache=cache).logits)  # several new tokens at once
     torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-5, rtol=1e-5)
     assert cache.lengths.tolist() == [20, 20, 20]
@@ -69,10 +81,10 @@ def test_ragged_prefill_and_row_selection():
         if t == 3:  # row 1 finished: drop it from the batch and the cache
             rows = torch.tensor([0, 2])
             cache.select(rows)
-        steps.append(model(cont[rows, t:t + 1], cache=cache).logits[:, 0])
+        steps.append(model(cont[rows, t : t + 1], cache=cache).logits[:, 0])
     for i, p in enumerate(prompts):
         seq = torch.cat((p, cont[i]))
-        ref = model(seq[None]).logits[0, len(p):]
+        ref = model(seq[None]).logits[0, len(p) :]
         got = [s[i] for s in steps[:3]]
         if i != 1:
             got += [s[[0, 2].index(i)] for s in steps[3:]]
@@ -105,8 +117,8 @@ def test_uniform_rows_take_the_slice_path():
     assert fast.visible is None and positions.tolist() == [[6]]
     fast.write_index = None  # undo the probe (commit would)
     for t in range(6, 12):
-        a.append(model(ids[:, t:t + 1], cache=fast).logits)
-        b.append(model(ids[:, t:t + 1], cache=ragged).logits)
+        a.append(model(ids[:, t : t + 1], cache=fast).logits)
+        b.append(model(ids[:, t : t + 1], cache=ragged).logits)
     torch.testing.assert_close(torch.cat(a, 1), torch.cat(b, 1), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(torch.cat(a, 1), model(ids).logits, atol=1e-5, rtol=1e-5)
     for la, lb in zip(fast.layers, ragged.layers, strict=True):

@@ -31,8 +31,9 @@ def test_values_and_gradients_match(chunk, skip_ignored):
 @pytest.mark.parametrize("skip_ignored", [False, True])
 def test_all_ignored_is_zero_not_nan(skip_ignored):
     h = torch.randn(4, 8, requires_grad=True)
-    out = linear_cross_entropy(h, torch.randn(10, 8), torch.full((4,), -100),
-                               skip_ignored=skip_ignored)
+    out = linear_cross_entropy(
+        h, torch.randn(10, 8), torch.full((4,), -100), skip_ignored=skip_ignored
+    )
     out.backward()
     assert out.item() == 0.0 and torch.all(h.grad == 0)
 

@@ -42,14 +42,23 @@ def test_h800_counts_the_processes_of_this_host(monkeypatch, tmp_path):
     from k2_core.plugins import get_plugins
 
     monkeypatch.setenv("K2_LOAD_PLUGINS", "optim,moe,data,hw_h800")
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_port()), RANK="0",
-                     WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+    for k, v in dict(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_port()),
+        RANK="0",
+        WORLD_SIZE="1",
+        LOCAL_RANK="0",
+        LOCAL_WORLD_SIZE="1",
+    ).items():
         monkeypatch.setenv(k, v)
     try:
-        cfg = load_config("k2-1t", ["parallel.backend=h800", "parallel.options.device=cpu",
-                                     "parallel.options.dtype=bf16"])
-        backend = get_plugins().registry.build("backend", "h800", options=cfg.parallel.options,
-                                              where="parallel.options")
+        cfg = load_config(
+            "k2-1t",
+            ["parallel.backend=h800", "parallel.options.device=cpu", "parallel.options.dtype=bf16"],
+        )
+        backend = get_plugins().registry.build(
+            "backend", "h800", options=cfg.parallel.options, where="parallel.options"
+        )
         (bf16,) = backend.local_state_bytes(cfg)
         n = 1026.4e9
         # BF16 weights 2 + FP32 grads 4 + momentum 4 + master 4 bytes a parameter, about
@@ -68,4 +77,3 @@ def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-

@@ -29,12 +29,25 @@ needs_moe = pytest.mark.skipif(not HAS_MOE, reason="no `moe` ffn registered (k2-
 
 
 def _cfg(dense: bool = True, **kw) -> tuple[ModelConfig, MoEConfig]:
-    m = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-             first_k_dense_replace=3 if dense else 1, num_attention_heads=4, q_lora_rank=32,
-             kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-             max_position_embeddings=256, rope_theta=10000.0)
+    m = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        first_k_dense_replace=3 if dense else 1,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=256,
+        rope_theta=10000.0,
+    )
     m.update({k: v for k, v in kw.items() if k in ModelConfig.model_fields})
-    e = dict(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1)
+    e = dict(
+        moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1
+    )
     e.update({k: v for k, v in kw.items() if k in MoEConfig.model_fields})
     return ModelConfig(**m), MoEConfig(**e)
 
@@ -129,7 +142,7 @@ def _naive_max_logits(attn, x, cos, sin, segment_ids=None) -> torch.Tensor:
     q = attn.q_b_proj(attn.q_a_layernorm(attn.q_a_proj(x))).view(bsz, seq, nh, dn + dr)
     ckv = attn.kv_a_proj_with_mqa(x)
     kv = attn.kv_b_proj(attn.kv_a_layernorm(ckv[..., : attn.kv_lora_rank])).view(bsz, seq, nh, -1)
-    k_rot = ckv[..., attn.kv_lora_rank:]
+    k_rot = ckv[..., attn.kv_lora_rank :]
 
     def rot(v, c, s):  # interleaved pairs (x0, x1), (x2, x3), ...
         out = v.clone()
@@ -185,8 +198,12 @@ def test_sdpa_equals_recording_path(dense, segments):
 
 
 def test_yarn_softmax_scale_and_no_interleave():
-    m, _ = _cfg(rope_scaling=RopeScaling(factor=4.0, original_max_position_embeddings=64, mscale_all_dim=0.707))
-    assert math.isclose(softmax_scale(m), 24 ** -0.5 * (0.1 * 0.707 * math.log(4.0) + 1) ** 2)
+    m, _ = _cfg(
+        rope_scaling=RopeScaling(
+            factor=4.0, original_max_position_embeddings=64, mscale_all_dim=0.707
+        )
+    )
+    assert math.isclose(softmax_scale(m), 24**-0.5 * (0.1 * 0.707 * math.log(4.0) + 1) ** 2)
     model = _model(rope_interleave=False, rope_scaling=m.rope_scaling)
     ids = torch.randint(0, VOCAB, (1, 12))
     with torch.no_grad():

@@ -22,9 +22,18 @@ def test_loss_falls_and_metrics_reach_mlflow(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     r = client.get_run(summary["tracking_run_id"])
     assert r.info.status == "FINISHED"
-    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "attn/max_logit",
-                "attn/max_logit/layer_1", "qk_clip/heads_clipped", "moe/load_imbalance",
-                "moe/load_imbalance/layer_1", "eval/loss"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/tokens_per_s",
+        "attn/max_logit",
+        "attn/max_logit/layer_1",
+        "qk_clip/heads_clipped",
+        "moe/load_imbalance",
+        "moe/load_imbalance/layer_1",
+        "eval/loss",
+    ):
         assert key in r.data.metrics, key
     assert len(client.get_metric_history(r.info.run_id, "train/loss")) == 20
     assert r.data.params["model.hidden_size"] == "64" and "plugin.k2-core" in r.data.params
@@ -49,16 +58,29 @@ def test_resume_is_bit_exact(tmp_path):
 def test_non_finite_steps_are_skipped_then_stop(tmp_path):
     plugin = ToyPlugin()
     plugin.poison_steps = {3}
-    run = make(tmp_path, "train.steps=6", "model.dense_ffn=nan_swiglu", "model.first_k_dense_replace=1",
-               "tracking.tracker=null", plugin=plugin)
+    run = make(
+        tmp_path,
+        "train.steps=6",
+        "model.dense_ffn=nan_swiglu",
+        "model.first_k_dense_replace=1",
+        "tracking.tracker=null",
+        plugin=plugin,
+    )
     summary = train(run)
     assert summary["skipped_steps"] == 1 and summary["steps"] == 6
     assert all(math.isfinite(h["train/loss"]) for h in run.history)
 
     plugin = ToyPlugin()
     plugin.poison_steps = set(range(2, 100))
-    run = make(tmp_path / "x", "train.steps=10", "model.dense_ffn=nan_swiglu",
-               "train.max_bad_steps=3", "tracking.tracker=null", "checkpoint.every=1", plugin=plugin)
+    run = make(
+        tmp_path / "x",
+        "train.steps=10",
+        "model.dense_ffn=nan_swiglu",
+        "train.max_bad_steps=3",
+        "tracking.tracker=null",
+        "checkpoint.every=1",
+        plugin=plugin,
+    )
     with pytest.raises(TrainingError, match="3 non-finite steps in a row at step 2"):
         train(run)
     assert [s for s, _ in list_checkpoints(str(tmp_path / "x" / "run" / "checkpoints"))] == [1, 2]
@@ -100,8 +122,9 @@ def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("where", ["file", "proc"])
-def test_a_bad_checkpoint_dir_fails_in_one_line_before_the_model_is_built(tmp_path, where,
-                                                                          monkeypatch):
+def test_a_bad_checkpoint_dir_fails_in_one_line_before_the_model_is_built(
+    tmp_path, where, monkeypatch
+):
     from k2_core.errors import CheckpointError
     from k2_core.model import decoder
 

@@ -49,4 +49,6 @@ def test_active_counts_k_of_n_experts():
     c = count_parameters(cfg.model, cfg.moe)
     expert = 3 * cfg.model.hidden_size * cfg.moe.moe_intermediate_size
     moe_layers = cfg.model.num_hidden_layers - cfg.model.first_k_dense_replace
-    assert c["total"] - c["active"] == expert * moe_layers * (cfg.moe.n_routed_experts - cfg.moe.num_experts_per_tok)
+    assert c["total"] - c["active"] == expert * moe_layers * (
+        cfg.moe.n_routed_experts - cfg.moe.num_experts_per_tok
+    )

@@ -31,23 +31,28 @@ def test_allow_list(monkeypatch):
 
 def _fake_dist(root: Path) -> None:
     """A distribution on sys.path with three k2 entry points: good, broken, misspelled hook."""
-    (root / "good_plug.py").write_text(textwrap.dedent("""
+    (root / "good_plug.py").write_text(
+        textwrap.dedent("""
         from k2_core import hookimpl
         @hookimpl
         def k2_register(registry):
             registry.register("reward", "fake_reward", lambda *, options: 1)
-    """))
-    (root / "typo_plug.py").write_text(textwrap.dedent("""
+    """)
+    )
+    (root / "typo_plug.py").write_text(
+        textwrap.dedent("""
         from k2_core import hookimpl
         @hookimpl
         def k2_on_stepend(run, step, metrics):
             pass
-    """))
+    """)
+    )
     info = root / "fake_k2_plugins-0.3.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fake-k2-plugins\nVersion: 0.3\n")
     (info / "entry_points.txt").write_text(
-        "[k2]\ngood = good_plug\nbroken = no_such_module_xyz\ntypo = typo_plug\n")
+        "[k2]\ngood = good_plug\nbroken = no_such_module_xyz\ntypo = typo_plug\n"
+    )
 
 
 @pytest.fixture
@@ -59,8 +64,13 @@ def env_with_fakes(tmp_path):
 
 
 def _k2(env, *args):
-    return subprocess.run([sys.executable, "-m", "k2_core.cli", *args], env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "k2_core.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_broken_plugins_are_recorded_and_break_nothing(env_with_fakes):
@@ -91,15 +101,18 @@ def test_plugins_text_lists_everything(env_with_fakes):
 def test_lazy_references_through_entry_points(tmp_path):
     """A plugin registering `"module:attr"` references: nothing imported until built, and a
     broken command reference costs one warning line, not the other commands."""
-    (tmp_path / "lazy_plug.py").write_text(textwrap.dedent("""
+    (tmp_path / "lazy_plug.py").write_text(
+        textwrap.dedent("""
         from k2_core import hookimpl
         @hookimpl
         def k2_register(registry):
             registry.register("reward", "lazy_reward", "lazy_impl:build")
             registry.register("command", "lazy-broken", "no_such_module_xyz:cmd")
-    """))
+    """)
+    )
     (tmp_path / "lazy_impl.py").write_text(
-        'def build(*, options):\n    """A lazily imported reward."""\n    return 7\n')
+        'def build(*, options):\n    """A lazily imported reward."""\n    return 7\n'
+    )
     info = tmp_path / "lazy_k2_plugin-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lazy-k2-plugin\nVersion: 1.0\n")
@@ -116,14 +129,16 @@ def test_lazy_references_through_entry_points(tmp_path):
         print(json.dumps([doc, before, reg.build("reward", "lazy_reward"),
                           "lazy_impl" in sys.modules]))
     """)
-    out = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == ["A lazily imported reward.", False, 7, True]
     assert out.stderr.splitlines() == [
         "k2: warning: plugin error: plugin lazy: command 'lazy-broken': reference "
         "'no_such_module_xyz:cmd': cannot import no_such_module_xyz (ModuleNotFoundError: No "
-        "module named 'no_such_module_xyz')"]
+        "module named 'no_such_module_xyz')"
+    ]
     listing = _k2(env, "plugins")
     assert listing.returncode == 0
     assert "lazy_reward" in listing.stdout and "A lazily imported reward." in listing.stdout
@@ -140,12 +155,15 @@ def test_builtin_plugin_module_and_its_deprecated_alias():
     core = [ep for ep in entry_points(group="k2") if ep.name == "core"]
     assert [ep.value for ep in core] == ["k2_core.builtin_plugin"]
     assert load_plugins().pm.get_plugin("core") is builtin
-    probe = ("import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
-             "try:\n    import k2_core.plugin\nexcept DeprecationWarning as e:\n    print(e)\n"
-             "warnings.simplefilter('ignore')\n"
-             "import k2_core.plugin, k2_core.builtin_plugin\n"
-             "print(k2_core.plugin is k2_core.builtin_plugin)")
+    probe = (
+        "import warnings; warnings.simplefilter('error', DeprecationWarning)\n"
+        "try:\n    import k2_core.plugin\nexcept DeprecationWarning as e:\n    print(e)\n"
+        "warnings.simplefilter('ignore')\n"
+        "import k2_core.plugin, k2_core.builtin_plugin\n"
+        "print(k2_core.plugin is k2_core.builtin_plugin)"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == [
         "k2_core.plugin was renamed k2_core.builtin_plugin; the old name goes in the next release",
-        "True"]
+        "True",
+    ]

@@ -14,7 +14,9 @@ class Opts(BaseModel):
 
 def test_register_get_build():
     reg = Registry()
-    PluginRegistry(reg, "p", "dist-p", "1.2").register("router", "r1", lambda *, options: options.k, Opts)
+    PluginRegistry(reg, "p", "dist-p", "1.2").register(
+        "router", "r1", lambda *, options: options.k, Opts
+    )
     r = reg.get("router", "r1")
     assert (r.plugin, r.distribution, r.version) == ("p", "dist-p", "1.2")
     assert reg.build("router", "r1", options={"k": 9}) == 9
@@ -34,7 +36,9 @@ def test_bad_options_name_the_field():
     reg.register("router", "r", lambda *, options: None, Opts)
     with pytest.raises(ConfigError, match=r"moe.router_options.k: must be an integer"):
         reg.build("router", "r", options={"k": "x"}, where="moe.router_options")
-    with pytest.raises(ConfigError, match=r"moe.router_options.q: unknown option of router .r.; valid: k"):
+    with pytest.raises(
+        ConfigError, match=r"moe.router_options.q: unknown option of router .r.; valid: k"
+    ):
         reg.build("router", "r", options={"q": 1}, where="moe.router_options")
 
 
@@ -73,8 +77,9 @@ def test_reference_is_imported_on_first_build_only(tmp_path, monkeypatch):
 
     _probe_module(tmp_path, monkeypatch, "k2_probe_lazy_ref")
     reg = Registry()
-    PluginRegistry(reg, "p", "dist-p", "1.0").register("router", "lazy", "k2_probe_lazy_ref:build",
-                                                       Opts)
+    PluginRegistry(reg, "p", "dist-p", "1.0").register(
+        "router", "lazy", "k2_probe_lazy_ref:build", Opts
+    )
     r = reg.get("router", "lazy")
     assert r.doc == "Doubles k."  # read from the source, not by importing it
     assert "k2_probe_lazy_ref" not in sys.modules
@@ -83,12 +88,16 @@ def test_reference_is_imported_on_first_build_only(tmp_path, monkeypatch):
     assert r.factory is sys.modules["k2_probe_lazy_ref"].build
 
 
-@pytest.mark.parametrize("ref, why", [
-    ("k2_no_such_module_xyz:build", "cannot import k2_no_such_module_xyz (ModuleNotFoundError"),
-    ("k2_probe_bad_ref:nope", "k2_probe_bad_ref has no attribute 'nope'"),
-])
-def test_bad_reference_is_one_line_naming_plugin_slot_and_reference(tmp_path, monkeypatch, ref,
-                                                                    why):
+@pytest.mark.parametrize(
+    "ref, why",
+    [
+        ("k2_no_such_module_xyz:build", "cannot import k2_no_such_module_xyz (ModuleNotFoundError"),
+        ("k2_probe_bad_ref:nope", "k2_probe_bad_ref has no attribute 'nope'"),
+    ],
+)
+def test_bad_reference_is_one_line_naming_plugin_slot_and_reference(
+    tmp_path, monkeypatch, ref, why
+):
     _probe_module(tmp_path, monkeypatch, "k2_probe_bad_ref")
     reg = Registry()
     PluginRegistry(reg, "myplug", "dist-p", "1.0").register("reward", "bad", ref)
@@ -103,6 +112,9 @@ def test_bad_reference_is_one_line_naming_plugin_slot_and_reference(tmp_path, mo
 
 @pytest.mark.parametrize("ref", ["no_colon", "a.b:", ":f", "a-b:f", "a:b:c"])
 def test_malformed_reference_rejected_at_registration(ref):
-    with pytest.raises(PluginError, match=r"plugin myplug: reward 'bad': reference .* not of the "
-                                          r"form 'package.module:attr'"):
+    with pytest.raises(
+        PluginError,
+        match=r"plugin myplug: reward 'bad': reference .* not of the "
+        r"form 'package.module:attr'",
+    ):
         PluginRegistry(Registry(), "myplug", "d", "1").register("reward", "bad", ref)

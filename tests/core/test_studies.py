@@ -47,9 +47,13 @@ def test_qk_clip_study(tmp_path, monkeypatch):
         assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert run.data.params["optim.name"] == label
         history = client.get_metric_history(run.info.run_id, "attn/max_logit")
-        assert len(history) >= 2 and max(m.value for m in history) == pytest.approx(stats["peak_max_logit"])
+        assert len(history) >= 2 and max(m.value for m in history) == pytest.approx(
+            stats["peak_max_logit"]
+        )
         assert "eval/loss" in run.data.metrics
-    assert runs[arms["muonclip"]["mlflow_run_id"]].data.params["optim.options.qk_clip_tau"] == "20.0"
+    assert (
+        runs[arms["muonclip"]["mlflow_run_id"]].data.params["optim.options.qk_clip_tau"] == "20.0"
+    )
     report = _check_files(result)
     for stats in arms.values():
         assert f"{stats['peak_max_logit']:.1f}" in report
@@ -62,17 +66,28 @@ def test_qk_clip_study(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_muon_vs_adamw_study(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    result = run_study("muon_vs_adamw", str(tmp_path / "mva"), scale=SCALE, overrides=SMALL,
-                       muon_lrs=(3e-3,), adamw_lrs=(1e-3,), echo=None)
+    result = run_study(
+        "muon_vs_adamw",
+        str(tmp_path / "mva"),
+        scale=SCALE,
+        overrides=SMALL,
+        muon_lrs=(3e-3,),
+        adamw_lrs=(1e-3,),
+        echo=None,
+    )
     arms = result["arms"]
     assert set(arms) == {"muonclip lr=0.003", "adamw lr=0.001"}
     assert result["best"] == {"muonclip": "muonclip lr=0.003", "adamw": "adamw lr=0.001"}
     client, runs = _runs(result)
     runs.pop(result["parent_run_id"])
     assert {runs[s["mlflow_run_id"]].data.params["optim.name"] for s in arms.values()} == {
-        "muonclip", "adamw"}
+        "muonclip",
+        "adamw",
+    }
     assert {runs[s["mlflow_run_id"]].data.params["optim.lr"] for s in arms.values()} == {
-        "0.003", "0.001"}
+        "0.003",
+        "0.001",
+    }
     # equal tokens: same steps and batch for both
     assert {runs[s["mlflow_run_id"]].data.params["train.steps"] for s in arms.values()} == {"4"}
     report = _check_files(result)
@@ -87,7 +102,6 @@ def test_unknown_study(tmp_path):
         run_study("nope", str(tmp_path))
 
 
-
 def test_k2_study_alias_without_k2_experiment(monkeypatch, capsys, tmp_path):
     """With no `k2 experiment` installed (no k2-rl), the deprecated `k2 study` still runs the
     study itself, after its one warning line."""
@@ -99,13 +113,22 @@ def test_k2_study_alias_without_k2_experiment(monkeypatch, capsys, tmp_path):
 
     def fake(name, out_dir, scale=1.0, overrides=None, num_threads=None, **kwargs):
         seen.update(name=name, out=out_dir, scale=scale, overrides=overrides)
-        return {"seconds": 0.0, "report": "r.md", "png": "p.png", "tracking_uri": "u",
-                "experiment": "study-qk_clip"}
+        return {
+            "seconds": 0.0,
+            "report": "r.md",
+            "png": "p.png",
+            "tracking_uri": "u",
+            "experiment": "study-qk_clip",
+        }
 
     monkeypatch.setattr(k2_core.studies, "run_study", fake)
     assert main(["study", "qk_clip", "train.steps=3", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr()
     assert out.err.count("\n") == 1 and "deprecated" in out.err
     assert out.out.startswith("k2 study qk_clip:")  # run here, not through `k2 experiment`
-    assert seen == {"name": "qk_clip", "out": str(tmp_path), "scale": 1.0,
-                    "overrides": ["train.steps=3"]}
+    assert seen == {
+        "name": "qk_clip",
+        "out": str(tmp_path),
+        "scale": 1.0,
+        "overrides": ["train.steps=3"],
+    }

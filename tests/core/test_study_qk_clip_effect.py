@@ -18,8 +18,9 @@ def test_qk_clip_holds_the_max_logit_where_plain_muon_runs_away(tmp_path, monkey
     settling at 1.3x), so the bound is 2.5 x tau, with 1.5 x tau on the last step."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tau = 3.0
-    result = run_study("qk_clip", str(tmp_path / "qk"), scale=0.15, overrides=SMALL, lr=0.08,
-                       tau=tau, echo=None)
+    result = run_study(
+        "qk_clip", str(tmp_path / "qk"), scale=0.15, overrides=SMALL, lr=0.08, tau=tau, echo=None
+    )
     muon, clip = result["arms"]["muon"], result["arms"]["muonclip"]
     assert muon["peak_max_logit"] > 5 * tau, muon
     assert clip["peak_max_logit"] <= 2.5 * tau and clip["final_max_logit"] <= 1.5 * tau, clip

@@ -34,10 +34,22 @@ class Server:
     def start(self, timeout: float = 180) -> None:
         mlflow = str(Path(sys.executable).parent / "mlflow")
         self.proc = subprocess.Popen(
-            [mlflow, "server", "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-             "--default-artifact-root", str(self.root / "artifacts"), "--host", "127.0.0.1",
-             "--port", str(self.port), "--workers", "1"],
-            stdout=subprocess.DEVNULL, stderr=open(self.root / "server.log", "ab"),
+            [
+                mlflow,
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{self.root / 'server.db'}",
+                "--default-artifact-root",
+                str(self.root / "artifacts"),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--workers",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.root / "server.log", "ab"),
             start_new_session=True,
         )
         deadline = time.time() + timeout
@@ -47,7 +59,9 @@ class Server:
                 return
             except OSError:
                 time.sleep(0.5)
-        raise RuntimeError(f"mlflow server did not come up:\n{(self.root / 'server.log').read_text()[-2000:]}")
+        raise RuntimeError(
+            f"mlflow server did not come up:\n{(self.root / 'server.log').read_text()[-2000:]}"
+        )
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -85,8 +99,13 @@ class Outage:
 def test_server_outage_loses_no_metric(tmp_path, server, capsys):
     from mlflow.tracking import MlflowClient
 
-    run = make(tmp_path, "train.steps=10", f"tracking.tracking_uri={server.uri}",
-               "checkpoint.every=100", plugin=ToyPlugin())
+    run = make(
+        tmp_path,
+        "train.steps=10",
+        f"tracking.tracking_uri={server.uri}",
+        "checkpoint.every=100",
+        plugin=ToyPlugin(),
+    )
     run.plugins.pm.register(Outage(server, down=3, up=7), name="outage")
     from k2_core.orchestrator import train
 

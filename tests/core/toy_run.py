@@ -17,8 +17,16 @@ class ToyOptions(BaseModel):
 class ToyData:
     """Sequences counting up with a fixed stride: learnable, deterministic, resumable."""
 
-    def __init__(self, *, batch_size: int, seq_len: int, seed: int, split: str, options: ToyOptions,
-                 vocab: int = 512):
+    def __init__(
+        self,
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int,
+        split: str,
+        options: ToyOptions,
+        vocab: int = 512,
+    ):
         self.b, self.t, self.vocab = batch_size, seq_len, vocab
         self.offset = 0 if split == "train" else 10_000
         self.seed, self.period, self.pos = seed, options.period, 0
@@ -50,9 +58,15 @@ class ToyPlugin:
     @hookimpl
     def k2_register(self, registry):
         registry.register(
-            "dataset", "toy",
+            "dataset",
+            "toy",
             lambda *, options, split, batch_size, seq_len, seed, rank, world_size: ToyData(
-                batch_size=batch_size, seq_len=seq_len, seed=seed + rank, split=split, options=options),
+                batch_size=batch_size,
+                seq_len=seq_len,
+                seed=seed + rank,
+                split=split,
+                options=options,
+            ),
             ToyOptions,
         )
         plugin = self
@@ -74,13 +88,29 @@ class ToyPlugin:
 
 
 BASE = [
-    "model.vocab_size=512", "model.hidden_size=64", "model.intermediate_size=128",
-    "model.num_hidden_layers=2", "model.num_attention_heads=4", "model.q_lora_rank=32",
-    "model.kv_lora_rank=32", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
-    "model.v_head_dim=16", "moe.moe_intermediate_size=32", "moe.n_routed_experts=8",
-    "moe.num_experts_per_tok=2", "data.seq_len=32", "data.dataset=toy",
-    "optim.name=adamw", "optim.lr=3e-3", "optim.schedule=constant", "optim.schedule_options={}", "train.micro_batch_size=4",
-    "train.log_every=1", "train.eval_every=5", "train.eval_batches=2",
+    "model.vocab_size=512",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.q_lora_rank=32",
+    "model.kv_lora_rank=32",
+    "model.qk_nope_head_dim=16",
+    "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16",
+    "moe.moe_intermediate_size=32",
+    "moe.n_routed_experts=8",
+    "moe.num_experts_per_tok=2",
+    "data.seq_len=32",
+    "data.dataset=toy",
+    "optim.name=adamw",
+    "optim.lr=3e-3",
+    "optim.schedule=constant",
+    "optim.schedule_options={}",
+    "train.micro_batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=5",
+    "train.eval_batches=2",
     "tracking.options.system_metrics=false",
 ]
 
@@ -89,5 +119,7 @@ def make(tmp_path, *extra, plugin=None, more=()):
     """A run of the small model on the toy data under `tmp_path/run` (extra plugins: `more`)."""
     plugin = plugin or ToyPlugin()
     pl = load_plugins(extra=[("toy", plugin), *more])
-    cfg = load_config("tiny", [*BASE, f"checkpoint.dir={tmp_path / 'run'}", *extra], registry=pl.registry)
+    cfg = load_config(
+        "tiny", [*BASE, f"checkpoint.dir={tmp_path / 'run'}", *extra], registry=pl.registry
+    )
     return build_run(cfg, pl)

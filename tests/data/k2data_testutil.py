@@ -5,14 +5,18 @@ from __future__ import annotations
 import json
 import random
 
-WORDS = ("alpha beta gamma delta expert router token muon clip sparse dense layer norm "
-         "attention latent rotary query key value batch shard").split()
+WORDS = (
+    "alpha beta gamma delta expert router token muon clip sparse dense layer norm "
+    "attention latent rotary query key value batch shard"
+).split()
 
 
 def make_texts(n: int, seed: int = 0, lo: int = 5, hi: int = 80) -> list[str]:
     rng = random.Random(seed)
-    return [f"doc {seed}-{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
-            for i in range(n)]
+    return [
+        f"doc {seed}-{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+        for i in range(n)
+    ]
 
 
 def write_jsonl(path, texts, id_prefix="d", field="text") -> None:
@@ -24,8 +28,14 @@ def write_jsonl(path, texts, id_prefix="d", field="text") -> None:
 def small_cfg(sources, out, **kw):
     from k2_data.config import load_prepare_config
 
-    base = {"sources": sources, "tokenizer": {"name": "bpe", "options": {"vocab_size": 400}},
-            "seq_len": 32, "workers": 0, "shard_docs": 64, "out": out}
+    base = {
+        "sources": sources,
+        "tokenizer": {"name": "bpe", "options": {"vocab_size": 400}},
+        "seq_len": 32,
+        "workers": 0,
+        "shard_docs": 64,
+        "out": out,
+    }
     base.update(kw)
     return load_prepare_config(base)
 

@@ -18,14 +18,32 @@ from k2_core.modelio import save_model
 from k2_data.chat import encode_chat, render
 from k2_data.tokenizer import BpeTokenizer
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Current weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Current weather of a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 ASK_TOOL = [{"role": "user", "content": "What is the weather in Paris?"}]
-TOOL_ANSWER = {"role": "assistant", "content": "", "tool_calls": [
-    {"id": "functions.get_weather:0", "type": "function",
-     "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}
+TOOL_ANSWER = {
+    "role": "assistant",
+    "content": "",
+    "tool_calls": [
+        {
+            "id": "functions.get_weather:0",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+        }
+    ],
+}
 ASK_HELLO = [{"role": "user", "content": "Say hello."}]
 HELLO_ANSWER = {"role": "assistant", "content": "Hello there, friend!"}
 CONVERSATIONS = [(ASK_TOOL + [TOOL_ANSWER], TOOLS), (ASK_HELLO + [HELLO_ANSWER], None)]
@@ -36,10 +54,21 @@ def make_checkpoint(path: str, steps: int = 400) -> BpeTokenizer:
     texts = [render(m, t) for m, t in CONVERSATIONS] * 4
     tok = BpeTokenizer.train(texts, vocab_size=300, min_frequency=1)
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
-                      num_hidden_layers=2, first_k_dense_replace=2, num_attention_heads=4,
-                      q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                      v_head_dim=16, max_position_embeddings=512, rope_theta=10000.0)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        first_k_dense_replace=2,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+    )
     model = build_model((cfg, MoEConfig()))
     rows = [encode_chat(tok, m, t) for m, t in CONVERSATIONS]
     width = max(len(ids) for ids, _ in rows)
@@ -85,14 +114,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(ckpt: str, *args: str, env: dict[str, str] | None = None,
-                 timeout_s: float = 120) -> tuple[subprocess.Popen, str]:
+def start_server(
+    ckpt: str, *args: str, env: dict[str, str] | None = None, timeout_s: float = 120
+) -> tuple[subprocess.Popen, str]:
     """`k2 serve ckpt *args` on a free loopback port; (process, base URL) once /health answers."""
     port = free_port()
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.Popen([K2, "serve", ckpt, "--port", str(port), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=full_env)
+    proc = subprocess.Popen(
+        [K2, "serve", ckpt, "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=full_env,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:

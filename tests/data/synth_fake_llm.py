@@ -84,11 +84,16 @@ class FakeLLM:
         if self.flaky and attempt == 1:
             fault = self.flaky[zlib.crc32(key.encode()) % len(self.flaky)]
             if fault == "500":
-                return Response('{"error": "internal"}', status=500,
-                                content_type="application/json")
+                return Response(
+                    '{"error": "internal"}', status=500, content_type="application/json"
+                )
             if fault == "429":
-                return Response('{"error": "slow down"}', status=429,
-                                headers={"Retry-After": "0.05"}, content_type="application/json")
+                return Response(
+                    '{"error": "slow down"}',
+                    status=429,
+                    headers={"Retry-After": "0.05"},
+                    content_type="application/json",
+                )
             if fault == "garbage":
                 return Response("{not json at all", status=200, content_type="application/json")
             if fault == "nochoices":
@@ -96,26 +101,37 @@ class FakeLLM:
             if fault == "timeout":
                 time.sleep(self.hang_s)
         if request.path.endswith("/completions") and "messages" not in body:
-            return self._json({"choices": [{"index": 0, "text": " and so on.",
-                                            "finish_reason": "stop"}],
-                               "usage": {"prompt_tokens": 3, "completion_tokens": 3}})
+            return self._json(
+                {
+                    "choices": [{"index": 0, "text": " and so on.", "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 3, "completion_tokens": 3},
+                }
+            )
         msg = self.reply(body.get("messages", []), body.get("tools"))
         finish = "tool_calls" if msg.get("tool_calls") else "stop"
         if "TRUNCATE" in key:
             finish = "length"
-        return self._json({"id": "chatcmpl-fake", "object": "chat.completion",
-                           "model": body.get("model"),
-                           "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
-                           "usage": {"prompt_tokens": len(key) // 4,
-                                     "completion_tokens": len(json.dumps(msg)) // 4}})
+        return self._json(
+            {
+                "id": "chatcmpl-fake",
+                "object": "chat.completion",
+                "model": body.get("model"),
+                "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
+                "usage": {
+                    "prompt_tokens": len(key) // 4,
+                    "completion_tokens": len(json.dumps(msg)) // 4,
+                },
+            }
+        )
 
     @staticmethod
     def _json(obj: Any) -> Response:
         return Response(json.dumps(obj), status=200, content_type="application/json")
 
     # -- the "model" ---------------------------------------------------------------------
-    def reply(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
-              ) -> dict[str, Any]:
+    def reply(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None
+    ) -> dict[str, Any]:
         """The assistant message for a conversation."""
         system = next((m["content"] for m in messages if m["role"] == "system"), "")
         user = next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
@@ -136,24 +152,45 @@ class FakeLLM:
                 return text(json.dumps({"subdomains": [f"{dom} records", f"{dom} scheduling"]}))
             sub = re.search(r"Sub-domain: (.*)", user).group(1).strip()
             base = re.sub(r"[^a-z0-9]+", "_", sub.lower()).strip("_")
-            params = {"type": "object", "properties": {"item_id": {"type": "string"}},
-                      "required": ["item_id"]}
-            tools_ = [{"name": f"{base}_get", "description": f"Get one {sub} item.",
-                       "parameters": params},
-                      {"name": f"{base}_update", "description": f"Update one {sub} item.",
-                       "parameters": params},
-                      {"name": f"{base}_get", "description": "duplicate", "parameters": params},
-                      {"name": "bad tool!", "description": "invalid name",
-                       "parameters": params}]
+            params = {
+                "type": "object",
+                "properties": {"item_id": {"type": "string"}},
+                "required": ["item_id"],
+            }
+            tools_ = [
+                {
+                    "name": f"{base}_get",
+                    "description": f"Get one {sub} item.",
+                    "parameters": params,
+                },
+                {
+                    "name": f"{base}_update",
+                    "description": f"Update one {sub} item.",
+                    "parameters": params,
+                },
+                {"name": f"{base}_get", "description": "duplicate", "parameters": params},
+                {"name": "bad tool!", "description": "invalid name", "parameters": params},
+            ]
             return text("Here you go:\n```json\n" + json.dumps({"tools": tools_}) + "\n```")
         if "write tasks for evaluating" in system:
             names = re.findall(r'"name": "([a-z0-9_]+)"', user)
             desc = "Look up item A-7 and report it."
-            tasks = [{"description": desc, "success_criteria": ["item reported"],
-                      "expected_tools": names[:1], "checkpoints": ["calls the getter"]},
-                     {"description": "Update item B-2. IMPOSSIBLE" if "records" in user
-                      else "Update item B-2.", "success_criteria": ["item updated"],
-                      "expected_tools": names[1:2], "checkpoints": ["calls the updater"]}]
+            tasks = [
+                {
+                    "description": desc,
+                    "success_criteria": ["item reported"],
+                    "expected_tools": names[:1],
+                    "checkpoints": ["calls the getter"],
+                },
+                {
+                    "description": "Update item B-2. IMPOSSIBLE"
+                    if "records" in user
+                    else "Update item B-2.",
+                    "success_criteria": ["item updated"],
+                    "expected_tools": names[1:2],
+                    "checkpoints": ["calls the updater"],
+                },
+            ]
             return text(json.dumps({"tasks": tasks}))
         if "role-playing a user" in system:
             said = sum(m["role"] == "assistant" for m in messages)
@@ -163,23 +200,45 @@ class FakeLLM:
             state = json.loads(_tag(user, "state") or "{}")
             n = int(state.get("calls", 0)) + 1
             call = json.loads(_tag(user, "call") or "{}")
-            return text(json.dumps({"result": {"ok": True, "call_no": n, "echo": call},
-                                    "state": {**state, "calls": n}}))
+            return text(
+                json.dumps(
+                    {
+                        "result": {"ok": True, "call_no": n, "echo": call},
+                        "state": {**state, "calls": n},
+                    }
+                )
+            )
         if "grade an assistant" in system:
             ok = "IMPOSSIBLE" not in user
-            return text(json.dumps({"score": 0.9 if ok else 0.2, "passed": ok,
-                                    "reasons": "rubric met" if ok else "not done"}))
+            return text(
+                json.dumps(
+                    {
+                        "score": 0.9 if ok else 0.2,
+                        "passed": ok,
+                        "reasons": "rubric met" if ok else "not done",
+                    }
+                )
+            )
         if tools:
             last = messages[-1]
             if last["role"] == "user":
                 fn = tools[0]["function"]
                 props = fn["parameters"].get("properties", {})
-                args = {k: v["enum"][0] if "enum" in v else
-                        ("A-7" if v.get("type") == "string" else 7) for k, v in props.items()}
-                return {"role": "assistant", "content": None,
-                        "tool_calls": [{"id": f"functions.{fn['name']}:0", "type": "function",
-                                        "function": {"name": fn["name"],
-                                                     "arguments": json.dumps(args)}}]}
+                args = {
+                    k: v["enum"][0] if "enum" in v else ("A-7" if v.get("type") == "string" else 7)
+                    for k, v in props.items()
+                }
+                return {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": f"functions.{fn['name']}:0",
+                            "type": "function",
+                            "function": {"name": fn["name"], "arguments": json.dumps(args)},
+                        }
+                    ],
+                }
             return text(f"Done. The tool said: {last.get('content', '')[:200]}")
         return text("I cannot tell what you want.")
 

@@ -9,18 +9,39 @@ import pytest
 from k2_data.chat import ChatFormatError, encode_chat, encode_chat_prompt, parse_assistant, render
 from k2_data.tokenizer import SPECIAL_TOKENS, BpeTokenizer
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather of a city",
-    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                   "required": ["city"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather of a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
 
 CONVO = [
     {"role": "user", "content": "Weather in Paris and Rome?"},
-    {"role": "assistant", "content": "Let me check.", "tool_calls": [
-        {"id": "call_a", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}},
-        {"id": "call_b", "type": "function",
-         "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]},
+    {
+        "role": "assistant",
+        "content": "Let me check.",
+        "tool_calls": [
+            {
+                "id": "call_a",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'},
+            },
+            {
+                "id": "call_b",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'},
+            },
+        ],
+    },
     {"role": "tool", "tool_call_id": "call_a", "content": "18C"},
     {"role": "tool", "tool_call_id": "call_b", "content": "24C"},
     {"role": "assistant", "content": "Paris 18C, Rome 24C."},
@@ -48,11 +69,14 @@ def test_render_exact():
 
 
 def test_system_name_and_generation_prompt():
-    msgs = [{"role": "system", "content": "Be brief."},
-            {"role": "user", "name": "ann", "content": [{"type": "text", "text": "hi"}]}]
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "name": "ann", "content": [{"type": "text", "text": "hi"}]},
+    ]
     assert render(msgs, add_generation_prompt=True) == (
         "<|im_system|>system<|im_middle|>Be brief.<|im_end|>"
-        "<|im_user|>ann<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>")
+        "<|im_user|>ann<|im_middle|>hi<|im_end|><|im_assistant|>assistant<|im_middle|>"
+    )
 
 
 def test_parse_round_trip():
@@ -62,9 +86,12 @@ def test_parse_round_trip():
     assert msg["content"] == "Let me check."
     assert [c["function"] for c in msg["tool_calls"]] == [
         {"name": "get_weather", "arguments": '{"city":"Paris"}'},
-        {"name": "get_weather", "arguments": '{"city":"Rome"}'}]
-    assert [c["id"] for c in msg["tool_calls"]] == ["functions.get_weather:0",
-                                                    "functions.get_weather:1"]
+        {"name": "get_weather", "arguments": '{"city":"Rome"}'},
+    ]
+    assert [c["id"] for c in msg["tool_calls"]] == [
+        "functions.get_weather:0",
+        "functions.get_weather:1",
+    ]
     assert "tool_call_errors" not in msg
     # the parsed message (K2 ids) renders to the same body again
     again = render([CONVO[0], msg])
@@ -73,11 +100,13 @@ def test_parse_round_trip():
 
 
 def test_parse_reports_malformed_calls():
-    bad = ("ok<|tool_calls_section_begin|>"
-           "<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{\"a\": 1<|tool_call_end|>"
-           "<|tool_call_begin|>nonsense<|tool_call_argument_begin|>{}<|tool_call_end|>"
-           "<|tool_call_begin|>functions.g:2<|tool_call_argument_begin|>{}<|tool_call_end|>"
-           "<|tool_call_begin|>functions.h:3<|tool_call_argument_begin|>{\"x\"")
+    bad = (
+        "ok<|tool_calls_section_begin|>"
+        '<|tool_call_begin|>functions.f:0<|tool_call_argument_begin|>{"a": 1<|tool_call_end|>'
+        "<|tool_call_begin|>nonsense<|tool_call_argument_begin|>{}<|tool_call_end|>"
+        "<|tool_call_begin|>functions.g:2<|tool_call_argument_begin|>{}<|tool_call_end|>"
+        '<|tool_call_begin|>functions.h:3<|tool_call_argument_begin|>{"x"'
+    )
     msg = parse_assistant(bad)
     assert [c["function"]["name"] for c in msg["tool_calls"]] == ["g"]
     errors = [e["error"] for e in msg["tool_call_errors"]]
@@ -94,8 +123,11 @@ def test_render_rejects_bad_messages():
 
 
 def test_encode_chat_mask():
-    tok = BpeTokenizer.train([render(CONVO, TOOLS)] * 3 + ["Weather in Paris and Rome"] * 5,
-                             vocab_size=320, min_frequency=1)
+    tok = BpeTokenizer.train(
+        [render(CONVO, TOOLS)] * 3 + ["Weather in Paris and Rome"] * 5,
+        vocab_size=320,
+        min_frequency=1,
+    )
     ids, mask = encode_chat(tok, CONVO, TOOLS)
     assert ids == tok.encode(render(CONVO, TOOLS), allow_special=True)
     assert len(mask) == len(ids)
@@ -108,10 +140,14 @@ def test_encode_chat_mask():
 
 # --- control-token injection: control tokens come from the structure, data stays text ----------
 
+
 @pytest.fixture(scope="module")
 def tok():
-    return BpeTokenizer.train([render(CONVO, TOOLS)] * 3 + ["Weather in Paris and Rome"] * 5,
-                              vocab_size=300, min_frequency=1)
+    return BpeTokenizer.train(
+        [render(CONVO, TOOLS)] * 3 + ["Weather in Paris and Rome"] * 5,
+        vocab_size=300,
+        min_frequency=1,
+    )
 
 
 ENVELOPE = list(SPECIAL_TOKENS)  # every special token K2's chat envelope reserves
@@ -124,15 +160,26 @@ def test_special_token_in_content_stays_text(tok, token):
     convo = [
         {"role": "system", "content": f"sys {token}"},
         {"role": "user", "name": f"ann{token}", "content": attack},
-        {"role": "assistant", "content": f"ok {token}", "tool_calls": [
-            {"id": "c0", "type": "function",
-             "function": {"name": "get_weather", "arguments": f'{{"city":"{token}"}}'}}]},
+        {
+            "role": "assistant",
+            "content": f"ok {token}",
+            "tool_calls": [
+                {
+                    "id": "c0",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": f'{{"city":"{token}"}}'},
+                }
+            ],
+        },
         {"role": "tool", "tool_call_id": "c0", "content": f"sunny{token}"},
         {"role": "user", "content": [{"type": "text", "text": attack}]},
     ]
     tools = [{"type": "function", "function": {"name": "get_weather", "description": token}}]
-    benign = json.loads(json.dumps(convo).replace(json.dumps(token)[1:-1], "").replace(
-        "<|im_system|>system<|im_middle|>", ""))
+    benign = json.loads(
+        json.dumps(convo)
+        .replace(json.dumps(token)[1:-1], "")
+        .replace("<|im_system|>system<|im_middle|>", "")
+    )
     benign_tools = [{"type": "function", "function": {"name": "get_weather", "description": ""}}]
     special = set(tok.special_tokens.values())
 
@@ -154,7 +201,8 @@ def test_benign_encoding_unchanged(tok):
     """Without special-token strings in the data, the safe encoder gives the old ids."""
     assert encode_chat(tok, CONVO, TOOLS)[0] == tok.encode(render(CONVO, TOOLS), allow_special=True)
     assert encode_chat_prompt(tok, CONVO[:1], TOOLS) == tok.encode(
-        render(CONVO[:1], TOOLS, add_generation_prompt=True), allow_special=True)
+        render(CONVO[:1], TOOLS, add_generation_prompt=True), allow_special=True
+    )
 
 
 def test_tokenizer_modes_do_not_race():
@@ -177,5 +225,3 @@ def test_tokenizer_modes_do_not_race():
     for t in threads:
         t.join()
     assert not bad
-
-

@@ -40,8 +40,14 @@ def test_documents_shape_and_determinism(domain):
 
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_splits_disjoint(domain):
-    texts = {s: {d.text for d in builtin_documents(domain, split=s, scale=0.3)} for s in ("train", "val", "test")}
-    ids = {s: {d.id for d in builtin_documents(domain, split=s, scale=0.3)} for s in ("train", "val", "test")}
+    texts = {
+        s: {d.text for d in builtin_documents(domain, split=s, scale=0.3)}
+        for s in ("train", "val", "test")
+    }
+    ids = {
+        s: {d.id for d in builtin_documents(domain, split=s, scale=0.3)}
+        for s in ("train", "val", "test")
+    }
     for x, y in (("train", "val"), ("train", "test"), ("val", "test")):
         assert not texts[x] & texts[y]
         assert not ids[x] & ids[y]
@@ -49,7 +55,9 @@ def test_splits_disjoint(domain):
 
 @pytest.mark.parametrize("domain", DOMAINS)
 def test_scale_grows_the_corpus(domain):
-    assert chars(builtin_documents(domain, scale=0.05)) < chars(builtin_documents(domain, scale=0.2))
+    assert chars(builtin_documents(domain, scale=0.05)) < chars(
+        builtin_documents(domain, scale=0.2)
+    )
 
 
 def test_bad_arguments_refused():

@@ -44,10 +44,17 @@ def test_entities_and_relations(world):
 
 @pytest.mark.parametrize("style", STYLES)
 def test_every_fact_is_stated_in_every_style(world, style):
-    docs = {d.id.rsplit("/", 2)[-2] + "/" + d.id.rsplit("/", 1)[-1]: d.text for d in world.documents(style)}
+    docs = {
+        d.id.rsplit("/", 2)[-2] + "/" + d.id.rsplit("/", 1)[-1]: d.text
+        for d in world.documents(style)
+    }
     for e in world.entities:
         text = docs[e.id]
-        assert text.startswith(e.name) or text.startswith(f"Name: {e.name}") or e.name in text.split(".")[0]
+        assert (
+            text.startswith(e.name)
+            or text.startswith(f"Name: {e.name}")
+            or e.name in text.split(".")[0]
+        )
         for v in e.facts.values():
             assert v in text, (style, e.id, v)
 
@@ -86,7 +93,11 @@ def test_questions_answered_by_docs_and_never_phrased_there(world, split):
 
 
 def test_question_splits_partition_entities(world):
-    train, held, every = world.questions("train"), world.questions("heldout"), world.questions("all")
+    train, held, every = (
+        world.questions("train"),
+        world.questions("heldout"),
+        world.questions("all"),
+    )
     t_ent = {q.fact_id.rsplit(".", 1)[0] for q in train}
     h_ent = {q.fact_id.rsplit(".", 1)[0] for q in held}
     assert t_ent and h_ent and not t_ent & h_ent
@@ -102,4 +113,6 @@ def test_builtin_world_matches_builtin_documents():
     from k2_data.corpus import builtin_documents
 
     w = builtin_world(seed=2, scale=0.05)
-    assert [d.text for d in w.documents()] == [d.text for d in builtin_documents("knowledge", seed=2, scale=0.05)]
+    assert [d.text for d in w.documents()] == [
+        d.text for d in builtin_documents("knowledge", seed=2, scale=0.05)
+    ]

@@ -48,13 +48,21 @@ def solve_question(p: MathProblem) -> int | None:
         a, b = nums
         if "Subtract" in q:
             a, b = b, a
-        ops = {"addition": lambda: a + b, "subtraction": lambda: a - b,
-               "multiplication": lambda: a * b, "division": lambda: a // b}
+        ops = {
+            "addition": lambda: a + b,
+            "subtraction": lambda: a - b,
+            "multiplication": lambda: a * b,
+            "division": lambda: a // b,
+        }
         if p.kind == "division":
             assert a % b == 0
         return ops[p.kind]()
     if p.kind == "equation":
-        eq = q.split(":", 1)[1] if ":" in q else q.replace("Find x if ", "").replace("Solve the equation ", "")
+        eq = (
+            q.split(":", 1)[1]
+            if ":" in q
+            else q.replace("Find x if ", "").replace("Solve the equation ", "")
+        )
         eq = eq.strip().rstrip(".")
         lhs, rhs = eq.split(" = ")
 
@@ -95,8 +103,11 @@ def test_word_problems_final_step_gives_answer():
 
 
 def test_multiplication_shows_partial_products():
-    p = next(p for p in math_problems("train", seed=0, n=200, difficulty=4, kinds=("multiplication",))
-             if len(str(re.findall(r"\d+", p.question)[1])) >= 2)
+    p = next(
+        p
+        for p in math_problems("train", seed=0, n=200, difficulty=4, kinds=("multiplication",))
+        if len(str(re.findall(r"\d+", p.question)[1])) >= 2
+    )
     assert "partial products" in p.solution
 
 
@@ -113,9 +124,17 @@ def test_seeded_and_deterministic():
 
 
 def test_splits_are_disjoint_by_question():
-    qs = {s: {p.question for seed in (0, 1) for p in math_problems(s, seed=seed, n=300, difficulty=(1, 3))}
-          for s in ("train", "val", "test")}
-    assert not qs["train"] & qs["val"] and not qs["train"] & qs["test"] and not qs["val"] & qs["test"]
+    qs = {
+        s: {
+            p.question
+            for seed in (0, 1)
+            for p in math_problems(s, seed=seed, n=300, difficulty=(1, 3))
+        }
+        for s in ("train", "val", "test")
+    }
+    assert (
+        not qs["train"] & qs["val"] and not qs["train"] & qs["test"] and not qs["val"] & qs["test"]
+    )
 
 
 def test_check_math_answer():

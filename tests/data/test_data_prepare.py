@@ -76,14 +76,25 @@ def test_dedup_weights_and_memory_output(tmp_path):
     write_jsonl(d / "a.jsonl", texts + texts[:10])  # 10 exact duplicates
     write_jsonl(d / "b.jsonl", make_texts(60, 5))
     write_jsonl(d / "c.jsonl", make_texts(60, 6))
-    src = [{"uri": str(d / "a.jsonl"), "domain": "A"}, {"uri": str(d / "b.jsonl"), "domain": "B"},
-           {"uri": str(d / "c.jsonl"), "domain": "C"}]
+    src = [
+        {"uri": str(d / "a.jsonl"), "domain": "A"},
+        {"uri": str(d / "b.jsonl"), "domain": "B"},
+        {"uri": str(d / "c.jsonl"), "domain": "C"},
+    ]
     one = read_manifest(prepare(small_cfg(src, "memory://k2-prep/one", val_fraction=0)))
     assert one["duplicates"] == 10 and one["documents"]["unique"] == 180
     assert one["splits"]["val"]["n_sequences"] == 0
-    mix = read_manifest(prepare(small_cfg(src, "memory://k2-prep/mix", val_fraction=0,
-                                          weights={"A": 3, "B": 0.5, "C": 0})))
-    t1, t2 = one["splits"]["train"]["tokens_per_domain"], mix["splits"]["train"]["tokens_per_domain"]
+    mix = read_manifest(
+        prepare(
+            small_cfg(
+                src, "memory://k2-prep/mix", val_fraction=0, weights={"A": 3, "B": 0.5, "C": 0}
+            )
+        )
+    )
+    t1, t2 = (
+        one["splits"]["train"]["tokens_per_domain"],
+        mix["splits"]["train"]["tokens_per_domain"],
+    )
     assert t2["A"] == 3 * t1["A"] and "C" not in t2
     assert 0.25 * t1["B"] < t2["B"] < 0.75 * t1["B"]
     assert mix["weights"] == {"A": 3.0, "B": 0.5, "C": 0.0}
@@ -105,8 +116,9 @@ def test_older_layout_of_the_same_config_is_rebuilt(jsonl_corpus, tmp_path):
 
 def test_tiny_corpus_still_gets_validation(tmp_path):
     write_jsonl(tmp_path / "t.jsonl", make_texts(12, 8))
-    m = read_manifest(prepare(small_cfg([{"uri": str(tmp_path / "t.jsonl")}], str(tmp_path / "o"),
-                                        seq_len=16)))
+    m = read_manifest(
+        prepare(small_cfg([{"uri": str(tmp_path / "t.jsonl")}], str(tmp_path / "o"), seq_len=16))
+    )
     assert m["splits"]["val"]["n_sequences"] >= 1 and m["splits"]["train"]["n_sequences"] >= 1
 
 
@@ -140,11 +152,19 @@ sys.exit(main(["data", *sys.argv[2:]]))
 
 
 def _cli(args, env=None, delay=None, **kw):
-    cmd = ([sys.executable, "-c", _SLOW_CLI, str(delay)] if delay else
-           [sys.executable, "-m", "k2_core.cli", "data"])
-    return subprocess.Popen([*cmd, *args],
-                            env={**os.environ, "K2_LOAD_PLUGINS": "data", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    cmd = (
+        [sys.executable, "-c", _SLOW_CLI, str(delay)]
+        if delay
+        else [sys.executable, "-m", "k2_core.cli", "data"]
+    )
+    return subprocess.Popen(
+        [*cmd, *args],
+        env={**os.environ, "K2_LOAD_PLUGINS": "data", **(env or {})},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _corpus_and_reference(tmp_path, n: int, seed: int) -> tuple[Path, str]:
@@ -156,9 +176,11 @@ def _corpus_and_reference(tmp_path, n: int, seed: int) -> tuple[Path, str]:
     cfg_path.write_text(
         f"sources:\n  - uri: {d}/*.jsonl\n    domain: web\n"
         "tokenizer: {name: bpe, options: {vocab_size: 400}}\n"
-        "seq_len: 32\nshard_docs: 50\nworkers: 0\n")
-    ref = prepare(small_cfg([{"uri": f"{d}/*.jsonl", "domain": "web"}], str(tmp_path / "ref"),
-                            shard_docs=50))
+        "seq_len: 32\nshard_docs: 50\nworkers: 0\n"
+    )
+    ref = prepare(
+        small_cfg([{"uri": f"{d}/*.jsonl", "domain": "web"}], str(tmp_path / "ref"), shard_docs=50)
+    )
     return cfg_path, ref
 
 
@@ -166,8 +188,7 @@ def test_concurrent_prepares_of_one_output_build_it_once(tmp_path):
     """Several ranks of one job finding the dataset missing: one builds, the others wait for it."""
     cfg_path, ref = _corpus_and_reference(tmp_path, 300, 5)
     out = tmp_path / "shared"
-    procs = [_cli(["prepare", str(cfg_path), "--out", str(out)],
-                  delay=0.3) for _ in range(3)]
+    procs = [_cli(["prepare", str(cfg_path), "--out", str(out)], delay=0.3) for _ in range(3)]
     said = []
     for p in procs:
         stdout, err = p.communicate(timeout=180)
@@ -217,7 +238,9 @@ def test_cli_stats_inspect_and_errors(jsonl_corpus, tmp_path, capsys):
     assert main(["data", "prepare", "--out", str(tmp_path / "x"), "seq_len=0"]) == 2
     assert "seq_len: must be > 0" in capsys.readouterr().err
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"sources: [{{uri: '{jsonl_corpus}'}}]\ntokenizer: {{options: {{vocab_size: 400}}}}\n")
+    cfg.write_text(
+        f"sources: [{{uri: '{jsonl_corpus}'}}]\ntokenizer: {{options: {{vocab_size: 400}}}}\n"
+    )
     assert main(["data", "tokenizer", "train", str(cfg), "--out", str(tmp_path / "tk")]) == 0
     assert load_tokenizer(str(tmp_path / "tk")).vocab_size <= 400
 
@@ -228,13 +251,26 @@ def test_builtin_corpus_and_default_dataset(tmp_path, monkeypatch):
 
     default = DataPrepareConfig()
     assert [(s.kind, s.domain) for s in default.sources] == [
-        ("builtin", "code"), ("builtin", "math"), ("builtin", "knowledge")]
+        ("builtin", "code"),
+        ("builtin", "math"),
+        ("builtin", "knowledge"),
+    ]
     assert default.tokenizer.options == {"vocab_size": 8192} and default.seq_len == 256
     monkeypatch.setenv("K2_CACHE_DIR", str(tmp_path / "cache"))
-    assert output_uri(default) == str(tmp_path / "cache" / "data" / f"builtin-{default.config_hash()}")
-    small = DataPrepareConfig.model_validate({
-        "sources": [{"kind": "builtin", "domain": d, "scale": 0.02} for d in ("code", "math", "knowledge")],
-        "tokenizer": {"options": {"vocab_size": 512}}, "workers": 0, "seq_len": 64})
+    assert output_uri(default) == str(
+        tmp_path / "cache" / "data" / f"builtin-{default.config_hash()}"
+    )
+    small = DataPrepareConfig.model_validate(
+        {
+            "sources": [
+                {"kind": "builtin", "domain": d, "scale": 0.02}
+                for d in ("code", "math", "knowledge")
+            ],
+            "tokenizer": {"options": {"vocab_size": 512}},
+            "workers": 0,
+            "seq_len": 64,
+        }
+    )
     monkeypatch.setattr(prep, "DataPrepareConfig", lambda: small)
     uri = prep.default_dataset_uri()
     assert uri.startswith(str(tmp_path / "cache" / "data" / "builtin-"))
@@ -250,8 +286,9 @@ def test_builtin_corpus_and_default_dataset(tmp_path, monkeypatch):
 def _corpus_with_bad_input(d: Path) -> str:
     d.mkdir()
     write_jsonl(d / "a.jsonl", make_texts(120, 3))
-    (d / "b.jsonl").write_text('{"text": "fine text here"}\n{not json\n{"body": "x"}\n'
-                               '{"text": 7}\n{"text": "   "}\n')
+    (d / "b.jsonl").write_text(
+        '{"text": "fine text here"}\n{not json\n{"body": "x"}\n{"text": 7}\n{"text": "   "}\n'
+    )
     (d / "c.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 this is not gzip at all")
     return str(d / "*")
 
@@ -264,12 +301,20 @@ def test_skipped_input_is_logged_and_shown_by_stats(tmp_path, capsys):
     out = tmp_path / "ds"
     uri = prepare(small_cfg([{"uri": _corpus_with_bad_input(tmp_path / "src")}], str(out)))
     m = read_manifest(uri)
-    assert m["skipped"] == {"empty": 1, "invalid_json": 1, "missing_field": 1, "not_text": 1,
-                            "unreadable": 1}
+    assert m["skipped"] == {
+        "empty": 1,
+        "invalid_json": 1,
+        "missing_field": 1,
+        "not_text": 1,
+        "unreadable": 1,
+    }
     log = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     by_reason = {e["reason"]: e for e in log}
-    assert len(log) == 5 and m["skip_log"] == {"path": "skipped.jsonl", "entries": 5,
-                                               "not_logged": 0}
+    assert len(log) == 5 and m["skip_log"] == {
+        "path": "skipped.jsonl",
+        "entries": 5,
+        "not_logged": 0,
+    }
     assert by_reason["invalid_json"]["file"].endswith("b.jsonl")
     assert by_reason["invalid_json"]["record"] == "line 2"
     assert by_reason["missing_field"]["record"] == "line 3"
@@ -302,8 +347,20 @@ def test_failed_prepare_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     src.mkdir()
     (src / "x.jsonl.gz").write_bytes(b"\x1f\x8b\x08\x00 garbage")
     (src / "y.jsonl").write_text('{"text": ""}\n{oops\n')
-    assert main(["data", "prepare", "--out", str(tmp_path / "o1"), f"sources=[{{uri: '{src}'}}]",
-                 "tokenizer.options.vocab_size=400", "workers=0"]) == 2
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                "--out",
+                str(tmp_path / "o1"),
+                f"sources=[{{uri: '{src}'}}]",
+                "tokenizer.options.vocab_size=400",
+                "workers=0",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "empty result" in err and len(err.strip().splitlines()) == 1, err
     assert _leftovers(tmp_path, "o1") == []
@@ -347,11 +404,15 @@ def test_interrupted_prepare_keeps_only_what_resume_needs(tmp_path, monkeypatch,
     from k2_core.cli import main
 
     cfg = tmp_path / "prep.yaml"
-    cfg.write_text(f"sources: [{{uri: '{sources[0]['uri']}'}}]\nseq_len: 32\nshard_docs: 50\n"
-                   "workers: 0\ntokenizer: {name: bpe, options: {vocab_size: 400}}\n")
+    cfg.write_text(
+        f"sources: [{{uri: '{sources[0]['uri']}'}}]\nseq_len: 32\nshard_docs: 50\n"
+        "workers: 0\ntokenizer: {name: bpe, options: {vocab_size: 400}}\n"
+    )
     assert main(["data", "prepare", str(cfg), "--out", str(out)]) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "interrupted" in err[0] and "rerun the same command to resume" in err[0]
+    assert (
+        len(err) == 1 and "interrupted" in err[0] and "rerun the same command to resume" in err[0]
+    )
     assert sorted(p.name for p in out.iterdir()) == ["_work", "tokenizer"]
     assert len(list((out / "_work").glob("shard-*.json"))) == 4
     assert not (tmp_path / "ds.lock").exists()

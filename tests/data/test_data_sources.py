@@ -18,7 +18,9 @@ from k2data_testutil import make_texts
 
 
 def _jsonl_bytes(texts, field="text"):
-    return "".join(json.dumps({"id": f"i{i}", field: t}) + "\n" for i, t in enumerate(texts)).encode()
+    return "".join(
+        json.dumps({"id": f"i{i}", field: t}) + "\n" for i, t in enumerate(texts)
+    ).encode()
 
 
 def _read(uri, **kw):
@@ -39,7 +41,11 @@ def test_formats_local_and_memory(tmp_path, ext):
         buf = pa.BufferOutputStream()
         pq.write_table(pa.table({"id": [f"i{i}" for i in range(20)], "text": texts}), buf)
         raw = buf.getvalue().to_pybytes()
-    for uri in (str(tmp_path / f"f.{ext}"), f"file://{tmp_path}/g.{ext}", f"memory://k2src/{ext}/f.{ext}"):
+    for uri in (
+        str(tmp_path / f"f.{ext}"),
+        f"file://{tmp_path}/g.{ext}",
+        f"memory://k2src/{ext}/f.{ext}",
+    ):
         with fsspec.open(uri, "wb") as f:
             f.write(raw)
         docs, skipped = _read(uri)
@@ -77,8 +83,15 @@ def test_bad_input_is_counted_and_skipped(tmp_path):
     skipped: Counter = Counter()
     docs = list(iter_documents(cfg, skipped))
     assert [d.text for d in docs] == good
-    assert dict(skipped) == {"invalid_json": 1, "missing_field": 1, "not_text": 1,
-                             "invalid_utf8": 2, "empty": 1, "too_long": 1, "unreadable": 3}
+    assert dict(skipped) == {
+        "invalid_json": 1,
+        "missing_field": 1,
+        "not_text": 1,
+        "invalid_utf8": 2,
+        "empty": 1,
+        "too_long": 1,
+        "unreadable": 3,
+    }
 
 
 def test_missing_source_is_a_config_error(tmp_path):
@@ -90,10 +103,16 @@ def test_missing_source_is_a_config_error(tmp_path):
 def test_round_robin_mixes_domains(tmp_path):
     (tmp_path / "a.jsonl").write_bytes(_jsonl_bytes(["a1", "a2", "a3"]))
     (tmp_path / "b.jsonl").write_bytes(_jsonl_bytes(["b1"]))
-    cfg = load_prepare_config({"sources": [
-        {"uri": str(tmp_path / "a.jsonl"), "domain": "A"},
-        {"uri": str(tmp_path / "b.jsonl"), "domain": "B"},
-        {"uri": str(tmp_path / "b.jsonl"), "domain": "C"}], "weights": {"C": 0}})
+    cfg = load_prepare_config(
+        {
+            "sources": [
+                {"uri": str(tmp_path / "a.jsonl"), "domain": "A"},
+                {"uri": str(tmp_path / "b.jsonl"), "domain": "B"},
+                {"uri": str(tmp_path / "b.jsonl"), "domain": "C"},
+            ],
+            "weights": {"C": 0},
+        }
+    )
     assert [d.text for d in iter_documents(cfg, Counter())] == ["a1", "b1", "a2", "a3"]
 
 

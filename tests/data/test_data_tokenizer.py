@@ -54,14 +54,18 @@ def test_bpe_save_load_hash(bpe, tmp_path):
     assert mem.content_hash == bpe.content_hash
     # a path option loads instead of training
     assert build_bpe(options=BpeOptions(path=uri)).content_hash == bpe.content_hash
-    assert build_bpe(options=BpeOptions(path=f"{uri}/tokenizer.json")).content_hash == bpe.content_hash
+    assert (
+        build_bpe(options=BpeOptions(path=f"{uri}/tokenizer.json")).content_hash == bpe.content_hash
+    )
     with pytest.raises(ConfigError):
         build_bpe(options=BpeOptions())
 
 
 def test_bpe_training_is_deterministic():
     texts = make_texts(200, 3)
-    assert BpeTokenizer.train(texts, 500).content_hash == BpeTokenizer.train(texts, 500).content_hash
+    assert (
+        BpeTokenizer.train(texts, 500).content_hash == BpeTokenizer.train(texts, 500).content_hash
+    )
 
 
 def _tiktoken_file(path, n_extra: int = 200) -> int:

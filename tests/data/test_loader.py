@@ -20,16 +20,44 @@ from k2data_testutil import counting_fs
 SEQ = 16
 
 
-def write_manifest(path, seq_len: int = SEQ, *, version: int = 2, complete: bool = True,
-                   vocab: int = 1000, eos: int = 0) -> None:
-    (path / "manifest.json").write_text(json.dumps(
-        {"format": "k2-packed", "version": version, "complete": complete, "seq_len": seq_len,
-         "eos_id": eos, "vocab_size": vocab}))
+def write_manifest(
+    path,
+    seq_len: int = SEQ,
+    *,
+    version: int = 2,
+    complete: bool = True,
+    vocab: int = 1000,
+    eos: int = 0,
+) -> None:
+    (path / "manifest.json").write_text(
+        json.dumps(
+            {
+                "format": "k2-packed",
+                "version": version,
+                "complete": complete,
+                "seq_len": seq_len,
+                "eos_id": eos,
+                "vocab_size": vocab,
+            }
+        )
+    )
 
 
-def write_store(path, n_seq: int = 40, seq_len: int = SEQ, *, seed: int = 0, complete: bool = True,
-                manifest: bool = True, chunk_rows: int = 8, vocab: int = 1000, eos: int = 0,
-                splits=("train", "val"), version: int = 2, compressed: bool = False) -> dict:
+def write_store(
+    path,
+    n_seq: int = 40,
+    seq_len: int = SEQ,
+    *,
+    seed: int = 0,
+    complete: bool = True,
+    manifest: bool = True,
+    chunk_rows: int = 8,
+    vocab: int = 1000,
+    eos: int = 0,
+    splits=("train", "val"),
+    version: int = 2,
+    compressed: bool = False,
+) -> dict:
     """A packed store in the on-disk contract (version 1: no row_docs; `compressed`: zstd chunks,
     which only zarr can read). Documents of random length end with `eos`; returns
     {split: (tokens, doc_starts)}."""
@@ -51,14 +79,19 @@ def write_store(path, n_seq: int = 40, seq_len: int = SEQ, *, seed: int = 0, com
         tokens = stream.reshape(n, seq_len + 1)
         doc_starts = np.asarray(starts, dtype=np.int64)
         g = root.create_group(split)
-        t = g.create_array("tokens", shape=tokens.shape, dtype="uint32", chunks=(chunk_rows, seq_len + 1),
-                           **codec)
+        t = g.create_array(
+            "tokens", shape=tokens.shape, dtype="uint32", chunks=(chunk_rows, seq_len + 1), **codec
+        )
         t[...] = tokens
-        d = g.create_array("doc_starts", shape=doc_starts.shape, dtype="int64", chunks=(7,), **codec)
+        d = g.create_array(
+            "doc_starts", shape=doc_starts.shape, dtype="int64", chunks=(7,), **codec
+        )
         d[...] = doc_starts
         if version >= 2:
             row_docs = np.searchsorted(doc_starts, np.arange(n + 1) * (seq_len + 1), side="left")
-            g.create_array("row_docs", shape=row_docs.shape, dtype="int64", chunks=(5,), **codec)[...] = row_docs
+            g.create_array("row_docs", shape=row_docs.shape, dtype="int64", chunks=(5,), **codec)[
+                ...
+            ] = row_docs
         out[split] = (tokens, doc_starts)
     if manifest:
         write_manifest(path, seq_len, version=version, complete=complete, vocab=vocab, eos=eos)
@@ -244,7 +277,9 @@ def test_doc_mask_segments_and_positions(store):
     for i, row in enumerate(row_ids(b, tokens)):
         seg, pos = b["segment_ids"][i].tolist(), b["position_ids"][i].tolist()
         base = row * (L + 1)
-        begins = [s - base for s in starts if base < s < base + L]  # documents starting inside the row
+        begins = [
+            s - base for s in starts if base < s < base + L
+        ]  # documents starting inside the row
         want_seg, want_pos, cur, last = [], [], 0, 0
         for t in range(L):
             if t in begins:
@@ -270,8 +305,10 @@ def test_segment_ids_feed_the_model_mask(store):
 
 def test_out_of_core_reads_match_in_memory(store):
     uri, _ = store
-    with PackedDataset(opts(uri, doc_mask=True, in_memory_max_mb=1)) as mem, \
-            PackedDataset(opts(uri, doc_mask=True)) as disk:
+    with (
+        PackedDataset(opts(uri, doc_mask=True, in_memory_max_mb=1)) as mem,
+        PackedDataset(opts(uri, doc_mask=True)) as disk,
+    ):
         assert mem.in_memory and not disk.in_memory
         for x, y in zip(take(mem, 12), take(disk, 12), strict=True):
             assert all(torch.equal(x[k], y[k]) for k in x)
@@ -404,13 +441,23 @@ def test_no_hang_at_exit(store):
 
 # --- scaling: keyed shuffle, range reads, read amplification, start-up memory, old layouts -----
 
+
 def test_keyed_permutation_is_a_pinned_bijection():
     from k2_data.loader import KeyedPermutation
 
     for n in (1, 2, 3, 5, 40, 1000, 65_537):
         assert sorted(KeyedPermutation(n, 5, 1)(np.arange(n)).tolist()) == list(range(n))
     # integer arithmetic only: these values are the same on every process and platform
-    assert KeyedPermutation(1000, 0, 0)(np.arange(8)).tolist() == [497, 231, 819, 635, 847, 307, 993, 637]
+    assert KeyedPermutation(1000, 0, 0)(np.arange(8)).tolist() == [
+        497,
+        231,
+        819,
+        635,
+        847,
+        307,
+        993,
+        637,
+    ]
     big = KeyedPermutation(10**12, 3, 7)(np.arange(4)).tolist()
     assert big == [268977067344, 62763126504, 990991567250, 582336211324]
     base = KeyedPermutation(1000, 0, 0)(np.arange(1000))
@@ -425,7 +472,9 @@ def test_read_amplification_of_a_shuffled_epoch(tmp_path):
     seq_len, n = 64, 1024
     write_store(tmp_path / "p", n_seq=n, seq_len=seq_len, chunk_rows=256)
     counting = counting_fs()
-    o = opts(f"k2count://{tmp_path / 'p'}", batch_size=8, doc_mask=True, prefetch=0, in_memory_max_mb=0)
+    o = opts(
+        f"k2count://{tmp_path / 'p'}", batch_size=8, doc_mask=True, prefetch=0, in_memory_max_mb=0
+    )
     with PackedDataset(o) as ds:
         assert not ds.in_memory
         counting.read = 0
@@ -437,8 +486,9 @@ def test_read_amplification_of_a_shuffled_epoch(tmp_path):
     assert amplification <= 2.0
     assert amplification < 1.2, amplification  # tokens exactly, plus a few index bytes per row
     # the same epoch from local files (os.pread) reads the same bytes
-    with PackedDataset(opts(str(tmp_path / "p"), batch_size=8, doc_mask=True, prefetch=0,
-                            in_memory_max_mb=0)) as local:
+    with PackedDataset(
+        opts(str(tmp_path / "p"), batch_size=8, doc_mask=True, prefetch=0, in_memory_max_mb=0)
+    ) as local:
         for _ in range(local.steps_per_epoch):
             next(local)
         assert local.bytes_read == counting.read
@@ -452,23 +502,28 @@ def test_start_up_memory_does_not_grow_with_the_corpus(tmp_path):
         root = zarr.open_group(str(path), mode="w")
         g = root.create_group("train")
         rows = 1 << 16
-        t = g.create_array("tokens", shape=(n, 9), dtype="uint32", chunks=(rows, 9), compressors=None)
+        t = g.create_array(
+            "tokens", shape=(n, 9), dtype="uint32", chunks=(rows, 9), compressors=None
+        )
         for lo in range(0, n, rows):
             hi = min(n, lo + rows)
             t[lo:hi] = np.arange(lo * 9, hi * 9, dtype=np.uint32).reshape(-1, 9) % 997 + 1
         starts = np.arange(0, n * 9, 7, dtype=np.int64)  # a document every 7 tokens
-        g.create_array("doc_starts", shape=starts.shape, dtype="int64", chunks=(1 << 20,),
-                       compressors=None)[...] = starts
+        g.create_array(
+            "doc_starts", shape=starts.shape, dtype="int64", chunks=(1 << 20,), compressors=None
+        )[...] = starts
         row_docs = np.searchsorted(starts, np.arange(n + 1) * 9, side="left")
-        g.create_array("row_docs", shape=row_docs.shape, dtype="int64", chunks=(1 << 20,),
-                       compressors=None)[...] = row_docs
+        g.create_array(
+            "row_docs", shape=row_docs.shape, dtype="int64", chunks=(1 << 20,), compressors=None
+        )[...] = row_docs
         write_manifest(path, 8)
 
     def peak(path):
         tracemalloc.start()
         try:
-            with PackedDataset(opts(str(path), batch_size=8, doc_mask=True, prefetch=0,
-                                    in_memory_max_mb=0)) as ds:
+            with PackedDataset(
+                opts(str(path), batch_size=8, doc_mask=True, prefetch=0, in_memory_max_mb=0)
+            ) as ds:
                 b = next(ds)
             return tracemalloc.get_traced_memory()[1], b
         finally:
@@ -511,7 +566,7 @@ def test_chunk_of_fill_values_is_read(tmp_path):
     assert not (path / "train" / "tokens" / "c" / "1" / "0").exists()
     with PackedDataset(opts(str(path), shuffle=False, batch_size=8, in_memory_max_mb=0)) as ds:
         for i, b in enumerate(take(ds, 3)):
-            assert np.array_equal(b["input_ids"].numpy(), tokens[8 * i:8 * i + 8, :-1])
+            assert np.array_equal(b["input_ids"].numpy(), tokens[8 * i : 8 * i + 8, :-1])
 
 
 def test_state_of_the_old_shuffle_refused(store):

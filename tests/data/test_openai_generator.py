@@ -44,13 +44,22 @@ def test_chat_discovers_model_and_counts_usage(endpoint):
     assert comp.text == " and so on."
     assert g.describe()["model"] == "fake-llm"
     assert g.usage["requests"] == 3  # GET /models, chat, completion
-    assert g.usage["completion_tokens"] == \
-        res.usage["completion_tokens"] + comp.usage["completion_tokens"]
+    assert (
+        g.usage["completion_tokens"]
+        == res.usage["completion_tokens"] + comp.usage["completion_tokens"]
+    )
     assert not g.errors
 
 
-@pytest.mark.parametrize("fault,kind", [("500", "server_error"), ("429", "rate_limited"),
-                                        ("garbage", "malformed"), ("nochoices", "malformed")])
+@pytest.mark.parametrize(
+    "fault,kind",
+    [
+        ("500", "server_error"),
+        ("429", "rate_limited"),
+        ("garbage", "malformed"),
+        ("nochoices", "malformed"),
+    ],
+)
 def test_retryable_faults_are_retried_and_classified(endpoint, fault, kind):
     endpoint.llm.flaky = (fault,)
     g = gen(endpoint, model="fake-llm")
@@ -78,8 +87,11 @@ def test_connection_refused_is_classified():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once we leave: nothing listens there
-    g = build_openai(options=OpenAIOptions(base_url=f"http://127.0.0.1:{port}/v1",
-                                           model="m", max_retries=2, backoff=0.0))
+    g = build_openai(
+        options=OpenAIOptions(
+            base_url=f"http://127.0.0.1:{port}/v1", model="m", max_retries=2, backoff=0.0
+        )
+    )
     with pytest.raises(GenerationError) as e:
         run(g.chat(USER))
     assert e.value.error_kind == "connection" and g.errors == {"connection": 3}
@@ -114,8 +126,10 @@ def test_concurrency_is_bounded():
         g = gen(ep, model="fake-llm", max_concurrency=3)
 
         async def go():
-            msgs = [[{"role": "user", "content": f"Rewrite.\n\n<passage>\nN{i}.\n</passage>"}]
-                    for i in range(12)]
+            msgs = [
+                [{"role": "user", "content": f"Rewrite.\n\n<passage>\nN{i}.\n</passage>"}]
+                for i in range(12)
+            ]
             return await asyncio.gather(*(g.chat(m) for m in msgs))
 
         assert len(run(go())) == 12

@@ -63,8 +63,13 @@ class UpperProc:
 
 
 def opts(out, **kw):
-    base = {"out": str(out), "shard_size": 8, "concurrency": 4, "tracking": False,
-            "progress": False}
+    base = {
+        "out": str(out),
+        "shard_size": 8,
+        "concurrency": 4,
+        "tracking": False,
+        "progress": False,
+    }
     return PipelineOptions(**{**base, **kw})
 
 
@@ -89,8 +94,11 @@ def test_counts_failures_and_rerun_completes_exactly_once(tmp_path):
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(40)
     assert all(r["text"] == r["text"].upper() for r in recs)
     # the retried items went into second attempts of their shards
-    assert sorted(p.name for p in (out / "data").glob("*-a01.jsonl")) == \
-        ["part-00000-a01.jsonl", "part-00001-a01.jsonl", "part-00004-a01.jsonl"]
+    assert sorted(p.name for p in (out / "data").glob("*-a01.jsonl")) == [
+        "part-00000-a01.jsonl",
+        "part-00001-a01.jsonl",
+        "part-00004-a01.jsonl",
+    ]
     done = json.loads((out / "done.json").read_text())
     assert done["records"] == len(ids)
     s3 = run_pipeline(UpperStage(40), opts(out))  # nothing left: no work, same totals
@@ -110,8 +118,7 @@ def test_abort_leaves_only_whole_shards_and_resume_finishes(tmp_path):
         assert len(lines) == committed[shard][0]["n_records"]
     stage = UpperStage(64)
     s = run_pipeline(stage, opts(out))
-    assert s.complete and stage.calls == 64 - sum(len(m[0]["done_ids"])
-                                                  for m in committed.values())
+    assert s.complete and stage.calls == 64 - sum(len(m[0]["done_ids"]) for m in committed.values())
     ids = [r["id"] for r in read_outputs(str(out))]
     assert len(ids) == len(set(ids)) and set(ids) == expected_ids(64)
 

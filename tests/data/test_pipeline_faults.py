@@ -17,8 +17,10 @@ def write_docs(path, n):
 
     with open(path, "w") as f:
         for i in range(n):
-            text = (f"Item {i} was found in the north archive. It weighs {i + 3} kilograms. "
-                    f"Its keeper is called Warden{i}.")
+            text = (
+                f"Item {i} was found in the north archive. It weighs {i + 3} kilograms. "
+                f"Its keeper is called Warden{i}."
+            )
             if i == 4:
                 text += " This one is UNFAITHFUL."
             f.write(json.dumps({"id": f"d{i:02d}", "text": text}) + "\n")
@@ -28,12 +30,30 @@ def config(tmp_path, base_url, n=12, **pipe):
     docs = tmp_path / "docs.jsonl"
     if not docs.exists():
         write_docs(docs, n)
-    return RephraseConfig.model_validate({
-        "source": {"uri": str(docs), "domain": "notes"}, "n_rephrasings": 2,
-        "generator": {"options": {"base_url": base_url, "model": "fake-llm", "backoff": 0.01,
-                                  "backoff_max": 0.05, "max_retries": 2, "timeout_s": 0.5}},
-        "pipeline": {"out": str(tmp_path / "out"), "shard_size": 4, "concurrency": 4,
-                     "tracking": False, "progress": False, **pipe}})
+    return RephraseConfig.model_validate(
+        {
+            "source": {"uri": str(docs), "domain": "notes"},
+            "n_rephrasings": 2,
+            "generator": {
+                "options": {
+                    "base_url": base_url,
+                    "model": "fake-llm",
+                    "backoff": 0.01,
+                    "backoff_max": 0.05,
+                    "max_retries": 2,
+                    "timeout_s": 0.5,
+                }
+            },
+            "pipeline": {
+                "out": str(tmp_path / "out"),
+                "shard_size": 4,
+                "concurrency": 4,
+                "tracking": False,
+                "progress": False,
+                **pipe,
+            },
+        }
+    )
 
 
 def check_exactly_once(out, n_docs, n_per_doc, rejected):

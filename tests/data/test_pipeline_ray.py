@@ -15,24 +15,45 @@ from synth_fake_llm import FakeEndpoint
 
 
 def _cfg(docs, base_url, out, executor="local"):
-    return RephraseConfig.model_validate({
-        "source": {"uri": str(docs)}, "n_rephrasings": 2,
-        "generator": {"options": {"base_url": base_url, "model": "fake-llm", "backoff": 0.01}},
-        "pipeline": {"out": str(out), "shard_size": 3, "executor": executor,
-                     "ray_num_cpus": 2, "tracking": False, "progress": False}})
+    return RephraseConfig.model_validate(
+        {
+            "source": {"uri": str(docs)},
+            "n_rephrasings": 2,
+            "generator": {"options": {"base_url": base_url, "model": "fake-llm", "backoff": 0.01}},
+            "pipeline": {
+                "out": str(out),
+                "shard_size": 3,
+                "executor": executor,
+                "ray_num_cpus": 2,
+                "tracking": False,
+                "progress": False,
+            },
+        }
+    )
 
 
 def _docs(tmp_path):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"id": f"r{i}", "text": f"Gate {i} opens at {i} am. "
-                                        f"It closes at {i + 6} pm. Guard {i} holds its key."})
-                            + "\n" for i in range(10)))
+    docs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"r{i}",
+                    "text": f"Gate {i} opens at {i} am. "
+                    f"It closes at {i + 6} pm. Guard {i} holds its key.",
+                }
+            )
+            + "\n"
+            for i in range(10)
+        )
+    )
     return docs
 
 
 def _strip(recs):
-    return sorted(({k: v for k, v in r.items() if k != "usage"} for r in recs),
-                  key=lambda r: r["id"])
+    return sorted(
+        ({k: v for k, v in r.items() if k != "usage"} for r in recs), key=lambda r: r["id"]
+    )
 
 
 def test_ray_task_body_in_other_processes_matches_local(tmp_path):
@@ -47,8 +68,10 @@ def test_ray_task_body_in_other_processes_matches_local(tmp_path):
         plan = _plan(store, stage, remote.pipeline)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(2, mp_context=ctx) as pool:
-            futs = [pool.submit(_shard_worker, store.out, "jsonl", s, 0, store.read_inputs(s),
-                                stage, 4) for s in range(plan["n_shards"])]
+            futs = [
+                pool.submit(_shard_worker, store.out, "jsonl", s, 0, store.read_inputs(s), stage, 4)
+                for s in range(plan["n_shards"])
+            ]
             ms = [f.result() for f in futs]
     finally:
         ep.stop()
@@ -91,5 +114,6 @@ def test_ray_executor_matches_local(tmp_path):
         ep.stop()
         ray.shutdown()
     assert _strip(outs["ray"]) == _strip(outs["local"])
-    assert sorted(p.name for p in (tmp_path / "ray" / "data").iterdir()) == \
-        sorted(p.name for p in (tmp_path / "local" / "data").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ray" / "data").iterdir()) == sorted(
+        p.name for p in (tmp_path / "local" / "data").iterdir()
+    )

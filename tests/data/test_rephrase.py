@@ -16,7 +16,8 @@ from synth_fake_llm import FakeEndpoint, reorder
 
 LONG = "\n\n".join(
     " ".join(f"Paragraph {p} sentence {s} tells fact number {p * 10 + s}." for s in range(6))
-    for p in range(5))
+    for p in range(5)
+)
 
 
 @pytest.fixture(scope="module")
@@ -27,9 +28,15 @@ def endpoint():
 
 
 def cfg(tmp_path, ep, **kw):
-    base = {"generator": {"options": {"base_url": ep.base_url, "model": "fake-llm"}},
-            "pipeline": {"out": str(tmp_path / "out"), "shard_size": 4, "tracking": False,
-                         "progress": False}}
+    base = {
+        "generator": {"options": {"base_url": ep.base_url, "model": "fake-llm"}},
+        "pipeline": {
+            "out": str(tmp_path / "out"),
+            "shard_size": 4,
+            "tracking": False,
+            "progress": False,
+        },
+    }
     return RephraseConfig.model_validate({**base, **kw})
 
 
@@ -55,8 +62,14 @@ def test_lexical_fidelity_separates_rewrites_from_unrelated_text():
 def test_chunkwise_autoregressive_rewrite_and_provenance(tmp_path, endpoint):
     docs = tmp_path / "long.jsonl"
     docs.write_text(json.dumps({"id": "long-1", "text": LONG}) + "\n")
-    c = cfg(tmp_path, endpoint, source={"uri": str(docs), "domain": "lore"}, chunk_tokens=60,
-            context_tokens=30, n_rephrasings=3)
+    c = cfg(
+        tmp_path,
+        endpoint,
+        source={"uri": str(docs), "domain": "lore"},
+        chunk_tokens=60,
+        context_tokens=30,
+        n_rephrasings=3,
+    )
     s = run_rephrase(c)
     assert s.complete and s.records == 3
     recs = read_outputs(c.pipeline.out)
@@ -74,11 +87,23 @@ def test_chunkwise_autoregressive_rewrite_and_provenance(tmp_path, endpoint):
 
 def test_unfaithful_dropped_and_judge_verdict_recorded(tmp_path, endpoint):
     docs = tmp_path / "d.jsonl"
-    docs.write_text("".join(json.dumps({"id": f"x{i}", "text": f"Tower {i} stands on hill {i}. "
-                                        + ("UNFAITHFUL. " if i == 1 else "") + "It is tall."})
-                            + "\n" for i in range(4)))
-    c = cfg(tmp_path, endpoint, source={"uri": str(docs)}, n_rephrasings=2,
-            fidelity={"judge": True})
+    docs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "id": f"x{i}",
+                    "text": f"Tower {i} stands on hill {i}. "
+                    + ("UNFAITHFUL. " if i == 1 else "")
+                    + "It is tall.",
+                }
+            )
+            + "\n"
+            for i in range(4)
+        )
+    )
+    c = cfg(
+        tmp_path, endpoint, source={"uri": str(docs)}, n_rephrasings=2, fidelity={"judge": True}
+    )
     s = run_rephrase(c)
     assert s.complete and s.rejected == {"unfaithful": 2} and s.records == 6
     assert all(r["fidelity"]["judge"]["faithful"] for r in read_outputs(c.pipeline.out))
@@ -96,34 +121,56 @@ def test_builtin_knowledge_styles_distinct_and_stable(tmp_path, endpoint):
 
 
 def test_math_notes_and_translate_modes(tmp_path, endpoint):
-    m = cfg(tmp_path, endpoint, mode="math_notes", n_rephrasings=1, max_docs=3,
-            source={"kind": "builtin", "domain": "math"})
+    m = cfg(
+        tmp_path,
+        endpoint,
+        mode="math_notes",
+        n_rephrasings=1,
+        max_docs=3,
+        source={"kind": "builtin", "domain": "math"},
+    )
     assert [it["style"] for it in RephraseStage(m).items()] == ["learning_notes"] * 3
     s = run_rephrase(m)
     assert s.complete and s.records == 3
     assert "step" in rewrite_messages(get_style("learning_notes"), "x", "", 0, 1)[1]["content"]
     docs = tmp_path / "fr.jsonl"
-    docs.write_text(json.dumps({"id": "fr", "text": "La tour est grande. Elle est située sur "
-                                "la colline et date du siècle dernier."}) + "\n"
-                    + json.dumps({"id": "en", "text": "The tower is tall and it stands on the "
-                                  "hill."}) + "\n")
+    docs.write_text(
+        json.dumps(
+            {
+                "id": "fr",
+                "text": "La tour est grande. Elle est située sur "
+                "la colline et date du siècle dernier.",
+            }
+        )
+        + "\n"
+        + json.dumps({"id": "en", "text": "The tower is tall and it stands on the hill."})
+        + "\n"
+    )
     assert not looks_english("La tour est grande et elle est située sur la colline.")
-    t = cfg(tmp_path / "t", endpoint, mode="translate", n_rephrasings=1,
-            source={"uri": str(docs)})
+    t = cfg(tmp_path / "t", endpoint, mode="translate", n_rephrasings=1, source={"uri": str(docs)})
     s = run_rephrase(t)
     assert s.complete and s.rejected == {"already_english": 1} and s.records == 1
 
 
 def test_custom_and_registered_styles(tmp_path, endpoint):
-    register_style(Style(name="pirate_test", system="Rewrite.", instruction="As a pirate."),
-                   replace=True)
+    register_style(
+        Style(name="pirate_test", system="Rewrite.", instruction="As a pirate."), replace=True
+    )
     with pytest.raises(ConfigError, match="exists"):
         register_style(Style(name="textbook", system="s", instruction="i"))
-    c = cfg(tmp_path, endpoint, max_docs=2, n_rephrasings=2, styles=["pirate_test", "mine"],
-            custom_styles=[{"name": "mine", "system": "Rewrite.", "instruction": "Briefly."}])
+    c = cfg(
+        tmp_path,
+        endpoint,
+        max_docs=2,
+        n_rephrasings=2,
+        styles=["pirate_test", "mine"],
+        custom_styles=[{"name": "mine", "system": "Rewrite.", "instruction": "Briefly."}],
+    )
     s = run_rephrase(c)
-    assert s.complete and Counter(r["style"] for r in read_outputs(c.pipeline.out)) == \
-        {"pirate_test": 2, "mine": 2}
+    assert s.complete and Counter(r["style"] for r in read_outputs(c.pipeline.out)) == {
+        "pirate_test": 2,
+        "mine": 2,
+    }
     with pytest.raises(ConfigError, match="unknown style 'nope'"):
         RephraseStage(cfg(tmp_path, endpoint, styles=["nope"], n_rephrasings=1))
 
@@ -163,17 +210,21 @@ def test_embedding_fidelity_with_offline_minilm(tmp_path, endpoint):
     assert sc.similarity(src, "Bananas are yellow fruit.") < 0.3
     c = cfg(tmp_path, endpoint, max_docs=3, n_rephrasings=1, fidelity={"method": "embedding"})
     s = run_rephrase(c)
-    assert s.complete and all(r["fidelity"]["embedding"] > 0.9
-                              for r in read_outputs(c.pipeline.out))
+    assert s.complete and all(
+        r["fidelity"]["embedding"] > 0.9 for r in read_outputs(c.pipeline.out)
+    )
 
 
 def test_synthesizer_slot_runs_rephrase(tmp_path, endpoint):
     from k2_core.plugins import get_registry
 
     syn = get_registry().build("synthesizer", "rephrase")
-    data = {"max_docs": 2, "n_rephrasings": 1,
-            "generator": {"options": {"base_url": endpoint.base_url, "model": "fake-llm"}},
-            "pipeline": {"out": str(tmp_path / "o"), "tracking": False, "progress": False}}
+    data = {
+        "max_docs": 2,
+        "n_rephrasings": 1,
+        "generator": {"options": {"base_url": endpoint.base_url, "model": "fake-llm"}},
+        "pipeline": {"out": str(tmp_path / "o"), "tracking": False, "progress": False},
+    }
     s = syn.run_dict(data)
     assert s.complete and s.records == 2
     with pytest.raises(ConfigError, match="n_rephrasings"):

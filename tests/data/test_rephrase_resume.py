@@ -26,18 +26,32 @@ def test_sigkill_then_rerun_is_exactly_once(tmp_path):
     with open(docs, "w") as f:
         for i in range(n_docs):
             extra = " This is UNFAITHFUL." if i % 8 == 5 else ""
-            f.write(json.dumps({"id": f"k{i:02d}", "text": f"Fact {i} is true. Fact {i} is old."
-                                f" Fact {i} is useful.{extra}"}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "id": f"k{i:02d}",
+                        "text": f"Fact {i} is true. Fact {i} is old. Fact {i} is useful.{extra}",
+                    }
+                )
+                + "\n"
+            )
     out = tmp_path / "out"
     ep = FakeEndpoint(latency_s=0.05)  # slow enough to kill it half-way
-    cfg = {"source": {"uri": str(docs), "domain": "facts"}, "n_rephrasings": n_per,
-           "generator": {"options": {"base_url": ep.base_url, "model": "fake-llm"}},
-           "pipeline": {"out": str(out), "shard_size": 4, "concurrency": 2, "tracking": False}}
+    cfg = {
+        "source": {"uri": str(docs), "domain": "facts"},
+        "n_rephrasings": n_per,
+        "generator": {"options": {"base_url": ep.base_url, "model": "fake-llm"}},
+        "pipeline": {"out": str(out), "shard_size": 4, "concurrency": 2, "tracking": False},
+    }
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
     env = dict(os.environ)
     try:
-        proc = subprocess.Popen([K2, "rephrase", str(tmp_path / "cfg.yaml")], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [K2, "rephrase", str(tmp_path / "cfg.yaml")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             if len(ShardStore(str(out)).committed()) >= 3:
@@ -52,9 +66,13 @@ def test_sigkill_then_rerun_is_exactly_once(tmp_path):
         for m in (x for ms in committed.values() for x in ms):  # visible = whole
             assert len((out / m["file"]).read_text().splitlines()) == m["n_records"]
         before = len(read_outputs(str(out)))
-        rerun = subprocess.run([K2, "rephrase", str(tmp_path / "cfg.yaml"),
-                                "pipeline.concurrency=8"], env=env, capture_output=True,
-                               text=True, timeout=300)
+        rerun = subprocess.run(
+            [K2, "rephrase", str(tmp_path / "cfg.yaml"), "pipeline.concurrency=8"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         ep.stop()
     assert rerun.returncode == 0, rerun.stderr

@@ -50,8 +50,9 @@ def test_chat_text_answer(client):
 
 
 def test_chat_tool_call(client):
-    r = client.chat.completions.create(model="tiny-chat", messages=ASK_TOOL, tools=TOOLS,
-                                       temperature=0)
+    r = client.chat.completions.create(
+        model="tiny-chat", messages=ASK_TOOL, tools=TOOLS, temperature=0
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls"
     (call,) = choice.message.tool_calls
@@ -61,19 +62,27 @@ def test_chat_tool_call(client):
 
 
 def test_chat_streaming(client):
-    stream = client.chat.completions.create(model="tiny-chat", messages=ASK_HELLO, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="tiny-chat",
+        messages=ASK_HELLO,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == "Hello there, friend!"
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2  # incremental
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finishes = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finishes == ["stop"] and chunks[-1].usage.completion_tokens > 0
 
 
 def test_chat_streaming_tool_call(client):
-    stream = client.chat.completions.create(model="tiny-chat", messages=ASK_TOOL, tools=TOOLS,
-                                            temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="tiny-chat", messages=ASK_TOOL, tools=TOOLS, temperature=0, stream=True
+    )
     chunks = list(stream)
     calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert [tc.function.name for tc in calls] == ["get_weather"]
@@ -82,13 +91,16 @@ def test_chat_streaming_tool_call(client):
 
 
 def test_completions_and_stop(client, server):
-    r = client.completions.create(model="tiny-chat", prompt="Say hello", max_tokens=8,
-                                  temperature=0.8, seed=5)
-    again = client.completions.create(model="tiny-chat", prompt="Say hello", max_tokens=8,
-                                      temperature=0.8, seed=5)
+    r = client.completions.create(
+        model="tiny-chat", prompt="Say hello", max_tokens=8, temperature=0.8, seed=5
+    )
+    again = client.completions.create(
+        model="tiny-chat", prompt="Say hello", max_tokens=8, temperature=0.8, seed=5
+    )
     assert r.choices[0].text == again.choices[0].text and r.usage.completion_tokens >= 1
-    stopped = client.chat.completions.create(model="tiny-chat", messages=ASK_HELLO, temperature=0,
-                                             stop=["friend"])
+    stopped = client.chat.completions.create(
+        model="tiny-chat", messages=ASK_HELLO, temperature=0, stop=["friend"]
+    )
     assert stopped.choices[0].message.content == "Hello there, "
     assert stopped.choices[0].finish_reason == "stop"
     # streaming completions over raw SSE with httpx
@@ -104,8 +116,11 @@ def test_concurrent_requests_share_batches(client, server):
     from concurrent.futures import ThreadPoolExecutor
 
     def ask(i):
-        return client.chat.completions.create(model="tiny-chat", messages=ASK_HELLO,
-                                              temperature=0).choices[0].message.content
+        return (
+            client.chat.completions.create(model="tiny-chat", messages=ASK_HELLO, temperature=0)
+            .choices[0]
+            .message.content
+        )
 
     before = httpx.get(f"{server}/health").json()
     with ThreadPoolExecutor(8) as pool:
@@ -116,16 +131,19 @@ def test_concurrent_requests_share_batches(client, server):
     assert after["batches"] - before["batches"] < 8  # some requests were decoded together
 
 
-@pytest.mark.parametrize(("path", "body", "status", "needle"), [
-    ("/v1/chat/completions", b"{not json", 400, "JSON"),
-    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
-    ("/v1/chat/completions", {"messages": ASK_HELLO, "temperature": -1}, 400, "temperature"),
-    ("/v1/chat/completions", {"messages": ASK_HELLO, "max_tokens": 100000}, 400, "context"),
-    ("/v1/completions", {"prompt": [999999]}, 400, "token ids"),
-    ("/v1/completions", {}, 400, "prompt"),
-    ("/v1/nope", {}, 404, "Not Found"),
-])
+@pytest.mark.parametrize(
+    ("path", "body", "status", "needle"),
+    [
+        ("/v1/chat/completions", b"{not json", 400, "JSON"),
+        ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
+        ("/v1/chat/completions", {"messages": ASK_HELLO, "temperature": -1}, 400, "temperature"),
+        ("/v1/chat/completions", {"messages": ASK_HELLO, "max_tokens": 100000}, 400, "context"),
+        ("/v1/completions", {"prompt": [999999]}, 400, "token ids"),
+        ("/v1/completions", {}, 400, "prompt"),
+        ("/v1/nope", {}, 404, "Not Found"),
+    ],
+)
 def test_bad_requests_get_4xx_json(server, path, body, status, needle):
     kw = {"content": body} if isinstance(body, bytes) else {"json": body}
     r = httpx.post(f"{server}{path}", timeout=30, **kw)
@@ -141,8 +159,9 @@ def test_openai_client_raises_on_bad_request(client):
 
 
 def test_serve_missing_checkpoint_exits_2(tmp_path):
-    r = subprocess.run([K2, "serve", str(tmp_path / "nothing")], capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run(
+        [K2, "serve", str(tmp_path / "nothing")], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and r.stderr.startswith("k2:")
 
 
@@ -151,6 +170,10 @@ def test_serve_port_in_use_exits_2(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        r = subprocess.run([K2, "serve", str(tmp_path / "nothing"), "--port", str(port)],
-                           capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [K2, "serve", str(tmp_path / "nothing"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
     assert r.returncode == 2 and "--port" in r.stderr

@@ -18,8 +18,9 @@ from synth_fake_llm import FakeEndpoint
 K2 = str(Path(sys.executable).parent / "k2")
 
 
-def convert_units(value: float, unit: Literal["km", "mi"],
-                  digits: Annotated[int, "decimal places"] = 2) -> float:
+def convert_units(
+    value: float, unit: Literal["km", "mi"], digits: Annotated[int, "decimal places"] = 2
+) -> float:
     """Convert a distance between kilometres and miles.
 
     Longer explanation that is not part of the description.
@@ -31,14 +32,23 @@ def test_validate_spec_accepts_wrapped_and_bare_and_names_the_fault():
     params = {"type": "object", "properties": {"q": {"type": "string"}}, "required": ["q"]}
     bare = validate_spec({"name": "search", "description": "Search.", "parameters": params})
     assert validate_spec(bare) == bare and bare["type"] == "function"
-    cases = [({"name": "bad name", "description": "d", "parameters": params}, "bad_name"),
-             ({"name": "f", "description": " ", "parameters": params}, "no_description"),
-             ({"name": "f", "description": "d", "parameters": {"type": "array"}}, "bad_schema"),
-             ({"name": "f", "description": "d",
-               "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}}},
-              "bad_schema"),
-             ({"name": "f", "description": "d", "parameters": {**params, "required": ["z"]}},
-              "bad_schema")]
+    cases = [
+        ({"name": "bad name", "description": "d", "parameters": params}, "bad_name"),
+        ({"name": "f", "description": " ", "parameters": params}, "no_description"),
+        ({"name": "f", "description": "d", "parameters": {"type": "array"}}, "bad_schema"),
+        (
+            {
+                "name": "f",
+                "description": "d",
+                "parameters": {"type": "object", "properties": {"a": {"type": "strin"}}},
+            },
+            "bad_schema",
+        ),
+        (
+            {"name": "f", "description": "d", "parameters": {**params, "required": ["z"]}},
+            "bad_schema",
+        ),
+    ]
     for spec, reason in cases:
         with pytest.raises(SpecError) as e:
             validate_spec(spec)
@@ -55,8 +65,11 @@ def test_tool_decorator_builds_spec_from_signature():
     assert spec["description"] == "Convert a distance between kilometres and miles."
     p = spec["parameters"]
     assert p["required"] == ["value", "unit"]
-    assert p["properties"] == {"value": {"type": "number"}, "unit": {"enum": ["km", "mi"]},
-                               "digits": {"type": "integer", "description": "decimal places"}}
+    assert p["properties"] == {
+        "value": {"type": "number"},
+        "unit": {"enum": ["km", "mi"]},
+        "digits": {"type": "integer", "description": "decimal places"},
+    }
 
 
 @pytest.fixture
@@ -67,12 +80,20 @@ def endpoint():
 
 
 def synth_cfg(tmp_path, ep, **kw):
-    base = {"seed_domains": ["library"], "n_subdomains": 2, "tools_per_subdomain": 4,
-            "tasks_per_agent": 2,
-            "real_tools": ["test_synth_tools:convert_units"],
-            "generator": {"options": {"base_url": ep.base_url, "model": "fake-llm"}},
-            "pipeline": {"out": str(tmp_path / "out"), "shard_size": 2, "tracking": False,
-                         "progress": False}}
+    base = {
+        "seed_domains": ["library"],
+        "n_subdomains": 2,
+        "tools_per_subdomain": 4,
+        "tasks_per_agent": 2,
+        "real_tools": ["test_synth_tools:convert_units"],
+        "generator": {"options": {"base_url": ep.base_url, "model": "fake-llm"}},
+        "pipeline": {
+            "out": str(tmp_path / "out"),
+            "shard_size": 2,
+            "tracking": False,
+            "progress": False,
+        },
+    }
     return SynthToolsConfig.model_validate({**base, **kw})
 
 
@@ -107,9 +128,19 @@ def test_end_to_end_specs_agents_tasks_trajectories(tmp_path, endpoint):
 
 def test_rerun_after_failures_completes_each_stage(tmp_path, endpoint):
     endpoint.llm.always_fail_marker = "simulate the backend"  # the tool simulator is down
-    cfg = synth_cfg(tmp_path, endpoint, real_tools=[],
-                    generator={"options": {"base_url": endpoint.base_url, "model": "fake-llm",
-                                           "max_retries": 1, "backoff": 0.0}})
+    cfg = synth_cfg(
+        tmp_path,
+        endpoint,
+        real_tools=[],
+        generator={
+            "options": {
+                "base_url": endpoint.base_url,
+                "model": "fake-llm",
+                "max_retries": 1,
+                "backoff": 0.0,
+            }
+        },
+    )
     s = run_synth_tools(cfg)
     assert not s.complete and s.stages["trajectories"].failed == {"server_error": 4}
     endpoint.llm.always_fail_marker = None
@@ -122,14 +153,23 @@ def test_rerun_after_failures_completes_each_stage(tmp_path, endpoint):
 
 @pytest.mark.slow  # two `k2` processes: ~10 s on an idle box, 40 s on a loaded one
 def test_cli_runs_and_reports(tmp_path, endpoint):
-    cfg = {"seed_domains": ["garden"], "n_subdomains": 1, "tasks_per_agent": 1,
-           "generator": {"options": {"base_url": endpoint.base_url}},
-           "pipeline": {"out": str(tmp_path / "out"), "tracking": False}}
+    cfg = {
+        "seed_domains": ["garden"],
+        "n_subdomains": 1,
+        "tasks_per_agent": 1,
+        "generator": {"options": {"base_url": endpoint.base_url}},
+        "pipeline": {"out": str(tmp_path / "out"), "tracking": False},
+    }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([K2, "synth-tools", str(tmp_path / "c.yaml")], capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [K2, "synth-tools", str(tmp_path / "c.yaml")], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     assert "SFT dataset:" in r.stdout and "trajectories/data/*.jsonl" in r.stdout
-    bad = subprocess.run([K2, "synth-tools", str(tmp_path / "c.yaml"), "real_tools=[nope:x]"],
-                         capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [K2, "synth-tools", str(tmp_path / "c.yaml"), "real_tools=[nope:x]"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "real_tools: cannot import 'nope:x'" in bad.stderr

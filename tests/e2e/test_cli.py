@@ -41,16 +41,24 @@ def test_config_show_with_overrides():
     assert "lr: 0.003" in k2("config", "show", "tiny", "optim.lr=3e-3").stdout
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["config", "show", "tiny", "optim.lr=-1"], "k2: config error: optim.lr: must be > 0 (got -1)"),
-    (["config", "show", "tiny", "moe.num_experts_per_tok=20"],
-     "k2: config error: moe.num_experts_per_tok: must be <= n_routed_experts (16), got 20"),
-    (["config", "show", "tiny", "model.no_such_field=3"], "model.no_such_field: unknown key"),
-    (["config", "show", "nope-preset"], "no preset or file named 'nope-preset'"),
-    (["config", "show", "/no/such/file.yaml"], "/no/such/file.yaml: no such file"),
-    (["params", "tiny", "moe.router=zz"], "moe.router: no router named 'zz'"),
-    (["config", "frobnicate"], "k2: usage error"),
-])
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (
+            ["config", "show", "tiny", "optim.lr=-1"],
+            "k2: config error: optim.lr: must be > 0 (got -1)",
+        ),
+        (
+            ["config", "show", "tiny", "moe.num_experts_per_tok=20"],
+            "k2: config error: moe.num_experts_per_tok: must be <= n_routed_experts (16), got 20",
+        ),
+        (["config", "show", "tiny", "model.no_such_field=3"], "model.no_such_field: unknown key"),
+        (["config", "show", "nope-preset"], "no preset or file named 'nope-preset'"),
+        (["config", "show", "/no/such/file.yaml"], "/no/such/file.yaml: no such file"),
+        (["params", "tiny", "moe.router=zz"], "moe.router: no router named 'zz'"),
+        (["config", "frobnicate"], "k2: usage error"),
+    ],
+)
 def test_bad_input_exit_2_one_line(args, needle):
     out = k2(*args)
     assert out.returncode == 2
@@ -69,8 +77,10 @@ def test_help_imports_no_torch_and_takes_under_a_cpu_second():
     """`k2 --help` builds every plugin's command line; none of them may pull in torch."""
     import resource
 
-    probe = ("import sys, k2_core.cli as c; c.build_parser(); "
-             "print(sorted(m for m in ('torch', 'fastapi', 'mlflow') if m in sys.modules))")
+    probe = (
+        "import sys, k2_core.cli as c; c.build_parser(); "
+        "print(sorted(m for m in ('torch', 'fastapi', 'mlflow') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
     before = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -49,10 +49,23 @@ def test_softmax_router_plugin_from_a_fresh_venv(tmp_path):
     venv = tmp_path / "venv"
     _run([UV, "venv", "-q", str(venv), "--python", sys.executable])
     py = str(venv / "bin" / "python")
-    _run([UV, "pip", "install", "-q", "--python", py, str(ROOT / "packages/core"),
-          str(ROOT / "packages/moe"), str(ROOT / "examples/k2-plugin-softmax-router")])
+    _run(
+        [
+            UV,
+            "pip",
+            "install",
+            "-q",
+            "--python",
+            py,
+            str(ROOT / "packages/core"),
+            str(ROOT / "packages/moe"),
+            str(ROOT / "examples/k2-plugin-softmax-router"),
+        ]
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    data = json.loads(_run([py, "-c", FORWARD], env=env, cwd=tmp_path).stdout.strip().splitlines()[-1])
+    data = json.loads(
+        _run([py, "-c", FORWARD], env=env, cwd=tmp_path).stdout.strip().splitlines()[-1]
+    )
     assert data["router"] == "k2_plugin_softmax_router.router"
     assert data["registered_by"] == "k2-plugin-softmax-router"
     assert data["shape"] == [2, 16, 8192] and data["finite"]
@@ -60,9 +73,20 @@ def test_softmax_router_plugin_from_a_fresh_venv(tmp_path):
     assert data["dists"] == ["k2-core", "k2-moe", "k2-plugin-softmax-router"]
     listing = _run([str(venv / "bin" / "k2"), "plugins"], env=env, cwd=tmp_path).stdout
     assert "softmax_topk" in listing and "k2-plugin-softmax-router" in listing
-    bad = subprocess.run([str(venv / "bin" / "k2"), "config", "show", "tiny",
-                          "moe.router=softmax_topk", "moe.router_options.renormalise=false"],
-                         capture_output=True, text=True, env=env, cwd=tmp_path)
+    bad = subprocess.run(
+        [
+            str(venv / "bin" / "k2"),
+            "config",
+            "show",
+            "tiny",
+            "moe.router=softmax_topk",
+            "moe.router_options.renormalise=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and "moe.router_options.renormalise: unknown option" in bad.stderr
 
 
@@ -72,11 +96,31 @@ def test_pip_resolves_each_package_without_uv(tmp_path):
     report = tmp_path / "report.json"
     _run([sys.executable, "-m", "venv", str(tmp_path / "pv")])  # stdlib venv: pip, no uv
     pip = str(tmp_path / "pv" / "bin" / "pip")
-    _run([pip, "install", "--dry-run", "--quiet", "--ignore-installed",
-          "--report", str(report), str(ROOT / "packages/core"), str(ROOT / "packages/moe")])
+    _run(
+        [
+            pip,
+            "install",
+            "--dry-run",
+            "--quiet",
+            "--ignore-installed",
+            "--report",
+            str(report),
+            str(ROOT / "packages/core"),
+            str(ROOT / "packages/moe"),
+        ]
+    )
     names = {i["metadata"]["name"] for i in json.loads(report.read_text())["install"]}
     assert {"k2-core", "k2-moe", "torch", "pluggy", "pydantic"} <= names
     for pkg in ("optim", "data", "rl", "hw-h800"):
-        _run([pip, "wheel", "--no-deps", "-q", "-w", str(tmp_path / "w"),
-              str(ROOT / "packages" / pkg)])
+        _run(
+            [
+                pip,
+                "wheel",
+                "--no-deps",
+                "-q",
+                "-w",
+                str(tmp_path / "w"),
+                str(ROOT / "packages" / pkg),
+            ]
+        )
     assert len(list((tmp_path / "w").glob("k2_*.whl"))) == 4

@@ -13,9 +13,16 @@ import pytest
 import torch
 
 K2 = str(Path(sys.executable).parent / "k2")
-SMALL = ["tiny", "train.steps=20", "checkpoint.every=10", "model.num_hidden_layers=2",
-         "train.micro_batch_size=2", "train.log_every=1", "train.eval_every=10",
-         "tracking.options.system_metrics=false"]
+SMALL = [
+    "tiny",
+    "train.steps=20",
+    "checkpoint.every=10",
+    "model.num_hidden_layers=2",
+    "train.micro_batch_size=2",
+    "train.log_every=1",
+    "train.eval_every=10",
+    "tracking.options.system_metrics=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,11 +47,20 @@ def test_kill_and_resume_is_bit_identical(tmp_path, env):
     from k2_core.checkpoint import load_tensors
 
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    subprocess.run([K2, "pretrain", *SMALL, f"checkpoint.dir={straight}"], env=env, check=True,
-                   capture_output=True, timeout=900)
+    subprocess.run(
+        [K2, "pretrain", *SMALL, f"checkpoint.dir={straight}"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=900,
+    )
 
-    proc = subprocess.Popen([K2, "pretrain", *SMALL, f"checkpoint.dir={broken}"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [K2, "pretrain", *SMALL, f"checkpoint.dir={broken}"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     marker = broken / "checkpoints" / "step_00000010" / "k2_commit.json"
     deadline = time.time() + 600
     while not marker.exists() and proc.poll() is None and time.time() < deadline:
@@ -52,8 +68,13 @@ def test_kill_and_resume_is_bit_identical(tmp_path, env):
     assert marker.exists(), "the first checkpoint never appeared"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    out = subprocess.run([K2, "pretrain", *SMALL, f"checkpoint.dir={broken}"], env=env,
-                         capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [K2, "pretrain", *SMALL, f"checkpoint.dir={broken}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
 
     a, _ = load_tensors(str(straight / "checkpoints" / "step_00000020"))

@@ -43,20 +43,41 @@ def _run(tmp_path, cmd: str, cfg: dict) -> subprocess.CompletedProcess:
 
 def test_rephrase_against_k2_serve(tmp_path, k2_server):
     docs = tmp_path / "docs.jsonl"
-    docs.write_text("".join(json.dumps({"id": f"s{i}", "text": f"Say hello. Town {i} is old."})
-                            + "\n" for i in range(3)))
-    gen = {"options": {"base_url": k2_server, "max_tokens": 16, "allow_truncated": True,
-                       "max_concurrency": 4}}
-    r = _run(tmp_path, "rephrase", {
-        "source": {"uri": str(docs)}, "n_rephrasings": 2, "generator": gen,
-        "sampling": {"max_tokens": 16}, "fidelity": {"method": "none"},
-        "pipeline": {"out": str(tmp_path / "reph"), "shard_size": 2, "tracking": False}})
+    docs.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "text": f"Say hello. Town {i} is old."}) + "\n"
+            for i in range(3)
+        )
+    )
+    gen = {
+        "options": {
+            "base_url": k2_server,
+            "max_tokens": 16,
+            "allow_truncated": True,
+            "max_concurrency": 4,
+        }
+    }
+    r = _run(
+        tmp_path,
+        "rephrase",
+        {
+            "source": {"uri": str(docs)},
+            "n_rephrasings": 2,
+            "generator": gen,
+            "sampling": {"max_tokens": 16},
+            "fidelity": {"method": "none"},
+            "pipeline": {"out": str(tmp_path / "reph"), "shard_size": 2, "tracking": False},
+        },
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     done = json.loads((tmp_path / "reph" / "done.json").read_text())
     assert done["n_items"] == 6 and done["records"] + sum(done["rejected"].values()) == 6
     assert set(done["rejected"]) <= {"empty_rewrite"}
-    recs = [json.loads(x) for p in sorted((tmp_path / "reph" / "data").glob("*.jsonl"))
-            for x in p.read_text().splitlines()]
+    recs = [
+        json.loads(x)
+        for p in sorted((tmp_path / "reph" / "data").glob("*.jsonl"))
+        for x in p.read_text().splitlines()
+    ]
     assert len(recs) == done["records"] and done["usage"]["completion_tokens"] > 0
     assert all(r["generator"]["model"] and r["generator"]["name"] == "openai" for r in recs)
 
@@ -65,14 +86,26 @@ def test_synth_tools_with_k2_serve_as_the_agent(tmp_path, k2_server):
     fake = FakeEndpoint()
     try:
         helper = {"options": {"base_url": fake.base_url, "model": "fake-llm"}}
-        r = _run(tmp_path, "synth-tools", {
-            "seed_domains": ["weather"], "n_subdomains": 1, "tasks_per_agent": 1,
-            "max_turns": 2, "max_tools_per_agent": 1, "sampling": {"max_tokens": 32},
-            "generator": {"options": {"base_url": k2_server, "max_tokens": 32,
-                                      "allow_truncated": True}},
-            "designer_generator": helper, "user_generator": helper,
-            "tool_generator": helper, "judge_generator": helper,
-            "pipeline": {"out": str(tmp_path / "tools"), "tracking": False}})
+        r = _run(
+            tmp_path,
+            "synth-tools",
+            {
+                "seed_domains": ["weather"],
+                "n_subdomains": 1,
+                "tasks_per_agent": 1,
+                "max_turns": 2,
+                "max_tools_per_agent": 1,
+                "sampling": {"max_tokens": 32},
+                "generator": {
+                    "options": {"base_url": k2_server, "max_tokens": 32, "allow_truncated": True}
+                },
+                "designer_generator": helper,
+                "user_generator": helper,
+                "tool_generator": helper,
+                "judge_generator": helper,
+                "pipeline": {"out": str(tmp_path / "tools"), "tracking": False},
+            },
+        )
         # The agent's turns went to k2 serve: the simulated user saw its replies.
         assert fake.llm.requests > 0
     finally:

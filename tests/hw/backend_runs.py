@@ -37,8 +37,9 @@ def free_port() -> int:
 
 def use_env(cache: str) -> None:
     """Process-wide settings of a run (tests/hw/conftest.py restores them after a module)."""
-    os.environ.update(K2_CACHE_DIR=cache, K2_LOAD_PLUGINS="optim,moe,data,hw_h800",
-                      OMP_NUM_THREADS="1")
+    os.environ.update(
+        K2_CACHE_DIR=cache, K2_LOAD_PLUGINS="optim,moe,data,hw_h800", OMP_NUM_THREADS="1"
+    )
     torch.set_num_threads(1)
 
 
@@ -75,8 +76,7 @@ def fix_routing(model: torch.nn.Module) -> int:
         bias = m.gate.e_score_correction_bias
         with torch.no_grad():
             bias.zero_()
-            bias[favoured_experts(m.layer_idx, bias.numel(), m.gate.top_k)] = \
-                ROUTING_GAP
+            bias[favoured_experts(m.layer_idx, bias.numel(), m.gate.top_k)] = ROUTING_GAP
         done += 1
     return done
 
@@ -91,8 +91,11 @@ class RoutingMargin:
         self.min = float("inf")
         self.tokens = 0
         # only the routers this process holds (another pipeline stage's stay on `meta`)
-        self.handles = [m.register_forward_hook(self._hook) for m in model.modules()
-                        if isinstance(m, SigmoidRouter) and not m.weight.is_meta]
+        self.handles = [
+            m.register_forward_hook(self._hook)
+            for m in model.modules()
+            if isinstance(m, SigmoidRouter) and not m.weight.is_meta
+        ]
 
     def _hook(self, router, args, out) -> None:
         _, _, scores = out
@@ -116,10 +119,13 @@ class RoutingMargin:
         assert self.min > MIN_RELATIVE_MARGIN, (
             f"{what}: a near-tie in top-k routing (relative margin {self.min:.3g} <= "
             f"{MIN_RELATIVE_MARGIN}): float kernel differences may re-route tokens and the "
-            "layouts then differ by more than float error; see backend_runs.fix_routing")
+            "layouts then differ by more than float error; see backend_runs.fix_routing"
+        )
         if os.environ.get("K2_TEST_PRINT_MARGIN"):
-            print(f"routing margin {what}: min relative {self.min:.4f} over {self.tokens} tokens",
-                  flush=True)
+            print(
+                f"routing margin {what}: min relative {self.min:.4f} over {self.tokens} tokens",
+                flush=True,
+            )
         return self.min
 
 
@@ -146,18 +152,25 @@ def train_losses(shrink: list[str], overrides: list[str]) -> list[float]:
     return [h["train/loss"] for h in run.history]
 
 
-def _worker(rank: int, world: int, port: int, cache: str, shrink: list[str],
-            overrides: list[str], out: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, cache: str, shrink: list[str], overrides: list[str], out: str
+) -> None:
     import torch.distributed as dist
 
     use_env(cache)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     try:
         # the fp32 policy: these runs are compared with the fp32 `single` backend (the bf16
         # default is compared with itself in test_bf16_policy.py)
-        losses = train_losses(shrink, ["parallel.backend=h800", "parallel.options.dtype=fp32",
-                                       *overrides])
+        losses = train_losses(
+            shrink, ["parallel.backend=h800", "parallel.options.dtype=fp32", *overrides]
+        )
         with open(f"{out}.{rank}", "w") as f:
             json.dump(losses, f)
     finally:
@@ -165,11 +178,13 @@ def _worker(rank: int, world: int, port: int, cache: str, shrink: list[str],
             dist.destroy_process_group()
 
 
-def distributed_losses(world: int, cache: str, shrink: list[str], overrides: list[str],
-                       out: str) -> list[list[float]]:
+def distributed_losses(
+    world: int, cache: str, shrink: list[str], overrides: list[str], out: str
+) -> list[list[float]]:
     """Train under the h800 backend on `world` spawned gloo processes; each rank's losses."""
-    mp.spawn(_worker, args=(world, free_port(), cache, shrink, overrides, out), nprocs=world,
-             join=True)
+    mp.spawn(
+        _worker, args=(world, free_port(), cache, shrink, overrides, out), nprocs=world, join=True
+    )
     per_rank = []
     for r in range(world):
         with open(f"{out}.{r}") as f:
@@ -199,8 +214,11 @@ def checkpoint_gaps(a_uri: str, b_uri: str) -> dict[str, tuple[float, str]]:
             if rel >= worst.get(kind, (-1.0, ""))[0]:
                 worst[kind] = (rel, k)
     if os.environ.get("K2_TEST_PRINT_MARGIN"):
-        print("checkpoint gaps:", {k: (f"{r:.2e}", n) for k, (r, n) in sorted(worst.items())},
-              flush=True)
+        print(
+            "checkpoint gaps:",
+            {k: (f"{r:.2e}", n) for k, (r, n) in sorted(worst.items())},
+            flush=True,
+        )
     return worst
 
 
@@ -218,16 +236,19 @@ LOSS_TOL = 5e-5  # absolute, losses ~9-10: a few ulps of the loss accumulated ov
 LAYOUT_BOUNDS = {  # relative L2 difference to the single-process checkpoint, per kind
     # Adam's m (exp_avg) and Muon's momentum are linear in the gradients: their ulp-level
     # difference, plus the feedback of slightly different weights on later gradients
-    "optim.exp_avg": 1e-5, "optim.momentum_buffer": 1e-5,
+    "optim.exp_avg": 1e-5,
+    "optim.momentum_buffer": 1e-5,
     # v (exp_avg_sq) is quadratic in the gradients: twice the relative difference of m
     "optim.exp_avg_sq": 2e-5,
     # weights: the sum of the updates; Adam's m / sqrt(v) adds the two relative differences
     # and fp32 Newton-Schulz (5 quintic iterations) amplifies its input's a few times
-    "model": 3e-5, "optim.master": 3e-5,
+    "model": 3e-5,
+    "optim.master": 3e-5,
     # the bias moves by +-bias_update_speed a step from the sign of integer expert counts,
     # which tie-free routing makes equal in every layout, and the step counters are
     # integers: both exact
-    "bias": 0.0, "optim.step": 0.0,
+    "bias": 0.0,
+    "optim.step": 0.0,
 }
 # bf16 Newton-Schulz rounds its iterates to 2^-9: a reduction-order difference flips
 # roundings (and AMX / AVX512-BF16 / AVX2 round bf16 GEMMs differently), which moved the

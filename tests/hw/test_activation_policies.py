@@ -48,8 +48,9 @@ def _step(model, ids):
     model.zero_grad(set_to_none=True)
     out = model(ids, labels=ids, return_logits=False)
     out.loss.backward()
-    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                               if p.grad is not None}
+    return out.loss.detach(), {
+        n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,7 @@ def test_policy_keeps_loss_and_grads(base, ids, reference, name):
 
 def test_recompute_under_bf16_autocast(base, ids):
     """Recipes replay the forward's autocast: rebuilt tensors keep the saved dtype."""
+
     def step(model):
         model.zero_grad(set_to_none=True)
         with torch.autocast("cpu", torch.bfloat16):

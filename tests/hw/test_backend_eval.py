@@ -22,8 +22,13 @@ from backend_runs import (
 
 SHRINK = [
     *small_model(),
-    "train.steps=4", "train.log_every=1", "train.eval_every=2", "train.eval_batches=2",
-    "tracking.tracker=null", "checkpoint.every=100", *EXACT_NS,
+    "train.steps=4",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "train.eval_batches=2",
+    "tracking.tracker=null",
+    "checkpoint.every=100",
+    *EXACT_NS,
 ]
 
 
@@ -41,12 +46,18 @@ def _worker(rank: int, world: int, port: int, cache: str, overrides: list[str], 
     import torch.distributed as dist
 
     use_env(cache)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     try:
         with open(f"{out}.{rank}", "w") as f:
-            json.dump(_evals(["parallel.backend=h800", "parallel.options.dtype=fp32",
-                              *overrides]), f)
+            json.dump(
+                _evals(["parallel.backend=h800", "parallel.options.dtype=fp32", *overrides]), f
+            )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -59,14 +70,27 @@ def test_evaluate_under_dp2_and_pp2_matches_single_process(tmp_path):
     use_env(cache)
     want = _evals(["train.micro_batch_size=2", f"checkpoint.dir={tmp_path / 'single'}"])
     assert len(want) == 2
-    layouts = {"dp2": ["train.micro_batch_size=1"],
-               "pp2": ["parallel.options.pp=2", "parallel.options.n_microbatches=2",
-                       "train.micro_batch_size=2"]}
+    layouts = {
+        "dp2": ["train.micro_batch_size=1"],
+        "pp2": [
+            "parallel.options.pp=2",
+            "parallel.options.n_microbatches=2",
+            "train.micro_batch_size=2",
+        ],
+    }
     for name, opts in layouts.items():
         out = str(tmp_path / name)
-        mp.spawn(_worker, args=(2, free_port(), cache, [*opts, f"checkpoint.dir={out}-ck"], out),
-                 nprocs=2, join=True)
+        mp.spawn(
+            _worker,
+            args=(2, free_port(), cache, [*opts, f"checkpoint.dir={out}-ck"], out),
+            nprocs=2,
+            join=True,
+        )
         per_rank = [json.load(open(f"{out}.{r}")) for r in range(2)]
         assert per_rank[0] == per_rank[1], name  # every rank logs the global value
         # tie-free routing, fp32 Newton-Schulz: summation order only (backend_runs.LOSS_TOL)
-        assert worst_loss_gap(per_rank[0], want, f"eval {name}") < LOSS_TOL, (name, per_rank[0], want)
+        assert worst_loss_gap(per_rank[0], want, f"eval {name}") < LOSS_TOL, (
+            name,
+            per_rank[0],
+            want,
+        )

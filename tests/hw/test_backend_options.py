@@ -11,7 +11,9 @@ from small_model import small_model
 
 @pytest.fixture
 def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     yield
     dist.destroy_process_group()
 
@@ -105,4 +107,6 @@ def test_parallelize_applies_the_activation_policy(world_of_one):
     for (n, p), (_, q) in zip(model.named_parameters(), plain.named_parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=n)
     with pytest.raises(ConfigError, match="invalid recompte"):
-        H800Backend(H800Options(activation_policy={"recompte": True})).parallelize(_tiny_meta_model(), 0)
+        H800Backend(H800Options(activation_policy={"recompte": True})).parallelize(
+            _tiny_meta_model(), 0
+        )

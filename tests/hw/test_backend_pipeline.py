@@ -24,14 +24,36 @@ from backend_runs import (
 STEPS = 10
 SHRINK = [
     *small_model(4),
-    f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "tracking.tracker=null",
-    f"checkpoint.every={STEPS}", *EXACT_NS,
+    f"train.steps={STEPS}",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "tracking.tracker=null",
+    f"checkpoint.every={STEPS}",
+    *EXACT_NS,
 ]
 LAYOUTS = {  # name: (world, backend options, micro batch, grad_accum of the 1-process reference)
-    "pp2xep2": (4, ["parallel.options.pp=2", "parallel.options.ep=2",
-                    "parallel.options.n_microbatches=2", "train.micro_batch_size=2"], 2, 2),
-    "pp2_vs2": (2, ["parallel.options.pp=2", "parallel.options.virtual_stages=2",
-                    "parallel.options.n_microbatches=2", "train.micro_batch_size=4"], 4, 1),
+    "pp2xep2": (
+        4,
+        [
+            "parallel.options.pp=2",
+            "parallel.options.ep=2",
+            "parallel.options.n_microbatches=2",
+            "train.micro_batch_size=2",
+        ],
+        2,
+        2,
+    ),
+    "pp2_vs2": (
+        2,
+        [
+            "parallel.options.pp=2",
+            "parallel.options.virtual_stages=2",
+            "parallel.options.n_microbatches=2",
+            "train.micro_batch_size=4",
+        ],
+        4,
+        1,
+    ),
 }
 
 
@@ -47,12 +69,17 @@ def test_pipeline_layout_matches_single_process(tmp_path, cache, layout):
     world, opts, micro, accum = LAYOUTS[layout]
     use_env(cache)
     single = tmp_path / "single"
-    want = train_losses(SHRINK, [f"train.micro_batch_size={micro}", f"train.grad_accum={accum}",
-                   f"checkpoint.dir={single}"])
+    want = train_losses(
+        SHRINK,
+        [
+            f"train.micro_batch_size={micro}",
+            f"train.grad_accum={accum}",
+            f"checkpoint.dir={single}",
+        ],
+    )
     dist_dir = tmp_path / "dist"
     out = str(tmp_path / "losses")
-    per_rank = distributed_losses(world, cache, SHRINK, [*opts, f"checkpoint.dir={dist_dir}"],
-                                  out)
+    per_rank = distributed_losses(world, cache, SHRINK, [*opts, f"checkpoint.dir={dist_dir}"], out)
     assert all(p == per_rank[0] for p in per_rank)
     got = per_rank[0]
     assert len(got) == len(want) == STEPS

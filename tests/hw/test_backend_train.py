@@ -28,8 +28,14 @@ from backend_runs import (
 STEPS, EVERY = 10, 3
 SHRINK = [
     *small_model(),
-    f"train.steps={STEPS}", "train.micro_batch_size=1", "train.log_every=1", "train.eval_every=0",
-    "tracking.tracker=null", f"checkpoint.every={EVERY}", "checkpoint.keep=5", *EXACT_NS,
+    f"train.steps={STEPS}",
+    "train.micro_batch_size=1",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "tracking.tracker=null",
+    f"checkpoint.every={EVERY}",
+    "checkpoint.keep=5",
+    *EXACT_NS,
 ]
 GLOBAL_SEQS = 4  # sequences per optimizer step in every layout
 
@@ -73,8 +79,12 @@ LAYOUTS = {  # name: (world, options, grad_accum); dp * ep * grad_accum = 4 sequ
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_layout_matches_single_process(tmp_path, reference, layout):
     world, opts, accum = LAYOUTS[layout]
-    got = _distributed(world, reference["cache"],
-                       [*opts, f"train.grad_accum={accum}", f"checkpoint.dir={tmp_path}"], tmp_path)
+    got = _distributed(
+        world,
+        reference["cache"],
+        [*opts, f"train.grad_accum={accum}", f"checkpoint.dir={tmp_path}"],
+        tmp_path,
+    )
     _close(got, reference["losses"], layout)
     # the checkpoint is in the single-process layout: same arrays, same shapes, close values
     assert_layout_equal(_ckpt(reference["dir"], STEPS), _ckpt(tmp_path, STEPS))
@@ -87,12 +97,16 @@ def test_layouts_reshard_both_ways(tmp_path, reference):
     d1 = tmp_path / "to_dist"
     (d1 / "checkpoints").mkdir(parents=True)
     shutil.copytree(_ckpt(reference["dir"], EVERY), _ckpt(d1, EVERY))
-    got = _distributed(4, reference["cache"], ["parallel.options.ep=2", "train.grad_accum=1",
-                                               f"checkpoint.dir={d1}"], tmp_path)
+    got = _distributed(
+        4,
+        reference["cache"],
+        ["parallel.options.ep=2", "train.grad_accum=1", f"checkpoint.dir={d1}"],
+        tmp_path,
+    )
     _close(got, reference["losses"][EVERY:], "single -> dp2xep2")
     d2 = tmp_path / "to_single"
     (d2 / "checkpoints").mkdir(parents=True)
     shutil.copytree(_ckpt(d1, 2 * EVERY), _ckpt(d2, 2 * EVERY))  # written under DP2 x EP2
     use_env(reference["cache"])
     got = train_losses(SHRINK, [f"train.grad_accum={GLOBAL_SEQS}", f"checkpoint.dir={d2}"])
-    _close(got, reference["losses"][2 * EVERY:], "dp2xep2 -> single")
+    _close(got, reference["losses"][2 * EVERY :], "dp2xep2 -> single")

@@ -22,8 +22,14 @@ from backend_runs import (
 
 STEPS = 4
 SHRINK = [
-    *small_model(), f"train.steps={STEPS}", "train.micro_batch_size=1", "train.log_every=1",
-    "train.eval_every=0", "tracking.tracker=null", "checkpoint.every=2", "checkpoint.keep=3",
+    *small_model(),
+    f"train.steps={STEPS}",
+    "train.micro_batch_size=1",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "tracking.tracker=null",
+    "checkpoint.every=2",
+    "checkpoint.keep=3",
     *EXACT_NS,
 ]
 # Autograd hands back BF16 gradients (rounded to 2^-9 relative) for BF16 weights before they
@@ -33,9 +39,15 @@ SHRINK = [
 # steps: losses 1.5e-5 absolute; weights, masters and moments 5e-3 to 7e-3 relative. The bounds
 # are ~3x that; a re-routed token or a wrong shard moves them by O(1).
 LOSS_TOL = 2e-4
-BOUNDS = {"model": 2e-2, "optim.master": 2e-2, "optim.exp_avg": 2e-2,
-          "optim.momentum_buffer": 2e-2, "optim.exp_avg_sq": 3e-2, "bias": 0.0,
-          "optim.step": 0.0}
+BOUNDS = {
+    "model": 2e-2,
+    "optim.master": 2e-2,
+    "optim.exp_avg": 2e-2,
+    "optim.momentum_buffer": 2e-2,
+    "optim.exp_avg_sq": 3e-2,
+    "bias": 0.0,
+    "optim.step": 0.0,
+}
 
 
 def _ckpt(d: Path, step: int) -> str:
@@ -44,9 +56,13 @@ def _ckpt(d: Path, step: int) -> str:
 
 def _run(world: int, cache: str, tmp: Path, extra: list[str]) -> list[float]:
     # after backend_runs' fp32 default, so it wins
-    per_rank = distributed_losses(world, cache, SHRINK, ["parallel.options.dtype=bf16",
-                                                         f"checkpoint.dir={tmp}", *extra],
-                                  str(tmp / "losses"))
+    per_rank = distributed_losses(
+        world,
+        cache,
+        SHRINK,
+        ["parallel.options.dtype=bf16", f"checkpoint.dir={tmp}", *extra],
+        str(tmp / "losses"),
+    )
     assert all(p == per_rank[0] for p in per_rank)
     return per_rank[0]
 
@@ -68,18 +84,24 @@ def test_bf16_policy_dp2xep2_matches_one_process(tmp_path, one_process):
 
     got = _run(4, one_process["cache"], tmp_path, ["parallel.options.ep=2"])
     assert worst_loss_gap(got, one_process["losses"], "bf16 dp2xep2") < LOSS_TOL
-    for kind, (rel, where) in checkpoint_gaps(_ckpt(one_process["dir"], STEPS),
-                                              _ckpt(tmp_path, STEPS)).items():
+    for kind, (rel, where) in checkpoint_gaps(
+        _ckpt(one_process["dir"], STEPS), _ckpt(tmp_path, STEPS)
+    ).items():
         assert rel <= BOUNDS[kind], (kind, where, rel)
     tensors, _ = load_tensors(_ckpt(tmp_path, STEPS))
-    weights = {k: v for k, v in tensors["model"].items() if v.is_floating_point()
-               and "e_score_correction_bias" not in k and "expert_counts" not in k}
+    weights = {
+        k: v
+        for k, v in tensors["model"].items()
+        if v.is_floating_point() and "e_score_correction_bias" not in k and "expert_counts" not in k
+    }
     masters = {k: v for k, v in tensors["optim"].items() if k.endswith(".master")}
     assert weights and all(v.dtype.itemsize == 2 for v in weights.values())  # BF16 weights
     assert len(masters) == len(weights) and all(v.dtype.itemsize == 4 for v in masters.values())
     # the BF16 weight is its master rounded (QK-Clip aside: it scales both in place)
     name = next(k for k in weights if "experts" in k)
-    assert (tensors["optim"][f"{name}.master"].to(weights[name].dtype) == weights[name]).float().mean() > 0.99
+    assert (
+        tensors["optim"][f"{name}.master"].to(weights[name].dtype) == weights[name]
+    ).float().mean() > 0.99
 
     # resume step 2 of the DP2 x EP2 run at PP2 x EP2 (another layout, masters and moments
     # re-cut): the same last losses

@@ -20,11 +20,21 @@ import sys
 import pytest
 from backend_runs import free_port
 
-BIG = ["model.hidden_size=1024", "model.num_hidden_layers=8", "moe.n_routed_experts=64",
-       "moe.moe_intermediate_size=512"]
+BIG = [
+    "model.hidden_size=1024",
+    "model.num_hidden_layers=8",
+    "moe.n_routed_experts=64",
+    "moe.moe_intermediate_size=512",
+]
 LAYOUT = ["parallel.backend=h800", "parallel.options.pp=2", "parallel.options.ep=2"]
-COMMON = ["train.micro_batch_size=2", "train.eval_every=0", "train.log_every=1",
-          "tracking.tracker=null", "checkpoint.every=2", "checkpoint.keep=1"]
+COMMON = [
+    "train.micro_batch_size=2",
+    "train.eval_every=0",
+    "train.log_every=1",
+    "tracking.tracker=null",
+    "checkpoint.every=2",
+    "checkpoint.keep=1",
+]
 LIMIT_GIB = 4.0
 
 # Each rank runs the `k2` CLI as a user would, then leaves its peak RSS and losses beside it.
@@ -47,8 +57,20 @@ def _torchrun(tmp_path, overrides: list[str], tag: str) -> list[dict]:
     script.write_text(_RANK)
     out = str(tmp_path / tag)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "K2_LOAD_PLUGINS": "optim,moe,data,hw_h800"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "4",
-           "--master-port", str(free_port()), str(script), out, "pretrain", "tiny", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "4",
+        "--master-port",
+        str(free_port()),
+        str(script),
+        out,
+        "pretrain",
+        "tiny",
+        *overrides,
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     return [json.load(open(f"{out}.{r}")) for r in range(4)]
@@ -71,8 +93,10 @@ def test_a_740m_model_trains_and_resumes_in_4gib_per_rank(tmp_path):
     second = _torchrun(tmp_path, [*common, "train.steps=4"], "second")
     assert [s for s, _ in list_checkpoints(str(run / "checkpoints"))] == [4]
     peaks = [r["hwm"] / 2**30 for r in first + second]
-    print(f"peak RSS per rank (GiB): to step 2 {[round(p, 2) for p in peaks[:4]]}, "
-          f"resumed to step 4 {[round(p, 2) for p in peaks[4:]]}")
+    print(
+        f"peak RSS per rank (GiB): to step 2 {[round(p, 2) for p in peaks[:4]]}, "
+        f"resumed to step 4 {[round(p, 2) for p in peaks[4:]]}"
+    )
     assert max(peaks) <= LIMIT_GIB, peaks
 
 
@@ -84,14 +108,35 @@ def test_pp2xep2_first_losses_equal_one_process(tmp_path):
     and checked, Newton-Schulz runs in fp32: only float order differs, a few ulps of a loss)."""
     from backend_runs import EXACT_NS, distributed_losses, train_losses, use_env, worst_loss_gap
 
-    mid = ["model.hidden_size=256", "model.num_hidden_layers=8", "moe.n_routed_experts=16",
-           "moe.moe_intermediate_size=128", "train.steps=2", "train.eval_every=0",
-           "train.log_every=1", "tracking.tracker=null", "checkpoint.every=100", *EXACT_NS]
+    mid = [
+        "model.hidden_size=256",
+        "model.num_hidden_layers=8",
+        "moe.n_routed_experts=16",
+        "moe.moe_intermediate_size=128",
+        "train.steps=2",
+        "train.eval_every=0",
+        "train.log_every=1",
+        "tracking.tracker=null",
+        "checkpoint.every=100",
+        *EXACT_NS,
+    ]
     cache = str(tmp_path / "cache")
     use_env(cache)
-    want = train_losses(mid, ["train.micro_batch_size=2", "train.grad_accum=2",
-                              f"checkpoint.dir={tmp_path / 'one'}"])
-    got = distributed_losses(4, cache, mid, [
-        "parallel.options.pp=2", "parallel.options.ep=2", "parallel.options.n_microbatches=2",
-        "train.micro_batch_size=2", f"checkpoint.dir={tmp_path / 'four'}"], str(tmp_path / "l"))[0]
+    want = train_losses(
+        mid,
+        ["train.micro_batch_size=2", "train.grad_accum=2", f"checkpoint.dir={tmp_path / 'one'}"],
+    )
+    got = distributed_losses(
+        4,
+        cache,
+        mid,
+        [
+            "parallel.options.pp=2",
+            "parallel.options.ep=2",
+            "parallel.options.n_microbatches=2",
+            "train.micro_batch_size=2",
+            f"checkpoint.dir={tmp_path / 'four'}",
+        ],
+        str(tmp_path / "l"),
+    )[0]
     assert worst_loss_gap(got, want, "pp2xep2 mid-size") <= 1e-5 * min(want), (got, want)

@@ -17,11 +17,21 @@ import torch.multiprocessing as mp
 from backend_runs import free_port
 
 MODEL = [
-    "model.num_hidden_layers=4", "model.hidden_size=256", "model.intermediate_size=512",
-    "model.num_attention_heads=4", "model.q_lora_rank=64", "model.kv_lora_rank=32",
-    "model.qk_nope_head_dim=32", "model.qk_rope_head_dim=16", "model.v_head_dim=32",
-    "moe.moe_intermediate_size=256", "moe.n_routed_experts=8", "moe.num_experts_per_tok=2",
-    "train.micro_batch_size=2", "train.eval_every=0", "train.log_every=1",
+    "model.num_hidden_layers=4",
+    "model.hidden_size=256",
+    "model.intermediate_size=512",
+    "model.num_attention_heads=4",
+    "model.q_lora_rank=64",
+    "model.kv_lora_rank=32",
+    "model.qk_nope_head_dim=32",
+    "model.qk_rope_head_dim=16",
+    "model.v_head_dim=32",
+    "moe.moe_intermediate_size=256",
+    "moe.n_routed_experts=8",
+    "moe.num_experts_per_tok=2",
+    "train.micro_batch_size=2",
+    "train.eval_every=0",
+    "train.log_every=1",
     "tracking.tracker=null",
 ]
 PP2EP2 = ["parallel.options.pp=2", "parallel.options.ep=2", "parallel.options.n_microbatches=2"]
@@ -45,8 +55,14 @@ def _phase(cfg_overrides: list[str], src: str | None, root: str, out: str, rank:
         return
     run = build_run(load_config("tiny", [*ov, "checkpoint.resume=never"]))
     stats: dict[str, int] = {}
-    attrs = run.backend.load_train_state(src, model=run.model, optimizer=run.optimizer,
-                                         scheduler=run.scheduler, loader=run.loader, stats=stats)
+    attrs = run.backend.load_train_state(
+        src,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        loader=run.loader,
+        stats=stats,
+    )
     run.step = attrs["step"]
     held = [*model_tensors(run.model), *optimizer_tensors(run.model, run.optimizer)]
     held_bytes = sum(h.tensor.numel() * h.tensor.element_size() for h in held)
@@ -59,26 +75,47 @@ def _phase(cfg_overrides: list[str], src: str | None, root: str, out: str, rank:
         json.dump({"read": stats["bytes_read"], "held": held_bytes, "save_rss": extra}, f)
 
 
-def _worker(rank: int, world: int, port: int, opts: list[str], src: str | None, root: str,
-            out: str, cache: str) -> None:
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    opts: list[str],
+    src: str | None,
+    root: str,
+    out: str,
+    cache: str,
+) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), K2_CACHE_DIR=cache,
-                      K2_LOAD_PLUGINS="optim,moe,data,hw_h800", OMP_NUM_THREADS="1")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        K2_CACHE_DIR=cache,
+        K2_LOAD_PLUGINS="optim,moe,data,hw_h800",
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     try:
         # fp32: the round trip goes through the fp32 `single` backend and back, bit-exactly
-        _phase(["parallel.backend=h800", "parallel.options.dtype=fp32", *opts], src, root, out,
-               rank)
+        _phase(
+            ["parallel.backend=h800", "parallel.options.dtype=fp32", *opts], src, root, out, rank
+        )
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
 def _run(world: int, opts: list[str], src: str | None, root: str, out: str, cache: str) -> list:
-    mp.start_processes(_worker, args=(world, free_port(), opts, src, root, out, cache),
-                       nprocs=world, join=True, start_method="fork")
+    mp.start_processes(
+        _worker,
+        args=(world, free_port(), opts, src, root, out, cache),
+        nprocs=world,
+        join=True,
+        start_method="fork",
+    )
     if src is None:
         return []
     return [json.load(open(f"{out}.{r}")) for r in range(world)]
@@ -121,8 +158,12 @@ def test_checkpoints_round_trip_layouts_bit_exactly(tmp_path):
 
     for uri in (_ckpt(a), _ckpt(b), _ckpt(d)):
         written = _ranks_written(uri)
-        total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(uri)
-                    for f in fs if "/c/" in os.path.join(dp, f) or os.path.join(dp, f).endswith("/c"))
+        total = sum(
+            os.path.getsize(os.path.join(dp, f))
+            for dp, _, fs in os.walk(uri)
+            for f in fs
+            if "/c/" in os.path.join(dp, f) or os.path.join(dp, f).endswith("/c")
+        )
         assert sum(written.values()) == total  # each chunk byte written by exactly one rank
         stages = [[0, 1], [2, 3]] if uri != _ckpt(b) else [[0, 1, 2, 3]]
         for ranks in stages:

@@ -35,8 +35,14 @@ from backend_runs import (
 STEPS, EVERY, TOL, RESUME_TOL = 10, 3, LOSS_TOL, 1e-5
 SHRINK = [
     *small_model(),
-    f"train.steps={STEPS}", "train.micro_batch_size=1", "train.log_every=1", "train.eval_every=0",
-    "tracking.tracker=null", f"checkpoint.every={EVERY}", "checkpoint.keep=5", *EXACT_NS,
+    f"train.steps={STEPS}",
+    "train.micro_batch_size=1",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "tracking.tracker=null",
+    f"checkpoint.every={EVERY}",
+    "checkpoint.keep=5",
+    *EXACT_NS,
 ]
 DS = ["parallel.backend=h800", "parallel.options.engine=deepspeed", "train.grad_accum=2"]
 SINGLE = ["train.grad_accum=4"]  # 4 sequences a step in both: 2 ranks x 2 micro-batches
@@ -58,19 +64,29 @@ def _train(overrides: list[str]) -> dict:
         from deepspeed.utils import safe_get_full_fp32_param
 
         params = dict(run.model.named_parameters())
-        master_gap = max(float((safe_get_full_fp32_param(params[n]) - w).abs().max())
-                         for n, w in weights.items())
-    return {"losses": [h["train/loss"] for h in run.history],
-            "clipped": [h["qk_clip/heads_clipped"] for h in run.history],
-            "weights": weights, "master_gap": master_gap}
+        master_gap = max(
+            float((safe_get_full_fp32_param(params[n]) - w).abs().max()) for n, w in weights.items()
+        )
+    return {
+        "losses": [h["train/loss"] for h in run.history],
+        "clipped": [h["qk_clip/heads_clipped"] for h in run.history],
+        "weights": weights,
+        "master_gap": master_gap,
+    }
 
 
 def _worker(rank: int, world: int, port: int, cache: str, overrides: list[str], out: str) -> None:
     import torch.distributed as dist
 
     use_env(cache)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+    )
     try:
         torch.save(_train([*DS, *overrides]), f"{out}.{rank}")
     finally:
@@ -137,12 +153,12 @@ def test_resume_replays_the_run(tmp_path, cache, single, deepspeed_run):
     d1 = tmp_path / "same_layout"
     shutil.copytree(src, _ckpt(d1, 2 * EVERY))
     got = _deepspeed(cache, [f"checkpoint.dir={d1}"], tmp_path)
-    _close(got[0]["losses"], deepspeed_run["ranks"][0]["losses"][2 * EVERY:], RESUME_TOL)
+    _close(got[0]["losses"], deepspeed_run["ranks"][0]["losses"][2 * EVERY :], RESUME_TOL)
     d2 = tmp_path / "one_process"
     shutil.copytree(src, _ckpt(d2, 2 * EVERY))
     use_env(cache)
     losses = train_losses(SHRINK, [*SINGLE, f"checkpoint.dir={d2}"])
-    _close(losses, single["losses"][2 * EVERY:], TOL)
+    _close(losses, single["losses"][2 * EVERY :], TOL)
 
 
 @pytest.mark.slow
@@ -171,14 +187,17 @@ def test_qk_clip_same_on_every_rank_as_single_process(tmp_path, cache):
 def world_of_one(tmp_path):
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     yield
     dist.destroy_process_group()
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("opts,field", [({"pp": 2}, "pp=2"), ({"ep": 2}, "ep=2"),
-                                        ({"zero_stage": 0}, "zero_stage=1")])
+@pytest.mark.parametrize(
+    "opts,field", [({"pp": 2}, "pp=2"), ({"ep": 2}, "ep=2"), ({"zero_stage": 0}, "zero_stage=1")]
+)
 def test_deepspeed_refuses_other_layouts_in_one_line(world_of_one, opts, field):
     from k2_core.errors import ConfigError
     from k2_hw_h800.backend import H800Backend
@@ -187,4 +206,3 @@ def test_deepspeed_refuses_other_layouts_in_one_line(world_of_one, opts, field):
     with pytest.raises(ConfigError, match="engine=deepspeed") as err:
         H800Backend(H800Options(engine="deepspeed", **opts))
     assert field in str(err.value) and "\n" not in str(err.value)
-

@@ -36,8 +36,9 @@ def test_fake_process_group_api_the_dry_run_needs():
         assert dist.get_backend() == "cpu:fake,meta:fake"
     finally:
         dist.destroy_process_group()
-    assert 'backend == "fake"' in inspect.getsource(schedules) or \
-        "backend != \"fake\"" in inspect.getsource(schedules)
+    assert 'backend == "fake"' in inspect.getsource(
+        schedules
+    ) or 'backend != "fake"' in inspect.getsource(schedules)
 
 
 def test_sampled_ranks_cover_first_middle_last_stage():
@@ -58,7 +59,10 @@ def _check(report: dict, pps: set[int]) -> None:
     assert report["ok"] and {r["pp_rank"] for r in report["ranks"]} == pps
     for r in report["ranks"]:
         for k in KEYS:
-            assert r[k] > 0 and abs(r[k] - r["planned"][k]) <= 0.05 * r["planned"][k], (r["rank"], k)
+            assert r[k] > 0 and abs(r[k] - r["planned"][k]) <= 0.05 * r["planned"][k], (
+                r["rank"],
+                k,
+            )
 
 
 @pytest.mark.distributed
@@ -75,5 +79,10 @@ def test_dry_run_k2_1t_on_256_nodes(capsys):
     of the plan (the acceptance check dry-run-k2-1t also bounds its RSS)."""
     report = _dry(["--model", "k2-1t", "--nodes", "256"], capsys)
     _check(report, {0, 8, 15})
-    assert report["layout"] == {"pp": 16, "ep": 16, "dp": 8, "virtual_stages": report["layout"]["virtual_stages"]}
+    assert report["layout"] == {
+        "pp": 16,
+        "ep": 16,
+        "dp": 8,
+        "virtual_stages": report["layout"]["virtual_stages"],
+    }
     assert {r["rank"] for r in report["ranks"]} >= {0, 2047}

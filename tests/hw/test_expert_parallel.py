@@ -26,8 +26,15 @@ def _moe():
 
     torch.manual_seed(0)
     router = SigmoidRouter(HIDDEN, EXPERTS, TOPK, routed_scaling_factor=2.5, initializer_range=0.5)
-    moe = MoE(HIDDEN, INTER, EXPERTS, router, n_shared_experts=1, seq_aux_loss_coef=0.01,
-              initializer_range=0.1)
+    moe = MoE(
+        HIDDEN,
+        INTER,
+        EXPERTS,
+        router,
+        n_shared_experts=1,
+        seq_aux_loss_coef=0.01,
+        initializer_range=0.1,
+    )
     with torch.no_grad():  # a skewed bias: uneven loads, so uneven all-to-all splits
         router.e_score_correction_bias.copy_(torch.linspace(-0.3, 0.3, EXPERTS))
     return moe.train()
@@ -46,8 +53,9 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     from k2_hw_h800.mesh import build_layout
     from k2_hw_h800.options import H800Options
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     torch.set_num_threads(1)
     try:
         lay = build_layout(H800Options(ep=world), torch.device("cpu"))
@@ -77,7 +85,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         torch.testing.assert_close(y.reshape(-1, HIDDEN), y_ref[rows], **tol)
         torch.testing.assert_close(x.grad.reshape(-1, HIDDEN), x_all.grad[rows], **tol)
         for name in ("gate_up_proj", "down_proj"):
-            want = getattr(ref.experts, name).grad[rank * local:(rank + 1) * local]
+            want = getattr(ref.experts, name).grad[rank * local : (rank + 1) * local]
             torch.testing.assert_close(getattr(moe.experts, name).grad, want, **tol)
         # replicated parts: each rank holds its tokens' share of the gradient; the sum is the whole
         for (n, p), (n2, p2) in zip(moe.named_parameters(), ref.named_parameters(), strict=True):

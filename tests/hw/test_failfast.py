@@ -20,10 +20,17 @@ from small_model import small_model
 
 TIMEOUT_S = 30
 ARGS = [
-    "tiny", *small_model(), "train.steps=16", "train.micro_batch_size=1", "train.log_every=1",
+    "tiny",
+    *small_model(),
+    "train.steps=16",
+    "train.micro_batch_size=1",
+    "train.log_every=1",
     "train.eval_every=0",
-    "tracking.tracker=null", "checkpoint.every=2", "parallel.backend=h800",
-    "parallel.options.ep=2", f"parallel.options.timeout_s={TIMEOUT_S}",
+    "tracking.tracker=null",
+    "checkpoint.every=2",
+    "parallel.backend=h800",
+    "parallel.options.ep=2",
+    f"parallel.options.timeout_s={TIMEOUT_S}",
 ]
 
 PREPARE = """
@@ -43,12 +50,33 @@ def _free_port() -> int:
 def _launch(run_dir, cache, port):
     procs = []
     for rank in range(2):
-        env = {**os.environ, "K2_CACHE_DIR": str(cache), "K2_LOAD_PLUGINS": "optim,moe,data,hw_h800",
-               "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-m", "k2_core.cli", "pretrain", *ARGS, f"checkpoint.dir={run_dir}"],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "K2_CACHE_DIR": str(cache),
+            "K2_LOAD_PLUGINS": "optim,moe,data,hw_h800",
+            "OMP_NUM_THREADS": "1",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": str(rank),
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "k2_core.cli",
+                    "pretrain",
+                    *ARGS,
+                    f"checkpoint.dir={run_dir}",
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     return procs
 
 
@@ -79,8 +107,11 @@ def test_killed_rank_fails_fast_and_restart_resumes(tmp_path):
     assert line and "rank 0" in line[0] and "restart the job" in line[0], err[-3000:]
     assert "Traceback" not in err
 
-    done = sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*")
-                  if (p / "k2_commit.json").exists())
+    done = sorted(
+        int(p.name[5:])
+        for p in (run_dir / "checkpoints").glob("step_*")
+        if (p / "k2_commit.json").exists()
+    )
     procs = _launch(run_dir, cache, _free_port())
     results = [p.communicate(timeout=900) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], results[0][1][-3000:]

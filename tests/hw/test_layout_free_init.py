@@ -12,8 +12,12 @@ import torch
 import torch.multiprocessing as mp
 from backend_runs import free_port, small_model
 
-LAYOUTS = {"dp2": (2, []), "ep4": (4, ["ep=4"]), "dp2xep2": (4, ["ep=2"]),
-           "pp2xep2": (4, ["pp=2", "ep=2"])}
+LAYOUTS = {
+    "dp2": (2, []),
+    "ep4": (4, ["ep=4"]),
+    "dp2xep2": (4, ["ep=2"]),
+    "pp2xep2": (4, ["pp=2", "ep=2"]),
+}
 OVERRIDES = [*small_model(4), "moe.n_routed_experts=8", "tracking.tracker=null"]
 
 
@@ -25,14 +29,25 @@ def _worker(rank: int, world: int, port: int, opts: list[str], out: str) -> None
     from k2_core.plugins import get_plugins
     from safetensors.torch import save_file
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      K2_LOAD_PLUGINS="optim,moe,data,hw_h800")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        K2_LOAD_PLUGINS="optim,moe,data,hw_h800",
+    )
     torch.set_num_threads(1)
     try:
-        cfg = load_config("tiny", [*OVERRIDES, "parallel.backend=h800",
-                                   "parallel.options.dtype=fp32",
-                                   *[f"parallel.options.{o}" for o in opts]])
+        cfg = load_config(
+            "tiny",
+            [
+                *OVERRIDES,
+                "parallel.backend=h800",
+                "parallel.options.dtype=fp32",
+                *[f"parallel.options.{o}" for o in opts],
+            ],
+        )
         reg = get_plugins().registry
         backend = reg.build("backend", "h800", options=cfg.parallel.options)
         model = backend.parallelize(build_model(cfg, reg, device="meta"), cfg.train.seed)
@@ -57,8 +72,13 @@ def test_initial_weights_are_layout_free(tmp_path, layout):
     from safetensors import safe_open
 
     world, opts = LAYOUTS[layout]
-    mp.start_processes(_worker, args=(world, free_port(), opts, str(tmp_path)), nprocs=world,
-                       join=True, start_method="fork")
+    mp.start_processes(
+        _worker,
+        args=(world, free_port(), opts, str(tmp_path)),
+        nprocs=world,
+        join=True,
+        start_method="fork",
+    )
     want = dict(build_model(load_config("tiny", OVERRIDES)).named_parameters())
     got: dict[str, torch.Tensor] = {}
     covered: dict[str, torch.Tensor] = {}

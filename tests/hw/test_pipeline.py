@@ -24,12 +24,28 @@ VOCAB, SEQ, ROWS, N_MB, STEPS, LR = 128, 32, 8, 4, 4, 3e-3
 
 def _model():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32,
-                      kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                      max_position_embeddings=256, initializer_range=0.1)
-    moe = MoEConfig(moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
-                    n_shared_experts=1, seq_aux_loss_coef=0.01)
+    cfg = ModelConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+    )
+    moe = MoEConfig(
+        moe_intermediate_size=32,
+        n_routed_experts=8,
+        num_experts_per_tok=2,
+        n_shared_experts=1,
+        seq_aux_loss_coef=0.01,
+    )
     model = build_model((cfg, moe))
     fix_routing(model)  # tie-free routing: layouts may differ by float order only
     return model.train()
@@ -66,8 +82,11 @@ def _reference(packed: bool) -> dict:
         loss = model(**batch, return_logits=True).loss
         loss.backward()
         if step == 0:
-            first = {"loss": loss.detach().clone(), "max_logits": model.max_logits().clone(),
-                     "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+            first = {
+                "loss": loss.detach().clone(),
+                "max_logits": model.max_logits().clone(),
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            }
         losses.append(float(loss.detach()))
         opt.step()
         model.update_router_bias()
@@ -78,15 +97,27 @@ def _reference(packed: bool) -> dict:
 
 def _worker(rank, world, port, virtual, packed, out):
     # a bounded timeout: a failing rank must not leave its peer waiting for half an hour
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world,
+        timeout=timedelta(seconds=60),
+    )
     torch.set_num_threads(1)
     try:
         model = _model()
         model.set_record_max_logits(True)
         margin = RoutingMargin(model)
-        runner = build_pipeline(model, pp_group=dist.group.WORLD, pp_rank=rank, pp_size=world,
-                                virtual_stages=virtual, n_microbatches=N_MB, device="cpu")
+        runner = build_pipeline(
+            model,
+            pp_group=dist.group.WORLD,
+            pp_rank=rank,
+            pp_size=world,
+            virtual_stages=virtual,
+            n_microbatches=N_MB,
+            device="cpu",
+        )
         opt = torch.optim.AdamW(runner.parameters(), lr=LR)
         losses, first = [], {}
         model.eval()
@@ -102,19 +133,30 @@ def _worker(rank, world, port, virtual, packed, out):
                 loss = runner.step(batch)
             assert (loss is None) != runner.has_last_chunk
             if step == 0:
-                first = {"loss": loss, "max_logits": runner.max_logits(),
-                         "grads": {n: p.grad.clone() for n, p in runner.named_parameters()},
-                         "chunks": [c.index for c in runner.stage_modules],
-                         "layers": runner.layer_ids, "eval_loss": eval_loss}
+                first = {
+                    "loss": loss,
+                    "max_logits": runner.max_logits(),
+                    "grads": {n: p.grad.clone() for n, p in runner.named_parameters()},
+                    "chunks": [c.index for c in runner.stage_modules],
+                    "layers": runner.layer_ids,
+                    "eval_loss": eval_loss,
+                }
             losses.append(float(runner.broadcast_loss(loss)))
             opt.step()
             model.update_router_bias()
             opt.zero_grad()
         margin.check(f"pipeline rank {rank}")
         if virtual == 1:  # a fresh model, one step with the stages' forwards under bf16 autocast
-            bf16 = build_pipeline(_model(), pp_group=dist.group.WORLD, pp_rank=rank, pp_size=world,
-                                  virtual_stages=1, n_microbatches=N_MB, device="cpu",
-                                  autocast=torch.bfloat16)
+            bf16 = build_pipeline(
+                _model(),
+                pp_group=dist.group.WORLD,
+                pp_rank=rank,
+                pp_size=world,
+                virtual_stages=1,
+                n_microbatches=N_MB,
+                device="cpu",
+                autocast=torch.bfloat16,
+            )
             first["bf16_loss"] = bf16.broadcast_loss(bf16.step(_batches(packed)[0]))
         torch.save({**first, "losses": losses}, f"{out}/rank{rank}.pt")
     finally:
@@ -136,7 +178,9 @@ def test_chunks_compose_to_the_model():
     model.zero_grad()
     chunks = split_model(model, 3)
     assert [len(c.layers) for c in chunks] == [1, 2, 1]  # the planner's: spare layers off the ends
-    assert chunks[0].embed_tokens is model.model.embed_tokens and chunks[-1].lm_head is model.lm_head
+    assert (
+        chunks[0].embed_tokens is model.model.embed_tokens and chunks[-1].lm_head is model.lm_head
+    )
     assert all(c.rotary_emb is model.model.rotary_emb for c in chunks)
     kw = {k: batch[k] for k in ("position_ids", "segment_ids")}
     x = chunks[0](batch["input_ids"], **kw)
@@ -153,11 +197,25 @@ def test_split_and_build_reject_bad_layouts():
     with pytest.raises(ConfigError, match="4 decoder layers"):
         split_model(model, 5)
     with pytest.raises(ConfigError, match="virtual_stages"):
-        build_pipeline(model, pp_group=None, pp_rank=0, pp_size=2, virtual_stages=0,
-                       n_microbatches=4, device="cpu")
+        build_pipeline(
+            model,
+            pp_group=None,
+            pp_rank=0,
+            pp_size=2,
+            virtual_stages=0,
+            n_microbatches=4,
+            device="cpu",
+        )
     with pytest.raises(ConfigError, match="n_microbatches"):
-        build_pipeline(model, pp_group=None, pp_rank=0, pp_size=2, virtual_stages=2,
-                       n_microbatches=5, device="cpu")
+        build_pipeline(
+            model,
+            pp_group=None,
+            pp_rank=0,
+            pp_size=2,
+            virtual_stages=2,
+            n_microbatches=5,
+            device="cpu",
+        )
 
 
 @pytest.mark.distributed
@@ -165,8 +223,13 @@ def test_split_and_build_reject_bad_layouts():
 def test_pipeline_matches_single_process(tmp_path, virtual, packed):
     world = 2
     # fork, not spawn: workers inherit the imports (torch's pipelining alone takes seconds)
-    mp.start_processes(_worker, args=(world, _free_port(), virtual, packed, str(tmp_path)),
-                       nprocs=world, join=True, start_method="fork")
+    mp.start_processes(
+        _worker,
+        args=(world, _free_port(), virtual, packed, str(tmp_path)),
+        nprocs=world,
+        join=True,
+        start_method="fork",
+    )
     ref = _reference(packed)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     n_chunks = world * virtual
@@ -184,8 +247,10 @@ def test_pipeline_matches_single_process(tmp_path, virtual, packed):
         assert r["losses"] == last["losses"]
     # 4 AdamW steps from identical weights, tie-free routing: the losses (~5) differ by float
     # order only, a few ulps a step (measured 1e-6); 1e-5 as for the first step's
-    assert worst_loss_gap(last["losses"], ref["losses"], f"pipeline v{virtual}") < 1e-5, \
-        (last["losses"], ref["losses"])
+    assert worst_loss_gap(last["losses"], ref["losses"], f"pipeline v{virtual}") < 1e-5, (
+        last["losses"],
+        ref["losses"],
+    )
     assert ref["losses"][-1] < ref["losses"][0]
     if virtual == 1:
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -124,13 +124,16 @@ def test_in_flight_chunks_follow_1f1b():
 
 
 def test_zero1_shards_expert_state_over_dp_and_the_rest_over_ep_dp(k2):
-    a = stage_state(k2.model, k2.moe, [5], first=False, last=False, ep=16, dp=1,
-                    master_weights=False)
-    b = stage_state(k2.model, k2.moe, [5], first=False, last=False, ep=16, dp=2,
-                    master_weights=False)
+    a = stage_state(
+        k2.model, k2.moe, [5], first=False, last=False, ep=16, dp=1, master_weights=False
+    )
+    b = stage_state(
+        k2.model, k2.moe, [5], first=False, last=False, ep=16, dp=2, master_weights=False
+    )
     assert a.params == b.params and b.optimizer == pytest.approx(a.optimizer / 2)
-    m = stage_state(k2.model, k2.moe, [5], first=False, last=False, ep=16, dp=2,
-                    master_weights=True)
+    m = stage_state(
+        k2.model, k2.moe, [5], first=False, last=False, ep=16, dp=2, master_weights=True
+    )
     assert m.optimizer > b.optimizer
 
 

@@ -37,6 +37,7 @@ def _hf_moe(k2: MoE, model, moe, impl="eager"):
 
 # --- registration --------------------------------------------------------------------------
 
+
 def test_k2_register():
     reg = _registry()
     ffn = reg.get("ffn", "moe")
@@ -77,6 +78,7 @@ def test_bad_option_is_a_config_error():
 
 # --- router ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
 def test_router_equals_hf(groups):
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
@@ -110,8 +112,9 @@ def test_router_group_limit_is_respected():
 
 
 def test_router_softmax_and_greedy():
-    model, moe = small_configs(scoring_func="softmax", topk_method="greedy", norm_topk_prob=False,
-                               experts=16, k=4)
+    model, moe = small_configs(
+        scoring_func="softmax", topk_method="greedy", norm_topk_prob=False, experts=16, k=4
+    )
     r = _registry().build("router", "sigmoid_noaux_tc", model, moe)
     with torch.no_grad():
         r.e_score_correction_bias.fill_(5.0)  # greedy ignores the bias
@@ -122,7 +125,9 @@ def test_router_softmax_and_greedy():
     torch.testing.assert_close(scores, ref)
     top = ref.topk(4, dim=-1)
     assert torch.equal(idx.sort(1).values, top.indices.sort(1).values)
-    torch.testing.assert_close(w.sort(1).values, (top.values * moe.routed_scaling_factor).sort(1).values)
+    torch.testing.assert_close(
+        w.sort(1).values, (top.values * moe.routed_scaling_factor).sort(1).values
+    )
 
 
 def test_router_bias_update_sign_and_speed():
@@ -135,6 +140,7 @@ def test_router_bias_update_sign_and_speed():
 
 
 # --- MoE vs transformers --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("impl", ["eager", "grouped_mm"])
 @pytest.mark.parametrize("kernel", ["loop", "grouped_mm"])
@@ -211,10 +217,13 @@ def test_dispatch_has_no_per_token_python_loop():
     per_expert = {"enumerate(self.splits)", "zip(sp, parts, strict=True)", "parts", "d.active"}
     # ...except the CPU's small-batch decode form, a loop over at most SMALL_BATCH_PAIRS
     # token-expert pairs, reached only below that bound (moe.py checks it)
-    bounded = next(n for n in tree.body
-                   if isinstance(n, ast.FunctionDef) and n.name == "_pairs_on_host")
+    bounded = next(
+        n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "_pairs_on_host"
+    )
     exempt = {id(n) for n in ast.walk(bounded)}
-    assert "numel() <= SMALL_BATCH_PAIRS" in inspect.getsource(importlib.import_module("k2_moe.moe"))
+    assert "numel() <= SMALL_BATCH_PAIRS" in inspect.getsource(
+        importlib.import_module("k2_moe.moe")
+    )
     for node in ast.walk(tree):
         if id(node) in exempt:
             continue
@@ -254,6 +263,7 @@ def test_bf16_autocast_runs():
 
 # --- balancing ------------------------------------------------------------------------------
 
+
 def test_bias_update_from_accumulated_counts():
     model, moe = small_configs(experts=4, k=1, bias_update_speed=0.5)
     k2 = _k2_moe(model, moe)
@@ -291,7 +301,9 @@ def test_balance_loss_hand_computed():
     s2 = torch.cat([scores, torch.tensor([[0.5, 0.5], [0.5, 0.5]])])
     i2 = torch.cat([idx, torch.tensor([[1], [0]])])
     # seq 2: f = [1, 1], P = [0.5, 0.5] -> 1.0 * alpha
-    torch.testing.assert_close(sequence_balance_loss(s2, i2, 2, alpha=0.1), torch.tensor((0.125 + 0.1) / 2))
+    torch.testing.assert_close(
+        sequence_balance_loss(s2, i2, 2, alpha=0.1), torch.tensor((0.125 + 0.1) / 2)
+    )
 
 
 def test_balance_loss_on_module():
@@ -366,15 +378,18 @@ def test_experts_kernel_announces_what_it_saves(kernel, n_shared):
     them by that name, so what it announces must be exactly what autograd then packs."""
     from k2_core.model.saved import ExpertsSaved, listen_saved
 
-    if kernel == "grouped_mm" and not (hasattr(torch.nn.functional, "grouped_mm")
-                                       or hasattr(torch, "_grouped_mm")):
+    if kernel == "grouped_mm" and not (
+        hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")
+    ):
         pytest.skip("no grouped_mm in this torch")
     model, moe = small_configs(n_shared=n_shared)
     k2 = _k2_moe(model, moe, kernel=kernel)
     x = torch.randn(2, 5, model.hidden_size, requires_grad=True)
     announced, packed = [], []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t), \
-            listen_saved(announced.append):
+    with (
+        torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t),
+        listen_saved(announced.append),
+    ):
         y = k2(x)
     assert len(announced) == 1 and isinstance(announced[0], ExpertsSaved)
     saved = announced[0]
@@ -383,7 +398,10 @@ def test_experts_kernel_announces_what_it_saves(kernel, n_shared):
     assert saved.h.shape == (s, 2 * inter) and saved.act.shape == (s, inter)
     assert saved.ws.shape == (s, 1)
     if n_shared:
-        assert saved.hs.shape == (n, 2 * inter * n_shared) and saved.acts.shape == (n, inter * n_shared)
+        assert saved.hs.shape == (n, 2 * inter * n_shared) and saved.acts.shape == (
+            n,
+            inter * n_shared,
+        )
     else:
         assert saved.hs is None and saved.acts is None
     keys = {t.untyped_storage().data_ptr() for t in packed}

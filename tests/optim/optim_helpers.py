@@ -81,5 +81,13 @@ def plain_targets(model: TinyLM):
     from k2_optim import QKClipTarget
 
     a = model.attn
-    return [QKClipTarget(max_logits=a, q_weight=a.q_proj.weight, k_weight=a.k_proj.weight,
-                         heads=a.heads, q_bias=a.q_proj.bias, name="attn")]
+    return [
+        QKClipTarget(
+            max_logits=a,
+            q_weight=a.q_proj.weight,
+            k_weight=a.k_proj.weight,
+            heads=a.heads,
+            q_bias=a.q_proj.bias,
+            name="attn",
+        )
+    ]

@@ -14,7 +14,9 @@ from optim_helpers import TinyLM
 
 @pytest.fixture
 def world_of_one(tmp_path):
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
     yield
     dist.destroy_process_group()
 
@@ -34,12 +36,20 @@ def test_direction_plus_inner_step_equals_muonclip(world_of_one, nesterov, adjus
     ref_model = TinyLM()
     ds_model = TinyLM()  # deepcopy would drop the parameters' muon_split attribute
     ds_model.load_state_dict(ref_model.state_dict())
-    kw = dict(nesterov=nesterov, adjust_lr_fn=adjust, adamw_betas=(0.8, 0.9), adamw_eps=1e-6,
-              qk_clip=False, ns_dtype=torch.float32)
+    kw = dict(
+        nesterov=nesterov,
+        adjust_lr_fn=adjust,
+        adamw_betas=(0.8, 0.9),
+        adamw_eps=1e-6,
+        qk_clip=False,
+        ns_dtype=torch.float32,
+    )
     ref = MuonClip(param_groups(ref_model, 0.02, 0.1), 0.02, 0.1, **kw)
     opt = DeepSpeedMuonClip(param_groups(ds_model, 0.02, 0.1), 0.02, 0.1, **kw)
     # the inner optimizer's groups mirror the outer ones (DeepSpeed swaps in flat partitions)
-    assert [g["use_muon"] for g in opt.inner.param_groups] == [g["use_muon"] for g in opt.param_groups]
+    assert [g["use_muon"] for g in opt.inner.param_groups] == [
+        g["use_muon"] for g in opt.param_groups
+    ]
     for step in range(3):
         _loss(ref_model, step).backward()
         ref.step()
@@ -54,8 +64,10 @@ def test_direction_plus_inner_step_equals_muonclip(world_of_one, nesterov, adjus
     for (n, a), b in zip(ref_model.named_parameters(), ds_model.parameters(), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=n)
     # K2's momentum lives outside DeepSpeed's state, in the single-process layout
-    torch.testing.assert_close(opt.state[ds_model.gate_up]["momentum_buffer"],
-                               ref.state[ref_model.gate_up]["momentum_buffer"])
+    torch.testing.assert_close(
+        opt.state[ds_model.gate_up]["momentum_buffer"],
+        ref.state[ref_model.gate_up]["momentum_buffer"],
+    )
 
 
 def test_deepspeed_muon_cannot_split_fused_blocks():
@@ -75,16 +87,20 @@ def test_deepspeed_muon_cannot_split_fused_blocks():
         for g in grads:
             k2_m.mul_(0.95).add_(g)
             u = g + 0.95 * k2_m
-            ds = muon_update(g.clone(), ds_m, beta=0.95, ns_method="standard",
-                             is_expert_group=True).float()
+            ds = muon_update(
+                g.clone(), ds_m, beta=0.95, ns_method="standard", is_expert_group=True
+            ).float()
             ds *= adjusted_scale(32, 16, "match_rms_adamw") / _aspect_ratio_scale(32, 16)
-            whole = newton_schulz(u, out_dtype=torch.float32) * adjusted_scale(32, 16, "match_rms_adamw")
-            split = (newton_schulz(u.reshape(6, 16, 16), out_dtype=torch.float32).reshape(3, 32, 16)
-                     * adjusted_scale(16, 16, "match_rms_adamw"))
+            whole = newton_schulz(u, out_dtype=torch.float32) * adjusted_scale(
+                32, 16, "match_rms_adamw"
+            )
+            split = newton_schulz(u.reshape(6, 16, 16), out_dtype=torch.float32).reshape(
+                3, 32, 16
+            ) * adjusted_scale(16, 16, "match_rms_adamw")
             rel_whole = float((ds - whole).norm() / whole.norm())
             rel_split = float((ds - split).norm() / split.norm())
-            assert rel_whole < 0.06, rel_whole   # same update up to bf16 Newton-Schulz
-            assert rel_split > 0.3, rel_split    # K2's gate/up blocks: a different update
+            assert rel_whole < 0.06, rel_whole  # same update up to bf16 Newton-Schulz
+            assert rel_split > 0.3, rel_split  # K2's gate/up blocks: a different update
 
 
 def test_deepspeed_config_is_zero1_fp32():
@@ -105,6 +121,8 @@ def test_module_imports_without_deepspeed_use():
     import subprocess
     import sys
 
-    code = ("import sys, k2_optim; k2_optim.DeepSpeedMuonClip; "
-            "assert 'deepspeed' not in sys.modules, 'deepspeed imported'")
+    code = (
+        "import sys, k2_optim; k2_optim.DeepSpeedMuonClip; "
+        "assert 'deepspeed' not in sys.modules, 'deepspeed imported'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

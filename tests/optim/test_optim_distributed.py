@@ -43,16 +43,20 @@ def _opt_kwargs(ns_dtype):
 
 
 def _worker(rank, world, port, ns_dtype, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     torch.set_num_threads(1)
     try:
         model = _model()
-        opt = DistributedMuonClip(model, qk_clip_targets=plain_targets(model), **_opt_kwargs(ns_dtype))
+        opt = DistributedMuonClip(
+            model, qk_clip_targets=plain_targets(model), **_opt_kwargs(ns_dtype)
+        )
         per = BATCH // world
         clipped = []
         for ids in _batches():
             opt.zero_grad()
-            _loss(model, ids[rank * per:(rank + 1) * per]).backward()
+            _loss(model, ids[rank * per : (rank + 1) * per]).backward()
             opt.step()
             clipped.append(int(opt.last_clip_stats["heads_clipped"]))
         shard = opt.state_dict()
@@ -61,12 +65,21 @@ def _worker(rank, world, port, ns_dtype, out):
         dist.all_gather_object(shards, shard)
         full = opt.consolidated_state_dict()
         # re-shard: a fresh optimizer loads the full dict and keeps only its own entries
-        opt2 = DistributedMuonClip(model, qk_clip_targets=plain_targets(model), **_opt_kwargs(ns_dtype))
+        opt2 = DistributedMuonClip(
+            model, qk_clip_targets=plain_targets(model), **_opt_kwargs(ns_dtype)
+        )
         opt2.load_state_dict(full)
         assert set(opt2.state_dict()["state"]) == set(shard["state"])
         if rank == 0:
-            torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-                        "merged": merge_state_dicts(shards), "full": full, "clipped": clipped}, out)
+            torch.save(
+                {
+                    "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                    "merged": merge_state_dicts(shards),
+                    "full": full,
+                    "clipped": clipped,
+                },
+                out,
+            )
     finally:
         dist.destroy_process_group()
 
@@ -80,7 +93,9 @@ def test_assign_owners_balanced_and_deterministic():
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("world,ns_dtype", [(2, torch.float32), (4, torch.float32), (2, torch.bfloat16)])
+@pytest.mark.parametrize(
+    "world,ns_dtype", [(2, torch.float32), (4, torch.float32), (2, torch.bfloat16)]
+)
 def test_distributed_equals_single_process(tmp_path, world, ns_dtype):
     out = str(tmp_path / "rank0.pt")
     mp.spawn(_worker, args=(world, _free_port(), ns_dtype, out), nprocs=world, join=True)
@@ -108,4 +123,6 @@ def test_distributed_equals_single_process(tmp_path, world, ns_dtype):
                 else:
                     assert merged["state"][pid][k] == v
     # the merged dict also loads into a single-process optimizer
-    MuonClip(model, qk_clip_targets=plain_targets(model), **_opt_kwargs(ns_dtype)).load_state_dict(got["merged"])
+    MuonClip(model, qk_clip_targets=plain_targets(model), **_opt_kwargs(ns_dtype)).load_state_dict(
+        got["merged"]
+    )

@@ -39,7 +39,9 @@ def test_master_weights_follow_the_fp32_update():
     for p, q in zip(ref.parameters(), low.parameters(), strict=True):
         st = o_low.state[q]
         assert st["master"].dtype == torch.float32 and q.dtype == torch.bfloat16
-        assert all(v.dtype == torch.float32 for k, v in st.items() if torch.is_tensor(v) and k != "step")
+        assert all(
+            v.dtype == torch.float32 for k, v in st.items() if torch.is_tensor(v) and k != "step"
+        )
         torch.testing.assert_close(st["master"], p.detach(), rtol=0, atol=0)
         assert torch.equal(q.detach(), p.detach().to(torch.bfloat16))
         assert not q.main_grad.any()  # zero_grad zeroes the buffers
@@ -77,12 +79,20 @@ def test_qk_clip_scales_the_master_too():
     q = nn.Parameter(torch.ones(4, 3, dtype=torch.bfloat16))
     q.main_grad = torch.zeros(4, 3)
     ml = torch.tensor([200.0, 10.0])
-    target = QKClipTarget(max_logits=lambda: ml, q_weight=q, k_weight=None, heads=2,
-                          q_sqrt_rows=(), q_gamma_rows=slice(None))
+    target = QKClipTarget(
+        max_logits=lambda: ml,
+        q_weight=q,
+        k_weight=None,
+        heads=2,
+        q_sqrt_rows=(),
+        q_gamma_rows=slice(None),
+    )
     opt = MuonClip([q], lr=0.0, weight_decay=0.0, qk_clip_tau=100.0, qk_clip_targets=[target])
     opt.step()
     master = opt.state[q]["master"]
-    assert torch.allclose(master[:2], torch.full((2, 3), 0.5)) and torch.equal(master[2:], torch.ones(2, 3))
+    assert torch.allclose(master[:2], torch.full((2, 3), 0.5)) and torch.equal(
+        master[2:], torch.ones(2, 3)
+    )
     assert torch.equal(q.detach().float(), master)
 
 
@@ -97,8 +107,9 @@ def test_init_state_allocates_up_front_and_steps_the_same():
         assert st["master"].dtype == torch.float32 and torch.equal(st["master"], p.detach().float())
         assert ("momentum_buffer" in st) != ("exp_avg" in st)
     for step in range(2):
-        for a, b, g in zip(lazy_m.parameters(), eager_m.parameters(), _grads(lazy_m, step),
-                           strict=True):
+        for a, b, g in zip(
+            lazy_m.parameters(), eager_m.parameters(), _grads(lazy_m, step), strict=True
+        ):
             a.grad, b.grad = g.to(torch.bfloat16), g.to(torch.bfloat16)
         lazy.step()
         eager.step()

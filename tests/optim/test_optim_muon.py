@@ -30,6 +30,7 @@ def _seed():
 
 # --- Newton-Schulz --------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48)])
 def test_ns_output_is_near_orthogonal(shape):
     g = torch.randn(*shape)
@@ -65,6 +66,7 @@ def test_ns_fp32_mode_matches_reference_formula():
 
 # --- Muon update -----------------------------------------------------------------------------
 
+
 def _manual_muon(w, g, lr, wd, scale_shape):
     # one step from zero momentum: M = G; U = G + mu*M = (1+mu) G  (NS is scale-invariant)
     o = newton_schulz(g, dtype=torch.float32)
@@ -79,8 +81,9 @@ def test_expert_tensor_is_orthogonalised_per_expert():
     w.grad = g.clone()
     Muon([w], lr=0.01, weight_decay=0.1, ns_dtype=torch.float32).step()
     for e in range(4):
-        torch.testing.assert_close(w[e].detach(), _manual_muon(w0[e], g[e], 0.01, 0.1, (16, 8)),
-                                   atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(
+            w[e].detach(), _manual_muon(w0[e], g[e], 0.01, 0.1, (16, 8)), atol=1e-6, rtol=1e-5
+        )
 
 
 def test_muon_split_blocks():
@@ -94,9 +97,12 @@ def test_muon_split_blocks():
     Muon([w], lr=0.01, weight_decay=0.0, ns_dtype=torch.float32).step()
     for e in range(3):
         for blk in (slice(0, 8), slice(8, 16)):
-            torch.testing.assert_close(w[e, blk].detach(),
-                                       _manual_muon(w0[e, blk], g[e, blk], 0.01, 0.0, (8, 12)),
-                                       atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(
+                w[e, blk].detach(),
+                _manual_muon(w0[e, blk], g[e, blk], 0.01, 0.0, (8, 12)),
+                atol=1e-6,
+                rtol=1e-5,
+            )
     bad = nn.Parameter(torch.randn(2, 7, 4))
     bad.muon_split = 2
     with pytest.raises(ValueError, match="muon_split"):
@@ -110,8 +116,14 @@ def test_equals_torch_optim_muon(nesterov):
     ref = [nn.Parameter(p.detach().clone()) for p in ours]
     lr, wd = 0.02, 0.1
     o1 = Muon(ours, lr=lr, weight_decay=wd, momentum=0.95, nesterov=nesterov)
-    o2 = torch.optim.Muon(ref, lr=lr, weight_decay=wd, momentum=0.95, nesterov=nesterov,
-                          adjust_lr_fn="match_rms_adamw")
+    o2 = torch.optim.Muon(
+        ref,
+        lr=lr,
+        weight_decay=wd,
+        momentum=0.95,
+        nesterov=nesterov,
+        adjust_lr_fn="match_rms_adamw",
+    )
     for _ in range(4):
         before = [p.detach().clone() for p in ref]
         for a, b in zip(ours, ref, strict=True):
@@ -128,15 +140,24 @@ def test_equals_torch_optim_muon(nesterov):
     # documented difference: torch keeps an EMA buffer (lerp, (1-mu) * G), K2 a sum (mu*M + G);
     # NS normalises the update, so only the stored buffer differs, by the factor (1 - mu)
     for a, b in zip(ours, ref, strict=True):
-        torch.testing.assert_close(o2.state[b]["momentum_buffer"] / 0.05,
-                                   o1.state[a]["momentum_buffer"], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            o2.state[b]["momentum_buffer"] / 0.05,
+            o1.state[a]["momentum_buffer"],
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def test_adamw_groups_equal_torch_adamw():
     p1 = [nn.Parameter(torch.randn(10)), nn.Parameter(torch.randn(5, 3))]
     p2 = [nn.Parameter(p.detach().clone()) for p in p1]
-    o1 = Muon([{"params": p1, "use_muon": False}], lr=1e-2, weight_decay=0.05,
-              adamw_betas=(0.9, 0.95), adamw_eps=1e-8)
+    o1 = Muon(
+        [{"params": p1, "use_muon": False}],
+        lr=1e-2,
+        weight_decay=0.05,
+        adamw_betas=(0.9, 0.95),
+        adamw_eps=1e-8,
+    )
     o2 = torch.optim.AdamW(p2, lr=1e-2, weight_decay=0.05, betas=(0.9, 0.95), eps=1e-8)
     for _ in range(5):
         for a, b in zip(p1, p2, strict=True):
@@ -179,6 +200,7 @@ def test_state_dict_roundtrip():
 
 # --- grouping -------------------------------------------------------------------------------
 
+
 def test_grouping_k2_model_embeddings_head_norms_router_on_adamw():
     model = k2_tiny(2)
     parts = {k: [n for n, _ in v] for k, v in classify(model).items()}
@@ -217,6 +239,7 @@ def test_grouping_tied_and_generic_models():
 
 # --- schedules ------------------------------------------------------------------------------
 
+
 def test_wsd_schedule_shape():
     f = wsd_schedule(warmup_steps=10, stable_steps=20, decay_steps=10, min_lr_ratio=0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
@@ -234,7 +257,9 @@ def test_wsd_schedule_shape():
 def test_cosine_schedule_with_lambda_lr():
     p = nn.Parameter(torch.zeros(2, 2))
     opt = Muon([p], lr=1.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(warmup=4, total=20, min_ratio=0.1))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, cosine_schedule(warmup=4, total=20, min_ratio=0.1)
+    )
     lrs = []
     for _ in range(25):
         lrs.append(opt.param_groups[0]["lr"])
@@ -249,6 +274,7 @@ def test_cosine_schedule_with_lambda_lr():
 
 
 # --- packaging ------------------------------------------------------------------------------
+
 
 def test_import_pulls_no_heavy_dependencies():
     code = (

@@ -31,8 +31,10 @@ def test_bucket_size_does_not_change_the_update(nesterov):
     ref, small = models
     kw = dict(lr=0.02, adamw_lr=1e-2, qk_clip_tau=3.0, ns_dtype=torch.float32, nesterov=nesterov)
     # 1 byte: every matrix (and every expert of a 3-D stack) is its own bucket
-    opts = [MuonClip(m, qk_clip_targets=plain_targets(m), bucket_bytes=b, **kw)
-            for m, b in ((ref, 1 << 30), (small, 1))]
+    opts = [
+        MuonClip(m, qk_clip_targets=plain_targets(m), bucket_bytes=b, **kw)
+        for m, b in ((ref, 1 << 30), (small, 1))
+    ]
     _train(ref, opts[0])
     _train(small, opts[1])
     for (n, a), b in zip(ref.named_parameters(), small.parameters(), strict=True):
@@ -51,11 +53,10 @@ def test_split_blocks_taller_than_wide():
     w.muon_split = 2
     start = w.detach().clone()
     w.grad = torch.randn(4, 96, 16)
-    opt = Muon([w], lr=0.1, weight_decay=0.0, momentum=0.0, nesterov=False,
-               ns_dtype=torch.float32)
+    opt = Muon([w], lr=0.1, weight_decay=0.0, momentum=0.0, nesterov=False, ns_dtype=torch.float32)
     opt.step()
     blocks = newton_schulz(w.grad.reshape(8, 48, 16), dtype=torch.float32).reshape(4, 96, 16)
-    expect = start - 0.1 * 0.2 * 48 ** 0.5 * blocks
+    expect = start - 0.1 * 0.2 * 48**0.5 * blocks
     torch.testing.assert_close(w.detach(), expect, atol=1e-5, rtol=1e-5)
 
 
@@ -108,8 +109,12 @@ def test_workspace_is_reused_and_holds_no_state():
         torch.manual_seed(0)
         w = nn.Parameter(torch.randn(4, 96, 16))
         w.muon_split = 2
-        return [w, nn.Parameter(torch.randn(32, 24)), nn.Parameter(torch.randn(24, 32)),
-                nn.Parameter(torch.randn(24, 32))]
+        return [
+            w,
+            nn.Parameter(torch.randn(32, 24)),
+            nn.Parameter(torch.randn(24, 32)),
+            nn.Parameter(torch.randn(24, 32)),
+        ]
 
     a, b = make(), make()
     opt_a = Muon(a, lr=0.05, bucket_bytes=1024)

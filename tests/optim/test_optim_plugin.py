@@ -20,20 +20,38 @@ def _registry():
 
 def test_k2_register():
     reg = _registry()
-    for slot, name, opts in (("optimizer", "muon", MuonOptions), ("optimizer", "muonclip", MuonClipOptions),
-                             ("lr_schedule", "wsd", WSDOptions), ("lr_schedule", "cosine", CosineOptions)):
+    for slot, name, opts in (
+        ("optimizer", "muon", MuonOptions),
+        ("optimizer", "muonclip", MuonClipOptions),
+        ("lr_schedule", "wsd", WSDOptions),
+        ("lr_schedule", "cosine", CosineOptions),
+    ):
         r = reg.get(slot, name)
         assert r.options is opts and r.distribution == "k2-optim" and r.doc
     model = k2_tiny(2)
-    opt = reg.build("optimizer", "muonclip", model, lr=1e-3, weight_decay=0.1,
-                    options={"qk_clip_tau": 50.0, "adamw_lr": 3e-4})
+    opt = reg.build(
+        "optimizer",
+        "muonclip",
+        model,
+        lr=1e-3,
+        weight_decay=0.1,
+        options={"qk_clip_tau": 50.0, "adamw_lr": 3e-4},
+    )
     assert type(opt) is MuonClip and opt.qk_clip_tau == 50.0 and len(opt.qk_clip_targets) == 2
     assert {g["name"]: g["lr"] for g in opt.param_groups} == {
-        "muon": 1e-3, "adamw": 3e-4, "adamw_no_decay": 3e-4}
+        "muon": 1e-3,
+        "adamw": 3e-4,
+        "adamw_no_decay": 3e-4,
+    }
     muon = reg.build("optimizer", "muon", model, lr=1e-3, weight_decay=0.1, options={})
     assert type(muon) is Muon
-    sched = reg.build("lr_schedule", "wsd", opt, total_steps=100,
-                      options={"warmup_steps": 10, "decay_fraction": 0.2})
+    sched = reg.build(
+        "lr_schedule",
+        "wsd",
+        opt,
+        total_steps=100,
+        options={"warmup_steps": 10, "decay_fraction": 0.2},
+    )
     lrs = []
     for _ in range(100):
         lrs.append(opt.param_groups[0]["lr"])
@@ -61,8 +79,14 @@ def test_options_are_strict_and_documented():
 def test_distributed_option_needs_a_process_group():
     reg = _registry()
     with pytest.raises(RuntimeError, match="torch.distributed"):
-        reg.build("optimizer", "muonclip", torch.nn.Linear(4, 4), lr=1e-3, weight_decay=0.0,
-                  options={"distributed": True})
+        reg.build(
+            "optimizer",
+            "muonclip",
+            torch.nn.Linear(4, 4),
+            lr=1e-3,
+            weight_decay=0.0,
+            options={"distributed": True},
+        )
 
 
 def test_plugin_import_is_light():

@@ -48,15 +48,19 @@ def test_k2_mla_only_heads_over_tau_with_exact_factors(q_lora):
     model.set_record_max_logits(True)
     ids, labels = _batch(model.config.vocab_size)
     _fwd_bwd(model, ids, labels)
-    s = model.max_logits().clone()                               # [layers, heads]
-    tau = float(s.median())                                      # about half the heads clip
+    s = model.max_logits().clone()  # [layers, heads]
+    tau = float(s.median())  # about half the heads clip
     over = s > tau
     assert 0 < over.sum() < over.numel()
     attn = model.attention_layers()
     q_name = "q_b_proj" if q_lora else "q_proj"
-    before = {i: {n: getattr(a, n).weight.detach().clone()
-                  for n in (q_name, "kv_b_proj", "kv_a_proj_with_mqa", "o_proj")}
-              for i, a in enumerate(attn)}
+    before = {
+        i: {
+            n: getattr(a, n).weight.detach().clone()
+            for n in (q_name, "kv_b_proj", "kv_a_proj_with_mqa", "o_proj")
+        }
+        for i, a in enumerate(attn)
+    }
     targets = find_qk_clip_targets(model)
     assert len(targets) == 2 and targets[0].q_weight is getattr(attn[0], q_name).weight
     # lr = 0, wd = 0: the update is a no-op, so every change comes from QK-Clip
@@ -66,8 +70,11 @@ def test_k2_mla_only_heads_over_tau_with_exact_factors(q_lora):
     assert int(st["heads_clipped"]) == int(over.sum())
     torch.testing.assert_close(st["max_logit"], s.max())
     torch.testing.assert_close(st["per_layer_max"], s.amax(1))
-    nope, rope, v = (model.config.qk_nope_head_dim, model.config.qk_rope_head_dim,
-                     model.config.v_head_dim)
+    nope, rope, v = (
+        model.config.qk_nope_head_dim,
+        model.config.qk_rope_head_dim,
+        model.config.v_head_dim,
+    )
     heads = model.config.num_attention_heads
     for i, a in enumerate(attn):
         gamma = torch.where(over[i], tau / s[i], torch.ones_like(s[i]))
@@ -78,10 +85,12 @@ def test_k2_mla_only_heads_over_tau_with_exact_factors(q_lora):
         k0 = before[i]["kv_b_proj"].view(heads, nope + v, -1)
         k1 = a.kv_b_proj.weight.detach().view(heads, nope + v, -1)
         torch.testing.assert_close(k1[:, :nope], k0[:, :nope] * gamma.sqrt()[:, None, None])
-        assert torch.equal(k1[:, nope:], k0[:, nope:])                       # values untouched
-        assert torch.equal(a.kv_a_proj_with_mqa.weight, before[i]["kv_a_proj_with_mqa"])  # shared k_R
+        assert torch.equal(k1[:, nope:], k0[:, nope:])  # values untouched
+        assert torch.equal(
+            a.kv_a_proj_with_mqa.weight, before[i]["kv_a_proj_with_mqa"]
+        )  # shared k_R
         assert torch.equal(a.o_proj.weight, before[i]["o_proj"])
-        assert torch.equal(q1[~over[i]], q0[~over[i]])                       # unclipped heads exact
+        assert torch.equal(q1[~over[i]], q0[~over[i]])  # unclipped heads exact
         assert torch.equal(k1[~over[i]], k0[~over[i]])
     # the same input now gives max logits <= tau on the clipped heads, unchanged elsewhere
     # (layer 0 sees the same input; deeper layers see inputs changed by the clip above them)
@@ -112,7 +121,7 @@ def test_training_step_then_clip_and_no_double_clip_without_forward():
     assert float(model.max_logits()[0].max()) < tau * 1.05
     w = model.attention_layers()[0].q_b_proj.weight.detach().clone()
     opt.zero_grad(set_to_none=True)
-    opt.step()                                           # no forward, no grads: nothing moves
+    opt.step()  # no forward, no grads: nothing moves
     assert opt.last_clip_stats is None
     assert torch.equal(model.attention_layers()[0].q_b_proj.weight, w)
 
@@ -145,7 +154,7 @@ def test_max_logit_reduce_hook_is_applied():
         calls.append(t.shape)
         return t * 4.0
 
-    tau = float(s.max()) * 2.0                            # nothing over tau locally
+    tau = float(s.max()) * 2.0  # nothing over tau locally
     opt = MuonClip(model, lr=0.0, weight_decay=0.0, qk_clip_tau=tau, max_logit_reduce=reduce)
     opt.step()
     assert calls == [torch.Size([model.config.num_attention_heads])]
@@ -169,6 +178,7 @@ def test_max_logit_reduce_is_joined_without_a_forward():
     heads = model.config.num_attention_heads
     assert len(seen) == 1 and seen[0].shape == (heads,) and bool(torch.isinf(seen[0]).all())
     assert int(opt.last_clip_stats["heads_clipped"]) == heads  # the reduced logits are applied
+
 
 def test_qk_clip_off_changes_nothing():
     model = k2_tiny(1)
@@ -195,8 +205,9 @@ def test_generic_multi_head_attention_example():
     over = s > tau
     q0, k0 = model.attn.q_proj.weight.detach().clone(), model.attn.k_proj.weight.detach().clone()
     qb0, v0 = model.attn.q_proj.bias.detach().clone(), model.attn.v_proj.weight.detach().clone()
-    opt = MuonClip(model, lr=0.0, weight_decay=0.0, qk_clip_tau=tau,
-                   qk_clip_targets=plain_targets(model))
+    opt = MuonClip(
+        model, lr=0.0, weight_decay=0.0, qk_clip_tau=tau, qk_clip_targets=plain_targets(model)
+    )
     opt.step()
     gamma = torch.where(over, tau / s, torch.ones_like(s)).repeat_interleave(8)
     torch.testing.assert_close(model.attn.q_proj.weight, q0 * gamma.sqrt()[:, None])
@@ -211,17 +222,34 @@ def test_generic_multi_head_attention_example():
 
 def test_callable_max_logits_and_validation():
     w = torch.nn.Parameter(torch.ones(8, 4))
-    t = QKClipTarget(max_logits=lambda: torch.tensor([4.0, 1.0]), q_weight=w, k_weight=None,
-                     heads=2, q_sqrt_rows=[], q_gamma_rows=None)
+    t = QKClipTarget(
+        max_logits=lambda: torch.tensor([4.0, 1.0]),
+        q_weight=w,
+        k_weight=None,
+        heads=2,
+        q_sqrt_rows=[],
+        q_gamma_rows=None,
+    )
     assert t._pow["q"].tolist() == [0.0] * 4
-    t = QKClipTarget(max_logits=lambda: torch.tensor([4.0, 1.0]), q_weight=w, k_weight=None,
-                     heads=2, q_sqrt_rows=[], q_gamma_rows=slice(None))
+    t = QKClipTarget(
+        max_logits=lambda: torch.tensor([4.0, 1.0]),
+        q_weight=w,
+        k_weight=None,
+        heads=2,
+        q_sqrt_rows=[],
+        q_gamma_rows=slice(None),
+    )
     opt = MuonClip([w], lr=0.0, weight_decay=0.0, qk_clip_tau=2.0, qk_clip_targets=[t])
     w.grad = torch.zeros_like(w)
     opt.step()
-    assert w[:4].eq(0.5).all() and w[4:].eq(1.0).all()       # gamma = 2/4 on head 0's rows
+    assert w[:4].eq(0.5).all() and w[4:].eq(1.0).all()  # gamma = 2/4 on head 0's rows
     with pytest.raises(ValueError, match="divisible"):
         QKClipTarget(max_logits=lambda: None, q_weight=torch.ones(7, 2), k_weight=None, heads=2)
     with pytest.raises(ValueError, match="both"):
-        QKClipTarget(max_logits=lambda: None, q_weight=torch.ones(8, 2), k_weight=None, heads=2,
-                     q_gamma_rows=[0])
+        QKClipTarget(
+            max_logits=lambda: None,
+            q_weight=torch.ones(8, 2),
+            k_weight=None,
+            heads=2,
+            q_gamma_rows=[0],
+        )

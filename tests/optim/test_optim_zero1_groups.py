@@ -56,8 +56,17 @@ def _groups(model: MoELM, experts: list[nn.Parameter]) -> list[dict]:
     return [
         {"params": mats, "use_muon": True},
         {"params": [model.embed_tokens.weight, model.lm_head.weight], "use_muon": False},
-        {"params": [a.q_proj.bias, a.v_proj.bias, a.o_proj.bias, model.norm.weight,
-                    model.norm.bias], "use_muon": False, "weight_decay": 0.0},
+        {
+            "params": [
+                a.q_proj.bias,
+                a.v_proj.bias,
+                a.o_proj.bias,
+                model.norm.weight,
+                model.norm.bias,
+            ],
+            "use_muon": False,
+            "weight_decay": 0.0,
+        },
     ]
 
 
@@ -65,8 +74,16 @@ def _targets(model: MoELM):
     from k2_optim import QKClipTarget
 
     a = model.attn
-    return [QKClipTarget(max_logits=a, q_weight=a.q_proj.weight, k_weight=a.k_proj.weight,
-                         heads=a.heads, q_bias=a.q_proj.bias, name="attn")]
+    return [
+        QKClipTarget(
+            max_logits=a,
+            q_weight=a.q_proj.weight,
+            k_weight=a.k_proj.weight,
+            heads=a.heads,
+            q_bias=a.q_proj.bias,
+            name="attn",
+        )
+    ]
 
 
 KW = dict(lr=0.02, weight_decay=0.1, adamw_lr=1e-2, qk_clip_tau=3.0, ns_dtype=torch.float32)
@@ -82,11 +99,12 @@ def _loss(model, ids):
 
 
 def _worker(rank, port, reduce_grads, out):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=DP * EP)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=DP * EP
+    )
     torch.set_num_threads(1)
     try:
-        dp_rank, ep_rank = divmod(rank, EP)            # data rank = dp_rank * ep + ep_rank
+        dp_rank, ep_rank = divmod(rank, EP)  # data rank = dp_rank * ep + ep_rank
         dp_groups = [dist.new_group([d * EP + e for d in range(DP)]) for e in range(EP)]
         ep_groups = [dist.new_group([d * EP + e for e in range(EP)]) for d in range(DP)]
         dp_group, ep_group = dp_groups[ep_rank], ep_groups[dp_rank]
@@ -96,16 +114,21 @@ def _worker(rank, port, reduce_grads, out):
         full = [model.gate_up, model.down]
         shards = []
         for t in full:  # this EP rank's experts, as expert parallelism would hold them
-            s = nn.Parameter(t.detach()[lo:lo + local].clone())
+            s = nn.Parameter(t.detach()[lo : lo + local].clone())
             s.__dict__.update(t.__dict__)
             s._k2_ep_sharded = True
             shards.append(s)
         # the reduce_grads run also takes tiny buckets: many Newton-Schulz buckets (experts
         # cut apart) and many all-gather rounds per step
-        opt = DistributedMuonClip(_groups(model, shards), qk_clip_targets=_targets(model),
-                                  process_group=None, expert_group=dp_group,
-                                  reduce_grads=reduce_grads,
-                                  bucket_bytes=4096 if reduce_grads else 64 << 20, **KW)
+        opt = DistributedMuonClip(
+            _groups(model, shards),
+            qk_clip_targets=_targets(model),
+            process_group=None,
+            expert_group=dp_group,
+            reduce_grads=reduce_grads,
+            bucket_bytes=4096 if reduce_grads else 64 << 20,
+            **KW,
+        )
         per = BATCH // (DP * EP)
         clipped = []
         for ids in _batches():
@@ -115,13 +138,13 @@ def _worker(rank, port, reduce_grads, out):
             if reduce_grads:
                 # each rank its quarter of the batch; an expert shard's gradient sums every EP
                 # rank's tokens (what the all-to-all backward gives), the optimizer the rest
-                _loss(model, ids[rank * per:(rank + 1) * per]).backward()
+                _loss(model, ids[rank * per : (rank + 1) * per]).backward()
                 for t in full:
                     dist.all_reduce(t.grad, group=ep_group)
             else:
-                _loss(model, ids).backward()           # already the global-batch gradient
+                _loss(model, ids).backward()  # already the global-batch gradient
             for t, s in zip(full, shards, strict=True):
-                s.grad = t.grad[lo:lo + local].clone()
+                s.grad = t.grad[lo : lo + local].clone()
             opt.step()
             clipped.append(int(opt.last_clip_stats["heads_clipped"]))
             with torch.no_grad():  # the next forward needs every expert
@@ -136,15 +159,25 @@ def _worker(rank, port, reduce_grads, out):
         # a fresh optimizer of the same layout loads the full dict and the shard alike
         again = []
         for sd in (full_sd, shard):
-            o2 = DistributedMuonClip(_groups(model, shards), qk_clip_targets=_targets(model),
-                                     expert_group=dp_group, **KW)
+            o2 = DistributedMuonClip(
+                _groups(model, shards), qk_clip_targets=_targets(model), expert_group=dp_group, **KW
+            )
             o2.load_state_dict(sd)
             again.append(o2.state_dict())
-        torch.save({"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-                    "clipped": clipped, "bytes": every, "planned": opt.plan.loads,
-                    "shard": shard, "full": full_sd, "again": again, "lo": lo,
-                    "embed_rows": opt.owned_rows(model.embed_tokens.weight)},
-                   f"{out}.{rank}")
+        torch.save(
+            {
+                "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                "clipped": clipped,
+                "bytes": every,
+                "planned": opt.plan.loads,
+                "shard": shard,
+                "full": full_sd,
+                "again": again,
+                "lo": lo,
+                "embed_rows": opt.owned_rows(model.embed_tokens.weight),
+            },
+            f"{out}.{rank}",
+        )
     finally:
         dist.destroy_process_group()
 
@@ -171,8 +204,9 @@ def test_two_group_zero1_equals_single_process(tmp_path, reduce_grads):
     got = [torch.load(f"{out}.{r}", weights_only=False) for r in range(DP * EP)]
 
     model = _model()
-    opt = MuonClip(_groups(model, [model.gate_up, model.down]), qk_clip_targets=_targets(model),
-                   **KW)
+    opt = MuonClip(
+        _groups(model, [model.gate_up, model.down]), qk_clip_targets=_targets(model), **KW
+    )
     clipped = []
     for ids in _batches():
         opt.zero_grad()
@@ -203,8 +237,10 @@ def test_two_group_zero1_equals_single_process(tmp_path, reduce_grads):
         for pid, st in ref.items():
             want = st
             if pid in (n_mats, n_mats + 1):  # the expert stacks
-                want = {k: (v[g["lo"]:g["lo"] + EXPERTS // EP] if torch.is_tensor(v) else v)
-                        for k, v in st.items()}
+                want = {
+                    k: (v[g["lo"] : g["lo"] + EXPERTS // EP] if torch.is_tensor(v) else v)
+                    for k, v in st.items()
+                }
             _assert_state_close(full[pid], want, tol)
         # loading the full dict or the shard gives back exactly the shard
         for sd in g["again"]:

@@ -10,7 +10,7 @@ import torch
 from k2_optim.distributed import state_spec
 from k2_optim.zero_plan import StateSpec, plan_zero1
 
-EP, DP, PP, VIRTUAL = 16, 8, 16, 3   # `k2 plan --model k2-1t --nodes 256`
+EP, DP, PP, VIRTUAL = 16, 8, 16, 3  # `k2 plan --model k2-1t --nodes 256`
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def _stage_specs(model, muon, layers, first, last):
             continue
         local = torch.empty(p.shape, device="meta", dtype=torch.float32)
         if ".experts." in name:
-            local = local[: p.shape[0] // EP]       # this EP rank's experts
+            local = local[: p.shape[0] // EP]  # this EP rank's experts
         (expert if ".experts." in name else dense).append(state_spec(local, name in muon))
     return dense, expert
 
@@ -75,7 +75,7 @@ def _check_cover(specs, ranks, owned):
         spans = sorted(got.values())
         assert spans[0][0] == 0 and spans[-1][1] == s.rows
         for (a, b), (c, _d) in zip(spans, spans[1:], strict=False):
-            assert a < b and b == c                                  # no gap, no overlap
+            assert a < b and b == c  # no gap, no overlap
         for a, b in spans:
             assert a % s.align == 0 and (b % s.align == 0 or b == s.rows)
 

@@ -24,8 +24,17 @@ from serve_fixture import (  # noqa: E402
     stop_server,
 )
 
-__all__ = ["ASK_HELLO", "ASK_TOOL", "K2", "TOOLS", "Scripted", "run_k2", "serve_tiny",
-           "stop_server", "weather_suite"]
+__all__ = [
+    "ASK_HELLO",
+    "ASK_TOOL",
+    "K2",
+    "TOOLS",
+    "Scripted",
+    "run_k2",
+    "serve_tiny",
+    "stop_server",
+    "weather_suite",
+]
 
 
 def tiny_checkpoint(tmp_path_factory: Any) -> str:
@@ -48,27 +57,40 @@ def tiny_checkpoint(tmp_path_factory: Any) -> str:
 
 def serve_tiny(tmp_path_factory: Any, *args: str) -> tuple[subprocess.Popen, str]:
     """`k2 serve` of the tiny chat checkpoint as model `tiny`, 48 tokens per answer."""
-    return start_server(tiny_checkpoint(tmp_path_factory), "--model-name", "tiny",
-                        "--max-tokens", "48", *args)
+    return start_server(
+        tiny_checkpoint(tmp_path_factory), "--model-name", "tiny", "--max-tokens", "48", *args
+    )
 
 
 def weather_suite(path: Path, repeat: int = 1) -> Path:
     """A JSONL suite around what the tiny model knows: the Paris weather call under each
     tool_choice, and the greeting with and without tools."""
-    call = {"call": "must", "tools": ["get_weather"], "min_calls": 1,
-            "args": {"get_weather": {"city": "Paris"}}}
+    call = {
+        "call": "must",
+        "tools": ["get_weather"],
+        "min_calls": 1,
+        "args": {"get_weather": {"city": "Paris"}},
+    }
     named = {"type": "function", "function": {"name": "get_weather"}}
-    base = [("auto", ASK_TOOL, TOOLS, None, call),
-            ("required", ASK_TOOL, TOOLS, "required", call),
-            ("named", ASK_TOOL, TOOLS, named, call),
-            ("none", ASK_TOOL, TOOLS, "none", {"call": "must_not"}),
-            ("hello_tools", ASK_HELLO, TOOLS, None, {"call": "must_not"}),
-            ("hello", ASK_HELLO, [], None, {"call": "must_not"})]
+    base = [
+        ("auto", ASK_TOOL, TOOLS, None, call),
+        ("required", ASK_TOOL, TOOLS, "required", call),
+        ("named", ASK_TOOL, TOOLS, named, call),
+        ("none", ASK_TOOL, TOOLS, "none", {"call": "must_not"}),
+        ("hello_tools", ASK_HELLO, TOOLS, None, {"call": "must_not"}),
+        ("hello", ASK_HELLO, [], None, {"call": "must_not"}),
+    ]
     with path.open("w") as f:
         for r in range(repeat):
             for kind, msgs, tools, choice, exp in base:
-                case = {"id": f"{kind}-{r}", "kind": kind, "features": [kind],
-                        "messages": msgs, "tools": tools, "expect": exp}
+                case = {
+                    "id": f"{kind}-{r}",
+                    "kind": kind,
+                    "features": [kind],
+                    "messages": msgs,
+                    "tools": tools,
+                    "expect": exp,
+                }
                 if choice is not None:
                     case["tool_choice"] = choice
                 f.write(json.dumps(case) + "\n")
@@ -91,8 +113,10 @@ class Scripted:
 
         def handle(request: Request) -> Response:
             if request.path.endswith("/models"):
-                return Response(json.dumps({"object": "list", "data": [{"id": model}]}),
-                                content_type="application/json")
+                return Response(
+                    json.dumps({"object": "list", "data": [{"id": model}]}),
+                    content_type="application/json",
+                )
             body = request.get_json(force=True, silent=True) or {}
             with self.lock:
                 self.requests.append(body)
@@ -118,17 +142,23 @@ class Scripted:
             self.server.stop()
 
 
-def chat_body(content: str | None, calls: list[tuple[str, str]] | None = None,
-              finish: str = "stop") -> dict[str, Any]:
+def chat_body(
+    content: str | None, calls: list[tuple[str, str]] | None = None, finish: str = "stop"
+) -> dict[str, Any]:
     """A chat completion body with `content` and tool calls given as (name, arguments)."""
     msg: dict[str, Any] = {"role": "assistant", "content": content}
     if calls:
-        msg["tool_calls"] = [{"id": f"call_{i}", "type": "function",
-                              "function": {"name": n, "arguments": a}}
-                             for i, (n, a) in enumerate(calls)]
-    return {"id": "x", "object": "chat.completion", "model": "fake",
-            "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
-            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+        msg["tool_calls"] = [
+            {"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+            for i, (n, a) in enumerate(calls)
+        ]
+    return {
+        "id": "x",
+        "object": "chat.completion",
+        "model": "fake",
+        "choices": [{"index": 0, "message": msg, "finish_reason": finish}],
+        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+    }
 
 
 def _as_chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -137,33 +167,80 @@ def _as_chunks(body: dict[str, Any]) -> list[dict[str, Any]]:
     msg = ch["message"]
     out = [{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}]
     text = msg.get("content") or ""
-    for piece in (text[: len(text) // 2], text[len(text) // 2:]):
+    for piece in (text[: len(text) // 2], text[len(text) // 2 :]):
         if piece:
             out.append({"choices": [{"index": 0, "delta": {"content": piece}}]})
     for i, c in enumerate(msg.get("tool_calls") or []):
         a = c["function"]["arguments"]
-        out.append({"choices": [{"index": 0, "delta": {"tool_calls": [
-            {"index": i, "id": c["id"], "type": "function",
-             "function": {"name": c["function"]["name"], "arguments": a[: len(a) // 2]}}]}}]})
-        out.append({"choices": [{"index": 0, "delta": {"tool_calls": [
-            {"index": i, "function": {"arguments": a[len(a) // 2:]}}]}}]})
-    out.append({"choices": [{"index": 0, "delta": {}, "finish_reason": ch["finish_reason"]}],
-                "usage": body.get("usage")})
+        out.append(
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "tool_calls": [
+                                {
+                                    "index": i,
+                                    "id": c["id"],
+                                    "type": "function",
+                                    "function": {
+                                        "name": c["function"]["name"],
+                                        "arguments": a[: len(a) // 2],
+                                    },
+                                }
+                            ]
+                        },
+                    }
+                ]
+            }
+        )
+        out.append(
+            {
+                "choices": [
+                    {
+                        "index": 0,
+                        "delta": {
+                            "tool_calls": [
+                                {"index": i, "function": {"arguments": a[len(a) // 2 :]}}
+                            ]
+                        },
+                    }
+                ]
+            }
+        )
+    out.append(
+        {
+            "choices": [{"index": 0, "delta": {}, "finish_reason": ch["finish_reason"]}],
+            "usage": body.get("usage"),
+        }
+    )
     return out
 
 
-def run_k2(*args: str, timeout: float = 120, env: dict[str, str] | None = None
-           ) -> subprocess.CompletedProcess:
+def run_k2(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """`k2 *args` as a user runs it; stdout and stderr captured as text."""
     import os
 
-    return subprocess.run([K2, *args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run(
+        [K2, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
 
 
-def train_chat_checkpoint(path: str, conversations: list[tuple[list[dict], list[dict] | None]],
-                          *, max_positions: int = 2048, vocab_size: int = 2000,
-                          steps: int = 300, batch: int = 8) -> None:
+def train_chat_checkpoint(
+    path: str,
+    conversations: list[tuple[list[dict], list[dict] | None]],
+    *,
+    max_positions: int = 2048,
+    vocab_size: int = 2000,
+    steps: int = 300,
+    batch: int = 8,
+) -> None:
     """A tiny MLA checkpoint (and BPE tokenizer) that memorises `conversations` (messages,
     tools): the model behind the example reports of docs/agentic-eval.md."""
     import torch
@@ -173,13 +250,25 @@ def train_chat_checkpoint(path: str, conversations: list[tuple[list[dict], list[
     from k2_data.chat import encode_chat, render
     from k2_data.tokenizer import BpeTokenizer
 
-    tok = BpeTokenizer.train([render(m, t) for m, t in conversations], vocab_size=vocab_size,
-                             min_frequency=1)
+    tok = BpeTokenizer.train(
+        [render(m, t) for m, t in conversations], vocab_size=vocab_size, min_frequency=1
+    )
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=96, intermediate_size=192,
-                      num_hidden_layers=2, first_k_dense_replace=2, num_attention_heads=4,
-                      q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
-                      v_head_dim=16, max_position_embeddings=max_positions, rope_theta=10000.0)
+    cfg = ModelConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        first_k_dense_replace=2,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=max_positions,
+        rope_theta=10000.0,
+    )
     model = build_model((cfg, MoEConfig()))
     rows = [encode_chat(tok, m, t) for m, t in conversations]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)

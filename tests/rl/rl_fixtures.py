@@ -19,12 +19,23 @@ def tiny_configs(vocab: int):
     """A 2-layer MLA + MoE model small enough for sub-second steps."""
     from k2_core.config import ModelConfig, MoEConfig
 
-    model = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        first_k_dense_replace=1, num_attention_heads=4, q_lora_rank=32,
-                        kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
-                        max_position_embeddings=1024)
-    moe = MoEConfig(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
-                    n_shared_experts=1)
+    model = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=16,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        max_position_embeddings=1024,
+    )
+    moe = MoEConfig(
+        moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1
+    )
     return model, moe
 
 
@@ -68,9 +79,16 @@ def _rank_main(rank: int, world: int, port: int, plugins: str, fn, args: tuple, 
 
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
-                      OMP_NUM_THREADS="1", K2_LOAD_PLUGINS=plugins)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world),
+        OMP_NUM_THREADS="1",
+        K2_LOAD_PLUGINS=plugins,
+    )
     torch.set_num_threads(1)
     try:
         with open(f"{out}.{rank}", "w") as f:

@@ -65,7 +65,9 @@ def test_rubric_critic_ranks_and_checks_itself():
 
     rep = check_against(critic, [True, False, False, True])
     assert rep.checked == 8 and rep.agreed == 8 and rep.agreement == 1.0
-    assert all(c[-1]["role"] == "assistant" and c[-1]["content"] in "AB" for c in rep.sft_conversations)
+    assert all(
+        c[-1]["role"] == "assistant" and c[-1]["content"] in "AB" for c in rep.sft_conversations
+    )
 
     wrong = RubricCritic(opts, KeywordJudge("Answer: 12", flip=True))
     wrong.score({"prompt": "What is 7 + 5?"}, responses)

@@ -32,8 +32,9 @@ def served(tmp_path_factory):
     """(k2 serve process, base URL, init checkpoint URI, weights root) for the module."""
     root = tmp_path_factory.mktemp("openai-engine")
     init, _ = save_tiny_checkpoint(root / "init")
-    proc, base = start_server(init, "--weights-root", str(root), "--max-batch-size", "16",
-                              env={"K2_SERVE_API_KEY": KEY})
+    proc, base = start_server(
+        init, "--weights-root", str(root), "--max-batch-size", "16", env={"K2_SERVE_API_KEY": KEY}
+    )
     yield proc, base, init, root
     stop_server(proc)
 
@@ -42,17 +43,35 @@ def _rl_cfg(init, run_dir, base, steps=2, extra=()):
     from k2_core.configio import load_config
     from k2_rl.commands import config_path
 
-    return load_config(config_path("rl-math"), [
-        f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", f"train.steps={steps}",
-        "plugins.rl.engine=openai", f"plugins.rl.openai.base_url={base}/v1",
-        f"plugins.rl.openai.api_key_env={KEY_ENV}", "plugins.rl.openai.concurrency=8",
-        "plugins.rl.openai.logprob_tolerance=1e-4",
-        "train.eval_every=0", "checkpoint.every=100", "plugins.rl.eval_prompts=0",
-        "data.seq_len=128", "data.options.builtin_n=50", "train.micro_batch_size=2",
-        "optim.lr=2e-2", "plugins.rl.k=4", "plugins.rl.prompts_per_iter=2",
-        "plugins.rl.segment_tokens=6", "plugins.rl.default_budget=14",
-        "plugins.rl.ptx_weight=1.0", "plugins.rl.partial_rollout=false", "tracking.tracker=null",
-        "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]", *extra])
+    return load_config(
+        config_path("rl-math"),
+        [
+            f"plugins.rl.init={init}",
+            f"checkpoint.dir={run_dir}",
+            f"train.steps={steps}",
+            "plugins.rl.engine=openai",
+            f"plugins.rl.openai.base_url={base}/v1",
+            f"plugins.rl.openai.api_key_env={KEY_ENV}",
+            "plugins.rl.openai.concurrency=8",
+            "plugins.rl.openai.logprob_tolerance=1e-4",
+            "train.eval_every=0",
+            "checkpoint.every=100",
+            "plugins.rl.eval_prompts=0",
+            "data.seq_len=128",
+            "data.options.builtin_n=50",
+            "train.micro_batch_size=2",
+            "optim.lr=2e-2",
+            "plugins.rl.k=4",
+            "plugins.rl.prompts_per_iter=2",
+            "plugins.rl.segment_tokens=6",
+            "plugins.rl.default_budget=14",
+            "plugins.rl.ptx_weight=1.0",
+            "plugins.rl.partial_rollout=false",
+            "tracking.tracker=null",
+            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]",
+            *extra,
+        ],
+    )
 
 
 def _health(base):
@@ -81,8 +100,10 @@ def test_one_rl_iteration_through_k2_serve_with_a_weight_update(served, tmp_path
         assert trainer.engine.version == 1 and _health(base)["weights_version"] == 1
         assert m["rl/groups"] >= 1 and m["rollout/failed_samples"] == 0
         assert m["time/sync_s"] > 0 and trainer.sync.last_check <= TOL
-        print(f"rollout through k2 serve: {m['rollout/tokens_per_s']:.0f} tokens/s, "
-              f"update {m['time/sync_s']:.2f} s")
+        print(
+            f"rollout through k2 serve: {m['rollout/tokens_per_s']:.0f} tokens/s, "
+            f"update {m['time/sync_s']:.2f} s"
+        )
         written = sorted(p.name for p in (root / "run1" / "engine-weights").iterdir())
         assert written == ["v00000000", "v00000001"]
 
@@ -96,10 +117,16 @@ def test_one_rl_iteration_through_k2_serve_with_a_weight_update(served, tmp_path
         for t in trajs:
             assert set(t.versions) == {1}
             new, prev = _trainer_lps(trainer.run.model, t), _trainer_lps(old, t)
-            worst_new = max(worst_new, max(abs(a - b) for a, b in zip(t.logprobs, new, strict=True)))
-            worst_old = max(worst_old, max(abs(a - b) for a, b in zip(t.logprobs, prev, strict=True)))
-        print(f"logprob gap: {worst_new:.2g} (new weights), {worst_old:.2g} (old); check "
-              f"{trainer.sync.last_check:.2g}")
+            worst_new = max(
+                worst_new, max(abs(a - b) for a, b in zip(t.logprobs, new, strict=True))
+            )
+            worst_old = max(
+                worst_old, max(abs(a - b) for a, b in zip(t.logprobs, prev, strict=True))
+            )
+        print(
+            f"logprob gap: {worst_new:.2g} (new weights), {worst_old:.2g} (old); check "
+            f"{trainer.sync.last_check:.2g}"
+        )
         assert worst_new <= TOL, worst_new  # the engine's logprobs equal the trainer's
         assert worst_old > 100 * TOL, worst_old  # and the update really changed them
     finally:
@@ -137,18 +164,22 @@ def test_weight_updates_only_from_the_roots_and_with_the_key(served, tmp_path):
     msg = r.json()["error"]["message"]
     assert "outside the server's weight roots" in msg and "\n" not in msg
     escape = f"{root}/../{tmp_path.name}"
-    assert httpx.post(url, json={"model_path": escape}, headers=auth,
-                      timeout=30).status_code == 403
+    assert httpx.post(url, json={"model_path": escape}, headers=auth, timeout=30).status_code == 403
     assert httpx.post(url, json={"model_path": init}, timeout=30).status_code == 401
     r = httpx.post(url, json={"model_path": str(root / "missing")}, headers=auth, timeout=30)
     assert r.status_code == 400 and "cannot read the checkpoint" in r.json()["error"]["message"]
     before = _health(base)["weights_version"]
     r = httpx.post(url, json={"model_path": init}, headers=auth, timeout=60)
     assert r.status_code == 200 and r.json()["weights_version"] == before + 1
-    out = httpx.post(f"{base}/v1/completions", headers=auth, timeout=60, json={
-        "prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0, "logprobs": 0}).json()
-    assert out["weights_version"] == before + 1 and out["choices"][0]["weights_version"] == before + 1
-
+    out = httpx.post(
+        f"{base}/v1/completions",
+        headers=auth,
+        timeout=60,
+        json={"prompt": [5, 6, 7], "max_tokens": 2, "temperature": 0, "logprobs": 0},
+    ).json()
+    assert (
+        out["weights_version"] == before + 1 and out["choices"][0]["weights_version"] == before + 1
+    )
 
 
 # long enough to be still decoding when the update lands, on an idle box too (300 tokens were
@@ -171,14 +202,27 @@ def test_a_generation_in_flight_finishes_on_its_version(served):
         new.lm_head.weight.mul_(1.5)
     save_model(new, str(root / "scaled"))
     url = f"{base}/update_weights_from_disk"
-    v0 = httpx.post(url, json={"model_path": init}, headers=auth, timeout=60).json()["weights_version"]
+    v0 = httpx.post(url, json={"model_path": init}, headers=auth, timeout=60).json()[
+        "weights_version"
+    ]
     prompt = [5, 6, 7]
     got = {}
 
     def long_completion():
-        got["long"] = httpx.post(f"{base}/v1/completions", headers=auth, timeout=120, json={
-            "prompt": prompt, "max_tokens": LONG, "temperature": 1.0, "seed": 3, "logprobs": 0,
-            "ignore_eos": True, "return_tokens_as_token_ids": True}).json()
+        got["long"] = httpx.post(
+            f"{base}/v1/completions",
+            headers=auth,
+            timeout=120,
+            json={
+                "prompt": prompt,
+                "max_tokens": LONG,
+                "temperature": 1.0,
+                "seed": 3,
+                "logprobs": 0,
+                "ignore_eos": True,
+                "return_tokens_as_token_ids": True,
+            },
+        ).json()
         got["long_end"] = time.monotonic()
 
     t = threading.Thread(target=long_completion)
@@ -196,13 +240,27 @@ def test_a_generation_in_flight_finishes_on_its_version(served):
     assert choice["weights_version"] == v0  # finished on the version it started with
     ids, lps = parse_completion(choice, "k2 serve")
     assert len(ids) == LONG
-    assert max(abs(a - b) for a, b in zip(lps, trainer_logprobs(old, prompt, ids), strict=True)) <= TOL
-    after = httpx.post(f"{base}/v1/completions", headers=auth, timeout=60, json={
-        "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 0,
-        "return_tokens_as_token_ids": True}).json()["choices"][0]
+    assert (
+        max(abs(a - b) for a, b in zip(lps, trainer_logprobs(old, prompt, ids), strict=True)) <= TOL
+    )
+    after = httpx.post(
+        f"{base}/v1/completions",
+        headers=auth,
+        timeout=60,
+        json={
+            "prompt": prompt,
+            "max_tokens": 4,
+            "temperature": 0,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+        },
+    ).json()["choices"][0]
     assert after["weights_version"] == v0 + 1
     ids, lps = parse_completion(after, "k2 serve")
-    assert max(abs(a - b) for a, b in zip(lps, trainer_logprobs(new, prompt, ids), strict=True)) <= TOL
+    assert (
+        max(abs(a - b) for a, b in zip(lps, trainer_logprobs(new, prompt, ids), strict=True)) <= TOL
+    )
+
 
 def test_weight_loader_refusals():
     from k2_data.inference.weights import WeightLoader, within_roots
@@ -224,13 +282,17 @@ def test_update_pauses_new_requests_and_drains_those_in_flight(served, monkeypat
 
     _, base, _, _ = served
     monkeypatch.setenv(KEY_ENV, KEY)
-    engine = OpenAIEngine(OpenAIEngineOptions(base_url=f"{base}/v1", api_key_env=KEY_ENV,
-                                              concurrency=4), version=3)
+    engine = OpenAIEngine(
+        OpenAIEngineOptions(base_url=f"{base}/v1", api_key_env=KEY_ENV, concurrency=4), version=3
+    )
     got: dict[str, object] = {}
     try:
         params = SamplingParams(temperature=1.0, max_new_tokens=120, ignore_eos=True, seed=1)
-        first = threading.Thread(target=lambda: got.__setitem__(
-            "first", [c.version for c in engine.generate([[5, 6, 7]] * 3, params)]))
+        first = threading.Thread(
+            target=lambda: got.__setitem__(
+                "first", [c.version for c in engine.generate([[5, 6, 7]] * 3, params)]
+            )
+        )
         first.start()
         deadline = time.monotonic() + 30
         while engine._in_flight < 3 and time.monotonic() < deadline:
@@ -244,8 +306,11 @@ def test_update_pauses_new_requests_and_drains_those_in_flight(served, monkeypat
             time.sleep(0.3)
             got["sent_during_load"] = engine.requests - 3
 
-        later = threading.Thread(target=lambda: got.__setitem__(
-            "later", engine.generate([[5, 6]], SamplingParams(max_new_tokens=2))[0].version))
+        later = threading.Thread(
+            target=lambda: got.__setitem__(
+                "later", engine.generate([[5, 6]], SamplingParams(max_new_tokens=2))[0].version
+            )
+        )
         engine.update(load, 4)
         first.join()
         later.join()
@@ -272,10 +337,18 @@ class _FlakyEngine:
             self.failing_seed = body.get("seed")
             return Response("overloaded", status=503)
         n = min(3, body["max_tokens"])
-        lp = {"tokens": [f"token_id:{10 + i}" for i in range(n)],
-              "token_logprobs": [-0.5] * n, "top_logprobs": None, "text_offset": [0] * n}
-        choice = {"index": 0, "text": "abc", "finish_reason": "stop",
-                  "logprobs": lp if self.logprobs else None}
+        lp = {
+            "tokens": [f"token_id:{10 + i}" for i in range(n)],
+            "token_logprobs": [-0.5] * n,
+            "top_logprobs": None,
+            "text_offset": [0] * n,
+        }
+        choice = {
+            "index": 0,
+            "text": "abc",
+            "finish_reason": "stop",
+            "logprobs": lp if self.logprobs else None,
+        }
         return Response(json.dumps({"choices": [choice]}), content_type="application/json")
 
 
@@ -284,8 +357,9 @@ def _engine_at(httpserver, handler, **kw):
     from k2_rl.options import OpenAIEngineOptions
 
     httpserver.expect_request("/v1/completions", method="POST").respond_with_handler(handler)
-    opts = OpenAIEngineOptions(base_url=httpserver.url_for("/v1"), model="m",
-                               retry_backoff_s=0.01, **kw)
+    opts = OpenAIEngineOptions(
+        base_url=httpserver.url_for("/v1"), model="m", retry_backoff_s=0.01, **kw
+    )
     return OpenAIEngine(opts)
 
 
@@ -297,8 +371,14 @@ def test_a_sample_failing_after_its_retries_leaves_its_group_and_is_counted(http
     handler = _FlakyEngine(bad=2)
     engine = _engine_at(httpserver, handler, retries=2)
     try:
-        rm = RolloutManager(engine, lambda **kw: SamplingParams(**kw), k=3, segment_tokens=None,
-                            gate=VersionGate(1), partial=False)
+        rm = RolloutManager(
+            engine,
+            lambda **kw: SamplingParams(**kw),
+            k=3,
+            segment_tokens=None,
+            gate=VersionGate(1),
+            partial=False,
+        )
         stats = RolloutStats()
         prompts = iter([({"q": 1}, [1, 5], "math", 8), ({"q": 2}, [2, 5], "math", 8)])
         rm.add_prompts(prompts, 2, stats)
@@ -312,16 +392,22 @@ def test_a_sample_failing_after_its_retries_leaves_its_group_and_is_counted(http
         engine.close()
 
 
-
 def test_an_engine_that_is_down_fails_the_run_with_one_line():
     from k2_data.inference.engine import SamplingParams
     from k2_rl.engine_openai import OpenAIEngine, OpenAIEngineError
     from k2_rl.options import OpenAIEngineOptions
     from serve_fixture import free_port
 
-    engine = OpenAIEngine(OpenAIEngineOptions(
-        base_url=f"http://127.0.0.1:{free_port()}/v1", model="m", retries=1,
-        retry_backoff_s=0.01, concurrency=4, max_consecutive_failures=6))
+    engine = OpenAIEngine(
+        OpenAIEngineOptions(
+            base_url=f"http://127.0.0.1:{free_port()}/v1",
+            model="m",
+            retries=1,
+            retry_backoff_s=0.01,
+            concurrency=4,
+            max_consecutive_failures=6,
+        )
+    )
     try:
         outs = engine.generate([[1, 2]] * 5, SamplingParams(max_new_tokens=4))
         assert [o.finish_reason for o in outs] == ["failed"] * 5  # excluded, not yet fatal
@@ -330,6 +416,7 @@ def test_an_engine_that_is_down_fails_the_run_with_one_line():
         assert "ConnectError" in str(err.value) and "\n" not in str(err.value)
     finally:
         engine.close()
+
 
 def test_a_completion_without_logprobs_is_refused(httpserver):
     from k2_data.inference.engine import SamplingParams
@@ -348,8 +435,12 @@ def test_k2_serve_without_logprobs_in_the_request_is_refused_by_the_parser(serve
     from k2_rl.engine_openai import OpenAIEngineError, parse_completion
 
     _, base, _, _ = served
-    out = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                     timeout=60, json={"prompt": [5, 6], "max_tokens": 2}).json()
+    out = httpx.post(
+        f"{base}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=60,
+        json={"prompt": [5, 6], "max_tokens": 2},
+    ).json()
     with pytest.raises(OpenAIEngineError, match="without log-probabilities"):
         parse_completion(out["choices"][0], "k2 serve")
 
@@ -357,13 +448,20 @@ def test_k2_serve_without_logprobs_in_the_request_is_refused_by_the_parser(serve
 def test_openai_options_are_validated():
     from k2_rl.options import RlOptions
 
-    opts = RlOptions(init="x", engine="openai", openai={"base_url": "http://h:1/v1",
-                                                        "concurrency": 4, "retries": 0})
+    opts = RlOptions(
+        init="x",
+        engine="openai",
+        openai={"base_url": "http://h:1/v1", "concurrency": 4, "retries": 0},
+    )
     assert opts.openai.concurrency == 4 and opts.openai.weight_update == "k2"
     with pytest.raises(ValueError, match="concurrency"):
         RlOptions(init="x", engine="openai", openai={"concurrency": 0})
-    assert RlOptions(init="x", engine="openai",
-                     openai={"weight_update": "vllm"}).openai.restart_command is None
+    assert (
+        RlOptions(
+            init="x", engine="openai", openai={"weight_update": "vllm"}
+        ).openai.restart_command
+        is None
+    )
     with pytest.raises(ValueError, match="weight_update"):
         RlOptions(init="x", engine="openai", openai={"weight_update": "tgi"})
 
@@ -377,8 +475,9 @@ def test_a_relative_weights_dir_is_sent_to_the_server_absolute(tmp_path, monkeyp
 
     monkeypatch.chdir(tmp_path)
     fake = SimpleNamespace(opts=OpenAIEngineOptions())
-    assert OpenAISync(fake, "runs/x/engine-weights", []).weights_dir == \
-        str(tmp_path / "runs/x/engine-weights")
+    assert OpenAISync(fake, "runs/x/engine-weights", []).weights_dir == str(
+        tmp_path / "runs/x/engine-weights"
+    )
     assert OpenAISync(fake, "s3://bkt/w/", []).weights_dir == "s3://bkt/w"
 
 
@@ -481,8 +580,9 @@ def test_vllm_reload_route_missing_says_to_enable_dev_mode(httpserver):
         return Response(json.dumps({"results": [None]}), content_type="application/json")
 
     httpserver.expect_request("/collective_rpc", method="POST").respond_with_handler(handler)
-    engine = OpenAIEngine(OpenAIEngineOptions(base_url=httpserver.url_for("/v1"), model="m",
-                                              weight_update="vllm"))
+    engine = OpenAIEngine(
+        OpenAIEngineOptions(base_url=httpserver.url_for("/v1"), model="m", weight_update="vllm")
+    )
     try:
         engine.reload_vllm("/w/v00000001")
         assert got[0]["method"] == "reload_weights"

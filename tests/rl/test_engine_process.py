@@ -32,8 +32,9 @@ def _params():
     from k2_data.inference.engine import SamplingParams
 
     greedy = SamplingParams(temperature=0.0, max_new_tokens=10)
-    sampled = [SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=s)
-               for s in (11, 12, 13)]
+    sampled = [
+        SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, seed=s) for s in (11, 12, 13)
+    ]
     return greedy, sampled
 
 
@@ -77,8 +78,11 @@ class TestRemoteEngine:
         assert engine.version == 5 and engine.default_stop_ids
         ref = _reference(model, tok)
         for params in _params():
-            _assert_same(engine.generate(_prompts(tok), params),
-                         ref.generate(_prompts(tok), params), engine.version)
+            _assert_same(
+                engine.generate(_prompts(tok), params),
+                ref.generate(_prompts(tok), params),
+                engine.version,
+            )
 
     def test_push_gives_the_engine_the_new_weights(self, remote):
         from k2_rl.engine_process import EngineProcessError, ProcessSync
@@ -99,8 +103,9 @@ class TestRemoteEngine:
         ref = _reference(model, tok)
         after = engine.generate(_prompts(tok), greedy)
         _assert_same(after, ref.generate(_prompts(tok), greedy), v)
-        _assert_same(engine.generate(_prompts(tok), sampled),
-                     ref.generate(_prompts(tok), sampled), v)
+        _assert_same(
+            engine.generate(_prompts(tok), sampled), ref.generate(_prompts(tok), sampled), v
+        )
         assert [c.token_ids for c in after] != [c.token_ids for c in before]
         # a model whose state no longer matches the bucket plan is refused before anything is sent
         with pytest.raises(EngineProcessError, match="changed layout"):
@@ -153,18 +158,33 @@ def test_a_child_that_cannot_start_is_one_line_and_gone(tmp_path):
 
 # --- `k2 rl` with engine=process ------------------------------------------------------------
 
+
 def _rl_cfg(init, run_dir, engine, steps=2):
     from k2_core.configio import load_config
     from k2_rl.commands import config_path
 
-    return load_config(config_path("rl-math"), [
-        f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", f"train.steps={steps}",
-        f"plugins.rl.engine={engine}", "train.eval_every=2", "checkpoint.every=2",
-        "data.seq_len=128", "data.options.builtin_n=50", "train.micro_batch_size=2",
-        "optim.lr=1e-3", "plugins.rl.k=4", "plugins.rl.prompts_per_iter=2",
-        "plugins.rl.segment_tokens=6", "plugins.rl.default_budget=14", "plugins.rl.eval_prompts=2",
-        "tracking.tracker=null",
-        "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]"])
+    return load_config(
+        config_path("rl-math"),
+        [
+            f"plugins.rl.init={init}",
+            f"checkpoint.dir={run_dir}",
+            f"train.steps={steps}",
+            f"plugins.rl.engine={engine}",
+            "train.eval_every=2",
+            "checkpoint.every=2",
+            "data.seq_len=128",
+            "data.options.builtin_n=50",
+            "train.micro_batch_size=2",
+            "optim.lr=1e-3",
+            "plugins.rl.k=4",
+            "plugins.rl.prompts_per_iter=2",
+            "plugins.rl.segment_tokens=6",
+            "plugins.rl.default_budget=14",
+            "plugins.rl.eval_prompts=2",
+            "tracking.tracker=null",
+            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]",
+        ],
+    )
 
 
 @pytest.mark.distributed
@@ -176,8 +196,9 @@ def test_rl_with_the_engine_in_a_process_matches_colocated(tmp_path):
     runs = {}
     for mode in ("process", "colocated"):
         seen: list[dict[str, float]] = []
-        trainer = RLTrainer(_rl_cfg(init, tmp_path / mode, mode),
-                            lambda s, m, seen=seen: seen.append(m))
+        trainer = RLTrainer(
+            _rl_cfg(init, tmp_path / mode, mode), lambda s, m, seen=seen: seen.append(m)
+        )
         assert trainer.train()["steps"] == 2
         runs[mode] = (trainer, seen)
     trainer, seen = runs["process"]

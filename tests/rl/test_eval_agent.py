@@ -27,14 +27,26 @@ AGENT = {"id": "weather", "system_prompt": "", "tools": TOOLS}
 
 
 def _task(tid: str, desc: str) -> dict:
-    return {"id": tid, "agent": AGENT,
-            "task": {"description": desc, "success_criteria": ["the weather of Paris is given"],
-                     "expected_tools": ["get_weather"], "checkpoints": []}}
+    return {
+        "id": tid,
+        "agent": AGENT,
+        "task": {
+            "description": desc,
+            "success_criteria": ["the weather of Paris is given"],
+            "expected_tools": ["get_weather"],
+            "checkpoints": [],
+        },
+    }
 
 
-TASKS = [_task("ok-1", "Learn the weather in Paris."), _task("ok-2", "Weather of Paris, now."),
-         _task("unjudged", "Paris weather UNJUDGED"), _task("fail", "Paris weather FAILME"),
-         _task("judge500", "Paris weather JUDGE500"), _task("never", "Chat forever NEVERDONE")]
+TASKS = [
+    _task("ok-1", "Learn the weather in Paris."),
+    _task("ok-2", "Weather of Paris, now."),
+    _task("unjudged", "Paris weather UNJUDGED"),
+    _task("fail", "Paris weather FAILME"),
+    _task("judge500", "Paris weather JUDGE500"),
+    _task("never", "Chat forever NEVERDONE"),
+]
 
 
 class Sims:
@@ -60,8 +72,9 @@ class Sims:
         if "JUDGE500" in last and self.judge_down:
             return {"__raw__": (500, "{}")}
         ok = "FAILME" not in last
-        return chat_body(json.dumps({"score": 0.9 if ok else 0.1, "passed": ok,
-                                     "reasons": "checked"}))
+        return chat_body(
+            json.dumps({"score": 0.9 if ok else 0.1, "passed": ok, "reasons": "checked"})
+        )
 
     def gen(self) -> str:
         return f"{self.fake.base_url}#fake"
@@ -96,10 +109,32 @@ def test_episodes_through_k2_serve_resume_exactly_once(served, sims, tmp_path):
     tasks = tmp_path / "tasks.jsonl"
     tasks.write_text("".join(json.dumps(t) + "\n" for t in TASKS))
     out, report = tmp_path / "run", tmp_path / "report.json"
-    argv = ["eval-agent", "--base-url", base, "--model", "tiny", "--tasks", str(tasks),
-            "--user", sims.gen(), "--tool-sim", sims.gen(), "--judge", sims.gen(),
-            "--max-turns", "2", "--max-tokens-per-turn", "48", "--concurrency", "6",
-            "--out", str(out), "--report", str(report), "--no-track"]
+    argv = [
+        "eval-agent",
+        "--base-url",
+        base,
+        "--model",
+        "tiny",
+        "--tasks",
+        str(tasks),
+        "--user",
+        sims.gen(),
+        "--tool-sim",
+        sims.gen(),
+        "--judge",
+        sims.gen(),
+        "--max-turns",
+        "2",
+        "--max-tokens-per-turn",
+        "48",
+        "--concurrency",
+        "6",
+        "--out",
+        str(out),
+        "--report",
+        str(report),
+        "--no-track",
+    ]
     sims.judge_down = True  # one episode's judge fails: it stays pending
     r = run_k2(*argv)
     assert r.returncode == 1, r.stderr
@@ -123,8 +158,10 @@ def test_episodes_through_k2_serve_resume_exactly_once(served, sims, tmp_path):
     assert by["never"]["outcome"] == "turn_limit" and by["never"]["turns"] == 2
     # the tiny model makes its memorised call; the tool world model answered it
     ep = by["ok-1"]
-    assert ep["tool_calls"] >= 1 and ep["messages"][1]["tool_calls"][0]["function"] == \
-        {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    assert ep["tool_calls"] >= 1 and ep["messages"][1]["tool_calls"][0]["function"] == {
+        "name": "get_weather",
+        "arguments": '{"city":"Paris"}',
+    }
     assert json.loads(ep["messages"][2]["content"]) == {"celsius": 21}
     assert rep["outcomes"]["unjudged"] == 1 and rep["success_rate"] == pytest.approx(3 / 6)
     assert rep["success_rate_judged"] == pytest.approx(3 / 4)  # unjudged is neither
@@ -134,15 +171,38 @@ def test_episodes_through_k2_serve_resume_exactly_once(served, sims, tmp_path):
 
 def test_token_and_time_limits_are_outcomes(served, sims, tmp_path):
     _, base = served
-    roles = {k: GeneratorSpec(name="openai", options={
-        "base_url": sims.fake.base_url, "model": "fake", "temperature": 0.0,
-        "allow_truncated": True}) for k in ("user", "tool", "judge")}
+    roles = {
+        k: GeneratorSpec(
+            name="openai",
+            options={
+                "base_url": sims.fake.base_url,
+                "model": "fake",
+                "temperature": 0.0,
+                "allow_truncated": True,
+            },
+        )
+        for k in ("user", "tool", "judge")
+    }
     tasks = [TASKS[0]]
-    rep = run_eval_agent(tasks, base, "tiny", AgentOptions(max_tokens=4, max_tokens_per_turn=48),
-                         roles, str(tmp_path / "tokens"), concurrency=1)
+    rep = run_eval_agent(
+        tasks,
+        base,
+        "tiny",
+        AgentOptions(max_tokens=4, max_tokens_per_turn=48),
+        roles,
+        str(tmp_path / "tokens"),
+        concurrency=1,
+    )
     assert rep["outcomes"]["token_limit"] == 1 and rep["tokens_per_episode"] >= 4
-    rep = run_eval_agent(tasks, base, "tiny", AgentOptions(max_seconds=0.001), roles,
-                         str(tmp_path / "time"), concurrency=1)
+    rep = run_eval_agent(
+        tasks,
+        base,
+        "tiny",
+        AgentOptions(max_seconds=0.001),
+        roles,
+        str(tmp_path / "time"),
+        concurrency=1,
+    )
     assert rep["outcomes"]["time_limit"] == 1
 
 
@@ -155,15 +215,24 @@ def test_builtin_tasks_and_seed_stable_sample():
     assert [t["id"] for t in sample_tasks(tasks, 3, seed=2)] != a
 
 
-@pytest.mark.parametrize("line,args,message", [
-    ('{"id": "a", "agent": {"tools": []}, "task": {"description": "x"}}', [],
-     "line 1: agent.tools: List should have at least 1 item"),
-    ('{"id": "a", "agent": {"tools": [{"name": "bad name"}]}, "task": {"description": "x"}}',
-     [], "line 1: agent.tools.0: bad_name"),
-    ("[1]", [], "line 1: not a JSON object"),
-    (None, ["--max-seconds", "-1"], "--max-seconds: Input should be greater than 0"),
-    (None, ["--judge", "gpt"], "--judge: give http(s)://HOST/v1[#MODEL] or k2:CHECKPOINT"),
-])
+@pytest.mark.parametrize(
+    "line,args,message",
+    [
+        (
+            '{"id": "a", "agent": {"tools": []}, "task": {"description": "x"}}',
+            [],
+            "line 1: agent.tools: List should have at least 1 item",
+        ),
+        (
+            '{"id": "a", "agent": {"tools": [{"name": "bad name"}]}, "task": {"description": "x"}}',
+            [],
+            "line 1: agent.tools.0: bad_name",
+        ),
+        ("[1]", [], "line 1: not a JSON object"),
+        (None, ["--max-seconds", "-1"], "--max-seconds: Input should be greater than 0"),
+        (None, ["--judge", "gpt"], "--judge: give http(s)://HOST/v1[#MODEL] or k2:CHECKPOINT"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(tmp_path, capsys, line, args, message):
     argv = ["eval-agent", "--base-url", "http://127.0.0.1:9", "--model", "m", "--no-track"]
     if line is not None:

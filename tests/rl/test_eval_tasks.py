@@ -12,8 +12,12 @@ from small_model import small_model
 
 # A much smaller model than `tiny` (same vocabulary: the built-in corpus' tokenizer).
 SMALL = small_model(experts=4)
-FAST = ["arithmetic.max_new_tokens=24", "arithmetic.k=2", "code.max_new_tokens=24",
-        "knowledge_qa.max_new_tokens=6"]
+FAST = [
+    "arithmetic.max_new_tokens=24",
+    "arithmetic.k=2",
+    "code.max_new_tokens=24",
+    "knowledge_qa.max_new_tokens=6",
+]
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +114,9 @@ def test_knowledge_qa_exact_match_of_right_and_wrong_answers(target):
     assert m["exact_match"] == 1.0 and m["questions"] == 12
     assert m["answer_nll"] > 0 and 0 <= m["majority_baseline"] < 1
     shifted = dict(zip(gold, list(gold.values())[1:] + list(gold.values())[:1], strict=True))
-    wrong = EvalTarget("x", target.model, target.tokenizer, _engine=_Oracle(target.tokenizer, shifted))
+    wrong = EvalTarget(
+        "x", target.model, target.tokenizer, _engine=_Oracle(target.tokenizer, shifted)
+    )
     assert knowledge_qa(wrong, opts, 5, world=world)["exact_match"] < 1.0
 
 
@@ -122,8 +128,9 @@ def test_perplexity_is_the_token_mean_of_the_model_loss(target):
 
     m = perplexity(target, PerplexityOptions(batch_size=4), 8)
     assert m["sequences"] == 8 and m["tokens"] == 8 * 256
-    loader = PackedDataset(PackedOptions(uri=target.data_uri, split="val", batch_size=4,
-                                         shuffle=False, prefetch=0))
+    loader = PackedDataset(
+        PackedOptions(uri=target.data_uri, split="val", batch_size=4, shuffle=False, prefetch=0)
+    )
     want = evaluate(target.model, loader, 2)  # equal-size batches: mean of means = token mean
     loader.close()
     assert m["loss"] == pytest.approx(want, rel=1e-5)
@@ -136,8 +143,9 @@ def test_run_eval_every_task_logs_to_mlflow(saved_model, target, tmp_path):
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    r = run_eval(saved_model, ["all"], options=eval_options(FAST), limit=2, target=target,
-                 tracking_uri=uri)
+    r = run_eval(
+        saved_model, ["all"], options=eval_options(FAST), limit=2, target=target, tracking_uri=uri
+    )
     t = r["tasks"]
     assert set(t) == {"perplexity", "arithmetic", "knowledge_qa", "code"}
     assert t["perplexity"]["sequences"] == 2 and t["perplexity"]["loss"] > 0
@@ -163,24 +171,51 @@ def test_eval_attaches_to_the_checkpoints_training_run(tmp_path, monkeypatch):
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     run_dir = tmp_path / "run"
-    cfg = load_config("tiny", [*SMALL, "train.steps=2", "train.micro_batch_size=1",
-                               "train.eval_every=0", "checkpoint.every=2", "checkpoint.resume=never",
-                               f"checkpoint.dir={run_dir}", "tracking.options.system_metrics=false"])
+    cfg = load_config(
+        "tiny",
+        [
+            *SMALL,
+            "train.steps=2",
+            "train.micro_batch_size=1",
+            "train.eval_every=0",
+            "checkpoint.every=2",
+            "checkpoint.resume=never",
+            f"checkpoint.dir={run_dir}",
+            "tracking.options.system_metrics=false",
+        ],
+    )
     summary = train(build_run(cfg))
     ckpt = str(run_dir / "checkpoints" / "step_00000002")
     r = run_eval(ckpt, ["perplexity"], options=eval_options(), limit=2)
     assert r["tracking"]["attached_to_training_run"] is True
     assert r["tracking"]["run_id"] == summary["tracking_run_id"]
     hist = MlflowClient(r["tracking"]["tracking_uri"]).get_metric_history(
-        summary["tracking_run_id"], "eval/perplexity/loss")
-    assert [(h.step, h.value) for h in hist] == [(2, pytest.approx(r["tasks"]["perplexity"]["loss"]))]
+        summary["tracking_run_id"], "eval/perplexity/loss"
+    )
+    assert [(h.step, h.value) for h in hist] == [
+        (2, pytest.approx(r["tasks"]["perplexity"]["loss"]))
+    ]
 
 
 def test_cli_json_and_one_line_errors(saved_model, capsys):
     from k2_core.cli import main
 
-    assert main(["eval", saved_model, "perplexity.batch_size=2", "--tasks", "perplexity",
-                 "--limit", "2", "--json", "--no-track"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                saved_model,
+                "perplexity.batch_size=2",
+                "--tasks",
+                "perplexity",
+                "--limit",
+                "2",
+                "--json",
+                "--no-track",
+            ]
+        )
+        == 0
+    )
     out = json.loads(capsys.readouterr().out)
     assert out["tasks"]["perplexity"]["sequences"] == 2 and out["tracking"] is None
     assert main(["eval", saved_model, "--tasks", "nope"]) == 2

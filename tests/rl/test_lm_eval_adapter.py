@@ -54,8 +54,12 @@ def _direct(lm, context_ids, cont_ids):
 
 def test_loglikelihood_matches_the_model(lm):
     tok = lm.tok
-    reqs = [("Problem: 12 + 30 = ?\nSolution:", " 42"), ("The capital of Zorvia is", " Ulm."),
-            ("", "def f(x):\n    return x"), ("Answer: ", "7")]
+    reqs = [
+        ("Problem: 12 + 30 = ?\nSolution:", " 42"),
+        ("The capital of Zorvia is", " Ulm."),
+        ("", "def f(x):\n    return x"),
+        ("Answer: ", "7"),
+    ]
     res = lm.loglikelihood([_req("loglikelihood", *r) for r in reqs])
     for (ctx, cont), (lp, greedy) in zip(reqs, res, strict=True):
         c, k = lm._pair(ctx, cont)
@@ -91,26 +95,40 @@ def test_generate_until_is_the_engines_greedy_text(lm):
 
 
 def _tasks(d: Path) -> Path:
-    rows = [{"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a * b + 1)], "answer": 0}
-            for a, b in [(1, 2), (3, 4), (5, 6)]]
+    rows = [
+        {"question": f"What is {a} plus {b}?", "choices": [str(a + b), str(a * b + 1)], "answer": 0}
+        for a, b in [(1, 2), (3, 4), (5, 6)]
+    ]
     (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    gen = [{"question": f"{a} + {b} = ?", "answer": f"Answer: {a + b}",
-            "text": f"The sum of {a} and {b} is {a + b}."} for a, b in [(1, 2), (3, 4)]]
+    gen = [
+        {
+            "question": f"{a} + {b} = ?",
+            "answer": f"Answer: {a + b}",
+            "text": f"The sum of {a} and {b} is {a + b}.",
+        }
+        for a, b in [(1, 2), (3, 4)]
+    ]
     (d / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
     head = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
     (d / "k2_local_mc.yaml").write_text(
-        "task: k2_local_mc\n" + head.format(d / "mc.jsonl") +
-        'output_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
-        'doc_to_target: "{{answer}}"\ndoc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n')
+        "task: k2_local_mc\n"
+        + head.format(d / "mc.jsonl")
+        + 'output_type: multiple_choice\ndoc_to_text: "Question: {{question}}\\nAnswer:"\n'
+        'doc_to_target: "{{answer}}"\ndoc_to_choice: "{{choices}}"\nmetric_list:\n  - metric: acc\n'
+    )
     (d / "k2_local_gen.yaml").write_text(
-        "task: k2_local_gen\n" + head.format(d / "gen.jsonl") +
-        'output_type: generate_until\ndoc_to_text: "Problem: {{question}}\\nSolution:\\n"\n'
+        "task: k2_local_gen\n"
+        + head.format(d / "gen.jsonl")
+        + 'output_type: generate_until\ndoc_to_text: "Problem: {{question}}\\nSolution:\\n"\n'
         'doc_to_target: "{{answer}}"\ngeneration_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 8\n'
-        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n")
+        "  do_sample: false\nmetric_list:\n  - metric: exact_match\n"
+    )
     (d / "k2_local_ppl.yaml").write_text(
-        "task: k2_local_ppl\n" + head.format(d / "gen.jsonl") +
-        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n")
+        "task: k2_local_ppl\n"
+        + head.format(d / "gen.jsonl")
+        + 'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: bits_per_byte\n"
+    )
     return d
 
 
@@ -122,16 +140,26 @@ def test_simple_evaluate_runs_local_tasks_through_k2(ckpt, lm, tmp_path, monkeyp
     from lm_eval.tasks import TaskManager
 
     d = _tasks(tmp_path)
-    out = lm_eval.simple_evaluate(model=lm, tasks=["k2_local_mc", "k2_local_gen", "k2_local_ppl"],
-                                  task_manager=TaskManager(include_path=str(d)))
+    out = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=["k2_local_mc", "k2_local_gen", "k2_local_ppl"],
+        task_manager=TaskManager(include_path=str(d)),
+    )
     res = out["results"]
     assert 0 <= res["k2_local_mc"]["acc,none"] <= 1
     assert res["k2_local_gen"]["exact_match,none"] in (0.0, 0.5, 1.0)
     assert res["k2_local_ppl"]["word_perplexity,none"] > 1
     # the multiple-choice accuracy is what the model's own loglikelihoods say
     rows = [json.loads(x) for x in (d / "mc.jsonl").read_text().splitlines()]
-    picks = [max(range(2), key=lambda i, r=r: _direct(lm, *lm._pair(
-        f"Question: {r['question']}\nAnswer:", " " + r["choices"][i]))) for r in rows]
+    picks = [
+        max(
+            range(2),
+            key=lambda i, r=r: _direct(
+                lm, *lm._pair(f"Question: {r['question']}\nAnswer:", " " + r["choices"][i])
+            ),
+        )
+        for r in rows
+    ]
     assert res["k2_local_mc"]["acc,none"] == pytest.approx(sum(p == 0 for p in picks) / 3)
 
 
@@ -140,10 +168,27 @@ def test_lm_eval_command_line_with_model_k2(ckpt, tmp_path):
     d = _tasks(tmp_path)
     k2 = str(Path(sys.executable).parent / "k2")
     proc = subprocess.run(
-        [k2, "lm-eval", "--model", "k2", "--model_args", f"path={ckpt}", "--tasks",
-         "k2_local_mc", "--include_path", str(d), "--batch_size", "2", "--output_path",
-         str(tmp_path / "out")],
-        capture_output=True, text=True, timeout=600, env={**os.environ, **OFFLINE})
+        [
+            k2,
+            "lm-eval",
+            "--model",
+            "k2",
+            "--model_args",
+            f"path={ckpt}",
+            "--tasks",
+            "k2_local_mc",
+            "--include_path",
+            str(d),
+            "--batch_size",
+            "2",
+            "--output_path",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **OFFLINE},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "k2_local_mc" in proc.stdout and "acc" in proc.stdout
     (result,) = list((tmp_path / "out").rglob("results_*.json"))

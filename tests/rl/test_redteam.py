@@ -63,17 +63,48 @@ def judge():
 
 
 def _argv(base: str, judge: Judge, out: Path, *extra: str) -> list[str]:
-    return ["redteam", "--base-url", base, "--model", "tiny", "--attempts", "2",
-            "--attacker", f"{base}#tiny", "--judge", f"{judge.fake.base_url}#fake",
-            "--rounds", "2", "--turns", "2", "--max-tokens", "24", "--sim-max-tokens", "32",
-            "--concurrency", "8", "--out", str(out), *extra]
+    return [
+        "redteam",
+        "--base-url",
+        base,
+        "--model",
+        "tiny",
+        "--attempts",
+        "2",
+        "--attacker",
+        f"{base}#tiny",
+        "--judge",
+        f"{judge.fake.base_url}#fake",
+        "--rounds",
+        "2",
+        "--turns",
+        "2",
+        "--max-tokens",
+        "24",
+        "--sim-max-tokens",
+        "32",
+        "--concurrency",
+        "8",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def test_every_pair_runs_is_judged_counted_and_tracked(served, judge, tmp_path):
     _, base = served
     out, report = tmp_path / "rt", tmp_path / "report.json"
-    r = run_k2(*_argv(base, judge, out, "--report", str(report), "--tracking-uri",
-                      f"sqlite:///{tmp_path}/ml/mlflow.db"))
+    r = run_k2(
+        *_argv(
+            base,
+            judge,
+            out,
+            "--report",
+            str(report),
+            "--tracking-uri",
+            f"sqlite:///{tmp_path}/ml/mlflow.db",
+        )
+    )
     assert r.returncode == 0, r.stderr
     print(r.stdout)
     rep = json.loads(report.read_text())
@@ -96,8 +127,10 @@ def test_every_pair_runs_is_judged_counted_and_tracked(served, judge, tmp_path):
     assert all(len(x["messages"]) == 4 for x in cres)  # two turns each
     assert sum(len(x["rounds"]) for x in recs if x["strategy"] == "iterative_jailbreak") >= 8
     seeds = read_outputs(str(out / "seeds"))
-    assert len(seeds) == len(PLUGINS) * 2 and {s["source"] for s in seeds} <= {"attacker",
-                                                                               "description"}
+    assert len(seeds) == len(PLUGINS) * 2 and {s["source"] for s in seeds} <= {
+        "attacker",
+        "description",
+    }
     # mlflow: the run with the report and the transcripts as artifacts
     assert rep["tracking"]["run_id"]
     arts = {p.name for p in (tmp_path / "ml" / "artifacts").rglob("*") if p.is_file()}
@@ -111,8 +144,12 @@ def test_a_killed_run_resumes_exactly_once(served, judge, tmp_path):
     out = tmp_path / "rt"
     judge.gate, judge.watch = threading.Event(), out / "attacks" / "data"
     argv = _argv(base, judge, out, "--no-track", "--plugins", "privacy,security")
-    proc = subprocess.Popen([K2, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [K2, *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 120
         while not any(judge.watch.glob("*.jsonl")):  # the first shard committed
@@ -145,12 +182,15 @@ def test_parse_seeds_takes_json_or_lines():
     assert parse_seeds("", 3) == []
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--strategies", "basic,jedi"], "--strategies: unknown ['jedi']; choose from basic"),
-    (["--plugins", ""], "--plugins: unknown"),
-    (["--attacker", "ollama"], "--attacker: give http(s)://HOST/v1[#MODEL] or k2:CHECKPOINT"),
-    (["--temperature", "9"], "--temperature: Input should be less than or equal to 2"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--strategies", "basic,jedi"], "--strategies: unknown ['jedi']; choose from basic"),
+        (["--plugins", ""], "--plugins: unknown"),
+        (["--attacker", "ollama"], "--attacker: give http(s)://HOST/v1[#MODEL] or k2:CHECKPOINT"),
+        (["--temperature", "9"], "--temperature: Input should be less than or equal to 2"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(capsys, args, message):
     argv = ["redteam", "--base-url", "http://127.0.0.1:9", "--model", "m", "--no-track"]
     assert k2_main(argv + args) == 2

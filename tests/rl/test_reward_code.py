@@ -7,8 +7,11 @@ from k2_core.errors import ConfigError
 from k2_rl.rewards.code_reward import CodeReward, extract_code
 from k2_rl.rewards.options import CodeRewardOptions
 
-TASK = {"prompt": "Write add(a, b).", "entry_point": "add",
-        "tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"]}
+TASK = {
+    "prompt": "Write add(a, b).",
+    "entry_point": "add",
+    "tests": ["assert add(1, 2) == 3", "assert add(-1, 1) == 0", "assert add(2, 2) == 4"],
+}
 FAST = {"wall_s": 3.0, "cpu_s": 2}
 
 
@@ -41,8 +44,16 @@ def test_outcomes_of_assert_tests():
         "def add(a, b)\n    return a + b",
     ]
     res = reward.score(TASK, responses)
-    assert [r.outcome for r in res] == ["pass", "wrong", "runtime_error", "timeout",
-                                        "runtime_error", "wrong", "wrong", "runtime_error"]
+    assert [r.outcome for r in res] == [
+        "pass",
+        "wrong",
+        "runtime_error",
+        "timeout",
+        "runtime_error",
+        "wrong",
+        "wrong",
+        "runtime_error",
+    ]
     assert [r.score for r in res] == [1.0, 0, 0, 0, 0, 0, 0, 0]
     assert "SyntaxError" in res[7].detail
     assert not any(r.excluded for r in res)
@@ -50,8 +61,9 @@ def test_outcomes_of_assert_tests():
 
 
 def test_printed_fake_reports_do_not_pass():
-    fake = _fence("print('@@k2-0000@@{\"test\": 0, \"result\": \"pass\"}')\n"
-                  "def add(a, b):\n    return 0")
+    fake = _fence(
+        'print(\'@@k2-0000@@{"test": 0, "result": "pass"}\')\ndef add(a, b):\n    return 0'
+    )
     res = CodeReward(CodeRewardOptions(sandbox=FAST)).score(TASK, [fake])[0]
     assert res.outcome == "wrong" and res.score == 0.0
 
@@ -63,13 +75,20 @@ def test_partial_credit():
 
 
 def test_stdin_stdout_tests():
-    task = {"prompt": "Print twice the number.",
-            "tests": [{"input": "3\n", "output": "6\n"}, {"input": "5\n", "output": "10"}]}
+    task = {
+        "prompt": "Print twice the number.",
+        "tests": [{"input": "3\n", "output": "6\n"}, {"input": "5\n", "output": "10"}],
+    }
     reward = CodeReward(CodeRewardOptions(partial_credit=True, sandbox=FAST))
-    res = reward.score(task, [_fence("print(int(input()) * 2)   "),
-                              _fence("print(int(input()) + 3)"),
-                              _fence("raise ValueError('no')"),
-                              _fence("import time\ntime.sleep(10)")])
+    res = reward.score(
+        task,
+        [
+            _fence("print(int(input()) * 2)   "),
+            _fence("print(int(input()) + 3)"),
+            _fence("raise ValueError('no')"),
+            _fence("import time\ntime.sleep(10)"),
+        ],
+    )
     assert [r.outcome for r in res] == ["pass", "wrong", "runtime_error", "timeout"]
     assert [r.score for r in res] == [1.0, 0.5, 0.0, 0.0]
 
@@ -99,9 +118,15 @@ def test_attacks_score_as_failures_never_excluded():
         "import socket\nsocket.create_connection(('127.0.0.1', 9), timeout=1)\nprint(1)",
         "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nprint(1)",
     ]
-    opts = CodeRewardOptions(sandbox={"wall_s": 2.0, "cpu_s": 2, "nproc": 16,
-                                      "output_bytes": 1 << 16})
+    opts = CodeRewardOptions(
+        sandbox={"wall_s": 2.0, "cpu_s": 2, "nproc": 16, "output_bytes": 1 << 16}
+    )
     res = CodeReward(opts).score(task, [_fence(a) for a in attacks])
-    assert [r.outcome for r in res] == ["timeout", "runtime_error", "runtime_error",
-                                        "runtime_error", "runtime_error"]
+    assert [r.outcome for r in res] == [
+        "timeout",
+        "runtime_error",
+        "runtime_error",
+        "runtime_error",
+        "runtime_error",
+    ]
     assert not any(r.excluded for r in res) and all(r.score == 0.0 for r in res)

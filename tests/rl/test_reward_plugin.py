@@ -12,8 +12,11 @@ from k2_rl.rewards.options import CodeRewardOptions, InstructionRewardOptions, M
 def test_k2_register_rewards():
     reg = load_plugins().registry
     assert {"math", "code", "instruction"} <= set(reg.names("reward"))
-    for name, opts in (("math", MathRewardOptions), ("code", CodeRewardOptions),
-                       ("instruction", InstructionRewardOptions)):
+    for name, opts in (
+        ("math", MathRewardOptions),
+        ("code", CodeRewardOptions),
+        ("instruction", InstructionRewardOptions),
+    ):
         r = reg.get("reward", name)
         assert r.options is opts and r.distribution == "k2-rl" and r.doc
         assert opts.model_config["frozen"] and opts.model_config["extra"] == "forbid"

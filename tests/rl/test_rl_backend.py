@@ -20,12 +20,26 @@ STEPS = 3
 LOSS_TOL = 1e-4
 WEIGHT_TOL = 5e-5
 OVERRIDES = [
-    f"train.steps={STEPS}", "train.log_every=1", "train.eval_every=0", "checkpoint.every=2",
-    "checkpoint.keep=3", "data.seq_len=128", "data.options.builtin_n=40", "optim.lr=3e-3",
-    "optim.options.ns_dtype=float32", "moe.bias_update_speed=0.0", "tracking.tracker=null",
-    "plugins.rl.k=4", "plugins.rl.prompts_per_iter=3", "plugins.rl.segment_tokens=6",
-    "plugins.rl.default_budget=12", "plugins.rl.eval_prompts=0", "plugins.rl.micro_batch_size=3",
-    "plugins.rl.max_version_lag=1", "plugins.rl.ptx_weight=0.5", "train.micro_batch_size=1",
+    f"train.steps={STEPS}",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "checkpoint.every=2",
+    "checkpoint.keep=3",
+    "data.seq_len=128",
+    "data.options.builtin_n=40",
+    "optim.lr=3e-3",
+    "optim.options.ns_dtype=float32",
+    "moe.bias_update_speed=0.0",
+    "tracking.tracker=null",
+    "plugins.rl.k=4",
+    "plugins.rl.prompts_per_iter=3",
+    "plugins.rl.segment_tokens=6",
+    "plugins.rl.default_budget=12",
+    "plugins.rl.eval_prompts=0",
+    "plugins.rl.micro_batch_size=3",
+    "plugins.rl.max_version_lag=1",
+    "plugins.rl.ptx_weight=0.5",
+    "train.micro_batch_size=1",
     "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 12}]",
 ]
 H800 = ["parallel.backend=h800", "parallel.options.dtype=fp32"]
@@ -36,12 +50,22 @@ def _cfg(init: str, run_dir: str, extra: list[str]):
     from k2_core.configio import load_config
     from k2_rl.builtin_configs import config_path
 
-    return load_config(config_path("rl-math"), [f"plugins.rl.init={init}",
-                                                f"checkpoint.dir={run_dir}", *OVERRIDES, *extra])
+    return load_config(
+        config_path("rl-math"),
+        [f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", *OVERRIDES, *extra],
+    )
 
 
-KEYS = ("rl/reward_mean", "rl/loss", "rl/groups", "rl/response_tokens", "train/grad_norm",
-        "rl/entropy", "rl/log_ratio_mean", "rl/ptx_loss")
+KEYS = (
+    "rl/reward_mean",
+    "rl/loss",
+    "rl/groups",
+    "rl/response_tokens",
+    "train/grad_norm",
+    "rl/entropy",
+    "rl/log_ratio_mean",
+    "rl/ptx_loss",
+)
 
 
 def _run(init: str, run_dir: str, extra: list[str]) -> list[dict[str, float]]:
@@ -92,8 +116,9 @@ def test_rl_under_h800_matches_one_process(tmp_path, monkeypatch):
     _same(one, node)
     # the DP2 run's step-2 checkpoint (sharded, with the rollout state) resumes in one process
     again = tmp_path / "again"
-    shutil.copytree(tmp_path / "dp2" / "checkpoints" / "step_00000002",
-                    again / "checkpoints" / "step_00000002")
+    shutil.copytree(
+        tmp_path / "dp2" / "checkpoints" / "step_00000002", again / "checkpoints" / "step_00000002"
+    )
     rest = _run(init, str(again), ["train.grad_accum=2"])
     _same(one[2:], rest)
     _close(_weights(str(tmp_path / "one")), _weights(str(again)))
@@ -111,11 +136,14 @@ def test_rl_under_dp2_ep2_matches_one_process(tmp_path, monkeypatch):
     _close(_weights(str(tmp_path / "one")), _weights(str(tmp_path / "dpep")))
 
 
-@pytest.mark.parametrize(("extra", "field"), [
-    (["parallel.options.pp=2"], "parallel.options.pp"),
-    (["plugins.rl.engine=process"], "plugins.rl.engine"),
-    (["plugins.rl.critic.enabled=true"], "plugins.rl.critic.enabled"),
-])
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        (["parallel.options.pp=2"], "parallel.options.pp"),
+        (["plugins.rl.engine=process"], "plugins.rl.engine"),
+        (["plugins.rl.critic.enabled=true"], "plugins.rl.critic.enabled"),
+    ],
+)
 def test_rl_refuses_what_does_not_run_distributed(tmp_path, extra, field):
     from k2_core.errors import ConfigError
     from k2_rl.rl_stage import prepare_rl_config

@@ -6,11 +6,21 @@ import pytest
 from rl_fixtures import save_tiny_checkpoint
 
 RL_OVERRIDES = [
-    "train.log_every=1", "train.eval_every=2", "checkpoint.every=2", "data.seq_len=128",
-    "data.options.builtin_n=50", "train.micro_batch_size=2", "optim.lr=1e-3",
-    "plugins.rl.k=4", "plugins.rl.prompts_per_iter=2", "plugins.rl.segment_tokens=6",
-    "plugins.rl.default_budget=14", "plugins.rl.eval_prompts=3", "plugins.rl.ptx_weight=0.5",
-    "plugins.rl.max_version_lag=1", "tracking.options.system_metrics=false",
+    "train.log_every=1",
+    "train.eval_every=2",
+    "checkpoint.every=2",
+    "data.seq_len=128",
+    "data.options.builtin_n=50",
+    "train.micro_batch_size=2",
+    "optim.lr=1e-3",
+    "plugins.rl.k=4",
+    "plugins.rl.prompts_per_iter=2",
+    "plugins.rl.segment_tokens=6",
+    "plugins.rl.default_budget=14",
+    "plugins.rl.eval_prompts=3",
+    "plugins.rl.ptx_weight=0.5",
+    "plugins.rl.max_version_lag=1",
+    "tracking.options.system_metrics=false",
     "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]",
 ]
 
@@ -19,9 +29,16 @@ def _cfg(init, run_dir, steps, extra=()):
     from k2_core.configio import load_config
     from k2_rl.commands import config_path
 
-    return load_config(config_path("rl-math"), [
-        f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", f"train.steps={steps}",
-        *RL_OVERRIDES, *extra])
+    return load_config(
+        config_path("rl-math"),
+        [
+            f"plugins.rl.init={init}",
+            f"checkpoint.dir={run_dir}",
+            f"train.steps={steps}",
+            *RL_OVERRIDES,
+            *extra,
+        ],
+    )
 
 
 @pytest.mark.slow
@@ -35,10 +52,21 @@ def test_rl_runs_logs_and_resumes(tmp_path):
     out = trainer.train()
     assert out["steps"] == 3 and [s for s, _ in seen] == [1, 2, 3]
     m = seen[-1][1]
-    for key in ("rl/reward_mean", "rl/reward_std", "rl/math/pass_rate", "rl/response_tokens",
-                "rl/truncated_rate", "rl/entropy", "rl/log_ratio_mean", "qk_clip/heads_clipped",
-                "rollout/tokens_per_s", "train/tokens_per_s", "time/sync_s", "rl/ptx_loss",
-                "eval/math/pass_at_1"):
+    for key in (
+        "rl/reward_mean",
+        "rl/reward_std",
+        "rl/math/pass_rate",
+        "rl/response_tokens",
+        "rl/truncated_rate",
+        "rl/entropy",
+        "rl/log_ratio_mean",
+        "qk_clip/heads_clipped",
+        "rollout/tokens_per_s",
+        "train/tokens_per_s",
+        "time/sync_s",
+        "rl/ptx_loss",
+        "eval/math/pass_at_1",
+    ):
         assert key in m, key
     assert trainer.engine.version == 3  # synced after every update
     # a random tiny model rambles: every response runs into the 14-token budget
@@ -65,12 +93,22 @@ def test_rl_with_the_code_reward_runs_the_sandbox(tmp_path):
     from k2_rl.rl_stage import RLTrainer
 
     init, _ = save_tiny_checkpoint(tmp_path / "init")
-    cfg = load_config(config_path("rl-code"), [
-        f"plugins.rl.init={init}", f"checkpoint.dir={tmp_path / 'rl'}", "train.steps=1",
-        "checkpoint.every=1", "plugins.rl.k=2", "plugins.rl.prompts_per_iter=2",
-        "plugins.rl.tasks=[{name: code, source: code, reward: code, budget: 10}]",
-        "plugins.rl.critic.enabled=true", "tracking.tracker=null", "data.options.builtin_n=20",
-        "data.seq_len=128"])
+    cfg = load_config(
+        config_path("rl-code"),
+        [
+            f"plugins.rl.init={init}",
+            f"checkpoint.dir={tmp_path / 'rl'}",
+            "train.steps=1",
+            "checkpoint.every=1",
+            "plugins.rl.k=2",
+            "plugins.rl.prompts_per_iter=2",
+            "plugins.rl.tasks=[{name: code, source: code, reward: code, budget: 10}]",
+            "plugins.rl.critic.enabled=true",
+            "tracking.tracker=null",
+            "data.options.builtin_n=20",
+            "data.seq_len=128",
+        ],
+    )
     trainer = RLTrainer(cfg)
     m = trainer.iteration()
     assert m["rl/code/response_tokens"] > 0 and "rl/code/pass_rate" in m
@@ -86,9 +124,19 @@ def test_rl_carries_paused_responses_into_the_next_iteration(tmp_path):
     from k2_rl.rl_stage import RLTrainer
 
     init, _ = save_tiny_checkpoint(tmp_path / "init")
-    trainer = RLTrainer(_cfg(init, tmp_path / "rl", 2, [
-        "plugins.rl.segment_tokens=6", "plugins.rl.default_budget=12", "train.eval_every=0",
-        "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 12}]"]))
+    trainer = RLTrainer(
+        _cfg(
+            init,
+            tmp_path / "rl",
+            2,
+            [
+                "plugins.rl.segment_tokens=6",
+                "plugins.rl.default_budget=12",
+                "train.eval_every=0",
+                "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 12}]",
+            ],
+        )
+    )
     trained: list[list] = []
     score = trainer.score
     trainer.score = lambda groups: (trained.append(groups), score(groups))[1]

@@ -13,17 +13,35 @@ from pathlib import Path
 import pytest
 from k2_rl.sandbox import SandboxLimits, capabilities, protections, run_python
 
-needs_full = pytest.mark.skipif(not (capabilities().root and capabilities().unshare),
-                                reason="needs root and a working unshare")
+needs_full = pytest.mark.skipif(
+    not (capabilities().root and capabilities().unshare), reason="needs root and a working unshare"
+)
 
 
 def test_protections_active_on_this_machine():
     caps = capabilities()
     assert caps.root == (os.geteuid() == 0)
-    full = {"net_namespace", "pid_namespace", "mount_namespace", "readonly_fs",
-            "unprivileged_user", "rlimit_nproc", "uid_sweep"}
-    base = {"empty_env", "isolated_python", "rlimit_cpu", "rlimit_as", "rlimit_fsize",
-            "rlimit_nofile", "wall_timeout", "output_cap", "temp_workdir", "process_group"}
+    full = {
+        "net_namespace",
+        "pid_namespace",
+        "mount_namespace",
+        "readonly_fs",
+        "unprivileged_user",
+        "rlimit_nproc",
+        "uid_sweep",
+    }
+    base = {
+        "empty_env",
+        "isolated_python",
+        "rlimit_cpu",
+        "rlimit_as",
+        "rlimit_fsize",
+        "rlimit_nofile",
+        "wall_timeout",
+        "output_cap",
+        "temp_workdir",
+        "process_group",
+    }
     got = set(protections())
     assert base <= got
     if os.environ.get("K2_SANDBOX_EXPECT", "full") == "full":
@@ -36,11 +54,13 @@ def test_protections_active_on_this_machine():
 
 
 def test_runs_with_stdin_files_and_reports():
-    code = ("import os, sys\n"
-            "data = sys.stdin.read()\n"
-            "print(data.upper(), open('helper.txt').read(), sep='|')\n"
-            "print(os.getcwd())\n"
-            "print('err', file=sys.stderr)\n")
+    code = (
+        "import os, sys\n"
+        "data = sys.stdin.read()\n"
+        "print(data.upper(), open('helper.txt').read(), sep='|')\n"
+        "print(os.getcwd())\n"
+        "print('err', file=sys.stderr)\n"
+    )
     res = run_python(code, stdin="abc", files={"helper.txt": "from a file"})
     assert res.outcome == "ok" and res.ok and res.returncode == 0
     first, cwd = res.stdout.splitlines()
@@ -56,12 +76,14 @@ def test_runs_with_stdin_files_and_reports():
 @needs_full
 def test_empty_environment_unprivileged_and_isolated_python(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.getcwd())  # -I ignores it
-    code = ("import os, sys\n"
-            "print(sorted(k for k in os.environ if k != 'LC_CTYPE'))\n"
-            "print(os.getuid(), os.getgid(), os.getgroups())\n"
-            "print(any('site-packages' in p for p in sys.path))\n"
-            "print(os.listdir('/root'), sys.base_prefix)\n"
-            "import k2_rl\n")
+    code = (
+        "import os, sys\n"
+        "print(sorted(k for k in os.environ if k != 'LC_CTYPE'))\n"
+        "print(os.getuid(), os.getgid(), os.getgroups())\n"
+        "print(any('site-packages' in p for p in sys.path))\n"
+        "print(os.listdir('/root'), sys.base_prefix)\n"
+        "import k2_rl\n"
+    )
     res = run_python(code)
     env, ids, site, root, *_ = res.stdout.splitlines()
     assert env == "[]" and site == "False"
@@ -89,8 +111,7 @@ def test_degraded_rlimits_mode_still_limits():
 
 
 def test_file_size_limit():
-    res = run_python("open('big', 'wb').write(b'x' * (3 << 20))",
-                     limits=SandboxLimits(fsize_mb=1))
+    res = run_python("open('big', 'wb').write(b'x' * (3 << 20))", limits=SandboxLimits(fsize_mb=1))
     assert res.outcome == "runtime_error" and "File too large" in res.stderr
 
 
@@ -119,11 +140,13 @@ def test_concurrent_runs_get_distinct_uids():
 @needs_full
 @pytest.mark.parametrize("n", [1, 3])
 def test_nproc_limit_counts_the_sandbox_user(n):
-    code = (f"import os\npids = []\nfor _ in range({n + 2}):\n"
-            "    pid = os.fork()\n"
-            "    if pid == 0:\n"
-            "        import time; time.sleep(1); os._exit(0)\n"
-            "    pids.append(pid)\n")
+    code = (
+        f"import os\npids = []\nfor _ in range({n + 2}):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        import time; time.sleep(1); os._exit(0)\n"
+        "    pids.append(pid)\n"
+    )
     res = run_python(code, limits=SandboxLimits(nproc=n))
     assert res.outcome == "runtime_error" and "BlockingIOError" in res.stderr
 
@@ -133,15 +156,18 @@ def _unprivileged_python() -> list[str] | None:
     setpriv, system = shutil.which("setpriv"), Path("/usr/bin/python3")
     if os.geteuid() != 0 or not setpriv or not system.exists():
         return None
-    ver = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"],
-                         capture_output=True, text=True).stdout.strip()
+    ver = subprocess.run(
+        [system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True, text=True
+    ).stdout.strip()
     if ver != str(sys.version_info[:2]):
         return None  # the venv's compiled packages would not load
     return [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", str(system)]
 
 
-@pytest.mark.skipif(_unprivileged_python() is None, reason="needs root, setpriv and a "
-                    "/usr/bin/python3 of this Python's version")
+@pytest.mark.skipif(
+    _unprivileged_python() is None,
+    reason="needs root, setpriv and a /usr/bin/python3 of this Python's version",
+)
 def test_unprivileged_process_degrades_gracefully():
     import k2_core
     import k2_rl
@@ -156,8 +182,13 @@ def test_unprivileged_process_degrades_gracefully():
         "        'import time; time.sleep(30)', 'import os; os.kill(os.getppid(), 9)')]\n"
         "print(json.dumps([protections(), [[r.outcome, r.stdout, r.uid] for r in runs]]))\n"
     )
-    out = subprocess.run([*_unprivileged_python(), "-c", script], capture_output=True, text=True,
-                         env={"PYTHONPATH": ":".join(paths)}, timeout=60)
+    out = subprocess.run(
+        [*_unprivileged_python(), "-c", script],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": ":".join(paths)},
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     prot, runs = json.loads(out.stdout)
     assert "rlimit_cpu" in prot and "wall_timeout" in prot
@@ -173,11 +204,16 @@ def test_rl_refuses_a_code_reward_without_namespaces_unless_allowed():
     from k2_rl.rewards.math_reward import MathReward
     from k2_rl.rewards.options import CodeRewardOptions
 
-    weak = {"math": MathReward(),
-            "code": CodeReward(CodeRewardOptions(sandbox={"isolation": "rlimits"}))}
+    weak = {
+        "math": MathReward(),
+        "code": CodeReward(CodeRewardOptions(sandbox={"isolation": "rlimits"})),
+    }
     assert RlOptions(init="x").allow_weak_isolation is False
-    with pytest.raises(ConfigError, match=r"tasks\.code\.reward_options\.sandbox\.isolation.*"
-                                          r"allow_weak_isolation=true"):
+    with pytest.raises(
+        ConfigError,
+        match=r"tasks\.code\.reward_options\.sandbox\.isolation.*"
+        r"allow_weak_isolation=true",
+    ):
         sandbox_protections(weak, allow_weak_isolation=False)
     logged = sandbox_protections(weak, allow_weak_isolation=True)
     assert logged.startswith("code: ") and "net_namespace" not in logged
@@ -198,8 +234,9 @@ def test_protections_are_logged_as_a_run_param():
     run = SimpleNamespace(plugins=SimpleNamespace(pm=SimpleNamespace(get_plugin=lambda n: hooks)))
     log_protections(run, "code: a,b")
     assert calls == [("r1", "sandbox.protections", "code: a,b")]
-    no_tracker = SimpleNamespace(plugins=SimpleNamespace(pm=SimpleNamespace(
-        get_plugin=lambda n: None)))
+    no_tracker = SimpleNamespace(
+        plugins=SimpleNamespace(pm=SimpleNamespace(get_plugin=lambda n: None))
+    )
     log_protections(no_tracker, "code: a,b")  # no tracker: nothing to do, no error
     assert len(calls) == 1
 
@@ -217,23 +254,46 @@ def test_k2_rl_logs_sandbox_protections_and_refuses_rlimits(tmp_path):
     init, _ = save_tiny_checkpoint(tmp_path / "init")
 
     def cfg(run_dir, *extra):
-        return load_config(config_path("rl-code"), [
-            f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", "train.steps=1",
-            "checkpoint.every=1", "plugins.rl.k=2", "plugins.rl.prompts_per_iter=2",
-            "plugins.rl.eval_prompts=0", "tracking.options.system_metrics=false",
-            "data.options.builtin_n=20", "data.seq_len=128", *extra])
+        return load_config(
+            config_path("rl-code"),
+            [
+                f"plugins.rl.init={init}",
+                f"checkpoint.dir={run_dir}",
+                "train.steps=1",
+                "checkpoint.every=1",
+                "plugins.rl.k=2",
+                "plugins.rl.prompts_per_iter=2",
+                "plugins.rl.eval_prompts=0",
+                "tracking.options.system_metrics=false",
+                "data.options.builtin_n=20",
+                "data.seq_len=128",
+                *extra,
+            ],
+        )
 
-    weak = "plugins.rl.tasks=[{name: code, source: code, reward: code, budget: 10, " \
-           "reward_options: {sandbox: {isolation: rlimits}}}]"
+    weak = (
+        "plugins.rl.tasks=[{name: code, source: code, reward: code, budget: 10, "
+        "reward_options: {sandbox: {isolation: rlimits}}}]"
+    )
     with pytest.raises(ConfigError, match="allow_weak_isolation"):
         RLTrainer(cfg(tmp_path / "weak", weak, "tracking.tracker=null"))
-    allowed = RLTrainer(cfg(tmp_path / "allowed", weak, "tracking.tracker=null",
-                            "plugins.rl.allow_weak_isolation=true"))
+    allowed = RLTrainer(
+        cfg(
+            tmp_path / "allowed",
+            weak,
+            "tracking.tracker=null",
+            "plugins.rl.allow_weak_isolation=true",
+        )
+    )
     assert "net_namespace" not in allowed.sandbox_protections
     allowed.close()
 
-    trainer = RLTrainer(cfg(tmp_path / "rl", "plugins.rl.tasks=[{name: code, source: code, "
-                                             "reward: code, budget: 10}]"))
+    trainer = RLTrainer(
+        cfg(
+            tmp_path / "rl",
+            "plugins.rl.tasks=[{name: code, source: code, reward: code, budget: 10}]",
+        )
+    )
     trainer.train()
     client = MlflowClient(f"sqlite:///{tmp_path / 'rl' / 'mlflow.db'}")
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])

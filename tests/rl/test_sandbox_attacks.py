@@ -20,7 +20,8 @@ from k2_rl.sandbox import SandboxLimits, capabilities, run_python
 # test_protections_active_on_this_machine in test_sandbox.py asserts that it does
 pytestmark = pytest.mark.skipif(
     not (capabilities().root and capabilities().unshare),
-    reason="needs root and a working unshare (network, pid and mount namespaces)")
+    reason="needs root and a working unshare (network, pid and mount namespaces)",
+)
 
 
 def _limits(**kw) -> SandboxLimits:
@@ -53,8 +54,11 @@ def no_leftovers():
 
 
 def _uid_processes() -> list[dict]:
-    return [p.info for p in psutil.process_iter(["pid", "uids", "name", "status"])
-            if p.info["uids"] and p.info["uids"].real in _uids]
+    return [
+        p.info
+        for p in psutil.process_iter(["pid", "uids", "name", "status"])
+        if p.info["uids"] and p.info["uids"].real in _uids
+    ]
 
 
 def test_this_machine_isolates_fully():
@@ -62,8 +66,16 @@ def test_this_machine_isolates_fully():
     assert caps.root and caps.unshare, "the attack tests expect root and a working unshare here"
     res = _run("print('hi')")
     assert res.outcome == "ok" and res.uid is not None
-    for p in ("net_namespace", "pid_namespace", "readonly_fs", "unprivileged_user", "empty_env",
-              "private_root", "private_tmp", "disk_cap"):
+    for p in (
+        "net_namespace",
+        "pid_namespace",
+        "readonly_fs",
+        "unprivileged_user",
+        "empty_env",
+        "private_root",
+        "private_tmp",
+        "disk_cap",
+    ):
         assert p in res.protections
 
 
@@ -72,8 +84,10 @@ def test_socket_to_host_listener_never_connects():
         srv.bind(("127.0.0.1", 0))
         srv.listen(8)
         port = srv.getsockname()[1]
-        res = _run(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
-                   "print('CONNECTED')")
+        res = _run(
+            f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)\n"
+            "print('CONNECTED')"
+        )
         srv.settimeout(0.3)
         with pytest.raises(TimeoutError):
             srv.accept()  # nothing ever arrived
@@ -132,12 +146,9 @@ def test_writes_outside_its_folder_change_nothing(tmp_path: Path):
 
 
 def test_fork_bomb_is_contained():
-    code = ("import os\n"
-            "while True:\n"
-            "    try:\n"
-            "        os.fork()\n"
-            "    except OSError:\n"
-            "        pass\n")
+    code = (
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
     t0 = time.monotonic()
     res = _run(code, _limits(wall_s=2.0, cpu_s=2, nproc=16))
     assert res.outcome == "timeout"
@@ -214,14 +225,16 @@ def test_daemon_child_is_killed():
 
 
 def test_daemon_child_is_killed_without_namespaces():
-    code = ("import os, time\n"
-            "if os.fork() == 0:\n"
-            "    os.setsid()\n"
-            "    if os.fork() == 0:\n"
-            "        time.sleep(120)\n"
-            "    os._exit(0)\n"
-            "time.sleep(0.2)\n"
-            "print('parent done')\n")
+    code = (
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        "    os.setsid()\n"
+        "    if os.fork() == 0:\n"
+        "        time.sleep(120)\n"
+        "    os._exit(0)\n"
+        "time.sleep(0.2)\n"
+        "print('parent done')\n"
+    )
     res = _run(code, _limits(isolation="rlimits", wall_s=5.0))
     assert res.outcome == "ok" and "pid_namespace" not in res.protections
     assert res.leftovers_killed == 1  # the uid sweep found the daemon and killed it
@@ -230,8 +243,10 @@ def test_daemon_child_is_killed_without_namespaces():
 def test_host_unix_sockets_are_unreachable():
     # a 0777 socket under the host's /tmp and /dev/shm: Unix sockets ignore read-only mounts,
     # so only a root without the host's folders keeps them out
-    paths = [Path("/tmp") / f"k2-sock-{uuid.uuid4().hex[:8]}",
-             Path("/dev/shm") / f"k2-sock-{uuid.uuid4().hex[:8]}"]
+    paths = [
+        Path("/tmp") / f"k2-sock-{uuid.uuid4().hex[:8]}",
+        Path("/dev/shm") / f"k2-sock-{uuid.uuid4().hex[:8]}",
+    ]
     servers = []
     try:
         for p in paths:
@@ -241,14 +256,16 @@ def test_host_unix_sockets_are_unreachable():
             srv.listen(8)
             srv.settimeout(0.3)
             servers.append(srv)
-        code = ("import socket\n"
-                f"for p in {[str(p) for p in paths]!r}:\n"
-                "    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
-                "    try:\n"
-                "        s.connect(p)\n"
-                "        print('CONNECTED', p)\n"
-                "    except OSError as e:\n"
-                "        print('refused', type(e).__name__)\n")
+        code = (
+            "import socket\n"
+            f"for p in {[str(p) for p in paths]!r}:\n"
+            "    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            "    try:\n"
+            "        s.connect(p)\n"
+            "        print('CONNECTED', p)\n"
+            "    except OSError as e:\n"
+            "        print('refused', type(e).__name__)\n"
+        )
         res = _run(code)
         assert res.outcome == "ok" and "CONNECTED" not in res.stdout, res
         assert res.stdout.count("refused") == 2
@@ -288,29 +305,51 @@ def test_host_files_are_invisible():
     lines = res.stdout.splitlines()
     assert lines[:5] == ["absent FileNotFoundError"] * 5 and secret not in res.stdout
     top = set(eval(res.stdout.splitlines()[-2]))  # noqa: S307 - our own program's list
-    assert top <= {"dev", "lib", "lib32", "lib64", "libx32", "proc", "run", "sandbox", "tmp",
-                   "usr", "var", "root", "opt", "home", ".scratch"}
+    assert top <= {
+        "dev",
+        "lib",
+        "lib32",
+        "lib64",
+        "libx32",
+        "proc",
+        "run",
+        "sandbox",
+        "tmp",
+        "usr",
+        "var",
+        "root",
+        "opt",
+        "home",
+        ".scratch",
+    }
     assert res.stdout.splitlines()[-1] == "[] [] []"  # private, empty /tmp, /dev/shm, /run
 
 
 def test_work_folder_has_a_disk_cap():
     t0 = time.monotonic()
     before = set(os.listdir("/tmp"))
-    code = ("for i in range(64):\n"
-            "    with open('f%d' % i, 'wb') as f:\n"
-            "        f.write(b'x' * (16 << 20))\n"
-            "print('WROTE ALL')\n")
+    code = (
+        "for i in range(64):\n"
+        "    with open('f%d' % i, 'wb') as f:\n"
+        "        f.write(b'x' * (16 << 20))\n"
+        "print('WROTE ALL')\n"
+    )
     res = _run(code, _limits(wall_s=20.0, cpu_s=10, fsize_mb=16))
     assert res.outcome == "disk_limit" and "WROTE ALL" not in res.stdout, res
     assert "64 MiB" in res.error
     assert time.monotonic() - t0 < 15
     # /tmp inside shares the same cap, and none of it lands in the host's /tmp
     small = _limits(wall_s=20.0, cpu_s=10, workdir_mb=8)
-    res = _run("open('a', 'wb').write(b'x' * (5 << 20))\n"
-               "open('/tmp/b', 'wb').write(b'x' * (5 << 20))\n", small)
+    res = _run(
+        "open('a', 'wb').write(b'x' * (5 << 20))\nopen('/tmp/b', 'wb').write(b'x' * (5 << 20))\n",
+        small,
+    )
     assert res.outcome == "disk_limit", res
-    big_new = [n for n in set(os.listdir("/tmp")) - before
-               if os.path.isfile(f"/tmp/{n}") and os.path.getsize(f"/tmp/{n}") >= 1 << 20]
+    big_new = [
+        n
+        for n in set(os.listdir("/tmp")) - before
+        if os.path.isfile(f"/tmp/{n}") and os.path.getsize(f"/tmp/{n}") >= 1 << 20
+    ]
     assert big_new == []
 
 
@@ -318,8 +357,9 @@ def test_peak_memory_is_reported_when_killed():
     grab = "data = b'x' * (96 << 20)\n"
     slow = _run(grab + "import time\ntime.sleep(60)\n", _limits(wall_s=1.5, cpu_s=2))
     assert slow.outcome == "timeout" and slow.max_rss_mb >= 90, slow
-    loud = _run(grab + "while True:\n    print('y' * 1000)\n",
-                _limits(wall_s=5.0, output_bytes=1 << 16))
+    loud = _run(
+        grab + "while True:\n    print('y' * 1000)\n", _limits(wall_s=5.0, output_bytes=1 << 16)
+    )
     assert loud.outcome == "output_limit" and loud.max_rss_mb >= 90, loud
 
 
@@ -327,11 +367,13 @@ def test_interpreter_is_named_and_read_only():
     import sys
 
     want = os.path.realpath(sys.base_prefix)
-    res = _run("import sys\nprint(sys.base_prefix)\n"
-               "try:\n"
-               "    open(sys.base_prefix + '/k2-owned', 'w')\n"
-               "except OSError as e:\n"
-               "    print(e.strerror)\n")
+    res = _run(
+        "import sys\nprint(sys.base_prefix)\n"
+        "try:\n"
+        "    open(sys.base_prefix + '/k2-owned', 'w')\n"
+        "except OSError as e:\n"
+        "    print(e.strerror)\n"
+    )
     base, err = res.stdout.splitlines()
     # this interpreter lives under /root (mode 0700): it runs because it is bound in
     assert base == want and err == "Read-only file system"
@@ -345,8 +387,10 @@ def test_work_folder_is_made_inside_the_namespace(monkeypatch):
         raise AssertionError("a host working folder was made")
 
     monkeypatch.setattr(runner, "_write_workdir", refuse)
-    res = _run("import os\nopen('x', 'w').write('y')\nprint(os.getcwd(), os.listdir('.'))",
-               files={"helper.txt": "h"})
+    res = _run(
+        "import os\nopen('x', 'w').write('y')\nprint(os.getcwd(), os.listdir('.'))",
+        files={"helper.txt": "h"},
+    )
     cwd, names = res.stdout.split(" ", 1)
     assert res.outcome == "ok" and cwd == "/sandbox"
     assert sorted(eval(names)) == ["helper.txt", "main.py", "x"]  # noqa: S307 - our own list

@@ -25,9 +25,19 @@ TOL = 1e-4  # float32 on both sides, different summation order (see test_engine_
 def _completion_lps(base: str, prompt: list[int]) -> tuple[list[int], list[float], int]:
     from k2_rl.engine_openai import parse_completion
 
-    r = httpx.post(f"{base}/v1/completions", headers={"Authorization": f"Bearer {KEY}"},
-                   json={"model": "init", "prompt": prompt, "max_tokens": 8, "temperature": 0.0,
-                         "logprobs": 0, "return_tokens_as_token_ids": True}, timeout=60)
+    r = httpx.post(
+        f"{base}/v1/completions",
+        headers={"Authorization": f"Bearer {KEY}"},
+        json={
+            "model": "init",
+            "prompt": prompt,
+            "max_tokens": 8,
+            "temperature": 0.0,
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+        },
+        timeout=60,
+    )
     r.raise_for_status()
     body = r.json()
     ids, lps = parse_completion(body["choices"][0], "k2 serve")
@@ -42,8 +52,7 @@ def test_k2_serve_loads_a_pushed_version(tmp_path):
 
     init, _ = save_tiny_checkpoint(tmp_path / "init")
     push_port = free_port()
-    proc, base = start_server(init, "--push-port", str(push_port),
-                              env={"K2_SERVE_API_KEY": KEY})
+    proc, base = start_server(init, "--push-port", str(push_port), env={"K2_SERVE_API_KEY": KEY})
     try:
         model = load_model(init)
         with torch.no_grad():  # version 1: other weights
@@ -75,22 +84,38 @@ def test_an_rl_iteration_with_weight_update_k2_push(tmp_path, monkeypatch):
 
     init, _ = save_tiny_checkpoint(tmp_path / "init")
     push_port = free_port()
-    proc, base = start_server(init, "--push-port", str(push_port), "--max-batch-size", "16",
-                              env={"K2_SERVE_API_KEY": KEY})
+    proc, base = start_server(
+        init, "--push-port", str(push_port), "--max-batch-size", "16", env={"K2_SERVE_API_KEY": KEY}
+    )
     monkeypatch.setenv("K2_TEST_PUSH_KEY", KEY)
     try:
-        cfg = load_config(config_path("rl-math"), [
-            f"plugins.rl.init={init}", f"checkpoint.dir={tmp_path / 'rl'}", "train.steps=1",
-            "plugins.rl.engine=openai", f"plugins.rl.openai.base_url={base}/v1",
-            "plugins.rl.openai.api_key_env=K2_TEST_PUSH_KEY",
-            "plugins.rl.openai.weight_update=k2-push",
-            f"plugins.rl.openai.push_address=127.0.0.1:{push_port}",
-            "plugins.rl.openai.logprob_tolerance=1e-4", "plugins.rl.openai.concurrency=8",
-            "train.eval_every=0", "checkpoint.every=100", "plugins.rl.eval_prompts=0",
-            "data.seq_len=128", "data.options.builtin_n=50", "optim.lr=2e-2",
-            "plugins.rl.k=4", "plugins.rl.prompts_per_iter=2", "plugins.rl.default_budget=14",
-            "plugins.rl.partial_rollout=false", "tracking.tracker=null",
-            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]"])
+        cfg = load_config(
+            config_path("rl-math"),
+            [
+                f"plugins.rl.init={init}",
+                f"checkpoint.dir={tmp_path / 'rl'}",
+                "train.steps=1",
+                "plugins.rl.engine=openai",
+                f"plugins.rl.openai.base_url={base}/v1",
+                "plugins.rl.openai.api_key_env=K2_TEST_PUSH_KEY",
+                "plugins.rl.openai.weight_update=k2-push",
+                f"plugins.rl.openai.push_address=127.0.0.1:{push_port}",
+                "plugins.rl.openai.logprob_tolerance=1e-4",
+                "plugins.rl.openai.concurrency=8",
+                "train.eval_every=0",
+                "checkpoint.every=100",
+                "plugins.rl.eval_prompts=0",
+                "data.seq_len=128",
+                "data.options.builtin_n=50",
+                "optim.lr=2e-2",
+                "plugins.rl.k=4",
+                "plugins.rl.prompts_per_iter=2",
+                "plugins.rl.default_budget=14",
+                "plugins.rl.partial_rollout=false",
+                "tracking.tracker=null",
+                "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]",
+            ],
+        )
         trainer = RLTrainer(cfg)
         try:
             assert trainer.engine.version == 0 and trainer.sync.pushes == 1  # the start: full
@@ -109,9 +134,21 @@ def test_an_rl_iteration_with_weight_update_k2_push(tmp_path, monkeypatch):
 
 def test_push_port_without_an_api_key_is_refused(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "K2_SERVE_API_KEY"}
-    out = subprocess.run([K2, "serve", str(tmp_path / "missing"), "--port", str(free_port()),
-                          "--push-port", str(free_port())], capture_output=True, text=True,
-                         env=env, timeout=120)
+    out = subprocess.run(
+        [
+            K2,
+            "serve",
+            str(tmp_path / "missing"),
+            "--port",
+            str(free_port()),
+            "--push-port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 2
     assert "--push-port" in out.stderr and "API key" in out.stderr
     assert len(out.stderr.strip().splitlines()) == 1

@@ -12,9 +12,13 @@ from rl_fixtures import save_tiny_checkpoint, tiny_configs, tiny_tokenizer
 
 CONVS = [
     [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "Answer: 5"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 4 and 4."},
-     {"role": "assistant", "content": "4 + 4 = 8.\nAnswer: 8"},
-     {"role": "user", "content": "And 1 + 1?"}, {"role": "assistant", "content": "Answer: 2"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Add 4 and 4."},
+        {"role": "assistant", "content": "4 + 4 = 8.\nAnswer: 8"},
+        {"role": "user", "content": "And 1 + 1?"},
+        {"role": "assistant", "content": "Answer: 2"},
+    ],
     [{"role": "user", "content": "Compute 7 + 1."}, {"role": "assistant", "content": "Answer: 8"}],
 ]
 
@@ -27,14 +31,20 @@ def tok():
 def test_only_assistant_tokens_have_labels(tmp_path, tok):
     f = tmp_path / "chat.jsonl"
     f.write_text("\n".join(json.dumps({"messages": c}) for c in CONVS))
-    ds = ChatDataset(ChatDataOptions(uri=str(f), val_fraction=0.0), split="train", batch_size=2,
-                     seq_len=256, tokenizer=tok)
+    ds = ChatDataset(
+        ChatDataOptions(uri=str(f), val_fraction=0.0),
+        split="train",
+        batch_size=2,
+        seq_len=256,
+        tokenizer=tok,
+    )
     assert ds.n_conversations == 3 and ds.n_rows == 1  # all three packed in one row
     rows = ds.rows
     learned = rows["labels"][0][rows["labels"][0] != -100].tolist()
     text = tok.decode(learned)
-    assert text == ("Answer: 5<|im_end|>4 + 4 = 8.\nAnswer: 8<|im_end|>Answer: 2<|im_end|>"
-                    "Answer: 8<|im_end|>")
+    assert text == (
+        "Answer: 5<|im_end|>4 + 4 = 8.\nAnswer: 8<|im_end|>Answer: 2<|im_end|>Answer: 8<|im_end|>"
+    )
     # no user/system text and no role header is ever a label
     assert "What is" not in text and "assistant" not in text
     seg, pos = rows["segment_ids"][0], rows["position_ids"][0]
@@ -53,21 +63,27 @@ def test_packed_loss_equals_unpacked_loss(tok):
     packed = {k: torch.from_numpy(v) for k, v in pack_rows(examples, 256, tok.pad_id).items()}
     assert packed["input_ids"].shape[0] == 1
     with torch.no_grad():
-        logits = model(packed["input_ids"], position_ids=packed["position_ids"],
-                       segment_ids=packed["segment_ids"]).logits
-        ce = torch.nn.functional.cross_entropy(logits[0], packed["labels"][0], ignore_index=-100,
-                                               reduction="sum")
+        logits = model(
+            packed["input_ids"],
+            position_ids=packed["position_ids"],
+            segment_ids=packed["segment_ids"],
+        ).logits
+        ce = torch.nn.functional.cross_entropy(
+            logits[0], packed["labels"][0], ignore_index=-100, reduction="sum"
+        )
         single = 0.0
         for inp, lab in examples:
             lg = model(torch.tensor([inp])).logits[0]
-            single += torch.nn.functional.cross_entropy(lg, torch.tensor(lab), ignore_index=-100,
-                                                        reduction="sum")
+            single += torch.nn.functional.cross_entropy(
+                lg, torch.tensor(lab), ignore_index=-100, reduction="sum"
+            )
     assert ce.item() == pytest.approx(float(single), rel=1e-4)
     # without the segment mask the later conversations see the earlier ones: different loss
     with torch.no_grad():
         leak = model(packed["input_ids"], position_ids=packed["position_ids"]).logits
-        ce_leak = torch.nn.functional.cross_entropy(leak[0], packed["labels"][0], ignore_index=-100,
-                                                    reduction="sum")
+        ce_leak = torch.nn.functional.cross_entropy(
+            leak[0], packed["labels"][0], ignore_index=-100, reduction="sum"
+        )
     assert abs(ce_leak.item() - float(single)) > 1e-3
 
 
@@ -75,11 +91,23 @@ def _sft_cfg(init, run_dir, steps):
     from k2_core.configio import load_config
     from k2_rl.commands import config_path
 
-    return load_config(config_path("sft-math"), [
-        f"plugins.sft.init={init}", f"checkpoint.dir={run_dir}", f"train.steps={steps}",
-        "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=0", "checkpoint.every=5",
-        "data.seq_len=128", "data.options.builtin_n=200", "optim.lr=3e-3",
-        "optim.schedule_options.warmup_steps=2", "tracking.tracker=null"])
+    return load_config(
+        config_path("sft-math"),
+        [
+            f"plugins.sft.init={init}",
+            f"checkpoint.dir={run_dir}",
+            f"train.steps={steps}",
+            "train.micro_batch_size=4",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "checkpoint.every=5",
+            "data.seq_len=128",
+            "data.options.builtin_n=200",
+            "optim.lr=3e-3",
+            "optim.schedule_options.warmup_steps=2",
+            "tracking.tracker=null",
+        ],
+    )
 
 
 @pytest.mark.slow

@@ -22,12 +22,26 @@ def _cfg(init: str, run_dir: str, extra: list[str]):
     from k2_core.configio import load_config
     from k2_rl.commands import config_path
 
-    return load_config(config_path("sft-math"), [
-        f"plugins.sft.init={init}", f"checkpoint.dir={run_dir}", f"train.steps={STEPS}",
-        "train.log_every=1", "train.eval_every=0", "checkpoint.every=2", "checkpoint.keep=3",
-        "data.seq_len=128", "data.options.builtin_n=120", "optim.lr=3e-3",
-        "optim.schedule_options.warmup_steps=2", "tracking.tracker=null",
-        "optim.options.ns_dtype=float32", "moe.bias_update_speed=0.0", *extra])
+    return load_config(
+        config_path("sft-math"),
+        [
+            f"plugins.sft.init={init}",
+            f"checkpoint.dir={run_dir}",
+            f"train.steps={STEPS}",
+            "train.log_every=1",
+            "train.eval_every=0",
+            "checkpoint.every=2",
+            "checkpoint.keep=3",
+            "data.seq_len=128",
+            "data.options.builtin_n=120",
+            "optim.lr=3e-3",
+            "optim.schedule_options.warmup_steps=2",
+            "tracking.tracker=null",
+            "optim.options.ns_dtype=float32",
+            "moe.bias_update_speed=0.0",
+            *extra,
+        ],
+    )
 
 
 def _losses(init: str, run_dir: str, extra: list[str]) -> list[float]:
@@ -39,9 +53,13 @@ def _losses(init: str, run_dir: str, extra: list[str]) -> list[float]:
 
 
 def _spawn(world: int, init: str, run_dir: str, extra: list[str]) -> list[float]:
-    return run_ranks(world, "optim,moe,data,hw_h800,rl", _losses,
-                     (init, run_dir, ["parallel.backend=h800", "parallel.options.dtype=fp32",
-                                      *extra]), f"{run_dir}.losses")
+    return run_ranks(
+        world,
+        "optim,moe,data,hw_h800,rl",
+        _losses,
+        (init, run_dir, ["parallel.backend=h800", "parallel.options.dtype=fp32", *extra]),
+        f"{run_dir}.losses",
+    )
 
 
 def _weights(run_dir: str, step: int = STEPS) -> dict[str, torch.Tensor]:
@@ -65,17 +83,18 @@ def test_sft_under_h800_matches_one_process(tmp_path, monkeypatch):
     # PP2: 4 rows cut into 2 pipeline micro-batches, weighted by labelled tokens = one
     # process's single micro-batch of 4
     one4 = _losses(init, str(tmp_path / "one4"), ["train.micro_batch_size=4"])
-    pp2 = _spawn(2, init, str(tmp_path / "pp2"), ["train.micro_batch_size=4",
-                                                  "parallel.options.pp=2"])
+    pp2 = _spawn(
+        2, init, str(tmp_path / "pp2"), ["train.micro_batch_size=4", "parallel.options.pp=2"]
+    )
     assert max(abs(a - b) for a, b in zip(one4, pp2, strict=True)) < LOSS_TOL, (one4, pp2)
     _close(_weights(str(tmp_path / "one4")), _weights(str(tmp_path / "pp2")))
     # the DP2 run's step-2 checkpoint resumes in one process: the same last steps
     import shutil
 
     again = tmp_path / "again"
-    shutil.copytree(tmp_path / "dp2" / "checkpoints" / "step_00000002",
-                    again / "checkpoints" / "step_00000002")
+    shutil.copytree(
+        tmp_path / "dp2" / "checkpoints" / "step_00000002", again / "checkpoints" / "step_00000002"
+    )
     rest = _losses(init, str(again), ["train.micro_batch_size=2", "train.grad_accum=2"])
     assert abs(rest[1] - one[1]) < LOSS_TOL
     _close(_weights(str(tmp_path / "one")), _weights(str(again)))
-

@@ -37,6 +37,7 @@ def test_rl_math_prompts_are_not_the_sft_conversations():
     seen = sum(q in sft for q in rl) / len(rl)
     assert seen < 0.1, f"{seen:.0%} of the RL prompts are SFT questions"
     # the failure this guards against: the same stream as the SFT data
-    same = _rl_questions(["plugins.rl.seed_offset=0",
-                          "plugins.rl.tasks=[{name: math, difficulty: [1, 2]}]"])
+    same = _rl_questions(
+        ["plugins.rl.seed_offset=0", "plugins.rl.tasks=[{name: math, difficulty: [1, 2]}]"]
+    )
     assert sum(q in sft for q in same) / len(same) == 1.0

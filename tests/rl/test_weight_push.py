@@ -32,6 +32,7 @@ from small_model import small_model
 
 # -- one process ------------------------------------------------------------------------------
 
+
 def _tiny_model(seed: int) -> torch.nn.Module:
     from k2_core.model import K2ForCausalLM
     from rl_fixtures import tiny_configs
@@ -67,8 +68,9 @@ def test_push_assembles_the_trainers_weights_and_refuses_bad_pushes(engines):
     sharding = SingleProcessBackend().checkpoint_sharding(trainer, None)  # OneProcess
     stats = pusher.push(trainer, 1, sharding=sharding)
     want = _state(trainer)
-    assert stats.buckets > 3 and stats.bytes == sum(t.numel() * t.element_size()
-                                                    for t in want.values())
+    assert stats.buckets > 3 and stats.bytes == sum(
+        t.numel() * t.element_size() for t in want.values()
+    )
     for r in engines:
         assert r.version == 1 and _same(_state(r.engine.model), want)
     with torch.no_grad():  # new weights that a refused push must not let through
@@ -82,7 +84,9 @@ def test_push_assembles_the_trainers_weights_and_refuses_bad_pushes(engines):
     with pytest.raises(MissingBucketError, match=r"bucket 1 of trainer rank 0 never arrived"):
         pusher.push(trainer, 2)
     pusher.faults = None
-    with pytest.raises(VersionGapError, match=r"version 3 to an engine on version 1 \(expected 2\)"):
+    with pytest.raises(
+        VersionGapError, match=r"version 3 to an engine on version 1 \(expected 2\)"
+    ):
         pusher.push(trainer, 3)
     for r in engines:
         assert r.version == 1 and _same(_state(r.engine.model), want)
@@ -131,8 +135,11 @@ def test_a_missing_tensor_is_named():
     from k2_data.inference.engine import Engine
 
     with WeightReceiver(Engine(_tiny_model(3), max_batch_size=2)) as recv:
-        with pytest.raises(MissingBucketError, match=r"rows 0\.\.\d+ of \S+norm\.weight were in no"
-                           r" bucket of version 1; the engine stays on version 0"):
+        with pytest.raises(
+            MissingBucketError,
+            match=r"rows 0\.\.\d+ of \S+norm\.weight were in no"
+            r" bucket of version 1; the engine stays on version 0",
+        ):
             WeightPusher([recv.address]).push(_tiny_model(1), 1, sharding=_Half())
         assert recv.version == 0
 
@@ -140,7 +147,10 @@ def test_a_missing_tensor_is_named():
 # -- 4 gloo trainer ranks (h800 backend, DP2 x EP2) to 2 engine processes ----------------------
 
 SHRINK = [
-    *small_model(), "train.micro_batch_size=2", "train.eval_every=0", "tracking.tracker=null",
+    *small_model(),
+    "train.micro_batch_size=2",
+    "train.eval_every=0",
+    "tracking.tracker=null",
 ]
 ENV = {"K2_LOAD_PLUGINS": "optim,moe,data,hw_h800", "OMP_NUM_THREADS": "1"}
 
@@ -166,8 +176,9 @@ def _engine_main(conn, cache: str) -> None:
     with WeightReceiver(Engine(model, max_batch_size=2)) as recv:
         conn.send(recv.address)
         while (msg := conn.recv())[0] == "dump":
-            save_file({k: v.detach().clone().contiguous() for k, v in model.state_dict().items()},
-                      msg[1])
+            save_file(
+                {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}, msg[1]
+            )
             conn.send(recv.version)
 
 
@@ -188,18 +199,39 @@ def _trainer(rank: int, world: int, port: int, cache: str, root: str, engines: l
     from k2_core.orchestrator import build_run, train
     from k2_core.trainstate import model_tensors
 
-    os.environ.update(ENV, K2_CACHE_DIR=cache, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-                      RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(
+        ENV,
+        K2_CACHE_DIR=cache,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     try:
-        run = build_run(load_config("tiny", [
-            *SHRINK, "parallel.backend=h800", "parallel.options.ep=2", "train.steps=1",
-            "checkpoint.every=1", f"checkpoint.dir={root}"]))
+        run = build_run(
+            load_config(
+                "tiny",
+                [
+                    *SHRINK,
+                    "parallel.backend=h800",
+                    "parallel.options.ep=2",
+                    "train.steps=1",
+                    "checkpoint.every=1",
+                    f"checkpoint.dir={root}",
+                ],
+            )
+        )
         train(run)  # one step, then the layout-free checkpoint the engines must equal
         sharding = run.backend.checkpoint_sharding(run.model, run.optimizer)
         pusher = WeightPusher([tuple(a) for a in engines], bucket_mb=0.02)
-        res: dict = {"first": _push(pusher, run, 1, sharding), "bytes": pusher.last.bytes,
-                     "per_rank": pusher.last.per_rank_bytes, "buckets": pusher.last.buckets}
+        res: dict = {
+            "first": _push(pusher, run, 1, sharding),
+            "bytes": pusher.last.bytes,
+            "per_rank": pusher.last.per_rank_bytes,
+            "buckets": pusher.last.buckets,
+        }
         if rank == 0:
             res["status1"] = [engine_status(tuple(a)) for a in engines]
         with torch.no_grad():  # new weights a refused push must not let through
@@ -241,8 +273,13 @@ def test_four_sharded_trainer_ranks_push_to_two_engine_processes(tmp_path):
         procs.append(p)
     try:
         engines = [list(c.recv()) for c in pipes]
-        mp.start_processes(_trainer, args=(4, _free_port(), cache, root, engines, out), nprocs=4,
-                           join=True, start_method="fork")
+        mp.start_processes(
+            _trainer,
+            args=(4, _free_port(), cache, root, engines, out),
+            nprocs=4,
+            join=True,
+            start_method="fork",
+        )
         res = [json.load(open(f"{out}.{r}")) for r in range(4)]
         dumps = []
         for i, c in enumerate(pipes):
@@ -267,15 +304,18 @@ def test_four_sharded_trainer_ranks_push_to_two_engine_processes(tmp_path):
     assert max(sent) <= 1.1 * total / 4 + 2**20, sent
     print(f"model {total} bytes, sent per rank {sent}")
     assert min(r["buckets"] for r in res) >= 2
-    crcs = {k: tensor_crc32(v.float() if v.is_floating_point() else v)  # the engine's FP32
-            for k, v in want.items()}
+    crcs = {
+        k: tensor_crc32(v.float() if v.is_floating_point() else v)  # the engine's FP32
+        for k, v in want.items()
+    }
     for status in (*res[0]["status1"], *res[0]["status_refused"]):
         assert status["version"] == 1 and status["crc32"] == crcs
     # every refusal reached every rank as the same one line
     for case, kind, pattern in (
-            ("corrupt", "BucketChecksumError", r"bucket 1 of trainer rank 1 .*crc32"),
-            ("drop", "MissingBucketError", r"bucket 1 of trainer rank 2 never arrived"),
-            ("gap", "VersionGapError", r"version 3 to an engine on version 1 \(expected 2\)")):
+        ("corrupt", "BucketChecksumError", r"bucket 1 of trainer rank 1 .*crc32"),
+        ("drop", "MissingBucketError", r"bucket 1 of trainer rank 2 never arrived"),
+        ("gap", "VersionGapError", r"version 3 to an engine on version 1 \(expected 2\)"),
+    ):
         assert all(r[case] == res[0][case] for r in res), case
         assert res[0][case][0] == kind
         assert "\n" not in res[0][case][1]
@@ -291,8 +331,9 @@ def test_an_engine_that_is_down_fails_the_push_in_one_line(engines):
     from k2_core.weight_push import WeightPushError
 
     pusher = WeightPusher([engines[0].address, ("127.0.0.1", _free_port())], timeout_s=5)
-    with pytest.raises(WeightPushError, match=r"trainer rank 0 could not stream to the engines"
-                       ) as err:
+    with pytest.raises(
+        WeightPushError, match=r"trainer rank 0 could not stream to the engines"
+    ) as err:
         pusher.push(_tiny_model(1), 1)
     assert "\n" not in str(err.value)
     assert engines[0].version == 0  # the other engine was told to drop what it staged

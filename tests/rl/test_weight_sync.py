@@ -25,8 +25,9 @@ def _free_port() -> int:
 
 def _net(seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.LayerNorm(128),
-                              torch.nn.Linear(128, 32))
+    net = torch.nn.Sequential(
+        torch.nn.Linear(64, 128), torch.nn.LayerNorm(128), torch.nn.Linear(128, 32)
+    )
     net.register_buffer("counts", torch.arange(7, dtype=torch.int64))
     return net
 
@@ -58,8 +59,14 @@ def _worker(rank, port, out):
             got = []
             for _ in range(2):
                 got.append(sync.receive(sink, template))
-            out.put((got, sink.version, sync.buckets,
-                     {k: v.numpy().copy() for k, v in sink.net.state_dict().items()}))
+            out.put(
+                (
+                    got,
+                    sink.version,
+                    sync.buckets,
+                    {k: v.numpy().copy() for k, v in sink.net.state_dict().items()},
+                )
+            )
     finally:
         dist.destroy_process_group()
 
@@ -85,8 +92,12 @@ def test_bucketed_broadcast_between_two_processes():
 
 
 def test_bucket_plan_respects_size_and_dtype():
-    state = {"a": torch.zeros(1000), "b": torch.zeros(1000), "c": torch.zeros(10, dtype=torch.int64),
-             "d": torch.zeros(3000)}
+    state = {
+        "a": torch.zeros(1000),
+        "b": torch.zeros(1000),
+        "c": torch.zeros(10, dtype=torch.int64),
+        "d": torch.zeros(3000),
+    }
     plan = bucket_plan(state, bucket_mb=8000 / 2**20)
     assert plan == [["a", "b"], ["c"], ["d"]]  # d alone is larger than a bucket: its own
     assert bucket_plan(state, 1.0) == [["a", "b"], ["c"], ["d"]]

@@ -20,8 +20,11 @@ def build_softmax_topk(model: Any, moe: Any, *, options: SoftmaxTopKOptions) -> 
     from .router import SoftmaxTopKRouter
 
     return SoftmaxTopKRouter(
-        model.hidden_size, moe.n_routed_experts, moe.num_experts_per_tok,
-        renormalize=options.renormalize, init_std=model.initializer_range,
+        model.hidden_size,
+        moe.n_routed_experts,
+        moe.num_experts_per_tok,
+        renormalize=options.renormalize,
+        init_std=model.initializer_range,
     )
 
 

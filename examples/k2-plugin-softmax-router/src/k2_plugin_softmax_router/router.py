@@ -10,8 +10,15 @@ from torch import nn
 class SoftmaxTopKRouter(nn.Module):
     """Linear scores, softmax over experts, top-k selection."""
 
-    def __init__(self, hidden: int, n_experts: int, k: int, *, renormalize: bool = True,
-                 init_std: float = 0.02):
+    def __init__(
+        self,
+        hidden: int,
+        n_experts: int,
+        k: int,
+        *,
+        renormalize: bool = True,
+        init_std: float = 0.02,
+    ):
         super().__init__()
         self.k, self.renormalize = k, renormalize
         self.weight = nn.Parameter(torch.empty(n_experts, hidden).normal_(0.0, init_std))

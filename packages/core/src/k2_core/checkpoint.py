@@ -80,12 +80,16 @@ _IO_THREADS = 8
 _BLOCK = 1 << 20  # copy, write, read and checksum in 1 MiB blocks, while the block is in cache
 
 # dtypes numpy has no name for travel as same-width integers, tagged in the marker.
-_VIEW_AS = {torch.bfloat16: torch.int16, torch.float8_e4m3fn: torch.uint8,
-            torch.float8_e5m2: torch.uint8}
+_VIEW_AS = {
+    torch.bfloat16: torch.int16,
+    torch.float8_e4m3fn: torch.uint8,
+    torch.float8_e5m2: torch.uint8,
+}
 _BY_NAME = {str(t).removeprefix("torch."): t for t in _VIEW_AS}
 
 
 # -- the chunk grid ---------------------------------------------------------------------------
+
 
 def chunk_rows(shape: Sequence[int]) -> int:
     """Rows of dim 0 per chunk: a pure function of the global shape (not layout, not dtype)."""
@@ -142,8 +146,11 @@ def _chunk_bytes(shape: Sequence[int], itemsize: int, rows: int) -> int:
     return itemsize if len(shape) == 0 else rows * _row_bytes(shape, itemsize)
 
 
-def spread_rows(arrays: Mapping[str, tuple[Sequence[int], torch.dtype]], world_size: int,
-                load: Sequence[int] | None = None) -> dict[str, list[tuple[int, int, int]]]:
+def spread_rows(
+    arrays: Mapping[str, tuple[Sequence[int], torch.dtype]],
+    world_size: int,
+    load: Sequence[int] | None = None,
+) -> dict[str, list[tuple[int, int, int]]]:
     """Who writes which rows of replicated tensors: {key: [(rank, start, stop), ...]}.
 
     The chunks of all `arrays` (key -> (global shape, dtype)), in key order, are cut into
@@ -185,6 +192,7 @@ def spread_rows(arrays: Mapping[str, tuple[Sequence[int], torch.dtype]], world_s
 
 
 # -- small helpers ----------------------------------------------------------------------------
+
 
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     fs, path = fsspec.core.url_to_fs(uri)
@@ -230,11 +238,16 @@ def _array_json(shape: Sequence[int], storage: str, rows: int) -> dict[str, Any]
     """zarr v3 metadata of an uncompressed array chunked along dim 0 (what zarr writes)."""
     chunks = [rows, *(max(1, int(d)) for d in shape[1:])] if len(shape) else []
     return {
-        "shape": [int(d) for d in shape], "data_type": storage,
+        "shape": [int(d) for d in shape],
+        "data_type": storage,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunks}},
         "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
-        "fill_value": 0, "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-        "attributes": {}, "zarr_format": 3, "node_type": "array", "storage_transformers": [],
+        "fill_value": 0,
+        "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+        "attributes": {},
+        "zarr_format": 3,
+        "node_type": "array",
+        "storage_transformers": [],
     }
 
 
@@ -259,7 +272,9 @@ def _read_json(fs: fsspec.AbstractFileSystem, path: str, what: str) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        where = f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        where = (
+            f" at line {e.lineno} column {e.colno}" if isinstance(e, json.JSONDecodeError) else ""
+        )
         reason = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8"
         raise CheckpointError(f"{what}: not valid JSON ({reason}{where})") from None
 
@@ -273,6 +288,7 @@ def _write_json(fs: fsspec.AbstractFileSystem, path: str, obj: Any, local: bool)
 
 # -- writing ----------------------------------------------------------------------------------
 
+
 class _Writer:
     """The bookkeeping both writers share: alignment checks, the chunks and bytes per array."""
 
@@ -282,8 +298,15 @@ class _Writer:
         self._arrays: dict[str, dict[str, Any]] = {}
         self._closed = False
 
-    def _plan(self, group: str, name: str, global_shape: Sequence[int], dtype: torch.dtype,
-              row_start: int, tensor: torch.Tensor) -> tuple[str, dict[str, Any], list[int]]:
+    def _plan(
+        self,
+        group: str,
+        name: str,
+        global_shape: Sequence[int],
+        dtype: torch.dtype,
+        row_start: int,
+        tensor: torch.Tensor,
+    ) -> tuple[str, dict[str, Any], list[int]]:
         """Check a write and register its array; returns (key, entry, chunk indices)."""
         if self._closed:
             raise ValueError("checkpoint writer is closed")
@@ -294,22 +317,31 @@ class _Writer:
         n_rows = int(tensor.shape[0]) if tensor.dim() else 1
         total = shape[0] if shape else 1
         if tuple(tensor.shape[1:]) != shape[1:] or (tensor.dim() == 0) != (len(shape) == 0):
-            raise ValueError(f"{key}: local shape {tuple(tensor.shape)} does not fit global "
-                             f"shape {shape}")
+            raise ValueError(
+                f"{key}: local shape {tuple(tensor.shape)} does not fit global shape {shape}"
+            )
         stop = row_start + n_rows
         if not 0 <= row_start <= stop <= total:
             raise ValueError(f"{key}: rows [{row_start}, {stop}) outside [0, {total})")
         if row_start % rows or (stop % rows and stop != total):
-            raise ValueError(f"{key}: rows [{row_start}, {stop}) are not chunk-aligned (chunks "
-                             f"of {rows} rows; start on a multiple of it, end on one or at {total})")
+            raise ValueError(
+                f"{key}: rows [{row_start}, {stop}) are not chunk-aligned (chunks "
+                f"of {rows} rows; start on a multiple of it, end on one or at {total})"
+            )
         entry = self._arrays.get(key)
-        meta = {"shape": list(shape), "dtype": _dtype_name(dtype),
-                "storage_dtype": _storage_dtype(dtype).name, "chunk_rows": rows}
+        meta = {
+            "shape": list(shape),
+            "dtype": _dtype_name(dtype),
+            "storage_dtype": _storage_dtype(dtype).name,
+            "chunk_rows": rows,
+        }
         if entry is None:
             entry = self._arrays[key] = {**meta, "chunks": {}}
         elif any(entry[k] != v for k, v in meta.items()):
-            raise ValueError(f"{key}: written before as {entry['shape']} {entry['dtype']}, now "
-                             f"as {list(shape)} {meta['dtype']}")
+            raise ValueError(
+                f"{key}: written before as {entry['shape']} {entry['dtype']}, now "
+                f"as {list(shape)} {meta['dtype']}"
+            )
         first = row_start // rows
         idx = list(range(first, first + num_chunks((stop - row_start, *shape[1:]), rows)))
         if not shape:
@@ -320,8 +352,13 @@ class _Writer:
 
     def summary(self) -> dict[str, Any]:
         """This rank's manifest: every array it touched, its chunks (crc32, bytes) and total."""
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "rank": self.rank,
-                "bytes": self.bytes_written, "arrays": self._arrays}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "rank": self.rank,
+            "bytes": self.bytes_written,
+            "arrays": self._arrays,
+        }
 
 
 class CountingWriter(_Writer):
@@ -330,8 +367,15 @@ class CountingWriter(_Writer):
     It reads tensors' shapes and dtypes only, so meta tensors (no storage) are fine.
     """
 
-    def write(self, group: str, name: str, global_shape: Sequence[int], dtype: torch.dtype,
-              row_start: int, tensor: torch.Tensor) -> None:
+    def write(
+        self,
+        group: str,
+        name: str,
+        global_shape: Sequence[int],
+        dtype: torch.dtype,
+        row_start: int,
+        tensor: torch.Tensor,
+    ) -> None:
         """Count the chunks covering rows [row_start, row_start + len(tensor)) of group/name."""
         key, entry, idx = self._plan(group, name, global_shape, dtype, row_start, tensor)
         size = _chunk_bytes(entry["shape"], _storage_dtype(dtype).itemsize, entry["chunk_rows"])
@@ -368,8 +412,15 @@ class ShardWriter(_Writer):
         self._jobs: list[Future[None]] = []
         self._lock = threading.Lock()
 
-    def write(self, group: str, name: str, global_shape: Sequence[int], dtype: torch.dtype,
-              row_start: int, tensor: torch.Tensor) -> None:
+    def write(
+        self,
+        group: str,
+        name: str,
+        global_shape: Sequence[int],
+        dtype: torch.dtype,
+        row_start: int,
+        tensor: torch.Tensor,
+    ) -> None:
         """Queue the chunks covering rows [row_start, row_start + len(tensor)) of group/name.
 
         `tensor` holds those rows of the global tensor (any device; converted to `dtype` one
@@ -381,7 +432,7 @@ class ShardWriter(_Writer):
         for i in idx:
             with self._lock:  # the I/O threads fill in other chunks of this entry meanwhile
                 entry["chunks"][str(i)] = None  # claimed now, filled in by the job
-            src = tensor if not shape else tensor[i * rows - row_start:(i + 1) * rows - row_start]
+            src = tensor if not shape else tensor[i * rows - row_start : (i + 1) * rows - row_start]
             self._slots.acquire()
             try:
                 fut = self._pool.submit(self._write_chunk, key, entry, i, src, dtype, full)
@@ -391,8 +442,15 @@ class ShardWriter(_Writer):
             fut.add_done_callback(lambda _f: self._slots.release())
             self._jobs.append(fut)
 
-    def _write_chunk(self, key: str, entry: dict[str, Any], i: int, src: torch.Tensor,
-                     dtype: torch.dtype, full: int) -> None:
+    def _write_chunk(
+        self,
+        key: str,
+        entry: dict[str, Any],
+        i: int,
+        src: torch.Tensor,
+        dtype: torch.dtype,
+        full: int,
+    ) -> None:
         """Stream one chunk to its file in 1 MiB blocks, checksumming each block on the way."""
         path = f"{self.path}/{key}/{chunk_key(len(entry['shape']), i)}"
         crc = n = 0
@@ -408,7 +466,7 @@ class ShardWriter(_Writer):
                 n += len(block)
             zeros = bytes(min(_BLOCK, full - n)) if full > n else b""
             while n < full:  # zarr's edge chunks are full-size: pad with zeros
-                z = memoryview(zeros)[:full - n]
+                z = memoryview(zeros)[: full - n]
                 crc = zlib.crc32(z, crc)
                 _write_all(f, z)
                 n += len(z)
@@ -458,31 +516,32 @@ def _blocks(src: torch.Tensor, dtype: torch.dtype) -> Iterator[memoryview]:
             return
         flat = memoryview(t.numpy()).cast("B")  # straight from the tensor's memory
         for b in range(0, len(flat), _BLOCK):
-            yield flat[b:b + _BLOCK]
+            yield flat[b : b + _BLOCK]
         return
     flat_t = src.reshape(-1)  # a view when contiguous; else one chunk's copy on its device
     per = max(1, _BLOCK // torch.empty((), dtype=dtype).element_size())
     for e in range(0, flat_t.numel(), per):
-        block = flat_t[e:e + per].to(device="cpu", dtype=dtype)
+        block = flat_t[e : e + per].to(device="cpu", dtype=dtype)
         block = block.view(_VIEW_AS[dtype]) if dtype in _VIEW_AS else block
         yield memoryview(block.numpy()).cast("B")
 
 
-def _rank_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str, rank: int
-                   ) -> dict[str, Any]:
+def _rank_manifest(fs: fsspec.AbstractFileSystem, path: str, uri: str, rank: int) -> dict[str, Any]:
     name = f"{RANKS_DIR}/rank_{rank:05d}.json"
     try:
         m = _read_json(fs, f"{path}/{name}", f"{uri}/{name}")
     except FileNotFoundError:
-        raise CheckpointError(f"{uri}: rank {rank} did not finish its part of the save (no "
-                              f"{name}); not committed") from None
+        raise CheckpointError(
+            f"{uri}: rank {rank} did not finish its part of the save (no {name}); not committed"
+        ) from None
     if not isinstance(m, dict) or not isinstance(m.get("arrays"), dict):
         raise CheckpointError(f"{uri}/{name}: not a k2 rank manifest (no 'arrays' object)")
     return m
 
 
-def commit_sharded(uri_tmp: str, uri_final: str | None, world_size: int,
-                   meta: dict[str, Any] | None = None) -> str:
+def commit_sharded(
+    uri_tmp: str, uri_final: str | None, world_size: int, meta: dict[str, Any] | None = None
+) -> str:
     """Check the ranks' manifests, write the zarr metadata and the marker, rename; -> URI.
 
     Run by one rank after every rank's `ShardWriter.close()` (the caller's barrier). Every chunk
@@ -503,25 +562,33 @@ def commit_sharded(uri_tmp: str, uri_final: str | None, world_size: int,
                 if key not in tensors:
                     tensors[key], owner[key] = dict(head), {}
                 elif any(tensors[key][k] != v for k, v in head.items()):
-                    raise CheckpointError(f"{uri_tmp}: tensor {key} written as {tensors[key]['shape']} "
-                                          f"{tensors[key]['dtype']} by one rank and {a.get('shape')} "
-                                          f"{a.get('dtype')} by rank {r}; not committed")
+                    raise CheckpointError(
+                        f"{uri_tmp}: tensor {key} written as {tensors[key]['shape']} "
+                        f"{tensors[key]['dtype']} by one rank and {a.get('shape')} "
+                        f"{a.get('dtype')} by rank {r}; not committed"
+                    )
                 for i, (crc, _size) in a.get("chunks", {}).items():
                     first = owner[key].setdefault(int(i), r)
                     if first != r:
-                        raise CheckpointError(f"{uri_tmp}: tensor {key} chunk {i} written by ranks "
-                                              f"{first} and {r}; not committed")
+                        raise CheckpointError(
+                            f"{uri_tmp}: tensor {key} chunk {i} written by ranks "
+                            f"{first} and {r}; not committed"
+                        )
                     tensors[key].setdefault("crc", {})[int(i)] = crc
         except (TypeError, ValueError, AttributeError) as e:  # a hand-edited or torn manifest
-            raise CheckpointError(f"{uri_tmp}/{RANKS_DIR}/rank_{r:05d}.json: malformed "
-                                  f"({_first_line(e)}); not committed") from None
+            raise CheckpointError(
+                f"{uri_tmp}/{RANKS_DIR}/rank_{r:05d}.json: malformed "
+                f"({_first_line(e)}); not committed"
+            ) from None
     for key, t in tensors.items():
         n = num_chunks(t["shape"], t["chunk_rows"])
         have = t.pop("crc", {})
         missing = [i for i in range(n) if i not in have]
         if missing:
-            raise CheckpointError(f"{uri_tmp}: tensor {key} chunk {missing[0]} was written by no "
-                                  f"rank ({len(missing)} of {n} missing); not committed")
+            raise CheckpointError(
+                f"{uri_tmp}: tensor {key} chunk {missing[0]} was written by no "
+                f"rank ({len(missing)} of {n} missing); not committed"
+            )
         t["crc32"] = [have[i] for i in range(n)]
     # the zarr metadata, so that plain zarr opens the store: every group on the way, then arrays
     groups = {k.rsplit("/", 1)[0] for k in tensors}
@@ -529,14 +596,20 @@ def commit_sharded(uri_tmp: str, uri_final: str | None, world_size: int,
     attrs = {**(meta or {}), "format": FORMAT, "format_version": FORMAT_VERSION}
     jobs = [(f"{path}/zarr.json", _group_json(attrs))]
     jobs += [(f"{path}/{g}/zarr.json", _group_json({})) for g in sorted(groups)]
-    jobs += [(f"{path}/{k}/zarr.json", _array_json(t["shape"], t["storage_dtype"], t["chunk_rows"]))
-             for k, t in tensors.items()]
+    jobs += [
+        (f"{path}/{k}/zarr.json", _array_json(t["shape"], t["storage_dtype"], t["chunk_rows"]))
+        for k, t in tensors.items()
+    ]
     with ThreadPoolExecutor(max_workers=_IO_THREADS) as pool:
         list(pool.map(lambda j: _write_json(fs, j[0], j[1], local), jobs))
     if fs.exists(f"{path}/{RANKS_DIR}"):  # merged into the marker: the store stays plain zarr
         fs.rm(f"{path}/{RANKS_DIR}", recursive=True)
-    _write_json(fs, f"{path}/{COMMIT}", {"format": FORMAT, "format_version": FORMAT_VERSION,
-                                         "tensors": tensors, "ranks": ranks}, local)
+    _write_json(
+        fs,
+        f"{path}/{COMMIT}",
+        {"format": FORMAT, "format_version": FORMAT_VERSION, "tensors": tensors, "ranks": ranks},
+        local,
+    )
     if uri_final is None or uri_final.rstrip("/") == uri_tmp.rstrip("/"):
         return uri_tmp
     final = _fs(uri_final)[1]
@@ -562,6 +635,7 @@ def save_tensors(
 
 # -- reading ----------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TensorInfo:
     """What the marker records about one tensor."""
@@ -585,6 +659,7 @@ def _is_uint(x: Any) -> bool:
 
 def _check_entry(what: str, key: str, e: Any, version: int) -> TensorInfo:
     """Validate one tensor's record in the marker; a bad one is a CheckpointError naming it."""
+
     def bad(why: str) -> CheckpointError:
         return CheckpointError(f"{what}: tensor {key}: {why}")
 
@@ -641,11 +716,14 @@ class CheckpointReader:
             raise CheckpointError(f"{what}: not a k2 commit marker (no 'tensors' object)")
         version = data.get("format_version", 1)
         if not _is_uint(version) or version > FORMAT_VERSION:
-            raise CheckpointError(f"{what}: format version {version!r} is not one this k2 reads "
-                                  f"(1 to {FORMAT_VERSION})")
+            raise CheckpointError(
+                f"{what}: format version {version!r} is not one this k2 reads "
+                f"(1 to {FORMAT_VERSION})"
+            )
         self.version: int = version
         self.tensors: dict[str, TensorInfo] = {
-            k: _check_entry(what, k, e, version) for k, e in data["tensors"].items()}
+            k: _check_entry(what, k, e, version) for k, e in data["tensors"].items()
+        }
         self._raw = data["tensors"]
         try:
             group = _read_json(self.fs, f"{self.path}/zarr.json", f"{uri}/zarr.json")
@@ -653,8 +731,9 @@ class CheckpointReader:
             raise CheckpointError(f"{uri}/zarr.json: missing (not a zarr store)") from None
         attrs = group.get("attributes", {}) if isinstance(group, dict) else None
         if not isinstance(attrs, dict):
-            raise CheckpointError(f"{uri}/zarr.json: not a zarr group ('attributes' must be an "
-                                  f"object)")
+            raise CheckpointError(
+                f"{uri}/zarr.json: not a zarr group ('attributes' must be an object)"
+            )
         self.attrs: dict[str, Any] = attrs
 
     def _info(self, key: str) -> TensorInfo:
@@ -663,16 +742,18 @@ class CheckpointReader:
         except KeyError:
             raise CheckpointError(f"{self.uri}: no tensor {key} in this checkpoint") from None
 
-    def read_rows(self, group: str, name: str, start: int = 0, stop: int | None = None,
-                  verify: bool = True) -> torch.Tensor:
+    def read_rows(
+        self, group: str, name: str, start: int = 0, stop: int | None = None, verify: bool = True
+    ) -> torch.Tensor:
         """Rows [start, stop) of group/name (all when stop is None), reading only their chunks."""
         key = f"{group}/{name}"
         out, jobs = self._plan_read(key, start, stop, verify)
         self._run(jobs)
         return out
 
-    def _plan_read(self, key: str, start: int, stop: int | None, verify: bool
-                   ) -> tuple[torch.Tensor, list[Callable[[], int]]]:
+    def _plan_read(
+        self, key: str, start: int, stop: int | None, verify: bool
+    ) -> tuple[torch.Tensor, list[Callable[[], int]]]:
         """The output tensor and one job per chunk that fills it (each returns bytes read)."""
         info = self._info(key)
         shape = info.shape
@@ -697,22 +778,28 @@ class CheckpointReader:
             r0 = i * rows
             lo, hi = max(start, r0), min(stop, r0 + rows)
             head = (lo - r0) * row
-            parts = [(head, None), ((hi - lo) * row, flat[(lo - start) * row:(hi - start) * row]),
-                     (full - head - (hi - lo) * row, None)]
-            jobs.append(self._chunk_job(key, i, len(shape), parts, full,
-                                        info.crc32[i] if verify else None))  # type: ignore[index]
+            parts = [
+                (head, None),
+                ((hi - lo) * row, flat[(lo - start) * row : (hi - start) * row]),
+                (full - head - (hi - lo) * row, None),
+            ]
+            jobs.append(
+                self._chunk_job(key, i, len(shape), parts, full, info.crc32[i] if verify else None)
+            )  # type: ignore[index]
         return out, jobs
 
-    def _chunk_job(self, key: str, i: int, ndim: int, parts: list[tuple[int, Any]], full: int,
-                   crc: int | None) -> Callable[[], int]:
+    def _chunk_job(
+        self, key: str, i: int, ndim: int, parts: list[tuple[int, Any]], full: int, crc: int | None
+    ) -> Callable[[], int]:
         def job() -> int:
             name = chunk_key(ndim, i)
             path = f"{self.path}/{key}/{name}"
             try:
                 f = open(path, "rb", buffering=0) if self.local else self.fs.open(path, "rb")
             except FileNotFoundError:
-                raise CheckpointError(f"{self.uri}: tensor {key} cannot be read (chunk {name} "
-                                      f"missing)") from None
+                raise CheckpointError(
+                    f"{self.uri}: tensor {key} cannot be read (chunk {name} missing)"
+                ) from None
             got, c = 0, 0
             scratch = None
             with f:
@@ -722,9 +809,9 @@ class CheckpointReader:
                         if target is None:
                             if scratch is None:
                                 scratch = memoryview(bytearray(min(_BLOCK, full)))
-                            view = scratch[:min(_BLOCK, length - done)]
+                            view = scratch[: min(_BLOCK, length - done)]
                         else:
-                            view = target[done:min(done + _BLOCK, length)]
+                            view = target[done : min(done + _BLOCK, length)]
                         k = f.readinto(view)
                         if not k:
                             break
@@ -736,12 +823,16 @@ class CheckpointReader:
                         break
                 extra = f.read(1) if got == full else b""
             if got < full or extra:
-                raise CheckpointError(f"{self.uri}: tensor {key} cannot be read (chunk {name} "
-                                      f"{'truncated' if got < full else 'too long'})")
+                raise CheckpointError(
+                    f"{self.uri}: tensor {key} cannot be read (chunk {name} "
+                    f"{'truncated' if got < full else 'too long'})"
+                )
             if crc is not None and c != crc:
-                raise CheckpointError(f"{self.uri}: tensor {key} fails its checksum (chunk {name}, "
-                                      f"corrupt file)")
+                raise CheckpointError(
+                    f"{self.uri}: tensor {key} fails its checksum (chunk {name}, corrupt file)"
+                )
             return got
+
         return job
 
     def _run(self, jobs: list[Callable[[], int]]) -> None:
@@ -753,24 +844,27 @@ class CheckpointReader:
         with self._lock:
             self.bytes_read += n
 
-    def _legacy_rows(self, key: str, start: int, stop: int, verify: bool
-                     ) -> tuple[torch.Tensor, list[Callable[[], int]]]:
+    def _legacy_rows(
+        self, key: str, start: int, stop: int, verify: bool
+    ) -> tuple[torch.Tensor, list[Callable[[], int]]]:
         """A version 1 tensor, read whole (its one crc covers it all), then sliced."""
         t, n = _read_v1(self, key, verify)
         with self._lock:
             self.bytes_read += n
         return (t if not t.dim() else t[start:stop]), []
 
-    def read_groups(self, groups: list[str] | None = None, verify: bool = True
-                    ) -> dict[str, dict[str, torch.Tensor]]:
+    def read_groups(
+        self, groups: list[str] | None = None, verify: bool = True
+    ) -> dict[str, dict[str, torch.Tensor]]:
         """Every tensor of the given groups (all when None), read whole: {group: {name: t}}."""
         wanted = [k for k in self.tensors if groups is None or k.split("/", 1)[0] in groups]
         out: dict[str, dict[str, torch.Tensor]] = {}
         jobs: list[Callable[[], int]] = []
         if self.version < 2:
             with ThreadPoolExecutor(max_workers=self.threads) as pool:
-                got = list(pool.map(lambda k: (k, self.read_rows(*k.split("/", 1), verify=verify)),
-                                    wanted))
+                got = list(
+                    pool.map(lambda k: (k, self.read_rows(*k.split("/", 1), verify=verify)), wanted)
+                )
         else:
             got = []
             for k in wanted:
@@ -784,8 +878,9 @@ class CheckpointReader:
         return out
 
 
-def read_rows(uri: str, group: str, name: str, start: int = 0, stop: int | None = None
-              ) -> torch.Tensor:
+def read_rows(
+    uri: str, group: str, name: str, start: int = 0, stop: int | None = None
+) -> torch.Tensor:
     """Rows [start, stop) of one tensor of the checkpoint at `uri`, chunk checksums verified."""
     return CheckpointReader(uri).read_rows(group, name, start, stop)
 
@@ -805,13 +900,16 @@ def load_tensors(
 
 # -- version 1: one crc32 per tensor, chunks cut by bytes, one writer ---------------------------
 
+
 def _v1_chunk_files(path: str, shape: list[int], rows: int) -> list[tuple[str, int, int]]:
     """(file, first row, rows) of each chunk along dim 0; a 0-d array is the one chunk `c`."""
     if not shape:
         return [(f"{path}/c", 0, 1)]
     tail = "/0" * (len(shape) - 1)
-    return [(f"{path}/c/{i}{tail}", r, min(rows, shape[0] - r))
-            for i, r in enumerate(range(0, shape[0], rows))]
+    return [
+        (f"{path}/c/{i}{tail}", r, min(rows, shape[0] - r))
+        for i, r in enumerate(range(0, shape[0], rows))
+    ]
 
 
 def _read_v1(reader: CheckpointReader, key: str, verify: bool) -> tuple[torch.Tensor, int]:
@@ -843,23 +941,26 @@ def _read_v1_local(path: str, key: str, info: TensorInfo, uri: str, verify: bool
     row = arr.nbytes // shape[0] if shape else arr.nbytes
     crc, base = 0, f"{path}/{key}"
     for name, r0, n in _v1_chunk_files(base, shape, rows):
-        want, view = n * row, flat[r0 * row:(r0 + n) * row]
+        want, view = n * row, flat[r0 * row : (r0 + n) * row]
         try:
             with open(name, "rb", buffering=0) as f:
                 got = 0
                 while got < want:
-                    k = f.readinto(view[got:min(got + _BLOCK, want)])
+                    k = f.readinto(view[got : min(got + _BLOCK, want)])
                     if not k:
                         break
                     if verify:
-                        crc = zlib.crc32(view[got:got + k], crc)
+                        crc = zlib.crc32(view[got : got + k], crc)
                     got += k
         except FileNotFoundError:
-            raise CheckpointError(f"{uri}: tensor {key} cannot be read (chunk "
-                                  f"{os.path.relpath(name, base)} missing)") from None
+            raise CheckpointError(
+                f"{uri}: tensor {key} cannot be read (chunk {os.path.relpath(name, base)} missing)"
+            ) from None
         if got < want:
-            raise CheckpointError(f"{uri}: tensor {key} cannot be read (chunk "
-                                  f"{os.path.relpath(name, base)} truncated)")
+            raise CheckpointError(
+                f"{uri}: tensor {key} cannot be read (chunk "
+                f"{os.path.relpath(name, base)} truncated)"
+            )
     if verify and crc != info.crc32:
         raise CheckpointError(f"{uri}: tensor {key} fails its checksum (corrupt file)")
     return arr
@@ -867,12 +968,15 @@ def _read_v1_local(path: str, key: str, info: TensorInfo, uri: str, verify: bool
 
 # -- before a run ----------------------------------------------------------------------------
 
+
 def check_checkpoint_dir(uri: str) -> None:
     """Raise a one-line CheckpointError unless `uri` is, or can become, a writable directory."""
     try:
         fs, path = _fs(uri)
     except (ValueError, ImportError) as e:
-        raise CheckpointError(f"{uri}: not a usable checkpoint location ({_first_line(e)})") from None
+        raise CheckpointError(
+            f"{uri}: not a usable checkpoint location ({_first_line(e)})"
+        ) from None
     if _is_local(fs) and path.split("/")[:2] in (["", "proc"], ["", "sys"], ["", "dev"]):
         # these accept some writes (root may even create files) but never hold data
         raise CheckpointError(f"{uri}: not a place for checkpoints (a kernel pseudo-filesystem)")

@@ -14,8 +14,12 @@ from .errors import K2Error
 def __getattr__(name: str) -> Any:
     """`k2_core.cli.Command`: a deprecated alias of `k2_core.command.Command` (one release)."""
     if name == "Command":
-        warnings.warn("k2_core.cli.Command moved to k2_core.command.Command; the old path goes "
-                      "in the next release", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            "k2_core.cli.Command moved to k2_core.command.Command; the old path goes "
+            "in the next release",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return _Command
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

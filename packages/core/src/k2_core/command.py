@@ -44,6 +44,9 @@ class Command:
 
 
 def _warn_name() -> None:
-    warnings.warn("Command's name argument is deprecated and ignored (the command's name is the "
-                  "one it is registered under): use Command(help, add_arguments, run)",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        "Command's name argument is deprecated and ignored (the command's name is the "
+        "one it is registered under): use Command(help, add_arguments, run)",
+        DeprecationWarning,
+        stacklevel=3,
+    )

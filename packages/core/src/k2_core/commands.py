@@ -57,12 +57,21 @@ def _plugins_run(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     rows = [(r.slot, r.name, r.distribution, r.version, r.doc) for r in regs]
-    widths = [max(len(str(x[i])) for x in rows + [("slot", "name", "distribution", "version", "")])
-              for i in range(4)]
-    print("  ".join(h.ljust(w) for h, w in zip(("SLOT", "NAME", "DISTRIBUTION", "VERSION"), widths,
-                                                strict=True)) + "  DESCRIPTION")
+    widths = [
+        max(len(str(x[i])) for x in rows + [("slot", "name", "distribution", "version", "")])
+        for i in range(4)
+    ]
+    print(
+        "  ".join(
+            h.ljust(w)
+            for h, w in zip(("SLOT", "NAME", "DISTRIBUTION", "VERSION"), widths, strict=True)
+        )
+        + "  DESCRIPTION"
+    )
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4])
+        print(
+            "  ".join(str(c).ljust(w) for c, w in zip(row[:4], widths, strict=True)) + "  " + row[4]
+        )
     print()
     print("plugins: " + ", ".join(f"{p.name} ({p.distribution} {p.version})" for p in pl.loaded))
     if pl.skipped:
@@ -128,8 +137,10 @@ def _params_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"config": cfg.name, **counts}, indent=2))
         return 0
-    print(f"{cfg.name}: {counts['total']:,} total ({_human(counts['total'])}), "
-          f"{counts['active']:,} active per token ({_human(counts['active'])})")
+    print(
+        f"{cfg.name}: {counts['total']:,} total ({_human(counts['total'])}), "
+        f"{counts['active']:,} active per token ({_human(counts['active'])})"
+    )
     for k, v in counts.items():
         if k not in ("total", "active"):
             print(f"  {k:<22} {v:>20,}")
@@ -179,15 +190,18 @@ def _export_run(args: argparse.Namespace) -> int:
     save_pretrained(model, args.dest)
     # The tokenizer and chat template come from the plugin that owns tokenizers (k2-data).
     try:
-        results = get_plugins().hook.k2_on_export(src=args.src, run_config=run_cfg,
-                                                   dest=str(args.dest), tokenizer=args.tokenizer)
+        results = get_plugins().hook.k2_on_export(
+            src=args.src, run_config=run_cfg, dest=str(args.dest), tokenizer=args.tokenizer
+        )
         extra = sorted({f for r in results for f in (r or [])})
     except K2Error as e:
         if args.tokenizer:
             raise
         extra = []
-        print(f"k2 export-hf: warning: no tokenizer written ({e}); pass --tokenizer URI",
-              file=sys.stderr)
+        print(
+            f"k2 export-hf: warning: no tokenizer written ({e}); pass --tokenizer URI",
+            file=sys.stderr,
+        )
     ordinary_permissions(args.dest, extra)
     with_tok = " with " + ", ".join(extra) if extra else " (weights and config only)"
     print(f"exported {args.src} -> {args.dest}{with_tok}")
@@ -200,9 +214,14 @@ def export_command(*, options: Any) -> Command:
 
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("src", help="fsspec URI of the k2 checkpoint")
-        p.add_argument("dest", help="folder to write config.json, safetensors and the tokenizer into")
-        p.add_argument("--tokenizer", default=None,
-                       help="tokenizer folder URI (default: the one the checkpoint was trained with)")
+        p.add_argument(
+            "dest", help="folder to write config.json, safetensors and the tokenizer into"
+        )
+        p.add_argument(
+            "--tokenizer",
+            default=None,
+            help="tokenizer folder URI (default: the one the checkpoint was trained with)",
+        )
 
     return Command(export_command.__doc__ or "", add, _export_run)
 
@@ -226,13 +245,18 @@ def _pretrain_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**summary, "seconds": secs}))
         return 0
-    loss = (f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
-            if summary["last_loss"] is not None else "no steps run (already complete)")
+    loss = (
+        f"loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}"
+        if summary["last_loss"] is not None
+        else "no steps run (already complete)"
+    )
     ev = f" (eval {summary['eval_loss']:.3f})" if summary["eval_loss"] is not None else ""
     tps = f", {summary['tokens_per_s']:,.0f} tokens/s" if summary["tokens_per_s"] else ""
-    print(f"k2 pretrain: {summary['steps']} steps in {secs:.0f}s, {loss}{ev}{tps}; "
-          f"run folder {summary['run_dir']}"
-          + (f"; mlflow run {summary['tracking_run_id']}" if summary["tracking_run_id"] else ""))
+    print(
+        f"k2 pretrain: {summary['steps']} steps in {secs:.0f}s, {loss}{ev}{tps}; "
+        f"run folder {summary['run_dir']}"
+        + (f"; mlflow run {summary['tracking_run_id']}" if summary["tracking_run_id"] else "")
+    )
     return 0
 
 
@@ -257,15 +281,22 @@ def _eval_loss_run(args: argparse.Namespace) -> int:
     if cfg is None:
         cfg = load_config("tiny")
     if args.data:
-        cfg = cfg.model_copy(update={"data": cfg.data.model_copy(
-            update={"options": {**cfg.data.options, "uri": args.data}})})
+        cfg = cfg.model_copy(
+            update={
+                "data": cfg.data.model_copy(
+                    update={"options": {**cfg.data.options, "uri": args.data}}
+                )
+            }
+        )
     val = build_dataset(cfg, get_plugins(), args.split)
     loss = evaluate(model, val, args.batches)
     if args.json:
         print(json.dumps({"loss": loss, "perplexity": math.exp(loss), "batches": args.batches}))
     else:
-        print(f"{args.uri}: {args.split} loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
-              f"({args.batches} batches)")
+        print(
+            f"{args.uri}: {args.split} loss {loss:.4f}, perplexity {math.exp(loss):.2f} "
+            f"({args.batches} batches)"
+        )
     return 0
 
 
@@ -286,10 +317,19 @@ def eval_loss_command(*, options: Any) -> Command:
 
 
 def _study_run(args: argparse.Namespace) -> int:
-    print("k2: warning: `k2 study` is deprecated and will be removed; use "
-          f"`k2 experiment {args.name}` (the same runs)", file=sys.stderr)
-    argv = [args.name, *args.overrides, "--out", args.out or f"runs/study-{args.name}",
-            "--scale", str(args.scale)]
+    print(
+        "k2: warning: `k2 study` is deprecated and will be removed; use "
+        f"`k2 experiment {args.name}` (the same runs)",
+        file=sys.stderr,
+    )
+    argv = [
+        args.name,
+        *args.overrides,
+        "--out",
+        args.out or f"runs/study-{args.name}",
+        "--scale",
+        str(args.scale),
+    ]
     argv += ["--threads", str(args.threads)] if args.threads else []
     argv += ["--json"] if args.json else []
     from .plugins import get_plugins
@@ -304,8 +344,13 @@ def _study_run(args: argparse.Namespace) -> int:
     from .harness import print_result
     from .studies import run_study
 
-    r = run_study(args.name, args.out or f"runs/study-{args.name}", scale=args.scale,
-                  overrides=list(args.overrides), num_threads=args.threads)
+    r = run_study(
+        args.name,
+        args.out or f"runs/study-{args.name}",
+        scale=args.scale,
+        overrides=list(args.overrides),
+        num_threads=args.threads,
+    )
     return print_result(f"k2 study {args.name}", r, args.json)
 
 

@@ -33,14 +33,24 @@ from .errors import ConfigError
 _COMPILED_ATTR = "_k2_compiled"
 
 
-def _attn_half(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-               mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _attn_half(
+    layer: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask)
     return h, layer.post_attention_layernorm(h)
 
 
-def _dense_block(layer: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 mask: torch.Tensor | None) -> torch.Tensor:
+def _dense_block(
+    layer: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor | None,
+) -> torch.Tensor:
     h = x + layer.self_attn(layer.input_layernorm(x), cos, sin, mask)
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
@@ -68,12 +78,18 @@ def refuse_activation_policy(model: nn.Module) -> None:
         raise ConfigError(
             "train.compile=true cannot be combined with parallel.options.activation_policy "
             f"({', '.join(on)}): the policy's saved-tensor hooks do not hold inside compiled "
-            "blocks; set train.compile=false or an empty activation_policy")
+            "blocks; set train.compile=false or an empty activation_policy"
+        )
 
 
 def _layer_forward(layer: nn.Module, orig: Any, dense: bool) -> Any:
-    def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, cache: Any = None) -> torch.Tensor:
+    def forward(
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: Any = None,
+    ) -> torch.Tensor:
         if cache is not None:  # decoding: per-token shapes, stays eager
             return orig(x, cos, sin, attn_mask, cache)
         if dense:

@@ -38,7 +38,9 @@ class RopeScaling(Section):
 class ModelConfig(Section):
     """The decoder: MLA attention, dense SwiGLU layers first, then MoE layers."""
 
-    vocab_size: int = Field(163840, gt=0, description="Vocabulary size (embedding and LM head rows).")
+    vocab_size: int = Field(
+        163840, gt=0, description="Vocabulary size (embedding and LM head rows)."
+    )
     hidden_size: int = Field(7168, gt=0, description="Residual stream width.")
     intermediate_size: int = Field(18432, gt=0, description="SwiGLU width of the dense layers.")
     num_hidden_layers: int = Field(61, gt=0, description="Number of decoder layers.")
@@ -54,18 +56,26 @@ class ModelConfig(Section):
     )
     kv_lora_rank: int = Field(512, gt=0, description="Rank of the compressed key-value latent.")
     qk_nope_head_dim: int = Field(128, gt=0, description="Per-head query/key width without rotary.")
-    qk_rope_head_dim: int = Field(64, gt=0, description="Rotary width; the rotary key is shared by all heads.")
+    qk_rope_head_dim: int = Field(
+        64, gt=0, description="Rotary width; the rotary key is shared by all heads."
+    )
     v_head_dim: int = Field(128, gt=0, description="Per-head value width.")
     hidden_act: Literal["silu"] = Field("silu", description="FFN activation (SwiGLU gate).")
     max_position_embeddings: int = Field(131072, gt=0, description="Longest supported context.")
     rms_norm_eps: float = Field(1e-6, gt=0, description="RMSNorm epsilon.")
     rope_theta: float = Field(50000.0, gt=0, description="Rotary base frequency.")
-    rope_scaling: RopeScaling | None = Field(None, description="YaRN scaling, or None for plain RoPE.")
+    rope_scaling: RopeScaling | None = Field(
+        None, description="YaRN scaling, or None for plain RoPE."
+    )
     rope_interleave: bool = Field(
         True, description="Rotary pairs are interleaved (x0,x1),(x2,x3) as in DeepSeek's weights."
     )
-    attention_bias: bool = Field(False, description="Biases on the attention input/output projections.")
-    tie_word_embeddings: bool = Field(False, description="Tie LM head to the embedding (K2: untied).")
+    attention_bias: bool = Field(
+        False, description="Biases on the attention input/output projections."
+    )
+    tie_word_embeddings: bool = Field(
+        False, description="Tie LM head to the embedding (K2: untied)."
+    )
     initializer_range: float = Field(0.02, gt=0, description="Std of the normal weight init.")
     attention: str = Field("mla", description="`attention` slot implementation.")
     dense_ffn: str = Field("swiglu", description="`ffn` slot implementation for the dense layers.")
@@ -120,11 +130,16 @@ class MoEConfig(Section):
     n_shared_experts: int = Field(1, ge=0, description="Always-on shared experts per MoE layer.")
     n_group: int = Field(1, gt=0, description="Expert groups for group-limited routing.")
     topk_group: int = Field(1, gt=0, description="Groups a token may route into.")
-    norm_topk_prob: bool = Field(True, description="Renormalise the chosen gate weights to sum to 1.")
+    norm_topk_prob: bool = Field(
+        True, description="Renormalise the chosen gate weights to sum to 1."
+    )
     routed_scaling_factor: float = Field(2.827, gt=0, description="Scale on the routed output.")
-    scoring_func: Literal["sigmoid", "softmax"] = Field("sigmoid", description="Router score function.")
+    scoring_func: Literal["sigmoid", "softmax"] = Field(
+        "sigmoid", description="Router score function."
+    )
     topk_method: Literal["noaux_tc", "greedy"] = Field(
-        "noaux_tc", description="noaux_tc: bias-corrected, group-limited selection; greedy: plain top-k."
+        "noaux_tc",
+        description="noaux_tc: bias-corrected, group-limited selection; greedy: plain top-k.",
     )
     bias_update_speed: float = Field(
         1e-3, ge=0, description="u in bias += u * sign(mean_load - load), once per optimizer step."
@@ -157,8 +172,10 @@ class MoEConfig(Section):
             raise ValueError(f"must be <= n_group ({g}), got {v}")
         n, k = info.data.get("n_routed_experts"), info.data.get("num_experts_per_tok")
         if g and n and k and k > v * (n // g):
-            raise ValueError(f"topk_group x experts per group ({v} x {n // g}) must be >= "
-                             f"num_experts_per_tok ({k})")
+            raise ValueError(
+                f"topk_group x experts per group ({v} x {n // g}) must be >= "
+                f"num_experts_per_tok ({k})"
+            )
         return v
 
 
@@ -167,13 +184,15 @@ class OptimConfig(Section):
 
     name: str = Field("muonclip", description="`optimizer` slot implementation.")
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Options of the chosen optimizer, checked against its model."
+        default_factory=dict,
+        description="Options of the chosen optimizer, checked against its model.",
     )
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.1, ge=0, description="Decoupled weight decay.")
     schedule: str = Field("wsd", description="`lr_schedule` slot implementation.")
     schedule_options: dict[str, Any] = Field(
-        default_factory=dict, description="Options of the chosen schedule, checked against its model."
+        default_factory=dict,
+        description="Options of the chosen schedule, checked against its model.",
     )
 
 
@@ -182,7 +201,8 @@ class DataConfig(Section):
 
     dataset: str = Field("packed", description="`dataset` slot implementation.")
     options: dict[str, Any] = Field(
-        default_factory=dict, description="Options of the chosen dataset (e.g. its uri; none: the built-in corpus)."
+        default_factory=dict,
+        description="Options of the chosen dataset (e.g. its uri; none: the built-in corpus).",
     )
     seq_len: int = Field(256, gt=0, description="Tokens per training sequence.")
 
@@ -196,12 +216,16 @@ class TrainConfig(Section):
     grad_clip: float = Field(1.0, ge=0, description="Global gradient-norm clip (0 disables it).")
     bf16: bool = Field(False, description="Run forward/backward under bf16 autocast.")
     compile: bool = Field(
-        False, description="Regional torch.compile of each decoder block (attention, dense FFN, "
+        False,
+        description="Regional torch.compile of each decoder block (attention, dense FFN, "
         "router; the routed experts stay eager), applied after the backend builds the model "
-        "(k2_core.compile). Not with an activation policy.")
+        "(k2_core.compile). Not with an activation policy.",
+    )
     seed: int = Field(0, description="Seed for weights, data order and sampling.")
     log_every: int = Field(10, gt=0, description="Steps between logged metrics.")
-    eval_every: int = Field(50, ge=0, description="Steps between validation-loss evaluations (0: never).")
+    eval_every: int = Field(
+        50, ge=0, description="Steps between validation-loss evaluations (0: never)."
+    )
     eval_batches: int = Field(4, gt=0, description="Validation batches per evaluation.")
     max_bad_steps: int = Field(
         5, gt=0, description="Consecutive non-finite steps (skipped) before the run stops."
@@ -212,22 +236,31 @@ class ParallelConfig(Section):
     """How the job is spread over processes."""
 
     backend: str = Field("single", description="`backend` slot implementation.")
-    options: dict[str, Any] = Field(default_factory=dict, description="Options of the chosen backend.")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the chosen backend."
+    )
     memory_check: bool = Field(
-        True, description="Refuse, before allocating, a run whose weights, gradients and "
+        True,
+        description="Refuse, before allocating, a run whose weights, gradients and "
         "optimizer state (the backend's per-process share, summed over this host's processes "
-        "on the CPU) exceed this machine's memory; false: go ahead anyway.")
+        "on the CPU) exceed this machine's memory; false: go ahead anyway.",
+    )
 
 
 class TrackingConfig(Section):
     """Experiment tracking."""
 
-    tracker: str | None = Field("mlflow", description="`tracker` slot implementation (null: no tracking).")
-    options: dict[str, Any] = Field(default_factory=dict, description="Options of the chosen tracker.")
+    tracker: str | None = Field(
+        "mlflow", description="`tracker` slot implementation (null: no tracking)."
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="Options of the chosen tracker."
+    )
     experiment: str = Field("k2", description="Experiment name.")
     tracking_uri: str | None = Field(
-        None, description="Tracking URI (null: MLFLOW_TRACKING_URI, else a local store in the "
-                          "run folder)."
+        None,
+        description="Tracking URI (null: MLFLOW_TRACKING_URI, else a local store in the "
+        "run folder).",
     )
 
 
@@ -238,8 +271,9 @@ class CheckpointConfig(Section):
     every: int = Field(100, gt=0, description="Steps between checkpoints.")
     keep: int = Field(2, gt=0, description="Checkpoints kept (older ones are deleted).")
     resume: str = Field(
-        "auto", description="auto: newest complete checkpoint in the run folder; never; or a "
-                            "checkpoint URI."
+        "auto",
+        description="auto: newest complete checkpoint in the run folder; never; or a "
+        "checkpoint URI.",
     )
 
 
@@ -254,7 +288,9 @@ class RunConfig(Section):
     train: TrainConfig = Field(default_factory=TrainConfig, description="The training loop.")
     parallel: ParallelConfig = Field(default_factory=ParallelConfig, description="Parallelism.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="Tracking.")
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpoints.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpoints."
+    )
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Sections owned by plugins, keyed by section name; each is checked against "

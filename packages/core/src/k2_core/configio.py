@@ -63,9 +63,7 @@ def _load_source(spec: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     elif spec.endswith((".yaml", ".yml", ".json")) or "/" in spec or "://" in spec:
         data = read_yaml_uri(spec)
     else:
-        raise ConfigError(
-            f"no preset or file named {spec!r}; presets: {', '.join(preset_names())}"
-        )
+        raise ConfigError(f"no preset or file named {spec!r}; presets: {', '.join(preset_names())}")
     base = data.pop("base", None)
     if base is None and spec not in preset_names():
         base = DEFAULT_PRESET  # a file without `base:` extends the one default, never k2-1t
@@ -216,7 +214,9 @@ def check_plugins(cfg: RunConfig, registry: Registry, sections: set[str] | None 
 
 
 def load_config(
-    spec: str | None = None, overrides: list[str] | None = None, registry: Registry | None = None,
+    spec: str | None = None,
+    overrides: list[str] | None = None,
+    registry: Registry | None = None,
     check: set[str] | None = None,
 ) -> RunConfig:
     """Resolve a preset name or YAML file (default `tiny`) plus overrides into a RunConfig.

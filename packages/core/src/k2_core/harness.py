@@ -113,7 +113,9 @@ class ParentRun:
                 if f.exists():
                     self.client.log_artifact(self.run_id, str(f))
         except Exception as e:
-            print(f"k2 experiment: warning: parent run artifacts not logged ({type(e).__name__}: {e})")
+            print(
+                f"k2 experiment: warning: parent run artifacts not logged ({type(e).__name__}: {e})"
+            )
         self.client.set_terminated(self.run_id, status=status)
 
 
@@ -129,10 +131,12 @@ def run_arm(arm: Arm, preset: str, echo: Callable[[str], None] | None) -> None:
         if echo is None:
             return
         ev = f"  eval {m['eval/loss']:.3f}" if "eval/loss" in m else ""
-        echo(f"  [{arm.label}] step {run.step}/{cfg.train.steps}"
-             f"  loss {m.get('train/loss', math.nan):.3f}"
-             f"  max logit {m.get('attn/max_logit', math.nan):.1f}"
-             f"  clipped {m.get('qk_clip/heads_clipped', 0):.0f}{ev}")
+        echo(
+            f"  [{arm.label}] step {run.step}/{cfg.train.steps}"
+            f"  loss {m.get('train/loss', math.nan):.3f}"
+            f"  max logit {m.get('attn/max_logit', math.nan):.1f}"
+            f"  clipped {m.get('qk_clip/heads_clipped', 0):.0f}{ev}"
+        )
 
     t0 = time.perf_counter()
     run = build_run(cfg, load_plugins())  # fresh plugins: each run registers its own tracker hook
@@ -142,8 +146,9 @@ def run_arm(arm: Arm, preset: str, echo: Callable[[str], None] | None) -> None:
     arm.tokens_per_step = run.tokens_per_step
 
 
-def run_arms(arms: list[Arm], parent: ParentRun, preset: str,
-             echo: Callable[[str], None] | None) -> str:
+def run_arms(
+    arms: list[Arm], parent: ParentRun, preset: str, echo: Callable[[str], None] | None
+) -> str:
     """Run every arm in turn, nesting each under the parent run; FINISHED when all did."""
     for arm in arms:
         run_arm(arm, preset, echo)
@@ -174,8 +179,14 @@ def pyplot() -> Any:
     return plt
 
 
-def save_plot(path: Path, draw: Callable[..., None], *, panels: int = 2,
-              figsize: tuple[float, float] = (12, 4.5), sharey: bool = False) -> Path | None:
+def save_plot(
+    path: Path,
+    draw: Callable[..., None],
+    *,
+    panels: int = 2,
+    figsize: tuple[float, float] = (12, 4.5),
+    sharey: bool = False,
+) -> Path | None:
     """A figure of 1 x `panels` gridded axes, filled by `draw(plt, *axes)`, saved as a PNG at
     `path`; None (and no file) without matplotlib."""
     plt = pyplot()
@@ -192,8 +203,15 @@ def save_plot(path: Path, draw: Callable[..., None], *, panels: int = 2,
     return path
 
 
-def conclude(out: Path, parent: ParentRun, status: str, metrics: dict[str, float], *,
-             plot: Callable[[], Path | None], report: Callable[[Path | None], str]) -> tuple[Path | None, Path]:
+def conclude(
+    out: Path,
+    parent: ParentRun,
+    status: str,
+    metrics: dict[str, float],
+    *,
+    plot: Callable[[], Path | None],
+    report: Callable[[Path | None], str],
+) -> tuple[Path | None, Path]:
     """When every arm finished: `plot()` the PNG and write `report(png)` to out/report.md; then
     close the parent run (metrics, files, status). Returns (png or None, report path)."""
     png = plot() if status == FINISHED else None
@@ -204,8 +222,14 @@ def conclude(out: Path, parent: ParentRun, status: str, metrics: dict[str, float
     return png, path
 
 
-def execute(fn: Callable[..., dict[str, Any]], out_dir: str, scale: float, overrides: list[str],
-            num_threads: int | None = None, **kwargs: Any) -> dict[str, Any]:
+def execute(
+    fn: Callable[..., dict[str, Any]],
+    out_dir: str,
+    scale: float,
+    overrides: list[str],
+    num_threads: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Run experiment function `fn(out, scale, overrides, **kwargs)` in folder `out_dir` (made if
     missing) with `num_threads` torch CPU threads (restored after); adds `seconds` to its result."""
     out = Path(out_dir)
@@ -224,8 +248,9 @@ def execute(fn: Callable[..., dict[str, Any]], out_dir: str, scale: float, overr
     return result
 
 
-def add_arguments(p: argparse.ArgumentParser, names: Sequence[str], *, default_out: str,
-                  config: bool = False) -> None:
+def add_arguments(
+    p: argparse.ArgumentParser, names: Sequence[str], *, default_out: str, config: bool = False
+) -> None:
     """An experiment command's arguments: NAME [CONFIG] [overrides ...] --out --scale --threads
     --json."""
     p.add_argument("name", choices=names)
@@ -233,8 +258,12 @@ def add_arguments(p: argparse.ArgumentParser, names: Sequence[str], *, default_o
         p.add_argument("config", nargs="?", default=None, help="preset name or YAML (default tiny)")
     p.add_argument("overrides", nargs="*", help="dotted overrides applied to every arm")
     p.add_argument("--out", help=f"output folder (default {default_out})")
-    p.add_argument("--scale", type=float, default=1.0,
-                   help="multiplies the experiment's size (steps; rephrase: world and steps)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="multiplies the experiment's size (steps; rephrase: world and steps)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -245,6 +274,8 @@ def print_result(command: str, result: dict[str, Any], as_json: bool) -> int:
         print(json.dumps(result, indent=2, default=str))
         return 0
     mlflow_experiment = result.get("mlflow_experiment", result.get("experiment"))
-    print(f"{command}: {result['seconds']:.0f}s; report {result['report']}; plot {result['png']}; "
-          f"mlflow {result['tracking_uri']} experiment {mlflow_experiment}")
+    print(
+        f"{command}: {result['seconds']:.0f}s; report {result['report']}; plot {result['png']}; "
+        f"mlflow {result['tracking_uri']} experiment {mlflow_experiment}"
+    )
     return 0

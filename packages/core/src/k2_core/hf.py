@@ -29,14 +29,37 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 _MODEL_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "first_k_dense_replace",
-    "num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim",
-    "qk_rope_head_dim", "v_head_dim", "hidden_act", "max_position_embeddings", "rms_norm_eps",
-    "rope_interleave", "attention_bias", "tie_word_embeddings", "initializer_range",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "first_k_dense_replace",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "q_lora_rank",
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_interleave",
+    "attention_bias",
+    "tie_word_embeddings",
+    "initializer_range",
 )
 _MOE_KEYS = (
-    "moe_intermediate_size", "n_routed_experts", "num_experts_per_tok", "n_shared_experts", "n_group",
-    "topk_group", "norm_topk_prob", "routed_scaling_factor", "scoring_func", "topk_method",
+    "moe_intermediate_size",
+    "n_routed_experts",
+    "num_experts_per_tok",
+    "n_shared_experts",
+    "n_group",
+    "topk_group",
+    "norm_topk_prob",
+    "routed_scaling_factor",
+    "scoring_func",
+    "topk_method",
 )
 
 
@@ -55,7 +78,9 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
     if kind != "yarn":
         raise ConfigError(f"rope_scaling: only yarn is supported (got {kind!r})")
     if params.get("attention_factor") is not None:
-        raise ConfigError("rope_scaling.attention_factor: an explicit YaRN attention factor is not supported")
+        raise ConfigError(
+            "rope_scaling.attention_factor: an explicit YaRN attention factor is not supported"
+        )
     orig = params.get("original_max_position_embeddings")
     if orig is None:
         raise ConfigError("rope_scaling.original_max_position_embeddings: required for yarn")
@@ -78,7 +103,9 @@ def config_from_hf(d: Mapping[str, Any]) -> tuple[ModelConfig, MoEConfig]:
     """(ModelConfig, MoEConfig) from a DeepseekV3 / Kimi K2 config.json dict."""
     mt = d.get("model_type", "deepseek_v3")
     if mt not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"model_type: expected one of {', '.join(SUPPORTED_MODEL_TYPES)} (got {mt!r})")
+        raise ConfigError(
+            f"model_type: expected one of {', '.join(SUPPORTED_MODEL_TYPES)} (got {mt!r})"
+        )
     theta, scaling = _rope_from_hf(d)
     m = {k: d[k] for k in _MODEL_KEYS if k in d and d[k] is not None}
     heads, kvh = m.get("num_attention_heads"), m.get("num_key_value_heads")
@@ -133,11 +160,15 @@ def config_to_hf(model_cfg: ModelConfig, moe_cfg: MoEConfig) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # tensors
 # --------------------------------------------------------------------------------------------
-_EXPERT_RE = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_RE = re.compile(
+    r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$"
+)
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 
 
-def dequantize_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK) -> torch.Tensor:
+def dequantize_fp8_block(
+    w: torch.Tensor, scale_inv: torch.Tensor, block: int = FP8_BLOCK
+) -> torch.Tensor:
     """w (float8) [out, in] * scale_inv [ceil(out/block), ceil(in/block)] per block -> fp32."""
     out_f, in_f = w.shape[-2:]
     s = scale_inv.float().repeat_interleave(block, dim=-2).repeat_interleave(block, dim=-1)
@@ -175,7 +206,11 @@ def _iter_tensors(files: list[Path], num_layers: int) -> Iterator[tuple[str, tor
             keys = list(f.keys())
             key_set = set(keys)
             for name in keys:
-                if name.endswith("_scale_inv") or "rotary_emb" in name or name.endswith(".inv_freq"):
+                if (
+                    name.endswith("_scale_inv")
+                    or "rotary_emb" in name
+                    or name.endswith(".inv_freq")
+                ):
                     continue
                 m = _LAYER_RE.match(name)
                 if m and int(m.group(1)) >= num_layers:
@@ -186,7 +221,9 @@ def _iter_tensors(files: list[Path], num_layers: int) -> Iterator[tuple[str, tor
                     if sname not in key_set and name.endswith(".weight"):
                         sname = name[: -len(".weight")] + ".weight_scale_inv"
                     if sname not in key_set:
-                        raise CheckpointError(f"{name}: FP8 weight without {name}_scale_inv in {file.name}")
+                        raise CheckpointError(
+                            f"{name}: FP8 weight without {name}_scale_inv in {file.name}"
+                        )
                     t = dequantize_fp8_block(t, f.get_tensor(sname))
                 yield name, t, file
 
@@ -218,8 +255,13 @@ def _checkpoint_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, registry: Any = None,
-                    device: torch.device | str | None = None):
+def load_pretrained(
+    path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    registry: Any = None,
+    device: torch.device | str | None = None,
+):
     """A K2ForCausalLM from a folder with config.json and safetensors weights."""
     from .model.decoder import K2ForCausalLM
 
@@ -274,7 +316,12 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, reg
         pending_file[prefix] = file
         experts = pending[prefix]
         if len(experts) == n_exp and all(len(v) == 3 for v in experts.values()):
-            gate_up = torch.stack([torch.cat((experts[i]["gate_proj"], experts[i]["up_proj"]), 0) for i in range(n_exp)])
+            gate_up = torch.stack(
+                [
+                    torch.cat((experts[i]["gate_proj"], experts[i]["up_proj"]), 0)
+                    for i in range(n_exp)
+                ]
+            )
             down = torch.stack([experts[i]["down_proj"] for i in range(n_exp)])
             assign(prefix + ".gate_up_proj", gate_up, file)
             assign(prefix + ".down_proj", down, file)
@@ -290,8 +337,10 @@ def load_pretrained(path: str | Path, *, dtype: torch.dtype = torch.float32, reg
     missing = [k for k in targets if k not in seen and not k.endswith("rotary_emb.inv_freq")]
     if missing:
         where = files[0].name if len(files) == 1 else f"{path.name}/{INDEX_NAME}"
-        raise CheckpointError(f"missing tensor {missing[0]} in {where}" + (
-            f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise CheckpointError(
+            f"missing tensor {missing[0]} in {where}"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     model.model.rotary_emb.reset_parameters()
     return model.eval()
 
@@ -320,7 +369,9 @@ def save_pretrained(model, path: str | Path, max_shard_bytes: int = 5 * 1024**3)
     path = Path(path)
     made = [p.absolute() for p in (path, *path.parents) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config_to_hf(model.config, model.moe_config), indent=2) + "\n")
+    (path / "config.json").write_text(
+        json.dumps(config_to_hf(model.config, model.moe_config), indent=2) + "\n"
+    )
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     total = 0
@@ -366,4 +417,3 @@ __all__ = [
     "save_pretrained",
     "ordinary_permissions",
 ]
-

@@ -56,22 +56,29 @@ def check_memory_fits(cfg: Any, backend: Any) -> None:
     shares = backend.local_state_bytes(cfg)
     if not shares:
         return
-    fix = (f"use a smaller model or more ranks (`k2 plan --model {cfg.name or 'MODEL'} --nodes N "
-           "--dry-run` shows each rank's share), or set parallel.memory_check=false to go ahead "
-           "anyway")
+    fix = (
+        f"use a smaller model or more ranks (`k2 plan --model {cfg.name or 'MODEL'} --nodes N "
+        "--dry-run` shows each rank's share), or set parallel.memory_check=false to go ahead "
+        "anyway"
+    )
     if device.type == "cpu":
         cap = host_memory_bytes()
         need = sum(shares)
         if cap is not None and need > cap:
-            who = ("this process" if len(shares) == 1 else
-                   f"the {len(shares)} processes of this host (up to {_fmt(max(shares))} each)")
+            who = (
+                "this process"
+                if len(shares) == 1
+                else f"the {len(shares)} processes of this host (up to {_fmt(max(shares))} each)"
+            )
             raise ConfigError(
                 f"parallel.memory_check: {who} would hold {_fmt(need)} of weights, gradients "
-                f"and optimizer state but this machine has {_fmt(cap)} of memory; {fix}")
+                f"and optimizer state but this machine has {_fmt(cap)} of memory; {fix}"
+            )
         return
     cap = device_memory_bytes(device)
     mine = max(shares)
     if cap is not None and mine > cap:
         raise ConfigError(
             f"parallel.memory_check: each process would hold up to {_fmt(mine)} of weights, "
-            f"gradients and optimizer state but {device} has {_fmt(cap)}; {fix}")
+            f"gradients and optimizer state but {device} has {_fmt(cap)}; {fix}"
+        )

@@ -11,8 +11,13 @@ from .config import ModelConfig, MoEConfig, RunConfig
 from .errors import CheckpointError
 
 
-def save_model(model: torch.nn.Module, uri: str, *, run_config: RunConfig | None = None,
-               attrs: dict[str, Any] | None = None) -> None:
+def save_model(
+    model: torch.nn.Module,
+    uri: str,
+    *,
+    run_config: RunConfig | None = None,
+    attrs: dict[str, Any] | None = None,
+) -> None:
     """Write the model's parameters and persistent buffers, with its configs, to `uri`."""
     meta = {
         "model_config": model.config.model_dump(mode="json"),
@@ -29,14 +34,19 @@ def _configs(uri: str, attrs: dict[str, Any]) -> tuple[ModelConfig, MoEConfig, R
     try:
         run_cfg = RunConfig.model_validate(attrs["run_config"]) if "run_config" in attrs else None
         if "model_config" in attrs:
-            return (ModelConfig.model_validate(attrs["model_config"]),
-                    MoEConfig.model_validate(attrs.get("moe_config", {})), run_cfg)
+            return (
+                ModelConfig.model_validate(attrs["model_config"]),
+                MoEConfig.model_validate(attrs.get("moe_config", {})),
+                run_cfg,
+            )
     except ValueError as e:
         why = str(e).splitlines()[0]
         raise CheckpointError(f"{uri}: no valid model config in the checkpoint ({why})") from None
     if run_cfg is None:
-        raise CheckpointError(f"{uri}: no model config recorded in the checkpoint (neither "
-                              "model_config nor run_config); is it a k2 checkpoint?")
+        raise CheckpointError(
+            f"{uri}: no model config recorded in the checkpoint (neither "
+            "model_config nor run_config); is it a k2 checkpoint?"
+        )
     return run_cfg.model, run_cfg.moe, run_cfg
 
 
@@ -47,8 +57,13 @@ def checkpoint_configs(uri: str) -> tuple[ModelConfig, MoEConfig, RunConfig | No
     return _configs(uri, attrs)
 
 
-def load_model(uri: str, *, registry: Any = None, dtype: torch.dtype | None = None,
-               device: str | torch.device = "cpu") -> torch.nn.Module:
+def load_model(
+    uri: str,
+    *,
+    registry: Any = None,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
     """Rebuild the model a saved model or a training checkpoint describes and load its
     weights (checksums verified): the one loader of every command that takes a checkpoint."""
     from .model import K2ForCausalLM
@@ -69,7 +84,9 @@ def load_model(uri: str, *, registry: Any = None, dtype: torch.dtype | None = No
     return model.to(dtype=dtype) if dtype is not None else model
 
 
-def load_checkpoint_model(uri: str, registry: Any = None) -> tuple[torch.nn.Module, RunConfig | None]:
+def load_checkpoint_model(
+    uri: str, registry: Any = None
+) -> tuple[torch.nn.Module, RunConfig | None]:
     """The model of a saved model or a training checkpoint (eval mode), and its RunConfig
     when recorded."""
     _, attrs = load_tensors(uri, [])

@@ -44,9 +44,13 @@ class Run:
     step: int = 0
     tracking_run_id: str | None = None
     skipped_steps: int = 0
-    val_start: dict[str, Any] | None = None  # the val loader's initial state: every eval reads the same batches
+    val_start: dict[str, Any] | None = (
+        None  # the val loader's initial state: every eval reads the same batches
+    )
     history: list[dict[str, float]] = field(default_factory=list)
-    resumed_attrs: dict[str, Any] = field(default_factory=dict)  # the checkpoint's attrs, if resumed
+    resumed_attrs: dict[str, Any] = field(
+        default_factory=dict
+    )  # the checkpoint's attrs, if resumed
 
     @property
     def checkpoint_root(self) -> str:
@@ -74,8 +78,10 @@ class TrackerHooks:
         params = flatten(run.config.model_dump(mode="json"))
         params.update({f"plugin.{p.distribution}": p.version for p in run.plugins.loaded})
         run.tracking_run_id = self.tracker.start(
-            run_name=run.config.name, params=params,
-            config=run.config.model_dump(mode="json"), run_id=run.tracking_run_id,
+            run_name=run.config.name,
+            params=params,
+            config=run.config.model_dump(mode="json"),
+            run_id=run.tracking_run_id,
         )
 
     @hookimpl
@@ -91,13 +97,21 @@ class TrackerHooks:
         self.tracker.end(status)
 
 
-def build_dataset(cfg: RunConfig, plugins: Plugins, split: str, rank: int = 0,
-                  world_size: int = 1) -> Any:
+def build_dataset(
+    cfg: RunConfig, plugins: Plugins, split: str, rank: int = 0, world_size: int = 1
+) -> Any:
     """The config's `dataset` implementation for `split`, sharded for `rank` of `world_size`."""
     return plugins.registry.build(
-        "dataset", cfg.data.dataset, options=cfg.data.options, where="data.options",
-        split=split, batch_size=cfg.train.micro_batch_size, seq_len=cfg.data.seq_len,
-        seed=cfg.train.seed, rank=rank, world_size=world_size,
+        "dataset",
+        cfg.data.dataset,
+        options=cfg.data.options,
+        where="data.options",
+        split=split,
+        batch_size=cfg.train.micro_batch_size,
+        seq_len=cfg.data.seq_len,
+        seed=cfg.train.seed,
+        rank=rank,
+        world_size=world_size,
     )
 
 
@@ -117,8 +131,9 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None, *, dry_run: bool =
     if not dry_run:  # a bad checkpoint.dir fails before anything is built
         check_checkpoint_dir(cfg.checkpoint.dir)
     torch.manual_seed(cfg.train.seed)
-    backend = reg.build("backend", cfg.parallel.backend, options=cfg.parallel.options,
-                        where="parallel.options")
+    backend = reg.build(
+        "backend", cfg.parallel.backend, options=cfg.parallel.options, where="parallel.options"
+    )
     if not dry_run:  # before anything is allocated
         from .memcheck import check_memory_fits
 
@@ -128,13 +143,24 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None, *, dry_run: bool =
         from .compile import compile_blocks
 
         compile_blocks(model)
-    optimizer = reg.build("optimizer", cfg.optim.name, model, lr=cfg.optim.lr,
-                          weight_decay=cfg.optim.weight_decay, options=cfg.optim.options,
-                          where="optim.options")
+    optimizer = reg.build(
+        "optimizer",
+        cfg.optim.name,
+        model,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        options=cfg.optim.options,
+        where="optim.options",
+    )
     optimizer = backend.wrap_optimizer(model, optimizer)
-    scheduler = reg.build("lr_schedule", cfg.optim.schedule, optimizer,
-                          total_steps=cfg.train.steps, options=cfg.optim.schedule_options,
-                          where="optim.schedule_options")
+    scheduler = reg.build(
+        "lr_schedule",
+        cfg.optim.schedule,
+        optimizer,
+        total_steps=cfg.train.steps,
+        options=cfg.optim.schedule_options,
+        where="optim.schedule_options",
+    )
     # ranks that hold the same model part read the same shard; later pipeline stages none
     shard = {"rank": backend.data_rank, "world_size": backend.data_world_size}
     loader = val = None
@@ -152,14 +178,19 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None, *, dry_run: bool =
     elif resume != "never":
         uri = resume
     if uri is not None:
-        attrs = backend.load_train_state(uri, model=model, optimizer=optimizer,
-                                         scheduler=scheduler, loader=loader)
+        attrs = backend.load_train_state(
+            uri, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader
+        )
         run.step, run.tracking_run_id = attrs["step"], attrs.get("tracking_run_id")
         run.resumed_attrs = attrs
     if cfg.tracking.tracker and backend.rank == 0 and not dry_run:
         tracker = reg.build(
-            "tracker", cfg.tracking.tracker, options=cfg.tracking.options, where="tracking.options",
-            tracking_uri=cfg.tracking.tracking_uri, experiment=cfg.tracking.experiment,
+            "tracker",
+            cfg.tracking.tracker,
+            options=cfg.tracking.options,
+            where="tracking.options",
+            tracking_uri=cfg.tracking.tracking_uri,
+            experiment=cfg.tracking.experiment,
             run_dir=run.run_dir,
         )
         if plugins.pm.has_plugin("k2-tracker"):  # a previous run in this process
@@ -169,8 +200,13 @@ def build_run(cfg: RunConfig, plugins: Plugins | None = None, *, dry_run: bool =
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: Any, batches: int, bf16: bool = False,
-             device: torch.device | str = "cpu") -> float:
+def evaluate(
+    model: torch.nn.Module,
+    loader: Any,
+    batches: int,
+    bf16: bool = False,
+    device: torch.device | str = "cpu",
+) -> float:
     """Mean validation loss over `batches` batches of `loader` (max-logit recording off)."""
     was_training = model.training
     device = torch.device(device)
@@ -185,11 +221,16 @@ def evaluate(model: torch.nn.Module, loader: Any, batches: int, bf16: bool = Fal
     return float(total) / batches
 
 
-def _step_metrics(run: Run, loss: float, grad_norm: float, dt: float, steps: int) -> dict[str, float]:
+def _step_metrics(
+    run: Run, loss: float, grad_norm: float, dt: float, steps: int
+) -> dict[str, float]:
     """This step's scalars: loss, lr, throughput, attention max logits, QK-Clip, MoE load."""
-    m = {"train/loss": loss, "train/grad_norm": grad_norm,
-         "train/lr": run.scheduler.get_last_lr()[0],
-         "train/tokens_per_s": run.tokens_per_step * run.backend.world_size * steps / max(dt, 1e-9)}
+    m = {
+        "train/loss": loss,
+        "train/grad_norm": grad_norm,
+        "train/lr": run.scheduler.get_last_lr()[0],
+        "train/tokens_per_s": run.tokens_per_step * run.backend.world_size * steps / max(dt, 1e-9),
+    }
     logits = run.model.max_logits()  # [layers, heads], pre-clip
     if logits.numel():
         per_layer = logits.amax(dim=1).tolist()
@@ -204,13 +245,20 @@ def _step_metrics(run: Run, loss: float, grad_norm: float, dt: float, steps: int
     return m
 
 
-def _measure(run: Run, into: dict[str, float], loss: torch.Tensor, grad_norm: torch.Tensor,
-             dt: float, steps: int) -> None:
+def _measure(
+    run: Run,
+    into: dict[str, float],
+    loss: torch.Tensor,
+    grad_norm: torch.Tensor,
+    dt: float,
+    steps: int,
+) -> None:
     into.update(_step_metrics(run, float(loss), float(grad_norm), dt, steps))
 
 
-def apply_update(run: Run, loss: torch.Tensor, grad_norm: torch.Tensor,
-                 before_bias: Any = None) -> bool:
+def apply_update(
+    run: Run, loss: torch.Tensor, grad_norm: torch.Tensor, before_bias: Any = None
+) -> bool:
     """The one update sequence after a step's gradients are reduced and clipped: finite
     check, optimizer step, schedule, `before_bias()` (e.g. metrics that read this step's
     expert load), router-bias update, zero-grad. False (and nothing applied) if non-finite."""
@@ -242,21 +290,37 @@ def train(run: Run, progress: Any = None) -> dict[str, Any]:
             loss, grad_norm = backend.train_step(run, batches)
             metrics: dict[str, float] = {}
             log = (run.step + 1) % cfg.train.log_every == 0 or run.step + 1 in (1, cfg.train.steps)
-            measure = partial(_measure, run, metrics, loss, grad_norm,
-                              time.perf_counter() - t_log, steps_since + 1) if log else None
+            measure = (
+                partial(
+                    _measure,
+                    run,
+                    metrics,
+                    loss,
+                    grad_norm,
+                    time.perf_counter() - t_log,
+                    steps_since + 1,
+                )
+                if log
+                else None
+            )
             if not apply_update(run, loss, grad_norm, measure):
                 bad, run.skipped_steps = bad + 1, run.skipped_steps + 1
-                hook.k2_on_step_end(run=run, step=run.step, metrics={"train/skipped_steps": run.skipped_steps})
+                hook.k2_on_step_end(
+                    run=run, step=run.step, metrics={"train/skipped_steps": run.skipped_steps}
+                )
                 if bad >= cfg.train.max_bad_steps:
-                    raise TrainingError(f"{bad} non-finite steps in a row at step {run.step}; "
-                                        "the last good checkpoint is intact")
+                    raise TrainingError(
+                        f"{bad} non-finite steps in a row at step {run.step}; "
+                        "the last good checkpoint is intact"
+                    )
                 continue
             bad = 0
             run.step += 1
             steps_since += 1
             if run.val_loader is not None or not backend.reads_data:
-                if cfg.train.eval_every and (run.step % cfg.train.eval_every == 0
-                                             or run.step == cfg.train.steps):
+                if cfg.train.eval_every and (
+                    run.step % cfg.train.eval_every == 0 or run.step == cfg.train.steps
+                ):
                     if run.val_start is not None:
                         run.val_loader.load_state_dict(run.val_start)
                     metrics["eval/loss"] = backend.evaluate(run)
@@ -281,10 +345,17 @@ def train(run: Run, progress: Any = None) -> dict[str, Any]:
 def save_checkpoint(run: Run) -> str:
     """Checkpoint the whole run state now, then broadcast `k2_on_checkpoint`."""
     uri = run.backend.save_train_state(
-        run.checkpoint_root, run.step, model=run.model, optimizer=run.optimizer,
-        scheduler=run.scheduler, loader=run.loader, keep=run.config.checkpoint.keep,
-        attrs={"tracking_run_id": run.tracking_run_id,
-               "run_config": run.config.model_dump(mode="json")},
+        run.checkpoint_root,
+        run.step,
+        model=run.model,
+        optimizer=run.optimizer,
+        scheduler=run.scheduler,
+        loader=run.loader,
+        keep=run.config.checkpoint.keep,
+        attrs={
+            "tracking_run_id": run.tracking_run_id,
+            "run_config": run.config.model_dump(mode="json"),
+        },
     )
     run.plugins.hook.k2_on_checkpoint(run=run, step=run.step, uri=uri)
     return uri

@@ -11,6 +11,9 @@ import warnings
 
 from . import builtin_plugin
 
-warnings.warn("k2_core.plugin was renamed k2_core.builtin_plugin; the old name goes in the next "
-              "release", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "k2_core.plugin was renamed k2_core.builtin_plugin; the old name goes in the next release",
+    DeprecationWarning,
+    stacklevel=2,
+)
 sys.modules[__name__] = builtin_plugin

@@ -57,8 +57,9 @@ def use_low_precision_weights(model: nn.Module, dtype: torch.dtype) -> list[nn.P
     return done
 
 
-def autocast(device_type: str, dtype: torch.dtype = torch.bfloat16,
-             enabled: bool = True) -> AbstractContextManager:
+def autocast(
+    device_type: str, dtype: torch.dtype = torch.bfloat16, enabled: bool = True
+) -> AbstractContextManager:
     """torch.autocast on `device_type`; a no-op on the meta device (a dry run: no kernels run,
     and torch has no meta autocast)."""
     if device_type == "meta":

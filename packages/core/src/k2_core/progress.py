@@ -35,20 +35,28 @@ class TrainProgress:
             )
 
             self._bar = Progress(
-                TextColumn("[bold]pretrain"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[info]}"), TimeRemainingColumn(),
-                console=Console(file=self.stream), transient=False,
+                TextColumn("[bold]pretrain"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=Console(file=self.stream),
+                transient=False,
             )
             self._bar.start()
-            self._task = self._bar.add_task("train", total=self.total, completed=self.start, info="")
+            self._task = self._bar.add_task(
+                "train", total=self.total, completed=self.start, info=""
+            )
         return self
 
     def __call__(self, run: Any, metrics: dict[str, float]) -> None:
         """Update with a logged step's metrics."""
-        info = (f"loss {metrics.get('train/loss', float('nan')):.4f}  "
-                f"lr {metrics.get('train/lr', 0):.2e}  "
-                f"{metrics.get('train/tokens_per_s', 0):,.0f} tok/s  "
-                f"max logit {metrics.get('attn/max_logit', float('nan')):.1f}")
+        info = (
+            f"loss {metrics.get('train/loss', float('nan')):.4f}  "
+            f"lr {metrics.get('train/lr', 0):.2e}  "
+            f"{metrics.get('train/tokens_per_s', 0):,.0f} tok/s  "
+            f"max logit {metrics.get('attn/max_logit', float('nan')):.1f}"
+        )
         if "eval/loss" in metrics:
             info += f"  eval {metrics['eval/loss']:.4f}"
         if self._bar is not None:
@@ -57,7 +65,11 @@ class TrainProgress:
         done = run.step - self.start
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / max(done, 1) * (self.total - run.step)
-        print(f"step {run.step}/{self.total}  {info}  eta {_fmt_eta(eta)}", file=self.stream, flush=True)
+        print(
+            f"step {run.step}/{self.total}  {info}  eta {_fmt_eta(eta)}",
+            file=self.stream,
+            flush=True,
+        )
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

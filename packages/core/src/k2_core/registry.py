@@ -88,8 +88,10 @@ def _reference_doc(ref: str) -> str | None:
     except (OSError, SyntaxError, ValueError):
         return None
     for node in tree.body:
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef) and \
-                node.name == attr:
+        if (
+            isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)
+            and node.name == attr
+        ):
             return _summary(ast.get_docstring(node))
     return None  # defined some other way (imported, assigned): resolve when asked
 
@@ -174,11 +176,15 @@ class Registry:
     ) -> None:
         """Add `factory` (a callable or a lazy `"module:attr"` reference) as `name` of `slot`."""
         if isinstance(factory, str) and not _REF.match(factory):
-            raise PluginError(f"plugin {_origin[0]}: {slot} {name!r}: reference {factory!r} is "
-                              "not of the form 'package.module:attr'")
+            raise PluginError(
+                f"plugin {_origin[0]}: {slot} {name!r}: reference {factory!r} is "
+                "not of the form 'package.module:attr'"
+            )
         if not isinstance(factory, str) and not callable(factory):
-            raise PluginError(f"plugin {_origin[0]}: {slot} {name!r}: factory must be callable "
-                              f"or a 'module:attr' reference, got {type(factory).__name__}")
+            raise PluginError(
+                f"plugin {_origin[0]}: {slot} {name!r}: factory must be callable "
+                f"or a 'module:attr' reference, got {type(factory).__name__}"
+            )
         if slot not in self._slots:
             raise PluginError(f"unknown slot {slot!r}; slots: {', '.join(SLOTS)}")
         if name in self._slots[slot]:
@@ -227,8 +233,9 @@ class Registry:
         """Plugin-owned config sections and their models."""
         return {k: v[0] for k, v in self._sections.items()}
 
-    def options(self, slot: str, name: str, values: Mapping[str, Any] | BaseModel | None,
-                where: str = "") -> BaseModel:
+    def options(
+        self, slot: str, name: str, values: Mapping[str, Any] | BaseModel | None, where: str = ""
+    ) -> BaseModel:
         """Validate `values` against the options model of `slot`/`name`."""
         reg = self.get(slot, name)
         if isinstance(values, reg.options):
@@ -247,8 +254,9 @@ class Registry:
 
             raise ConfigError(describe_validation_error(e, prefix=where)) from None
 
-    def build(self, slot: str, name: str, *args: Any, options: Any = None, where: str = "",
-              **kwargs: Any) -> Any:
+    def build(
+        self, slot: str, name: str, *args: Any, options: Any = None, where: str = "", **kwargs: Any
+    ) -> Any:
         """Call the factory of `slot`/`name` with validated options and the given arguments."""
         opts = self.options(slot, name, options, where)
         return self.get(slot, name).factory(*args, options=opts, **kwargs)
@@ -261,8 +269,15 @@ class PluginRegistry:
         self._registry = registry
         self._origin = (plugin, distribution, version)
 
-    def register(self, slot: str, name: str, factory: Callable[..., Any] | str,
-                 options: type[BaseModel] | None = None, *, doc: str | None = None) -> None:
+    def register(
+        self,
+        slot: str,
+        name: str,
+        factory: Callable[..., Any] | str,
+        options: type[BaseModel] | None = None,
+        *,
+        doc: str | None = None,
+    ) -> None:
         """Add `factory` (a callable or a lazy `"module:attr"` reference) as `name` of `slot`."""
         self._registry.register(slot, name, factory, options, doc=doc, _origin=self._origin)
 

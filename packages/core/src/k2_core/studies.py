@@ -80,7 +80,7 @@ def _stats(arm: Arm) -> dict[str, Any]:
     _, tl = series(arm, "train/loss")
     _, el = series(arm, "eval/loss")
     _, hc = series(arm, "qk_clip/heads_clipped")
-    tail = tl[-max(1, len(tl) // 10):]  # last ~10% of logged steps: single batches are noisy
+    tail = tl[-max(1, len(tl) // 10) :]  # last ~10% of logged steps: single batches are noisy
     return {
         "peak_max_logit": max(ml) if ml else None,
         "final_max_logit": ml[-1] if ml else None,
@@ -97,37 +97,85 @@ def _stats(arm: Arm) -> dict[str, Any]:
 # -- qk_clip ----------------------------------------------------------------------------------
 
 
-def qk_clip_study(out: Path, scale: float, overrides: list[str], preset: str = "tiny",
-                  lr: float = QK_CLIP_LR, tau: float = QK_CLIP_TAU,
-                  echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+def qk_clip_study(
+    out: Path,
+    scale: float,
+    overrides: list[str],
+    preset: str = "tiny",
+    lr: float = QK_CLIP_LR,
+    tau: float = QK_CLIP_TAU,
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
     """Plain Muon vs MuonClip(tau) at an aggressive lr: max logit and loss per step."""
     steps = scaled_steps(QK_CLIP_STEPS, scale)
     uri = tracking_uri(out, overrides)
-    base = [*_common("qk_clip", out, steps, max(1, round(20 * scale)), uri), f"optim.lr={lr}",
-            *overrides]
-    arms = [
-        Arm("muon", [*base, "optim.name=muon", "name=qk_clip-muon",
-                     f"checkpoint.dir={out / 'runs' / 'muon'}"]),
-        Arm("muonclip", [*base, "optim.name=muonclip", "optim.options.qk_clip=true",
-                         f"optim.options.qk_clip_tau={tau}", "name=qk_clip-muonclip",
-                         f"checkpoint.dir={out / 'runs' / 'muonclip'}"]),
+    base = [
+        *_common("qk_clip", out, steps, max(1, round(20 * scale)), uri),
+        f"optim.lr={lr}",
+        *overrides,
     ]
-    parent = ParentRun(uri, "study-qk_clip", out, "qk_clip",
-                        {"scale": scale, "steps": steps, "lr": lr, "tau": tau, "preset": preset,
-                         "overrides": " ".join([*STUDY_MODEL, *overrides])})
+    arms = [
+        Arm(
+            "muon",
+            [
+                *base,
+                "optim.name=muon",
+                "name=qk_clip-muon",
+                f"checkpoint.dir={out / 'runs' / 'muon'}",
+            ],
+        ),
+        Arm(
+            "muonclip",
+            [
+                *base,
+                "optim.name=muonclip",
+                "optim.options.qk_clip=true",
+                f"optim.options.qk_clip_tau={tau}",
+                "name=qk_clip-muonclip",
+                f"checkpoint.dir={out / 'runs' / 'muonclip'}",
+            ],
+        ),
+    ]
+    parent = ParentRun(
+        uri,
+        "study-qk_clip",
+        out,
+        "qk_clip",
+        {
+            "scale": scale,
+            "steps": steps,
+            "lr": lr,
+            "tau": tau,
+            "preset": preset,
+            "overrides": " ".join([*STUDY_MODEL, *overrides]),
+        },
+    )
     status = "FAILED"
     try:
         status = run_arms(arms, parent, preset, echo)
     finally:
         stats = {a.label: _stats(a) for a in arms if a.history}
         png, report = conclude(
-            out, parent, status,
+            out,
+            parent,
+            status,
             {f"{a}/{k}": v for a, s in stats.items() for k, v in s.items() if isinstance(v, float)},
             plot=lambda: _plot_qk_clip(out / "qk_clip.png", arms, tau),
-            report=lambda png: _report_qk_clip(arms, stats, steps, lr, tau, preset, overrides, png))
-    return {"study": "qk_clip", "out_dir": str(out), "png": str(png) if png else None,
-            "report": str(report), "tracking_uri": uri, "experiment": "study-qk_clip",
-            "parent_run_id": parent.run_id, "steps": steps, "lr": lr, "tau": tau, "arms": stats}
+            report=lambda png: _report_qk_clip(arms, stats, steps, lr, tau, preset, overrides, png),
+        )
+    return {
+        "study": "qk_clip",
+        "out_dir": str(out),
+        "png": str(png) if png else None,
+        "report": str(report),
+        "tracking_uri": uri,
+        "experiment": "study-qk_clip",
+        "parent_run_id": parent.run_id,
+        "steps": steps,
+        "lr": lr,
+        "tau": tau,
+        "arms": stats,
+    }
 
 
 def _plot_qk_clip(path: Path, arms: list[Arm], tau: float) -> Path | None:
@@ -139,8 +187,12 @@ def _plot_qk_clip(path: Path, arms: list[Arm], tau: float) -> Path | None:
             a2.plot(*series(arm, "train/loss"), label=f"{arm.label} train", color=c, alpha=0.45)
             a2.plot(*series(arm, "eval/loss"), "o-", label=f"{arm.label} eval", color=c)
         a1.axhline(tau, ls="--", color="gray", label=f"tau = {tau:g}")
-        a1.set(xlabel="step", ylabel="max attention logit (pre-clip)", yscale="log",
-               title="max attention logit")
+        a1.set(
+            xlabel="step",
+            ylabel="max attention logit (pre-clip)",
+            yscale="log",
+            title="max attention logit",
+        )
         a2.set(xlabel="step", ylabel="loss", title="train / eval loss")
         a1.legend()
         a2.legend()
@@ -148,8 +200,16 @@ def _plot_qk_clip(path: Path, arms: list[Arm], tau: float) -> Path | None:
     return save_plot(path, draw)
 
 
-def _report_qk_clip(arms: list[Arm], stats: dict[str, Any], steps: int, lr: float, tau: float,
-                    preset: str, overrides: list[str], png: Path | None) -> str:
+def _report_qk_clip(
+    arms: list[Arm],
+    stats: dict[str, Any],
+    steps: int,
+    lr: float,
+    tau: float,
+    preset: str,
+    overrides: list[str],
+    png: Path | None,
+) -> str:
     m, c = stats["muon"], stats["muonclip"]
     lines = [
         "# Study: qk_clip",
@@ -171,7 +231,8 @@ def _report_qk_clip(arms: list[Arm], stats: dict[str, Any], steps: int, lr: floa
             f"| {a.label} | {fmt(s['peak_max_logit'], 1)} | {fmt(s['final_max_logit'], 1)} | "
             f"{fmt(ratio, 2)} | {fmt(s['max_heads_clipped'], 0)} | {fmt(s['final_train_loss'])} | "
             f"{fmt(s['mean_train_loss_last10pct'])} | {fmt(s['final_eval_loss'])} | "
-            f"{s['seconds']} |")
+            f"{s['seconds']} |"
+        )
     lines += ["", "## Reading"]
     if m["peak_max_logit"] is not None and c["peak_max_logit"] is not None:
         lines.append(
@@ -179,11 +240,14 @@ def _report_qk_clip(arms: list[Arm], stats: dict[str, Any], steps: int, lr: floa
             f"({m['peak_max_logit'] / tau:.1f}x "
             f"tau) and ended at {m['final_max_logit']:.1f}; MuonClip's peaked at "
             f"{c['peak_max_logit']:.1f} ({c['peak_max_logit'] / tau:.2f}x tau) and ended at "
-            f"{c['final_max_logit']:.1f}.")
+            f"{c['final_max_logit']:.1f}."
+        )
     if m["final_eval_loss"] is not None and c["final_eval_loss"] is not None:
         d = c["final_eval_loss"] - m["final_eval_loss"]
-        lines.append(f"- Final eval loss: Muon {m['final_eval_loss']:.3f}, MuonClip "
-                     f"{c['final_eval_loss']:.3f} (MuonClip {'+' if d >= 0 else ''}{d:.3f}).")
+        lines.append(
+            f"- Final eval loss: Muon {m['final_eval_loss']:.3f}, MuonClip "
+            f"{c['final_eval_loss']:.3f} (MuonClip {'+' if d >= 0 else ''}{d:.3f})."
+        )
     if png:
         lines += ["", f"![qk_clip]({png.name})"]
     return "\n".join(lines) + "\n"
@@ -192,27 +256,64 @@ def _report_qk_clip(arms: list[Arm], stats: dict[str, Any], steps: int, lr: floa
 # -- muon_vs_adamw ------------------------------------------------------------------------------
 
 
-def muon_vs_adamw_study(out: Path, scale: float, overrides: list[str], preset: str = "tiny",
-                        muon_lrs: tuple[float, ...] = MUON_LRS,
-                        adamw_lrs: tuple[float, ...] = ADAMW_LRS,
-                        echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+def muon_vs_adamw_study(
+    out: Path,
+    scale: float,
+    overrides: list[str],
+    preset: str = "tiny",
+    muon_lrs: tuple[float, ...] = MUON_LRS,
+    adamw_lrs: tuple[float, ...] = ADAMW_LRS,
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
     """MuonClip vs AdamW at equal tokens (same steps, batch, data order), a small lr sweep for
     each; validation loss vs step."""
     steps = scaled_steps(MUON_VS_ADAMW_STEPS, scale)
     uri = tracking_uri(out, overrides)
     base = [*_common("muon_vs_adamw", out, steps, max(1, round(20 * scale)), uri), *overrides]
-    arms = [Arm(f"muonclip lr={lr:g}", [*base, "optim.name=muonclip", f"optim.lr={lr}",
-                                          f"name=muon_vs_adamw-muonclip-{lr:g}",
-                                          f"checkpoint.dir={out / 'runs' / f'muonclip-{lr:g}'}"],
-                group="muonclip", lr=lr) for lr in muon_lrs]
-    arms += [Arm(f"adamw lr={lr:g}", [*base, "optim.name=adamw", f"optim.lr={lr}",
-                                      f"name=muon_vs_adamw-adamw-{lr:g}",
-                                      f"checkpoint.dir={out / 'runs' / f'adamw-{lr:g}'}"],
-                 group="adamw", lr=lr) for lr in adamw_lrs]
-    parent = ParentRun(uri, "study-muon_vs_adamw", out, "muon_vs_adamw",
-                        {"scale": scale, "steps": steps, "muon_lrs": list(muon_lrs),
-                         "adamw_lrs": list(adamw_lrs), "preset": preset,
-                         "overrides": " ".join([*STUDY_MODEL, *overrides])})
+    arms = [
+        Arm(
+            f"muonclip lr={lr:g}",
+            [
+                *base,
+                "optim.name=muonclip",
+                f"optim.lr={lr}",
+                f"name=muon_vs_adamw-muonclip-{lr:g}",
+                f"checkpoint.dir={out / 'runs' / f'muonclip-{lr:g}'}",
+            ],
+            group="muonclip",
+            lr=lr,
+        )
+        for lr in muon_lrs
+    ]
+    arms += [
+        Arm(
+            f"adamw lr={lr:g}",
+            [
+                *base,
+                "optim.name=adamw",
+                f"optim.lr={lr}",
+                f"name=muon_vs_adamw-adamw-{lr:g}",
+                f"checkpoint.dir={out / 'runs' / f'adamw-{lr:g}'}",
+            ],
+            group="adamw",
+            lr=lr,
+        )
+        for lr in adamw_lrs
+    ]
+    parent = ParentRun(
+        uri,
+        "study-muon_vs_adamw",
+        out,
+        "muon_vs_adamw",
+        {
+            "scale": scale,
+            "steps": steps,
+            "muon_lrs": list(muon_lrs),
+            "adamw_lrs": list(adamw_lrs),
+            "preset": preset,
+            "overrides": " ".join([*STUDY_MODEL, *overrides]),
+        },
+    )
     status = "FAILED"
     try:
         status = run_arms(arms, parent, preset, echo)
@@ -220,16 +321,34 @@ def muon_vs_adamw_study(out: Path, scale: float, overrides: list[str], preset: s
         stats = {a.label: _stats(a) for a in arms if a.history}
         best = _best(arms, stats)
         png, report = conclude(
-            out, parent, status,
-            {f"{a.replace(' ', '_').replace('=', '')}/{k}": v for a, s in stats.items()
-             for k, v in s.items() if isinstance(v, float)},
+            out,
+            parent,
+            status,
+            {
+                f"{a.replace(' ', '_').replace('=', '')}/{k}": v
+                for a, s in stats.items()
+                for k, v in s.items()
+                if isinstance(v, float)
+            },
             plot=lambda: _plot_muon_vs_adamw(out / "muon_vs_adamw.png", arms, best),
-            report=lambda png: _report_muon_vs_adamw(arms, stats, best, steps, preset, overrides, png))
+            report=lambda png: _report_muon_vs_adamw(
+                arms, stats, best, steps, preset, overrides, png
+            ),
+        )
     tokens = steps * arms[0].tokens_per_step
-    return {"study": "muon_vs_adamw", "out_dir": str(out), "png": str(png) if png else None,
-            "report": str(report), "tracking_uri": uri, "experiment": "study-muon_vs_adamw",
-            "parent_run_id": parent.run_id, "steps": steps, "tokens_per_run": tokens,
-            "best": best, "arms": stats}
+    return {
+        "study": "muon_vs_adamw",
+        "out_dir": str(out),
+        "png": str(png) if png else None,
+        "report": str(report),
+        "tracking_uri": uri,
+        "experiment": "study-muon_vs_adamw",
+        "parent_run_id": parent.run_id,
+        "steps": steps,
+        "tokens_per_run": tokens,
+        "best": best,
+        "arms": stats,
+    }
 
 
 def _best(arms: list[Arm], stats: dict[str, Any]) -> dict[str, str]:
@@ -253,14 +372,26 @@ def _plot_muon_vs_adamw(path: Path, arms: list[Arm], best: dict[str, str]) -> Pa
             color, ax = styles[group]
             for i, arm in enumerate(a for a in arms if a.group == group):
                 lw = 2.5 if best.get(group) == arm.label else 1.2
-                ax.plot(*series(arm, "eval/loss"), shades[i % len(shades)], marker="o", ms=3,
-                        color=color, lw=lw, label=arm.label + (" (best)" if lw > 2 else ""))
+                ax.plot(
+                    *series(arm, "eval/loss"),
+                    shades[i % len(shades)],
+                    marker="o",
+                    ms=3,
+                    color=color,
+                    lw=lw,
+                    label=arm.label + (" (best)" if lw > 2 else ""),
+                )
             # the other optimizer's best, in grey, for a side-by-side reading
             other = best.get(("adamw", "muonclip")[i_group])
             for arm in arms:
                 if arm.label == other:
-                    ax.plot(*series(arm, "eval/loss"), color="gray", alpha=0.6, lw=1.5,
-                            label=f"{arm.label} (best of the other)")
+                    ax.plot(
+                        *series(arm, "eval/loss"),
+                        color="gray",
+                        alpha=0.6,
+                        lw=1.5,
+                        label=f"{arm.label} (best of the other)",
+                    )
             ax.set(xlabel="step (equal tokens per step)", title=f"{group}: validation loss")
             ax.legend()
         a1.set_ylabel("eval loss")
@@ -268,8 +399,15 @@ def _plot_muon_vs_adamw(path: Path, arms: list[Arm], best: dict[str, str]) -> Pa
     return save_plot(path, draw, sharey=True)
 
 
-def _report_muon_vs_adamw(arms: list[Arm], stats: dict[str, Any], best: dict[str, str], steps: int,
-                          preset: str, overrides: list[str], png: Path | None) -> str:
+def _report_muon_vs_adamw(
+    arms: list[Arm],
+    stats: dict[str, Any],
+    best: dict[str, str],
+    steps: int,
+    preset: str,
+    overrides: list[str],
+    png: Path | None,
+) -> str:
     tps = arms[0].tokens_per_step
     lines = [
         "# Study: muon_vs_adamw",
@@ -287,23 +425,30 @@ def _report_muon_vs_adamw(arms: list[Arm], stats: dict[str, Any], best: dict[str
     for a in arms:
         s = stats[a.label]
         mark = " **(best)**" if best.get(a.group) == a.label else ""
-        lines.append(f"| {a.label}{mark} | {fmt(s['final_eval_loss'])} | {fmt(s['best_eval_loss'])} | "
-                     f"{fmt(s['mean_train_loss_last10pct'])} | {fmt(s['peak_max_logit'], 1)} | "
-                     f"{s['seconds']} |")
+        lines.append(
+            f"| {a.label}{mark} | {fmt(s['final_eval_loss'])} | {fmt(s['best_eval_loss'])} | "
+            f"{fmt(s['mean_train_loss_last10pct'])} | {fmt(s['peak_max_logit'], 1)} | "
+            f"{s['seconds']} |"
+        )
     if "muonclip" in best and "adamw" in best:
         m, w = stats[best["muonclip"]], stats[best["adamw"]]
         d = m["final_eval_loss"] - w["final_eval_loss"]
-        lines += ["", "## Reading",
-                  f"- Best MuonClip ({best['muonclip']}): final eval loss {m['final_eval_loss']:.3f}; "
-                  f"best AdamW ({best['adamw']}): {w['final_eval_loss']:.3f}; difference "
-                  f"{'+' if d >= 0 else ''}{d:.3f} (negative: MuonClip better)."]
+        lines += [
+            "",
+            "## Reading",
+            f"- Best MuonClip ({best['muonclip']}): final eval loss {m['final_eval_loss']:.3f}; "
+            f"best AdamW ({best['adamw']}): {w['final_eval_loss']:.3f}; difference "
+            f"{'+' if d >= 0 else ''}{d:.3f} (negative: MuonClip better).",
+        ]
         for group, label in best.items():
             lrs = [a.lr for a in arms if a.group == group and a.lr is not None]
             lr = next(a.lr for a in arms if a.label == label)
             if len(lrs) > 1 and lr in (min(lrs), max(lrs)):
-                lines.append(f"- {group}'s best lr ({lr:g}) is at the "
-                             f"{'top' if lr == max(lrs) else 'bottom'} "
-                             "of its sweep: the optimum is not bracketed, a wider sweep may do better.")
+                lines.append(
+                    f"- {group}'s best lr ({lr:g}) is at the "
+                    f"{'top' if lr == max(lrs) else 'bottom'} "
+                    "of its sweep: the optimum is not bracketed, a wider sweep may do better."
+                )
     if png:
         lines += ["", f"![muon_vs_adamw]({png.name})"]
     return "\n".join(lines) + "\n"
@@ -317,8 +462,14 @@ STUDIES: dict[str, Callable[..., dict[str, Any]]] = {
 }
 
 
-def run_study(name: str, out_dir: str, scale: float = 1.0, overrides: list[str] | None = None,
-              num_threads: int | None = None, **kwargs: Any) -> dict[str, Any]:
+def run_study(
+    name: str,
+    out_dir: str,
+    scale: float = 1.0,
+    overrides: list[str] | None = None,
+    num_threads: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Run study `name` (see STUDIES) into `out_dir`; returns its numbers and file paths.
 
     num_threads: torch CPU threads for the study (restored after; None: leave as is).

@@ -53,8 +53,9 @@ def default_tracking_uri(run_dir: str) -> str:
 class MLflowTracker:
     """Logs one k2 run to mlflow; only rank 0 creates one."""
 
-    def __init__(self, *, tracking_uri: str | None, experiment: str, run_dir: str,
-                 options: MLflowOptions):
+    def __init__(
+        self, *, tracking_uri: str | None, experiment: str, run_dir: str, options: MLflowOptions
+    ):
         self.uri = tracking_uri or default_tracking_uri(run_dir)
         self.experiment = experiment
         self.run_dir = Path(run_dir)
@@ -67,8 +68,14 @@ class MLflowTracker:
         self._monitor: Any = None
 
     # -- set-up --------------------------------------------------------------------------
-    def start(self, *, run_name: str, params: dict[str, str], config: dict[str, Any],
-              run_id: str | None = None) -> str | None:
+    def start(
+        self,
+        *,
+        run_name: str,
+        params: dict[str, str],
+        config: dict[str, Any],
+        run_id: str | None = None,
+    ) -> str | None:
         """Create the run (or reopen `run_id` after a resume); returns the run id, or None
         when the store is unreachable (the worker keeps trying, metrics are spooled)."""
         import logging
@@ -89,8 +96,10 @@ class MLflowTracker:
         try:
             self._open()
         except Exception as e:
-            self._warn(f"tracking store {self.uri} unreachable ({type(e).__name__}); metrics kept "
-                       f"in {self.pending} and sent when it is back")
+            self._warn(
+                f"tracking store {self.uri} unreachable ({type(e).__name__}); metrics kept "
+                f"in {self.pending} and sent when it is back"
+            )
         self._thread = threading.Thread(target=self._worker, name="k2-mlflow", daemon=True)
         self._thread.start()
         return self.run_id
@@ -112,8 +121,9 @@ class MLflowTracker:
                 exp_id = self.client.create_experiment(self.experiment, artifact_location=loc)
             else:
                 exp_id = exp.experiment_id
-            run = self.client.create_run(exp_id, run_name=run_name,
-                                         tags={"k2.run_dir": str(self.run_dir)})
+            run = self.client.create_run(
+                exp_id, run_name=run_name, tags={"k2.run_dir": str(self.run_dir)}
+            )
             items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
             for i in range(0, len(items), PARAM_BATCH):
                 self.client.log_batch(run.info.run_id, params=items[i : i + PARAM_BATCH])
@@ -127,8 +137,10 @@ class MLflowTracker:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
             self._monitor = SystemMetricsMonitor(
-                self.run_id, sampling_interval=self.options.sampling_interval,
-                resume_logging=resumed, tracking_uri=self.uri,
+                self.run_id,
+                sampling_interval=self.options.sampling_interval,
+                resume_logging=resumed,
+                tracking_uri=self.uri,
             )
             self._monitor.start()
         except Exception as e:  # psutil missing or unsupported platform: not fatal
@@ -153,8 +165,10 @@ class MLflowTracker:
                 self._send(step, metrics, ts)
             except Exception as e:
                 self._spool(step, metrics, ts)
-                self._warn(f"tracking store unreachable ({type(e).__name__}); metrics kept in "
-                           f"{self.pending} and sent when it is back")
+                self._warn(
+                    f"tracking store unreachable ({type(e).__name__}); metrics kept in "
+                    f"{self.pending} and sent when it is back"
+                )
             finally:
                 self._queue.task_done()
 
@@ -213,8 +227,10 @@ class MLflowTracker:
             self._warn(f"could not close the mlflow run ({type(e).__name__}: {e})")
 
 
-def build_mlflow(*, tracking_uri: str | None, experiment: str, run_dir: str,
-                 options: MLflowOptions) -> MLflowTracker:
+def build_mlflow(
+    *, tracking_uri: str | None, experiment: str, run_dir: str, options: MLflowOptions
+) -> MLflowTracker:
     """mlflow: local sqlite store in the run folder by default, any tracking URI by config."""
-    return MLflowTracker(tracking_uri=tracking_uri, experiment=experiment, run_dir=run_dir,
-                         options=options)
+    return MLflowTracker(
+        tracking_uri=tracking_uri, experiment=experiment, run_dir=run_dir, options=options
+    )

@@ -89,13 +89,15 @@ class OneProcess:
 
 # -- what a process holds -------------------------------------------------------------------
 
-def model_tensors(model: nn.Module, holds: Callable[[torch.Tensor], bool] | None = None
-                  ) -> list[Held]:
+
+def model_tensors(
+    model: nn.Module, holds: Callable[[torch.Tensor], bool] | None = None
+) -> list[Held]:
     """The model's state-dict tensors this process holds: `holds(t)`, by default those not on
     meta (another stage's stay there; a dry run, all on meta, says which it holds)."""
     out = []
     for name, t in model.state_dict(keep_vars=True).items():
-        if (t.is_meta if holds is None else not holds(t)):
+        if t.is_meta if holds is None else not holds(t):
             continue
         start, shape = global_rows(t)
         out.append(Held("model", name, shape, start, t.detach()))
@@ -139,22 +141,26 @@ def optimizer_tensors(model: nn.Module, optimizer: Any) -> list[Held]:
 
 # -- saving ---------------------------------------------------------------------------------
 
+
 def _json_safe(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=lambda o: list(o) if isinstance(o, tuple) else None))
 
 
 def _group_settings(optimizer: Any) -> dict[str, Any]:
     """Param-group hyperparameters by group name (`group<i>` when unnamed), no parameters."""
-    return {str(g.get("name", f"group{i}")): _json_safe({k: v for k, v in g.items() if k != "params"})
-            for i, g in enumerate(optimizer.param_groups)}
+    return {
+        str(g.get("name", f"group{i}")): _json_safe({k: v for k, v in g.items() if k != "params"})
+        for i, g in enumerate(optimizer.param_groups)
+    }
 
 
 def _schedule_state(scheduler: Any) -> dict[str, Any] | None:
     """The schedule's scalar state (per-group lists are rebuilt from the groups on load)."""
     if scheduler is None:
         return None
-    return _json_safe({k: v for k, v in scheduler.state_dict().items()
-                       if not isinstance(v, (list, tuple, dict))})
+    return _json_safe(
+        {k: v for k, v in scheduler.state_dict().items() if not isinstance(v, (list, tuple, dict))}
+    )
 
 
 def _rng_tensors() -> list[Held]:
@@ -173,10 +179,18 @@ def rank_share(model: nn.Module, optimizer: Any, sharding: Sharding | None = Non
     return sh.assign([*held, *optimizer_tensors(model, optimizer)])
 
 
-def save_train_state(root: str, step: int, *, model: nn.Module, optimizer: Any,
-                     scheduler: Any = None, loader: Any = None, keep: int = 2,
-                     attrs: dict[str, Any] | None = None,
-                     sharding: Sharding | None = None) -> str:
+def save_train_state(
+    root: str,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: Any,
+    scheduler: Any = None,
+    loader: Any = None,
+    keep: int = 2,
+    attrs: dict[str, Any] | None = None,
+    sharding: Sharding | None = None,
+) -> str:
     """Write the training state for `step` under `root` (collective under a `sharding`: each
     process writes its share); returns the checkpoint URI."""
     sh = sharding or OneProcess()
@@ -206,8 +220,9 @@ def save_train_state(root: str, step: int, *, model: nn.Module, optimizer: Any,
     return final_uri
 
 
-def commit_train_state(root: str, step: int, world_size: int, attrs: dict[str, Any],
-                       keep: int = 2) -> str:
+def commit_train_state(
+    root: str, step: int, world_size: int, attrs: dict[str, Any], keep: int = 2
+) -> str:
     """After every process closed its ShardWriter on step_uris(...)[0]: commit, prune; -> URI."""
     tmp_uri, final_uri = step_uris(root, step)
     commit_sharded(tmp_uri, final_uri, world_size, attrs)
@@ -248,30 +263,34 @@ def list_checkpoints(root: str) -> list[tuple[int, str]]:
 
 # -- loading --------------------------------------------------------------------------------
 
+
 def _read_into(reader: CheckpointReader, held: Iterable[Held]) -> None:
     """Copy each held tensor's rows from the store (one read of just those rows)."""
     for h in held:
         key = f"{h.group}/{h.name}"
         info = reader.tensors.get(key)
         if info is None:
-            raise CheckpointError(f"{reader.uri}: no tensor {key}; the checkpoint is of another "
-                                  "model (check the run config)")
+            raise CheckpointError(
+                f"{reader.uri}: no tensor {key}; the checkpoint is of another "
+                "model (check the run config)"
+            )
         if tuple(info.shape) != tuple(h.shape):
-            raise CheckpointError(f"{reader.uri}: {key} is {list(info.shape)} in the checkpoint, "
-                                  f"{list(h.shape)} in this model")
+            raise CheckpointError(
+                f"{reader.uri}: {key} is {list(info.shape)} in the checkpoint, "
+                f"{list(h.shape)} in this model"
+            )
         rows = reader.read_rows(h.group, h.name, h.start, h.start + h.rows)
         with torch.no_grad():
             h.tensor.copy_(rows.reshape(h.tensor.shape))
 
 
-def _optimizer_state(reader: CheckpointReader, model: nn.Module, optimizer: Any
-                     ) -> dict[str, Any]:
+def _optimizer_state(reader: CheckpointReader, model: nn.Module, optimizer: Any) -> dict[str, Any]:
     """This process's optimizer state dict (its owned rows), read from the store."""
     owned = getattr(optimizer, "owned_rows", None)
     stored: dict[str, list[str]] = {}
     for key in reader.tensors:
         if key.startswith("optim/"):
-            pname, skey = key[len("optim/"):].rsplit(".", 1)
+            pname, skey = key[len("optim/") :].rsplit(".", 1)
             stored.setdefault(pname, []).append(skey)
     state: dict[int, dict[str, Any]] = {}
     rows_of: dict[int, tuple[int, int]] = {}
@@ -311,9 +330,15 @@ def _load_schedule(scheduler: Any, optimizer: Any, state: dict[str, Any]) -> Non
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
 
 
-def load_train_state(uri: str, *, model: nn.Module, optimizer: Any = None,
-                     scheduler: Any = None, loader: Any = None,
-                     stats: dict[str, int] | None = None) -> dict[str, Any]:
+def load_train_state(
+    uri: str,
+    *,
+    model: nn.Module,
+    optimizer: Any = None,
+    scheduler: Any = None,
+    loader: Any = None,
+    stats: dict[str, int] | None = None,
+) -> dict[str, Any]:
     """Restore what `save_train_state` wrote into the given objects, reading only the rows
     this process holds; returns the attrs. `stats`, when given, receives `bytes_read`."""
     reader = CheckpointReader(uri)
@@ -337,8 +362,9 @@ def load_weights(uri: str, model: nn.Module) -> None:
     _read_into(reader, held)
 
 
-def _load(reader: CheckpointReader, model: nn.Module, optimizer: Any, scheduler: Any,
-          loader: Any) -> dict[str, Any]:
+def _load(
+    reader: CheckpointReader, model: nn.Module, optimizer: Any, scheduler: Any, loader: Any
+) -> dict[str, Any]:
     uri = reader.uri
     if not reader.attrs.get("layout_free"):
         return _load_v1(uri, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader)
@@ -357,15 +383,17 @@ def _load(reader: CheckpointReader, model: nn.Module, optimizer: Any, scheduler:
     return attrs
 
 
-def _load_v1(uri: str, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None,
-             loader: Any = None) -> dict[str, Any]:
+def _load_v1(
+    uri: str, *, model: nn.Module, optimizer: Any = None, scheduler: Any = None, loader: Any = None
+) -> dict[str, Any]:
     """A checkpoint written before the layout-free format: one process, indices as keys."""
     groups, attrs = load_tensors(uri)
     try:
         model.load_state_dict(groups["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{uri}: weights do not match the model "
-                              f"({str(e).splitlines()[1].strip()})") from None
+        raise CheckpointError(
+            f"{uri}: weights do not match the model ({str(e).splitlines()[1].strip()})"
+        ) from None
     if optimizer is not None:
         state: dict[Any, dict[str, Any]] = {}
         for key, t in groups.get("optim", {}).items():
@@ -373,8 +401,9 @@ def _load_v1(uri: str, *, model: nn.Module, optimizer: Any = None, scheduler: An
             state.setdefault(int(pid), {})[name] = t
         for pid, st in attrs["optimizer"]["scalars"].items():
             state.setdefault(int(pid), {}).update(st)
-        optimizer.load_state_dict({"state": state,
-                                   "param_groups": attrs["optimizer"]["param_groups"]})
+        optimizer.load_state_dict(
+            {"state": state, "param_groups": attrs["optimizer"]["param_groups"]}
+        )
     if scheduler is not None and attrs.get("scheduler") is not None:
         scheduler.load_state_dict(attrs["scheduler"])
     if loader is not None and attrs.get("loader") is not None:

@@ -81,11 +81,13 @@ class VersionGapError(WeightPushError):
 
 
 _ERRORS: dict[str, type[WeightPushError]] = {
-    c.__name__: c for c in (WeightPushError, BucketChecksumError, MissingBucketError,
-                            VersionGapError)}
+    c.__name__: c
+    for c in (WeightPushError, BucketChecksumError, MissingBucketError, VersionGapError)
+}
 
 
 # -- frames ---------------------------------------------------------------------------------
+
 
 def _recv_into(sock: socket.socket, view: memoryview) -> None:
     """Fill `view` from `sock` (ConnectionError when the peer closes first)."""
@@ -150,8 +152,9 @@ def _request(address: tuple[str, int], header: dict[str, Any], timeout_s: float)
     return got[0]
 
 
-def engine_status(address: tuple[str, int], timeout_s: float = 60.0, token: str | None = None
-                  ) -> dict[str, Any]:
+def engine_status(
+    address: tuple[str, int], timeout_s: float = 60.0, token: str | None = None
+) -> dict[str, Any]:
     """An engine's {version, crc32: {tensor name: crc32 of its bytes}}."""
     return _request(address, {"kind": "status", "token": token}, timeout_s)
 
@@ -172,12 +175,15 @@ def _raw(t: torch.Tensor) -> memoryview:
 def _dtype(name: str) -> torch.dtype:
     dt = getattr(torch, name.removeprefix("torch."), None)
     if not isinstance(dt, torch.dtype):
-        raise WeightPushError(f"unknown dtype {name!r} in a bucket header; the trainer and "
-                              "engine run different torch versions?")
+        raise WeightPushError(
+            f"unknown dtype {name!r} in a bucket header; the trainer and "
+            "engine run different torch versions?"
+        )
     return dt
 
 
 # -- the sender -----------------------------------------------------------------------------
+
 
 class _NoOptimizer:
     """An optimizer without parameters: `rank_share` then gives the model rows only."""
@@ -201,7 +207,7 @@ def _pieces(held: list[Held], limit: int) -> Iterator[Held]:
         row = max(1, t[0].numel() * t.element_size()) if len(t) else 1
         step = max(1, limit // row)
         for a in range(0, len(t), step):
-            yield Held(h.group, h.name, h.shape, h.start + a, t[a:a + step])
+            yield Held(h.group, h.name, h.shape, h.start + a, t[a : a + step])
 
 
 def buckets(held: list[Held], bucket_mb: float) -> Iterator[list[Held]]:
@@ -257,8 +263,11 @@ def _broadcast_json(dist: Any, obj: Any) -> Any:
     raw = json.dumps(obj).encode() if dist.get_rank() == 0 else b""
     n = torch.tensor([len(raw)], dtype=torch.long)
     dist.broadcast(n, 0)
-    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(
-        int(n), dtype=torch.uint8)
+    buf = (
+        torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+        if raw
+        else torch.empty(int(n), dtype=torch.uint8)
+    )
     dist.broadcast(buf, 0)
     return json.loads(bytes(buf.numpy()))
 
@@ -267,9 +276,15 @@ class WeightPusher:
     """A trainer rank's side of a push: `push(model, version, sharding=...)` on every rank of
     the trainer's process group (collective) sends this rank's share to every engine."""
 
-    def __init__(self, engines: list[tuple[str, int]], *, bucket_mb: float = 64.0,
-                 timeout_s: float = 120.0, faults: Faults | None = None,
-                 token: str | None = None):
+    def __init__(
+        self,
+        engines: list[tuple[str, int]],
+        *,
+        bucket_mb: float = 64.0,
+        timeout_s: float = 120.0,
+        faults: Faults | None = None,
+        token: str | None = None,
+    ):
         if not engines:
             raise WeightPushError("no engine addresses to push to")
         self.engines = [(str(h), int(p)) for h, p in engines]
@@ -279,8 +294,14 @@ class WeightPusher:
         self.faults = faults
         self.last = PushStats()
 
-    def push(self, model: torch.nn.Module, version: int, *, sharding: Sharding | None = None,
-             full: bool = False) -> PushStats:
+    def push(
+        self,
+        model: torch.nn.Module,
+        version: int,
+        *,
+        sharding: Sharding | None = None,
+        full: bool = False,
+    ) -> PushStats:
         """Send this rank's share of `model` as policy `version` and commit it on every
         engine (collective over the trainer's ranks); raises a WeightPushError on refusal."""
         sh = sharding or OneProcess()
@@ -304,16 +325,20 @@ class WeightPusher:
             counts = self._gather_ints(dist, stats.buckets, sh.world_size)
             sizes = self._gather_ints(dist, stats.bytes, sh.world_size)
             flags = self._gather_ints(dist, int(bool(problem)), sh.world_size)
-            problems = [problem if r == sh.rank else ("failed" if f else "")
-                        for r, f in enumerate(flags)]
+            problems = [
+                problem if r == sh.rank else ("failed" if f else "") for r, f in enumerate(flags)
+            ]
         stats.per_rank_bytes = sizes
         outcome: dict[str, Any] = {}
         if sh.rank == 0:
             failed = [r for r, p in enumerate(problems) if p]
             if failed:
-                outcome = {"error": "WeightPushError",
-                           "message": problem or f"trainer rank {failed[0]} could not stream "
-                           "its buckets to the engines (see its log); push again"}
+                outcome = {
+                    "error": "WeightPushError",
+                    "message": problem
+                    or f"trainer rank {failed[0]} could not stream "
+                    "its buckets to the engines (see its log); push again",
+                }
                 self._finish(push_id, "abort")
             else:
                 outcome = self._commit(push_id, version, full, counts)
@@ -326,7 +351,7 @@ class WeightPusher:
         return stats
 
     def _hello(self) -> str:
-        """"" when every engine accepts this sender, else the first refusal's message."""
+        """ "" when every engine accepts this sender, else the first refusal's message."""
         for addr in self.engines:
             answer = _request(addr, {"kind": "hello", "token": self.token}, self.timeout_s)
             if not answer.get("ok"):
@@ -339,8 +364,9 @@ class WeightPusher:
         dist.all_gather(out, torch.tensor([value], dtype=torch.long))
         return [int(t) for t in out]
 
-    def _stream(self, held: list[Held], push_id: int, version: int, full: bool, rank: int,
-                stats: PushStats) -> None:
+    def _stream(
+        self, held: list[Held], push_id: int, version: int, full: bool, rank: int, stats: PushStats
+    ) -> None:
         """Every bucket of `held` to every engine, then `end`; waits for their acks."""
         socks = [socket.create_connection(a, timeout=self.timeout_s) for a in self.engines]
         try:
@@ -359,8 +385,13 @@ class WeightPusher:
                     sends = [pool.submit(send_frame, s, header, parts) for s in socks]
                     for f in sends:
                         f.result()
-                end = {"kind": "end", "push": push_id, "sender": rank, "buckets": stats.buckets,
-                       "token": self.token}
+                end = {
+                    "kind": "end",
+                    "push": push_id,
+                    "sender": rank,
+                    "buckets": stats.buckets,
+                    "token": self.token,
+                }
                 for s in socks:
                     send_frame(s, end)
                 for s, addr in zip(socks, self.engines, strict=True):
@@ -371,21 +402,38 @@ class WeightPusher:
                 s.close()
 
     @staticmethod
-    def _encode(bucket: list[Held], push_id: int, version: int, full: bool, rank: int,
-                index: int) -> tuple[dict[str, Any], list[memoryview]]:
+    def _encode(
+        bucket: list[Held], push_id: int, version: int, full: bool, rank: int, index: int
+    ) -> tuple[dict[str, Any], list[memoryview]]:
         """A bucket's header (with the crc32 of its bytes) and its payload buffers."""
         parts, tensors, crc, offset = [], [], 0, 0
         for p in bucket:
             raw = _raw(p.tensor)
             crc = zlib.crc32(raw, crc)
-            tensors.append({"name": p.name, "shape": list(p.shape), "start": p.start,
-                            "rows": p.rows, "dtype": str(p.tensor.dtype).removeprefix("torch."),
-                            "offset": offset, "nbytes": raw.nbytes})
+            tensors.append(
+                {
+                    "name": p.name,
+                    "shape": list(p.shape),
+                    "start": p.start,
+                    "rows": p.rows,
+                    "dtype": str(p.tensor.dtype).removeprefix("torch."),
+                    "offset": offset,
+                    "nbytes": raw.nbytes,
+                }
+            )
             parts.append(raw)
             offset += raw.nbytes
-        header = {"kind": "bucket", "push": push_id, "version": version, "full": full,
-                  "sender": rank, "index": index, "crc32": crc, "nbytes": offset,
-                  "tensors": tensors}
+        header = {
+            "kind": "bucket",
+            "push": push_id,
+            "version": version,
+            "full": full,
+            "sender": rank,
+            "index": index,
+            "crc32": crc,
+            "nbytes": offset,
+            "tensors": tensors,
+        }
         return header, parts
 
     def _finish(self, push_id: int, kind: str) -> list[dict[str, Any]]:
@@ -393,26 +441,44 @@ class WeightPusher:
         out = []
         for addr in self.engines:
             try:
-                out.append(_request(addr, {"kind": kind, "push": push_id, "token": self.token},
-                                    self.timeout_s))
+                out.append(
+                    _request(
+                        addr, {"kind": kind, "push": push_id, "token": self.token}, self.timeout_s
+                    )
+                )
             except OSError as exc:
-                out.append({"ok": False, "error": "WeightPushError",
-                            "message": f"engine {addr[0]}:{addr[1]}: {kind} failed ({exc})"})
+                out.append(
+                    {
+                        "ok": False,
+                        "error": "WeightPushError",
+                        "message": f"engine {addr[0]}:{addr[1]}: {kind} failed ({exc})",
+                    }
+                )
         return out
 
-    def _commit(self, push_id: int, version: int, full: bool, counts: list[int]
-                ) -> dict[str, Any]:
+    def _commit(self, push_id: int, version: int, full: bool, counts: list[int]) -> dict[str, Any]:
         """Two-phase commit on every engine (rank 0); {} or {error, message}."""
-        prepare = {"kind": "prepare", "push": push_id, "version": version, "full": full,
-                   "buckets": {str(r): n for r, n in enumerate(counts)}, "token": self.token}
+        prepare = {
+            "kind": "prepare",
+            "push": push_id,
+            "version": version,
+            "full": full,
+            "buckets": {str(r): n for r, n in enumerate(counts)},
+            "token": self.token,
+        }
         answers = []
         for addr in self.engines:
             try:
                 answers.append(_request(addr, prepare, self.timeout_s))
             except OSError as exc:
-                answers.append({"ok": False, "error": "WeightPushError",
-                                "message": f"engine {addr[0]}:{addr[1]} did not answer the "
-                                f"commit of version {version} ({exc}); push again"})
+                answers.append(
+                    {
+                        "ok": False,
+                        "error": "WeightPushError",
+                        "message": f"engine {addr[0]}:{addr[1]} did not answer the "
+                        f"commit of version {version} ({exc}); push again",
+                    }
+                )
         bad = [a for a in answers if not a.get("ok")]
         if bad:
             self._finish(push_id, "abort")
@@ -424,6 +490,7 @@ class WeightPusher:
 
 
 # -- the receiver ---------------------------------------------------------------------------
+
 
 class _Staging:
     """One version being assembled: full tensors, rows covered, buckets seen, first error."""
@@ -459,8 +526,14 @@ class WeightReceiver:
     `engine` needs `model`, `version` and `load_weights(state, version)` (taking the lock its
     `generate` holds), like `k2_data.inference.engine.Engine`."""
 
-    def __init__(self, engine: Any, host: str = "127.0.0.1", port: int = 0,
-                 timeout_s: float = 120.0, token: str | None = None):
+    def __init__(
+        self,
+        engine: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        timeout_s: float = 120.0,
+        token: str | None = None,
+    ):
         self.engine = engine
         self.token = token
         self.timeout_s = float(timeout_s)
@@ -474,8 +547,7 @@ class WeightReceiver:
         self._server = socket.create_server((host, port))
         self._server.settimeout(0.2)
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name="k2-weight-receiver",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._accept, name="k2-weight-receiver", daemon=True)
         self._thread.start()
 
     @property
@@ -528,9 +600,15 @@ class WeightReceiver:
             try:
                 while (header := recv_header(conn)) is not None:
                     if not self._authentic(header):
-                        send_frame(conn, {"ok": False, "error": "WeightPushError", "message":
-                                          "the engine refused the push: missing or wrong push "
-                                          "token (k2 serve: the server's API key)"})
+                        send_frame(
+                            conn,
+                            {
+                                "ok": False,
+                                "error": "WeightPushError",
+                                "message": "the engine refused the push: missing or wrong push "
+                                "token (k2 serve: the server's API key)",
+                            },
+                        )
                         return
                     if header.get("kind") == "bucket":
                         self._bucket(conn, header)
@@ -587,15 +665,24 @@ class WeightReceiver:
         for t in h["tensors"]:
             own = self._own.get(t["name"])
             if own is None or list(own.shape) != list(t["shape"]):
-                return (f"{t['name']} is {t['shape']} on the trainer but "
-                        f"{list(own.shape) if own is not None else 'absent'} on the engine; "
-                        "start the engine from the trainer's model config")
+                return (
+                    f"{t['name']} is {t['shape']} on the trainer but "
+                    f"{list(own.shape) if own is not None else 'absent'} on the engine; "
+                    "start the engine from the trainer's model config"
+                )
             start, rows = int(t["start"]), int(t["rows"])
             size = rows * (own.numel() // max(1, _rows(own))) * _dtype(t["dtype"]).itemsize
-            if start < 0 or rows < 1 or start + rows > _rows(own) or t["offset"] != at \
-                    or t["nbytes"] != size:
-                return (f"rows {start}..{start + rows} of {t['name']} do not fit the engine's "
-                        "tensor; the trainer and engine disagree on the model")
+            if (
+                start < 0
+                or rows < 1
+                or start + rows > _rows(own)
+                or t["offset"] != at
+                or t["nbytes"] != size
+            ):
+                return (
+                    f"rows {start}..{start + rows} of {t['name']} do not fit the engine's "
+                    "tensor; the trainer and engine disagree on the model"
+                )
             at += size
         return None if at == int(h["nbytes"]) else "its size disagrees with its tensors"
 
@@ -604,8 +691,10 @@ class WeightReceiver:
         st = self._stage(h)
         sender, index = int(h["sender"]), int(h["index"])
         names = [t["name"] for t in h["tensors"]]
-        where = f"bucket {index} of trainer rank {sender} ({', '.join(names[:3])}" \
-                f"{', ...' if len(names) > 3 else ''})"
+        where = (
+            f"bucket {index} of trainer rank {sender} ({', '.join(names[:3])}"
+            f"{', ...' if len(names) > 3 else ''})"
+        )
         problem = None if st is None else self._invalid(h)
         if st is None or problem:
             _drain(conn, int(h["nbytes"]))
@@ -616,7 +705,7 @@ class WeightReceiver:
         for t in h["tensors"]:
             dtype, start, rows = _dtype(t["dtype"]), int(t["start"]), int(t["rows"])
             full = st.tensors[t["name"]]
-            dst = full.view(_rows(full), -1)[start:start + rows]
+            dst = full.view(_rows(full), -1)[start : start + rows]
             if dtype == dst.dtype:  # no copy: the socket writes into the staging tensor
                 view = memoryview(dst.reshape(-1).view(torch.uint8).numpy())
                 _recv_into(conn, view)
@@ -627,9 +716,12 @@ class WeightReceiver:
                 dst.copy_(torch.frombuffer(buf, dtype=torch.uint8).view(dtype).view(rows, -1))
             runs.append((t["name"], start, start + rows))
         if crc != int(h["crc32"]):
-            self._fail(st, "BucketChecksumError",
-                       f"{where} failed its crc32 check (corrupted in transit); the engine "
-                       f"stays on version {self.version}: push version {st.version} again")
+            self._fail(
+                st,
+                "BucketChecksumError",
+                f"{where} failed its crc32 check (corrupted in transit); the engine "
+                f"stays on version {self.version}: push version {st.version} again",
+            )
             return
         with self._lock:
             for name, a, b in runs:
@@ -651,37 +743,49 @@ class WeightReceiver:
             return {"ok": False, "error": refusal[0], "message": refusal[1]}
         return {"ok": True}
 
-    def _check(self, st: _Staging | None, version: int, full: bool,
-               expected: dict[str, int]) -> tuple[str, str] | None:
+    def _check(
+        self, st: _Staging | None, version: int, full: bool, expected: dict[str, int]
+    ) -> tuple[str, str] | None:
         """Why the staged version cannot be switched to, or None."""
         current = self.version
         keep = f"the engine stays on version {current}"
         if st is not None and st.error is not None:
             return st.error
         if not full and version != current + 1:
-            return ("VersionGapError",
-                    f"push of version {version} to an engine on version {current} (expected "
-                    f"{current + 1}); {keep}: push version {current + 1}, or a full reload")
+            return (
+                "VersionGapError",
+                f"push of version {version} to an engine on version {current} (expected "
+                f"{current + 1}); {keep}: push version {current + 1}, or a full reload",
+            )
         if st is None or st.version != version:
-            return ("MissingBucketError", f"no bucket of version {version} arrived; {keep}: "
-                    "push again")
+            return (
+                "MissingBucketError",
+                f"no bucket of version {version} arrived; {keep}: push again",
+            )
         for sender, n in sorted(expected.items(), key=lambda kv: int(kv[0])):
             missing = sorted(set(range(int(n))) - st.seen.get(int(sender), set()))
             if missing:
                 gaps = []
                 for name, runs in st.covered.items():
                     gaps += [(name, g) for g in _gaps(runs, _rows(self._own[name]))][:1]
-                what = f" (rows {gaps[0][1][0]}..{gaps[0][1][1]} of {gaps[0][0]} not received)" \
-                    if gaps else ""
-                return ("MissingBucketError",
-                        f"bucket {missing[0]} of trainer rank {sender} never arrived ({len(missing)}"
-                        f" of {n} missing){what}; {keep}: push version {version} again")
+                what = (
+                    f" (rows {gaps[0][1][0]}..{gaps[0][1][1]} of {gaps[0][0]} not received)"
+                    if gaps
+                    else ""
+                )
+                return (
+                    "MissingBucketError",
+                    f"bucket {missing[0]} of trainer rank {sender} never arrived ({len(missing)}"
+                    f" of {n} missing){what}; {keep}: push version {version} again",
+                )
         for name, runs in st.covered.items():
             gap = _gaps(runs, _rows(self._own[name]))
             if gap:
-                return ("MissingBucketError",
-                        f"rows {gap[0][0]}..{gap[0][1]} of {name} were in no bucket of version "
-                        f"{version}; {keep}: push from every trainer rank")
+                return (
+                    "MissingBucketError",
+                    f"rows {gap[0][0]}..{gap[0][1]} of {name} were in no bucket of version "
+                    f"{version}; {keep}: push from every trainer rank",
+                )
         return None
 
     def _switch(self, h: dict[str, Any]) -> dict[str, Any]:
@@ -690,9 +794,12 @@ class WeightReceiver:
             self._staging = None
             self._ended.append(h["push"])
         if st is None:
-            return {"ok": False, "error": "WeightPushError",
-                    "message": f"switch without a prepared version; the engine stays on version "
-                    f"{self.version}: push again"}
+            return {
+                "ok": False,
+                "error": "WeightPushError",
+                "message": f"switch without a prepared version; the engine stays on version "
+                f"{self.version}: push again",
+            }
         with self._serving:  # generations in flight finish on the version they started on
             self.engine.load_weights(st.tensors, st.version)
         self.switches += 1

@@ -9,6 +9,9 @@ import warnings
 
 def alias(old: str, new: str) -> None:
     """Make module `old` the module `new` (same object, so patches and private names carry)."""
-    warnings.warn(f"{old} moved to {new}; the old path goes in the next release",
-                  DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{old} moved to {new}; the old path goes in the next release",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     sys.modules[old] = importlib.import_module(new)

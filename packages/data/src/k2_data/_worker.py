@@ -63,8 +63,12 @@ def make_encoder(name: str, state: dict[str, Any]) -> Any:
             if line.strip():
                 tok_b64, rank = line.split()
                 ranks[base64.b64decode(tok_b64)] = int(rank)
-        enc = tiktoken.Encoding("k2", pat_str=state["pattern"], mergeable_ranks=ranks,
-                                special_tokens=state["special_tokens"])
+        enc = tiktoken.Encoding(
+            "k2",
+            pat_str=state["pattern"],
+            mergeable_ranks=ranks,
+            special_tokens=state["special_tokens"],
+        )
         return enc.encode_ordinary_batch
     raise ValueError(f"no worker encoder for tokenizer {name!r}")
 

@@ -27,8 +27,10 @@ DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
 GENERATION_PROMPT = f"{IM_ASSISTANT}assistant{IM_MIDDLE}"
 
 _CLASS = {"user": IM_USER, "assistant": IM_ASSISTANT}
-_CALL = re.compile(re.escape(CALL_BEGIN) + r"(.*?)" + re.escape(CALL_ARGS) + r"(.*?)"
-                   + re.escape(CALL_END), re.DOTALL)
+_CALL = re.compile(
+    re.escape(CALL_BEGIN) + r"(.*?)" + re.escape(CALL_ARGS) + r"(.*?)" + re.escape(CALL_END),
+    re.DOTALL,
+)
 _CALL_ID = re.compile(r"^functions\.(.+):(\d+)$")
 
 
@@ -109,7 +111,9 @@ def _text(content: Any) -> str:
                 raise ChatFormatError(f"only text content parts are supported, got {part!r:.60}")
             parts.append(str(part.get("text", "")))
         return "".join(parts)
-    raise ChatFormatError(f"message content must be a string or a list of parts, got {type(content).__name__}")
+    raise ChatFormatError(
+        f"message content must be a string or a list of parts, got {type(content).__name__}"
+    )
 
 
 def _arguments(fn: dict[str, Any]) -> str:
@@ -151,14 +155,22 @@ def _assistant_body(msg: dict[str, Any], call_index: dict[str, tuple[str, int]])
             raise ChatFormatError(f"assistant tool_calls[{idx}] lacks function.name")
         name = str(fn["name"])
         call_index[str(call.get("id", f"functions.{name}:{idx}"))] = (name, idx)
-        body += [_ctl(CALL_BEGIN), _data(f"functions.{name}:{idx}"), _ctl(CALL_ARGS),
-                 _data(_arguments(fn)), _ctl(CALL_END)]
+        body += [
+            _ctl(CALL_BEGIN),
+            _data(f"functions.{name}:{idx}"),
+            _ctl(CALL_ARGS),
+            _data(_arguments(fn)),
+            _ctl(CALL_END),
+        ]
     body.append(_ctl(CALLS_END))
     return body
 
 
-def chat_parts(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-               add_generation_prompt: bool = False) -> list[tuple[list[Part], bool]]:
+def chat_parts(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+) -> list[tuple[list[Part], bool]]:
     """The conversation as (parts, is_assistant_output) segments, in order.
 
     The assistant-output segments are each assistant turn's body and its closing <|im_end|>:
@@ -192,29 +204,43 @@ def chat_parts(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | Non
                 fn_name = msg.get("name")
                 idx = 0
             if not fn_name:
-                raise ChatFormatError(f"messages[{i}]: a tool result needs a tool_call_id of an "
-                                      "earlier call (or a name)")
+                raise ChatFormatError(
+                    f"messages[{i}]: a tool result needs a tool_call_id of an "
+                    "earlier call (or a name)"
+                )
             name = str(msg.get("name") or fn_name)
             body = f"## Return of functions.{fn_name}:{idx}\n{_text(msg.get('content'))}"
             out.append((_turn(IM_SYSTEM, name, [_data(body)]), False))
         else:
             name = str(msg.get("name") or role)
-            out.append((_turn(_CLASS.get(role, IM_SYSTEM), name, [_data(_text(msg.get("content")))]),
-                        False))
+            out.append(
+                (
+                    _turn(_CLASS.get(role, IM_SYSTEM), name, [_data(_text(msg.get("content")))]),
+                    False,
+                )
+            )
     if add_generation_prompt:
         out.append(([_ctl(IM_ASSISTANT), _data("assistant"), _ctl(IM_MIDDLE)], False))
     return out
 
 
-def segments(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-             add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+def segments(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+) -> list[tuple[str, bool]]:
     """The rendered conversation as (text, is_assistant_output) pieces, in order."""
-    return [("".join(t for t, _ in parts), train)
-            for parts, train in chat_parts(messages, tools, add_generation_prompt)]
+    return [
+        ("".join(t for t, _ in parts), train)
+        for parts, train in chat_parts(messages, tools, add_generation_prompt)
+    ]
 
 
-def render(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-           add_generation_prompt: bool = False) -> str:
+def render(
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+) -> str:
     """The conversation in K2's chat format (no [BOS]/[EOS]); for display and logs: encode
     with `encode_chat`/`encode_chat_prompt`, never by encoding this text with specials allowed."""
     return "".join(text for text, _ in segments(messages, tools, add_generation_prompt))
@@ -260,9 +286,12 @@ def encode_parts_batch(tokenizer: Any, batch: list[list[Part]]) -> list[list[int
     return out
 
 
-def encode_chat(tokenizer: Any, messages: list[dict[str, Any]],
-                tools: list[dict[str, Any]] | None = None,
-                add_generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+def encode_chat(
+    tokenizer: Any,
+    messages: list[dict[str, Any]],
+    tools: list[dict[str, Any]] | None = None,
+    add_generation_prompt: bool = False,
+) -> tuple[list[int], list[bool]]:
     """Token ids of the conversation and a mask, True on the tokens SFT trains on.
 
     Control tokens come from the structure, message content is encoded as text (special-token
@@ -278,8 +307,9 @@ def encode_chat(tokenizer: Any, messages: list[dict[str, Any]],
     return ids, mask
 
 
-def encode_chat_prompt(tokenizer: Any, messages: list[dict[str, Any]],
-                       tools: list[dict[str, Any]] | None = None) -> list[int]:
+def encode_chat_prompt(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     """Token ids of the conversation plus the generation prompt (what a model completes)."""
     return encode_chat(tokenizer, messages, tools, add_generation_prompt=True)[0]
 
@@ -302,22 +332,29 @@ def parse_assistant(text: str) -> dict[str, Any]:
     body, closed, _ = section.partition(CALLS_END)
     pos = 0
     for m in _CALL.finditer(body):
-        between = body[pos:m.start()].strip()
+        between = body[pos : m.start()].strip()
         if between:
             errors.append({"raw": between, "error": "text between tool calls"})
         pos = m.end()
         call_id, args = m.group(1).strip(), m.group(2)
         ident = _CALL_ID.match(call_id)
         if not ident:
-            errors.append({"raw": m.group(0), "error": f"tool call id {call_id!r} is not functions.NAME:IDX"})
+            errors.append(
+                {"raw": m.group(0), "error": f"tool call id {call_id!r} is not functions.NAME:IDX"}
+            )
             continue
         try:
             json.loads(args)
         except ValueError as exc:
             errors.append({"raw": m.group(0), "error": f"arguments are not valid JSON ({exc})"})
             continue
-        calls.append({"id": call_id, "type": "function",
-                      "function": {"name": ident.group(1), "arguments": args}})
+        calls.append(
+            {
+                "id": call_id,
+                "type": "function",
+                "function": {"name": ident.group(1), "arguments": args},
+            }
+        )
     rest = body[pos:].strip()
     if rest:
         errors.append({"raw": rest, "error": "unterminated tool call (truncated?)"})

@@ -35,13 +35,20 @@ def _prepare_run(args: argparse.Namespace) -> int:
     m = read_manifest(uri)
     tr, va = m["splits"]["train"], m["splits"]["val"]
     print(f"dataset ready: {uri} ({time.perf_counter() - t0:.1f}s)")
-    print(f"  train {tr['n_sequences']:,} sequences ({tr['n_tokens']:,} tokens), "
-          f"val {va['n_sequences']:,} sequences; {m['duplicates']:,} duplicates dropped")
+    print(
+        f"  train {tr['n_sequences']:,} sequences ({tr['n_tokens']:,} tokens), "
+        f"val {va['n_sequences']:,} sequences; {m['duplicates']:,} duplicates dropped"
+    )
     if m["skipped"]:
-        print(f"  skipped {sum(m['skipped'].values()):,}: "
-              + ", ".join(f"{k} {v:,}" for k, v in m["skipped"].items())
-              + (f" (which and why: {uri.rstrip('/')}/{m['skip_log']['path']})"
-                 if m.get("skip_log") else ""))
+        print(
+            f"  skipped {sum(m['skipped'].values()):,}: "
+            + ", ".join(f"{k} {v:,}" for k, v in m["skipped"].items())
+            + (
+                f" (which and why: {uri.rstrip('/')}/{m['skip_log']['path']})"
+                if m.get("skip_log")
+                else ""
+            )
+        )
     return 0
 
 
@@ -78,8 +85,18 @@ def _stats_run(args: argparse.Namespace) -> int:
     from .prepare import read_manifest, read_skip_log
 
     m = read_manifest(args.uri)
-    keys = ("seq_len", "vocab_size", "tokenizer", "splits", "tokens_per_domain", "documents",
-            "duplicates", "skipped", "weights", "sources")
+    keys = (
+        "seq_len",
+        "vocab_size",
+        "tokenizer",
+        "splits",
+        "tokens_per_domain",
+        "documents",
+        "duplicates",
+        "skipped",
+        "weights",
+        "sources",
+    )
     info = {k: m[k] for k in keys}
     info["tokenizer"] = {k: m["tokenizer"][k] for k in ("name", "content_hash")}
     log = read_skip_log(args.uri, m)
@@ -88,11 +105,15 @@ def _stats_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    print(f"{args.uri}: seq_len {m['seq_len']}, vocab {m['vocab_size']:,}, tokenizer "
-          f"{m['tokenizer']['name']} ({m['tokenizer']['content_hash'][:12]})")
+    print(
+        f"{args.uri}: seq_len {m['seq_len']}, vocab {m['vocab_size']:,}, tokenizer "
+        f"{m['tokenizer']['name']} ({m['tokenizer']['content_hash'][:12]})"
+    )
     for split, s in m["splits"].items():
-        print(f"  {split:<5} {s['n_sequences']:>10,} sequences {s['n_tokens']:>14,} tokens "
-              f"{s['n_documents']:>9,} documents")
+        print(
+            f"  {split:<5} {s['n_sequences']:>10,} sequences {s['n_tokens']:>14,} tokens "
+            f"{s['n_documents']:>9,} documents"
+        )
     total = sum(m["tokens_per_domain"].values()) or 1
     for dom, n in m["tokens_per_domain"].items():
         print(f"  domain {dom:<12} {n:>14,} tokens ({100 * n / total:.1f}%)")
@@ -106,8 +127,10 @@ def _stats_run(args: argparse.Namespace) -> int:
         print(line)
     if m.get("skip_log"):
         more = m["skip_log"].get("not_logged", 0)
-        print(f"  skip log: {args.uri.rstrip('/')}/{m['skip_log']['path']}"
-              + (f" ({more:,} more skips not logged)" if more else ""))
+        print(
+            f"  skip log: {args.uri.rstrip('/')}/{m['skip_log']['path']}"
+            + (f" ({more:,} more skips not logged)" if more else "")
+        )
     return 0
 
 
@@ -126,8 +149,12 @@ def _run(args: argparse.Namespace) -> int:
     if action is None:
         args._data_parser.print_help()
         return 2
-    return {"prepare": _prepare_run, "tokenizer": _tokenizer_run, "stats": _stats_run,
-            "inspect": _inspect_run}[action](args)
+    return {
+        "prepare": _prepare_run,
+        "tokenizer": _tokenizer_run,
+        "stats": _stats_run,
+        "inspect": _inspect_run,
+    }[action](args)
 
 
 def data_command(*, options: Any) -> Command:
@@ -137,16 +164,22 @@ def data_command(*, options: Any) -> Command:
         p.set_defaults(_data_parser=p)
         sub = p.add_subparsers(dest="data_action", metavar="ACTION", parser_class=type(p))
 
-        pp = sub.add_parser("prepare", help="tokenize and pack sources into a zarr dataset "
-                            "(no CONFIG: the built-in corpus, cached)")
+        pp = sub.add_parser(
+            "prepare",
+            help="tokenize and pack sources into a zarr dataset "
+            "(no CONFIG: the built-in corpus, cached)",
+        )
         pp.add_argument("config", nargs="?", default=None, help="YAML file/URI (optional)")
         pp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seq_len=512")
         pp.add_argument("--out", default=None, help="output URI (default: the cache folder)")
 
         pt = sub.add_parser("tokenizer", help="tokenizer tools")
-        tsub = pt.add_subparsers(dest="tokenizer_action", metavar="ACTION", parser_class=type(p),
-                                 required=True)
-        tt = tsub.add_parser("train", help="train the config's tokenizer on a sample of its sources")
+        tsub = pt.add_subparsers(
+            dest="tokenizer_action", metavar="ACTION", parser_class=type(p), required=True
+        )
+        tt = tsub.add_parser(
+            "train", help="train the config's tokenizer on a sample of its sources"
+        )
         tt.add_argument("config", help="YAML file/URI")
         tt.add_argument("overrides", nargs="*", help="dotted overrides")
         tt.add_argument("--out", default=None, help="folder URI to save the tokenizer into")

@@ -32,10 +32,12 @@ class SourceConfig(_Model):
     format: Literal["auto", "jsonl", "parquet", "text"] = Field(
         "auto",
         description="File format; `auto` by extension (.jsonl/.json[.gz|.zst], .parquet, else "
-                    "text).",
+        "text).",
     )
     text_field: str = Field("text", description="Field holding the document text (jsonl, parquet).")
-    id_field: str = Field("id", description="Field holding the document id (falls back to file:row).")
+    id_field: str = Field(
+        "id", description="Field holding the document id (falls back to file:row)."
+    )
     domain: str = Field("web", description="Mixture domain of every document of this source.")
     scale: float = Field(1.0, gt=0, description="Size multiplier of a builtin corpus domain.")
 
@@ -80,7 +82,9 @@ class DataPrepareConfig(_Model):
     tokenizer: TokenizerConfig = Field(
         default_factory=TokenizerConfig, description="Tokenizer implementation and options."
     )
-    seq_len: int = Field(256, gt=0, description="Tokens per training sequence (rows hold seq_len+1).")
+    seq_len: int = Field(
+        256, gt=0, description="Tokens per training sequence (rows hold seq_len+1)."
+    )
     val_fraction: float = Field(
         0.01, ge=0, lt=1, description="Fraction of documents (by hash) held out for validation."
     )

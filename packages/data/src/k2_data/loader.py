@@ -47,8 +47,15 @@ from k2_core.errors import ConfigError
 from .loader_options import PackedOptions
 from .manifest import FORMAT, format_version, read_manifest, reprepare_hint
 
-__all__ = ["KeyedPermutation", "PackedDataset", "PackedOptions", "STATE_VERSION", "build_packed",
-           "make_loader", "read_manifest"]
+__all__ = [
+    "KeyedPermutation",
+    "PackedDataset",
+    "PackedOptions",
+    "STATE_VERSION",
+    "build_packed",
+    "make_loader",
+    "read_manifest",
+]
 
 # 2: the shuffle is KeyedPermutation (version 1 drew numpy's PCG64 permutation)
 STATE_VERSION = 2
@@ -103,7 +110,9 @@ class KeyedPermutation:
         self._rounds_consts = []  # (key, low bits, low mask, high bits, 64 - high bits) per round
         for r in range(_ROUNDS):
             key = _mix64(base + (r + 1) * 0x9E3779B97F4A7C15)
-            self._rounds_consts.append(tuple(np.uint64(v) for v in (key, lo, (1 << lo) - 1, hi, 64 - hi)))
+            self._rounds_consts.append(
+                tuple(np.uint64(v) for v in (key, lo, (1 << lo) - 1, hi, 64 - hi))
+            )
             hi, lo = lo, hi
         self._n = np.uint64(n)
 
@@ -125,6 +134,7 @@ class KeyedPermutation:
 
 
 # --- reading the store ------------------------------------------------------------------------
+
 
 def _expand(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """The indices of the spans [lo[i], hi[i]) one after another."""
@@ -253,8 +263,9 @@ class _RawArray(_Array):
                     if fd >= 0:
                         os.close(fd)
         else:
-            out = self.fs.cat_ranges(paths, [p[1] for p in pieces], [p[2] for p in pieces],
-                                     on_error="return")
+            out = self.fs.cat_ranges(
+                paths, [p[1] for p in pieces], [p[2] for p in pieces], on_error="return"
+            )
         for i, (p, (_, first, last)) in enumerate(zip(paths, pieces, strict=True)):
             got = out[i]
             if got is None or isinstance(got, FileNotFoundError):
@@ -265,8 +276,9 @@ class _RawArray(_Array):
                 raise got
             self.bytes_read += len(got)
             if len(got) != last - first:
-                raise ConfigError(f"{p}: chunk file ends at byte {first + len(got)}, before "
-                                  f"{last} (truncated?)")
+                raise ConfigError(
+                    f"{p}: chunk file ends at byte {first + len(got)}, before {last} (truncated?)"
+                )
         return out
 
 
@@ -293,8 +305,9 @@ class _Docs:
             bounds = self.row_docs.spans(rows, rows + 2).reshape(len(rows), 2).astype(np.int64)
             lo, hi = bounds[:, 0], bounds[:, 1]
             if len(rows) and ((hi < lo).any() or lo.min() < 0 or hi.max() > self.n_docs):
-                raise ConfigError("row_docs disagrees with doc_starts (a damaged dataset); "
-                                  "re-prepare it")
+                raise ConfigError(
+                    "row_docs disagrees with doc_starts (a damaged dataset); re-prepare it"
+                )
         which = np.repeat(np.arange(len(rows)), hi - lo)
         return which, self.doc_starts.spans(lo, hi).astype(np.int64) - first[which]
 
@@ -306,8 +319,16 @@ class _Reader:
     dataset collects it and stops the thread.
     """
 
-    def __init__(self, tokens: _Array, docs: _Docs | None, n: int, seq_len: int,
-                 options: PackedOptions, rank: int, world_size: int) -> None:
+    def __init__(
+        self,
+        tokens: _Array,
+        docs: _Docs | None,
+        n: int,
+        seq_len: int,
+        options: PackedOptions,
+        rank: int,
+        world_size: int,
+    ) -> None:
         self.tokens = tokens
         self.docs = docs
         self.seq_len = seq_len
@@ -346,7 +367,9 @@ class _Reader:
         gb, b = self.global_batch, self.opt.batch_size
         end = min(pos + gb, self.n)
         m, ws, r = end - pos, self.world_size, self.rank
-        if m < gb:  # the short final batch of an epoch (drop_last=False): split as evenly as possible
+        if (
+            m < gb
+        ):  # the short final batch of an epoch (drop_last=False): split as evenly as possible
             start, size = r * (m // ws) + min(r, m % ws), m // ws + (1 if r < m % ws else 0)
             return self.order(epoch, np.arange(pos + start, pos + start + size)), epoch, end
         with self._lock:
@@ -369,7 +392,9 @@ class _Reader:
         }
         if self.docs is not None:
             which, rel = self.docs.starts(rows)
-            keep = rel < L  # a document starting at a row's last token (a label only) is not an input
+            keep = (
+                rel < L
+            )  # a document starting at a row's last token (a label only) is not an input
             which, rel = which[keep], rel[keep]
             bump = np.zeros((len(rows), L), dtype=np.int64)
             inner = rel > 0  # a document starting at offset 0 is segment 0
@@ -396,8 +421,10 @@ class _Prefetcher:
         self._q: queue.Queue = queue.Queue(maxsize=depth)
         self._stop = threading.Event()
         self.thread = threading.Thread(
-            target=self._run, args=(reader, epoch, pos, self._q, self._stop),
-            name="k2-packed-prefetch", daemon=True,
+            target=self._run,
+            args=(reader, epoch, pos, self._q, self._stop),
+            name="k2-packed-prefetch",
+            daemon=True,
         )
         self.thread.start()
 
@@ -447,10 +474,14 @@ class _Prefetcher:
 class PackedDataset:
     """An endless, seeded, per-rank sharded, resumable iterator of batches over a packed dataset."""
 
-    def __init__(self, options: PackedOptions | None = None, *, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self, options: PackedOptions | None = None, *, rank: int = 0, world_size: int = 1
+    ) -> None:
         options = options or PackedOptions()
         if world_size < 1 or not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in [0, world_size) (got rank {rank}, world size {world_size})")
+            raise ConfigError(
+                f"rank must be in [0, world_size) (got rank {rank}, world size {world_size})"
+            )
         import fsspec
         import zarr
 
@@ -474,13 +505,18 @@ class PackedDataset:
             raise ConfigError(
                 f"{self.uri}: no split {options.split!r} (splits: {', '.join(splits) or 'none'})"
             ) from None
-        names = ("tokens", "doc_starts", "row_docs") if self.format_version >= 2 else (
-            "tokens", "doc_starts")
+        names = (
+            ("tokens", "doc_starts", "row_docs")
+            if self.format_version >= 2
+            else ("tokens", "doc_starts")
+        )
         try:
             arrays = {name: group[name] for name in names}
         except KeyError as exc:
-            raise ConfigError(f"{self.uri}/{options.split}: missing array {exc}; re-run "
-                              f"{reprepare_hint(self.uri)}") from None
+            raise ConfigError(
+                f"{self.uri}/{options.split}: missing array {exc}; re-run "
+                f"{reprepare_hint(self.uri)}"
+            ) from None
         tokens = arrays["tokens"]
         if tokens.ndim != 2 or tokens.shape[1] != self.seq_len + 1:
             raise ConfigError(
@@ -489,14 +525,19 @@ class PackedDataset:
             )
         n = int(tokens.shape[0])
         if "row_docs" in arrays and arrays["row_docs"].shape != (n + 1,):
-            raise ConfigError(f"{self.uri}/{options.split}: row_docs has shape "
-                              f"{tuple(arrays['row_docs'].shape)}, expected [{n + 1}]")
+            raise ConfigError(
+                f"{self.uri}/{options.split}: row_docs has shape "
+                f"{tuple(arrays['row_docs'].shape)}, expected [{n + 1}]"
+            )
         nbytes = tokens.shape[0] * tokens.shape[1] * np.dtype(tokens.dtype).itemsize
         in_memory = nbytes <= options.in_memory_max_mb * 2**20
         fs, root_path = fsspec.core.url_to_fs(self.uri)
         base = f"{root_path.rstrip('/')}/{options.split}"
-        rows = _MemArray(np.asarray(tokens[...])) if in_memory else _open_array(
-            tokens, fs, f"{base}/tokens")
+        rows = (
+            _MemArray(np.asarray(tokens[...]))
+            if in_memory
+            else _open_array(tokens, fs, f"{base}/tokens")
+        )
         docs = None
         if options.doc_mask:
             starts = arrays["doc_starts"]
@@ -508,12 +549,19 @@ class PackedDataset:
                         f"into memory; re-run {reprepare_hint(self.uri)} to read them by range",
                         stacklevel=2,
                     )
-                docs = _Docs(_MemArray(np.asarray(starts[...], dtype=np.int64)), None,
-                             self.seq_len + 1, int(starts.shape[0]))
+                docs = _Docs(
+                    _MemArray(np.asarray(starts[...], dtype=np.int64)),
+                    None,
+                    self.seq_len + 1,
+                    int(starts.shape[0]),
+                )
             else:
-                docs = _Docs(_open_array(starts, fs, f"{base}/doc_starts"),
-                             _open_array(arrays["row_docs"], fs, f"{base}/row_docs"),
-                             self.seq_len + 1, int(starts.shape[0]))
+                docs = _Docs(
+                    _open_array(starts, fs, f"{base}/doc_starts"),
+                    _open_array(arrays["row_docs"], fs, f"{base}/row_docs"),
+                    self.seq_len + 1,
+                    int(starts.shape[0]),
+                )
         self._arrays = [a for a in (rows, docs and docs.doc_starts, docs and docs.row_docs) if a]
         self._reader = _Reader(rows, docs, n, self.seq_len, options, rank, world_size)
         self.rank, self.world_size = rank, world_size
@@ -567,7 +615,9 @@ class PackedDataset:
             batch, epoch, pos = self._reader.produce(self._epoch, self._pos)
         else:
             if self._prefetcher is None:
-                self._prefetcher = _Prefetcher(self._reader, self._epoch, self._pos, self.options.prefetch)
+                self._prefetcher = _Prefetcher(
+                    self._reader, self._epoch, self._pos, self.options.prefetch
+                )
             batch, epoch, pos = self._prefetcher.get()
         self._epoch, self._pos = epoch, pos
         return batch
@@ -609,7 +659,10 @@ class PackedDataset:
         """Continue from `state`; re-shards onto this world size when the position allows it."""
         try:
             epoch, pos, seed = int(state["epoch"]), int(state["position"]), int(state["seed"])
-            old_ws, old_b = int(state["world_size"]), int(state.get("batch_size", self.options.batch_size))
+            old_ws, old_b = (
+                int(state["world_size"]),
+                int(state.get("batch_size", self.options.batch_size)),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ConfigError(f"packed dataset state is malformed ({exc!r})") from None
         version = state.get("version", 1)
@@ -618,7 +671,8 @@ class PackedDataset:
             raise ConfigError(
                 f"packed dataset state version {version} is from an older k2-data whose shuffle "
                 f"order differs (this one reads version {STATE_VERSION}), so it cannot resume "
-                "exactly; resume with the k2-data that saved it, or start the run afresh")
+                "exactly; resume with the k2-data that saved it, or start the run afresh"
+            )
         n = state.get("n_sequences", self._reader.n)
         if n != self._reader.n:
             raise ConfigError(
@@ -626,8 +680,10 @@ class PackedDataset:
                 f"has {self._reader.n}: the dataset changed"
             )
         if state.get("shuffle", self.options.shuffle) != self.options.shuffle:
-            raise ConfigError(f"packed dataset state has shuffle={state['shuffle']}, options have "
-                              f"shuffle={self.options.shuffle}")
+            raise ConfigError(
+                f"packed dataset state has shuffle={state['shuffle']}, options have "
+                f"shuffle={self.options.shuffle}"
+            )
         if epoch < 0 or not 0 <= pos <= self._reader.n:
             raise ConfigError(f"packed dataset state out of range (epoch {epoch}, position {pos})")
         gb = self._reader.global_batch
@@ -650,9 +706,16 @@ def make_loader(options: PackedOptions, rank: int = 0, world_size: int = 1) -> P
     return PackedDataset(options, rank=rank, world_size=world_size)
 
 
-def build_packed(*, options: PackedOptions, rank: int = 0, world_size: int = 1, split: str | None = None,
-                 batch_size: int | None = None, seq_len: int | None = None,
-                 seed: int | None = None) -> PackedDataset:
+def build_packed(
+    *,
+    options: PackedOptions,
+    rank: int = 0,
+    world_size: int = 1,
+    split: str | None = None,
+    batch_size: int | None = None,
+    seq_len: int | None = None,
+    seed: int | None = None,
+) -> PackedDataset:
     """Packed token sequences from a zarr store (`k2 data prepare`), shuffled, sharded, resumable.
 
     The run passes its own `split` (train/val: it wins), `batch_size` (train.micro_batch_size) and

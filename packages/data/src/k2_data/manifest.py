@@ -38,24 +38,31 @@ def read_manifest(uri: str) -> dict[str, Any]:
         with fs.open(root.rstrip("/") + "/" + MANIFEST, "rb") as f:
             m = json.loads(f.read())
     except FileNotFoundError:
-        raise ConfigError(f"{uri}: not a complete k2 packed dataset (manifest.json missing); "
-                          f"run {reprepare_hint(uri)} first") from None
+        raise ConfigError(
+            f"{uri}: not a complete k2 packed dataset (manifest.json missing); "
+            f"run {reprepare_hint(uri)} first"
+        ) from None
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{uri}: cannot read manifest.json ({exc})") from None
     if not isinstance(m, dict) or m.get("complete") is not True:
-        raise ConfigError(f"{uri}: not a complete k2 packed dataset (manifest.json lacks "
-                          f"complete: true: incomplete or still being written); re-run "
-                          f"{reprepare_hint(uri)}")
+        raise ConfigError(
+            f"{uri}: not a complete k2 packed dataset (manifest.json lacks "
+            f"complete: true: incomplete or still being written); re-run "
+            f"{reprepare_hint(uri)}"
+        )
     if m.get("format") != FORMAT:
         raise ConfigError(f"{uri}: format {m.get('format')!r}, expected {FORMAT!r}")
     try:
         version = format_version(m)
     except (TypeError, ValueError):
-        raise ConfigError(f"{uri}: manifest.json has version {m.get('version')!r}, "
-                          "not an integer") from None
+        raise ConfigError(
+            f"{uri}: manifest.json has version {m.get('version')!r}, not an integer"
+        ) from None
     if not 1 <= version <= FORMAT_VERSION:
-        raise ConfigError(f"{uri}: {FORMAT} version {version}, this k2-data reads versions 1 to "
-                          f"{FORMAT_VERSION}; upgrade k2-data or re-run {reprepare_hint(uri)}")
+        raise ConfigError(
+            f"{uri}: {FORMAT} version {version}, this k2-data reads versions 1 to "
+            f"{FORMAT_VERSION}; upgrade k2-data or re-run {reprepare_hint(uri)}"
+        )
     for key in REQUIRED:
         if key not in m:
             raise ConfigError(f"{uri}: manifest.json lacks {key!r}")

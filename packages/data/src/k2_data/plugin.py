@@ -44,24 +44,46 @@ def k2_on_export(src: str, run_config: Any, dest: str, tokenizer: str | None) ->
 @hookimpl
 def k2_register(registry: Any) -> None:
     """Register the bpe and tiktoken tokenizers, the packed dataset and `k2 data`."""
-    registry.register("tokenizer", "bpe", "k2_data.tokenizer:build_bpe", BpeOptions,
-                      doc="Byte-level BPE (HF tokenizers) trained on the sources, K2's chat/tool "
-                      "special tokens.")
-    registry.register("tokenizer", "tiktoken", "k2_data.tokenizer:build_tiktoken", TiktokenOptions,
-                      doc="A tiktoken BPE file (e.g. K2's tiktoken.model) with K2's special-token "
-                      "ids.")
+    registry.register(
+        "tokenizer",
+        "bpe",
+        "k2_data.tokenizer:build_bpe",
+        BpeOptions,
+        doc="Byte-level BPE (HF tokenizers) trained on the sources, K2's chat/tool special tokens.",
+    )
+    registry.register(
+        "tokenizer",
+        "tiktoken",
+        "k2_data.tokenizer:build_tiktoken",
+        TiktokenOptions,
+        doc="A tiktoken BPE file (e.g. K2's tiktoken.model) with K2's special-token ids.",
+    )
     registry.register("command", "data", "k2_data.commands:data_command")
-    registry.register("dataset", "packed", "k2_data.loader:build_packed", PackedOptions,
-                      doc="Packed token sequences from `k2 data prepare` (default: the built-in "
-                      "corpus), resumable.")
-    registry.register("generator", "openai", "k2_data.generators.openai_client:build_openai",
-                      OpenAIOptions, doc="Any OpenAI-compatible endpoint (vLLM, SGLang, k2 serve): "
-                      "retries, bounded concurrency.")
+    registry.register(
+        "dataset",
+        "packed",
+        "k2_data.loader:build_packed",
+        PackedOptions,
+        doc="Packed token sequences from `k2 data prepare` (default: the built-in "
+        "corpus), resumable.",
+    )
+    registry.register(
+        "generator",
+        "openai",
+        "k2_data.generators.openai_client:build_openai",
+        OpenAIOptions,
+        doc="Any OpenAI-compatible endpoint (vLLM, SGLang, k2 serve): "
+        "retries, bounded concurrency.",
+    )
     registry.register("synthesizer", "rephrase", build_rephrase_synthesizer)
     registry.register("synthesizer", "tool_use", build_tool_use_synthesizer)
     registry.register("command", "rephrase", "k2_data.rephrase.command:rephrase_command")
     registry.register("command", "synth-tools", "k2_data.synth_tools.command:synth_tools_command")
-    registry.register("generator", "k2", "k2_data.generators.local:build_local", LocalOptions,
-                      doc="A k2 checkpoint in this process: batched sampling with MLA's compressed "
-                      "KV cache.")
+    registry.register(
+        "generator",
+        "k2",
+        "k2_data.generators.local:build_local",
+        LocalOptions,
+        doc="A k2 checkpoint in this process: batched sampling with MLA's compressed KV cache.",
+    )
     registry.register("command", "serve", "k2_data.inference.command:serve_command")

@@ -75,8 +75,11 @@ def _read_json(fs: Any, path: str) -> dict[str, Any] | None:
 
 def _write_json(fs: Any, path: str, obj: Any, compact: bool = False) -> None:
     # compact: the C encoder (indent= falls back to the pure-Python one); for _work files
-    data = (json.dumps(obj, sort_keys=True, separators=(",", ":")) if compact
-            else json.dumps(obj, indent=2, sort_keys=True)).encode()
+    data = (
+        json.dumps(obj, sort_keys=True, separators=(",", ":"))
+        if compact
+        else json.dumps(obj, indent=2, sort_keys=True)
+    ).encode()
     with fs.open(path, "wb") as f:
         f.write(data)
 
@@ -120,12 +123,18 @@ def _progress() -> Any:
 
     console = Console(stderr=True)
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, disable=not console.is_terminal, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not console.is_terminal,
+        transient=True,
     )
 
 
 # -- workers -------------------------------------------------------------------------------
+
 
 def _encode_with(encode: Any, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     flat, lengths = _worker.pack(encode(texts))
@@ -169,7 +178,9 @@ class _Encoder:
             # spawn: no inherited locks or tokenizers thread pools; a worker that dies raises
             # BrokenProcessPool instead of hanging the run.
             self.pool = ProcessPoolExecutor(
-                workers, mp_context=mp.get_context("spawn"), initializer=_worker.init,
+                workers,
+                mp_context=mp.get_context("spawn"),
+                initializer=_worker.init,
                 initargs=(name, state, threads),
             )
             # start every worker now: they load the tokenizer while the first batch is read
@@ -200,8 +211,10 @@ class _Encoder:
             flat, lengths = handle.result()
             return np.frombuffer(flat, dtype="<u4"), np.frombuffer(lengths, dtype="<i8")
         except BrokenProcessPool:
-            raise K2Error("data prepare: a tokenizer worker process died (out of memory? "
-                          "a script read from stdin cannot spawn workers; try workers=0)") from None
+            raise K2Error(
+                "data prepare: a tokenizer worker process died (out of memory? "
+                "a script read from stdin cannot spawn workers; try workers=0)"
+            ) from None
 
     wait = result
 
@@ -231,8 +244,11 @@ def _build_tokenizer(cfg: DataPrepareConfig, skipped_sample: Counter) -> Tokeniz
     except Exception as e:
         raise ConfigError(f"tokenizer.name: {e.args[0] if e.args else e}") from None
     opts = registry.options("tokenizer", name, cfg.tokenizer.options, where="tokenizer.options")
-    params = [p for p in inspect.signature(reg.factory).parameters.values()
-              if p.name != "options" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    params = [
+        p
+        for p in inspect.signature(reg.factory).parameters.values()
+        if p.name != "options" and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
     if not params:
         return reg.factory(options=opts)
 
@@ -294,11 +310,18 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
         base = f"{work}/{_shard_name(idx)}"
         with fs.open(f"{base}.tokens", "wb") as f:
             f.write(flat.astype("<u4", copy=False).tobytes())
-        _write_json(fs, f"{base}.json", {
-            "n_docs": len(meta), "n_tokens": int(flat.size),
-            "digest": [d.hex() for d, _ in meta], "domain": [dom for _, dom in meta],
-            "length": lengths.tolist(),
-        }, compact=True)
+        _write_json(
+            fs,
+            f"{base}.json",
+            {
+                "n_docs": len(meta),
+                "n_tokens": int(flat.size),
+                "digest": [d.hex() for d, _ in meta],
+                "domain": [dom for _, dom in meta],
+                "length": lengths.tolist(),
+            },
+            compact=True,
+        )
 
     def drain(limit: int) -> None:
         """Wait until at most `limit` batches are in flight; commit finished shards in order."""
@@ -334,8 +357,13 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
                 try:
                     raw = doc.text.encode("utf-8")
                 except UnicodeEncodeError:
-                    skip(skipped, "invalid_utf8", f"domain:{doc.domain}", f"doc {doc.id}",
-                         detail="lone surrogates")
+                    skip(
+                        skipped,
+                        "invalid_utf8",
+                        f"domain:{doc.domain}",
+                        f"doc {doc.id}",
+                        detail="lone surrogates",
+                    )
                     continue
                 dg = hashlib.sha256(raw).digest()[:16]
                 if dg in seen:
@@ -363,9 +391,14 @@ def _stream(cfg: DataPrepareConfig, tok: Tokenizer, fs: Any, work: str) -> dict[
             assert not pending
     finally:
         encoder.close()
-    return {"n_shards": n_shards, "skipped": dict(sorted(skipped.items())),
-            "skip_log": skipped.entries, "skips_not_logged": skipped.not_logged,
-            "duplicates": duplicates, "documents_unique": len(seen)}
+    return {
+        "n_shards": n_shards,
+        "skipped": dict(sorted(skipped.items())),
+        "skip_log": skipped.entries,
+        "skips_not_logged": skipped.not_logged,
+        "duplicates": duplicates,
+        "documents_unique": len(seen),
+    }
 
 
 class _SplitWriter:
@@ -377,8 +410,13 @@ class _SplitWriter:
         self.chunk_rows = max(1, CHUNK_BYTES // (row * 4))
         group = root.require_group(split)
         self.tokens = group.create_array(
-            "tokens", shape=(n_seq, row), dtype="uint32", chunks=(min(self.chunk_rows, max(n_seq, 1)), row),
-            compressors=None, fill_value=0, overwrite=True,
+            "tokens",
+            shape=(n_seq, row),
+            dtype="uint32",
+            chunks=(min(self.chunk_rows, max(n_seq, 1)), row),
+            compressors=None,
+            fill_value=0,
+            overwrite=True,
         )
         self.group = group
         self.buf: list[np.ndarray] = []
@@ -403,10 +441,10 @@ class _SplitWriter:
             rows = min(rows, (rows // self.chunk_rows) * self.chunk_rows) or rows
         if rows > 0:
             block = flat[: rows * self.row].reshape(rows, self.row)
-            self.tokens[self.rows_done:self.rows_done + rows] = block
+            self.tokens[self.rows_done : self.rows_done + rows] = block
             self.crc = zlib.crc32(block.astype("<u4", copy=False).tobytes(), self.crc)
             self.rows_done += rows
-        rest = flat[rows * self.row:]
+        rest = flat[rows * self.row :]
         self.buf = [rest] if rest.size and self.rows_done < self.n_seq else []
         self.buffered = rest.size if self.buf else 0
 
@@ -414,27 +452,41 @@ class _SplitWriter:
         self._flush(final=True)
         assert self.rows_done == self.n_seq, (self.rows_done, self.n_seq)
         ds = self.group.create_array(
-            "doc_starts", shape=doc_starts.shape, dtype="int64",
-            chunks=(max(1, min(1 << 20, doc_starts.size)),), compressors=None, fill_value=0,
+            "doc_starts",
+            shape=doc_starts.shape,
+            dtype="int64",
+            chunks=(max(1, min(1 << 20, doc_starts.size)),),
+            compressors=None,
+            fill_value=0,
             overwrite=True,
         )
         if doc_starts.size:
             ds[...] = doc_starts
         # row r's documents: doc_starts[row_docs[r]:row_docs[r+1]], so a reader of a few rows
         # reads a few document starts instead of the whole array
-        row_docs = np.searchsorted(doc_starts, np.arange(self.n_seq + 1, dtype=np.int64) * self.row,
-                                   side="left").astype(np.int64)
+        row_docs = np.searchsorted(
+            doc_starts, np.arange(self.n_seq + 1, dtype=np.int64) * self.row, side="left"
+        ).astype(np.int64)
         rd = self.group.create_array(
-            "row_docs", shape=row_docs.shape, dtype="int64",
-            chunks=(min(1 << 20, row_docs.size),), compressors=None, fill_value=0, overwrite=True,
+            "row_docs",
+            shape=row_docs.shape,
+            dtype="int64",
+            chunks=(min(1 << 20, row_docs.size),),
+            compressors=None,
+            fill_value=0,
+            overwrite=True,
         )
         rd[...] = row_docs
-        return {"tokens": self.crc, "doc_starts": zlib.crc32(doc_starts.astype("<i8").tobytes()),
-                "row_docs": zlib.crc32(row_docs.astype("<i8").tobytes())}
+        return {
+            "tokens": self.crc,
+            "doc_starts": zlib.crc32(doc_starts.astype("<i8").tobytes()),
+            "row_docs": zlib.crc32(row_docs.astype("<i8").tobytes()),
+        }
 
 
-def _assemble(cfg: DataPrepareConfig, tok: Tokenizer, out: str, fs: Any, root_path: str,
-              n_shards: int) -> dict[str, Any]:
+def _assemble(
+    cfg: DataPrepareConfig, tok: Tokenizer, out: str, fs: Any, root_path: str, n_shards: int
+) -> dict[str, Any]:
     import zarr
 
     work = f"{root_path}/{WORK}"
@@ -448,15 +500,25 @@ def _assemble(cfg: DataPrepareConfig, tok: Tokenizer, out: str, fs: Any, root_pa
     lengths = np.array([x for m in metas for x in m["length"]], dtype=np.int64)
     digests = [bytes.fromhex(x) for m in metas for x in m["digest"]]
     domains = [x for m in metas for x in m["domain"]]
-    offsets = np.concatenate([np.concatenate([[0], np.cumsum(m["length"])[:-1]]).astype(np.int64)
-                              if m["n_docs"] else np.zeros(0, np.int64) for m in metas]) \
-        if metas else np.zeros(0, np.int64)
+    offsets = (
+        np.concatenate(
+            [
+                np.concatenate([[0], np.cumsum(m["length"])[:-1]]).astype(np.int64)
+                if m["n_docs"]
+                else np.zeros(0, np.int64)
+                for m in metas
+            ]
+        )
+        if metas
+        else np.zeros(0, np.int64)
+    )
     n = len(digests)
     if n == 0:
         raise ConfigError(f"{out}: empty result: no usable document in the sources")
     u_val = np.array([_uniform(d, cfg.seed, b"val") for d in digests])
-    count = np.array([copies(d, cfg.weight(dom), cfg.seed) for d, dom in zip(digests, domains,
-                                                                            strict=True)])
+    count = np.array(
+        [copies(d, cfg.weight(dom), cfg.seed) for d, dom in zip(digests, domains, strict=True)]
+    )
     is_val = u_val < cfg.val_fraction
     if cfg.val_fraction > 0:  # tiny corpora: hold out documents until val has one row
         for j in np.argsort(u_val, kind="stable"):
@@ -502,7 +564,8 @@ def _assemble(cfg: DataPrepareConfig, tok: Tokenizer, out: str, fs: Any, root_pa
             if split == "train" and n_seq == 0:
                 raise ConfigError(
                     f"{out}: empty result: {total} train tokens, fewer than one sequence of "
-                    f"seq_len+1 = {row}")
+                    f"seq_len+1 = {row}"
+                )
             writer = _SplitWriter(zroot, split, row, n_seq)
             kept = n_seq * row
             doc_starts: list[int] = []
@@ -517,7 +580,7 @@ def _assemble(cfg: DataPrepareConfig, tok: Tokenizer, out: str, fs: Any, root_pa
                     if pos < kept:
                         doc_starts.append(pos)
                         o = int(offsets[g])
-                        writer.add(toks[o:o + ln])
+                        writer.add(toks[o : o + ln])
                         writer.add(eos)
                     per_domain[domains[g]] += ln + 1
                     pos += ln + 1
@@ -525,15 +588,22 @@ def _assemble(cfg: DataPrepareConfig, tok: Tokenizer, out: str, fs: Any, root_pa
             sums = writer.close(np.array(doc_starts, dtype=np.int64))
             checksums.update({f"{split}/{k}": v for k, v in sums.items()})
             splits[split] = {
-                "n_sequences": n_seq, "n_tokens": kept, "n_documents": len(doc_starts),
-                "dropped_tail_tokens": total - kept, "tokens_per_domain": dict(sorted(per_domain.items())),
+                "n_sequences": n_seq,
+                "n_tokens": kept,
+                "n_documents": len(doc_starts),
+                "dropped_tail_tokens": total - kept,
+                "tokens_per_domain": dict(sorted(per_domain.items())),
             }
             documents[split] = int(is_val.sum()) if split == "val" else int((~is_val).sum())
     per_domain_all: Counter = Counter()
     for sp in splits.values():
         per_domain_all.update(sp["tokens_per_domain"])
-    return {"splits": splits, "checksums": checksums, "documents": documents,
-            "tokens_per_domain": dict(sorted(per_domain_all.items()))}
+    return {
+        "splits": splits,
+        "checksums": checksums,
+        "documents": documents,
+        "tokens_per_domain": dict(sorted(per_domain_all.items())),
+    }
 
 
 def _check_out(fs: Any, root: str, out: str, chash: str) -> str:
@@ -547,7 +617,8 @@ def _check_out(fs: Any, root: str, out: str, chash: str) -> str:
             return "fresh"
         raise ConfigError(
             f"{out}: holds a dataset of another config ({manifest.get('config_hash')}); "
-            "remove it or choose another --out")
+            "remove it or choose another --out"
+        )
     plan = _read_json(fs, f"{root}/{WORK}/plan.json")
     if plan is not None and plan.get("config_hash") == chash:
         return "resume"
@@ -603,8 +674,7 @@ def _entries(fs: Any, root: str) -> set[str] | None:
     return {p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)}
 
 
-def _clean_failed(fs: Any, root: str, out: str, before: set[str] | None,
-                  exc: BaseException) -> str:
+def _clean_failed(fs: Any, root: str, out: str, before: set[str] | None, exc: BaseException) -> str:
     """Remove what a failed build created under `root` (nothing that was there before it);
     keep _work/ and tokenizer/ when a shard was committed and the failure was not bad input.
     Returns a one-line account of what was kept, or ''."""
@@ -614,8 +684,11 @@ def _clean_failed(fs: Any, root: str, out: str, before: set[str] | None,
     created = now - (before or set())
     keep: set[str] = set()
     if not isinstance(exc, ConfigError) and WORK in now:
-        shards = [p for p in fs.ls(f"{root}/{WORK}", detail=False) if p.endswith(".json")
-                  and p.rstrip("/").rsplit("/", 1)[-1].startswith("shard-")]
+        shards = [
+            p
+            for p in fs.ls(f"{root}/{WORK}", detail=False)
+            if p.endswith(".json") and p.rstrip("/").rsplit("/", 1)[-1].startswith("shard-")
+        ]
         if shards:
             keep = {WORK, TOKENIZER_DIR}
     for name in sorted(created - keep):
@@ -626,8 +699,10 @@ def _clean_failed(fs: Any, root: str, out: str, before: set[str] | None,
             if not fs.ls(root, detail=False):
                 fs.rmdir(root)
     if keep & now:
-        return (f"{out}: partial build kept in {WORK}/ (committed shards); rerun the same "
-                "command to resume, or remove the folder")
+        return (
+            f"{out}: partial build kept in {WORK}/ (committed shards); rerun the same "
+            "command to resume, or remove the folder"
+        )
     return ""
 
 
@@ -690,9 +765,14 @@ def _prepare(cfg: DataPrepareConfig, quiet: bool, out: str, fs: Any, root: str, 
         "bos_id": tok.bos_id,
         "pad_id": tok.pad_id,
         "vocab_size": tok.vocab_size,
-        "tokenizer": {"name": tok.name, "content_hash": tok.content_hash, "path": TOKENIZER_DIR,
-                      "special_tokens": tok.special_tokens if len(tok.special_tokens) < 64 else {
-                          k: v for k, v in tok.special_tokens.items() if "reserved" not in k}},
+        "tokenizer": {
+            "name": tok.name,
+            "content_hash": tok.content_hash,
+            "path": TOKENIZER_DIR,
+            "special_tokens": tok.special_tokens
+            if len(tok.special_tokens) < 64
+            else {k: v for k, v in tok.special_tokens.items() if "reserved" not in k},
+        },
         "config": cfg.identity(),
         "config_hash": chash,
         "sources": [s.describe() for s in cfg.sources],
@@ -702,15 +782,27 @@ def _prepare(cfg: DataPrepareConfig, quiet: bool, out: str, fs: Any, root: str, 
         "documents": {"unique": counts["documents_unique"], **packed["documents"]},
         "duplicates": counts["duplicates"],
         "skipped": counts["skipped"],
-        **({"skip_log": {"path": SKIP_LOG, "entries": len(counts["skip_log"]),
-                         "not_logged": counts["skips_not_logged"]}} if counts["skip_log"] else {}),
+        **(
+            {
+                "skip_log": {
+                    "path": SKIP_LOG,
+                    "entries": len(counts["skip_log"]),
+                    "not_logged": counts["skips_not_logged"],
+                }
+            }
+            if counts["skip_log"]
+            else {}
+        ),
         "checksums": packed["checksums"],
         "complete": True,
     }
     if counts["skip_log"]:
         with fs.open(f"{root}/{SKIP_LOG}", "wb") as f:
-            f.write("".join(json.dumps(e, ensure_ascii=False) + "\n"
-                            for e in counts["skip_log"]).encode())
+            f.write(
+                "".join(
+                    json.dumps(e, ensure_ascii=False) + "\n" for e in counts["skip_log"]
+                ).encode()
+            )
     _write_json(fs, f"{root}/{MANIFEST}", manifest)
     fs.rm(work, recursive=True)
     if not quiet:
@@ -737,7 +829,9 @@ def read_skip_log(uri: str, manifest: dict[str, Any] | None = None) -> list[dict
         return []
 
 
-def inspect_dataset(uri: str, n: int = 3, split: str = "train", marker: str = "\u2016") -> list[str]:
+def inspect_dataset(
+    uri: str, n: int = 3, split: str = "train", marker: str = "\u2016"
+) -> list[str]:
     """The first `n` sequences of `split`, decoded, with `marker` at each document start."""
     import zarr
 

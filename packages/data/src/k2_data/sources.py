@@ -32,8 +32,14 @@ class Skips(Counter):
         self.entries: list[dict[str, str]] = []
         self.not_logged = 0
 
-    def note(self, reason: str, file: str, record: str | None = None, detail: str | None = None,
-             n: int = 1) -> None:
+    def note(
+        self,
+        reason: str,
+        file: str,
+        record: str | None = None,
+        detail: str | None = None,
+        n: int = 1,
+    ) -> None:
         self[reason] += n
         if len(self.entries) >= self.limit:
             self.not_logged += n
@@ -48,8 +54,14 @@ class Skips(Counter):
         self.entries.append(entry)
 
 
-def skip(skipped: Counter, reason: str, file: str, record: str | None = None,
-         detail: str | None = None, n: int = 1) -> None:
+def skip(
+    skipped: Counter,
+    reason: str,
+    file: str,
+    record: str | None = None,
+    detail: str | None = None,
+    n: int = 1,
+) -> None:
     """Count one skip (`n` records) by reason; log where it happened when `skipped` is a Skips."""
     if isinstance(skipped, Skips):
         skipped.note(reason, file, record, detail, n)
@@ -149,8 +161,13 @@ def _parquet(uri: str, src: SourceConfig, skipped: Counter) -> Iterator[tuple[st
         pf = pq.ParquetFile(f)
         names = pf.schema_arrow.names
         if src.text_field not in names:
-            skip(skipped, "missing_field", uri, detail=f"no column {src.text_field!r}",
-                 n=pf.metadata.num_rows)
+            skip(
+                skipped,
+                "missing_field",
+                uri,
+                detail=f"no column {src.text_field!r}",
+                n=pf.metadata.num_rows,
+            )
             return
         cols = [src.text_field] + ([src.id_field] if src.id_field in names else [])
         row = 0
@@ -208,7 +225,9 @@ def builtin(src: SourceConfig, seed: int) -> Iterator[Document]:
     try:
         from .corpus import builtin_documents
     except ImportError as e:
-        raise ConfigError(f"builtin source {src.domain}: k2_data.corpus unavailable ({e})") from None
+        raise ConfigError(
+            f"builtin source {src.domain}: k2_data.corpus unavailable ({e})"
+        ) from None
     yield from builtin_documents(src.domain, split="train", seed=seed, scale=src.scale)
 
 

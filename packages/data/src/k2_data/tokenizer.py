@@ -39,24 +39,36 @@ K2_SPECIAL_IDS: dict[str, int] = {
 K2_NUM_BASE = 163584  # mergeable ranks of K2's tiktoken file; 256 reserved ids follow
 K2_VOCAB = 163840
 SPECIAL_TOKENS: tuple[str, ...] = (
-    "[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>",
-    "<|im_middle|>", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
-    "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>", "[PAD]",
+    "[BOS]",
+    "[EOS]",
+    "<|im_end|>",
+    "<|im_user|>",
+    "<|im_assistant|>",
+    "<|im_system|>",
+    "<|im_middle|>",
+    "<|tool_calls_section_begin|>",
+    "<|tool_calls_section_end|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+    "[PAD]",
 )
 BOS, EOS, PAD = "[BOS]", "[EOS]", "[PAD]"
 
 # K2's pre-tokenization regex (tokenization_kimi.py); "cl100k" is GPT-4's.
 PATTERNS = {
-    "kimi": "|".join([
-        r"""[\p{Han}]+""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
-        r"""\p{N}{1,3}""",
-        r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
-        r"""\s*[\r\n]+""",
-        r"""\s+(?!\S)""",
-        r"""\s+""",
-    ]),
+    "kimi": "|".join(
+        [
+            r"""[\p{Han}]+""",
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]+[\p{Ll}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+            r"""\p{N}{1,3}""",
+            r""" ?[^\s\p{L}\p{N}]+[\r\n]*""",
+            r"""\s*[\r\n]+""",
+            r"""\s+(?!\S)""",
+            r"""\s+""",
+        ]
+    ),
     "cl100k": (
         r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}"""
         r"""| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
@@ -164,7 +176,8 @@ class BpeOptions(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     vocab_size: int = Field(8192, ge=300, description="Vocabulary size, special tokens included.")
     path: str | None = Field(
-        None, description="Load this tokenizer.json (or saved k2 tokenizer folder) instead of training."
+        None,
+        description="Load this tokenizer.json (or saved k2 tokenizer folder) instead of training.",
     )
     min_frequency: int = Field(2, ge=1, description="Minimum pair count for a merge when training.")
 
@@ -199,20 +212,25 @@ class BpeTokenizer(Tokenizer):
         return cls(HFTokenizer.from_str(data.decode()))
 
     @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2
-              ) -> BpeTokenizer:
+    def train(
+        cls, texts: Iterable[str], vocab_size: int = 8192, min_frequency: int = 2
+    ) -> BpeTokenizer:
         """Train on `texts`; the special tokens get the first ids."""
         from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
         from tokenizers import Tokenizer as HFTokenizer
 
         tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_HF_SPLIT), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
+        tok.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(_HF_SPLIT), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            show_progress=False,
             special_tokens=list(SPECIAL_TOKENS),
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         )
@@ -230,8 +248,11 @@ class BpeTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str], *, allow_special: bool = False) -> list[list[int]]:
         tok = self._tok if allow_special else self._plain
-        encs = tok.encode_batch_fast(texts, add_special_tokens=False) if hasattr(
-            tok, "encode_batch_fast") else tok.encode_batch(texts, add_special_tokens=False)
+        encs = (
+            tok.encode_batch_fast(texts, add_special_tokens=False)
+            if hasattr(tok, "encode_batch_fast")
+            else tok.encode_batch(texts, add_special_tokens=False)
+        )
         return [e.ids for e in encs]
 
     def decode(self, ids: Iterable[int]) -> str:
@@ -250,8 +271,11 @@ class BpeTokenizer(Tokenizer):
 def build_bpe(texts: Iterable[str] | None = None, *, options: BpeOptions) -> BpeTokenizer:
     """Byte-level BPE (HF tokenizers) trained on a sample of the sources, K2 special tokens."""
     if options.path:
-        return load_tokenizer(options.path) if not options.path.endswith(".json") else \
-            BpeTokenizer.from_bytes(_read_bytes(options.path))  # type: ignore[return-value]
+        return (
+            load_tokenizer(options.path)
+            if not options.path.endswith(".json")
+            else BpeTokenizer.from_bytes(_read_bytes(options.path))
+        )  # type: ignore[return-value]
     if texts is None:
         raise ConfigError("tokenizer bpe: needs `path` or documents to train on")
     return BpeTokenizer.train(texts, options.vocab_size, options.min_frequency)
@@ -309,8 +333,9 @@ class TiktokenTokenizer(Tokenizer):
 
     name = "tiktoken"
 
-    def __init__(self, data: bytes, special_tokens: dict[str, int] | None = None,
-                 pattern: str = "kimi"):
+    def __init__(
+        self, data: bytes, special_tokens: dict[str, int] | None = None, pattern: str = "kimi"
+    ):
         import tiktoken
 
         self._data = data
@@ -382,8 +407,9 @@ def from_state(name: str, state: dict[str, Any]) -> Tokenizer:
     if name == "bpe":
         return BpeTokenizer.from_bytes(files["tokenizer.json"])
     if name == "tiktoken":
-        return TiktokenTokenizer(files["tokenizer.tiktoken"], state["special_tokens"],
-                                 state.get("pattern", "kimi"))
+        return TiktokenTokenizer(
+            files["tokenizer.tiktoken"], state["special_tokens"], state.get("pattern", "kimi")
+        )
     raise ConfigError(f"unknown tokenizer kind {name!r}")
 
 
@@ -392,10 +418,14 @@ def load_tokenizer(uri: str) -> Tokenizer:
     meta_bytes = _read_bytes(f"{uri.rstrip('/')}/{META}")
     meta = json.loads(meta_bytes)
     files = {n: _read_bytes(f"{uri.rstrip('/')}/{n}") for n in meta["files"]}
-    tok = from_state(meta["name"], {"files": files, "special_tokens": meta["special_tokens"],
-                                    "pattern": meta.get("pattern", "kimi")})
+    tok = from_state(
+        meta["name"],
+        {
+            "files": files,
+            "special_tokens": meta["special_tokens"],
+            "pattern": meta.get("pattern", "kimi"),
+        },
+    )
     if tok.content_hash != meta["content_hash"]:
         raise ConfigError(f"{uri}: tokenizer content hash mismatch (corrupt or edited)")
     return tok
-
-

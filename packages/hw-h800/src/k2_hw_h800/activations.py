@@ -57,12 +57,14 @@ class ActivationPolicy(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     recompute: bool = Field(
-        False, description="Recompute RMSNorm, SwiGLU products, MLA up-projections and MoE "
-        "down-projection inputs in the backward instead of keeping them."
+        False,
+        description="Recompute RMSNorm, SwiGLU products, MLA up-projections and MoE "
+        "down-projection inputs in the backward instead of keeping them.",
     )
     fp8_storage: bool = Field(
-        False, description="Keep MoE up-projection inputs and SwiGLU inputs as FP8-E4M3 in "
-        "1x128 tiles with FP32 scales (storage only; compute keeps its dtype)."
+        False,
+        description="Keep MoE up-projection inputs and SwiGLU inputs as FP8-E4M3 in "
+        "1x128 tiles with FP32 scales (storage only; compute keeps its dtype).",
     )
     cpu_offload: bool = Field(
         False, description="Move every other saved activation to host memory until the backward."
@@ -175,8 +177,9 @@ class _RecipeGroup:
 
     __slots__ = ("fn", "inputs", "outputs", "cache", "pending", "autocast", "__weakref__")
 
-    def __init__(self, fn: Callable[..., Any], inputs: list[Any],
-                 outputs: tuple[torch.Tensor, ...]):
+    def __init__(
+        self, fn: Callable[..., Any], inputs: list[Any], outputs: tuple[torch.Tensor, ...]
+    ):
         self.fn = fn
         self.inputs = inputs
         self.outputs = [weakref.ref(o) for o in outputs]
@@ -184,8 +187,11 @@ class _RecipeGroup:
         self.pending = 0
         # the backward runs outside the forward's autocast: replay it, or the rebuilt tensors
         # come back in another dtype than the ones that were saved
-        self.autocast = [(dev, torch.get_autocast_dtype(dev)) for dev in ("cpu", "cuda")
-                         if torch.is_autocast_enabled(dev)]
+        self.autocast = [
+            (dev, torch.get_autocast_dtype(dev))
+            for dev in ("cpu", "cuda")
+            if torch.is_autocast_enabled(dev)
+        ]
 
     def output(self, i: int) -> torch.Tensor:
         """Output `i`, recomputed under no_grad (once while several unpacks want it)."""
@@ -212,8 +218,11 @@ class _Recipe:
     def __init__(self, group: _RecipeGroup, index: int, t: torch.Tensor, base: torch.Tensor):
         self.group = group
         self.index = index
-        same = (t.storage_offset() == base.storage_offset() and t.shape == base.shape
-                and t.stride() == base.stride())
+        same = (
+            t.storage_offset() == base.storage_offset()
+            and t.shape == base.shape
+            and t.stride() == base.stride()
+        )
         self.geometry = None if same else (t.shape, t.stride(), t.storage_offset())
 
     def restore(self) -> torch.Tensor:
@@ -251,7 +260,7 @@ class _Deferred:
         p = self.parts
         h = _unpack(p.h)
         with torch.no_grad():
-            act = F.silu(h[:, :p.inter]).mul_(h[:, p.inter:])
+            act = F.silu(h[:, : p.inter]).mul_(h[:, p.inter :])
             if p.weighted:
                 act.mul_(_unpack(p.ws))
         return act
@@ -311,8 +320,13 @@ _SESSIONS: list[_Session] = []
 class _Session:
     """The saved-tensor hooks of one decoder-layer forward under a policy."""
 
-    def __init__(self, policy: ActivationPolicy, layer: int, params: set[int],
-                 stream: torch.cuda.Stream | None):
+    def __init__(
+        self,
+        policy: ActivationPolicy,
+        layer: int,
+        params: set[int],
+        stream: torch.cuda.Stream | None,
+    ):
         self.policy = policy
         self.layer = layer
         self.params = params
@@ -442,8 +456,10 @@ def _active() -> _Session | None:
 def _session(sess: _Session) -> Iterator[_Session]:
     _SESSIONS.append(sess)
     try:
-        with torch.autograd.graph.saved_tensors_hooks(sess.pack, sess.unpack), \
-                listen_saved(sess.on_experts_saved):
+        with (
+            torch.autograd.graph.saved_tensors_hooks(sess.pack, sess.unpack),
+            listen_saved(sess.on_experts_saved),
+        ):
             yield sess
     finally:
         _SESSIONS.pop()
@@ -481,8 +497,13 @@ def _gated_forward(orig: Callable[..., torch.Tensor]) -> Callable[..., torch.Ten
 def _expand_forward(orig: Callable[..., Any]) -> Callable[..., Any]:
     """MLA's `expand` step (up-projections through RoPE to q, k, v) as one recompute region."""
 
-    def expand(cq: torch.Tensor, ckv: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> Any:
+    def expand(
+        cq: torch.Tensor,
+        ckv: torch.Tensor,
+        k_rot: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> Any:
         s = _active()
         if s is None or not s.policy.recompute or not (cq.requires_grad or ckv.requires_grad):
             return orig(cq, ckv, k_rot, cos, sin)
@@ -530,8 +551,9 @@ def _decoder_layers(model: nn.Module) -> list[nn.Module]:
     return list(layers)
 
 
-def _layer_forward(handle: PolicyHandle, layer: nn.Module, idx: int,
-                   orig: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+def _layer_forward(
+    handle: PolicyHandle, layer: nn.Module, idx: int, orig: Callable[..., torch.Tensor]
+) -> Callable[..., torch.Tensor]:
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
         if not torch.is_grad_enabled() or not (handle.policy.active or _METERS):
             return orig(*args, **kwargs)
@@ -583,7 +605,8 @@ def _moe_hooks(handle: PolicyHandle, mod: nn.Module) -> None:
             raise RuntimeError(
                 f"activation policy: the MoE layer {type(m).__name__} ran without its experts "
                 "kernel announcing what it saves (k2_core.model.saved.announce_saved with an "
-                "ExpertsSaved); recompute / fp8_storage cannot handle its activations")
+                "ExpertsSaved); recompute / fp8_storage cannot handle its activations"
+            )
 
     handle._hooks.append(mod.register_forward_pre_hook(pre))
     handle._hooks.append(mod.register_forward_hook(post))
@@ -600,8 +623,10 @@ def apply_activation_policy(model: nn.Module, policy: ActivationPolicy | dict) -
         from k2_core.errors import ConfigError
 
         bad = ", ".join(".".join(map(str, err["loc"])) or "policy" for err in e.errors())
-        raise ConfigError(f"activation policy: invalid {bad}; use the switches recompute, "
-                          "fp8_storage, cpu_offload (true/false)") from None
+        raise ConfigError(
+            f"activation policy: invalid {bad}; use the switches recompute, "
+            "fp8_storage, cpu_offload (true/false)"
+        ) from None
     old = getattr(model, "_k2_activation_policy", None)
     if old is not None:
         old.remove()

@@ -46,15 +46,27 @@ class DistributedError(K2Error):
     kind = "distributed"
 
 
-def _collective_error(rank: int, what: str, timeout_s: float, exc: BaseException) -> DistributedError:
+def _collective_error(
+    rank: int, what: str, timeout_s: float, exc: BaseException
+) -> DistributedError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     return DistributedError(
         f"rank {rank}: {what} failed: a peer rank died or did not answer within "
         f"parallel.options.timeout_s={timeout_s:g}s ({type(exc).__name__}: {first}); "
-        "restart the job: it resumes from the last checkpoint")
+        "restart the job: it resumes from the last checkpoint"
+    )
 
 
-_COMM_WORDS = ("gloo", "nccl", "connection", "timed out", "timeout", "peer", "socket", "broken pipe")
+_COMM_WORDS = (
+    "gloo",
+    "nccl",
+    "connection",
+    "timed out",
+    "timeout",
+    "peer",
+    "socket",
+    "broken pipe",
+)
 
 
 def _is_comm_failure(exc: BaseException) -> bool:
@@ -69,7 +81,9 @@ def _guarded_step(self: Any, closure: Any = None) -> Any:
     except RuntimeError as exc:
         if not _is_comm_failure(exc):
             raise
-        raise _collective_error(dist.get_rank(), "the optimizer step", self._k2_timeout_s, exc) from None
+        raise _collective_error(
+            dist.get_rank(), "the optimizer step", self._k2_timeout_s, exc
+        ) from None
 
 
 class H800Backend(Backend):
@@ -114,10 +128,16 @@ class H800Backend(Backend):
 
             opts, lay, cfg = self.options, self.layout, run.config
             self._runner = build_pipeline(
-                run.model, pp_group=lay.pp_group, pp_rank=lay.pp_rank, pp_size=lay.pp,
-                virtual_stages=opts.virtual_stages, n_microbatches=opts.n_microbatches or lay.pp,
-                device=self.device, autocast=torch.bfloat16 if self._bf16(cfg.train) else None,
-                micro_batch=(cfg.train.micro_batch_size, cfg.data.seq_len))
+                run.model,
+                pp_group=lay.pp_group,
+                pp_rank=lay.pp_rank,
+                pp_size=lay.pp,
+                virtual_stages=opts.virtual_stages,
+                n_microbatches=opts.n_microbatches or lay.pp,
+                device=self.device,
+                autocast=torch.bfloat16 if self._bf16(cfg.train) else None,
+                micro_batch=(cfg.train.micro_batch_size, cfg.data.seq_len),
+            )
             # the orchestrator's metrics read the whole model's max logits: reduce over stages
             run.model.max_logits = self._runner.max_logits
         return self._runner
@@ -144,8 +164,10 @@ class H800Backend(Backend):
         device, then apply the activation policy; other stages' parameters stay on meta."""
         lay = self.layout
         if lay.pp > 1 and model.config.tie_word_embeddings:
-            raise ConfigError("model.tie_word_embeddings: a tied head spans the first and last "
-                              "pipeline ranks; untie it (K2 is untied) or use pp=1")
+            raise ConfigError(
+                "model.tie_word_embeddings: a tied head spans the first and last "
+                "pipeline ranks; untie it (K2 is untied) or use pp=1"
+            )
         parallelize(model, self.options, self.layout, activations=False)
         held: set[int] = set()
         bf16 = self.dtype == "bf16"
@@ -186,8 +208,16 @@ class H800Backend(Backend):
         out = []
         for r in range(first, min(first + local, self.world_size)):
             s = r // (lay.dp * lay.ep)
-            st = stage_state(cfg.model, cfg.moe, stages[s], first=s == 0, last=s == lay.pp - 1,
-                             ep=lay.ep, dp=lay.dp, master_weights=self.dtype == "bf16")
+            st = stage_state(
+                cfg.model,
+                cfg.moe,
+                stages[s],
+                first=s == 0,
+                last=s == lay.pp - 1,
+                ep=lay.ep,
+                dp=lay.dp,
+                master_weights=self.dtype == "bf16",
+            )
             weights = st.bf16_params if self.dtype == "bf16" else 2 * st.bf16_params
             out.append(int(weights + st.fp32_grads + st.optimizer))
         return out
@@ -199,8 +229,13 @@ class H800Backend(Backend):
             opt = make_deepspeed_optimizer(model, optimizer, self.layout)
         else:
             # ZeRO row splits on the checkpoint's chunk grid: each owner writes whole chunks
-            opt = make_zero1_optimizer(model, optimizer, self.layout, self.options.zero_stage,
-                                       row_align=lambda p: chunk_rows(global_rows(p)[1]))
+            opt = make_zero1_optimizer(
+                model,
+                optimizer,
+                self.layout,
+                self.options.zero_stage,
+                row_align=lambda p: chunk_rows(global_rows(p)[1]),
+            )
         if self.dtype == "bf16" and hasattr(opt, "init_state"):
             # masters and moments claimed now, before any step's temporaries: allocated at the
             # first step they land above the freed BF16 gradients and the heap keeps the hole
@@ -242,8 +277,9 @@ class H800Backend(Backend):
         except RuntimeError as exc:
             if not _is_comm_failure(exc):
                 raise
-            raise _collective_error(self.rank, f"step {run.step + 1}", self.options.timeout_s,
-                                    exc) from None
+            raise _collective_error(
+                self.rank, f"step {run.step + 1}", self.options.timeout_s, exc
+            ) from None
         return self.finish_step(run, loss_sum / cfg.grad_accum)
 
     def finish_step(self, run: Any, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,8 +298,9 @@ class H800Backend(Backend):
         except RuntimeError as exc:
             if not _is_comm_failure(exc):
                 raise
-            raise _collective_error(self.rank, f"step {run.step + 1}", self.options.timeout_s,
-                                    exc) from None
+            raise _collective_error(
+                self.rank, f"step {run.step + 1}", self.options.timeout_s, exc
+            ) from None
         if self.device.type == "meta":  # a dry run: no values to bring back
             return loss_mean, grad_norm
         return loss_mean.cpu(), grad_norm.cpu()
@@ -294,8 +331,9 @@ class H800Backend(Backend):
         except RuntimeError as exc:
             if not _is_comm_failure(exc):
                 raise
-            raise _collective_error(self.rank, f"evaluation at step {run.step}",
-                                    self.options.timeout_s, exc) from None
+            raise _collective_error(
+                self.rank, f"evaluation at step {run.step}", self.options.timeout_s, exc
+            ) from None
         finally:
             model.train(was_training)
         return float(total) / (cfg.eval_batches * lay.data_size)
@@ -322,39 +360,66 @@ class H800Backend(Backend):
         zero_owned = self.options.engine == "k2" and self.options.zero_stage == 1
         holds = None
         if self.device.type == "meta":  # everything is on meta: say which tensors are held
-            mine = {id(t) for m in self._held_modules(model)
-                    for t in (*m.parameters(), *m.buffers())}
+            mine = {
+                id(t) for m in self._held_modules(model) for t in (*m.parameters(), *m.buffers())
+            }
             holds = lambda t: id(t) in mine  # noqa: E731
         return LayoutSharding(self.layout, experts, zero_owned, holds)
 
-    def save_train_state(self, root: str, step: int, *, model: nn.Module, optimizer: Any,
-                         scheduler: Any = None, loader: Any = None, keep: int = 2,
-                         attrs: dict[str, Any] | None = None) -> str:
+    def save_train_state(
+        self,
+        root: str,
+        step: int,
+        *,
+        model: nn.Module,
+        optimizer: Any,
+        scheduler: Any = None,
+        loader: Any = None,
+        keep: int = 2,
+        attrs: dict[str, Any] | None = None,
+    ) -> str:
         """Every rank writes its share of the layout-free checkpoint (collective): its ZeRO-1
         state, its part of the replicated tensors; rank 0 commits after a barrier."""
         from k2_core.trainstate import save_train_state
 
         try:
             view = _FullStateView(optimizer) if self.options.engine == "deepspeed" else optimizer
-            return save_train_state(root, step, model=model, optimizer=view,
-                                    scheduler=scheduler, loader=loader, keep=keep, attrs=attrs,
-                                    sharding=self.checkpoint_sharding(model, optimizer))
+            return save_train_state(
+                root,
+                step,
+                model=model,
+                optimizer=view,
+                scheduler=scheduler,
+                loader=loader,
+                keep=keep,
+                attrs=attrs,
+                sharding=self.checkpoint_sharding(model, optimizer),
+            )
         except RuntimeError as exc:
             if not _is_comm_failure(exc):
                 raise
-            raise _collective_error(self.rank, f"the checkpoint of step {step}",
-                                    self.options.timeout_s, exc) from None
+            raise _collective_error(
+                self.rank, f"the checkpoint of step {step}", self.options.timeout_s, exc
+            ) from None
 
-    def load_train_state(self, uri: str, *, model: nn.Module, optimizer: Any = None,
-                         scheduler: Any = None, loader: Any = None,
-                         stats: dict[str, int] | None = None) -> dict[str, Any]:
+    def load_train_state(
+        self,
+        uri: str,
+        *,
+        model: nn.Module,
+        optimizer: Any = None,
+        scheduler: Any = None,
+        loader: Any = None,
+        stats: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
         """Read the rows this rank holds of a checkpoint written under any layout."""
         from k2_core.trainstate import load_train_state
 
         if optimizer is not None and self.options.engine == "deepspeed":
             optimizer = _FullStateView(optimizer)
-        return load_train_state(uri, model=model, optimizer=optimizer, scheduler=scheduler,
-                                loader=loader, stats=stats)
+        return load_train_state(
+            uri, model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, stats=stats
+        )
 
 
 class _FullStateView:

@@ -45,8 +45,7 @@ def _gather_int(value: int, group: Any, size: int) -> list[int]:
 class LayoutSharding:
     """The `k2_core.trainstate.Sharding` of one rank of the h800 backend."""
 
-    def __init__(self, layout: Layout, expert_names: set[str], zero_owned: bool,
-                 holds: Any = None):
+    def __init__(self, layout: Layout, expert_names: set[str], zero_owned: bool, holds: Any = None):
         self.layout = layout
         self.expert_names = expert_names
         self.zero_owned = zero_owned
@@ -66,15 +65,24 @@ class LayoutSharding:
         """My parts of `held` (replicated over `size` ranks, I am `me`), balancing `load`."""
         if size == 1:
             return held
-        arrays = {f"{h.group}/{h.name}": (tuple(h.tensor.shape) if h.shape else (), h.tensor.dtype)
-                  for h in held}
+        arrays = {
+            f"{h.group}/{h.name}": (tuple(h.tensor.shape) if h.shape else (), h.tensor.dtype)
+            for h in held
+        }
         runs = spread_rows(arrays, size, load)
         out = []
         for h in held:
             for rank, a, b in runs[f"{h.group}/{h.name}"]:
                 if rank == me and (b > a or not h.shape):
-                    out.append(Held(h.group, h.name, h.shape, h.start + a,
-                                    h.tensor if not h.shape else h.tensor[a:b]))
+                    out.append(
+                        Held(
+                            h.group,
+                            h.name,
+                            h.shape,
+                            h.start + a,
+                            h.tensor if not h.shape else h.tensor[a:b],
+                        )
+                    )
         return out
 
     def assign(self, held: list[Held]) -> list[Held]:
@@ -87,8 +95,10 @@ class LayoutSharding:
         dense = [h for h in rest if not self._is_expert(h)]
         mine = list(owned)
         load = sum(_nbytes(h) for h in owned)
-        for group, size, members in ((lay.dp_group, lay.dp, experts),
-                                     (lay.data_group, lay.data_size, dense)):
+        for group, size, members in (
+            (lay.dp_group, lay.dp, experts),
+            (lay.data_group, lay.data_size, dense),
+        ):
             me = dist.get_rank(group) if size > 1 else 0
             part = self._spread(members, me, size, _gather_int(load, group, size))
             mine += part

@@ -24,22 +24,29 @@ class ClusterSpec(BaseModel):
     nics_per_node: int = Field(8, gt=0, description="Network interfaces per node (one per GPU).")
     nic_gbit: float = Field(400.0, gt=0, description="Bandwidth of one network interface, Gbit/s.")
     pcie_gbps: float = Field(
-        64.0, gt=0, description="Host-to-GPU PCIe bandwidth per GPU, GB/s, one direction; the "
-        "GPU's NIC traffic (GPUDirect RDMA) crosses the same switch."
+        64.0,
+        gt=0,
+        description="Host-to-GPU PCIe bandwidth per GPU, GB/s, one direction; the "
+        "GPU's NIC traffic (GPUDirect RDMA) crosses the same switch.",
     )
     peak_bf16_tflops: float = Field(
         989.0, gt=0, description="Dense BF16 tensor-core peak per GPU, TFLOP/s (no sparsity)."
     )
     matmul_efficiency: float = Field(
-        0.6, gt=0, le=1, description="Fraction of the peak that large training GEMMs reach; "
-        "the step-time estimate divides FLOPs by peak times this."
+        0.6,
+        gt=0,
+        le=1,
+        description="Fraction of the peak that large training GEMMs reach; "
+        "the step-time estimate divides FLOPs by peak times this.",
     )
     network_efficiency: float = Field(
         0.7, gt=0, le=1, description="Fraction of the link bandwidth collectives reach."
     )
     reserved_gb: float = Field(
-        6.0, ge=0, description="HBM per GPU kept for the CUDA context, NCCL buffers and "
-        "allocator fragmentation, never planned for tensors."
+        6.0,
+        ge=0,
+        description="HBM per GPU kept for the CUDA context, NCCL buffers and "
+        "allocator fragmentation, never planned for tensors.",
     )
 
     @property
@@ -61,12 +68,15 @@ class ClusterSpec(BaseModel):
 # Per-node figures: H800 as in the K2 report (NVLink cut to 400 GB/s, 8 x 400 Gbps RoCE);
 # H100 SXM and H200 SXM as sold in 8-GPU HGX nodes with 8 x 400 Gbps NICs.
 PRESETS: dict[str, dict] = {
-    "h800": dict(hbm_gb=80.0, host_ram_gb=2000.0, nvlink_gbps=200.0, nic_gbit=400.0,
-                 peak_bf16_tflops=989.0),
-    "h100": dict(hbm_gb=80.0, host_ram_gb=2000.0, nvlink_gbps=450.0, nic_gbit=400.0,
-                 peak_bf16_tflops=989.0),
-    "h200": dict(hbm_gb=141.0, host_ram_gb=2000.0, nvlink_gbps=450.0, nic_gbit=400.0,
-                 peak_bf16_tflops=989.0),
+    "h800": dict(
+        hbm_gb=80.0, host_ram_gb=2000.0, nvlink_gbps=200.0, nic_gbit=400.0, peak_bf16_tflops=989.0
+    ),
+    "h100": dict(
+        hbm_gb=80.0, host_ram_gb=2000.0, nvlink_gbps=450.0, nic_gbit=400.0, peak_bf16_tflops=989.0
+    ),
+    "h200": dict(
+        hbm_gb=141.0, host_ram_gb=2000.0, nvlink_gbps=450.0, nic_gbit=400.0, peak_bf16_tflops=989.0
+    ),
 }
 
 

@@ -27,8 +27,7 @@ import torch
 import torch.distributed as dist
 
 #: allowed relative deviation from the plan per figure (item 4: optimizer state within 10%)
-TOLERANCE = {"param_bytes": 0.05, "grad_bytes": 0.05, "optim_bytes": 0.10,
-             "checkpoint_bytes": 0.05}
+TOLERANCE = {"param_bytes": 0.05, "grad_bytes": 0.05, "optim_bytes": 0.10, "checkpoint_bytes": 0.05}
 
 
 def fake_store() -> Any:
@@ -75,11 +74,19 @@ def _overrides(plan: Any) -> list[str]:
     c = plan.best
     rows = c.pp  # one sequence per pipeline micro-batch, pp of them: every schedule's minimum
     return [
-        "parallel.backend=h800", f"parallel.options.pp={c.pp}", f"parallel.options.ep={c.ep}",
-        f"parallel.options.dp={c.dp}", f"parallel.options.virtual_stages={c.v}",
-        f"parallel.options.n_microbatches={rows}", "parallel.options.device=meta",
-        "parallel.options.dtype=bf16", f"train.micro_batch_size={rows}", "train.grad_accum=1",
-        "train.eval_every=0", "tracking.tracker=null", "checkpoint.resume=never",
+        "parallel.backend=h800",
+        f"parallel.options.pp={c.pp}",
+        f"parallel.options.ep={c.ep}",
+        f"parallel.options.dp={c.dp}",
+        f"parallel.options.virtual_stages={c.v}",
+        f"parallel.options.n_microbatches={rows}",
+        "parallel.options.device=meta",
+        "parallel.options.dtype=bf16",
+        f"train.micro_batch_size={rows}",
+        "train.grad_accum=1",
+        "train.eval_every=0",
+        "tracking.tracker=null",
+        "checkpoint.resume=never",
         f"data.seq_len={plan.options.seq_len}",
     ]
 
@@ -98,8 +105,9 @@ def measure_rank(model_name: str, plan: Any, rank: int) -> dict[str, int]:
     from k2_core.trainstate import rank_share
 
     c = plan.best
-    dist.init_process_group("cpu:fake,meta:fake", store=fake_store(), rank=rank,
-                            world_size=c.pp * c.dp * c.ep)
+    dist.init_process_group(
+        "cpu:fake,meta:fake", store=fake_store(), rank=rank, world_size=c.pp * c.dp * c.ep
+    )
     try:
         with fake_backend_name():
             cfg = load_config(model_name, _overrides(plan))
@@ -120,11 +128,15 @@ def measure_rank(model_name: str, plan: Any, rank: int) -> dict[str, int]:
             for h in rank_share(model, opt, backend.checkpoint_sharding(model, opt)):
                 writer.write(h.group, h.name, h.shape, h.tensor.dtype, h.start, h.tensor)
             state = [v for st in opt.state.values() for v in st.values() if torch.is_tensor(v)]
-            out = {"param_bytes": _nbytes(held),
-                   "grad_bytes": _nbytes(g for g in map(grad_of, held) if g is not None),
-                   "optim_bytes": _nbytes(state), "checkpoint_bytes": writer.bytes_written,
-                   "pp_rank": backend.layout.pp_rank, "dp_rank": backend.layout.dp_rank,
-                   "ep_rank": backend.layout.ep_rank}
+            out = {
+                "param_bytes": _nbytes(held),
+                "grad_bytes": _nbytes(g for g in map(grad_of, held) if g is not None),
+                "optim_bytes": _nbytes(state),
+                "checkpoint_bytes": writer.bytes_written,
+                "pp_rank": backend.layout.pp_rank,
+                "dp_rank": backend.layout.dp_rank,
+                "ep_rank": backend.layout.ep_rank,
+            }
             opt.zero_grad(set_to_none=True)
             del run, model, opt, backend
             return out
@@ -141,31 +153,54 @@ def dry_run(model_name: str, plan: Any) -> dict[str, Any]:
         r = global_rank(pp_rank, dp_rank, ep_rank, c.dp, c.ep)
         got = measure_rank(model_name, plan, r)
         st = c.states[pp_rank]
-        planned = {"param_bytes": int(st.bf16_params), "grad_bytes": int(st.fp32_grads),
-                   "optim_bytes": int(st.optimizer), "checkpoint_bytes": int(st.checkpoint)}
+        planned = {
+            "param_bytes": int(st.bf16_params),
+            "grad_bytes": int(st.fp32_grads),
+            "optim_bytes": int(st.optimizer),
+            "checkpoint_bytes": int(st.checkpoint),
+        }
         dev = {k: abs(got[k] - v) / max(v, 1) for k, v in planned.items()}
-        ranks.append({"rank": r, **got, "planned": planned,
-                      "deviation": {k: round(v, 4) for k, v in dev.items()},
-                      "ok": all(dev[k] <= TOLERANCE[k] for k in dev)})
-    return {"model": plan.model_name, "world_size": c.pp * c.dp * c.ep,
-            "layout": {"pp": c.pp, "ep": c.ep, "dp": c.dp, "virtual_stages": c.v},
-            "tolerance": TOLERANCE, "ranks": ranks, "ok": all(r["ok"] for r in ranks)}
+        ranks.append(
+            {
+                "rank": r,
+                **got,
+                "planned": planned,
+                "deviation": {k: round(v, 4) for k, v in dev.items()},
+                "ok": all(dev[k] <= TOLERANCE[k] for k in dev),
+            }
+        )
+    return {
+        "model": plan.model_name,
+        "world_size": c.pp * c.dp * c.ep,
+        "layout": {"pp": c.pp, "ep": c.ep, "dp": c.dp, "virtual_stages": c.v},
+        "tolerance": TOLERANCE,
+        "ranks": ranks,
+        "ok": all(r["ok"] for r in ranks),
+    }
 
 
 def dry_run_table(report: dict[str, Any]) -> str:
     """The dry run as a table: measured vs planned GB per sampled rank."""
     keys = ("param_bytes", "grad_bytes", "optim_bytes", "checkpoint_bytes")
     lay = report["layout"]
-    lines = [f"dry run of {report['model']} at world size {report['world_size']} "
-             f"(PP{lay['pp']} x EP{lay['ep']} x DP{lay['dp']}, meta tensors, fake process group)",
-             f"{'rank':>6} {'pp':>3} {'dp':>3} {'ep':>3}  " + "  ".join(
-                 f"{k.removesuffix('_bytes') + ' GB':>18}" for k in keys) + "  worst",
-             f"{'':>18}  " + "  ".join(f"{'measured/planned':>18}" for _ in keys)]
+    lines = [
+        f"dry run of {report['model']} at world size {report['world_size']} "
+        f"(PP{lay['pp']} x EP{lay['ep']} x DP{lay['dp']}, meta tensors, fake process group)",
+        f"{'rank':>6} {'pp':>3} {'dp':>3} {'ep':>3}  "
+        + "  ".join(f"{k.removesuffix('_bytes') + ' GB':>18}" for k in keys)
+        + "  worst",
+        f"{'':>18}  " + "  ".join(f"{'measured/planned':>18}" for _ in keys),
+    ]
     for r in report["ranks"]:
         cells = "  ".join(f"{r[k] / 1e9:8.2f}/{r['planned'][k] / 1e9:<9.2f}" for k in keys)
         worst = max(r["deviation"].values())
-        lines.append(f"{r['rank']:>6} {r['pp_rank']:>3} {r['dp_rank']:>3} {r['ep_rank']:>3}  "
-                     f"{cells}  {worst:.1%}{'' if r['ok'] else '  OVER'}")
-    lines.append("all sampled ranks within the plan" if report["ok"] else
-                 "some sampled rank differs from the plan by more than the tolerance")
+        lines.append(
+            f"{r['rank']:>6} {r['pp_rank']:>3} {r['dp_rank']:>3} {r['ep_rank']:>3}  "
+            f"{cells}  {worst:.1%}{'' if r['ok'] else '  OVER'}"
+        )
+    lines.append(
+        "all sampled ranks within the plan"
+        if report["ok"]
+        else "some sampled rank differs from the plan by more than the tolerance"
+    )
     return "\n".join(lines)

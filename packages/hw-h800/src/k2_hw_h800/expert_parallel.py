@@ -36,8 +36,9 @@ class _AllToAll(torch.autograd.Function):
     """Rows of `x` split by `in_splits` go to each rank; rows arrive split by `out_splits`."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int],
-                group: Any) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any
+    ) -> torch.Tensor:
         ctx.splits, ctx.group = (out_splits, in_splits), group
         out = x.new_empty((sum(out_splits), *x.shape[1:]))
         dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
@@ -51,7 +52,9 @@ class _AllToAll(torch.autograd.Function):
         return dx, None, None, None
 
 
-def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
+def all_to_all(
+    x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any
+) -> torch.Tensor:
     """Differentiable uneven all_to_all_single over `group`."""
     return _AllToAll.apply(x, out_splits, in_splits, group)
 
@@ -59,10 +62,14 @@ def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], gro
 def is_moe_layer(m: nn.Module) -> bool:
     """Whether `m` looks like a k2 MoE FFN that expert parallelism can shard."""
     ex = getattr(m, "experts", None)
-    return (isinstance(m, LoadBalanced) and hasattr(m, "gate") and hasattr(m, "n_experts")
-            and isinstance(getattr(m, "expert_counts", None), torch.Tensor)
-            and isinstance(getattr(ex, "gate_up_proj", None), torch.Tensor)
-            and isinstance(getattr(ex, "down_proj", None), torch.Tensor))
+    return (
+        isinstance(m, LoadBalanced)
+        and hasattr(m, "gate")
+        and hasattr(m, "n_experts")
+        and isinstance(getattr(m, "expert_counts", None), torch.Tensor)
+        and isinstance(getattr(ex, "gate_up_proj", None), torch.Tensor)
+        and isinstance(getattr(ex, "down_proj", None), torch.Tensor)
+    )
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -70,14 +77,19 @@ def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(n, m) for n, m in model.named_modules() if is_moe_layer(m)]
 
 
-def _balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_seq: int, alpha: float) -> torch.Tensor:
+def _balance_loss(
+    scores: torch.Tensor, topk_idx: torch.Tensor, n_seq: int, alpha: float
+) -> torch.Tensor:
     """DeepSeek-V3 sequence-wise balance loss (the same formula as the MoE layer's own)."""
     n, e = scores.shape
     k, t = topk_idx.shape[1], n // n_seq
     with torch.no_grad():
         f = torch.zeros(n_seq, e, dtype=scores.dtype, device=scores.device)
-        f.scatter_add_(1, topk_idx.reshape(n_seq, t * k),
-                       torch.ones(n_seq, t * k, dtype=scores.dtype, device=scores.device))
+        f.scatter_add_(
+            1,
+            topk_idx.reshape(n_seq, t * k),
+            torch.ones(n_seq, t * k, dtype=scores.dtype, device=scores.device),
+        )
         f.mul_(e / (k * t))
     p = (scores / scores.sum(dim=-1, keepdim=True)).view(n_seq, t, e).mean(dim=1)
     return alpha * (f * p).sum(dim=1).mean()
@@ -135,11 +147,13 @@ def shard_experts(moe: nn.Module, ep_rank: int, ep_size: int, group: Any) -> Non
     ex = moe.experts
     for name in ("gate_up_proj", "down_proj"):
         old = getattr(ex, name)
-        new = nn.Parameter(old.detach()[lo:lo + local].clone(), requires_grad=old.requires_grad)
+        new = nn.Parameter(old.detach()[lo : lo + local].clone(), requires_grad=old.requires_grad)
         for attr, val in vars(old).items():  # e.g. muon_split
             setattr(new, attr, val)
         setattr(new, EP_ATTR, True)
-        setattr(new, EXPERT_OFFSET_ATTR, lo)  # layout-free init draws experts lo.. as one process would
+        setattr(
+            new, EXPERT_OFFSET_ATTR, lo
+        )  # layout-free init draws experts lo.. as one process would
         setattr(new, GLOBAL_ROWS_ATTR, n)  # checkpoints hold every expert
         setattr(ex, name, new)
     if hasattr(ex, "n_experts"):

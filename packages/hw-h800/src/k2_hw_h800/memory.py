@@ -47,9 +47,15 @@ def _norm_none(w: int, b: int) -> int:
     return F32 * w + F32 + b * w + b * w
 
 
-def layer_activation_bytes(m: ModelConfig, moe: MoEConfig, layer: int, tokens: int,
-                           policy: ActivationPolicy, act_bytes: int = 2,
-                           param_bytes: int = 2) -> SavedSplit:
+def layer_activation_bytes(
+    m: ModelConfig,
+    moe: MoEConfig,
+    layer: int,
+    tokens: int,
+    policy: ActivationPolicy,
+    act_bytes: int = 2,
+    param_bytes: int = 2,
+) -> SavedSplit:
     """Bytes layer `layer` saves for the backward of one micro-batch of `tokens` tokens.
 
     `act_bytes` is the compute dtype's width (2 for bf16), `param_bytes` the parameters'
@@ -74,8 +80,9 @@ def layer_activation_bytes(m: ModelConfig, moe: MoEConfig, layer: int, tokens: i
         nonlocal dev, host, const_dev, const_host
         to_host = off and not fp8
         if const:
-            const_host, const_dev = (const_host + nbytes, const_dev) if to_host else (
-                const_host, const_dev + nbytes)
+            const_host, const_dev = (
+                (const_host + nbytes, const_dev) if to_host else (const_host, const_dev + nbytes)
+            )
         elif to_host:
             host += nbytes
         else:
@@ -155,8 +162,17 @@ class StageState:
         return self.bf16_params + self.fp32_grads
 
 
-def stage_state(m: ModelConfig, moe: MoEConfig, layers: list[int], *, first: bool, last: bool,
-                ep: int, dp: int, master_weights: bool = False) -> StageState:
+def stage_state(
+    m: ModelConfig,
+    moe: MoEConfig,
+    layers: list[int],
+    *,
+    first: bool,
+    last: bool,
+    ep: int,
+    dp: int,
+    master_weights: bool = False,
+) -> StageState:
     """State per GPU of a pipeline rank owning `layers` (embedding if `first`, head if `last`),
     routed experts split over `ep`. ZeRO-1 splits the optimizer state of the routed experts
     over their `dp` replicas and that of the other parameters over all `ep x dp` GPUs of the
@@ -181,10 +197,12 @@ def stage_state(m: ModelConfig, moe: MoEConfig, layers: list[int], *, first: boo
         adamw += head + h
     muon = n - adamw
     per_param = F32 * (2 if master_weights else 1)  # Muon momentum (+ master copy)
-    opt = per_param * experts / dp + (per_param * (muon - experts) + (
-        2 * F32 + (F32 if master_weights else 0)) * adamw) / (dp * ep)
+    opt = per_param * experts / dp + (
+        per_param * (muon - experts) + (2 * F32 + (F32 if master_weights else 0)) * adamw
+    ) / (dp * ep)
     # a checkpoint's writers: the optimizer state (and masters) by its ZeRO owner, the BF16
     # expert weights spread over their dp replicas, every other weight over the stage's dp x ep
     ckpt = opt + BF16 * experts / dp + BF16 * (n - experts) / (dp * ep)
-    return StageState(params=n, bf16_params=BF16 * n, fp32_grads=F32 * n, optimizer=opt,
-                      checkpoint=ckpt)
+    return StageState(
+        params=n, bf16_params=BF16 * n, fp32_grads=F32 * n, optimizer=opt, checkpoint=ckpt
+    )

@@ -19,8 +19,14 @@ def apply_activation_policy(model: nn.Module, policy: dict[str, Any]) -> Any:
     return apply(model, policy)
 
 
-def parallelize(model: nn.Module, options: H800Options, layout: Layout, *,
-                experts: bool = True, activations: bool = True) -> nn.Module:
+def parallelize(
+    model: nn.Module,
+    options: H800Options,
+    layout: Layout,
+    *,
+    experts: bool = True,
+    activations: bool = True,
+) -> nn.Module:
     """Apply expert parallelism (on meta or materialised weights) and the activation policy to
     `model` in place; returns it. The backend shards experts before it materialises the
     model and applies the policy after (`experts` / `activations` pick the parts).
@@ -29,7 +35,9 @@ def parallelize(model: nn.Module, options: H800Options, layout: Layout, *,
     """
     if experts and layout.ep > 1:
         if not moe_layers(model):
-            raise ConfigError(f"parallel.options.ep={layout.ep} but the model has no MoE layer to shard")
+            raise ConfigError(
+                f"parallel.options.ep={layout.ep} but the model has no MoE layer to shard"
+            )
         apply_expert_parallel(model, layout.ep_rank, layout.ep, layout.ep_group)
     if activations and options.activation_policy:
         apply_activation_policy(model, dict(options.activation_policy))

@@ -42,9 +42,18 @@ class PipelineChunk(nn.Module):
     (one row per micro-batch, so a forward-only schedule can concatenate them).
     """
 
-    def __init__(self, index: int, n_chunks: int, layers: list[nn.Module], first_layer: int,
-                 rotary_emb: nn.Module, *, embed_tokens: nn.Module | None = None,
-                 norm: nn.Module | None = None, lm_head: nn.Linear | None = None):
+    def __init__(
+        self,
+        index: int,
+        n_chunks: int,
+        layers: list[nn.Module],
+        first_layer: int,
+        rotary_emb: nn.Module,
+        *,
+        embed_tokens: nn.Module | None = None,
+        norm: nn.Module | None = None,
+        lm_head: nn.Linear | None = None,
+    ):
         super().__init__()
         self.index, self.n_chunks, self.first_layer = index, n_chunks, first_layer
         self.embed_tokens = embed_tokens
@@ -75,8 +84,9 @@ class PipelineChunk(nn.Module):
         """This chunk's attention modules, in order."""
         return [layer.self_attn for layer in self.layers]
 
-    def _mask(self, seq: int, segment_ids: torch.Tensor | None,
-              device: torch.device) -> torch.Tensor | None:
+    def _mask(
+        self, seq: int, segment_ids: torch.Tensor | None, device: torch.device
+    ) -> torch.Tensor | None:
         """The same mask K2Model builds: packed segments, or explicit causal when recording."""
         if segment_ids is not None:
             causal = torch.ones(seq, seq, dtype=torch.bool, device=device).tril_()
@@ -85,12 +95,17 @@ class PipelineChunk(nn.Module):
             return torch.ones(seq, seq, dtype=torch.bool, device=device).tril_()
         return None
 
-    def forward(self, x: torch.Tensor, aux: torch.Tensor | None = None, *,
-                position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None,
-                ce_weight: torch.Tensor | None = None,
-                mb_weight: torch.Tensor | None = None) -> Any:
+    def forward(
+        self,
+        x: torch.Tensor,
+        aux: torch.Tensor | None = None,
+        *,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        ce_weight: torch.Tensor | None = None,
+        mb_weight: torch.Tensor | None = None,
+    ) -> Any:
         """Run this chunk on one micro-batch (see the class docstring).
 
         The loss weights make the micro-batch losses sum to the batch's: ce_weight is this
@@ -106,7 +121,11 @@ class PipelineChunk(nn.Module):
         mask = self._mask(seq, segment_ids, x.device)
         for layer in self.layers:
             x = layer(x, cos, sin, mask)
-            a = getattr(layer.mlp, "aux_loss", None) if isinstance(layer.mlp, LoadBalanced) else None
+            a = (
+                getattr(layer.mlp, "aux_loss", None)
+                if isinstance(layer.mlp, LoadBalanced)
+                else None
+            )
             if a is not None:
                 aux = a.float() if aux is None else aux + a.float()
         if aux is None:  # no balance loss so far: a constant keeps the stage's outputs fixed
@@ -134,17 +153,25 @@ def split_model(model: K2ForCausalLM, pp: int, virtual_stages: int = 1) -> list[
 
     n_layers, n_chunks = len(model.model.layers), pp * virtual_stages
     if not 1 <= n_chunks <= n_layers:
-        raise ConfigError(f"parallel.options: {n_chunks} pipeline chunks (pp x virtual stages) for "
-                          f"{n_layers} decoder layers; use between 1 and {n_layers} chunks")
+        raise ConfigError(
+            f"parallel.options: {n_chunks} pipeline chunks (pp x virtual stages) for "
+            f"{n_layers} decoder layers; use between 1 and {n_layers} chunks"
+        )
     chunks = []
     for i, ids in enumerate(partition_layers(n_layers, pp, virtual_stages)[0]):
         last = i == n_chunks - 1
-        chunks.append(PipelineChunk(
-            i, n_chunks, [model.model.layers[j] for j in ids], ids[0], model.model.rotary_emb,
-            embed_tokens=model.model.embed_tokens if i == 0 else None,
-            norm=model.model.norm if last else None,
-            lm_head=model.lm_head if last else None,
-        ))
+        chunks.append(
+            PipelineChunk(
+                i,
+                n_chunks,
+                [model.model.layers[j] for j in ids],
+                ids[0],
+                model.model.rotary_emb,
+                embed_tokens=model.model.embed_tokens if i == 0 else None,
+                norm=model.model.norm if last else None,
+                lm_head=model.lm_head if last else None,
+            )
+        )
     return chunks
 
 
@@ -163,9 +190,19 @@ def _chunk_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 class PipelineRunner:
     """This rank's share of a pipelined K2 model and the schedule that trains it."""
 
-    def __init__(self, model: K2ForCausalLM, chunks: list[PipelineChunk], stages: list[Any],
-                 schedule: Any, *, pp_group: Any, pp_rank: int, pp_size: int,
-                 n_microbatches: int, device: torch.device):
+    def __init__(
+        self,
+        model: K2ForCausalLM,
+        chunks: list[PipelineChunk],
+        stages: list[Any],
+        schedule: Any,
+        *,
+        pp_group: Any,
+        pp_rank: int,
+        pp_size: int,
+        n_microbatches: int,
+        device: torch.device,
+    ):
         self.model = model
         self.chunks = chunks
         self.stage_modules: list[nn.Module] = [c for c in chunks if c.index % pp_size == pp_rank]
@@ -209,21 +246,32 @@ class PipelineRunner:
         if batch is not None:
             unknown = set(batch) - set(BATCH_KEYS)
             if unknown:
-                raise ValueError(f"pipeline batch: unexpected keys {sorted(unknown)}; "
-                                 f"expected {BATCH_KEYS}")
+                raise ValueError(
+                    f"pipeline batch: unexpected keys {sorted(unknown)}; expected {BATCH_KEYS}"
+                )
         if self.pp_size == 1:
             return dict(batch or {})
         if self.device.type == "meta":  # a dry run hands every rank the (meta) batch: no values
             if batch is None:
                 raise ValueError("pipeline on meta tensors: pass the batch on every rank")
             return {k: batch.get(k) for k in BATCH_KEYS} | {
-                "input_ids": batch["input_ids"] if self.pp_rank == 0 else None}
+                "input_ids": batch["input_ids"] if self.pp_rank == 0 else None
+            }
         dev, first = self.device, self.pp_rank == 0
-        head = torch.zeros(4, dtype=torch.long, device=dev)  # rows, seq, position rows, has segments
+        head = torch.zeros(
+            4, dtype=torch.long, device=dev
+        )  # rows, seq, position rows, has segments
         if first:
             ids, pos, seg = batch["input_ids"], batch.get("position_ids"), batch.get("segment_ids")
-            head = torch.tensor([ids.shape[0], ids.shape[1], 0 if pos is None else pos.shape[0],
-                                 int(seg is not None)], device=dev)
+            head = torch.tensor(
+                [
+                    ids.shape[0],
+                    ids.shape[1],
+                    0 if pos is None else pos.shape[0],
+                    int(seg is not None),
+                ],
+                device=dev,
+            )
         dist.broadcast(head, group=self.pp_group, group_src=0)
         rows, seq, prow, has_seg = head.tolist()
         sizes = [rows, prow, rows if has_seg else 0]
@@ -234,22 +282,30 @@ class PipelineRunner:
             flat = torch.empty(sum(sizes), seq, dtype=torch.long, device=dev)
         dist.broadcast(flat, group=self.pp_group, group_src=0)
         labels, pos_t, seg_t = flat.split(sizes)
-        return {"input_ids": batch["input_ids"] if first else None, "labels": labels,
-                "position_ids": pos_t if prow else None,
-                "segment_ids": seg_t if has_seg else None}
+        return {
+            "input_ids": batch["input_ids"] if first else None,
+            "labels": labels,
+            "position_ids": pos_t if prow else None,
+            "segment_ids": seg_t if has_seg else None,
+        }
 
-    def _microbatches(self, batch: dict[str, torch.Tensor | None],
-                      loss_scale: float = 1.0) -> tuple[list, list, list]:
+    def _microbatches(
+        self, batch: dict[str, torch.Tensor | None], loss_scale: float = 1.0
+    ) -> tuple[list, list, list]:
         """Split the (shared) batch into per-micro-batch (args, kwargs, targets) on this device."""
         labels = batch["labels"].to(self.device)
         rows, n = labels.shape[0], self.n_microbatches
         # torch's stages size their receive buffers from the first micro-batch they see
         if self.batch_shape is not None and tuple(labels.shape) != self.batch_shape:
-            raise ConfigError(f"data: pipeline batches must keep one shape; got {tuple(labels.shape)} "
-                              f"after {self.batch_shape} (pad to data.seq_len, fixed batch size)")
+            raise ConfigError(
+                f"data: pipeline batches must keep one shape; got {tuple(labels.shape)} "
+                f"after {self.batch_shape} (pad to data.seq_len, fixed batch size)"
+            )
         if rows % n:
-            raise ConfigError(f"train.micro_batch_size: {rows} rows do not split into "
-                              f"{n} pipeline micro-batches; use a multiple of {n}")
+            raise ConfigError(
+                f"train.micro_batch_size: {rows} rows do not split into "
+                f"{n} pipeline micro-batches; use a multiple of {n}"
+            )
         self.batch_shape = tuple(labels.shape)
         # Each micro-batch's CE is weighted by its share of the batch's labelled tokens, so
         # the micro-batch losses sum to the mean CE over the whole batch.
@@ -265,13 +321,21 @@ class PipelineRunner:
         kwarg_mbs = []
         for i in range(n):
             kw = {k: split[k][i] for k in ("position_ids", "segment_ids") if k in split}
-            kwarg_mbs.append({**kw, "labels": split["labels"][i], "ce_weight": ce_weight[i],
-                              "mb_weight": mb_weight})
+            kwarg_mbs.append(
+                {
+                    **kw,
+                    "labels": split["labels"][i],
+                    "ce_weight": ce_weight[i],
+                    "mb_weight": mb_weight,
+                }
+            )
         ids = batch.get("input_ids")
         args = [(t,) for t in ids.to(self.device).chunk(n)] if ids is not None else [()] * n
         return args, kwarg_mbs, list(split["labels"])
 
-    def step(self, batch: dict[str, torch.Tensor] | None, loss_scale: float = 1.0) -> torch.Tensor | None:
+    def step(
+        self, batch: dict[str, torch.Tensor] | None, loss_scale: float = 1.0
+    ) -> torch.Tensor | None:
         """Forward and backward over the batch's micro-batches; gradients accumulate in `.grad`.
 
         The first pipeline rank passes the batch, the others None (see `share_batch`); a
@@ -284,8 +348,13 @@ class PipelineRunner:
             raise ValueError(f"loss_scale must be positive, got {loss_scale}")
         arg_mbs, kwarg_mbs, target_mbs = self._microbatches(self.share_batch(batch), loss_scale)
         losses: list[torch.Tensor] = []
-        self.schedule.step(arg_mbs=arg_mbs, kwarg_mbs=kwarg_mbs, target_mbs=target_mbs,
-                           losses=losses, return_outputs=False)
+        self.schedule.step(
+            arg_mbs=arg_mbs,
+            kwarg_mbs=kwarg_mbs,
+            target_mbs=target_mbs,
+            losses=losses,
+            return_outputs=False,
+        )
         if not self.has_last_chunk:
             return None
         return torch.stack([loss.detach().float() for loss in losses]).sum() / loss_scale
@@ -302,7 +371,11 @@ class PipelineRunner:
 
     def broadcast_loss(self, loss: torch.Tensor | None) -> torch.Tensor:
         """The last chunk's loss on every rank of the pipeline group."""
-        t = loss.detach().float().clone() if loss is not None else torch.zeros((), device=self.device)
+        t = (
+            loss.detach().float().clone()
+            if loss is not None
+            else torch.zeros((), device=self.device)
+        )
         t = t.to(self.device)
         dist.broadcast(t, group=self.pp_group, group_src=self.last_rank)
         return t
@@ -318,8 +391,10 @@ class PipelineRunner:
         local = torch.full((len(attn), heads), float("-inf"), device=self.device)
         for i in self.layer_ids:
             if getattr(attn[i], "max_logits", None) is None:
-                raise RuntimeError(f"layer {i}: no max logits recorded; call "
-                                   "set_record_max_logits(True) and run a step")
+                raise RuntimeError(
+                    f"layer {i}: no max logits recorded; call "
+                    "set_record_max_logits(True) and run a step"
+                )
             local[i] = attn[i].max_logits.to(self.device)
         dist.all_reduce(local, op=dist.ReduceOp.MAX, group=self.pp_group)
         return local
@@ -360,27 +435,39 @@ def chunk_device(chunk: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def stage_io(chunk: PipelineChunk, rows: int, seq: int, device: torch.device
-             ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+def stage_io(
+    chunk: PipelineChunk, rows: int, seq: int, device: torch.device
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """Example (inputs, outputs) of a chunk for one micro-batch of `rows` x `seq` tokens, on
     the meta device: token ids or (hidden, balance loss) in; (hidden, balance loss) or the
     [1] loss out. Hidden states keep the parameters' dtype (autocast leaves the residual)."""
-    hidden = next(p.dtype for p in chunk.layers.parameters()) if len(chunk.layers) else torch.float32
+    hidden = (
+        next(p.dtype for p in chunk.layers.parameters()) if len(chunk.layers) else torch.float32
+    )
     meta = torch.device("meta")
     # requires_grad marks what carries a gradient back between stages (static mode reads it)
-    h = torch.empty(rows, seq, chunk.rotary_emb.cfg.hidden_size, dtype=hidden, device=meta,
-                    requires_grad=True)
+    h = torch.empty(
+        rows, seq, chunk.rotary_emb.cfg.hidden_size, dtype=hidden, device=meta, requires_grad=True
+    )
     aux = torch.empty((), dtype=torch.float32, device=meta, requires_grad=True)
     ins = (torch.empty(rows, seq, dtype=torch.long, device=meta),) if chunk.is_first else (h, aux)
     outs = (torch.empty(1, device=meta, requires_grad=True),) if chunk.is_last else (h, aux)
     return ins, outs
 
 
-def build_pipeline(model: K2ForCausalLM, *, pp_group: Any, pp_rank: int, pp_size: int,
-                   virtual_stages: int, n_microbatches: int, device: torch.device | str,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-                   autocast: torch.dtype | None = None,
-                   micro_batch: tuple[int, int] | None = None) -> PipelineRunner:
+def build_pipeline(
+    model: K2ForCausalLM,
+    *,
+    pp_group: Any,
+    pp_rank: int,
+    pp_size: int,
+    virtual_stages: int,
+    n_microbatches: int,
+    device: torch.device | str,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    autocast: torch.dtype | None = None,
+    micro_batch: tuple[int, int] | None = None,
+) -> PipelineRunner:
     """Split `model` into pp_size x virtual_stages chunks and schedule this rank's share.
 
     loss_fn(logits, labels) -> mean loss of one micro-batch replaces the fused head + CE
@@ -402,38 +489,57 @@ def build_pipeline(model: K2ForCausalLM, *, pp_group: Any, pp_rank: int, pp_size
     if n_microbatches < 1:
         raise ConfigError("parallel.options.n_microbatches: must be at least 1")
     if model.config.tie_word_embeddings and pp_size > 1:
-        raise ConfigError("model.tie_word_embeddings: a tied head spans the first and last "
-                          "pipeline ranks; untie it (K2 is untied) or use pp=1")
+        raise ConfigError(
+            "model.tie_word_embeddings: a tied head spans the first and last "
+            "pipeline ranks; untie it (K2 is untied) or use pp=1"
+        )
     rounds = max(1, n_microbatches // pp_size)
     if virtual_stages > 1 and n_microbatches % rounds:
-        raise ConfigError(f"parallel.options.n_microbatches: interleaved 1F1B needs a multiple of "
-                          f"{rounds} micro-batches (got {n_microbatches}); use a multiple of {pp_size}")
+        raise ConfigError(
+            f"parallel.options.n_microbatches: interleaved 1F1B needs a multiple of "
+            f"{rounds} micro-batches (got {n_microbatches}); use a multiple of {pp_size}"
+        )
     device = torch.device(device)
     n_chunks = pp_size * virtual_stages
     chunks = split_model(model, pp_size, virtual_stages)
     if micro_batch is not None and micro_batch[0] % n_microbatches:
-        raise ConfigError(f"train.micro_batch_size: {micro_batch[0]} rows do not split into "
-                          f"{n_microbatches} pipeline micro-batches; use a multiple of {n_microbatches}")
+        raise ConfigError(
+            f"train.micro_batch_size: {micro_batch[0]} rows do not split into "
+            f"{n_microbatches} pipeline micro-batches; use a multiple of {n_microbatches}"
+        )
     stages = []
     for chunk in chunks[pp_rank::pp_size]:
         chunk.loss_fn = loss_fn
         static = {}
         if micro_batch is not None:  # shapes given: no shape-inference forward at the first step
             rows = micro_batch[0] // n_microbatches
-            static = dict(zip(("input_args", "output_args"),
-                              stage_io(chunk, rows, micro_batch[1], device), strict=True))
+            static = dict(
+                zip(
+                    ("input_args", "output_args"),
+                    stage_io(chunk, rows, micro_batch[1], device),
+                    strict=True,
+                )
+            )
         stage = PipelineStage(chunk, chunk.index, n_chunks, device, group=pp_group, **static)
         stage.register_forward_context(_forward_context(chunk, autocast))
         stages.append(stage)
     # The chunks' losses are already scaled to the batch mean: no rescaling of gradients.
     if virtual_stages > 1:
-        schedule = ScheduleInterleaved1F1B(stages, n_microbatches, loss_fn=_chunk_loss,
-                                           scale_grads=False)
+        schedule = ScheduleInterleaved1F1B(
+            stages, n_microbatches, loss_fn=_chunk_loss, scale_grads=False
+        )
     elif n_microbatches >= pp_size:
-        schedule = Schedule1F1B(stages[0], n_microbatches, loss_fn=_chunk_loss,
-                                scale_grads=False)
+        schedule = Schedule1F1B(stages[0], n_microbatches, loss_fn=_chunk_loss, scale_grads=False)
     else:
-        schedule = ScheduleGPipe(stages[0], n_microbatches, loss_fn=_chunk_loss,
-                                 scale_grads=False)
-    return PipelineRunner(model, chunks, stages, schedule, pp_group=pp_group, pp_rank=pp_rank,
-                          pp_size=pp_size, n_microbatches=n_microbatches, device=device)
+        schedule = ScheduleGPipe(stages[0], n_microbatches, loss_fn=_chunk_loss, scale_grads=False)
+    return PipelineRunner(
+        model,
+        chunks,
+        stages,
+        schedule,
+        pp_group=pp_group,
+        pp_rank=pp_rank,
+        pp_size=pp_size,
+        n_microbatches=n_microbatches,
+        device=device,
+    )

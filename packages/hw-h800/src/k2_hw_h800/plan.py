@@ -65,22 +65,28 @@ class PlanOptions(BaseModel):
         None, gt=0, description="Force sequences per micro-batch (default: search 1, 2, 4, 8)."
     )
     master_weights: bool = Field(
-        True, description="Keep an FP32 master copy of the parameters in the ZeRO-1 optimizer "
+        True,
+        description="Keep an FP32 master copy of the parameters in the ZeRO-1 optimizer "
         "state, as the h800 backend's default dtype policy (bf16) does beside BF16 parameters "
-        "and FP32 gradient buffers; False counts the optimizer's moments only."
+        "and FP32 gradient buffers; False counts the optimizer's moments only.",
     )
     dispatch_bytes: int = Field(
         2, gt=0, description="Bytes per element of the EP dispatch/combine payload (BF16: 2)."
     )
     host_ram_fraction: float = Field(
-        0.8, gt=0, le=1,
-        description="Fraction of host RAM per GPU usable for offloaded activations."
+        0.8,
+        gt=0,
+        le=1,
+        description="Fraction of host RAM per GPU usable for offloaded activations.",
     )
     max_virtual_stages: int = Field(8, gt=0, description="Largest virtual-stage count tried.")
     state_fraction: float = Field(
-        0.5, gt=0, le=1, description="Largest share of usable HBM the model state (BF16 "
+        0.5,
+        gt=0,
+        le=1,
+        description="Largest share of usable HBM the model state (BF16 "
         "parameters + FP32 gradient buffers) may take; the rest is kept for the optimizer shard "
-        "and activations (K2: about 30 of 80 GB)."
+        "and activations (K2: about 30 of 80 GB).",
     )
 
 
@@ -179,8 +185,16 @@ def _recompute_flops_per_token(m: ModelConfig) -> float:
     return 2.0 * (qb + kvb) * m.num_hidden_layers
 
 
-def _evaluate(m: ModelConfig, moe: MoEConfig, cl: ClusterSpec, o: PlanOptions, pp: int, ep: int,
-              v: int, mbs: int) -> Candidate | None:
+def _evaluate(
+    m: ModelConfig,
+    moe: MoEConfig,
+    cl: ClusterSpec,
+    o: PlanOptions,
+    pp: int,
+    ep: int,
+    v: int,
+    mbs: int,
+) -> Candidate | None:
     gpus = cl.gpus
     dp = gpus // (pp * ep)
     seqs = o.global_batch_tokens // o.seq_len
@@ -194,8 +208,19 @@ def _evaluate(m: ModelConfig, moe: MoEConfig, cl: ClusterSpec, o: PlanOptions, p
         return None
     chunks, ranks = partition_layers(m.num_hidden_layers, pp, v)
     tokens = mbs * o.seq_len
-    states = [stage_state(m, moe, ranks[r], first=r == 0, last=r == pp - 1, ep=ep, dp=dp,
-                          master_weights=o.master_weights) for r in range(pp)]
+    states = [
+        stage_state(
+            m,
+            moe,
+            ranks[r],
+            first=r == 0,
+            last=r == pp - 1,
+            ep=ep,
+            dp=dp,
+            master_weights=o.master_weights,
+        )
+        for r in range(pp)
+    ]
     # the fused LM-head loss keeps grad_hidden [tokens, H] and an FP32 grad_weight [V, H]
     head_extra = SavedSplit(2.0 * tokens * m.hidden_size + 4.0 * m.vocab_size * m.hidden_size)
     usable = (cl.hbm_gb - cl.reserved_gb) * GB
@@ -207,8 +232,9 @@ def _evaluate(m: ModelConfig, moe: MoEConfig, cl: ClusterSpec, o: PlanOptions, p
     over: dict[str, float] = {}
     host_over: dict[str, float] = {}
     for name, pol in POLICY_LEVELS.items():
-        per_layer = {i: layer_activation_bytes(m, moe, i, tokens, pol)
-                     for i in range(m.num_hidden_layers)}
+        per_layer = {
+            i: layer_activation_bytes(m, moe, i, tokens, pol) for i in range(m.num_hidden_layers)
+        }
         mb, peak, tot = [], [], []
         for r in range(pp):
             a = SavedSplit(0.0)
@@ -230,22 +256,41 @@ def _evaluate(m: ModelConfig, moe: MoEConfig, cl: ClusterSpec, o: PlanOptions, p
         over[name] = max(t - usable for t in tot) / GB
         host_over[name] = max(p.host - host_cap for p in peak) / GB
         fits[name] = over[name] <= 0 and host_over[name] <= 0
-    state_over = max(st.model_state for st in states) / GB - (
-        cl.hbm_gb - cl.reserved_gb) * o.state_fraction
+    state_over = (
+        max(st.model_state for st in states) / GB - (cl.hbm_gb - cl.reserved_gb) * o.state_fraction
+    )
     if state_over > 0:
         fits = dict.fromkeys(fits, False)
     if o.policy == "auto":
         policy = next((n for n in POLICY_LEVELS if fits[n]), "recompute+fp8+offload")
     else:
         policy = o.policy
-    cand = Candidate(pp, ep, dp, v, mbs, micro, policy, chunks, ranks, states, act_mb, act_peak,
-                     totals, fits, state_over, over, host_over)
+    cand = Candidate(
+        pp,
+        ep,
+        dp,
+        v,
+        mbs,
+        micro,
+        policy,
+        chunks,
+        ranks,
+        states,
+        act_mb,
+        act_peak,
+        totals,
+        fits,
+        state_over,
+        over,
+        host_over,
+    )
     cand.time = _time(m, moe, cl, o, cand)
     return cand
 
 
-def _time(m: ModelConfig, moe: MoEConfig, cl: ClusterSpec, o: PlanOptions,
-          c: Candidate) -> dict[str, float]:
+def _time(
+    m: ModelConfig, moe: MoEConfig, cl: ClusterSpec, o: PlanOptions, c: Candidate
+) -> dict[str, float]:
     tokens = float(c.m * c.mbs * c.dp * c.ep * o.seq_len)  # the batch actually planned
     model_flops = model_flops_per_token(m, moe, o.seq_len) * tokens
     hw_flops = model_flops
@@ -343,22 +388,36 @@ class Plan:
         for name in POLICY_LEVELS:
             mb, pk = c.act_mb[name][worst], c.act_peak[name][worst]
             acts[name] = {
-                "per_microbatch_gb": gb(mb.device), "per_microbatch_host_gb": gb(mb.host),
-                "peak_gb": gb(pk.device), "peak_host_gb": gb(pk.host),
-                "total_gb": gb(c.totals[name][worst]), "fits": c.fits[name],
+                "per_microbatch_gb": gb(mb.device),
+                "per_microbatch_host_gb": gb(mb.host),
+                "peak_gb": gb(pk.device),
+                "peak_host_gb": gb(pk.host),
+                "total_gb": gb(c.totals[name][worst]),
+                "fits": c.fits[name],
                 "over_gb": round(c.over_gb[name], 3),
             }
         unique_state = counts["total"] * 6.0
         return {
             "model": self.model_name,
-            "cluster": {"name": cl.name, "nodes": cl.nodes, "gpus": cl.gpus, "hbm_gb": cl.hbm_gb,
-                        "peak_bf16_tflops": cl.peak_bf16_tflops},
-            "parallel": {"pp": c.pp, "ep": c.ep, "dp": c.dp, "virtual_stages": c.v,
-                         "micro_batch_size": c.mbs, "micro_batches": c.m,
-                         "model_parallel_group": c.mp,
-                         "global_batch_sequences": c.m * c.mbs * c.dp * c.ep,
-                         "global_batch_tokens": c.m * c.mbs * c.dp * c.ep * self.options.seq_len,
-                         "seq_len": self.options.seq_len},
+            "cluster": {
+                "name": cl.name,
+                "nodes": cl.nodes,
+                "gpus": cl.gpus,
+                "hbm_gb": cl.hbm_gb,
+                "peak_bf16_tflops": cl.peak_bf16_tflops,
+            },
+            "parallel": {
+                "pp": c.pp,
+                "ep": c.ep,
+                "dp": c.dp,
+                "virtual_stages": c.v,
+                "micro_batch_size": c.mbs,
+                "micro_batches": c.m,
+                "model_parallel_group": c.mp,
+                "global_batch_sequences": c.m * c.mbs * c.dp * c.ep,
+                "global_batch_tokens": c.m * c.mbs * c.dp * c.ep * self.options.seq_len,
+                "seq_len": self.options.seq_len,
+            },
             "layers_per_rank": [len(x) for x in c.ranks],
             "layers_per_chunk": [len(x) for x in c.chunks],
             "policy": c.policy,
@@ -366,7 +425,8 @@ class Plan:
             "model_parallel_group_state_tb": {
                 "bf16_params_plus_fp32_grads": round(unique_state / 1e12, 3),
                 "with_replicated_layers": round(
-                    sum(st.model_state for st in c.states) * c.ep / 1e12, 3),
+                    sum(st.model_state for st in c.states) * c.ep / 1e12, 3
+                ),
             },
             "per_gpu": {
                 "rank": worst,
@@ -386,15 +446,21 @@ class Plan:
         }
 
 
-def make_plan(model: ModelConfig, moe: MoEConfig, cluster: ClusterSpec,
-              options: PlanOptions | None = None, model_name: str = "model") -> Plan:
+def make_plan(
+    model: ModelConfig,
+    moe: MoEConfig,
+    cluster: ClusterSpec,
+    options: PlanOptions | None = None,
+    model_name: str = "model",
+) -> Plan:
     """The best feasible layout, or a PlanError naming what does not fit and by how much."""
     o = options or PlanOptions()
     gpus = cluster.gpus
     seqs = o.global_batch_tokens // o.seq_len
     if seqs < 1:
-        raise PlanError(f"--global-batch-tokens {o.global_batch_tokens} is below one "
-                        f"{o.seq_len}-token sequence")
+        raise PlanError(
+            f"--global-batch-tokens {o.global_batch_tokens} is below one {o.seq_len}-token sequence"
+        )
     pps = [o.pp] if o.pp else _pow2_upto(min(gpus, model.num_hidden_layers))
     eps = [o.ep] if o.ep else [e for e in _pow2_upto(gpus) if moe.n_routed_experts % e == 0]
     mbss = [o.micro_batch_size] if o.micro_batch_size else [1, 2, 4, 8]
@@ -404,8 +470,11 @@ def make_plan(model: ModelConfig, moe: MoEConfig, cluster: ClusterSpec,
             if gpus % (pp * ep) or moe.n_routed_experts % ep:
                 continue
             vmax = model.num_hidden_layers // pp
-            vs = ([o.virtual_stages] if o.virtual_stages
-                  else range(1, min(vmax, o.max_virtual_stages) + 1))
+            vs = (
+                [o.virtual_stages]
+                if o.virtual_stages
+                else range(1, min(vmax, o.max_virtual_stages) + 1)
+            )
             for v in vs:
                 if pp * v > model.num_hidden_layers or (v > 1 and pp == 1):
                     continue
@@ -415,9 +484,11 @@ def make_plan(model: ModelConfig, moe: MoEConfig, cluster: ClusterSpec,
                         cands.append(c)
     where = f"{model_name} on {cluster.nodes} x {cluster.name} node(s) ({gpus} GPUs)"
     if not cands:
-        raise PlanError(f"{where}: no pp x ep layout divides {gpus} GPUs and "
-                        f"{seqs} sequences per step into whole micro-batches; "
-                        "change --nodes, --global-batch-tokens or the forced degrees")
+        raise PlanError(
+            f"{where}: no pp x ep layout divides {gpus} GPUs and "
+            f"{seqs} sequences per step into whole micro-batches; "
+            "change --nodes, --global-batch-tokens or the forced degrees"
+        )
     feasible = [c for c in cands if c.fits[c.policy]]
     if not feasible:
         raise PlanError(_infeasible(where, cands, o, cluster))
@@ -427,6 +498,7 @@ def make_plan(model: ModelConfig, moe: MoEConfig, cluster: ClusterSpec,
 
 def _infeasible(where: str, cands: list[Candidate], o: PlanOptions, cl: ClusterSpec) -> str:
     """Say what does not fit for the closest layout, and by how much."""
+
     def miss(c: Candidate) -> float:
         return max(c.state_over_gb, c.over_gb[c.policy], c.host_over_gb[c.policy])
 
@@ -438,19 +510,26 @@ def _infeasible(where: str, cands: list[Candidate], o: PlanOptions, cl: ClusterS
     layout = f"PP{c.pp} x EP{c.ep} x DP{c.dp} (v={c.v}, micro-batch {c.mbs})"
     budget = usable * o.state_fraction
     if c.state_over_gb > 0:
-        what = (f"model state (BF16 params + FP32 grads) needs {st.model_state / GB:.1f} GB per "
-                f"GPU, {c.state_over_gb:.1f} GB over the {budget:.1f} GB ({o.state_fraction:.0%} "
-                "of usable HBM) kept for it")
+        what = (
+            f"model state (BF16 params + FP32 grads) needs {st.model_state / GB:.1f} GB per "
+            f"GPU, {c.state_over_gb:.1f} GB over the {budget:.1f} GB ({o.state_fraction:.0%} "
+            "of usable HBM) kept for it"
+        )
     elif c.over_gb[name] > 0:
-        what = (f"model state {st.model_state / GB:.1f} GB + optimizer {st.optimizer / GB:.1f} GB "
-                f"+ activations ({name}) {c.act_peak[name][r].device / GB:.1f} GB per GPU exceed "
-                f"the {usable:.1f} GB usable HBM by {c.over_gb[name]:.1f} GB")
+        what = (
+            f"model state {st.model_state / GB:.1f} GB + optimizer {st.optimizer / GB:.1f} GB "
+            f"+ activations ({name}) {c.act_peak[name][r].device / GB:.1f} GB per GPU exceed "
+            f"the {usable:.1f} GB usable HBM by {c.over_gb[name]:.1f} GB"
+        )
     else:
-        what = (f"offloaded activations exceed the host RAM per GPU "
-                f"({cl.host_ram_per_gpu_gb * o.host_ram_fraction:.0f} GB usable) by "
-                f"{c.host_over_gb[name]:.1f} GB")
-    return (f"{where} does not fit: the closest layout {layout}: {what}; "
-            "add nodes or shorten the batch")
+        what = (
+            f"offloaded activations exceed the host RAM per GPU "
+            f"({cl.host_ram_per_gpu_gb * o.host_ram_fraction:.0f} GB usable) by "
+            f"{c.host_over_gb[name]:.1f} GB"
+        )
+    return (
+        f"{where} does not fit: the closest layout {layout}: {what}; add nodes or shorten the batch"
+    )
 
 
 def plan_summary(p: Plan) -> str:
@@ -476,8 +555,10 @@ def plan_summary(p: Plan) -> str:
     for name, a in g["activations"].items():
         mark = "<-" if name == d["policy"] else ""
         fits = "yes" if a["fits"] else "no"
-        lines.append(f"  {name:22s} {a['per_microbatch_gb']:10.2f} GB {a['peak_gb']:12.2f} GB "
-                     f"{a['peak_host_gb']:8.1f} {a['total_gb']:7.1f} {fits:>5} {mark}")
+        lines.append(
+            f"  {name:22s} {a['per_microbatch_gb']:10.2f} GB {a['peak_gb']:12.2f} GB "
+            f"{a['peak_host_gb']:8.1f} {a['total_gb']:7.1f} {fits:>5} {mark}"
+        )
     lines += [
         f"usable HBM {g['usable_hbm_gb']:.1f} GB; chosen policy {d['policy']}: "
         f"{g['total_gb']:.1f} GB",

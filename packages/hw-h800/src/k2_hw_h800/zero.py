@@ -114,9 +114,15 @@ def _max_over(group: Any):
     return reduce
 
 
-def make_zero1_optimizer(model: nn.Module, optimizer: Any, layout: Layout, zero_stage: int, *,
-                         row_align: Callable[[torch.Tensor], int] | None = None,
-                         stage_params: Iterable[torch.Tensor] | None = None) -> Any:
+def make_zero1_optimizer(
+    model: nn.Module,
+    optimizer: Any,
+    layout: Layout,
+    zero_stage: int,
+    *,
+    row_align: Callable[[torch.Tensor], int] | None = None,
+    stage_params: Iterable[torch.Tensor] | None = None,
+) -> Any:
     """Re-home `optimizer` (a k2 Muon / MuonClip) on the layout: ZeRO-1 when asked, dense
     state over the data group (dp x ep), expert state over the dp group.
 
@@ -133,11 +139,19 @@ def make_zero1_optimizer(model: nn.Module, optimizer: Any, layout: Layout, zero_
             optimizer.max_logit_reduce = reduce
         return optimizer
     if not hasattr(optimizer, "zero1"):  # k2-optim's Muon/MuonClip shard themselves
-        raise ConfigError("parallel.options.zero_stage=1 supports optimizers with a zero1() "
-                          "method (k2-optim's muon/muonclip); set zero_stage=0 for others")
-    return optimizer.zero1(layout.data_group, expert_group=layout.dp_group,
-                           is_expert=_is_expert, row_align=row_align, stage_params=stage_params,
-                           reduce_grads=False, max_logit_reduce=reduce)
+        raise ConfigError(
+            "parallel.options.zero_stage=1 supports optimizers with a zero1() "
+            "method (k2-optim's muon/muonclip); set zero_stage=0 for others"
+        )
+    return optimizer.zero1(
+        layout.data_group,
+        expert_group=layout.dp_group,
+        is_expert=_is_expert,
+        row_align=row_align,
+        stage_params=stage_params,
+        reduce_grads=False,
+        max_logit_reduce=reduce,
+    )
 
 
 def _is_expert(p: torch.Tensor) -> bool:
@@ -148,12 +162,16 @@ def _is_expert(p: torch.Tensor) -> bool:
 def check_deepspeed_layout(options: Any) -> None:
     """engine=deepspeed: data parallelism only (DeepSpeed's ZeRO group is the whole job)."""
     if options.pp > 1 or options.ep > 1:
-        raise ConfigError(f"parallel.options.engine=deepspeed supports data parallelism only "
-                          f"(pp=1, ep=1), got pp={options.pp}, ep={options.ep}; use engine=k2 "
-                          "for pipeline or expert parallelism")
+        raise ConfigError(
+            f"parallel.options.engine=deepspeed supports data parallelism only "
+            f"(pp=1, ep=1), got pp={options.pp}, ep={options.ep}; use engine=k2 "
+            "for pipeline or expert parallelism"
+        )
     if options.zero_stage != 1:
-        raise ConfigError("parallel.options.engine=deepspeed runs ZeRO stage 1; set zero_stage=1 "
-                          "(or engine=k2 for zero_stage=0)")
+        raise ConfigError(
+            "parallel.options.engine=deepspeed runs ZeRO stage 1; set zero_stage=1 "
+            "(or engine=k2 for zero_stage=0)"
+        )
 
 
 def make_deepspeed_optimizer(model: nn.Module, optimizer: Any, layout: Layout) -> Any:
@@ -162,8 +180,10 @@ def make_deepspeed_optimizer(model: nn.Module, optimizer: Any, layout: Layout) -
     DeepSpeedMuonClip). The backend still averages and clips the gradients (fp32) before
     `step()`; QK-Clip reduces max logits over the data ranks."""
     if not hasattr(optimizer, "deepspeed"):
-        raise ConfigError("parallel.options.engine=deepspeed supports optimizers with a "
-                          "deepspeed() method (k2-optim's muon/muonclip); use engine=k2")
+        raise ConfigError(
+            "parallel.options.engine=deepspeed supports optimizers with a "
+            "deepspeed() method (k2-optim's muon/muonclip); use engine=k2"
+        )
     opt = optimizer.deepspeed(layout.dp_group, max_logit_reduce=_max_over(layout.data_group))
     opt.initialize(model, {"zero_optimization": {"stage": 1}})
     return opt

@@ -63,7 +63,8 @@ class Dispatch:
         self.token = torch.div(self.perm, k, rounding_mode="floor")
         # scatter_add rather than bincount: CUDA's bincount syncs with the host to size itself
         self.counts = torch.zeros(n_experts, dtype=torch.int64, device=flat.device).scatter_add_(
-            0, flat, torch.ones_like(flat))
+            0, flat, torch.ones_like(flat)
+        )
         self.splits = host_counts(self.counts, flat.numel())  # the single host sync per forward
         active, start = [], 0
         for e, c in enumerate(self.splits):
@@ -80,8 +81,9 @@ class Dispatch:
         return self.offs
 
 
-def _swiglu_backward(g_act: torch.Tensor, h: torch.Tensor, inter: int,
-                     ws: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _swiglu_backward(
+    g_act: torch.Tensor, h: torch.Tensor, inter: int, ws: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """From dL/d(act) (unscaled by ws) to dL/dh [S, 2I], and dL/dws when ws is given.
 
     act = silu(g) * u (* ws). Five elementwise passes; `g_act` is overwritten.
@@ -116,9 +118,15 @@ def _routed_forward_tiled(out, x, w_gate_up, w_down, ws, d: Dispatch):
     scratch_y = torch.empty(rows, x.shape[1], dtype=dt, device=dev)
     # per-expert views made by one split each (cheaper than slicing in the loop)
     sp = d.splits
-    parts = zip(d.token.split(sp), h.split(sp), act.split(sp), ws.split(sp),
-                w_gate_up.transpose(1, 2).unbind(0), w_down.transpose(1, 2).unbind(0),
-                strict=True)
+    parts = zip(
+        d.token.split(sp),
+        h.split(sp),
+        act.split(sp),
+        ws.split(sp),
+        w_gate_up.transpose(1, 2).unbind(0),
+        w_down.transpose(1, 2).unbind(0),
+        strict=True,
+    )
     for n, (tok, he, ae, we, wgu, wd) in zip(sp, parts, strict=True):
         if n == 0:
             continue
@@ -141,8 +149,9 @@ def _routed_forward_grouped(out, x, w_gate_up, w_down, ws, d: Dispatch):
     return h, act
 
 
-def _routed_backward_tiled(dx, dout, x, w_gate_up, w_down, h, act, ws, d: Dispatch, need_wgu: bool,
-                           need_wd: bool):
+def _routed_backward_tiled(
+    dx, dout, x, w_gate_up, w_down, h, act, ws, d: Dispatch, need_wgu: bool, need_wd: bool
+):
     """Per active expert, cache-resident: dy gather, down backward, SwiGLU backward, gate/up
     backward, input-gradient scatter. Returns (dW_gate_up, dW_down, d_ws [S])."""
     s, inter = h.shape[0], w_down.shape[-1]
@@ -161,9 +170,19 @@ def _routed_backward_tiled(dx, dout, x, w_gate_up, w_down, h, act, ws, d: Dispat
     scr_dh = torch.empty(rows, 2 * inter, dtype=dt, device=dev)
     sp = d.splits
     e_ids = range(len(sp))
-    parts = zip(e_ids, sp, d.token.split(sp), h[:, :inter].split(sp), h[:, inter:].split(sp),
-                act.split(sp), ws.split(sp), d_ws.split(sp), w_gate_up.unbind(0), w_down.unbind(0),
-                strict=True)
+    parts = zip(
+        e_ids,
+        sp,
+        d.token.split(sp),
+        h[:, :inter].split(sp),
+        h[:, inter:].split(sp),
+        act.split(sp),
+        ws.split(sp),
+        d_ws.split(sp),
+        w_gate_up.unbind(0),
+        w_down.unbind(0),
+        strict=True,
+    )
     for e, n, tok, g, u, ae, we, dwe, wgu, wd in parts:
         if n == 0:
             continue
@@ -186,8 +205,9 @@ def _routed_backward_tiled(dx, dout, x, w_gate_up, w_down, h, act, ws, d: Dispat
     return dw_gu, dw_d, d_ws
 
 
-def _routed_backward_grouped(dx, dout, x, w_gate_up, w_down, h, act, ws, d: Dispatch,
-                             need_wgu: bool, need_wd: bool):
+def _routed_backward_grouped(
+    dx, dout, x, w_gate_up, w_down, h, act, ws, d: Dispatch, need_wgu: bool, need_wd: bool
+):
     inter = w_down.shape[-1]
     offs = d.offsets()
     all_active = len(d.active) == w_down.shape[0]
@@ -223,8 +243,9 @@ class _ExpertsFn(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, w_gate_up, w_down, topk_weight, s_gate_up, s_down, dispatch: Dispatch,
-                kernel: str):
+    def forward(
+        ctx, x, w_gate_up, w_down, topk_weight, s_gate_up, s_down, dispatch: Dispatch, kernel: str
+    ):
         n, hidden = x.shape
         dt, dev = x.dtype, x.device
         ws = topk_weight.reshape(-1).index_select(0, dispatch.perm).to(dt).unsqueeze(1)  # [S, 1]
@@ -267,8 +288,9 @@ class _ExpertsFn(torch.autograd.Function):
         else:
             dx = torch.zeros_like(x)
         routed = _routed_backward_grouped if ctx.kernel == "grouped_mm" else _routed_backward_tiled
-        dw_gate_up, dw_down, d_ws = routed(dx, dout, x, w_gate_up, w_down, h, act, ws, d,
-                                           need[1], need[2])
+        dw_gate_up, dw_down, d_ws = routed(
+            dx, dout, x, w_gate_up, w_down, h, act, ws, d, need[1], need[2]
+        )
         d_w = None
         if need[3]:
             d_w = torch.empty(d.perm.numel(), dtype=ctx.w_dtype, device=h.device)
@@ -277,9 +299,16 @@ class _ExpertsFn(torch.autograd.Function):
         return dx, dw_gate_up, dw_down, d_w, ds_gate_up, ds_down, None, None
 
 
-def experts_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                    topk_weight: torch.Tensor, dispatch: Dispatch, *,
-                    shared: nn.Module | None = None, kernel: str = "auto") -> torch.Tensor:
+def experts_forward(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_weight: torch.Tensor,
+    dispatch: Dispatch,
+    *,
+    shared: nn.Module | None = None,
+    kernel: str = "auto",
+) -> torch.Tensor:
     """Routed experts (plus an optional HF-named SwiGLU `shared` expert) on x [N, H].
 
     Under CPU/CUDA autocast, runs in the autocast dtype (weights cast once per call);
@@ -299,8 +328,9 @@ def experts_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tens
         s_gu, s_d = s_gu.to(dt), s_d.to(dt)
     kernel = resolve_kernel(kernel, x.device)
     with autocast(dev, enabled=False):
-        return _ExpertsFn.apply(x.contiguous(), w_gate_up, w_down, topk_weight, s_gu, s_d,
-                                dispatch, kernel)
+        return _ExpertsFn.apply(
+            x.contiguous(), w_gate_up, w_down, topk_weight, s_gu, s_d, dispatch, kernel
+        )
 
 
 # Up to this many (token, expert) pairs, inference skips the dispatch sort: decoding one token
@@ -309,33 +339,46 @@ SMALL_BATCH_PAIRS = 16
 
 
 @torch.no_grad()
-def small_batch_forward(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                        topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-                        on_host: bool | None = None) -> torch.Tensor:
+def small_batch_forward(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+    on_host: bool | None = None,
+) -> torch.Tensor:
     """Routed experts on a few tokens (inference): x [N, H] -> [N, H], no dispatch sort.
 
     `on_host` (default: on the CPU when no cast is needed) loops over the pairs on views of
     the weights; otherwise the chosen experts' weights are gathered for two batched matmuls,
     which needs no device sync."""
     n, k = topk_idx.shape
-    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) \
+    dt = (
+        torch.get_autocast_dtype(x.device.type)
+        if torch.is_autocast_enabled(x.device.type)
         else w_gate_up.dtype
+    )
     if on_host is None:
         on_host = x.device.type == "cpu" and w_gate_up.dtype == dt
     if on_host:
         return _pairs_on_host(x.to(dt), w_gate_up, w_down, topk_idx, topk_weight.to(dt))
     idx = topk_idx.reshape(-1)
-    xs = x.to(dt).repeat_interleave(k, dim=0).unsqueeze(-1)                # [N*k, H, 1]
+    xs = x.to(dt).repeat_interleave(k, dim=0).unsqueeze(-1)  # [N*k, H, 1]
     with torch.autocast(x.device.type, enabled=False):
         h = torch.bmm(w_gate_up.index_select(0, idx).to(dt), xs).squeeze(-1)  # [N*k, 2I]
         inter = w_down.shape[-1]
         a = F.silu(h[:, :inter]) * h[:, inter:] * topk_weight.reshape(-1, 1).to(dt)
-        y = torch.bmm(w_down.index_select(0, idx).to(dt), a.unsqueeze(-1))   # [N*k, H, 1]
+        y = torch.bmm(w_down.index_select(0, idx).to(dt), a.unsqueeze(-1))  # [N*k, H, 1]
     return y.view(n, k, -1).sum(dim=1)
 
 
-def _pairs_on_host(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor,
-                   topk_idx: torch.Tensor, topk_weight: torch.Tensor) -> torch.Tensor:
+def _pairs_on_host(
+    x: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    topk_idx: torch.Tensor,
+    topk_weight: torch.Tensor,
+) -> torch.Tensor:
     """One matrix-vector product per (token, expert) pair on views of the expert weights.
 
     On the CPU reading the ids costs no device sync, and it spares the gather above, which
@@ -358,8 +401,15 @@ class GroupedExperts(nn.Module):
     `gate_up_proj` [E, 2*I, H] (gate rows, then up rows) and `down_proj` [E, H, I].
     """
 
-    def __init__(self, n_experts: int, hidden_size: int, intermediate_size: int,
-                 *, initializer_range: float = 0.02, kernel: str = "auto"):
+    def __init__(
+        self,
+        n_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        *,
+        initializer_range: float = 0.02,
+        kernel: str = "auto",
+    ):
         super().__init__()
         self.n_experts = n_experts
         self.hidden_size = hidden_size
@@ -378,12 +428,20 @@ class GroupedExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=self.initializer_range)
 
     def extra_repr(self) -> str:
-        return f"experts={self.n_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}"
+        return (
+            f"experts={self.n_experts}, hidden={self.hidden_size}, inter={self.intermediate_size}"
+        )
 
-    def forward(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor,
-                dispatch: Dispatch | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weight: torch.Tensor,
+        dispatch: Dispatch | None = None,
+    ) -> torch.Tensor:
         """x [N, H], topk_idx/topk_weight [N, k] -> [N, H] in x's dtype (or the autocast dtype)."""
         if dispatch is None:
             dispatch = Dispatch(topk_idx, self.n_experts)
-        return experts_forward(x, self.gate_up_proj, self.down_proj, topk_weight, dispatch,
-                               kernel=self.kernel)
+        return experts_forward(
+            x, self.gate_up_proj, self.down_proj, topk_weight, dispatch, kernel=self.kernel
+        )

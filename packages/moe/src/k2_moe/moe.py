@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from .options import MoEOptions
 
 
-def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_seq: int,
-                          alpha: float) -> torch.Tensor:
+def sequence_balance_loss(
+    scores: torch.Tensor, topk_idx: torch.Tensor, n_seq: int, alpha: float
+) -> torch.Tensor:
     """DeepSeek-V3's sequence-wise balance loss, averaged over sequences.
 
     Per sequence of T tokens: f_i = E / (k T) * #{t : i in topk_t},
@@ -35,8 +36,11 @@ def sequence_balance_loss(scores: torch.Tensor, topk_idx: torch.Tensor, n_seq: i
     t = n // n_seq
     with torch.no_grad():
         f = torch.zeros(n_seq, e, dtype=scores.dtype, device=scores.device)
-        f.scatter_add_(1, topk_idx.reshape(n_seq, t * k), torch.ones(n_seq, t * k, dtype=scores.dtype,
-                                                                         device=scores.device))
+        f.scatter_add_(
+            1,
+            topk_idx.reshape(n_seq, t * k),
+            torch.ones(n_seq, t * k, dtype=scores.dtype, device=scores.device),
+        )
         f.mul_(e / (k * t))
     p = (scores / scores.sum(dim=-1, keepdim=True)).view(n_seq, t, e).mean(dim=1)
     return alpha * (f * p).sum(dim=1).mean()
@@ -54,10 +58,20 @@ class MoE(nn.Module):
 
     aux_loss: torch.Tensor | None
 
-    def __init__(self, hidden_size: int, moe_intermediate_size: int, n_routed_experts: int,
-                 router: nn.Module, *, n_shared_experts: int = 1, bias_update_speed: float = 1e-3,
-                 seq_aux_loss_coef: float = 0.0, initializer_range: float = 0.02,
-                 kernel: str = "auto", layer_idx: int | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        moe_intermediate_size: int,
+        n_routed_experts: int,
+        router: nn.Module,
+        *,
+        n_shared_experts: int = 1,
+        bias_update_speed: float = 1e-3,
+        seq_aux_loss_coef: float = 0.0,
+        initializer_range: float = 0.02,
+        kernel: str = "auto",
+        layer_idx: int | None = None,
+    ):
         super().__init__()
         self.hidden_size = hidden_size
         self.n_experts = n_routed_experts
@@ -65,19 +79,28 @@ class MoE(nn.Module):
         self.seq_aux_loss_coef = seq_aux_loss_coef
         self.layer_idx = layer_idx
         self.gate = router
-        self.experts = GroupedExperts(n_routed_experts, hidden_size, moe_intermediate_size,
-                                      initializer_range=initializer_range, kernel=kernel)
+        self.experts = GroupedExperts(
+            n_routed_experts,
+            hidden_size,
+            moe_intermediate_size,
+            initializer_range=initializer_range,
+            kernel=kernel,
+        )
         if n_shared_experts > 0:
             self.shared_experts = SwiGLU(hidden_size, moe_intermediate_size * n_shared_experts)
-            for lin in (self.shared_experts.gate_proj, self.shared_experts.up_proj,
-                        self.shared_experts.down_proj):
+            for lin in (
+                self.shared_experts.gate_proj,
+                self.shared_experts.up_proj,
+                self.shared_experts.down_proj,
+            ):
                 nn.init.normal_(lin.weight, std=initializer_range)
         else:
             self.shared_experts = None
         # tokens routed to each expert since the last bias update (not part of checkpoints'
         # HF layout, so not persistent)
-        self.register_buffer("expert_counts", torch.zeros(n_routed_experts, dtype=torch.int64),
-                             persistent=False)
+        self.register_buffer(
+            "expert_counts", torch.zeros(n_routed_experts, dtype=torch.int64), persistent=False
+        )
         self.aux_loss = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -85,10 +108,15 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         topk_idx, topk_weight, scores = self.gate(flat)
-        if not torch.is_grad_enabled() and not self.training and topk_idx.numel() <= SMALL_BATCH_PAIRS:
+        if (
+            not torch.is_grad_enabled()
+            and not self.training
+            and topk_idx.numel() <= SMALL_BATCH_PAIRS
+        ):
             self.aux_loss = None  # decoding: no counts, no balance loss, no sort
-            out = small_batch_forward(flat, self.experts.gate_up_proj, self.experts.down_proj,
-                                      topk_idx, topk_weight)
+            out = small_batch_forward(
+                flat, self.experts.gate_up_proj, self.experts.down_proj, topk_idx, topk_weight
+            )
             if self.shared_experts is not None:
                 out = out + self.shared_experts(flat).to(out.dtype)
             return out.view(shape).to(x.dtype)
@@ -102,8 +130,15 @@ class MoE(nn.Module):
         else:
             self.aux_loss = None
         # the shared expert runs inside the same autograd node, as an always-on expert
-        out = experts_forward(flat, self.experts.gate_up_proj, self.experts.down_proj, topk_weight,
-                              dispatch, shared=self.shared_experts, kernel=self.experts.kernel)
+        out = experts_forward(
+            flat,
+            self.experts.gate_up_proj,
+            self.experts.down_proj,
+            topk_weight,
+            dispatch,
+            shared=self.shared_experts,
+            kernel=self.experts.kernel,
+        )
         return out.view(shape).to(x.dtype)
 
     @torch.no_grad()
@@ -123,15 +158,24 @@ class MoE(nn.Module):
         """`counts` [E] since the last bias update and `max_over_mean` (1.0 = perfectly even)."""
         c = self.expert_counts.clone()
         mean = c.float().mean()
-        ratio = torch.where(mean > 0, c.max().float() / mean.clamp_min(1e-12), torch.ones_like(mean))
+        ratio = torch.where(
+            mean > 0, c.max().float() / mean.clamp_min(1e-12), torch.ones_like(mean)
+        )
         return {"counts": c, "max_over_mean": ratio}
 
 
-def build_moe(model: ModelConfig, moe: MoEConfig, layer_idx: int, *, registry: Any,
-              options: MoEOptions | None = None) -> MoE:
+def build_moe(
+    model: ModelConfig,
+    moe: MoEConfig,
+    layer_idx: int,
+    *,
+    registry: Any,
+    options: MoEOptions | None = None,
+) -> MoE:
     """MoE FFN from the run config (the `ffn` slot's `moe` factory)."""
-    router = registry.build("router", moe.router, model, moe, options=moe.router_options,
-                            where="moe.router_options")
+    router = registry.build(
+        "router", moe.router, model, moe, options=moe.router_options, where="moe.router_options"
+    )
     return MoE(
         model.hidden_size,
         moe.moe_intermediate_size,

@@ -16,7 +16,17 @@ from .options import MoEOptions, RouterOptions
 @hookimpl
 def k2_register(registry: Any) -> None:
     """Register the `moe` FFN and the `sigmoid_noaux_tc` router."""
-    registry.register("ffn", "moe", "k2_moe.moe:build_moe", MoEOptions,
-                      doc="DeepSeek-V3 MoE FFN: sigmoid router, sorted dispatch, shared experts.")
-    registry.register("router", "sigmoid_noaux_tc", "k2_moe.router:build_router", RouterOptions,
-                      doc="Sigmoid router with aux-loss-free bias and group-limited top-k.")
+    registry.register(
+        "ffn",
+        "moe",
+        "k2_moe.moe:build_moe",
+        MoEOptions,
+        doc="DeepSeek-V3 MoE FFN: sigmoid router, sorted dispatch, shared experts.",
+    )
+    registry.register(
+        "router",
+        "sigmoid_noaux_tc",
+        "k2_moe.router:build_router",
+        RouterOptions,
+        doc="Sigmoid router with aux-loss-free bias and group-limited top-k.",
+    )

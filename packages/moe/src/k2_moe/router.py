@@ -45,7 +45,9 @@ class SigmoidRouter(nn.Module):
     ):
         super().__init__()
         if n_routed_experts % n_group:
-            raise ValueError(f"n_group ({n_group}) must divide n_routed_experts ({n_routed_experts})")
+            raise ValueError(
+                f"n_group ({n_group}) must divide n_routed_experts ({n_routed_experts})"
+            )
         if scoring_func not in ("sigmoid", "softmax"):
             raise ValueError(f"scoring_func must be sigmoid or softmax, got {scoring_func!r}")
         if topk_method not in ("noaux_tc", "greedy"):
@@ -63,7 +65,9 @@ class SigmoidRouter(nn.Module):
         self.fp32 = fp32
         self.weight = nn.Parameter(torch.empty(n_routed_experts, hidden_size, dtype=torch.float32))
         self.register_buffer(
-            "e_score_correction_bias", torch.zeros(n_routed_experts, dtype=torch.float32), persistent=True
+            "e_score_correction_bias",
+            torch.zeros(n_routed_experts, dtype=torch.float32),
+            persistent=True,
         )
         self.reset_parameters()
 
@@ -127,7 +131,9 @@ class SigmoidRouter(nn.Module):
         self.e_score_correction_bias.add_(torch.sign(c.mean() - c), alpha=speed)
 
 
-def build_router(model: ModelConfig, moe: MoEConfig, *, options: RouterOptions | None = None) -> SigmoidRouter:
+def build_router(
+    model: ModelConfig, moe: MoEConfig, *, options: RouterOptions | None = None
+) -> SigmoidRouter:
     """Router from the run config (the `router` slot's `sigmoid_noaux_tc` factory)."""
     return SigmoidRouter(
         model.hidden_size,

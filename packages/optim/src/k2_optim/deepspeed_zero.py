@@ -45,9 +45,9 @@ from .qkclip import MuonClip
 
 #: DeepSpeed settings this integration relies on (merged over the caller's config).
 REQUIRED_CONFIG: dict[str, Any] = {
-    "train_micro_batch_size_per_gpu": 1,   # batches are the caller's; DeepSpeed needs a value
-    "gradient_accumulation_steps": 1,      # micro-batches accumulate in fp32 .grad before step()
-    "gradient_clipping": 0.0,              # K2 clips the raw gradient before the momentum
+    "train_micro_batch_size_per_gpu": 1,  # batches are the caller's; DeepSpeed needs a value
+    "gradient_accumulation_steps": 1,  # micro-batches accumulate in fp32 .grad before step()
+    "gradient_clipping": 0.0,  # K2 clips the raw gradient before the momentum
     "zero_allow_untested_optimizer": True,
     "data_types": {"grad_accum_dtype": "fp32"},
 }
@@ -70,16 +70,25 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def deepspeed_config(config: dict[str, Any] | None = None) -> dict[str, Any]:
     """The DeepSpeed config used: ZeRO stage 1 plus REQUIRED_CONFIG over `config`."""
-    cfg = _merge({"zero_optimization": {"stage": 1, "compute_grad_norm": False},
-                  "steps_per_print": 2**31 - 1}, config or {})
+    cfg = _merge(
+        {
+            "zero_optimization": {"stage": 1, "compute_grad_norm": False},
+            "steps_per_print": 2**31 - 1,
+        },
+        config or {},
+    )
     cfg = _merge(cfg, REQUIRED_CONFIG)
     stage = cfg["zero_optimization"].get("stage")
     if stage != 1:
-        raise ValueError(f"DeepSpeedMuonClip runs ZeRO stage 1 only, got zero_optimization.stage={stage}")
+        raise ValueError(
+            f"DeepSpeedMuonClip runs ZeRO stage 1 only, got zero_optimization.stage={stage}"
+        )
     for key in ("fp16", "bf16"):
         if cfg.get(key, {}).get("enabled"):
-            raise ValueError(f"DeepSpeedMuonClip keeps fp32 weights: {key}.enabled must be false "
-                             "(autocast the forward instead)")
+            raise ValueError(
+                f"DeepSpeedMuonClip keeps fp32 weights: {key}.enabled must be false "
+                "(autocast the forward instead)"
+            )
     return cfg
 
 
@@ -117,9 +126,18 @@ class DeepSpeedMuonClip(MuonClip):
         d = self.defaults
         self.inner = ZeroInnerMuon(
             [{k: v for k, v in g.items() if k != "initial_lr"} for g in self.param_groups],
-            d["lr"], d["weight_decay"], d["momentum"], d["nesterov"], d["ns_steps"],
-            d["ns_coefficients"], d["ns_eps"], d["adjust_lr_fn"], adamw_betas=d["betas"],
-            adamw_eps=d["eps"], ns_dtype=self.ns_dtype)
+            d["lr"],
+            d["weight_decay"],
+            d["momentum"],
+            d["nesterov"],
+            d["ns_steps"],
+            d["ns_coefficients"],
+            d["ns_eps"],
+            d["adjust_lr_fn"],
+            adamw_betas=d["betas"],
+            adamw_eps=d["eps"],
+            ns_dtype=self.ns_dtype,
+        )
         self.engine: Any = None
         self._owned_ids: set[int] = set()
 
@@ -135,14 +153,19 @@ class DeepSpeedMuonClip(MuonClip):
         """Build the DeepSpeed ZeRO-1 engine over `model` with `self.inner`; returns it."""
         deepspeed = _require_deepspeed()
         if dist.get_world_size(self.process_group) != dist.get_world_size():
-            raise ValueError("DeepSpeedMuonClip: DeepSpeed's data-parallel group is the whole "
-                             "job, so process_group must hold every rank")
+            raise ValueError(
+                "DeepSpeedMuonClip: DeepSpeed's data-parallel group is the whole "
+                "job, so process_group must hold every rank"
+            )
         bad = sorted({str(p.dtype) for p in self._params() if p.dtype != torch.float32})
         if bad:
             raise ValueError(f"DeepSpeedMuonClip keeps fp32 weights, got {', '.join(bad)}")
-        engine, *_ = deepspeed.initialize(model=model, optimizer=self.inner,
-                                          config=deepspeed_config(config),
-                                          dist_init_required=False)
+        engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=self.inner,
+            config=deepspeed_config(config),
+            dist_init_required=False,
+        )
         # gradients arrive averaged and clipped: DeepSpeed must not reduce them again
         engine.enable_backward_allreduce = False
         self.engine = engine
@@ -206,8 +229,11 @@ class DeepSpeedMuonClip(MuonClip):
 
     # --- state ----------------------------------------------------------------------------
     def _adam_items(self) -> list[tuple[int, Tensor, dict[str, Any]]]:
-        return [(i, p, g) for i, (p, g) in enumerate(
-            (p, g) for g in self.param_groups for p in g["params"]) if not g["use_muon"]]
+        return [
+            (i, p, g)
+            for i, (p, g) in enumerate((p, g) for g in self.param_groups for p in g["params"])
+            if not g["use_muon"]
+        ]
 
     def consolidated_state_dict(self) -> dict[str, Any]:
         """Collective: the single-process MuonClip state dict (momentum of every matrix, AdamW
@@ -216,15 +242,20 @@ class DeepSpeedMuonClip(MuonClip):
 
         self._link_state_fragments()
         sd = super().state_dict()
-        local = {k: {n: (v.cpu() if torch.is_tensor(v) else v) for n, v in s.items()}
-                 for k, s in sd["state"].items()}
+        local = {
+            k: {n: (v.cpu() if torch.is_tensor(v) else v) for n, v in s.items()}
+            for k, s in sd["state"].items()
+        }
         shards: list[Any] = [None] * dist.get_world_size(self.process_group)
         dist.all_gather_object(shards, local, group=self.process_group)
         state: dict[int, dict[str, Any]] = {}
         for shard in shards:
             state.update(shard)
-        inner_steps = {id(g): int(self.inner.state.get(g["params"][0], {}).get("step", 0))
-                       for g in self.inner.param_groups if g["params"]}
+        inner_steps = {
+            id(g): int(self.inner.state.get(g["params"][0], {}).get("step", 0))
+            for g in self.inner.param_groups
+            if g["params"]
+        }
         for (i, p, _g), inner in zip(self._adam_items(), self._inner_adam_groups(), strict=True):
             st = {}
             for key in ("exp_avg", "exp_avg_sq"):
@@ -274,12 +305,15 @@ class DeepSpeedMuonClip(MuonClip):
             if "exp_avg" in st:
                 steps[id(inner)] = int(st["step"])
         # create the inner state DeepSpeed links its fragments to, then fill the fragments
-        for inner, flat in zip(self.inner.param_groups, zero.single_partition_of_fp32_groups,
-                               strict=True):
+        for inner, flat in zip(
+            self.inner.param_groups, zero.single_partition_of_fp32_groups, strict=True
+        ):
             if id(inner) in steps:
-                self.inner.state[flat] = {"step": steps[id(inner)],
-                                          "exp_avg": torch.zeros_like(flat),
-                                          "exp_avg_sq": torch.zeros_like(flat)}
+                self.inner.state[flat] = {
+                    "step": steps[id(inner)],
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
         self._link_state_fragments()
         for p in self._params():
             st = sd["state"].get(self._index_of(p))
@@ -297,10 +331,12 @@ class DeepSpeedMuonClip(MuonClip):
         return self._index_cache[id(p)]
 
 
-def to_deepspeed(optimizer: Muon, process_group: Any = None, *,
-                 max_logit_reduce: Any = None) -> DeepSpeedMuonClip:
+def to_deepspeed(
+    optimizer: Muon, process_group: Any = None, *, max_logit_reduce: Any = None
+) -> DeepSpeedMuonClip:
     """`optimizer` (a Muon or MuonClip) as a DeepSpeedMuonClip with the same settings (call
     `initialize(model, config)` on the result)."""
     groups, kwargs = rehome_arguments(optimizer)
-    return DeepSpeedMuonClip(groups, process_group=process_group,
-                             max_logit_reduce=max_logit_reduce, **kwargs)
+    return DeepSpeedMuonClip(
+        groups, process_group=process_group, max_logit_reduce=max_logit_reduce, **kwargs
+    )

@@ -73,8 +73,9 @@ def _rows_key(rows: Any, pid: Any) -> Rows | None:
     return None if got is None else (int(got[0]), int(got[1]))
 
 
-def _merge_pieces(pieces: dict[int, list[tuple[Rows, dict[str, Any]]]], shapes: dict[int, int]
-                  ) -> dict[int, dict[str, Any]]:
+def _merge_pieces(
+    pieces: dict[int, list[tuple[Rows, dict[str, Any]]]], shapes: dict[int, int]
+) -> dict[int, dict[str, Any]]:
     """Per parameter index, the row pieces' states concatenated along dim 0 in row order."""
     out: dict[int, dict[str, Any]] = {}
     for pid, parts in pieces.items():
@@ -82,8 +83,10 @@ def _merge_pieces(pieces: dict[int, list[tuple[Rows, dict[str, Any]]]], shapes: 
         stop = 0
         for (a, b), _ in parts:
             if a != stop:
-                raise ValueError(f"merge: parameter {pid} has rows {stop}..{a} missing or twice "
-                                 "(shards of different expert slices?)")
+                raise ValueError(
+                    f"merge: parameter {pid} has rows {stop}..{a} missing or twice "
+                    "(shards of different expert slices?)"
+                )
             stop = b
         if pid in shapes and stop != shapes[pid]:
             raise ValueError(f"merge: parameter {pid} has {stop} of its {shapes[pid]} rows")
@@ -143,11 +146,18 @@ class DistributedMuonClip(MuonClip):
     - `merge_state_dicts(shards)`: the full dict from the shards of one group.
     """
 
-    def __init__(self, params: Any, *args: Any, process_group: Any = None,
-                 expert_group: Any = None, is_expert: Callable[[Tensor], bool] | None = None,
-                 row_align: Callable[[Tensor], int] | None = None,
-                 stage_params: Iterable[Tensor] | None = None,
-                 reduce_grads: bool = True, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        params: Any,
+        *args: Any,
+        process_group: Any = None,
+        expert_group: Any = None,
+        is_expert: Callable[[Tensor], bool] | None = None,
+        row_align: Callable[[Tensor], int] | None = None,
+        stage_params: Iterable[Tensor] | None = None,
+        reduce_grads: bool = True,
+        **kwargs: Any,
+    ) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("DistributedMuonClip needs an initialised torch.distributed group")
         self.process_group = process_group
@@ -167,8 +177,9 @@ class DistributedMuonClip(MuonClip):
         self.plan = self._make_plan(row_align, stage_params)
 
     # --- planning -------------------------------------------------------------------------
-    def _make_plan(self, row_align: Callable[[Tensor], int] | None,
-                   stage_params: Iterable[Tensor] | None) -> Zero1Plan:
+    def _make_plan(
+        self, row_align: Callable[[Tensor], int] | None, stage_params: Iterable[Tensor] | None
+    ) -> Zero1Plan:
         """Plan the stage (one all-gather of the expert groups' shapes when there are any)."""
         flat = self._all_params()
         muon = {id(p): g["use_muon"] for g in self.param_groups for p in g["params"]}
@@ -179,15 +190,16 @@ class DistributedMuonClip(MuonClip):
 
         def spec(i: int) -> StateSpec:
             p = flat[i]
-            return state_spec(p, muon[id(p)], row_align(p) if row_align else 1,
-                              self.has_master(p))
+            return state_spec(p, muon[id(p)], row_align(p) if row_align else 1, self.has_master(p))
 
         members: list[list[int]] = []
         expert_specs: list[list[StateSpec]] = []
         mine = 0
         if self.expert_group is not None:
-            own = (tuple(dist.get_process_group_ranks(self.expert_group)),
-                   [tuple(vars(spec(i)).values()) for i in expert])
+            own = (
+                tuple(dist.get_process_group_ranks(self.expert_group)),
+                [tuple(vars(spec(i)).values()) for i in expert],
+            )
             every: list[Any] = [None] * self.world_size
             dist.all_gather_object(every, own, group=self.process_group)
             groups = dict(every)  # the members of every expert group -> its specs
@@ -198,8 +210,9 @@ class DistributedMuonClip(MuonClip):
             try:
                 members = [[dist.get_group_rank(pg, g) for g in key] for key in keys]
             except (ValueError, RuntimeError) as exc:
-                raise ValueError("DistributedMuonClip: expert_group must be a subgroup of "
-                                 "process_group") from exc
+                raise ValueError(
+                    "DistributedMuonClip: expert_group must be a subgroup of process_group"
+                ) from exc
             expert_specs = [[StateSpec(*s) for s in groups[k]] for k in keys]
             mine = keys.index(own[0])
         plan = plan_zero1([spec(i) for i in dense], self.world_size, expert_specs, members)
@@ -207,7 +220,8 @@ class DistributedMuonClip(MuonClip):
         # per rank of each group: (param index, start, stop) in parameter order
         self._dense_owners: list[list[tuple[int, int, int]]] = [[] for _ in range(self.world_size)]
         self._expert_owners: list[list[tuple[int, int, int]]] = [
-            [] for _ in range(self.expert_world_size)]
+            [] for _ in range(self.expert_world_size)
+        ]
         for k, i in enumerate(dense):
             for r, (a, b) in sorted(plan.dense[k].items()):
                 self._dense_owners[r].append((i, a, b))
@@ -233,8 +247,12 @@ class DistributedMuonClip(MuonClip):
 
     def state_bytes(self) -> int:
         """Bytes of the optimizer-state tensors this rank holds."""
-        return sum(v.numel() * v.element_size() for st in self.state.values()
-                   for v in st.values() if torch.is_tensor(v))
+        return sum(
+            v.numel() * v.element_size()
+            for st in self.state.values()
+            for v in st.values()
+            if torch.is_tensor(v)
+        )
 
     def _all_reduce_max(self, t: Tensor) -> Tensor:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
@@ -266,8 +284,9 @@ class DistributedMuonClip(MuonClip):
     def _after_update(self) -> None:
         self._sync(self._dense_owners, self.process_group, self.rank, self.world_size)
         if self.expert_group is not None:
-            self._sync(self._expert_owners, self.expert_group, self.expert_rank,
-                       self.expert_world_size)
+            self._sync(
+                self._expert_owners, self.expert_group, self.expert_rank, self.expert_world_size
+            )
         self.apply_qk_clip()
 
     def _sync(self, owners: list[list[tuple[int, int, int]]], group: Any, me: int, n: int) -> None:
@@ -284,7 +303,9 @@ class DistributedMuonClip(MuonClip):
                     continue
                 per = p.numel() // _dim0(p)
                 key = (str(p.dtype), str(p.device))
-                streams.setdefault(key, [[] for _ in range(n)])[r].append((p, a * per, (b - a) * per))
+                streams.setdefault(key, [[] for _ in range(n)])[r].append(
+                    (p, a * per, (b - a) * per)
+                )
         for key in sorted(streams):
             per_rank = streams[key]
             longest = max(sum(c for *_, c in s) for s in per_rank)
@@ -299,16 +320,18 @@ class DistributedMuonClip(MuonClip):
                 lo, hi = k * chunk, (k + 1) * chunk
                 mine = _segments(per_rank[me], lo, hi)
                 if mine:
-                    torch._foreach_copy_([send[o:o + c] for _, _, c, o in mine],
-                                         [p.detach().view(-1)[s:s + c] for p, s, c, _ in mine])
+                    torch._foreach_copy_(
+                        [send[o : o + c] for _, _, c, o in mine],
+                        [p.detach().view(-1)[s : s + c] for p, s, c, _ in mine],
+                    )
                 dist.all_gather(outs, send, group=group)
                 dst, src = [], []
                 for r in range(n):
                     if r == me:
                         continue
                     for p, s, c, o in _segments(per_rank[r], lo, hi):
-                        dst.append(p.detach().view(-1)[s:s + c])
-                        src.append(outs[r][o:o + c])
+                        dst.append(p.detach().view(-1)[s : s + c])
+                        src.append(outs[r][o : o + c])
                 if dst:
                     torch._foreach_copy_(dst, src)
 
@@ -316,8 +339,9 @@ class DistributedMuonClip(MuonClip):
     def state_dict(self) -> dict[str, Any]:
         """This rank's shard: owned state, `param_groups`, `owned_rows`, `world_size`."""
         sd = super().state_dict()
-        sd["owned_rows"] = {i: self._rows[id(p)] for i, p in enumerate(self._all_params())
-                            if id(p) in self._rows}
+        sd["owned_rows"] = {
+            i: self._rows[id(p)] for i, p in enumerate(self._all_params()) if id(p) in self._rows
+        }
         sd["world_size"] = self.world_size
         return sd
 
@@ -338,14 +362,23 @@ class DistributedMuonClip(MuonClip):
                     raise ValueError(
                         f"DistributedMuonClip.load_state_dict: parameter {pid} was saved with "
                         f"rows {got}, this rank owns {mine}; load a consolidated (full) state "
-                        "dict to change the layout")
+                        "dict to change the layout"
+                    )
                 state[pid] = st
                 continue
             whole = mine == (0, _dim0(p))
-            state[pid] = {k: (v[mine[0]:mine[1]].clone()
-                              if not whole and torch.is_tensor(v) and v.ndim == p.ndim
-                              and v.ndim >= 1 and v.shape[0] == _dim0(p) else v)
-                          for k, v in st.items()}
+            state[pid] = {
+                k: (
+                    v[mine[0] : mine[1]].clone()
+                    if not whole
+                    and torch.is_tensor(v)
+                    and v.ndim == p.ndim
+                    and v.ndim >= 1
+                    and v.shape[0] == _dim0(p)
+                    else v
+                )
+                for k, v in st.items()
+            }
         super().load_state_dict({"state": state, "param_groups": state_dict["param_groups"]})
         for p in flat:
             if not self._owned(p):
@@ -375,8 +408,9 @@ class DistributedMuonClip(MuonClip):
         return {"state": _merge_pieces(pieces, shapes), "param_groups": local["param_groups"]}
 
 
-def _translated_groups(own: tuple[tuple[int, ...], list[Any]], pg: Any, size: int
-                       ) -> dict[tuple[int, ...], list[Any]]:
+def _translated_groups(
+    own: tuple[tuple[int, ...], list[Any]], pg: Any, size: int
+) -> dict[tuple[int, ...], list[Any]]:
     """Every expert group of `pg`, built from this rank's own: a fake process group (`k2 plan
     --dry-run`) echoes this rank's object from every rank, so the other groups are taken to be
     its translates on the mesh (strided, as the dp group within dp x ep; the same specs)."""
@@ -385,14 +419,17 @@ def _translated_groups(own: tuple[tuple[int, ...], list[Any]], pg: Any, size: in
     n = len(pos)
     stride = pos[1] - pos[0] if n > 1 else 1
     if n > 1 and (stride * n != size or pos != list(range(pos[0], size, stride))):
-        raise ValueError("DistributedMuonClip: cannot infer the expert groups of a fake "
-                         "process group from a group that is not strided")
+        raise ValueError(
+            "DistributedMuonClip: cannot infer the expert groups of a fake "
+            "process group from a group that is not strided"
+        )
     starts = range(stride) if n > 1 else range(size)
     return {tuple(ranks[o + k * stride] for k in range(n)): own[1] for o in starts}
 
 
-def _segments(pieces: list[tuple[Tensor, int, int]], lo: int, hi: int
-              ) -> list[tuple[Tensor, int, int, int]]:
+def _segments(
+    pieces: list[tuple[Tensor, int, int]], lo: int, hi: int
+) -> list[tuple[Tensor, int, int, int]]:
     """The parts of a rank's stream [lo, hi): (param, element offset in it, count, offset in
     the round's buffer)."""
     out, pos = [], 0
@@ -411,31 +448,54 @@ def rehome_arguments(optimizer: Muon) -> tuple[list[dict[str, Any]], dict[str, A
     MuonClip class with the same settings; a MuonClip's max-logit hooks are handed over."""
     d = optimizer.defaults
     kwargs: dict[str, Any] = dict(
-        lr=d["lr"], weight_decay=d["weight_decay"],
-        momentum=d["momentum"], nesterov=d["nesterov"], ns_steps=d["ns_steps"],
-        ns_coefficients=d["ns_coefficients"], ns_eps=d["ns_eps"],
-        adjust_lr_fn=d["adjust_lr_fn"], adamw_betas=d["betas"], adamw_eps=d["eps"],
-        ns_dtype=optimizer.ns_dtype, bucket_bytes=optimizer.bucket_bytes,
+        lr=d["lr"],
+        weight_decay=d["weight_decay"],
+        momentum=d["momentum"],
+        nesterov=d["nesterov"],
+        ns_steps=d["ns_steps"],
+        ns_coefficients=d["ns_coefficients"],
+        ns_eps=d["ns_eps"],
+        adjust_lr_fn=d["adjust_lr_fn"],
+        adamw_betas=d["betas"],
+        adamw_eps=d["eps"],
+        ns_dtype=optimizer.ns_dtype,
+        bucket_bytes=optimizer.bucket_bytes,
         master_weights=optimizer.master_weights,
     )
     if isinstance(optimizer, MuonClip):
-        kwargs.update(qk_clip=optimizer.qk_clip, qk_clip_tau=optimizer.qk_clip_tau,
-                      qk_clip_targets=optimizer.qk_clip_targets,
-                      accumulate_max_logits=bool(optimizer._hooks))
+        kwargs.update(
+            qk_clip=optimizer.qk_clip,
+            qk_clip_tau=optimizer.qk_clip_tau,
+            qk_clip_targets=optimizer.qk_clip_targets,
+            accumulate_max_logits=bool(optimizer._hooks),
+        )
         optimizer.remove_hooks()  # the new optimizer installs its own
     else:
         kwargs.update(qk_clip=False, qk_clip_targets=[])
     return [dict(g) for g in optimizer.param_groups], kwargs
 
 
-def to_zero1(optimizer: Muon, process_group: Any = None, *, expert_group: Any = None,
-             is_expert: Callable[[Tensor], bool] | None = None,
-             row_align: Callable[[Tensor], int] | None = None,
-             stage_params: Iterable[Tensor] | None = None, reduce_grads: bool = True,
-             max_logit_reduce: Any = None) -> DistributedMuonClip:
+def to_zero1(
+    optimizer: Muon,
+    process_group: Any = None,
+    *,
+    expert_group: Any = None,
+    is_expert: Callable[[Tensor], bool] | None = None,
+    row_align: Callable[[Tensor], int] | None = None,
+    stage_params: Iterable[Tensor] | None = None,
+    reduce_grads: bool = True,
+    max_logit_reduce: Any = None,
+) -> DistributedMuonClip:
     """`optimizer` (a Muon or MuonClip) as a DistributedMuonClip with the same settings."""
     groups, kwargs = rehome_arguments(optimizer)
-    return DistributedMuonClip(groups, process_group=process_group, expert_group=expert_group,
-                               is_expert=is_expert, row_align=row_align,
-                               stage_params=stage_params, reduce_grads=reduce_grads,
-                               max_logit_reduce=max_logit_reduce, **kwargs)
+    return DistributedMuonClip(
+        groups,
+        process_group=process_group,
+        expert_group=expert_group,
+        is_expert=is_expert,
+        row_align=row_align,
+        stage_params=stage_params,
+        reduce_grads=reduce_grads,
+        max_logit_reduce=max_logit_reduce,
+        **kwargs,
+    )

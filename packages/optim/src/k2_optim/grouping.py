@@ -36,7 +36,11 @@ def classify(
     forced: set[int] = set()
     for mname, mod in model.named_modules():
         parts = set(mname.split(".")) if mname else set()
-        if isinstance(mod, nn.Embedding) or parts & names or (router_on_adamw and mname and _is_router(mname, mod)):
+        if (
+            isinstance(mod, nn.Embedding)
+            or parts & names
+            or (router_on_adamw and mname and _is_router(mname, mod))
+        ):
             forced.update(id(p) for p in mod.parameters(recurse=False))
     get_out = getattr(model, "get_output_embeddings", None)
     if callable(get_out):
@@ -80,12 +84,26 @@ def param_groups(
     a_lr = lr if adamw_lr is None else adamw_lr
     a_wd = weight_decay if adamw_wd is None else adamw_wd
     groups = [
-        {"name": "muon", "use_muon": True, "lr": lr, "weight_decay": weight_decay,
-         "params": [p for _, p in parts["muon"]]},
-        {"name": "adamw", "use_muon": False, "lr": a_lr, "weight_decay": a_wd,
-         "params": [p for _, p in parts["adamw"]]},
-        {"name": "adamw_no_decay", "use_muon": False, "lr": a_lr,
-         "weight_decay": 0.0 if no_decay_1d else a_wd,
-         "params": [p for _, p in parts["adamw_no_decay"]]},
+        {
+            "name": "muon",
+            "use_muon": True,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "params": [p for _, p in parts["muon"]],
+        },
+        {
+            "name": "adamw",
+            "use_muon": False,
+            "lr": a_lr,
+            "weight_decay": a_wd,
+            "params": [p for _, p in parts["adamw"]],
+        },
+        {
+            "name": "adamw_no_decay",
+            "use_muon": False,
+            "lr": a_lr,
+            "weight_decay": 0.0 if no_decay_1d else a_wd,
+            "params": [p for _, p in parts["adamw_no_decay"]],
+        },
     ]
     return [g for g in groups if g["params"]]

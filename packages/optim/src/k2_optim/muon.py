@@ -154,9 +154,17 @@ class Muon(torch.optim.Optimizer):
                 g.setdefault("weight_decay", a_wd)
             fixed.append(g)
         defaults = dict(
-            lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
-            ns_steps=ns_steps, ns_coefficients=tuple(ns_coefficients), ns_eps=ns_eps,
-            adjust_lr_fn=adjust_lr_fn, betas=tuple(adamw_betas), eps=adamw_eps, use_muon=True,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            nesterov=nesterov,
+            ns_steps=ns_steps,
+            ns_coefficients=tuple(ns_coefficients),
+            ns_eps=ns_eps,
+            adjust_lr_fn=adjust_lr_fn,
+            betas=tuple(adamw_betas),
+            eps=adamw_eps,
+            use_muon=True,
         )
         self.ns_dtype = ns_dtype
         if bucket_bytes <= 0:
@@ -188,11 +196,17 @@ class Muon(torch.optim.Optimizer):
         """Whether this process updates `p` (always, except in DistributedMuonClip)."""
         return True
 
-    def zero1(self, process_group: Any = None, *, expert_group: Any = None,
-              is_expert: Callable[[Tensor], bool] | None = None,
-              row_align: Callable[[Tensor], int] | None = None,
-              stage_params: Iterable[Tensor] | None = None, reduce_grads: bool = True,
-              max_logit_reduce: Any = None) -> torch.optim.Optimizer:
+    def zero1(
+        self,
+        process_group: Any = None,
+        *,
+        expert_group: Any = None,
+        is_expert: Callable[[Tensor], bool] | None = None,
+        row_align: Callable[[Tensor], int] | None = None,
+        stage_params: Iterable[Tensor] | None = None,
+        reduce_grads: bool = True,
+        max_logit_reduce: Any = None,
+    ) -> torch.optim.Optimizer:
         """This optimizer re-homed as a ZeRO-1 `DistributedMuonClip`: dense parameters' state
         split by rows over `process_group`, expert shards' (`is_expert`, default the
         `_k2_ep_sharded` attribute) over `expert_group`; see DistributedMuonClip.
@@ -203,12 +217,20 @@ class Muon(torch.optim.Optimizer):
         """
         from .distributed import to_zero1
 
-        return to_zero1(self, process_group, expert_group=expert_group, is_expert=is_expert,
-                        row_align=row_align, stage_params=stage_params,
-                        reduce_grads=reduce_grads, max_logit_reduce=max_logit_reduce)
+        return to_zero1(
+            self,
+            process_group,
+            expert_group=expert_group,
+            is_expert=is_expert,
+            row_align=row_align,
+            stage_params=stage_params,
+            reduce_grads=reduce_grads,
+            max_logit_reduce=max_logit_reduce,
+        )
 
-    def deepspeed(self, process_group: Any = None, *,
-                  max_logit_reduce: Any = None) -> torch.optim.Optimizer:
+    def deepspeed(
+        self, process_group: Any = None, *, max_logit_reduce: Any = None
+    ) -> torch.optim.Optimizer:
         """This optimizer as a `DeepSpeedMuonClip` (K2's update inside DeepSpeed ZeRO-1) over
         `process_group`; call `initialize(model, config)` on the result to build the engine.
 
@@ -235,7 +257,7 @@ class Muon(torch.optim.Optimizer):
         rows = self.owned_rows(p)
         if rows is None or rows == (0, _dim0(p)):
             return t
-        return t[rows[0]:rows[1]]
+        return t[rows[0] : rows[1]]
 
     def has_master(self, p: Tensor) -> bool:
         """Whether `p`'s update goes through an FP32 master copy (p held below FP32)."""
@@ -254,13 +276,17 @@ class Muon(torch.optim.Optimizer):
     def _state_like(self, p: Tensor) -> Tensor:
         """A zero FP32-or-p.dtype tensor shaped like p's owned rows (momentum, moments)."""
         w = self._rows_view(p, p)
-        return torch.zeros_like(w, dtype=torch.float32 if self.has_master(p) else w.dtype,
-                                memory_format=torch.preserve_format)
+        return torch.zeros_like(
+            w,
+            dtype=torch.float32 if self.has_master(p) else w.dtype,
+            memory_format=torch.preserve_format,
+        )
 
     def _write_back(self, params: list[Tensor]) -> None:
         """Round the updated master rows into the (BF16) parameters."""
-        pairs = [(self._rows_view(p, p), self.state[p]["master"]) for p in params
-                 if self.has_master(p)]
+        pairs = [
+            (self._rows_view(p, p), self.state[p]["master"]) for p in params if self.has_master(p)
+        ]
         if pairs:
             torch._foreach_copy_([w for w, _ in pairs], [m for _, m in pairs])
 
@@ -303,8 +329,12 @@ class Muon(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Clear `.grad` and zero the FP32 `main_grad` buffers (they persist across steps)."""
         super().zero_grad(set_to_none)
-        bufs = [g for grp in self.param_groups for p in grp["params"]
-                if (g := getattr(p, "main_grad", None)) is not None]
+        bufs = [
+            g
+            for grp in self.param_groups
+            for p in grp["params"]
+            if (g := getattr(p, "main_grad", None)) is not None
+        ]
         if bufs:
             torch._foreach_zero_(bufs)
 
@@ -317,8 +347,11 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         self._before_update()
         for group in self.param_groups:
-            params = [p for p in group["params"]
-                      if grad_of(p) is not None and self.owned_rows(p) is not None]
+            params = [
+                p
+                for p in group["params"]
+                if grad_of(p) is not None and self.owned_rows(p) is not None
+            ]
             if not params:
                 continue
             if group["use_muon"]:
@@ -336,31 +369,42 @@ class Muon(torch.optim.Optimizer):
                 w = self._piece(self._weight(params[i]), params[i], lo, hi, owned=True)
                 # a contiguous parameter takes the [n, r, c] result as a view (no copy);
                 # anything else gets a reshape
-                targets.append((w.view(o.shape), o) if w.is_contiguous() else (w, o.reshape(w.shape)))
+                targets.append(
+                    (w.view(o.shape), o) if w.is_contiguous() else (w, o.reshape(w.shape))
+                )
             ws = [w for w, _ in targets]
             if wd:
-                torch._foreach_mul_(ws, 1.0 - lr * wd)           # decoupled weight decay
+                torch._foreach_mul_(ws, 1.0 - lr * wd)  # decoupled weight decay
             torch._foreach_add_(ws, [o for _, o in targets], alpha=-lr * scale)
             self._write_back_pieces(params, pieces)
 
-    def _write_back_pieces(self, params: list[Tensor], pieces: list[tuple[int, int, int, int]]
-                           ) -> None:
+    def _write_back_pieces(
+        self, params: list[Tensor], pieces: list[tuple[int, int, int, int]]
+    ) -> None:
         """Round the master rows of a bucket's pieces into their (BF16) parameters."""
-        pairs = [(self._piece(params[i], params[i], lo, hi),
-                  self._piece(self.state[params[i]]["master"], params[i], lo, hi, owned=True))
-                 for i, lo, hi, _n in pieces if self.has_master(params[i])]
+        pairs = [
+            (
+                self._piece(params[i], params[i], lo, hi),
+                self._piece(self.state[params[i]]["master"], params[i], lo, hi, owned=True),
+            )
+            for i, lo, hi, _n in pieces
+            if self.has_master(params[i])
+        ]
         if pairs:
             torch._foreach_copy_([w for w, _ in pairs], [m for _, m in pairs])
 
-    def _directions(self, group: dict[str, Any], params: list[Tensor]
-                    ) -> Iterator[tuple[list[int], list[Tensor], float]]:
+    def _directions(
+        self, group: dict[str, Any], params: list[Tensor]
+    ) -> Iterator[tuple[list[int], list[Tensor], float]]:
         """Momentum (+ Nesterov) and batched Newton-Schulz, bucket by bucket; yields per bucket
         (indices into `params`, orthogonalised updates shaped like their owned rows, scale).
         Each bucket's momentum is advanced when the bucket is reached: consume it all. The
         updates are views of the workspace: use them before asking for the next bucket."""
         for pieces, outs, scale in self._muon_buckets(group, params, split_params=False):
-            shaped = [o.reshape(self._rows_view(params[i], params[i]).shape)
-                      for (i, _lo, _hi, _n), o in zip(pieces, outs, strict=True)]
+            shaped = [
+                o.reshape(self._rows_view(params[i], params[i]).shape)
+                for (i, _lo, _hi, _n), o in zip(pieces, outs, strict=True)
+            ]
             yield [i for i, *_ in pieces], shaped, scale
 
     def _piece(self, t: Tensor, p: Tensor, lo: int, hi: int, owned: bool = False) -> Tensor:
@@ -376,8 +420,9 @@ class Muon(torch.optim.Optimizer):
             st["momentum_buffer"] = self._state_like(p)
         return st["momentum_buffer"]
 
-    def _muon_buckets(self, group: dict[str, Any], params: list[Tensor], *, split_params: bool
-                      ) -> Iterator[tuple[list[tuple[int, int, int, int]], list[Tensor], float]]:
+    def _muon_buckets(
+        self, group: dict[str, Any], params: list[Tensor], *, split_params: bool
+    ) -> Iterator[tuple[list[tuple[int, int, int, int]], list[Tensor], float]]:
         """Bounded buckets of same-shaped matrices: per bucket advance the momentum, stack the
         (Nesterov) updates and orthogonalise them; yields (pieces, outputs, scale).
 
@@ -390,7 +435,7 @@ class Muon(torch.optim.Optimizer):
         for i, p in enumerate(params):
             n, r, c = matrix_view_shape(p)
             rows = self._rows_view(p, p).shape[0] if p.ndim == 3 else 1
-            per_row = n // _dim0(p) if p.ndim == 3 else n      # matrices per dim-0 row
+            per_row = n // _dim0(p) if p.ndim == 3 else n  # matrices per dim-0 row
             step = rows
             # the update's dtype: the master's (FP32) when there is one, else the parameter's;
             # buckets are sized in it (a BF16 parameter's update takes FP32 bytes)
@@ -414,16 +459,24 @@ class Muon(torch.optim.Optimizer):
             if bucket:
                 yield self._orthogonalise_bucket(group, params, bucket, r, c, dev, dtype)
 
-    def _orthogonalise_bucket(self, group: dict[str, Any], params: list[Tensor],
-                              bucket: list[tuple[int, int, int, int]], r: int, c: int,
-                              dev: torch.device, dtype: torch.dtype
-                              ) -> tuple[list[tuple[int, int, int, int]], list[Tensor], float]:
+    def _orthogonalise_bucket(
+        self,
+        group: dict[str, Any],
+        params: list[Tensor],
+        bucket: list[tuple[int, int, int, int]],
+        r: int,
+        c: int,
+        dev: torch.device,
+        dtype: torch.dtype,
+    ) -> tuple[list[tuple[int, int, int, int]], list[Tensor], float]:
         mu = group["momentum"]
         grads = [self._piece(grad_of(params[i]), params[i], lo, hi) for i, lo, hi, _n in bucket]
-        bufs = [self._piece(self._buffer(params[i]), params[i], lo, hi, owned=True)
-                for i, lo, hi, _n in bucket]
+        bufs = [
+            self._piece(self._buffer(params[i]), params[i], lo, hi, owned=True)
+            for i, lo, hi, _n in bucket
+        ]
         torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)                       # M = mu*M + G
+        torch._foreach_add_(bufs, grads)  # M = mu*M + G
         total = sum(n for *_, n in bucket)
         if not group["nesterov"] and len(bucket) == 1 and bufs[0].is_contiguous():
             stacked = bufs[0].view(total, r, c)
@@ -432,7 +485,7 @@ class Muon(torch.optim.Optimizer):
             (stacked,) = self.workspace.take(dev, [((total, r, c), dtype)], slot="stack")
             dst, off = [], 0
             for (_i, _lo, _hi, n), g in zip(bucket, grads, strict=True):
-                dst.append(stacked[off:off + n].view(g.shape))
+                dst.append(stacked[off : off + n].view(g.shape))
                 off += n
             if group["nesterov"]:
                 for d, g, b in zip(dst, grads, bufs, strict=True):
@@ -442,12 +495,24 @@ class Muon(torch.optim.Optimizer):
         # the result stays in the NS dtype when that is exact in the update's dtype (bf16
         # into FP32: the weight update casts as it reads); a wider NS dtype is rounded to
         # the update's, as before
-        wider = torch.empty((), dtype=self.ns_dtype).element_size() > \
-            torch.empty((), dtype=dtype).element_size()
-        o = newton_schulz(stacked, group["ns_steps"], group["ns_coefficients"], group["ns_eps"],
-                          dtype=self.ns_dtype, out_dtype=dtype if wider else None,
-                          workspace=self.workspace)
-        return bucket, list(o.split([n for *_, n in bucket])), adjusted_scale(r, c, group["adjust_lr_fn"])
+        wider = (
+            torch.empty((), dtype=self.ns_dtype).element_size()
+            > torch.empty((), dtype=dtype).element_size()
+        )
+        o = newton_schulz(
+            stacked,
+            group["ns_steps"],
+            group["ns_coefficients"],
+            group["ns_eps"],
+            dtype=self.ns_dtype,
+            out_dtype=dtype if wider else None,
+            workspace=self.workspace,
+        )
+        return (
+            bucket,
+            list(o.split([n for *_, n in bucket])),
+            adjusted_scale(r, c, group["adjust_lr_fn"]),
+        )
 
     def _adamw_update(self, group: dict[str, Any], params: list[Tensor]) -> None:
         # bounded buckets too: the sqrt/denominator temporaries never span the whole group
@@ -467,9 +532,10 @@ class Muon(torch.optim.Optimizer):
         lr, wd = float(group["lr"]), group["weight_decay"]
         b1, b2 = group["betas"]
         params = [self._weight(p) for p in bucket]
-        grads = [g if g.dtype == w.dtype else g.float()  # a BF16 .grad beside an FP32 master
-                 for g, w in zip((self._rows_view(grad_of(p), p) for p in bucket), params,
-                                 strict=True)]
+        grads = [
+            g if g.dtype == w.dtype else g.float()  # a BF16 .grad beside an FP32 master
+            for g, w in zip((self._rows_view(grad_of(p), p) for p in bucket), params, strict=True)
+        ]
         m, v, bc1, bc2 = [], [], [], []
         for p in bucket:
             st = self.state[p]

@@ -33,8 +33,12 @@ class NSWorkspace:
     def __init__(self) -> None:
         self._arenas: dict[tuple[torch.device, str], Tensor] = {}
 
-    def take(self, device: torch.device, specs: list[tuple[tuple[int, ...], torch.dtype]],
-             slot: str = "ns") -> list[Tensor]:
+    def take(
+        self,
+        device: torch.device,
+        specs: list[tuple[tuple[int, ...], torch.dtype]],
+        slot: str = "ns",
+    ) -> list[Tensor]:
         """Uninitialised tensors of the given (shape, dtype)s, side by side in `slot`'s arena
         on `device` (views taken from other slots stay valid)."""
         offsets, total = [], 0
@@ -49,15 +53,14 @@ class NSWorkspace:
         if arena is None or arena.numel() < total:
             self._arenas.pop(key, None)
             del arena  # the old arena goes before the new one is allocated
-            arena = self._arenas[key] = torch.empty(max(total, 1), dtype=torch.uint8,
-                                                    device=key[0])
+            arena = self._arenas[key] = torch.empty(max(total, 1), dtype=torch.uint8, device=key[0])
         out = []
         for (shape, dtype), off in zip(specs, offsets, strict=True):
             size = torch.empty((), dtype=dtype).element_size()
             n = 1
             for s in shape:
                 n *= s
-            out.append(arena[off:off + n * size].view(dtype).view(shape))
+            out.append(arena[off : off + n * size].view(dtype).view(shape))
         return out
 
     def nbytes(self) -> int:
@@ -107,13 +110,13 @@ def newton_schulz(
     torch.div(x, norm, out=cur)  # computed in fp32, rounded once into `dtype`
     for _ in range(steps):
         if tall:
-            torch.bmm(cur.mT, cur, out=gram)                            # A = X^T X
+            torch.bmm(cur.mT, cur, out=gram)  # A = X^T X
             torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)  # B = b A + c A A
-            torch.baddbmm(cur, cur, poly, beta=a, alpha=1.0, out=nxt)   # X = a X + X B
+            torch.baddbmm(cur, cur, poly, beta=a, alpha=1.0, out=nxt)  # X = a X + X B
         else:
-            torch.bmm(cur, cur.mT, out=gram)                            # A = X X^T
+            torch.bmm(cur, cur.mT, out=gram)  # A = X X^T
             torch.baddbmm(gram, gram, gram, beta=b, alpha=c, out=poly)  # B = b A + c A A
-            torch.baddbmm(cur, poly, cur, beta=a, alpha=1.0, out=nxt)   # X = a X + B X
+            torch.baddbmm(cur, poly, cur, beta=a, alpha=1.0, out=nxt)  # X = a X + B X
         cur, nxt = nxt, cur
     if out_dtype is not None and out_dtype != cur.dtype:
         cur = cur.to(out_dtype)

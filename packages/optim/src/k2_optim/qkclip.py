@@ -69,13 +69,17 @@ class QKClipTarget:
     _pow: dict[str, Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        for which, w, sqrt_rows in (("q", self.q_weight, self.q_sqrt_rows),
-                                    ("k", self.k_weight, self.k_sqrt_rows)):
+        for which, w, sqrt_rows in (
+            ("q", self.q_weight, self.q_sqrt_rows),
+            ("k", self.k_weight, self.k_sqrt_rows),
+        ):
             if w is None:
                 continue
             if w.shape[0] % self.heads:
-                raise ValueError(f"{self.name or 'QKClipTarget'}: {which} rows {w.shape[0]} "
-                                 f"not divisible by heads {self.heads}")
+                raise ValueError(
+                    f"{self.name or 'QKClipTarget'}: {which} rows {w.shape[0]} "
+                    f"not divisible by heads {self.heads}"
+                )
             block = w.shape[0] // self.heads
             pw = _rows(sqrt_rows, block, True).float() * 0.5
             if which == "q":
@@ -83,7 +87,7 @@ class QKClipTarget:
                 if (gm & (pw > 0)).any():
                     raise ValueError(f"{self.name or 'QKClipTarget'}: q rows both sqrt and gamma")
                 pw = torch.where(gm, torch.ones_like(pw), pw)
-            self._pow[which] = pw                                    # [D] exponent of gamma
+            self._pow[which] = pw  # [D] exponent of gamma
 
     def read_max_logits(self) -> Tensor | None:
         """The [heads] max logits of the last forward (or None when nothing was recorded)."""
@@ -92,8 +96,9 @@ class QKClipTarget:
         return None if ml is None else ml.reshape(-1)
 
     @torch.no_grad()
-    def apply(self, gamma: Tensor,
-              master: Callable[[Tensor], tuple[Tensor, int] | None] | None = None) -> None:
+    def apply(
+        self, gamma: Tensor, master: Callable[[Tensor], tuple[Tensor, int] | None] | None = None
+    ) -> None:
         """Scale rows by gamma [heads] (1 where the head is not clipped); `master(w)` gives
         (w's FP32 master rows, their first row) to scale alike, or None."""
         for which, w, b in (("q", self.q_weight, self.q_bias), ("k", self.k_weight, self.k_bias)):
@@ -107,17 +112,26 @@ class QKClipTarget:
             got = master(w) if master is not None else None
             if got is not None:
                 m, start = got
-                m.mul_(scale[start:start + m.shape[0]].view(-1, *([1] * (m.ndim - 1))))
+                m.mul_(scale[start : start + m.shape[0]].view(-1, *([1] * (m.ndim - 1))))
             if b is not None:
                 b.mul_(scale.to(b.dtype))
 
 
 def is_mla(module: nn.Module) -> bool:
     """Duck-typed k2 MLA (k2_core.model.attention.MLA): records max_logits, has MLA geometry."""
-    need = ("max_logits", "num_heads", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "kv_b_proj")
+    need = (
+        "max_logits",
+        "num_heads",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "kv_b_proj",
+    )
     if not all(hasattr(module, a) for a in need):
         return False
-    return getattr(module, "q_b_proj", None) is not None or getattr(module, "q_proj", None) is not None
+    return (
+        getattr(module, "q_b_proj", None) is not None or getattr(module, "q_proj", None) is not None
+    )
 
 
 def mla_target(module: nn.Module, name: str = "") -> QKClipTarget:
@@ -125,10 +139,15 @@ def mla_target(module: nn.Module, name: str = "") -> QKClipTarget:
     q = module.q_b_proj if getattr(module, "q_b_proj", None) is not None else module.q_proj
     nope, rope = int(module.qk_nope_head_dim), int(module.qk_rope_head_dim)
     return QKClipTarget(
-        max_logits=module, q_weight=q.weight, k_weight=module.kv_b_proj.weight,
-        heads=int(module.num_heads), q_sqrt_rows=slice(0, nope),
-        q_gamma_rows=slice(nope, nope + rope), k_sqrt_rows=slice(0, nope),
-        q_bias=getattr(q, "bias", None), name=name,
+        max_logits=module,
+        q_weight=q.weight,
+        k_weight=module.kv_b_proj.weight,
+        heads=int(module.num_heads),
+        q_sqrt_rows=slice(0, nope),
+        q_gamma_rows=slice(nope, nope + rope),
+        k_sqrt_rows=slice(0, nope),
+        q_bias=getattr(q, "bias", None),
+        name=name,
     )
 
 
@@ -223,11 +242,16 @@ class MuonClip(Muon):
             last = getattr(t.max_logits, "max_logits", None)
             running = self._running.get(i)
             hooked = bool(self._hooks) and self._clip_calls > 0
-            if running is None and not hooked and last is not None and last is not self._consumed.get(i):
+            if (
+                running is None
+                and not hooked
+                and last is not None
+                and last is not self._consumed.get(i)
+            ):
                 # no hook, or the first step after a forward run before the optimizer existed
                 running = last.detach().float().reshape(-1)
             if last is not None:
-                self._consumed[i] = last                     # never clip twice on the same logits
+                self._consumed[i] = last  # never clip twice on the same logits
             out.append(running)
         return out
 
@@ -254,10 +278,15 @@ class MuonClip(Muon):
             # a collective: a process that holds a layer but recorded nothing for it (e.g. no
             # forward of its own this step) still joins it, with a max logit that never wins
             # (layers of other pipeline stages, on meta, stay out on every rank of the group)
-            logits = [torch.full((t.heads,), -math.inf, device=t.q_weight.device)
-                      if ml is None and not t.q_weight.is_meta else ml
-                      for t, ml in zip(self.qk_clip_targets, logits, strict=True)]
-        pairs = [(t, ml) for t, ml in zip(self.qk_clip_targets, logits, strict=True) if ml is not None]
+            logits = [
+                torch.full((t.heads,), -math.inf, device=t.q_weight.device)
+                if ml is None and not t.q_weight.is_meta
+                else ml
+                for t, ml in zip(self.qk_clip_targets, logits, strict=True)
+            ]
+        pairs = [
+            (t, ml) for t, ml in zip(self.qk_clip_targets, logits, strict=True) if ml is not None
+        ]
         if not pairs:
             self.last_clip_stats = None
             return None
@@ -265,7 +294,7 @@ class MuonClip(Muon):
         flat = torch.cat([ml.float() for _, ml in pairs])
         flat = self.max_logit_reduce(flat)
         tau = self.qk_clip_tau
-        over = flat > tau                                   # NaN compares False: never clipped
+        over = flat > tau  # NaN compares False: never clipped
         gamma = torch.where(over, tau / flat.clamp(min=tau), torch.ones_like(flat))
         for (t, _), g in zip(pairs, gamma.split(counts), strict=True):
             t.apply(g, self._master_rows)
@@ -276,7 +305,9 @@ class MuonClip(Muon):
             per_layer = torch.stack([x.amax() for x in flat.split(counts)])
             per_clip = torch.stack([x.sum() for x in over.split(counts)])
         self.last_clip_stats = {
-            "max_logit": flat.amax(), "heads_clipped": over.sum(),
-            "per_layer_max": per_layer, "per_layer_clipped": per_clip,
+            "max_logit": flat.amax(),
+            "heads_clipped": over.sum(),
+            "per_layer_max": per_layer,
+            "per_layer_clipped": per_clip,
         }
         return self.last_clip_stats

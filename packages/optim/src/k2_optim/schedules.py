@@ -46,8 +46,13 @@ class WSDSchedule:
         return lo + (1.0 - lo) * shape
 
 
-def wsd_schedule(warmup_steps: int, stable_steps: int, decay_steps: int,
-                 min_lr_ratio: float = 0.1, decay: str = "cosine") -> WSDSchedule:
+def wsd_schedule(
+    warmup_steps: int,
+    stable_steps: int,
+    decay_steps: int,
+    min_lr_ratio: float = 0.1,
+    decay: str = "cosine",
+) -> WSDSchedule:
     """K2's warm-up / stable / decay multiplier (K2: 500 warm-up, constant, cosine to 0.1x)."""
     return WSDSchedule(warmup_steps, stable_steps, decay_steps, min_lr_ratio, decay)
 

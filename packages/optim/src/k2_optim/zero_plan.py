@@ -30,10 +30,10 @@ Rows = tuple[int, int]
 class StateSpec:
     """One parameter as the planner sees it: dim-0 rows and the state bytes of each."""
 
-    rows: int                # dim 0 of the (local) parameter; 1 for a 0-D one
-    row_bytes: int           # optimizer-state bytes of one dim-0 row (all state tensors)
+    rows: int  # dim 0 of the (local) parameter; 1 for a 0-D one
+    row_bytes: int  # optimizer-state bytes of one dim-0 row (all state tensors)
     splittable: bool = True  # False: one rank owns every row (a whole Muon matrix)
-    align: int = 1           # split points are multiples of this many rows (the end is too)
+    align: int = 1  # split points are multiples of this many rows (the end is too)
 
     @property
     def nbytes(self) -> int:
@@ -45,9 +45,9 @@ class StateSpec:
 class Zero1Plan:
     """The ownership of one stage: row ranges per parameter and bytes per dense-group rank."""
 
-    dense: list[dict[int, Rows]]                 # per dense param: dense-group rank -> rows
-    experts: list[list[dict[int, Rows]]]         # per expert group, per param: member index -> rows
-    loads: list[int]                             # per dense-group rank: owned state bytes
+    dense: list[dict[int, Rows]]  # per dense param: dense-group rank -> rows
+    experts: list[list[dict[int, Rows]]]  # per expert group, per param: member index -> rows
+    loads: list[int]  # per dense-group rank: owned state bytes
     members: list[list[int]] = field(default_factory=list)  # expert group -> dense-group ranks
 
     @property
@@ -60,8 +60,9 @@ class Zero1Plan:
         return max(self.loads) / self.mean if self.mean else 1.0
 
 
-def _lpt(specs: Sequence[StateSpec], idxs: Sequence[int], ranks: Sequence[int],
-         loads: list[int]) -> dict[int, tuple[int, Rows]]:
+def _lpt(
+    specs: Sequence[StateSpec], idxs: Sequence[int], ranks: Sequence[int], loads: list[int]
+) -> dict[int, tuple[int, Rows]]:
     """Whole items, largest first, each to the least-loaded of `ranks` (ties: lowest rank)."""
     out: dict[int, tuple[int, Rows]] = {}
     for i in sorted(idxs, key=lambda i: (-specs[i].nbytes, i)):
@@ -85,8 +86,9 @@ def _level(loads: Sequence[int], total: int) -> float:
     return float(srt[-1])  # unreachable: the last step always returns
 
 
-def _water_fill(specs: Sequence[StateSpec], idxs: Sequence[int], ranks: Sequence[int],
-                loads: list[int]) -> dict[int, list[tuple[int, Rows]]]:
+def _water_fill(
+    specs: Sequence[StateSpec], idxs: Sequence[int], ranks: Sequence[int], loads: list[int]
+) -> dict[int, list[tuple[int, Rows]]]:
     """Splittable items laid end to end, cut so that every rank of `ranks` reaches one level."""
     items = [i for i in idxs if specs[i].nbytes > 0]
     out: dict[int, list[tuple[int, Rows]]] = {i: [] for i in idxs}
@@ -134,9 +136,12 @@ def _water_fill(specs: Sequence[StateSpec], idxs: Sequence[int], ranks: Sequence
     return out
 
 
-def plan_zero1(dense: Sequence[StateSpec], world: int,
-               experts: Sequence[Sequence[StateSpec]] = (),
-               members: Sequence[Sequence[int]] = ()) -> Zero1Plan:
+def plan_zero1(
+    dense: Sequence[StateSpec],
+    world: int,
+    experts: Sequence[Sequence[StateSpec]] = (),
+    members: Sequence[Sequence[int]] = (),
+) -> Zero1Plan:
     """Plan one stage: `dense` params over dense-group ranks 0..world-1, `experts[g]` over
     `members[g]` (the dense-group ranks of expert group g, in expert-group rank order).
 
@@ -151,7 +156,7 @@ def plan_zero1(dense: Sequence[StateSpec], world: int,
         plan_dense[i][r] = rows
     plan_experts: list[list[dict[int, Rows]]] = []
     for specs, mem in zip(experts, members, strict=True):
-        local = {r: m for m, r in enumerate(mem)}   # dense-group rank -> member index
+        local = {r: m for m, r in enumerate(mem)}  # dense-group rank -> member index
         got: list[dict[int, Rows]] = [{} for _ in specs]
         ew = [i for i, s in enumerate(specs) if not s.splittable or s.rows <= 1]
         for i, (r, rows) in _lpt(specs, ew, list(mem), loads).items():

@@ -27,11 +27,14 @@ STATE_VERSION = 1
 
 # --- the tokenizer of a checkpoint ------------------------------------------------------------
 
+
 def tokenizer_uri_of(run_cfg: Any) -> str:
     """The tokenizer folder URI of the run that wrote a checkpoint (from its data section)."""
     if run_cfg is None:
-        raise CheckpointError("the checkpoint records no run config, so its tokenizer is unknown;"
-                              " set the tokenizer URI explicitly")
+        raise CheckpointError(
+            "the checkpoint records no run config, so its tokenizer is unknown;"
+            " set the tokenizer URI explicitly"
+        )
     opts = dict(run_cfg.data.options)
     if opts.get("tokenizer"):
         return str(opts["tokenizer"])
@@ -42,8 +45,10 @@ def tokenizer_uri_of(run_cfg: Any) -> str:
         uri = opts.get("uri") or default_dataset_uri()
         manifest = read_manifest(uri)
         return f"{uri.rstrip('/')}/{manifest['tokenizer']['path']}"
-    raise CheckpointError(f"cannot tell the tokenizer of a {run_cfg.data.dataset!r} run; "
-                          "set the tokenizer URI explicitly")
+    raise CheckpointError(
+        f"cannot tell the tokenizer of a {run_cfg.data.dataset!r} run; "
+        "set the tokenizer URI explicitly"
+    )
 
 
 def load_tokenizer_of(run_cfg: Any, uri: str | None = None) -> Any:
@@ -55,8 +60,10 @@ def load_tokenizer_of(run_cfg: Any, uri: str | None = None) -> Any:
 
 # --- conversations ----------------------------------------------------------------------------
 
-def encode_conversation(tokenizer: Any, messages: list[dict[str, Any]],
-                        tools: list[dict[str, Any]] | None = None) -> tuple[list[int], list[bool]]:
+
+def encode_conversation(
+    tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+) -> tuple[list[int], list[bool]]:
     """(token ids, assistant mask) of one conversation in K2's chat format."""
     from k2_data.chat import encode_chat
 
@@ -69,8 +76,9 @@ def math_conversation(question: str, solution: str) -> list[dict[str, Any]]:
     return [{"role": "user", "content": question}, {"role": "assistant", "content": solution}]
 
 
-def builtin_math_records(split: str, n: int, difficulty: tuple[int, int], kinds: Iterable[str],
-                         seed: int = 0) -> list[dict[str, Any]]:
+def builtin_math_records(
+    split: str, n: int, difficulty: tuple[int, int], kinds: Iterable[str], seed: int = 0
+) -> list[dict[str, Any]]:
     """`n` built-in arithmetic conversations with worked solutions (train/val/test disjoint)."""
     from k2_data.corpus.mathgen import math_problems
 
@@ -103,8 +111,10 @@ def read_records(uri: str) -> list[dict[str, Any]]:
                     raise ConfigError(f"{path}:{i + 1}: not JSON ({e})") from None
     for i, r in enumerate(out):
         if not isinstance(r, dict) or not isinstance(r.get("messages"), list):
-            raise ConfigError(f"{uri}: record {i} has no 'messages' list; each line must be "
-                              "{'messages': [...], 'tools': [...]}")
+            raise ConfigError(
+                f"{uri}: record {i} has no 'messages' list; each line must be "
+                "{'messages': [...], 'tools': [...]}"
+            )
     return out
 
 
@@ -115,14 +125,16 @@ def _split_of(record: dict[str, Any], val_fraction: float) -> str:
 
 # --- packing ----------------------------------------------------------------------------------
 
+
 def shift_labels(ids: list[int], mask: list[bool]) -> tuple[list[int], list[int]]:
     """(inputs, labels): inputs ids[:-1]; labels[t] = ids[t+1] where that token is learned,
     else -100."""
     return ids[:-1], [t if m else -100 for t, m in zip(ids[1:], mask[1:], strict=True)]
 
 
-def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int,
-              pack: bool = True) -> dict[str, np.ndarray]:
+def pack_rows(
+    examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int, pack: bool = True
+) -> dict[str, np.ndarray]:
     """Greedy in-order packing of (inputs, labels) examples into rows of `seq_len`.
 
     Returns int64 arrays [rows, seq_len]: input_ids, labels, segment_ids, position_ids.
@@ -137,8 +149,10 @@ def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id:
         rows[-1].append((inp, lab))
         used += len(inp)
     n = len(rows)
-    out = {k: np.zeros((n, seq_len), dtype=np.int64) for k in
-           ("input_ids", "labels", "segment_ids", "position_ids")}
+    out = {
+        k: np.zeros((n, seq_len), dtype=np.int64)
+        for k in ("input_ids", "labels", "segment_ids", "position_ids")
+    }
     out["input_ids"][:] = pad_id
     out["labels"][:] = -100
     for r, parts in enumerate(rows):
@@ -159,14 +173,26 @@ def pack_rows(examples: list[tuple[list[int], list[int]]], seq_len: int, pad_id:
 class ChatDataset:
     """Packed chat rows for one split, batched, endless, seeded and resumable."""
 
-    def __init__(self, options: ChatDataOptions, *, split: str, batch_size: int, seq_len: int,
-                 seed: int = 0, rank: int = 0, world_size: int = 1, tokenizer: Any = None):
+    def __init__(
+        self,
+        options: ChatDataOptions,
+        *,
+        split: str,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        tokenizer: Any = None,
+    ):
         if options.uri is None and options.builtin is None:
             raise ConfigError("data.options: give a `uri` of chat files or `builtin: math`")
         if tokenizer is None:
             if options.tokenizer is None:
-                raise ConfigError("data.options.tokenizer: no tokenizer; `k2 sft` fills in the "
-                                  "init checkpoint's, elsewhere give its folder URI")
+                raise ConfigError(
+                    "data.options.tokenizer: no tokenizer; `k2 sft` fills in the "
+                    "init checkpoint's, elsewhere give its folder URI"
+                )
             from k2_data.tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(options.tokenizer)
@@ -226,11 +252,11 @@ class ChatDataset:
                 self.epoch, self.pos = self.epoch + 1, 0
                 order = self._order(self.epoch)
             take = min(need - got, self.n_rows - self.pos)
-            idx.append(order[self.pos:self.pos + take])
+            idx.append(order[self.pos : self.pos + take])
             self.pos += take
             got += take
         mine = self.rank * self.batch_size
-        sel = torch.cat(idx)[mine:mine + self.batch_size]
+        sel = torch.cat(idx)[mine : mine + self.batch_size]
         return {k: v[sel] for k, v in self.rows.items()}
 
     def state_dict(self) -> dict[str, Any]:
@@ -242,8 +268,23 @@ class ChatDataset:
         self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
 
 
-def build_chat(*, options: ChatDataOptions, split: str = "train", batch_size: int = 8,
-               seq_len: int = 256, seed: int = 0, rank: int = 0, world_size: int = 1) -> ChatDataset:
+def build_chat(
+    *,
+    options: ChatDataOptions,
+    split: str = "train",
+    batch_size: int = 8,
+    seq_len: int = 256,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> ChatDataset:
     """The `chat` dataset slot factory."""
-    return ChatDataset(options, split=split, batch_size=batch_size, seq_len=seq_len, seed=seed,
-                       rank=rank, world_size=world_size)
+    return ChatDataset(
+        options,
+        split=split,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+    )

@@ -20,8 +20,10 @@ def resolve_checkpoint(uri: str) -> str:
         found = list_checkpoints(root)
         if found:
             return found[-1][1]
-    raise CheckpointError(f"{uri}: no checkpoint here (nor a run folder holding one); "
-                          "run the previous stage first or give a step_N URI")
+    raise CheckpointError(
+        f"{uri}: no checkpoint here (nor a run folder holding one); "
+        "run the previous stage first or give a step_N URI"
+    )
 
 
 def save_tokenizer_beside(tokenizer: Any, uri: str) -> None:

@@ -22,9 +22,12 @@ def _load(args: argparse.Namespace, default: str) -> Any:
 
 
 def _add_config_args(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("config", nargs="?", default=None,
-                   help=f"config name ({', '.join(BUILTIN_CONFIGS)}) or YAML file/URI "
-                   f"(default {default})")
+    p.add_argument(
+        "config",
+        nargs="?",
+        default=None,
+        help=f"config name ({', '.join(BUILTIN_CONFIGS)}) or YAML file/URI (default {default})",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. plugins.rl.k=4")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
@@ -41,11 +44,16 @@ def _sft_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**s, "seconds": secs}))
         return 0
-    loss = (f"loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}" if s["last_loss"] is not None
-            else "no steps run (already complete)")
+    loss = (
+        f"loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}"
+        if s["last_loss"] is not None
+        else "no steps run (already complete)"
+    )
     ev = f" (eval {s['eval_loss']:.3f})" if s["eval_loss"] is not None else ""
-    print(f"k2 sft: {s['steps']} steps in {secs:.0f}s, {loss}{ev}; run folder {s['run_dir']}"
-          + (f"; mlflow run {s['tracking_run_id']}" if s["tracking_run_id"] else ""))
+    print(
+        f"k2 sft: {s['steps']} steps in {secs:.0f}s, {loss}{ev}; run folder {s['run_dir']}"
+        + (f"; mlflow run {s['tracking_run_id']}" if s["tracking_run_id"] else "")
+    )
     return 0
 
 
@@ -59,12 +67,16 @@ def sft_command(*, options: Any) -> Command:
 
 
 def _print_progress(step: int, m: dict[str, float]) -> None:
-    evals = " ".join(f"{k.split('/')[1]} pass@1 {v:.3f}" for k, v in m.items()
-                     if k.startswith("eval/"))
-    print(f"rl step {step}: reward {m.get('rl/reward_mean', 0):.3f} "
-          f"pass {m.get('rl/pass_rate', 0):.3f} len {m.get('rl/response_tokens', 0):.0f} "
-          f"T {m.get('rl/temperature', 0):.2f} rollout {m.get('rollout/tokens_per_s', 0):.0f} tok/s"
-          + (f" | {evals}" if evals else ""), flush=True)
+    evals = " ".join(
+        f"{k.split('/')[1]} pass@1 {v:.3f}" for k, v in m.items() if k.startswith("eval/")
+    )
+    print(
+        f"rl step {step}: reward {m.get('rl/reward_mean', 0):.3f} "
+        f"pass {m.get('rl/pass_rate', 0):.3f} len {m.get('rl/response_tokens', 0):.0f} "
+        f"T {m.get('rl/temperature', 0):.2f} rollout {m.get('rollout/tokens_per_s', 0):.0f} tok/s"
+        + (f" | {evals}" if evals else ""),
+        flush=True,
+    )
 
 
 def _rl_run(args: argparse.Namespace) -> int:
@@ -78,11 +90,17 @@ def _rl_run(args: argparse.Namespace) -> int:
         print(json.dumps(s))
         return 0
     p1 = "; ".join(f"{k} held-out pass@1 {a:.3f} -> {b:.3f}" for k, (a, b) in s["pass@1"].items())
-    rw = (f"reward {s['first_reward']:.3f} -> {s['last_reward']:.3f}"
-          if s["last_reward"] is not None else "no steps run (already complete)")
-    print(f"k2 rl: {s['steps']} iterations in {s['seconds']:.0f}s, {rw}"
-          + (f"; {p1}" if p1 else "") + f"; run folder {s['run_dir']}"
-          + (f"; mlflow run {s['tracking_run_id']}" if s["tracking_run_id"] else ""))
+    rw = (
+        f"reward {s['first_reward']:.3f} -> {s['last_reward']:.3f}"
+        if s["last_reward"] is not None
+        else "no steps run (already complete)"
+    )
+    print(
+        f"k2 rl: {s['steps']} iterations in {s['seconds']:.0f}s, {rw}"
+        + (f"; {p1}" if p1 else "")
+        + f"; run folder {s['run_dir']}"
+        + (f"; mlflow run {s['tracking_run_id']}" if s["tracking_run_id"] else "")
+    )
     return 0
 
 
@@ -99,9 +117,15 @@ def _demo_run(args: argparse.Namespace) -> int:
     from .demo import DemoSettings, run_demo
 
     extra = {"rl": list(args.rl_set), "code": list(args.rl_set)}
-    settings = DemoSettings(out=args.out, seeds=tuple(args.seeds), quick=args.quick,
-                            code=not args.no_code, threads=args.threads, extra=extra,
-                            **({"rl_steps": args.rl_steps} if args.rl_steps else {}))
+    settings = DemoSettings(
+        out=args.out,
+        seeds=tuple(args.seeds),
+        quick=args.quick,
+        code=not args.no_code,
+        threads=args.threads,
+        extra=extra,
+        **({"rl_steps": args.rl_steps} if args.rl_steps else {}),
+    )
     report = run_demo(settings)
     if args.json:
         print(json.dumps(report, indent=2, default=str))
@@ -120,8 +144,12 @@ def demo_command(*, options: Any) -> Command:
         p.add_argument("--no-code", action="store_true", help="skip the code-reward run")
         p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
         p.add_argument("--rl-steps", type=int, default=None, help="RL iterations per seed")
-        p.add_argument("--rl-set", action="append", default=[],
-                       help="dotted override for the RL runs (repeatable), e.g. optim.lr=2e-4")
+        p.add_argument(
+            "--rl-set",
+            action="append",
+            default=[],
+            help="dotted override for the RL runs (repeatable), e.g. optim.lr=2e-4",
+        )
         p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     return Command(demo_command.__doc__ or "", add, _demo_run)

@@ -30,12 +30,15 @@ from .rewards.base import Reward, RewardResult
 _VERDICT_RE = re.compile(r"\b([AB])\b")
 
 
-def judge_messages(prompt: str, a: str, b: str, core: Sequence[str],
-                   prescriptive: Sequence[str]) -> list[dict[str, str]]:
+def judge_messages(
+    prompt: str, a: str, b: str, core: Sequence[str], prescriptive: Sequence[str]
+) -> list[dict[str, str]]:
     """The critic's conversation for one ordered pair (A first)."""
     rubric = "\n".join([*(f"- {r}" for r in core), *(f"- (rule) {r}" for r in prescriptive)])
-    system = ("You compare two responses to the same request against these rubrics:\n"
-              f"{rubric}\nAnswer with the single letter of the better response: A or B.")
+    system = (
+        "You compare two responses to the same request against these rubrics:\n"
+        f"{rubric}\nAnswer with the single letter of the better response: A or B."
+    )
     user = f"Request:\n{prompt}\n\nResponse A:\n{a}\n\nResponse B:\n{b}\n\nWhich is better?"
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
@@ -77,7 +80,9 @@ def scores_from_wins(wins: torch.Tensor, method: str) -> torch.Tensor:
     games = wins + wins.T
     if method == "win_rate":
         played = games.sum(1)
-        return torch.where(played > 0, wins.sum(1) / played.clamp_min(1), torch.full_like(played, 0.5))
+        return torch.where(
+            played > 0, wins.sum(1) / played.clamp_min(1), torch.full_like(played, 0.5)
+        )
     p = bradley_terry(wins)
     return (p / (p + 1.0)).float()
 
@@ -110,10 +115,13 @@ class EngineJudge:
         # the judged answers are model output: encoded as text, they cannot close the
         # critic's turn or open a system turn of their own
         prompts = [encode_chat_prompt(self.tokenizer, c) for c in conversations]
-        outs = self.engine.generate(prompts, SamplingParams(temperature=0.0,
-                                                            max_new_tokens=self.max_tokens))
-        return [self.tokenizer.decode([t for t in o.token_ids
-                                       if t not in self.engine.default_stop_ids]) for o in outs]
+        outs = self.engine.generate(
+            prompts, SamplingParams(temperature=0.0, max_new_tokens=self.max_tokens)
+        )
+        return [
+            self.tokenizer.decode([t for t in o.token_ids if t not in self.engine.default_stop_ids])
+            for o in outs
+        ]
 
 
 class GeneratorJudge:
@@ -126,8 +134,12 @@ class GeneratorJudge:
         """The critic's answer text to each conversation (requests run concurrently)."""
 
         async def all_() -> list[Any]:
-            return await asyncio.gather(*(self.generator.chat(
-                c, temperature=0.0, max_tokens=self.max_tokens) for c in conversations))
+            return await asyncio.gather(
+                *(
+                    self.generator.chat(c, temperature=0.0, max_tokens=self.max_tokens)
+                    for c in conversations
+                )
+            )
 
         return [str(r.message.get("content") or "") for r in asyncio.run(all_())]
 
@@ -146,19 +158,24 @@ class RubricCritic(Reward):
     def compare(self, prompt: Mapping[str, Any], responses: Sequence[str]) -> list[Judgement]:
         """Every pair judged (both orders when configured)."""
         if self.judge is None:
-            raise RuntimeError("rubric_critic has no critic: set `critic` or `generator`, "
-                               "or let `k2 rl` attach the policy")
+            raise RuntimeError(
+                "rubric_critic has no critic: set `critic` or `generator`, "
+                "or let `k2 rl` attach the policy"
+            )
         o = self.options
         pairs = list(itertools.combinations(range(len(responses)), 2))
         if o.both_orders:
             pairs += [(b, a) for a, b in pairs]
         q = prompt_text(prompt)
-        convs = [judge_messages(q, responses[a], responses[b], o.core_rubrics, o.prescriptive_rubrics)
-                 for a, b in pairs]
+        convs = [
+            judge_messages(q, responses[a], responses[b], o.core_rubrics, o.prescriptive_rubrics)
+            for a, b in pairs
+        ]
         texts = self.judge.judge(convs) if convs else []
         self.last_conversations = convs
-        self.last_judgements = [Judgement(a, b, parse_verdict(t))
-                                for (a, b), t in zip(pairs, texts, strict=True)]
+        self.last_judgements = [
+            Judgement(a, b, parse_verdict(t)) for (a, b), t in zip(pairs, texts, strict=True)
+        ]
         return self.last_judgements
 
     def score(self, prompt: Mapping[str, Any], responses: Sequence[str]) -> list[RewardResult]:
@@ -172,9 +189,14 @@ class RubricCritic(Reward):
                 wins[j.winner, loser] += 1
         scores = scores_from_wins(wins, self.options.scoring).tolist()
         no_verdict = sum(j.verdict is None for j in judgements)
-        return [RewardResult(float(s), "judged", detail=f"{int(wins[i].sum())} wins; "
-                             f"{no_verdict} comparisons without a verdict")
-                for i, s in enumerate(scores)]
+        return [
+            RewardResult(
+                float(s),
+                "judged",
+                detail=f"{int(wins[i].sum())} wins; {no_verdict} comparisons without a verdict",
+            )
+            for i, s in enumerate(scores)
+        ]
 
 
 @dataclass
@@ -225,8 +247,8 @@ class CriticTrainer:
         ids = torch.full((len(pairs), width), self.tokenizer.pad_id, dtype=torch.long)
         labels = torch.full((len(pairs), width), -100, dtype=torch.long)
         for r, (i, lab) in enumerate(pairs):
-            ids[r, :len(i)] = torch.tensor(i)
-            labels[r, :len(lab)] = torch.tensor(lab)
+            ids[r, : len(i)] = torch.tensor(i)
+            labels[r, : len(lab)] = torch.tensor(lab)
         was = self.model.training
         self.model.train()
         loss = self.model(ids, labels=labels, return_logits=False).loss
@@ -245,8 +267,12 @@ def build_rubric_critic(*, options: RubricCriticOptions) -> RubricCritic:
     if options.generator is not None:
         from k2_core.plugins import get_registry
 
-        gen = get_registry().build("generator", options.generator, options=options.generator_options,
-                                   where="reward_options.generator_options")
+        gen = get_registry().build(
+            "generator",
+            options.generator,
+            options=options.generator_options,
+            where="reward_options.generator_options",
+        )
         judge = GeneratorJudge(gen, options.max_tokens)
     elif options.critic is not None:
         from k2_data.inference.engine import Engine

@@ -51,16 +51,35 @@ class DemoSettings:
 def _scaled(s: DemoSettings) -> DemoSettings:
     if not s.quick:
         return s
-    return DemoSettings(out=s.out, seeds=s.seeds, quick=True, code=s.code, threads=s.threads,
-                        pretrain_steps=4, sft_steps=4, rl_steps=2, code_steps=1, eval_n=8,
-                        eval_samples=1, prompts_per_iter=2, difficulty=s.difficulty,
-                        rl_difficulty=s.rl_difficulty, rl_seed_offset=s.rl_seed_offset,
-                        img_dir=None, extra=s.extra, layers=s.layers)
+    return DemoSettings(
+        out=s.out,
+        seeds=s.seeds,
+        quick=True,
+        code=s.code,
+        threads=s.threads,
+        pretrain_steps=4,
+        sft_steps=4,
+        rl_steps=2,
+        code_steps=1,
+        eval_n=8,
+        eval_samples=1,
+        prompts_per_iter=2,
+        difficulty=s.difficulty,
+        rl_difficulty=s.rl_difficulty,
+        rl_seed_offset=s.rl_seed_offset,
+        img_dir=None,
+        extra=s.extra,
+        layers=s.layers,
+    )
 
 
 def _common(out: Path, name: str) -> list[str]:
-    return [f"name={name}", f"tracking.tracking_uri=sqlite:///{out.resolve() / 'mlflow.db'}",
-            "tracking.experiment=rl-demo", "tracking.options.system_metrics=false"]
+    return [
+        f"name={name}",
+        f"tracking.tracking_uri=sqlite:///{out.resolve() / 'mlflow.db'}",
+        "tracking.experiment=rl-demo",
+        "tracking.options.system_metrics=false",
+    ]
 
 
 def _held_out(ckpt_or_engine: Any, s: DemoSettings, tokenizer: Any = None) -> dict[str, Any]:
@@ -75,16 +94,23 @@ def _held_out(ckpt_or_engine: Any, s: DemoSettings, tokenizer: Any = None) -> di
     from .options import TaskOptions
     from .rl_eval import pass_at_1
 
-    engine = (Engine.from_checkpoint(resolve_checkpoint(ckpt_or_engine))
-              if isinstance(ckpt_or_engine, str) else ckpt_or_engine)
+    engine = (
+        Engine.from_checkpoint(resolve_checkpoint(ckpt_or_engine))
+        if isinstance(ckpt_or_engine, str)
+        else ckpt_or_engine
+    )
     task = TaskOptions(name="math", difficulty=s.difficulty)
     reward = get_registry().build("reward", "math")
     tok = tokenizer or engine.tokenizer
     common = dict(n=s.eval_n, max_tokens=96, split="test", seed=0)
     greedy = pass_at_1(engine, tok, task, reward, **common)
-    return {"greedy": greedy["pass@1"], "greedy_passed": greedy["passed"],
-            "sampled": pass_at_1(engine, tok, task, reward, temperature=1.0,
-                                 samples=s.eval_samples, **common)["pass@1"]}
+    return {
+        "greedy": greedy["pass@1"],
+        "greedy_passed": greedy["passed"],
+        "sampled": pass_at_1(
+            engine, tok, task, reward, temperature=1.0, samples=s.eval_samples, **common
+        )["pass@1"],
+    }
 
 
 _CURVES = ("rl/reward_mean", "eval/math/pass_at_1", "rl/code/pass_rate")
@@ -138,21 +164,35 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     times: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    pre = load_config("tiny", [*_common(out, "demo-pretrain"), f"checkpoint.dir={out / 'pretrain'}",
-                               f"train.steps={s.pretrain_steps}", "train.eval_every=0",
-                               f"model.num_hidden_layers={s.layers}",
-                               f"optim.schedule_options.warmup_steps={max(1, s.pretrain_steps // 10)}",
-                               f"checkpoint.every={s.pretrain_steps}",
-                               *s.extra.get("pretrain", [])])
+    pre = load_config(
+        "tiny",
+        [
+            *_common(out, "demo-pretrain"),
+            f"checkpoint.dir={out / 'pretrain'}",
+            f"train.steps={s.pretrain_steps}",
+            "train.eval_every=0",
+            f"model.num_hidden_layers={s.layers}",
+            f"optim.schedule_options.warmup_steps={max(1, s.pretrain_steps // 10)}",
+            f"checkpoint.every={s.pretrain_steps}",
+            *s.extra.get("pretrain", []),
+        ],
+    )
     get_registry().build("stage", "pretrain")(pre)
     times["pretrain"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    sft = load_config(config_path("sft-math"), [
-        *_common(out, "demo-sft"), f"plugins.sft.init={out / 'pretrain'}",
-        f"checkpoint.dir={out / 'sft'}", f"train.steps={s.sft_steps}",
-        f"checkpoint.every={s.sft_steps}", f"data.options.difficulty=[{s.difficulty[0]}, {s.difficulty[1]}]",
-        *s.extra.get("sft", [])])
+    sft = load_config(
+        config_path("sft-math"),
+        [
+            *_common(out, "demo-sft"),
+            f"plugins.sft.init={out / 'pretrain'}",
+            f"checkpoint.dir={out / 'sft'}",
+            f"train.steps={s.sft_steps}",
+            f"checkpoint.every={s.sft_steps}",
+            f"data.options.difficulty=[{s.difficulty[0]}, {s.difficulty[1]}]",
+            *s.extra.get("sft", []),
+        ],
+    )
     sft_summary = run_sft(sft, progress=False)
     times["sft"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -162,37 +202,59 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     seeds: dict[int, dict[str, Any]] = {}
     for seed in s.seeds:
         t = time.perf_counter()
-        cfg = load_config(config_path("rl-math"), [
-            *_common(out, f"demo-rl-seed{seed}"), f"plugins.rl.init={out / 'sft'}",
-            f"checkpoint.dir={out / f'rl-seed{seed}'}", f"train.steps={s.rl_steps}",
-            f"train.seed={seed}", f"checkpoint.every={s.rl_steps}",
-            f"train.eval_every={max(1, s.rl_steps // 3)}", f"plugins.rl.eval_prompts={min(64, s.eval_n)}",
-            # a gentle policy step: Muon/Adam updates have a fixed size however weak the signal;
-            # sampling at T=1 throughout and no PTX, so a gain is RL's own (PTX on the SFT data
-            # would just continue SFT, and a falling temperature alone raises the reward)
-            f"optim.lr={s.rl_lr}", f"plugins.rl.prompts_per_iter={s.prompts_per_iter}",
-            f"plugins.rl.k={s.k}", "plugins.rl.temperature_start=1.0",
-            "plugins.rl.temperature_end=1.0", "plugins.rl.ptx_weight=0",
-            # prompts the SFT data did not hold: RL on memorised problems teaches nothing new
-            f"plugins.rl.seed_offset={s.rl_seed_offset}",
-            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 96, "
-            f"difficulty: [{s.rl_difficulty[0]}, {s.rl_difficulty[1]}], kinds: [addition]}}]",
-            f"data.options.difficulty=[{s.difficulty[0]}, {s.difficulty[1]}]",
-            *s.extra.get("rl", [])])
+        cfg = load_config(
+            config_path("rl-math"),
+            [
+                *_common(out, f"demo-rl-seed{seed}"),
+                f"plugins.rl.init={out / 'sft'}",
+                f"checkpoint.dir={out / f'rl-seed{seed}'}",
+                f"train.steps={s.rl_steps}",
+                f"train.seed={seed}",
+                f"checkpoint.every={s.rl_steps}",
+                f"train.eval_every={max(1, s.rl_steps // 3)}",
+                f"plugins.rl.eval_prompts={min(64, s.eval_n)}",
+                # a gentle policy step: Muon/Adam updates have a fixed size however weak the signal;
+                # sampling at T=1 throughout and no PTX, so a gain is RL's own (PTX on the SFT data
+                # would just continue SFT, and a falling temperature alone raises the reward)
+                f"optim.lr={s.rl_lr}",
+                f"plugins.rl.prompts_per_iter={s.prompts_per_iter}",
+                f"plugins.rl.k={s.k}",
+                "plugins.rl.temperature_start=1.0",
+                "plugins.rl.temperature_end=1.0",
+                "plugins.rl.ptx_weight=0",
+                # prompts the SFT data did not hold: RL on memorised problems teaches nothing new
+                f"plugins.rl.seed_offset={s.rl_seed_offset}",
+                "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 96, "
+                f"difficulty: [{s.rl_difficulty[0]}, {s.rl_difficulty[1]}], kinds: [addition]}}]",
+                f"data.options.difficulty=[{s.difficulty[0]}, {s.difficulty[1]}]",
+                *s.extra.get("rl", []),
+            ],
+        )
         trainer = RLTrainer(cfg)
         summary = trainer.train()
         final = _held_out(trainer.engine, s, trainer.tokenizer)
-        seeds[seed] = {"pass@1": final, "summary": summary,
-                       "history": _history(out, summary), "seconds": time.perf_counter() - t}
+        seeds[seed] = {
+            "pass@1": final,
+            "summary": summary,
+            "history": _history(out, summary),
+            "seconds": time.perf_counter() - t,
+        }
         times[f"rl_seed{seed}"] = time.perf_counter() - t
 
     code: dict[str, Any] | None = None
     if s.code:
         t = time.perf_counter()
-        cfg = load_config(config_path("rl-code"), [
-            *_common(out, "demo-rl-code"), f"plugins.rl.init={out / 'sft'}",
-            f"checkpoint.dir={out / 'rl-code'}", f"train.steps={s.code_steps}",
-            f"checkpoint.every={s.code_steps}", *s.extra.get("code", [])])
+        cfg = load_config(
+            config_path("rl-code"),
+            [
+                *_common(out, "demo-rl-code"),
+                f"plugins.rl.init={out / 'sft'}",
+                f"checkpoint.dir={out / 'rl-code'}",
+                f"train.steps={s.code_steps}",
+                f"checkpoint.every={s.code_steps}",
+                *s.extra.get("code", []),
+            ],
+        )
         trainer = RLTrainer(cfg)
         summary = trainer.train()
         code = {"summary": summary, "history": _history(out, summary)}
@@ -201,11 +263,18 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
 
     report = {
         "settings": {k: v for k, v in s.__dict__.items() if k != "extra"},
-        "sft": {"pass@1": _rates(sft_pass),
-                "loss": [sft_summary["first_loss"], sft_summary["last_loss"]]},
-        "rl": {str(k): {"pass@1": _rates(v["pass@1"]), "seconds": v["seconds"],
-                        "reward": [v["summary"]["first_reward"], v["summary"]["last_reward"]]}
-               for k, v in seeds.items()},
+        "sft": {
+            "pass@1": _rates(sft_pass),
+            "loss": [sft_summary["first_loss"], sft_summary["last_loss"]],
+        },
+        "rl": {
+            str(k): {
+                "pass@1": _rates(v["pass@1"]),
+                "seconds": v["seconds"],
+                "reward": [v["summary"]["first_reward"], v["summary"]["last_reward"]],
+            }
+            for k, v in seeds.items()
+        },
         "code": _code_report(code),
         "seconds": times,
     }
@@ -216,9 +285,12 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
             "mean": statistics.fmean(finals) if finals else None,
             "std": statistics.stdev(finals) if len(finals) > 1 else 0.0,
             "gain_mean": statistics.fmean(gains) if gains else None,
-            "gains": gains}
-    flips = [paired_flips(sft_pass["greedy_passed"], v["pass@1"]["greedy_passed"])
-             for v in seeds.values()]
+            "gains": gains,
+        }
+    flips = [
+        paired_flips(sft_pass["greedy_passed"], v["pass@1"]["greedy_passed"])
+        for v in seeds.values()
+    ]
     report["rl_greedy"]["flips"] = dict(zip(map(str, seeds), flips, strict=True))
     report["summary"] = _summary_text(report)
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
@@ -232,36 +304,49 @@ def _code_report(code: dict[str, Any] | None) -> dict[str, Any] | None:
     if code is None:
         return None
     h = [x for x in code["history"] if "rl/reward_mean" in x]
-    return {"iterations": len(h), "reward": [x["rl/reward_mean"] for x in h],
-            "pass_rate": [x.get("rl/code/pass_rate", 0.0) for x in h],
-            "excluded": sum(x.get("rl/excluded", 0.0) for x in h)}
+    return {
+        "iterations": len(h),
+        "reward": [x["rl/reward_mean"] for x in h],
+        "pass_rate": [x.get("rl/code/pass_rate", 0.0) for x in h],
+        "excluded": sum(x.get("rl/excluded", 0.0) for x in h),
+    }
 
 
 def _summary_text(r: dict[str, Any]) -> str:
     st = r["settings"]
-    lines = [f"k2 rl-demo: held-out pass@1 on {st['eval_n']} test problems "
-             f"({st['difficulty'][0]}-{st['difficulty'][1]} digit addition), greedy and sampled "
-             f"(T=1, {st['eval_samples']} per problem)",
-             f"  SFT checkpoint: greedy {r['sft']['pass@1']['greedy']:.3f}, "
-             f"sampled {r['sft']['pass@1']['sampled']:.3f}"]
+    lines = [
+        f"k2 rl-demo: held-out pass@1 on {st['eval_n']} test problems "
+        f"({st['difficulty'][0]}-{st['difficulty'][1]} digit addition), greedy and sampled "
+        f"(T=1, {st['eval_samples']} per problem)",
+        f"  SFT checkpoint: greedy {r['sft']['pass@1']['greedy']:.3f}, "
+        f"sampled {r['sft']['pass@1']['sampled']:.3f}",
+    ]
     for kind in ("greedy", "sampled"):
         agg = r[f"rl_{kind}"]
         if agg["mean"] is None:
             continue
         per = "; ".join(f"seed {k}: {v['pass@1'][kind]:.3f}" for k, v in r["rl"].items())
-        lines.append(f"  after RL ({st['rl_steps']} iterations), {kind}: mean {agg['mean']:.3f} "
-                     f"+- {agg['std']:.3f} over {len(r['rl'])} seeds ({per}); gain over SFT "
-                     f"{agg['gain_mean']:+.3f} (" + ", ".join(f"{g:+.3f}" for g in agg["gains"]) + ")")
+        lines.append(
+            f"  after RL ({st['rl_steps']} iterations), {kind}: mean {agg['mean']:.3f} "
+            f"+- {agg['std']:.3f} over {len(r['rl'])} seeds ({per}); gain over SFT "
+            f"{agg['gain_mean']:+.3f} (" + ", ".join(f"{g:+.3f}" for g in agg["gains"]) + ")"
+        )
     if r["rl_greedy"].get("flips"):
-        lines.append("  greedy answers RL changed on the same problems: " + "; ".join(
-            f"seed {k}: {v['fixed']} fixed, {v['broken']} broken "
-            f"(sign test p={v['p_value']:.2g})"
-            for k, v in r["rl_greedy"]["flips"].items()))
+        lines.append(
+            "  greedy answers RL changed on the same problems: "
+            + "; ".join(
+                f"seed {k}: {v['fixed']} fixed, {v['broken']} broken "
+                f"(sign test p={v['p_value']:.2g})"
+                for k, v in r["rl_greedy"]["flips"].items()
+            )
+        )
     if r["code"]:
         c = r["code"]
-        lines.append(f"  code reward run: {c['iterations']} iterations, reward "
-                     + " ".join(f"{x:.2f}" for x in c["reward"])
-                     + f", sandbox-excluded responses {c['excluded']:.0f}")
+        lines.append(
+            f"  code reward run: {c['iterations']} iterations, reward "
+            + " ".join(f"{x:.2f}" for x in c["reward"])
+            + f", sandbox-excluded responses {c['excluded']:.0f}"
+        )
     secs = r["seconds"]
     lines.append("  time: " + ", ".join(f"{k} {v:.0f}s" for k, v in secs.items()))
     return "\n".join(lines)
@@ -276,8 +361,13 @@ def _moving_average(xs: list[float], window: int) -> list[float]:
     return out
 
 
-def _plot(out: Path, s: DemoSettings, seeds: dict[int, dict[str, Any]],
-          code: dict[str, Any] | None, sft_pass: dict[str, float]) -> list[str]:
+def _plot(
+    out: Path,
+    s: DemoSettings,
+    seeds: dict[int, dict[str, Any]],
+    code: dict[str, Any] | None,
+    sft_pass: dict[str, float],
+) -> list[str]:
     """Reward and held-out pass@1 curves per seed (and the code run) as PNG."""
     try:
         import matplotlib
@@ -290,24 +380,37 @@ def _plot(out: Path, s: DemoSettings, seeds: dict[int, dict[str, Any]],
     for seed, v in seeds.items():
         h = [x for x in v["history"] if "rl/reward_mean" in x]
         steps, r = [x["step"] for x in h], [x["rl/reward_mean"] for x in h]
-        line, = a.plot(steps, r, alpha=0.25, lw=0.8)
+        (line,) = a.plot(steps, r, alpha=0.25, lw=0.8)
         # one iteration's 128 responses are a noisy estimate: the trend is the moving average
         a.plot(steps, _moving_average(r, 8), color=line.get_color(), label=f"seed {seed}")
         e = [x for x in v["history"] if "eval/math/pass_at_1" in x]
-        b.plot([x["step"] for x in e], [x["eval/math/pass_at_1"] for x in e], marker="o",
-               label=f"seed {seed}")
-    a.set(title="math: mean rollout reward (8-iteration average)", xlabel="RL iteration",
-          ylabel="reward")
-    b.set(title="math: pass@1 on the RL task's val split (greedy)", xlabel="RL iteration",
-          ylabel="pass@1")
+        b.plot(
+            [x["step"] for x in e],
+            [x["eval/math/pass_at_1"] for x in e],
+            marker="o",
+            label=f"seed {seed}",
+        )
+    a.set(
+        title="math: mean rollout reward (8-iteration average)",
+        xlabel="RL iteration",
+        ylabel="reward",
+    )
+    b.set(
+        title="math: pass@1 on the RL task's val split (greedy)",
+        xlabel="RL iteration",
+        ylabel="pass@1",
+    )
     # the demonstration's figure: test split, SFT checkpoint against each seed's final policy
     names = ["SFT", *(f"RL seed {k}" for k in seeds)]
     for j, kind in enumerate(("greedy", "sampled")):
         vals = [sft_pass[kind], *(v["pass@1"][kind] for v in seeds.values())]
         c.bar([i + 0.4 * j for i in range(len(vals))], vals, width=0.4, label=kind)
     c.set_xticks([i + 0.2 for i in range(len(names))], names)
-    c.set(title=f"held-out pass@1 (test split, {s.eval_n} problems)", ylabel="pass@1",
-          ylim=(max(0.0, min(sft_pass["greedy"], sft_pass["sampled"]) - 0.15), 1.0))
+    c.set(
+        title=f"held-out pass@1 (test split, {s.eval_n} problems)",
+        ylabel="pass@1",
+        ylim=(max(0.0, min(sft_pass["greedy"], sft_pass["sampled"]) - 0.15), 1.0),
+    )
     for ax in (a, b, c):
         ax.legend()
     fig.tight_layout()
@@ -317,9 +420,15 @@ def _plot(out: Path, s: DemoSettings, seeds: dict[int, dict[str, Any]],
     if code is not None:
         h = [x for x in code["history"] if "rl/reward_mean" in x]
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([x["step"] for x in h], [x["rl/reward_mean"] for x in h], marker="o", label="reward")
-        ax.plot([x["step"] for x in h], [x.get("rl/code/pass_rate", 0.0) for x in h], marker="s",
-                label="pass rate")
+        ax.plot(
+            [x["step"] for x in h], [x["rl/reward_mean"] for x in h], marker="o", label="reward"
+        )
+        ax.plot(
+            [x["step"] for x in h],
+            [x.get("rl/code/pass_rate", 0.0) for x in h],
+            marker="s",
+            label="pass rate",
+        )
         ax.set(title="code reward (sandboxed tests)", xlabel="RL iteration")
         ax.legend()
         fig.tight_layout()

@@ -61,8 +61,11 @@ def _first_line(text: str) -> str:
 def _error_message(resp: Any) -> str:
     try:
         body = resp.json()
-        msg = body.get("error", {}).get("message") if isinstance(body.get("error"), dict) \
+        msg = (
+            body.get("error", {}).get("message")
+            if isinstance(body.get("error"), dict)
             else body.get("error") or body.get("message") or body.get("detail")
+        )
     except ValueError:
         msg = resp.text
     return _first_line(str(msg or resp.reason_phrase))
@@ -77,26 +80,36 @@ def parse_completion(choice: dict[str, Any], where: str) -> tuple[list[int], lis
             f"{where} returned a completion without log-probabilities (choices[].logprobs is "
             "empty); RL needs the sampling policy's log-probability of every token: use an "
             "engine that returns them on /v1/completions (k2 serve; vLLM with --logprobs-mode "
-            "raw_logprobs)")
+            "raw_logprobs)"
+        )
     tokens, lps = lp["tokens"], lp["token_logprobs"]
     ids = []
     for tok in tokens:
         if not (isinstance(tok, str) and tok.startswith("token_id:")):
             raise OpenAIEngineError(
                 f"{where} returned tokens as text ({tok!r}), not as 'token_id:N': the engine "
-                "must support return_tokens_as_token_ids (k2 serve, vLLM do)")
-        ids.append(int(tok[len("token_id:"):]))
+                "must support return_tokens_as_token_ids (k2 serve, vLLM do)"
+            )
+        ids.append(int(tok[len("token_id:") :]))
     if len(lps) != len(ids) or any(x is None for x in lps):
-        raise OpenAIEngineError(f"{where} returned {len(ids)} tokens but log-probabilities for "
-                                f"{sum(x is not None for x in lps)} of them")
+        raise OpenAIEngineError(
+            f"{where} returned {len(ids)} tokens but log-probabilities for "
+            f"{sum(x is not None for x in lps)} of them"
+        )
     return ids, [float(x) for x in lps]
 
 
 class OpenAIEngine:
     """The rollout engine behind an OpenAI-compatible /v1/completions API (see module doc)."""
 
-    def __init__(self, opts: OpenAIEngineOptions, *, tokenizer: Any = None, version: int = 0,
-                 check_served_version: bool = False):
+    def __init__(
+        self,
+        opts: OpenAIEngineOptions,
+        *,
+        tokenizer: Any = None,
+        version: int = 0,
+        check_served_version: bool = False,
+    ):
         import httpx
 
         self.opts = opts
@@ -108,18 +121,25 @@ class OpenAIEngine:
         if opts.api_key_env:
             key = os.environ.get(opts.api_key_env)
             if not key:
-                raise ConfigError(f"plugins.rl.openai.api_key_env: ${opts.api_key_env} is not "
-                                  "set (it should hold the engine's API key)")
+                raise ConfigError(
+                    f"plugins.rl.openai.api_key_env: ${opts.api_key_env} is not "
+                    "set (it should hold the engine's API key)"
+                )
             headers["Authorization"] = f"Bearer {key}"
             self.api_key = key
         if opts.weight_update == "k2-push" and not (opts.push_address and self.api_key):
-            raise ConfigError("plugins.rl.openai.push_address: weight_update=k2-push needs the "
-                              "server's push listener (HOST:PORT of k2 serve --push-port) and "
-                              "its API key (api_key_env)")
+            raise ConfigError(
+                "plugins.rl.openai.push_address: weight_update=k2-push needs the "
+                "server's push listener (HOST:PORT of k2 serve --push-port) and "
+                "its API key (api_key_env)"
+            )
         self.client = httpx.Client(
-            timeout=opts.timeout_s, headers=headers,
-            limits=httpx.Limits(max_connections=opts.concurrency,
-                                max_keepalive_connections=opts.concurrency))
+            timeout=opts.timeout_s,
+            headers=headers,
+            limits=httpx.Limits(
+                max_connections=opts.concurrency, max_keepalive_connections=opts.concurrency
+            ),
+        )
         self.pool = ThreadPoolExecutor(opts.concurrency, thread_name_prefix="k2-rl-openai")
         self.check_served_version = check_served_version
         self._version = int(version)
@@ -151,21 +171,30 @@ class OpenAIEngine:
         """The policy version the engine serves (owned by the trainer)."""
         return self._version
 
-    def generate(self, prompts: list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Completion]:
         """Complete every prompt (one request each, `concurrency` at a time); results in prompt
         order, each tagged with the version live when it was requested. A sample that failed
         after its retries has finish_reason "failed" and no tokens."""
-        plist = list(params) if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        plist = (
+            list(params)
+            if isinstance(params, list)
+            else [params or SamplingParams()] * len(prompts)
+        )
         if len(plist) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling params")
-        futs = [self.pool.submit(self._sample, list(p), sp) for p, sp in zip(prompts, plist, strict=True)]
+        futs = [
+            self.pool.submit(self._sample, list(p), sp)
+            for p, sp in zip(prompts, plist, strict=True)
+        ]
         outs = [f.result() for f in futs]
         if self.consecutive_failures >= self.opts.max_consecutive_failures:
             raise OpenAIEngineError(
                 f"the engine at {self.base_url} failed {self.consecutive_failures} samples in a "
                 f"row, each after {self.opts.retries} retries (last: {self.last_error}); is it "
-                "down? (plugins.rl.openai.max_consecutive_failures)")
+                "down? (plugins.rl.openai.max_consecutive_failures)"
+            )
         return outs
 
     def update(self, load: Any, version: int) -> None:
@@ -177,7 +206,8 @@ class OpenAIEngine:
                 if not self._cond.wait_for(lambda: self._in_flight == 0, self.opts.timeout_s):
                     raise OpenAIEngineError(
                         f"{self._in_flight} requests to {self.base_url} still in flight after "
-                        f"{self.opts.timeout_s:g} s (plugins.rl.openai.timeout_s); update aborted")
+                        f"{self.opts.timeout_s:g} s (plugins.rl.openai.timeout_s); update aborted"
+                    )
             except BaseException:
                 self._paused = False
                 self._cond.notify_all()
@@ -204,16 +234,20 @@ class OpenAIEngine:
         try:
             resp = self.client.get(f"{self.base_url}/models")
         except httpx.HTTPError as exc:
-            raise OpenAIEngineError(f"cannot reach the engine at {self.base_url} "
-                                    f"({type(exc).__name__}: {_first_line(str(exc))}); start it "
-                                    "or fix plugins.rl.openai.base_url") from None
+            raise OpenAIEngineError(
+                f"cannot reach the engine at {self.base_url} "
+                f"({type(exc).__name__}: {_first_line(str(exc))}); start it "
+                "or fix plugins.rl.openai.base_url"
+            ) from None
         if resp.status_code != 200:
-            raise OpenAIEngineError(f"{self.base_url}/models answered {resp.status_code}: "
-                                    f"{_error_message(resp)}")
+            raise OpenAIEngineError(
+                f"{self.base_url}/models answered {resp.status_code}: {_error_message(resp)}"
+            )
         data = resp.json().get("data") or []
         if not data:
-            raise OpenAIEngineError(f"{self.base_url}/models lists no model; set "
-                                    "plugins.rl.openai.model")
+            raise OpenAIEngineError(
+                f"{self.base_url}/models lists no model; set plugins.rl.openai.model"
+            )
         return str(data[0]["id"])
 
     def _sample(self, prompt: list[int], params: SamplingParams) -> Completion:
@@ -232,9 +266,14 @@ class OpenAIEngine:
     def body(self, prompt: list[int], params: SamplingParams) -> dict[str, Any]:
         """The /v1/completions request of one sample."""
         body: dict[str, Any] = {
-            "model": self.model, "prompt": prompt, "max_tokens": int(params.max_new_tokens),
-            "temperature": float(params.temperature), "top_p": float(params.top_p),
-            "logprobs": 0, "return_tokens_as_token_ids": True, "skip_special_tokens": False,
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": int(params.max_new_tokens),
+            "temperature": float(params.temperature),
+            "top_p": float(params.top_p),
+            "logprobs": 0,
+            "return_tokens_as_token_ids": True,
+            "skip_special_tokens": False,
         }
         if params.seed is not None:
             body["seed"] = int(params.seed) & ((1 << 63) - 1)  # engines take a signed int64
@@ -265,8 +304,14 @@ class OpenAIEngine:
         with self._cond:
             self.failed_samples += 1
             self.consecutive_failures += 1
-        return Completion(prompt_ids=prompt, token_ids=[], logprobs=[], finish_reason=FAILED,
-                          text=None, version=version)
+        return Completion(
+            prompt_ids=prompt,
+            token_ids=[],
+            logprobs=[],
+            finish_reason=FAILED,
+            text=None,
+            version=version,
+        )
 
     def _post(self, prompt: list[int], params: SamplingParams, version: int) -> Completion:
         import httpx
@@ -281,8 +326,9 @@ class OpenAIEngine:
         if resp.status_code in _RETRY_STATUS:
             raise _Retryable(f"HTTP {resp.status_code}: {_error_message(resp)}")
         if resp.status_code != 200:
-            raise OpenAIEngineError(f"{where} refused a completion with {resp.status_code}: "
-                                    f"{_error_message(resp)}")
+            raise OpenAIEngineError(
+                f"{where} refused a completion with {resp.status_code}: {_error_message(resp)}"
+            )
         try:
             choice = resp.json()["choices"][0]
         except (ValueError, KeyError, IndexError, TypeError):
@@ -290,16 +336,28 @@ class OpenAIEngine:
         ids, lps = parse_completion(choice, where)
         served = choice.get("weights_version")
         if self.check_served_version and served is not None and int(served) != version:
-            raise OpenAIEngineError(f"{where} sampled with weights version {served} while the "
-                                    f"trainer's live version is {version}")
+            raise OpenAIEngineError(
+                f"{where} sampled with weights version {served} while the "
+                f"trainer's live version is {version}"
+            )
         finish = "stop" if choice.get("finish_reason") == "stop" else "length"
-        text = self.tokenizer.decode([i for i in ids if i not in self.default_stop_ids]) \
-            if self.tokenizer is not None else choice.get("text")
-        return Completion(prompt_ids=prompt, token_ids=ids, logprobs=lps, finish_reason=finish,
-                          text=text, version=version)
+        text = (
+            self.tokenizer.decode([i for i in ids if i not in self.default_stop_ids])
+            if self.tokenizer is not None
+            else choice.get("text")
+        )
+        return Completion(
+            prompt_ids=prompt,
+            token_ids=ids,
+            logprobs=lps,
+            finish_reason=finish,
+            text=text,
+            version=version,
+        )
 
-    def greedy_logprobs(self, prompts: list[list[int]], n_tokens: int, version: int
-                        ) -> list[tuple[list[int], list[float]]]:
+    def greedy_logprobs(
+        self, prompts: list[list[int]], n_tokens: int, version: int
+    ) -> list[tuple[list[int], list[float]]]:
         """(token ids, log-probabilities) of `n_tokens` greedy tokens per prompt from weights
         `version`, bypassing the pause gate (the update's own check); errors raise."""
         params = SamplingParams(temperature=0.0, max_new_tokens=n_tokens, ignore_eos=True)
@@ -308,8 +366,10 @@ class OpenAIEngine:
             try:
                 c = self._post(list(p), params, version)
             except _Retryable as exc:
-                raise OpenAIEngineError(f"the engine at {self.base_url} failed a check request "
-                                        f"({_first_line(str(exc))})") from None
+                raise OpenAIEngineError(
+                    f"the engine at {self.base_url} failed a check request "
+                    f"({_first_line(str(exc))})"
+                ) from None
             out.append((c.token_ids, c.logprobs))
         return out
 
@@ -319,19 +379,26 @@ class OpenAIEngine:
         import httpx
 
         url = f"{self.root_url}/collective_rpc"
-        body = {"method": "reload_weights", "kwargs": {"weights_path": uri},
-                "timeout": self.opts.timeout_s}
+        body = {
+            "method": "reload_weights",
+            "kwargs": {"weights_path": uri},
+            "timeout": self.opts.timeout_s,
+        }
         try:
             resp = self.client.post(url, json=body, timeout=self.opts.timeout_s)
         except httpx.HTTPError as exc:
-            raise OpenAIEngineError(f"vLLM reload at {url} failed ({type(exc).__name__}: "
-                                    f"{_first_line(str(exc))})") from None
+            raise OpenAIEngineError(
+                f"vLLM reload at {url} failed ({type(exc).__name__}: {_first_line(str(exc))})"
+            ) from None
         if resp.status_code == 404:
-            raise OpenAIEngineError(f"{url} is not found: start vLLM with VLLM_SERVER_DEV_MODE=1 "
-                                    "for its reload route (or set a restart_command)")
+            raise OpenAIEngineError(
+                f"{url} is not found: start vLLM with VLLM_SERVER_DEV_MODE=1 "
+                "for its reload route (or set a restart_command)"
+            )
         if resp.status_code != 200:
-            raise OpenAIEngineError(f"vLLM reload refused by {url} ({resp.status_code}): "
-                                    f"{_error_message(resp)}")
+            raise OpenAIEngineError(
+                f"vLLM reload refused by {url} ({resp.status_code}): {_error_message(resp)}"
+            )
 
     def wait_ready(self, timeout_s: float) -> None:
         """Wait until {base_url}/models answers 200 (a restarted engine is up)."""
@@ -345,9 +412,11 @@ class OpenAIEngine:
             except httpx.HTTPError:
                 pass
             if time.monotonic() > deadline:
-                raise OpenAIEngineError(f"the engine at {self.base_url} did not answer /models "
-                                        f"within {timeout_s:g} s of its restart "
-                                        "(plugins.rl.openai.restart_timeout_s)")
+                raise OpenAIEngineError(
+                    f"the engine at {self.base_url} did not answer /models "
+                    f"within {timeout_s:g} s of its restart "
+                    "(plugins.rl.openai.restart_timeout_s)"
+                )
             time.sleep(1.0)
 
     def load_weights_from_disk(self, uri: str, version: int | None) -> dict[str, Any]:
@@ -361,15 +430,18 @@ class OpenAIEngine:
         try:
             resp = self.client.post(url, json=body, timeout=self.opts.timeout_s)
         except httpx.HTTPError as exc:
-            raise OpenAIEngineError(f"weight update at {url} failed ({type(exc).__name__}: "
-                                    f"{_first_line(str(exc))})") from None
+            raise OpenAIEngineError(
+                f"weight update at {url} failed ({type(exc).__name__}: {_first_line(str(exc))})"
+            ) from None
         if resp.status_code != 200:
-            raise OpenAIEngineError(f"weight update refused by {url} ({resp.status_code}): "
-                                    f"{_error_message(resp)}")
+            raise OpenAIEngineError(
+                f"weight update refused by {url} ({resp.status_code}): {_error_message(resp)}"
+            )
         data = resp.json()
         if data.get("success") is False:
-            raise OpenAIEngineError(f"weight update failed at {url}: "
-                                    f"{_first_line(str(data.get('message', '')))}")
+            raise OpenAIEngineError(
+                f"weight update failed at {url}: {_first_line(str(data.get('message', '')))}"
+            )
         return data
 
 
@@ -383,15 +455,21 @@ def trainer_logprobs(model: torch.nn.Module, prompt: list[int], tokens: list[int
     try:
         ids = torch.tensor([list(prompt) + list(tokens)])
         mask = torch.zeros_like(ids, dtype=torch.bool)
-        mask[0, len(prompt):] = True
+        mask[0, len(prompt) :] = True
         lp, _ = token_logprobs(model, ids, mask)
     finally:
         model.train(was)
-    return lp[0, len(prompt):].tolist()
+    return lp[0, len(prompt) :].tolist()
 
 
-def check_logprobs(engine: OpenAIEngine, model: torch.nn.Module, prompts: list[list[int]],
-                   n_tokens: int, tolerance: float, version: int | None = None) -> float:
+def check_logprobs(
+    engine: OpenAIEngine,
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    n_tokens: int,
+    tolerance: float,
+    version: int | None = None,
+) -> float:
     """Largest |engine - trainer| log-probability over greedy tokens of `prompts` (the engine
     serving `version`, default its current one); raises OpenAIEngineError (one line) above
     `tolerance`."""
@@ -405,7 +483,8 @@ def check_logprobs(engine: OpenAIEngine, model: torch.nn.Module, prompts: list[l
         raise OpenAIEngineError(
             f"the engine's log-probabilities differ from the trainer's by up to {worst:.3g} "
             f"over {n} tokens (plugins.rl.openai.logprob_tolerance {tolerance:g}): it does not "
-            "serve the trainer's weights (a stale reload?); restart it on the latest weights")
+            "serve the trainer's weights (a stale reload?); restart it on the latest weights"
+        )
     return worst
 
 
@@ -419,8 +498,9 @@ class OpenAISync:
         self.engine, self.opts = engine, engine.opts
         # a local path goes to the server absolute: it resolves paths against its own cwd
         local = split_protocol(weights_dir)[0] in (None, "file", "local")
-        self.weights_dir = os.path.abspath(split_protocol(weights_dir)[1]) if local \
-            else weights_dir.rstrip("/")
+        self.weights_dir = (
+            os.path.abspath(split_protocol(weights_dir)[1]) if local else weights_dir.rstrip("/")
+        )
         self.check_prompts = check_prompts
         self.written: list[str] = []
         self.last_seconds = 0.0
@@ -437,19 +517,29 @@ class OpenAISync:
 
         t0 = time.perf_counter()
         host, _, port = str(self.opts.push_address).rpartition(":")
-        pusher = WeightPusher([(host, int(port))], bucket_mb=self.opts.push_bucket_mb,
-                              timeout_s=self.opts.timeout_s, token=self.engine.api_key)
+        pusher = WeightPusher(
+            [(host, int(port))],
+            bucket_mb=self.opts.push_bucket_mb,
+            timeout_s=self.opts.timeout_s,
+            token=self.engine.api_key,
+        )
         full = self.pushes == 0  # the server starts on other weights: no version to follow
 
         def load() -> None:
             try:
                 pusher.push(model, version, full=full)
             except WeightPushError as exc:
-                raise OpenAIEngineError(f"weight push of version {version} to "
-                                        f"{self.opts.push_address}: {exc}") from None
-            self.last_check = check_logprobs(self.engine, model, self.check_prompts,
-                                             self.opts.check_tokens,
-                                             self.opts.logprob_tolerance, version)
+                raise OpenAIEngineError(
+                    f"weight push of version {version} to {self.opts.push_address}: {exc}"
+                ) from None
+            self.last_check = check_logprobs(
+                self.engine,
+                model,
+                self.check_prompts,
+                self.opts.check_tokens,
+                self.opts.logprob_tolerance,
+                version,
+            )
 
         self.engine.update(load, version)
         self.pushes += 1
@@ -469,8 +559,9 @@ class OpenAISync:
 
                 from k2_data.hf_export import hf_tokenizer_files
 
-                files = hf_tokenizer_files(self.engine.tokenizer,
-                                           model.config.max_position_embeddings)
+                files = hf_tokenizer_files(
+                    self.engine.tokenizer, model.config.max_position_embeddings
+                )
                 for name, data in files.items():
                     (Path(uri) / name).write_bytes(data)
         else:
@@ -489,9 +580,14 @@ class OpenAISync:
         engine = self.engine
 
         def check() -> None:
-            self.last_check = check_logprobs(engine, model, self.check_prompts,
-                                             self.opts.check_tokens,
-                                             self.opts.logprob_tolerance, version)
+            self.last_check = check_logprobs(
+                engine,
+                model,
+                self.check_prompts,
+                self.opts.check_tokens,
+                self.opts.logprob_tolerance,
+                version,
+            )
 
         def load() -> None:
             fallback = self.opts.weight_update == "vllm" and bool(self.opts.restart_command)
@@ -505,15 +601,18 @@ class OpenAISync:
             except OpenAIEngineError as exc:
                 if not fallback:
                     raise OpenAIEngineError(
-                        f"weight update to version {version} ({uri}): {exc}") from None
+                        f"weight update to version {version} ({uri}): {exc}"
+                    ) from None
                 # vLLM refused the reload or served wrong weights after it: restart it on
                 # the new export and check again
                 self.restart(uri)
                 try:
                     check()
                 except OpenAIEngineError as again:
-                    raise OpenAIEngineError(f"weight update to version {version} ({uri}), "
-                                            f"after restart_command: {again}") from None
+                    raise OpenAIEngineError(
+                        f"weight update to version {version} ({uri}), "
+                        f"after restart_command: {again}"
+                    ) from None
 
         engine.update(load, version)
         self.written.append(uri)
@@ -526,15 +625,20 @@ class OpenAISync:
         cmd = str(self.opts.restart_command).replace("{model_path}", shlex.quote(uri))
         t0 = time.monotonic()
         try:
-            done = subprocess.run(cmd, shell=True, capture_output=True, text=True,
-                                  timeout=self.opts.restart_timeout_s)
+            done = subprocess.run(
+                cmd, shell=True, capture_output=True, text=True, timeout=self.opts.restart_timeout_s
+            )
         except subprocess.TimeoutExpired:
-            raise OpenAIEngineError(f"restart_command ran past {self.opts.restart_timeout_s:g} s "
-                                    "(plugins.rl.openai.restart_timeout_s)") from None
+            raise OpenAIEngineError(
+                f"restart_command ran past {self.opts.restart_timeout_s:g} s "
+                "(plugins.rl.openai.restart_timeout_s)"
+            ) from None
         if done.returncode != 0:
             tail = (done.stderr or done.stdout).strip().splitlines()
-            raise OpenAIEngineError(f"restart_command exited with {done.returncode}: "
-                                    f"{tail[-1] if tail else '(no output)'}")
+            raise OpenAIEngineError(
+                f"restart_command exited with {done.returncode}: "
+                f"{tail[-1] if tail else '(no output)'}"
+            )
         self.engine.wait_ready(max(1.0, self.opts.restart_timeout_s - (time.monotonic() - t0)))
         self.restarts += 1
 

@@ -105,8 +105,13 @@ def _child_main(conn: Any, spec: _ChildSpec) -> None:
         # meta tensors: the bucket plan only needs names, shapes and dtypes (the trainer's)
         template = {n: torch.empty(shape, dtype=dt, device="meta") for n, shape, dt in spec.meta}
         conn.send(("hello", os.getpid(), list(engine.default_stop_ids)))
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{spec.port}", rank=1,
-                                world_size=2, timeout=timedelta(seconds=spec.timeout_s))
+        dist.init_process_group(
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{spec.port}",
+            rank=1,
+            world_size=2,
+            timeout=timedelta(seconds=spec.timeout_s),
+        )
     except Exception as exc:  # reported to the trainer, which raises it as one line
         conn.send(("error", _describe(exc)))
         return
@@ -118,8 +123,9 @@ def _child_main(conn: Any, spec: _ChildSpec) -> None:
 
 
 def _versioned(c: Completion, version: int) -> VersionedCompletion:
-    return VersionedCompletion(**{f.name: getattr(c, f.name) for f in fields(c)
-                                  if f.name != "version"}, version=version)
+    return VersionedCompletion(
+        **{f.name: getattr(c, f.name) for f in fields(c) if f.name != "version"}, version=version
+    )
 
 
 def _serve(conn: Any, engine: Engine, sync: DistributedSync, template: dict[str, Any]) -> None:
@@ -135,8 +141,11 @@ def _serve(conn: Any, engine: Engine, sync: DistributedSync, template: dict[str,
         try:
             if kind == "generate":
                 outs = engine.generate(msg[1], msg[2])
-                reply: tuple[Any, ...] = ("ok", [_versioned(c, engine.version) for c in outs],
-                                          engine.version)
+                reply: tuple[Any, ...] = (
+                    "ok",
+                    [_versioned(c, engine.version) for c in outs],
+                    engine.version,
+                )
             elif kind == "load":
                 version = sync.receive(engine, template)
                 reply = ("ok", version, sync.last_bytes)
@@ -165,16 +174,27 @@ class RemoteEngine:
     `ProcessSync`). Close it (or use it as a context manager) to end the child.
     """
 
-    def __init__(self, model_cfg: Any, moe_cfg: Any, tokenizer_uri: str | None, *,
-                 model: torch.nn.Module, version: int = 0, tokenizer: Any = None,
-                 max_batch_size: int = 64, timeout_s: float = 600.0, bucket_mb: float = 32.0,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        model_cfg: Any,
+        moe_cfg: Any,
+        tokenizer_uri: str | None,
+        *,
+        model: torch.nn.Module,
+        version: int = 0,
+        tokenizer: Any = None,
+        max_batch_size: int = 64,
+        timeout_s: float = 600.0,
+        bucket_mb: float = 32.0,
+        threads: int | None = None,
+    ):
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             raise EngineProcessError(
                 "plugins.rl.engine=process: torch.distributed is already initialised in the "
-                "trainer (a distributed backend?); use plugins.rl.engine=colocated")
+                "trainer (a distributed backend?); use plugins.rl.engine=colocated"
+            )
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.timeout_s = float(timeout_s)
@@ -187,12 +207,22 @@ class RemoteEngine:
         self._lock = threading.Lock()
         self._dist = DistributedSync(src=0, bucket_mb=self.bucket_mb)
         port = _free_port()
-        spec = _ChildSpec(model_cfg, moe_cfg, tokenizer_uri, self._meta, max_batch_size,
-                          threads or torch.get_num_threads(), port, self.timeout_s, self.bucket_mb)
+        spec = _ChildSpec(
+            model_cfg,
+            moe_cfg,
+            tokenizer_uri,
+            self._meta,
+            max_batch_size,
+            threads or torch.get_num_threads(),
+            port,
+            self.timeout_s,
+            self.bucket_mb,
+        )
         ctx = mp.get_context("spawn")
         self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._process = ctx.Process(target=_child_main, args=(child_conn, spec),
-                                    name="k2-rl-engine", daemon=True)
+        self._process = ctx.Process(
+            target=_child_main, args=(child_conn, spec), name="k2-rl-engine", daemon=True
+        )
         self._process.start()
         child_conn.close()  # only the child holds that end: its death shows here as EOF
         self.pid = self._process.pid
@@ -207,8 +237,13 @@ class RemoteEngine:
         _, stop_ids = self._receive("start")
         self.default_stop_ids = list(stop_ids)
         try:
-            dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                    world_size=2, timeout=timedelta(seconds=self.timeout_s))
+            dist.init_process_group(
+                "gloo",
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=0,
+                world_size=2,
+                timeout=timedelta(seconds=self.timeout_s),
+            )
         except Exception as exc:
             self._fail(f"could not form the weight-sync group on port {port} ({_describe(exc)})")
         self._owns_group = True
@@ -225,14 +260,15 @@ class RemoteEngine:
         """True once the child has been ended."""
         return self._closed
 
-    def generate(self, prompts: list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[VersionedCompletion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[VersionedCompletion]:
         """Complete every prompt in the child; results in prompt order, tagged with the version."""
         plist = params if isinstance(params, list) else [params]
         if any(p is not None and p.on_token is not None for p in plist):
-            raise ValueError("SamplingParams.on_token (streaming) is not supported by the "
-                             "process engine")
+            raise ValueError(
+                "SamplingParams.on_token (streaming) is not supported by the process engine"
+            )
         with self._lock:  # one request in flight: replies carry no request id
             self._send(("generate", [list(p) for p in prompts], params), "generate")
             outs, version = self._receive("generate")
@@ -244,10 +280,13 @@ class RemoteEngine:
         """Broadcast `model`'s weights to the child as policy `version`; returns bytes sent."""
         meta = _state_meta(model)
         if meta != self._meta:
-            diff = next((a[0] for a, b in zip(meta, self._meta, strict=False) if a != b),
-                        "the tensor count")
-            raise EngineProcessError(f"push_weights: the model's state changed layout at {diff} "
-                                     "since the engine started; restart the engine")
+            diff = next(
+                (a[0] for a, b in zip(meta, self._meta, strict=False) if a != b), "the tensor count"
+            )
+            raise EngineProcessError(
+                f"push_weights: the model's state changed layout at {diff} "
+                "since the engine started; restart the engine"
+            )
         with self._lock:
             self._send(("load",), "a weight sync")
             try:
@@ -282,8 +321,10 @@ class RemoteEngine:
             if not self._process.is_alive() and not self._conn.poll(0):
                 self._fail(f"died during {what}", died=True)
             if time.monotonic() > deadline:
-                self._fail(f"did not answer {what} within {self.timeout_s:g} s "
-                           "(plugins.rl.engine_timeout_s) and was killed")
+                self._fail(
+                    f"did not answer {what} within {self.timeout_s:g} s "
+                    "(plugins.rl.engine_timeout_s) and was killed"
+                )
         if msg[0] == "error":
             if len(msg) > 2 and msg[2] == "ValueError" and what == "generate":
                 raise ValueError(f"rollout engine: {msg[1]}")  # a bad request, as in-process
@@ -296,8 +337,11 @@ class RemoteEngine:
             self._process.join(_CLOSE_GRACE_S)
         code = self._process.exitcode
         self._shutdown(graceful=graceful)
-        how = "" if code is None or code == 0 else (
-            f" (killed by signal {-code})" if code < 0 else f" (exit code {code})")
+        how = (
+            ""
+            if code is None or code == 0
+            else (f" (killed by signal {-code})" if code < 0 else f" (exit code {code})")
+        )
         hint = "; its own output above says more" if code is not None and code > 0 else ""
         raise EngineProcessError(f"the rollout engine process (pid {self.pid}){how} {reason}{hint}")
 

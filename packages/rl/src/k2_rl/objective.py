@@ -27,8 +27,9 @@ class ObjectiveOutput:
     valid: torch.Tensor  # [N] bool: in the loss
 
 
-def group_baseline(rewards: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def group_baseline(
+    rewards: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean reward of each sample's group over valid samples, valid count of that group)."""
     n_groups = int(groups.max()) + 1 if groups.numel() else 0
     w = valid.to(rewards.dtype)
@@ -48,8 +49,9 @@ class Advantages:
     n_groups: int
 
 
-def advantages(rewards: torch.Tensor, groups: torch.Tensor,
-               valid: torch.Tensor | None = None) -> Advantages:
+def advantages(
+    rewards: torch.Tensor, groups: torch.Tensor, valid: torch.Tensor | None = None
+) -> Advantages:
     """r_i - mean_j r_j within each group over valid samples; groups of < 2 valid drop out."""
     rewards = rewards.float()
     valid = torch.ones_like(rewards, dtype=torch.bool) if valid is None else valid.bool()
@@ -60,8 +62,14 @@ def advantages(rewards: torch.Tensor, groups: torch.Tensor,
     return Advantages(adv, weight, valid, torch.unique(groups[valid]).numel())
 
 
-def k15_terms(logp: torch.Tensor, old_logp: torch.Tensor, adv: Advantages, *,
-              tau: float, index: torch.Tensor | None = None) -> torch.Tensor:
+def k15_terms(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    adv: Advantages,
+    *,
+    tau: float,
+    index: torch.Tensor | None = None,
+) -> torch.Tensor:
     """This slice's share of the loss: sum_i w_i (a_i - tau * log-ratio_i)^2 / groups.
 
     The loss is a sum over samples once the advantages are fixed, so micro-batches (`index`
@@ -74,8 +82,14 @@ def k15_terms(logp: torch.Tensor, old_logp: torch.Tensor, adv: Advantages, *,
     return (per * w.to(logp.dtype)).sum() / max(adv.n_groups, 1)
 
 
-def k15_loss(logp: torch.Tensor, old_logp: torch.Tensor, rewards: torch.Tensor,
-             groups: torch.Tensor, tau: float, valid: torch.Tensor | None = None) -> ObjectiveOutput:
+def k15_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    rewards: torch.Tensor,
+    groups: torch.Tensor,
+    tau: float,
+    valid: torch.Tensor | None = None,
+) -> ObjectiveOutput:
     """The K1.5 squared loss over N samples in groups (one group per prompt).
 
     logp [N]: log pi(y_i|x) summed over response tokens (with grad); old_logp [N]: the same
@@ -87,8 +101,11 @@ def k15_loss(logp: torch.Tensor, old_logp: torch.Tensor, rewards: torch.Tensor,
     return ObjectiveOutput(loss, adv.advantage, log_ratio, adv.valid)
 
 
-def token_logprobs(model: torch.nn.Module, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(log pi of each token given its prefix [B, T], entropy at each position [B, T]).
 
     input_ids [B, T] hold prompt + response (right-padded); position t of the outputs scores
@@ -118,15 +135,19 @@ def sequence_logprob(token_lp: torch.Tensor, response_mask: torch.Tensor) -> tor
     return (token_lp * response_mask.to(token_lp.dtype)).sum(-1)
 
 
-
 class K15:
     """The `rl_algorithm` k15: the squared K1.5 loss with its tau."""
 
     def __init__(self, tau: float):
         self.tau = tau
 
-    def loss(self, logp: torch.Tensor, old_logp: torch.Tensor, adv: Advantages,
-             index: torch.Tensor | None = None) -> torch.Tensor:
+    def loss(
+        self,
+        logp: torch.Tensor,
+        old_logp: torch.Tensor,
+        adv: Advantages,
+        index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """This micro-batch's share of the loss (see `k15_terms`)."""
         return k15_terms(logp, old_logp, adv, tau=self.tau, index=index)
 

@@ -17,14 +17,18 @@ from k2_core.errors import ConfigError
 from .options import TaskOptions
 
 
-def math_records(split: str, seed: int, difficulty: tuple[int, int],
-                 kinds: tuple[str, ...]) -> Iterator[dict[str, Any]]:
+def math_records(
+    split: str, seed: int, difficulty: tuple[int, int], kinds: tuple[str, ...]
+) -> Iterator[dict[str, Any]]:
     """Endless built-in arithmetic records of `split` (train/val/test never share a question)."""
     from k2_data.corpus.mathgen import iter_math_problems
 
     for p in iter_math_problems(split, seed, tuple(difficulty), tuple(kinds)):
-        yield {"prompt": p.question, "answer": p.answer,
-               "messages": [{"role": "user", "content": p.question}]}
+        yield {
+            "prompt": p.question,
+            "answer": p.answer,
+            "messages": [{"role": "user", "content": p.question}],
+        }
 
 
 CODE_INSTRUCTION = "Complete this Python function. Answer with the whole function.\n\n"
@@ -38,8 +42,12 @@ def code_records(split: str, seed: int) -> Iterator[dict[str, Any]]:
     for block in itertools.count():
         for ex in generate_exercises(64, seed=base * 1000 + block):
             text = CODE_INSTRUCTION + ex.prompt
-            yield {"prompt": text, "tests": list(ex.tests), "entry_point": ex.name,
-                   "messages": [{"role": "user", "content": text}]}
+            yield {
+                "prompt": text,
+                "tests": list(ex.tests),
+                "entry_point": ex.name,
+                "messages": [{"role": "user", "content": text}],
+            }
 
 
 def jsonl_records(uri: str, seed: int) -> Iterator[dict[str, Any]]:
@@ -81,8 +89,14 @@ def task_records(task: TaskOptions, split: str, seed: int) -> Iterator[dict[str,
 class PromptStream:
     """Draws (record, prompt ids, task, budget) across tasks by weight; resumable."""
 
-    def __init__(self, tasks: tuple[TaskOptions, ...], encode: Any, seed: int,
-                 default_budget: int, split: str = "train"):
+    def __init__(
+        self,
+        tasks: tuple[TaskOptions, ...],
+        encode: Any,
+        seed: int,
+        default_budget: int,
+        split: str = "train",
+    ):
         self.tasks, self.encode, self.seed = tasks, encode, seed
         self.default_budget, self.split = default_budget, split
         self.drawn = 0
@@ -103,7 +117,12 @@ class PromptStream:
         self._counts[i] += 1
         self.drawn += 1
         task = self.tasks[i]
-        return record, self.encode(record["messages"]), task.name, task.budget or self.default_budget
+        return (
+            record,
+            self.encode(record["messages"]),
+            task.name,
+            task.budget or self.default_budget,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Records drawn so far (a resume replays the streams to that point)."""

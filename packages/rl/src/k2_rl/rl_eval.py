@@ -27,9 +27,19 @@ def prompt_encoder(tokenizer: Any) -> Any:
     return encode
 
 
-def pass_at_1(engine: Any, tokenizer: Any, task: TaskOptions, reward: Any, *, n: int,
-              max_tokens: int, split: str = "test", seed: int = 0, temperature: float = 0.0,
-              samples: int = 1) -> dict[str, Any]:
+def pass_at_1(
+    engine: Any,
+    tokenizer: Any,
+    task: TaskOptions,
+    reward: Any,
+    *,
+    n: int,
+    max_tokens: int,
+    split: str = "test",
+    seed: int = 0,
+    temperature: float = 0.0,
+    samples: int = 1,
+) -> dict[str, Any]:
     """pass@1 over the first `n` held-out records of `task` (mean response tokens; `passed`
     holds each answer's outcome, record by record, samples of a record adjacent).
 
@@ -43,15 +53,22 @@ def pass_at_1(engine: Any, tokenizer: Any, task: TaskOptions, reward: Any, *, n:
     encode = prompt_encoder(tokenizer)
     k = samples if temperature > 0 else 1
     prompts = [encode(r["messages"]) for r in records for _ in range(k)]
-    params = [SamplingParams(temperature=temperature, max_new_tokens=max_tokens,
-                             seed=seed * 1_000_003 + i if temperature > 0 else None)
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(
+            temperature=temperature,
+            max_new_tokens=max_tokens,
+            seed=seed * 1_000_003 + i if temperature > 0 else None,
+        )
+        for i in range(len(prompts))
+    ]
     outs = engine.generate(prompts, params)
     stop = set(engine.default_stop_ids)
     passed = []
     for i, out in enumerate(outs):
         (res,) = reward.score(records[i // k], [response_text(tokenizer, out.token_ids, stop)])
         passed.append(res.outcome == "pass")
-    return {"pass@1": sum(passed) / max(len(outs), 1),
-            "response_tokens": sum(len(o.token_ids) for o in outs) / max(len(outs), 1),
-            "passed": passed}
+    return {
+        "pass@1": sum(passed) / max(len(outs), 1),
+        "response_tokens": sum(len(o.token_ids) for o in outs) / max(len(outs), 1),
+        "passed": passed,
+    }

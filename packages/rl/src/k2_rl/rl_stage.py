@@ -39,14 +39,20 @@ def _check_distributed(cfg: RunConfig, opts: RlOptions) -> None:
     if int(cfg.parallel.options.get("pp", 1)) > 1:
         # the K1.5 loss needs each response's whole log-probability on one rank, and the
         # engines the whole model: a pipeline stage has neither
-        raise ConfigError(f"parallel.options.pp: k2 rl does not run with pipeline stages "
-                          f"(pp={cfg.parallel.options['pp']}); use dp/ep (k2 sft runs under pp)")
+        raise ConfigError(
+            f"parallel.options.pp: k2 rl does not run with pipeline stages "
+            f"(pp={cfg.parallel.options['pp']}); use dp/ep (k2 sft runs under pp)"
+        )
     if opts.engine != "colocated":
-        raise ConfigError(f"plugins.rl.engine: {opts.engine!r} is not supported {where}; use "
-                          "engine=colocated (engines on the data ranks, fed by the weight push)")
+        raise ConfigError(
+            f"plugins.rl.engine: {opts.engine!r} is not supported {where}; use "
+            "engine=colocated (engines on the data ranks, fed by the weight push)"
+        )
     if opts.critic.enabled:
-        raise ConfigError(f"plugins.rl.critic.enabled: the closed-loop critic runs in one "
-                          f"process only, not {where}; set it to false")
+        raise ConfigError(
+            f"plugins.rl.critic.enabled: the closed-loop critic runs in one "
+            f"process only, not {where}; set it to false"
+        )
 
 
 def prepare_rl_config(cfg: RunConfig) -> tuple[RunConfig, RlOptions, Any]:
@@ -59,8 +65,10 @@ def prepare_rl_config(cfg: RunConfig) -> tuple[RunConfig, RlOptions, Any]:
     from .sft import _beside
 
     if "rl" not in cfg.plugins:
-        raise ConfigError("plugins.rl.init: missing; name the policy checkpoint "
-                          "(e.g. plugins.rl.init=runs/sft-math)")
+        raise ConfigError(
+            "plugins.rl.init: missing; name the policy checkpoint "
+            "(e.g. plugins.rl.init=runs/sft-math)"
+        )
     opts = RlOptions.model_validate(cfg.plugins["rl"])
     _check_distributed(cfg, opts)
     init = resolve_checkpoint(opts.init)
@@ -71,17 +79,23 @@ def prepare_rl_config(cfg: RunConfig) -> tuple[RunConfig, RlOptions, Any]:
     if cfg.data.dataset == "chat":
         data_opts["tokenizer"] = tok_uri
     opts = opts.model_copy(update={"init": init, "tokenizer": tok_uri})
-    cfg = cfg.model_copy(update={
-        "model": model_cfg, "moe": moe_cfg,
-        "plugins": {**cfg.plugins, "rl": opts.model_dump(mode="json")},
-        "data": cfg.data.model_copy(update={"options": data_opts})})
+    cfg = cfg.model_copy(
+        update={
+            "model": model_cfg,
+            "moe": moe_cfg,
+            "plugins": {**cfg.plugins, "rl": opts.model_dump(mode="json")},
+            "data": cfg.data.model_copy(update={"options": data_opts}),
+        }
+    )
     return cfg, opts, tokenizer
 
 
 class RLTrainer:
     """Holds the run, the engine, the rollout manager and the rewards of one `k2 rl` run."""
 
-    def __init__(self, cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | None = None):
+    def __init__(
+        self, cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | None = None
+    ):
         from k2_core.model import K2ForCausalLM
         from k2_core.orchestrator import build_run
         from k2_core.plugins import get_plugins
@@ -105,12 +119,19 @@ class RLTrainer:
         rl_state = run.resumed_attrs.get("rl_state")
         attach_hooks(self.plugins, TokenizerBesideHooks(tokenizer), "k2-rl-tokenizer")
         reg = self.plugins.registry
-        self.rewards = {t.name: reg.build("reward", t.reward, options=t.reward_options,
-                                          where=f"plugins.rl.tasks.{t.name}.reward_options")
-                        for t in opts.tasks}
+        self.rewards = {
+            t.name: reg.build(
+                "reward",
+                t.reward,
+                options=t.reward_options,
+                where=f"plugins.rl.tasks.{t.name}.reward_options",
+            )
+            for t in opts.tasks
+        }
         # before any engine starts: a code reward without namespaces is refused unless allowed
         self.sandbox_protections = sandbox_protections(
-            self.rewards, allow_weak_isolation=opts.allow_weak_isolation)
+            self.rewards, allow_weak_isolation=opts.allow_weak_isolation
+        )
         if self.ranks.distributed:
             from .data_ranks import build_engines
 
@@ -120,16 +141,27 @@ class RLTrainer:
 
             # the child builds its own model; its first weights come by the same broadcast
             self.engine: Any = RemoteEngine(
-                cfg.model, cfg.moe, opts.tokenizer, model=run.model, version=run.step,
-                tokenizer=tokenizer, max_batch_size=opts.max_batch_size,
-                timeout_s=opts.engine_timeout_s, bucket_mb=opts.sync_bucket_mb)
+                cfg.model,
+                cfg.moe,
+                opts.tokenizer,
+                model=run.model,
+                version=run.step,
+                tokenizer=tokenizer,
+                max_batch_size=opts.max_batch_size,
+                timeout_s=opts.engine_timeout_s,
+                bucket_mb=opts.sync_bucket_mb,
+            )
             self.sync: Any = ProcessSync(self.engine)
         elif opts.engine == "openai":
             from .engine_openai import OpenAIEngine
 
             # a running server; its first weights come by the same checked update (below)
-            self.engine = OpenAIEngine(opts.openai, tokenizer=tokenizer, version=run.step,
-                                       check_served_version=opts.openai.weight_update in ("k2", "k2-push"))
+            self.engine = OpenAIEngine(
+                opts.openai,
+                tokenizer=tokenizer,
+                version=run.step,
+                check_served_version=opts.openai.weight_update in ("k2", "k2-push"),
+            )
         else:
             # the engine owns a separate copy of the weights: rollouts see exactly one version
             engine_model = K2ForCausalLM(cfg.model, cfg.moe, reg, init_weights=False)
@@ -142,30 +174,49 @@ class RLTrainer:
             top_p = opts.top_p
 
             def make_params(*, temperature: float, max_new_tokens: int, seed: int | None) -> Any:
-                return SamplingParams(temperature=temperature, top_p=top_p,
-                                      max_new_tokens=max_new_tokens, seed=seed)
+                return SamplingParams(
+                    temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed
+                )
 
             self.rollouts = RolloutManager(
-                self.engine, make_params, k=opts.k,
+                self.engine,
+                make_params,
+                k=opts.k,
                 segment_tokens=opts.segment_tokens if opts.partial_rollout else None,
-                gate=VersionGate(opts.max_version_lag), partial=opts.partial_rollout)
-            self.prompts = PromptStream(opts.tasks, prompt_encoder(tokenizer),
-                                        cfg.train.seed + opts.seed_offset, opts.default_budget)
+                gate=VersionGate(opts.max_version_lag),
+                partial=opts.partial_rollout,
+            )
+            self.prompts = PromptStream(
+                opts.tasks,
+                prompt_encoder(tokenizer),
+                cfg.train.seed + opts.seed_offset,
+                opts.default_budget,
+            )
             if rl_state is not None:
                 self.rollouts.load_state_dict(rl_state["rollout"])
                 self.prompts.load_state_dict(rl_state["prompts"])
             if opts.engine == "openai":
                 from .engine_openai import OpenAISync
 
-                probe = PromptStream(opts.tasks, prompt_encoder(tokenizer), cfg.train.seed + 7919,
-                                     opts.default_budget, split="val")
-                self.sync = OpenAISync(self.engine, opts.openai.weights_dir
-                                       or f"{run.run_dir.rstrip('/')}/engine-weights",
-                                       [next(probe)[1] for _ in range(opts.openai.check_prompts)])
+                probe = PromptStream(
+                    opts.tasks,
+                    prompt_encoder(tokenizer),
+                    cfg.train.seed + 7919,
+                    opts.default_budget,
+                    split="val",
+                )
+                self.sync = OpenAISync(
+                    self.engine,
+                    opts.openai.weights_dir or f"{run.run_dir.rstrip('/')}/engine-weights",
+                    [next(probe)[1] for _ in range(opts.openai.check_prompts)],
+                )
                 self.sync.push(run.model, run.step)  # the engine starts on the trainer's weights
-            self.algorithm = reg.build("rl_algorithm", opts.algorithm,
-                                       options=opts.algorithm_options,
-                                       where="plugins.rl.algorithm_options")
+            self.algorithm = reg.build(
+                "rl_algorithm",
+                opts.algorithm,
+                options=opts.algorithm_options,
+                where="plugins.rl.algorithm_options",
+            )
             self.ptx = iter(run.loader) if opts.ptx_weight > 0 else None
             self.history: list[dict[str, float]] = []
             self.critic, self.critic_trainer = self._build_critic(cfg, opts, reg, tokenizer)
@@ -173,8 +224,9 @@ class RLTrainer:
             self.close()
             raise
 
-    def _build_critic(self, cfg: RunConfig, opts: RlOptions, reg: Any, tokenizer: Any
-                      ) -> tuple[Any, Any]:
+    def _build_critic(
+        self, cfg: RunConfig, opts: RlOptions, reg: Any, tokenizer: Any
+    ) -> tuple[Any, Any]:
         """The closed-loop critic: configured, else a copy of the initial policy (own weights)."""
         if not opts.critic.enabled:
             return None, None
@@ -183,8 +235,12 @@ class RLTrainer:
 
         from .critic import CriticTrainer, EngineJudge
 
-        critic = reg.build("reward", "rubric_critic", options=opts.critic.reward_options,
-                           where="plugins.rl.critic.reward_options")
+        critic = reg.build(
+            "reward",
+            "rubric_critic",
+            options=opts.critic.reward_options,
+            where="plugins.rl.critic.reward_options",
+        )
         trainer = None
         if critic.judge is None:
             model = K2ForCausalLM(cfg.model, cfg.moe, reg, init_weights=False)
@@ -212,9 +268,15 @@ class RLTrainer:
                 continue  # no pair with a known right verdict
             self.critic.compare(items[0]["traj"].prompt, [s["text"] for s in items])
             rep = check_against(self.critic, passed)
-            checked, agreed, sft = checked + rep.checked, agreed + rep.agreed, sft + rep.sft_conversations
-        m = {"critic/checked_pairs": float(checked),
-             "critic/agreement": agreed / checked if checked else float("nan")}
+            checked, agreed, sft = (
+                checked + rep.checked,
+                agreed + rep.agreed,
+                sft + rep.sft_conversations,
+            )
+        m = {
+            "critic/checked_pairs": float(checked),
+            "critic/agreement": agreed / checked if checked else float("nan"),
+        }
         if self.critic_trainer is not None and sft:
             m["critic/sft_loss"] = self.critic_trainer.step(sft)
         return m
@@ -252,9 +314,19 @@ class RLTrainer:
             g = groups[i]
             texts = [self._text(t) for t in g]
             results = self.rewards[g[0].task].score(g[0].prompt, texts)
-            mine.append([{"traj": t, "text": text, "result": res, "reward": penalised(
-                float(res.score), t.over_budget, self.opts.over_budget_penalty)}
-                for t, text, res in zip(g, texts, results, strict=True)])
+            mine.append(
+                [
+                    {
+                        "traj": t,
+                        "text": text,
+                        "result": res,
+                        "reward": penalised(
+                            float(res.score), t.over_budget, self.opts.over_budget_penalty
+                        ),
+                    }
+                    for t, text, res in zip(g, texts, results, strict=True)
+                ]
+            )
         scored: list[list[dict[str, Any]]] = [[] for _ in groups]
         for rank, theirs in enumerate(self.ranks.gather(mine)):
             for i, items in zip(range(rank, len(groups), self.ranks.world), theirs, strict=True):
@@ -286,7 +358,9 @@ class RLTrainer:
         model.reset_max_logits()
         own = [i for i, s in enumerate(scored) if s.get("own", True)]
         own.sort(key=lambda i: len(trajs[i].prompt_ids) + len(trajs[i].token_ids))
-        chunks = [own[a:a + opts.micro_batch_size] for a in range(0, len(own), opts.micro_batch_size)]
+        chunks = [
+            own[a : a + opts.micro_batch_size] for a in range(0, len(own), opts.micro_batch_size)
+        ]
         micro = [m for m in chunks if bool(adv.valid[m].any())]  # all-excluded ones train nothing
         # [loss, entropy sum, entropy tokens, tokens] and each sample's log-ratio, summed over ranks
         sums, ratio = torch.zeros(4, dtype=torch.float64), torch.zeros(len(trajs))
@@ -301,21 +375,26 @@ class RLTrainer:
         # the backend averages the loss over the data ranks like the gradients, so each
         # reports its share times the ranks: the mean is the loss of all responses
         loss_mean, grad_norm = run.backend.finish_step(
-            run, torch.tensor(sums[0].item() * ranks.world))
+            run, torch.tensor(sums[0].item() * ranks.world)
+        )
         apply_update(run, loss_mean, grad_norm)
         secs = time.perf_counter() - t0
         ranks.sum_(sums)
         ranks.sum_(ratio)
         stats = getattr(run.optimizer, "last_clip_stats", None) or {}
         v = adv.valid
-        return {"rl/loss": float(loss_mean), "rl/ptx_loss": ptx_loss,
-                "train/grad_norm": float(grad_norm),
-                "rl/entropy": float(sums[1] / max(float(sums[2]), 1.0)),
-                "rl/log_ratio_mean": float(ratio[v].mean()) if bool(v.any()) else 0.0,
-                "rl/advantage_abs_mean": float(adv.advantage[v].abs().mean()) if bool(v.any()) else 0.0,
-                "qk_clip/heads_clipped": float(stats.get("heads_clipped", 0)),
-                "train/tokens_per_s": float(sums[3]) / max(secs, 1e-9), "time/train_s": secs,
-                "train/lr": run.scheduler.get_last_lr()[0]}
+        return {
+            "rl/loss": float(loss_mean),
+            "rl/ptx_loss": ptx_loss,
+            "train/grad_norm": float(grad_norm),
+            "rl/entropy": float(sums[1] / max(float(sums[2]), 1.0)),
+            "rl/log_ratio_mean": float(ratio[v].mean()) if bool(v.any()) else 0.0,
+            "rl/advantage_abs_mean": float(adv.advantage[v].abs().mean()) if bool(v.any()) else 0.0,
+            "qk_clip/heads_clipped": float(stats.get("heads_clipped", 0)),
+            "train/tokens_per_s": float(sums[3]) / max(secs, 1e-9),
+            "time/train_s": secs,
+            "train/lr": run.scheduler.get_last_lr()[0],
+        }
 
     def _ptx_step(self, sums: torch.Tensor) -> float:
         """The PTX loss on `train.grad_accum` batches of this rank's `data` shard (the mean of
@@ -332,8 +411,9 @@ class RLTrainer:
             sums[3] += int(batch["input_ids"].numel())
         return float(self.ranks.sum_(total)) / self.ranks.world
 
-    def _micro_step(self, idx: list[int], trajs: list[Any], adv: Any, sums: torch.Tensor,
-                    ratio: torch.Tensor) -> None:
+    def _micro_step(
+        self, idx: list[int], trajs: list[Any], adv: Any, sums: torch.Tensor, ratio: torch.Tensor
+    ) -> None:
         """Forward/backward of one micro-batch of responses; its statistics into sums/ratio."""
         from .objective import sequence_logprob, token_logprobs
 
@@ -344,8 +424,8 @@ class RLTrainer:
         mask = torch.zeros(len(idx), width, dtype=torch.bool)
         old = torch.zeros(len(idx))
         for row, i in enumerate(idx):
-            ids[row, :len(seqs[row])] = torch.tensor(seqs[row])
-            mask[row, len(trajs[i].prompt_ids):len(seqs[row])] = True
+            ids[row, : len(seqs[row])] = torch.tensor(seqs[row])
+            mask[row, len(trajs[i].prompt_ids) : len(seqs[row])] = True
             old[row] = sum(trajs[i].logprobs)
         dev = self.run.backend.device
         with self.run.backend.autocast(self.cfg.train.bf16):
@@ -366,8 +446,9 @@ class RLTrainer:
         another (expert parallelism needs every rank in each all-to-all): eval mode counts no
         expert load, the max logits are not recorded, the loss is multiplied by zero."""
         model = self.run.model
-        ids = torch.full((1, 2), self.tokenizer.pad_id, dtype=torch.long,
-                         device=self.run.backend.device)
+        ids = torch.full(
+            (1, 2), self.tokenizer.pad_id, dtype=torch.long, device=self.run.backend.device
+        )
         model.eval()
         model.set_record_max_logits(False)
         try:
@@ -383,8 +464,13 @@ class RLTrainer:
         from .temperature import temperature_at
 
         opts, run = self.opts, self.run
-        temp = temperature_at(run.step, self.cfg.train.steps, opts.temperature_start,
-                              opts.temperature_end, opts.temperature_schedule)
+        temp = temperature_at(
+            run.step,
+            self.cfg.train.steps,
+            opts.temperature_start,
+            opts.temperature_end,
+            opts.temperature_schedule,
+        )
         groups, rstats = self.rollout(temp)
         t0 = time.perf_counter()
         scored = self.score(groups)
@@ -395,13 +481,21 @@ class RLTrainer:
         run.step += 1
         self.sync.push(run.model, run.step)
         m.update(_reward_metrics(scored))
-        m.update({"rl/temperature": temp, "rl/groups": float(len(groups)),
-                  "rl/paused": float(rstats.paused), "rl/resumed": float(rstats.resumed),
-                  "rl/refused_stale_groups": float(rstats.refused_groups),
-                  "rollout/failed_samples": float(rstats.failed_samples),
-                  "rollout/tokens_per_s": rstats.tokens_per_s, "time/rollout_s": rstats.seconds,
-                  "time/reward_s": reward_s, "time/sync_s": self.sync.last_seconds,
-                  "sync/mb_per_s": self.sync.last_bytes / 2**20 / max(self.sync.last_seconds, 1e-9)})
+        m.update(
+            {
+                "rl/temperature": temp,
+                "rl/groups": float(len(groups)),
+                "rl/paused": float(rstats.paused),
+                "rl/resumed": float(rstats.resumed),
+                "rl/refused_stale_groups": float(rstats.refused_groups),
+                "rollout/failed_samples": float(rstats.failed_samples),
+                "rollout/tokens_per_s": rstats.tokens_per_s,
+                "time/rollout_s": rstats.seconds,
+                "time/reward_s": reward_s,
+                "time/sync_s": self.sync.last_seconds,
+                "sync/mb_per_s": self.sync.last_bytes / 2**20 / max(self.sync.last_seconds, 1e-9),
+            }
+        )
         return m
 
     def evaluate(self) -> dict[str, float]:
@@ -410,9 +504,16 @@ class RLTrainer:
 
         out = {}
         for t in self.opts.tasks:
-            r = pass_at_1(self.engine, self.tokenizer, t, self.rewards[t.name],
-                          n=self.opts.eval_prompts, max_tokens=t.budget or self.opts.default_budget,
-                          split="val", seed=self.cfg.train.seed)
+            r = pass_at_1(
+                self.engine,
+                self.tokenizer,
+                t,
+                self.rewards[t.name],
+                n=self.opts.eval_prompts,
+                max_tokens=t.budget or self.opts.default_budget,
+                split="val",
+                seed=self.cfg.train.seed,
+            )
             out[f"eval/{t.name}/pass_at_1"] = r["pass@1"]
         return out
 
@@ -422,12 +523,22 @@ class RLTrainer:
         every rank)."""
         run = self.run
         uri = run.backend.save_train_state(
-            run.checkpoint_root, run.step, model=run.model, optimizer=run.optimizer,
-            scheduler=run.scheduler, loader=run.loader, keep=self.cfg.checkpoint.keep,
-            attrs={"tracking_run_id": run.tracking_run_id,
-                   "run_config": self.cfg.model_dump(mode="json"),
-                   "rl_state": {"rollout": self.rollouts.state_dict(),
-                                "prompts": self.prompts.state_dict()}})
+            run.checkpoint_root,
+            run.step,
+            model=run.model,
+            optimizer=run.optimizer,
+            scheduler=run.scheduler,
+            loader=run.loader,
+            keep=self.cfg.checkpoint.keep,
+            attrs={
+                "tracking_run_id": run.tracking_run_id,
+                "run_config": self.cfg.model_dump(mode="json"),
+                "rl_state": {
+                    "rollout": self.rollouts.state_dict(),
+                    "prompts": self.prompts.state_dict(),
+                },
+            },
+        )
         run.plugins.hook.k2_on_checkpoint(run=run, step=run.step, uri=uri)
         return uri
 
@@ -445,8 +556,11 @@ class RLTrainer:
                 self.history.append({"step": 0, **first})
             while run.step < cfg.train.steps:
                 m = self.iteration()
-                if cfg.train.eval_every and self.opts.eval_prompts and (
-                        run.step % cfg.train.eval_every == 0 or run.step == cfg.train.steps):
+                if (
+                    cfg.train.eval_every
+                    and self.opts.eval_prompts
+                    and (run.step % cfg.train.eval_every == 0 or run.step == cfg.train.steps)
+                ):
                     m.update(self.evaluate())
                 hook.k2_on_step_end(run=run, step=run.step, metrics=m)
                 self.history.append({"step": run.step, **m})
@@ -474,14 +588,24 @@ class RLTrainer:
     def summary(self, seconds: float) -> dict[str, Any]:
         """Steps, reward first/last, held-out pass@1 first/last, where things are."""
         rewards = [h["rl/reward_mean"] for h in self.history if "rl/reward_mean" in h]
-        evals = {t.name: [h[f"eval/{t.name}/pass_at_1"] for h in self.history
-                          if f"eval/{t.name}/pass_at_1" in h] for t in self.opts.tasks}
-        return {"steps": self.run.step, "seconds": seconds,
-                "first_reward": rewards[0] if rewards else None,
-                "last_reward": rewards[-1] if rewards else None,
-                "pass@1": {k: (v[0], v[-1]) for k, v in evals.items() if v},
-                "run_dir": self.run.run_dir, "tracking_run_id": self.run.tracking_run_id,
-                "rank": self.run.backend.rank}
+        evals = {
+            t.name: [
+                h[f"eval/{t.name}/pass_at_1"]
+                for h in self.history
+                if f"eval/{t.name}/pass_at_1" in h
+            ]
+            for t in self.opts.tasks
+        }
+        return {
+            "steps": self.run.step,
+            "seconds": seconds,
+            "first_reward": rewards[0] if rewards else None,
+            "last_reward": rewards[-1] if rewards else None,
+            "pass@1": {k: (v[0], v[-1]) for k, v in evals.items() if v},
+            "run_dir": self.run.run_dir,
+            "tracking_run_id": self.run.tracking_run_id,
+            "rank": self.run.backend.rank,
+        }
 
 
 def _reward_metrics(scored: list[dict[str, Any]]) -> dict[str, float]:
@@ -496,14 +620,17 @@ def _reward_metrics(scored: list[dict[str, Any]]) -> dict[str, float]:
         m[p + "reward_mean"] = statistics.fmean(r) if r else 0.0
         m[p + "reward_std"] = statistics.pstdev(r) if len(r) > 1 else 0.0
         m[p + "pass_rate"] = sum(s["result"].outcome == "pass" for s in items) / max(len(items), 1)
-        m[p + "response_tokens"] = statistics.fmean(len(s["traj"].token_ids) for s in items) if items else 0.0
+        m[p + "response_tokens"] = (
+            statistics.fmean(len(s["traj"].token_ids) for s in items) if items else 0.0
+        )
         m[p + "truncated_rate"] = sum(s["traj"].over_budget for s in items) / max(len(items), 1)
         m[p + "excluded"] = float(sum(s["result"].excluded for s in items))
     return m
 
 
-def run_rl(cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | None = None
-           ) -> dict[str, Any]:
+def run_rl(
+    cfg: RunConfig, progress: Callable[[int, dict[str, float]], None] | None = None
+) -> dict[str, Any]:
     """Run the `rl` stage under `cfg`; returns the summary."""
     return RLTrainer(cfg, progress).train()
 

@@ -83,8 +83,16 @@ class RolloutManager:
     the engine's SamplingParams from (temperature, max_new_tokens, seed).
     """
 
-    def __init__(self, engine: Any, make_params: Callable[..., Any], *, k: int,
-                 segment_tokens: int | None, gate: VersionGate, partial: bool = True):
+    def __init__(
+        self,
+        engine: Any,
+        make_params: Callable[..., Any],
+        *,
+        k: int,
+        segment_tokens: int | None,
+        gate: VersionGate,
+        partial: bool = True,
+    ):
         self.engine, self.make_params, self.k = engine, make_params, k
         self.segment_tokens, self.gate, self.partial = segment_tokens, gate, partial
         self.in_flight: list[Trajectory] = []
@@ -95,21 +103,30 @@ class RolloutManager:
         return len({t.group for t in self.in_flight})
 
     def _refuse_stale(self, version: int, stats: RolloutStats) -> None:
-        stale = {t.group for t in self.in_flight
-                 if t.versions and not self.gate.accepts(t.oldest_version, version)}
+        stale = {
+            t.group
+            for t in self.in_flight
+            if t.versions and not self.gate.accepts(t.oldest_version, version)
+        }
         if stale:
             stats.refused_groups += len(stale)
             self.in_flight = [t for t in self.in_flight if t.group not in stale]
 
-    def add_prompts(self, prompts: Iterator[tuple[dict[str, Any], list[int], str, int | None]],
-                    n_groups: int, stats: RolloutStats) -> None:
+    def add_prompts(
+        self,
+        prompts: Iterator[tuple[dict[str, Any], list[int], str, int | None]],
+        n_groups: int,
+        stats: RolloutStats,
+    ) -> None:
         """Start `n_groups` new groups from `prompts` (record, prompt ids, task, budget)."""
         for _ in range(n_groups):
             record, ids, task, budget = next(prompts)
             g = self.next_group
             self.next_group += 1
-            self.in_flight += [Trajectory(g, task, record, list(ids), member=i, budget=budget)
-                               for i in range(self.k)]
+            self.in_flight += [
+                Trajectory(g, task, record, list(ids), member=i, budget=budget)
+                for i in range(self.k)
+            ]
             stats.new_groups += 1
 
     def _room(self, t: Trajectory) -> int:
@@ -119,7 +136,9 @@ class RolloutManager:
             room = left if room is None else min(room, left)
         return room if room is not None else 1 << 30
 
-    def step(self, temperature: float, seed: int | None, stats: RolloutStats) -> list[list[Trajectory]]:
+    def step(
+        self, temperature: float, seed: int | None, stats: RolloutStats
+    ) -> list[list[Trajectory]]:
         """Extend every unfinished trajectory by one segment; return the groups now complete."""
         t0 = time.perf_counter()
         version = int(self.engine.version)
@@ -132,8 +151,10 @@ class RolloutManager:
         failed: set[int] = set()
         for room, ts in sorted(by_room.items()):
             # one seed per sample and segment: the K samples of a prompt must differ
-            params = [self.make_params(temperature=temperature, max_new_tokens=room,
-                                       seed=_seed(seed, t)) for t in ts]
+            params = [
+                self.make_params(temperature=temperature, max_new_tokens=room, seed=_seed(seed, t))
+                for t in ts
+            ]
             outs = self.engine.generate([t.prompt_ids + t.token_ids for t in ts], params)
             for t, c in zip(ts, outs, strict=True):
                 if c.finish_reason == "failed":  # failed after its retries: leaves its group

@@ -26,8 +26,10 @@ def prepare_sft_config(cfg: RunConfig) -> tuple[RunConfig, str, Any]:
     from .checkpoints import resolve_checkpoint
 
     if "sft" not in cfg.plugins:
-        raise ConfigError("plugins.sft.init: missing; name the checkpoint to fine-tune "
-                          "(e.g. plugins.sft.init=runs/tiny)")
+        raise ConfigError(
+            "plugins.sft.init: missing; name the checkpoint to fine-tune "
+            "(e.g. plugins.sft.init=runs/tiny)"
+        )
     opts = SftOptions.model_validate(cfg.plugins["sft"])
     init = resolve_checkpoint(opts.init)
     model_cfg, moe_cfg, init_cfg = checkpoint_configs(init)
@@ -37,9 +39,14 @@ def prepare_sft_config(cfg: RunConfig) -> tuple[RunConfig, str, Any]:
     if cfg.data.dataset == "chat":
         data_opts["tokenizer"] = tok_uri
     plugins = {**cfg.plugins, "sft": {**cfg.plugins["sft"], "init": init}}
-    cfg = cfg.model_copy(update={
-        "model": model_cfg, "moe": moe_cfg, "plugins": plugins,
-        "data": cfg.data.model_copy(update={"options": data_opts})})
+    cfg = cfg.model_copy(
+        update={
+            "model": model_cfg,
+            "moe": moe_cfg,
+            "plugins": plugins,
+            "data": cfg.data.model_copy(update={"options": data_opts}),
+        }
+    )
     return cfg, init, tokenizer
 
 

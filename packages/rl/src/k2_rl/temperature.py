@@ -6,8 +6,13 @@ import math
 from typing import Literal
 
 
-def temperature_at(step: int, total_steps: int, start: float, end: float,
-                   kind: Literal["linear", "cosine", "exponential", "constant"] = "cosine") -> float:
+def temperature_at(
+    step: int,
+    total_steps: int,
+    start: float,
+    end: float,
+    kind: Literal["linear", "cosine", "exponential", "constant"] = "cosine",
+) -> float:
     """The sampling temperature at iteration `step` of `total_steps` (start at 0, end at the
     last)."""
     if kind == "constant" or total_steps <= 1:

@@ -23,5 +23,8 @@ from k2_core.weight_push import (  # noqa: F401
     tensor_crc32,
 )
 
-warnings.warn("k2_rl.weight_push moved to k2_core.weight_push; import it from there",
-              DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "k2_rl.weight_push moved to k2_core.weight_push; import it from there",
+    DeprecationWarning,
+    stacklevel=2,
+)

@@ -120,7 +120,9 @@ class DistributedSync:
         self.last_seconds, self.last_bytes = time.perf_counter() - t0, state_bytes(state)
         self.buckets = len(plan)
 
-    def receive_state(self, template: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], int]:
+    def receive_state(
+        self, template: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], int]:
         """Receive (weights shaped like `template`, their version) from the trainer rank."""
         t0 = time.perf_counter()
         head = torch.zeros(1, dtype=torch.int64)

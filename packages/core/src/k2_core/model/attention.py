@@ -52,11 +52,15 @@ class MLA(nn.Module):
         else:
             self.q_a_proj = nn.Linear(h, self.q_lora_rank, bias=bias)
             self.q_a_layernorm = RMSNorm(self.q_lora_rank, eps=1e-6)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False)
+            self.q_b_proj = nn.Linear(
+                self.q_lora_rank, self.num_heads * self.qk_head_dim, bias=False
+            )
         self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.qk_rope_head_dim, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, eps=1e-6)
         self.kv_b_proj = nn.Linear(
-            self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), bias=False
+            self.kv_lora_rank,
+            self.num_heads * (self.qk_nope_head_dim + self.v_head_dim),
+            bias=False,
         )
         self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, h, bias=bias)
         self.record_max_logits = False
@@ -81,7 +85,9 @@ class MLA(nn.Module):
         latents = self.compress(x)
         q, k, v = self.expand(*latents, cos, sin)
         if cache is not None:  # the latent and the rotated shared key (head 0's rope columns)
-            cache.write(self.layer_idx, torch.cat((latents.kv, k[:, 0, :, self.qk_nope_head_dim:]), dim=-1))
+            cache.write(
+                self.layer_idx, torch.cat((latents.kv, k[:, 0, :, self.qk_nope_head_dim :]), dim=-1)
+            )
         return self.attend(q, k, v, attn_mask)
 
     # The three steps of a forward without a filled cache. They are the seams an activation
@@ -92,11 +98,19 @@ class MLA(nn.Module):
         """The down-projections: x [B, T, H] -> the query and KV latents and the unrotated
         rotary key."""
         cq = x if self.q_lora_rank is None else self.q_a_layernorm(self.q_a_proj(x))
-        kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split(
+            [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1
+        )
         return MLALatents(cq, self.kv_a_layernorm(kv_nope), k_rot)
 
-    def expand(self, cq: torch.Tensor, ckv: torch.Tensor, k_rot: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def expand(
+        self,
+        cq: torch.Tensor,
+        ckv: torch.Tensor,
+        k_rot: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The up-projections through RoPE: latents -> q, k, v [B, heads, T, qk_head_dim]
         (SDPA's inputs).
 
@@ -113,7 +127,9 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
 
         q_rot = apply_rotary(q_rot, cos.unsqueeze(2), sin.unsqueeze(2), self.rope_interleave)
-        k_rot = apply_rotary(k_rot, cos, sin, self.rope_interleave)  # [B, T, rope], one for all heads
+        k_rot = apply_rotary(
+            k_rot, cos, sin, self.rope_interleave
+        )  # [B, T, rope], one for all heads
 
         # [B, heads, T, D] views; the shared rotary key is broadcast, copied once by the cat.
         q = torch.cat((q_nope, q_rot), dim=-1).transpose(1, 2)
@@ -122,8 +138,13 @@ class MLA(nn.Module):
         pad = self.qk_head_dim - self.v_head_dim
         return q, k, (F.pad(v, (0, pad)) if pad > 0 else v)
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Attention over `expand`'s q, k, padded v (recording max logits if asked), then
         o_proj -> [B, T, H]."""
         bsz, _, seq, _ = q.shape
@@ -132,14 +153,17 @@ class MLA(nn.Module):
         if attn_mask is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale)
         else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, scale=self.softmax_scale
+            )
         if out.shape[-1] != self.v_head_dim:
             out = out[..., : self.v_head_dim]
         out = out.transpose(1, 2).reshape(bsz, seq, self.num_heads * self.v_head_dim)
         return self.o_proj(out)
 
-    def _forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                        cache: KVCache) -> torch.Tensor:
+    def _forward_cached(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
         """New tokens attend to the cache in latent space (DeepSeek-V3's weight absorption).
 
         q_nope . (W_UK c) = (W_UK^T q_nope) . c and sum_j p_j W_UV c_j = W_UV (sum_j p_j c_j), so
@@ -152,11 +176,17 @@ class MLA(nn.Module):
             q = self.q_proj(x)
         else:
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
-        q_nope, q_rot = q.view(bsz, seq, nh, self.qk_head_dim).split([dn, self.qk_rope_head_dim], dim=-1)
+        q_nope, q_rot = q.view(bsz, seq, nh, self.qk_head_dim).split(
+            [dn, self.qk_rope_head_dim], dim=-1
+        )
         kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([dl, self.qk_rope_head_dim], dim=-1)
         # one rotation for the query heads and the shared key (as head nh): fewer small ops
-        rot = apply_rotary(torch.cat((q_rot, k_rot.unsqueeze(2)), dim=2), cos.unsqueeze(2),
-                           sin.unsqueeze(2), self.rope_interleave)
+        rot = apply_rotary(
+            torch.cat((q_rot, k_rot.unsqueeze(2)), dim=2),
+            cos.unsqueeze(2),
+            sin.unsqueeze(2),
+            self.rope_interleave,
+        )
         q_rot, k_rot = rot[:, :, :nh], rot[:, :, nh]
         keys = cache.write(self.layer_idx, torch.cat((self.kv_a_layernorm(kv_nope), k_rot), dim=-1))
 
@@ -171,13 +201,16 @@ class MLA(nn.Module):
         # (no mask: a one-token step of equal-length rows sees every slot)
         mask = None if cache.visible is None else cache.visible[:, :, None, :]
         out_lat = F.scaled_dot_product_attention(
-            qc, keys, keys[..., :dl], attn_mask=mask, scale=self.softmax_scale)
+            qc, keys, keys[..., :dl], attn_mask=mask, scale=self.softmax_scale
+        )
         out = torch.matmul(out_lat.transpose(1, 2), w_uv.transpose(1, 2))  # [B, h, T, v]
         out = out.transpose(1, 2).reshape(bsz, seq, nh * self.v_head_dim)
         return self.o_proj(out)
 
     @torch.no_grad()
-    def _record_max_logits(self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None) -> None:
+    def _record_max_logits(
+        self, q: torch.Tensor, k: torch.Tensor, attn_mask: torch.Tensor | None
+    ) -> None:
         """Each head's max pre-softmax logit over visible pairs, as a running max on device.
 
         A separate no-grad QK^T (one forward matmul, nothing kept for backward) is cheaper
@@ -190,7 +223,9 @@ class MLA(nn.Module):
         step_max = scores.masked_fill_(~attn_mask, float("-inf")).amax(dim=(0, 2, 3)).float()
         step_max *= self.softmax_scale
         # Running max until the owner resets it: micro-batches of one step all count.
-        self.max_logits = step_max if self.max_logits is None else torch.maximum(self.max_logits, step_max)
+        self.max_logits = (
+            step_max if self.max_logits is None else torch.maximum(self.max_logits, step_max)
+        )
 
 
 def build_mla(model: ModelConfig, layer_idx: int, *, options: Any = None) -> MLA:

@@ -46,15 +46,23 @@ def _build_ffn(cfg: ModelConfig, moe: MoEConfig, layer_idx: int, registry: Regis
 class DecoderLayer(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig, layer_idx: int, registry: Registry | None = None):
+    def __init__(
+        self, cfg: ModelConfig, moe: MoEConfig, layer_idx: int, registry: Registry | None = None
+    ):
         super().__init__()
         self.self_attn = _build_attention(cfg, layer_idx, registry)
         self.mlp = _build_ffn(cfg, moe, layer_idx, registry)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn_mask: torch.Tensor | None, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """x [B, T, H] -> [B, T, H]."""
         if cache is None:
             x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn_mask)
@@ -69,13 +77,20 @@ class K2Model(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: MoEConfig, registry: Registry | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, moe, i, registry) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, moe, i, registry) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(cfg)
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                new_lengths: torch.Tensor | int | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        new_lengths: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
         """input_ids [B, T] -> final hidden states [B, T, H].
 
         With a `cache`, the tokens continue each row's cached sequence (positions follow from
@@ -101,8 +116,9 @@ class K2Model(nn.Module):
             x = layer(x, cos, sin, attn_mask)
         return self.norm(x)
 
-    def _forward_cached(self, input_ids: torch.Tensor, cache: KVCache,
-                        new_lengths: torch.Tensor | int | None) -> torch.Tensor:
+    def _forward_cached(
+        self, input_ids: torch.Tensor, cache: KVCache, new_lengths: torch.Tensor | int | None
+    ) -> torch.Tensor:
         """The stack over new tokens that continue the cache (see `forward`)."""
         seq = input_ids.shape[1]
         if new_lengths is not None and not cache.is_empty():
@@ -119,8 +135,14 @@ class K2Model(nn.Module):
 class K2ForCausalLM(nn.Module):
     """The K2 language model (HF `DeepseekV3ForCausalLM` layout)."""
 
-    def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig | None = None, registry: Registry | None = None,
-                 *, init_weights: bool = True):
+    def __init__(
+        self,
+        model_cfg: ModelConfig,
+        moe_cfg: MoEConfig | None = None,
+        registry: Registry | None = None,
+        *,
+        init_weights: bool = True,
+    ):
         super().__init__()
         moe_cfg = moe_cfg if moe_cfg is not None else MoEConfig()
         self.config = model_cfg
@@ -150,11 +172,16 @@ class K2ForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     # --- forward -------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None,
-                return_logits: bool = True, cache: KVCache | None = None,
-                new_lengths: torch.Tensor | int | None = None) -> CausalLMOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        return_logits: bool = True,
+        cache: KVCache | None = None,
+        new_lengths: torch.Tensor | int | None = None,
+    ) -> CausalLMOutput:
         """input_ids [B, T]; labels [B, T] already shifted (-100 ignored).
 
         With labels and `return_logits=False` (training) the head and the loss are fused:
@@ -178,7 +205,9 @@ class K2ForCausalLM(nn.Module):
         if fused:
             loss = linear_cross_entropy(hidden, self.lm_head.weight, labels)
         elif labels is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100
+            )
         if loss is not None and aux is not None:  # the balance loss trains on either path
             loss = loss + aux
         return CausalLMOutput(logits=logits, loss=loss, aux_loss=aux)
@@ -241,7 +270,6 @@ class K2ForCausalLM(nn.Module):
     def num_parameters(self) -> int:
         """Total parameters (tied weights counted once; buffers excluded)."""
         return sum(p.numel() for p in self.parameters())
-
 
     def new_cache(self, batch_size: int, capacity: int) -> KVCache:
         """An empty compressed KV cache for `batch_size` rows of up to `capacity` tokens."""

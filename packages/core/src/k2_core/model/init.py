@@ -52,7 +52,11 @@ def _normal_(t: torch.Tensor, std: float, seed: int) -> None:
     if t.dtype == torch.float32:
         t.normal_(0.0, std, generator=g)
     else:
-        t.copy_(torch.empty(t.shape, dtype=torch.float32, device=t.device).normal_(0.0, std, generator=g))
+        t.copy_(
+            torch.empty(t.shape, dtype=torch.float32, device=t.device).normal_(
+                0.0, std, generator=g
+            )
+        )
 
 
 @torch.no_grad()
@@ -97,8 +101,9 @@ def init_parameters(model: nn.Module, seed: int, std: float) -> None:
             reset()
 
 
-def materialize(module: nn.Module, device: torch.device | str,
-                dtype: torch.dtype | None = None) -> nn.Module:
+def materialize(
+    module: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None
+) -> nn.Module:
     """Allocate `module`'s meta parameters and buffers on `device` (uninitialised), in place;
     floating parameters in `dtype` when given (buffers keep theirs).
 
@@ -114,8 +119,9 @@ def materialize(module: nn.Module, device: torch.device | str,
                 continue
             if id(p) not in done:
                 dt = dtype if dtype is not None and p.is_floating_point() else p.dtype
-                new = nn.Parameter(torch.empty_like(p, device=device, dtype=dt),
-                                   requires_grad=p.requires_grad)
+                new = nn.Parameter(
+                    torch.empty_like(p, device=device, dtype=dt), requires_grad=p.requires_grad
+                )
                 new.__dict__.update(p.__dict__)
                 done[id(p)] = new
             mod._parameters[key] = done[id(p)]

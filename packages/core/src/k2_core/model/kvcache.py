@@ -21,8 +21,15 @@ from ..config import ModelConfig
 class KVCache:
     """Compressed per-layer caches plus each row's length; rows can be dropped (`select`)."""
 
-    def __init__(self, cfg: ModelConfig, batch_size: int, capacity: int, *,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        capacity: int,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
         self.kv_lora_rank = cfg.kv_lora_rank
         self.rope_dim = cfg.qk_rope_head_dim
         self.capacity = capacity
@@ -57,7 +64,9 @@ class KVCache:
         ([1, n_new] while the rows are uniform). `visible` is None for a one-token step of
         uniform rows (every cached slot is visible)."""
         if self.max_length + n_new > self.capacity:
-            raise ValueError(f"KV cache full: {self.max_length} + {n_new} > capacity {self.capacity}")
+            raise ValueError(
+                f"KV cache full: {self.max_length} + {n_new} > capacity {self.capacity}"
+            )
         dev = self.lengths.device
         end = self.max_length + n_new
         if self.uniform:
@@ -66,7 +75,8 @@ class KVCache:
             if n_new > 1:
                 slots = torch.arange(end, device=dev)
                 self.visible = (slots[None, :] <= self.write_index[0][:, None])[None].expand(
-                    self.batch_size, -1, -1)  # [B, T, end]: causal among the new tokens
+                    self.batch_size, -1, -1
+                )  # [B, T, end]: causal among the new tokens
             return self.write_index
         self._rows = torch.arange(self.batch_size, device=dev)[:, None]
         steps = torch.arange(n_new, device=dev)
@@ -76,8 +86,9 @@ class KVCache:
         self.visible = slots[None, None, :] <= self.write_index[:, :, None]  # [B, T, end]
         return self.write_index
 
-    def rotary(self, rotary_emb: torch.nn.Module, dtype: torch.dtype
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary(
+        self, rotary_emb: torch.nn.Module, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [B|1, T, rope/2] of this forward's positions (after `begin`), looked up
         in a table of every slot that `rotary_emb` fills once per cache and dtype."""
         table = self._rope.get(dtype)
@@ -95,7 +106,7 @@ class KVCache:
         cache = self.layers[layer]
         end = self.max_length + entries.shape[1]
         if self.uniform:
-            cache[:, self.max_length:end] = entries
+            cache[:, self.max_length : end] = entries
         else:
             cache[self._rows, self.write_index] = entries.to(cache.dtype)
         return cache[:, :end]

@@ -23,8 +23,14 @@ def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                chunk: int, skip_ignored: bool) -> torch.Tensor:
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        chunk: int,
+        skip_ignored: bool,
+    ) -> torch.Tensor:
         valid = labels != IGNORE
         n_valid = valid.sum().clamp_min(1)
         full = hidden
@@ -37,7 +43,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         safe = labels.clamp_min(0)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = (
+            torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        )
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         wt = weight.t()
         for s in range(0, n, chunk):
@@ -72,8 +80,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         chunk: int = 1024, skip_ignored: bool | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = 1024,
+    skip_ignored: bool | None = None,
+) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `labels` (IGNORE skipped), fused.
 
     skip_ignored: run the head on labelled rows only. None = on CPU tensors only, where
@@ -81,5 +94,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     if skip_ignored is None:
         skip_ignored = hidden.device.type == "cpu"
-    return _LinearCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight,
-                                     labels.reshape(-1), chunk, skip_ignored)
+    return _LinearCrossEntropy.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1), chunk, skip_ignored
+    )

@@ -32,7 +32,9 @@ def softmax_scale(cfg: ModelConfig) -> float:
     return scale
 
 
-def rope_parameters(cfg: ModelConfig, device: torch.device | str | None = None) -> tuple[torch.Tensor, float]:
+def rope_parameters(
+    cfg: ModelConfig, device: torch.device | str | None = None
+) -> tuple[torch.Tensor, float]:
     """(inv_freq [qk_rope_head_dim // 2] fp32, attention_factor) for `cfg`."""
     dim = cfg.qk_rope_head_dim
     base = cfg.rope_theta
@@ -42,24 +44,31 @@ def rope_parameters(cfg: ModelConfig, device: torch.device | str | None = None) 
         return 1.0 / pos_freqs, 1.0
     factor = rs.factor
     if rs.mscale and rs.mscale_all_dim:
-        attention_factor = float(yarn_get_mscale(factor, rs.mscale) / yarn_get_mscale(factor, rs.mscale_all_dim))
+        attention_factor = float(
+            yarn_get_mscale(factor, rs.mscale) / yarn_get_mscale(factor, rs.mscale_all_dim)
+        )
     else:
         attention_factor = yarn_get_mscale(factor)
 
     def correction_dim(num_rotations: float) -> float:
-        return (dim * math.log(rs.original_max_position_embeddings / (num_rotations * 2 * math.pi))) / (
-            2 * math.log(base)
-        )
+        return (
+            dim * math.log(rs.original_max_position_embeddings / (num_rotations * 2 * math.pi))
+        ) / (2 * math.log(base))
 
     low = max(math.floor(correction_dim(rs.beta_fast)), 0)
     high = min(math.ceil(correction_dim(rs.beta_slow)), dim - 1)
     if low == high:
         high += 0.001
-    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1)
+    ramp = torch.clamp(
+        (torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low), 0, 1
+    )
     extrapolation_factor = 1 - ramp
     inv_freq_extrapolation = 1.0 / pos_freqs
     inv_freq_interpolation = 1.0 / (factor * pos_freqs)
-    inv_freq = inv_freq_interpolation * (1 - extrapolation_factor) + inv_freq_extrapolation * extrapolation_factor
+    inv_freq = (
+        inv_freq_interpolation * (1 - extrapolation_factor)
+        + inv_freq_extrapolation * extrapolation_factor
+    )
     return inv_freq, attention_factor
 
 
@@ -82,7 +91,9 @@ class RotaryEmbedding(nn.Module):
         """The model-init contract's name for `reset_parameters` (see `k2_core.model.init`)."""
         self.reset_parameters()
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids [B|1, T] -> (cos, sin), each [B|1, T, rope_dim // 2] in `dtype`."""
         freqs = position_ids[..., None].float() * self.inv_freq.float()
         cos = freqs.cos()
@@ -93,7 +104,9 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool
+) -> torch.Tensor:
     """Rotate the last dim of `x` (cos/sin already broadcastable to x[..., : d // 2]).
 
     interleave=True rotates pairs (x0, x1), (x2, x3), ... and returns them de-interleaved

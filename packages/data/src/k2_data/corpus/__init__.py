@@ -34,8 +34,9 @@ from .mathgen import (
 DOMAINS: tuple[str, ...] = ("code", "math", "knowledge")
 
 
-def builtin_documents(domain: str, *, split: str = "train", seed: int = 0,
-                      scale: float = 1.0) -> Iterator[Document]:
+def builtin_documents(
+    domain: str, *, split: str = "train", seed: int = 0, scale: float = 1.0
+) -> Iterator[Document]:
     """Documents of one built-in domain (`code`, `math`, `knowledge`) and split (train/val/test).
 
     `scale` sizes the corpus (1.0: a few million characters over the three domains, enough for
@@ -56,7 +57,21 @@ def builtin_documents(domain: str, *, split: str = "train", seed: int = 0,
 
 
 __all__ = [
-    "DOMAINS", "QA", "SPLITS", "STYLES", "Fact", "MathProblem", "World", "builtin_documents",
-    "builtin_world", "check_math_answer", "code_documents", "extract_answer", "iter_math_problems",
-    "knowledge_documents", "math_problems", "stdlib_files", "stdlib_root",
+    "DOMAINS",
+    "QA",
+    "SPLITS",
+    "STYLES",
+    "Fact",
+    "MathProblem",
+    "World",
+    "builtin_documents",
+    "builtin_world",
+    "check_math_answer",
+    "code_documents",
+    "extract_answer",
+    "iter_math_problems",
+    "knowledge_documents",
+    "math_problems",
+    "stdlib_files",
+    "stdlib_root",
 ]

@@ -24,10 +24,20 @@ VAL_FRACTION = 0.02
 TEST_FRACTION = 0.01
 
 # Directory names skipped anywhere below the stdlib root.
-_SKIP_DIRS = frozenset({
-    "site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test",
-    "encodings", "pydoc_data", "lib-dynload", "ensurepip",
-})
+_SKIP_DIRS = frozenset(
+    {
+        "site-packages",
+        "dist-packages",
+        "__pycache__",
+        "test",
+        "tests",
+        "idle_test",
+        "encodings",
+        "pydoc_data",
+        "lib-dynload",
+        "ensurepip",
+    }
+)
 
 
 def stdlib_root() -> Path:
@@ -63,8 +73,9 @@ def stdlib_files(root: Path | None = None) -> list[str]:
     return [p for p, _ in _stdlib_files(str(root or stdlib_root()))]
 
 
-def code_documents(*, split: str = "train", seed: int = 0, scale: float = 1.0,
-                   root: Path | None = None) -> Iterator[Document]:
+def code_documents(
+    *, split: str = "train", seed: int = 0, scale: float = 1.0, root: Path | None = None
+) -> Iterator[Document]:
     """The stdlib source files of `split` (id = path relative to the stdlib root), sorted by id."""
     check_split(split)
     check_scale(scale)

@@ -25,15 +25,64 @@ STYLES: tuple[str, ...] = ("encyclopedic", "narrative", "infobox")
 QUESTION_SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 PEOPLE_AT_SCALE_1 = 4000
 
-PROFESSIONS = ("architect", "baker", "botanist", "carpenter", "chemist", "composer", "dentist",
-               "economist", "engineer", "farmer", "geologist", "historian", "journalist", "lawyer",
-               "librarian", "mathematician", "nurse", "painter", "pharmacist", "photographer",
-               "physician", "pilot", "poet", "sculptor", "surveyor", "teacher", "translator",
-               "veterinarian", "violinist", "watchmaker", "astronomer", "cartographer")
-INDUSTRIES = ("shipbuilding", "software", "textile", "mining", "publishing", "pharmaceutical",
-              "aviation", "agricultural", "banking", "railway", "glassmaking", "insurance")
-FIELDS = ("Physics", "Marine Biology", "Linguistics", "Applied Chemistry", "Economics",
-          "Astronomy", "Agriculture", "Medicine")
+PROFESSIONS = (
+    "architect",
+    "baker",
+    "botanist",
+    "carpenter",
+    "chemist",
+    "composer",
+    "dentist",
+    "economist",
+    "engineer",
+    "farmer",
+    "geologist",
+    "historian",
+    "journalist",
+    "lawyer",
+    "librarian",
+    "mathematician",
+    "nurse",
+    "painter",
+    "pharmacist",
+    "photographer",
+    "physician",
+    "pilot",
+    "poet",
+    "sculptor",
+    "surveyor",
+    "teacher",
+    "translator",
+    "veterinarian",
+    "violinist",
+    "watchmaker",
+    "astronomer",
+    "cartographer",
+)
+INDUSTRIES = (
+    "shipbuilding",
+    "software",
+    "textile",
+    "mining",
+    "publishing",
+    "pharmaceutical",
+    "aviation",
+    "agricultural",
+    "banking",
+    "railway",
+    "glassmaking",
+    "insurance",
+)
+FIELDS = (
+    "Physics",
+    "Marine Biology",
+    "Linguistics",
+    "Applied Chemistry",
+    "Economics",
+    "Astronomy",
+    "Agriculture",
+    "Medicine",
+)
 # org kind -> (leader's title, employs people?, has members?)
 ORG_KINDS: dict[str, tuple[str, bool, bool]] = {
     "company": ("chief executive", True, False),
@@ -52,83 +101,161 @@ _DOC_TEMPLATES: dict[str, dict[str, dict[str, tuple[str, ...]]]] = {
     "encyclopedic": {
         "person": {
             "profession": ("{S} is {a_v}.", "{S} works as {a_v}.", "By profession, {s} is {a_v}."),
-            "birth_year": ("{S} was born in {v}.", "{S} was born in the year {v}.",
-                           "{P} birth took place in {v}."),
-            "home_city": ("{S} lives in {v}.", "{P} home is in the city of {v}.",
-                          "{S} makes {p} home in {v}."),
+            "birth_year": (
+                "{S} was born in {v}.",
+                "{S} was born in the year {v}.",
+                "{P} birth took place in {v}.",
+            ),
+            "home_city": (
+                "{S} lives in {v}.",
+                "{P} home is in the city of {v}.",
+                "{S} makes {p} home in {v}.",
+            ),
             "employer": ("{S} is employed by {v}.", "{S} works for {v}.", "{P} employer is {v}."),
-            "member_of": ("{S} is a member of {v}.", "{S} belongs to {v}.",
-                          "{S} holds a membership in {v}."),
+            "member_of": (
+                "{S} is a member of {v}.",
+                "{S} belongs to {v}.",
+                "{S} holds a membership in {v}.",
+            ),
         },
         "city": {
-            "country": ("{S} is a city in {v}.", "{S} is a city located in {v}.",
-                        "{S} is one of the cities of {v}."),
-            "founded_year": ("{S} was founded in {v}.", "{S} dates from {v}, when it was founded.",
-                             "The founding of {s} took place in {v}."),
-            "population": ("{S} has a population of {v}.", "{S} is home to {v} people.",
-                           "The population of {s} is {v}."),
-            "river": ("The {v} flows through {s}.", "{S} lies on the {v}.",
-                      "{S} is built along the {v}."),
+            "country": (
+                "{S} is a city in {v}.",
+                "{S} is a city located in {v}.",
+                "{S} is one of the cities of {v}.",
+            ),
+            "founded_year": (
+                "{S} was founded in {v}.",
+                "{S} dates from {v}, when it was founded.",
+                "The founding of {s} took place in {v}.",
+            ),
+            "population": (
+                "{S} has a population of {v}.",
+                "{S} is home to {v} people.",
+                "The population of {s} is {v}.",
+            ),
+            "river": (
+                "The {v} flows through {s}.",
+                "{S} lies on the {v}.",
+                "{S} is built along the {v}.",
+            ),
         },
         "country": {
-            "capital": ("{S} is a country whose capital is {v}.",
-                        "{S} is a country governed from its capital, {v}.",
-                        "{S} is a country, and {v} is its capital city."),
-            "language": ("The official language of {s} is {v}.", "{v} is the official language of {s}.",
-                         "People in {s} speak {v}."),
+            "capital": (
+                "{S} is a country whose capital is {v}.",
+                "{S} is a country governed from its capital, {v}.",
+                "{S} is a country, and {v} is its capital city.",
+            ),
+            "language": (
+                "The official language of {s} is {v}.",
+                "{v} is the official language of {s}.",
+                "People in {s} speak {v}.",
+            ),
         },
         "org": {
-            "kind": ("{S} is {a_v}.", "{S} is {a_v} with a long history.", "{S} is a well-known {v}."),
-            "founded_year": ("{S} was founded in {v}.", "{S} was established in {v}.",
-                             "{S} has existed since {v}."),
-            "headquarters": ("{S} is headquartered in {v}.", "The headquarters of {s} are in {v}.",
-                             "{S} has its main offices in {v}."),
-            "leader": ("The {role} of {s} is {v}.", "{S} is led by its {role}, {v}.",
-                       "{v} serves as the {role} of {s}."),
+            "kind": (
+                "{S} is {a_v}.",
+                "{S} is {a_v} with a long history.",
+                "{S} is a well-known {v}.",
+            ),
+            "founded_year": (
+                "{S} was founded in {v}.",
+                "{S} was established in {v}.",
+                "{S} has existed since {v}.",
+            ),
+            "headquarters": (
+                "{S} is headquartered in {v}.",
+                "The headquarters of {s} are in {v}.",
+                "{S} has its main offices in {v}.",
+            ),
+            "leader": (
+                "The {role} of {s} is {v}.",
+                "{S} is led by its {role}, {v}.",
+                "{v} serves as the {role} of {s}.",
+            ),
             "industry": ("{S} works in the {v} industry.", "{S} is active in the {v} sector."),
         },
     },
     "narrative": {
         "person": {
             "profession": ("{S} has spent many years as {a_v}.", "{S} earns a living as {a_v}."),
-            "birth_year": ("The story of {s} begins in {v}, the year {p} life started.",
-                           "{S} came into the world in {v}."),
-            "home_city": ("{S} settled in {v} and still lives there.",
-                          "Today {s} lives in the city of {v}."),
-            "employer": ("Every weekday, {s} goes to work at {v}.", "{S} took a position at {v} and works there still."),
-            "member_of": ("In {p} spare time, {s} attends the meetings of {v} as a member.",
-                          "{S} joined {v} as a member."),
+            "birth_year": (
+                "The story of {s} begins in {v}, the year {p} life started.",
+                "{S} came into the world in {v}.",
+            ),
+            "home_city": (
+                "{S} settled in {v} and still lives there.",
+                "Today {s} lives in the city of {v}.",
+            ),
+            "employer": (
+                "Every weekday, {s} goes to work at {v}.",
+                "{S} took a position at {v} and works there still.",
+            ),
+            "member_of": (
+                "In {p} spare time, {s} attends the meetings of {v} as a member.",
+                "{S} joined {v} as a member.",
+            ),
         },
         "city": {
-            "country": ("Travellers who reach {s} find themselves in {v}.", "{S} grew into a city of {v}."),
-            "founded_year": ("Settlers founded {s} in {v}.", "The first houses of {s} were built in {v}, the year it was founded."),
+            "country": (
+                "Travellers who reach {s} find themselves in {v}.",
+                "{S} grew into a city of {v}.",
+            ),
+            "founded_year": (
+                "Settlers founded {s} in {v}.",
+                "The first houses of {s} were built in {v}, the year it was founded.",
+            ),
             "population": ("Some {v} people now live in {s}.", "{S} has grown to {v} residents."),
-            "river": ("Boats still travel along the {v}, which passes through {s}.",
-                      "The {v} winds its way through {s}."),
+            "river": (
+                "Boats still travel along the {v}, which passes through {s}.",
+                "The {v} winds its way through {s}.",
+            ),
         },
         "country": {
-            "capital": ("Every road in {s} leads to its capital, {v}.", "{S} is ruled from its capital, {v}."),
-            "language": ("In {s}, everyday life is conducted in {v}, the official language.",
-                         "Children in {s} grow up speaking {v}, the official language."),
+            "capital": (
+                "Every road in {s} leads to its capital, {v}.",
+                "{S} is ruled from its capital, {v}.",
+            ),
+            "language": (
+                "In {s}, everyday life is conducted in {v}, the official language.",
+                "Children in {s} grow up speaking {v}, the official language.",
+            ),
         },
         "org": {
             "kind": ("{S} started out, and remains, {a_v}.", "{S} has always been {a_v}."),
             "founded_year": ("The founders of {s} set it up in {v}.", "{S} opened in {v}."),
-            "headquarters": ("From its headquarters in {v}, {s} runs its affairs.",
-                             "{S} keeps its headquarters in {v}."),
-            "leader": ("These days {v} is in charge of {s} as its {role}.",
-                       "{S} answers to its {role}, {v}."),
-            "industry": ("{S} made its name in the {v} industry.", "{S} does business in the {v} industry."),
+            "headquarters": (
+                "From its headquarters in {v}, {s} runs its affairs.",
+                "{S} keeps its headquarters in {v}.",
+            ),
+            "leader": (
+                "These days {v} is in charge of {s} as its {role}.",
+                "{S} answers to its {role}, {v}.",
+            ),
+            "industry": (
+                "{S} made its name in the {v} industry.",
+                "{S} does business in the {v} industry.",
+            ),
         },
     },
 }
 
 _INFOBOX_LABELS = {
-    "profession": "Profession", "birth_year": "Born", "home_city": "Home city",
-    "employer": "Employer", "member_of": "Member of", "country": "Country",
-    "founded_year": "Founded", "population": "Population", "river": "River", "capital": "Capital",
-    "language": "Official language", "kind": "Type", "headquarters": "Headquarters",
-    "leader": "Leader", "industry": "Industry",
+    "profession": "Profession",
+    "birth_year": "Born",
+    "home_city": "Home city",
+    "employer": "Employer",
+    "member_of": "Member of",
+    "country": "Country",
+    "founded_year": "Founded",
+    "population": "Population",
+    "river": "River",
+    "capital": "Capital",
+    "language": "Official language",
+    "kind": "Type",
+    "headquarters": "Headquarters",
+    "leader": "Leader",
+    "industry": "Industry",
 }
 
 # Question phrasings: none of them, nor their wording before the name, occurs in any document.
@@ -232,8 +359,15 @@ class World:
 
     # --- generation ---------------------------------------------------------------------------
     @classmethod
-    def generate(cls, seed: int = 0, n_people: int = 1000, *, n_cities: int | None = None,
-                 n_countries: int | None = None, n_orgs: int | None = None) -> World:
+    def generate(
+        cls,
+        seed: int = 0,
+        n_people: int = 1000,
+        *,
+        n_cities: int | None = None,
+        n_countries: int | None = None,
+        n_orgs: int | None = None,
+    ) -> World:
         """Draw a world with `n_people` people (places and organisations scale with it)."""
         if n_people < 1:
             raise ConfigError(f"n_people must be >= 1 (got {n_people})")
@@ -259,9 +393,19 @@ class World:
             country = countries[i] if i < n_countries else r.choice(countries)
             river = names.draw(r, lambda r: word(r, 2)) + " River"
             population = r.randint(2, 2500) * 1000 + r.randint(0, 999)
-            cities.append(Entity(f"city/{i:05d}", "city", name, {
-                "country": country.name, "founded_year": str(r.randint(700, 1950)),
-                "population": str(population), "river": river}))
+            cities.append(
+                Entity(
+                    f"city/{i:05d}",
+                    "city",
+                    name,
+                    {
+                        "country": country.name,
+                        "founded_year": str(r.randint(700, 1950)),
+                        "population": str(population),
+                        "river": river,
+                    },
+                )
+            )
             if i < n_countries:
                 country.facts = {"capital": name, **country.facts}
 
@@ -274,8 +418,16 @@ class World:
             def make(r: random.Random, kind: str = kind, city: Entity = city) -> str:
                 w = word(r, r.choice((2, 3)))
                 if kind == "company":
-                    suffix = r.choice(("Industries", "Dynamics", "Holdings", "Works", "Systems",
-                                       "Trading Company"))
+                    suffix = r.choice(
+                        (
+                            "Industries",
+                            "Dynamics",
+                            "Holdings",
+                            "Works",
+                            "Systems",
+                            "Trading Company",
+                        )
+                    )
                     return f"{w} {suffix}"
                 if kind == "university":
                     return r.choice((f"University of {city.name}", f"{w} University"))
@@ -289,8 +441,11 @@ class World:
                 return f"{w} {club}"
 
             name = names.draw(r, make)
-            facts = {"kind": kind, "founded_year": str(r.randint(1700, 2015)),
-                     "headquarters": city.name}
+            facts = {
+                "kind": kind,
+                "founded_year": str(r.randint(1700, 2015)),
+                "headquarters": city.name,
+            }
             if kind == "company":
                 facts["industry"] = r.choice(INDUSTRIES)
             orgs.append(Entity(f"org/{i:05d}", "org", name, facts, role=ORG_KINDS[kind][0]))
@@ -302,10 +457,19 @@ class World:
         for i in range(n_people):
             name = names.draw(r, person_name)
             employer, club = r.choice(employers), r.choice(clubs)
-            p = Entity(f"person/{i:06d}", "person", name, {
-                "profession": r.choice(PROFESSIONS), "birth_year": str(r.randint(1900, 2005)),
-                "home_city": r.choice(cities).name, "employer": employer.name,
-                "member_of": club.name}, pronoun=r.choice(("he", "she")))
+            p = Entity(
+                f"person/{i:06d}",
+                "person",
+                name,
+                {
+                    "profession": r.choice(PROFESSIONS),
+                    "birth_year": str(r.randint(1900, 2005)),
+                    "home_city": r.choice(cities).name,
+                    "employer": employer.name,
+                    "member_of": club.name,
+                },
+                pronoun=r.choice(("he", "she")),
+            )
             staff[employer.id].append(p)
             staff[club.id].append(p)
             people.append(p)
@@ -318,7 +482,9 @@ class World:
     # --- facts ----------------------------------------------------------------------------------
     def facts(self) -> list[Fact]:
         """Every fact of the world, entity by entity."""
-        return [Fact(f"{e.id}.{rel}", e.id, rel, v) for e in self.entities for rel, v in e.facts.items()]
+        return [
+            Fact(f"{e.id}.{rel}", e.id, rel, v) for e in self.entities for rel, v in e.facts.items()
+        ]
 
     # --- documents ------------------------------------------------------------------------------
     def _render(self, e: Entity, style: str, variant: int) -> str:
@@ -349,8 +515,15 @@ class World:
             subj = e.name if named else e.pronoun
             pos = f"{e.name}'s" if named else poss
             # {s} sits mid-sentence, often as an object: always the name, never "he"/"she".
-            text = tpl.format(S=subj[0].upper() + subj[1:], s=e.name, P=pos[0].upper() + pos[1:], p=poss,
-                              v=v, a_v=_article(v), role=e.role)
+            text = tpl.format(
+                S=subj[0].upper() + subj[1:],
+                s=e.name,
+                P=pos[0].upper() + pos[1:],
+                p=poss,
+                v=v,
+                a_v=_article(v),
+                role=e.role,
+            )
             sentences.append(text[0].upper() + text[1:])
         return " ".join(sentences)
 
@@ -359,8 +532,14 @@ class World:
         facts."""
         if style not in STYLES:
             raise ConfigError(f"style must be one of {', '.join(STYLES)} (got {style!r})")
-        return [Document(id=f"world{self.seed}/{style}{variant}/{e.id}", text=self._render(e, style, variant),
-                         domain="knowledge") for e in self.entities]
+        return [
+            Document(
+                id=f"world{self.seed}/{style}{variant}/{e.id}",
+                text=self._render(e, style, variant),
+                domain="knowledge",
+            )
+            for e in self.entities
+        ]
 
     def document_of(self, entity_id: str, style: str = "encyclopedic", variant: int = 0) -> str:
         """The text of one entity's document."""
@@ -404,4 +583,6 @@ def knowledge_documents(*, split: str = "train", seed: int = 0, scale: float = 1
         yield from builtin_world(seed, scale).documents()
         return
     n = max(20, round(PEOPLE_AT_SCALE_1 * scale * 0.02))
-    yield from World.generate(stable_hash("k2-world-split", seed, split) % 2**31, n_people=n).documents()
+    yield from World.generate(
+        stable_hash("k2-world-split", seed, split) % 2**31, n_people=n
+    ).documents()

@@ -25,9 +25,21 @@ TEST_FRACTION = 0.05
 PROBLEMS_AT_SCALE_1 = 6000  # train problems in the built-in corpus at scale 1 (~1.5M chars)
 MAX_DIFFICULTY = 12
 
-_PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands",
-           "millions", "ten-millions", "hundred-millions", "billions", "ten-billions",
-           "hundred-billions", "trillions")
+_PLACES = (
+    "ones",
+    "tens",
+    "hundreds",
+    "thousands",
+    "ten-thousands",
+    "hundred-thousands",
+    "millions",
+    "ten-millions",
+    "hundred-millions",
+    "billions",
+    "ten-billions",
+    "hundred-billions",
+    "trillions",
+)
 
 
 @dataclass(frozen=True)
@@ -81,6 +93,7 @@ def check_math_answer(text: str, answer: str | int | float) -> bool:
 
 # --- formatting helpers -----------------------------------------------------------------------
 
+
 def _place(i: int) -> str:
     return _PLACES[i] if i < len(_PLACES) else f"column {i + 1}"
 
@@ -115,6 +128,7 @@ def _paren(n: int) -> str:
 
 # --- the kinds --------------------------------------------------------------------------------
 
+
 def _column_add(a: int, b: int) -> list[str]:
     da, db = str(a)[::-1], str(b)[::-1]
     lines, carry = ["Add the numbers column by column, starting from the ones."], 0
@@ -133,8 +147,14 @@ def _addition(r: random.Random, d: int) -> tuple[str, list[str], int]:
     a, b = _number(r, d), _number(r, r.randint(1, d))
     if r.random() < 0.5:
         a, b = b, a
-    q = r.choice(["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.",
-                  "Find the sum of {a} and {b}."]).format(a=a, b=b)
+    q = r.choice(
+        [
+            "What is {a} + {b}?",
+            "Compute {a} + {b}.",
+            "Add {a} and {b}.",
+            "Find the sum of {a} and {b}.",
+        ]
+    ).format(a=a, b=b)
     lines = _column_add(a, b)
     lines.append(f"So {a} + {b} = {a + b}.")
     return q, lines, a + b
@@ -162,8 +182,14 @@ def _subtraction(r: random.Random, d: int) -> tuple[str, list[str], int]:
     a, b = _number(r, d), _number(r, r.randint(1, d))
     if r.random() < 0.75 and b > a:
         a, b = b, a
-    q = r.choice(["What is {a} - {b}?", "Compute {a} - {b}.", "Subtract {b} from {a}.",
-                  "Find the difference {a} - {b}."]).format(a=a, b=b)
+    q = r.choice(
+        [
+            "What is {a} - {b}?",
+            "Compute {a} - {b}.",
+            "Subtract {b} from {a}.",
+            "Find the difference {a} - {b}.",
+        ]
+    ).format(a=a, b=b)
     if a >= b:
         lines = _column_sub(a, b)
     else:
@@ -175,8 +201,14 @@ def _subtraction(r: random.Random, d: int) -> tuple[str, list[str], int]:
 
 def _multiplication(r: random.Random, d: int) -> tuple[str, list[str], int]:
     a, b = max(2, _number(r, d)), max(2, _number(r, r.randint(1, max(1, min(d, 4)))))
-    q = r.choice(["What is {a} * {b}?", "Compute {a} * {b}.", "Multiply {a} by {b}.",
-                  "Find the product of {a} and {b}."]).format(a=a, b=b)
+    q = r.choice(
+        [
+            "What is {a} * {b}?",
+            "Compute {a} * {b}.",
+            "Multiply {a} by {b}.",
+            "Find the product of {a} and {b}.",
+        ]
+    ).format(a=a, b=b)
     db = str(b)[::-1]
     lines = [f"Multiply {a} by each digit of {b}, shifted to its place value."]
     parts = []
@@ -185,7 +217,9 @@ def _multiplication(r: random.Random, d: int) -> tuple[str, list[str], int]:
         parts.append(a * m)
         lines.append(f"{a} * {m} = {a * m}")
     if len(parts) > 1:
-        lines.append("Add the partial products: " + " + ".join(map(str, parts)) + f" = {sum(parts)}")
+        lines.append(
+            "Add the partial products: " + " + ".join(map(str, parts)) + f" = {sum(parts)}"
+        )
     lines.append(f"So {a} * {b} = {a * b}.")
     return q, lines, a * b
 
@@ -205,8 +239,10 @@ def _long_division(n: int, dv: int) -> list[str]:
     while i < len(s):
         cur = rem * 10 + int(s[i])
         q = cur // dv
-        lines.append(f"bring down {s[i]}: {cur} / {dv} = {q}, {q} * {dv} = {q * dv}, "
-                     f"{cur} - {q * dv} = {cur - q * dv}")
+        lines.append(
+            f"bring down {s[i]}: {cur} / {dv} = {q}, {q} * {dv} = {q * dv}, "
+            f"{cur} - {q * dv} = {cur - q * dv}"
+        )
         rem = cur - q * dv
         i += 1
     return lines
@@ -217,8 +253,14 @@ def _division(r: random.Random, d: int) -> tuple[str, list[str], int]:
     dv = max(dv, 2)
     quot = _number(r, max(1, d - len(str(dv)) + 1))
     n = dv * quot
-    q = r.choice(["What is {n} / {d}?", "Compute {n} / {d}.", "Divide {n} by {d}.",
-                  "Find the quotient of {n} divided by {d}."]).format(n=n, d=dv)
+    q = r.choice(
+        [
+            "What is {n} / {d}?",
+            "Compute {n} / {d}.",
+            "Divide {n} by {d}.",
+            "Find the quotient of {n} divided by {d}.",
+        ]
+    ).format(n=n, d=dv)
     lines = _long_division(n, dv)
     lines.append(f"The remainder is 0, so {n} / {dv} = {quot}.")
     return q, lines, quot
@@ -235,7 +277,7 @@ def _equation(r: random.Random, d: int) -> tuple[str, list[str], int]:
     lim = 10 ** max(1, d - 1)
     x = r.randint(-lim, lim)
     a = _nonzero(r, -min(12, 3 * d + 3), min(12, 3 * d + 3))
-    b = _nonzero(r, -10**d + 1, 10**d - 1)
+    b = _nonzero(r, -(10**d) + 1, 10**d - 1)
     form = r.randrange(3)
     ask = r.choice(["Solve for x: {eq}.", "Find x if {eq}.", "Solve the equation {eq}."])
     lines: list[str] = []
@@ -243,9 +285,13 @@ def _equation(r: random.Random, d: int) -> tuple[str, list[str], int]:
     def isolate(coef: int, const: int, rhs: int) -> None:
         # coef*x + const = rhs  ->  x
         if const > 0:
-            lines.append(f"Subtract {const} from both sides: {_term(coef)} = {rhs} - {const} = {rhs - const}")
+            lines.append(
+                f"Subtract {const} from both sides: {_term(coef)} = {rhs} - {const} = {rhs - const}"
+            )
         elif const < 0:
-            lines.append(f"Add {-const} to both sides: {_term(coef)} = {rhs} + {-const} = {rhs - const}")
+            lines.append(
+                f"Add {-const} to both sides: {_term(coef)} = {rhs} + {-const} = {rhs - const}"
+            )
         if coef != 1:
             lines.append(f"Divide both sides by {coef}: x = {rhs - const} / {_paren(coef)} = {x}")
 
@@ -266,14 +312,20 @@ def _equation(r: random.Random, d: int) -> tuple[str, list[str], int]:
         else:
             lines.append(f"Add {_term(-c)} to both sides: {_linear(k, b)} = {e}")
         isolate(k, b, e)
-        check = (f"{_paren(a)} * {_paren(x)} + {_paren(b)} = {a * x + b} and "
-                 f"{_paren(c)} * {_paren(x)} + {_paren(e)} = {c * x + e}")
+        check = (
+            f"{_paren(a)} * {_paren(x)} + {_paren(b)} = {a * x + b} and "
+            f"{_paren(c)} * {_paren(x)} + {_paren(e)} = {c * x + e}"
+        )
     else:  # a (x + b) = c
         c = a * (x + b)
-        eq = f"{a}(x {'+' if b > 0 else '-'} {abs(b)}) = {c}" if a != 1 else f"{_linear(1, b)} = {c}"
+        eq = (
+            f"{a}(x {'+' if b > 0 else '-'} {abs(b)}) = {c}" if a != 1 else f"{_linear(1, b)} = {c}"
+        )
         if a != 1:
-            lines.append(f"Divide both sides by {a}: x {'+' if b > 0 else '-'} {abs(b)} = "
-                         f"{c} / {_paren(a)} = {x + b}")
+            lines.append(
+                f"Divide both sides by {a}: x {'+' if b > 0 else '-'} {abs(b)} = "
+                f"{c} / {_paren(a)} = {x + b}"
+            )
         isolate(1, b, x + b)
         check = f"{_paren(a)} * ({_paren(x)} + {_paren(b)}) = {c}"
     lines.append(f"Check: {check}.")
@@ -281,8 +333,20 @@ def _equation(r: random.Random, d: int) -> tuple[str, list[str], int]:
     return ask.format(eq=eq), lines, x
 
 
-_ITEMS = ("apples", "pencils", "notebooks", "marbles", "stickers", "oranges", "books",
-          "cards", "cookies", "bottles", "tickets", "candles")
+_ITEMS = (
+    "apples",
+    "pencils",
+    "notebooks",
+    "marbles",
+    "stickers",
+    "oranges",
+    "books",
+    "cards",
+    "cookies",
+    "bottles",
+    "tickets",
+    "candles",
+)
 
 
 def _word(r: random.Random, d: int) -> tuple[str, list[str], int]:
@@ -294,54 +358,95 @@ def _word(r: random.Random, d: int) -> tuple[str, list[str], int]:
     if kind == 0:  # shopping with change
         n, p = r.randint(2, 9 * small + 3), max(1, _number(r, small))
         cost = n * p
-        bill = next(v for v in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 20_000,
-                                50_000, 100_000, 10**6, 10**7, 10**8, 10**9, 10**12) if v >= cost)
-        q = (f"{name} buys {n} {item} at {p} dollars each and pays with {bill} dollars. "
-             f"How many dollars of change does {first} get back?")
-        lines = [f"The {item} cost {n} * {p} = {cost} dollars.",
-                 f"The change is {bill} - {cost} = {bill - cost} dollars."]
+        bill = next(
+            v
+            for v in (
+                10,
+                20,
+                50,
+                100,
+                200,
+                500,
+                1000,
+                2000,
+                5000,
+                10_000,
+                20_000,
+                50_000,
+                100_000,
+                10**6,
+                10**7,
+                10**8,
+                10**9,
+                10**12,
+            )
+            if v >= cost
+        )
+        q = (
+            f"{name} buys {n} {item} at {p} dollars each and pays with {bill} dollars. "
+            f"How many dollars of change does {first} get back?"
+        )
+        lines = [
+            f"The {item} cost {n} * {p} = {cost} dollars.",
+            f"The change is {bill} - {cost} = {bill - cost} dollars.",
+        ]
         return q, lines, bill - cost
     if kind == 1:  # distance = speed * time
         v, t = _number(r, min(d, 3)) + 10, r.randint(2, 12)
-        q = r.choice(["A train travels at {v} km per hour for {t} hours. How many km does it travel?",
-                      "A cyclist rides at {v} km per hour for {t} hours. "
-                      "How far does the cyclist go, in km?"]
-                     ).format(v=v, t=t)
+        q = r.choice(
+            [
+                "A train travels at {v} km per hour for {t} hours. How many km does it travel?",
+                "A cyclist rides at {v} km per hour for {t} hours. "
+                "How far does the cyclist go, in km?",
+            ]
+        ).format(v=v, t=t)
         return q, [f"Distance is speed times time: {v} * {t} = {v * t} km."], v * t
     if kind == 2:  # equal sharing, exact
         k = r.randint(2, 12)
         each = _number(r, small) + 1
         total = k * each
-        q = (f"{name} has {total} {item} and shares them equally among {k} friends "
-             "with none left over. "
-             f"How many {item} does each friend get?")
+        q = (
+            f"{name} has {total} {item} and shares them equally among {k} friends "
+            "with none left over. "
+            f"How many {item} does each friend get?"
+        )
         return q, [f"Each friend gets {total} / {k} = {each} {item}."], each
     if kind == 3:  # boxes then removal
         g, n = r.randint(2, 12), _number(r, small) + 1
         k = r.randint(2, g * n)
-        q = (f"There are {g} boxes with {n} {item} in each box. {name} takes away {k} {item}. "
-             f"How many {item} are left?")
-        lines = [f"At first there are {g} * {n} = {g * n} {item}.",
-                 f"After taking away {k}, {g * n} - {k} = {g * n - k} {item} are left."]
+        q = (
+            f"There are {g} boxes with {n} {item} in each box. {name} takes away {k} {item}. "
+            f"How many {item} are left?"
+        )
+        lines = [
+            f"At first there are {g} * {n} = {g * n} {item}.",
+            f"After taking away {k}, {g * n} - {k} = {g * n - k} {item} are left.",
+        ]
         return q, lines, g * n - k
     if kind == 4:  # ages
         b = r.randint(3, 60)
         k = r.randint(1, 30)
         y = r.randint(1, 20)
         s = b + (b + k) + 2 * y
-        q = (f"{name} is {k} years older than {other}. "
-             f"In {y} years the sum of their ages will be {s}. "
-             f"How old is {other_first} now?")
-        lines = [f"Let {other_first}'s age now be a. Then {first} is a + {k}.",
-                 f"In {y} years: (a + {y}) + (a + {k} + {y}) = {s}, so 2a + {k + 2 * y} = {s}.",
-                 f"Subtract {k + 2 * y}: 2a = {s} - {k + 2 * y} = {s - k - 2 * y}.",
-                 f"Divide by 2: a = {s - k - 2 * y} / 2 = {b}."]
+        q = (
+            f"{name} is {k} years older than {other}. "
+            f"In {y} years the sum of their ages will be {s}. "
+            f"How old is {other_first} now?"
+        )
+        lines = [
+            f"Let {other_first}'s age now be a. Then {first} is a + {k}.",
+            f"In {y} years: (a + {y}) + (a + {k} + {y}) = {s}, so 2a + {k + 2 * y} = {s}.",
+            f"Subtract {k + 2 * y}: 2a = {s} - {k + 2 * y} = {s - k - 2 * y}.",
+            f"Divide by 2: a = {s - k - 2 * y} / 2 = {b}.",
+        ]
         return q, lines, b
     # savings
     w, s = r.randint(2, 30), _number(r, small) + 1
     total = w * s
-    q = (f"{name} saves {s} dollars every week. After how many weeks will {first} have saved "
-         f"exactly {total} dollars?")
+    q = (
+        f"{name} saves {s} dollars every week. After how many weeks will {first} have saved "
+        f"exactly {total} dollars?"
+    )
     return q, [f"The number of weeks is {total} / {s} = {w}."], w
 
 
@@ -364,8 +469,12 @@ def _generate(r: random.Random, difficulty: int, kinds: tuple[str, ...]) -> Math
     return MathProblem(question=q, solution="\n".join(lines), answer=str(ans), kind=kind)
 
 
-def iter_math_problems(split: str = "train", seed: int = 0, difficulty: int | tuple[int, int] = 3,
-                       kinds: tuple[str, ...] | None = None) -> Iterator[MathProblem]:
+def iter_math_problems(
+    split: str = "train",
+    seed: int = 0,
+    difficulty: int | tuple[int, int] = 3,
+    kinds: tuple[str, ...] | None = None,
+) -> Iterator[MathProblem]:
     """An endless, deterministic stream of problems of `split` (difficulty: digits, or a
     (lo, hi) range)."""
     check_split(split)
@@ -389,15 +498,21 @@ def iter_math_problems(split: str = "train", seed: int = 0, difficulty: int | tu
                 raise ConfigError(f"too few distinct {split} problems at difficulty {difficulty}")
 
 
-def math_problems(split: str = "train", seed: int = 0, n: int = 100,
-                  difficulty: int | tuple[int, int] = 3,
-                  kinds: tuple[str, ...] | None = None) -> list[MathProblem]:
+def math_problems(
+    split: str = "train",
+    seed: int = 0,
+    n: int = 100,
+    difficulty: int | tuple[int, int] = 3,
+    kinds: tuple[str, ...] | None = None,
+) -> list[MathProblem]:
     """`n` problems of `split` (train/val/test never share a question), seeded and deterministic."""
     it = iter_math_problems(split, seed, difficulty, kinds)
     return [next(it) for _ in range(n)]
 
 
-def math_documents(*, split: str = "train", seed: int = 0, scale: float = 1.0) -> Iterator[Document]:
+def math_documents(
+    *, split: str = "train", seed: int = 0, scale: float = 1.0
+) -> Iterator[Document]:
     """Problems with worked solutions as documents; difficulty mixed over 1..5 digits."""
     check_split(split)
     check_scale(scale)

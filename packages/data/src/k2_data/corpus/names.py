@@ -4,8 +4,34 @@ from __future__ import annotations
 
 import random
 
-_ONSETS = ("b", "d", "k", "l", "m", "n", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th",
-           "sh", "g", "f", "p", "h", "j", "tr", "gr", "pl", "")
+_ONSETS = (
+    "b",
+    "d",
+    "k",
+    "l",
+    "m",
+    "n",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "dr",
+    "kr",
+    "st",
+    "th",
+    "sh",
+    "g",
+    "f",
+    "p",
+    "h",
+    "j",
+    "tr",
+    "gr",
+    "pl",
+    "",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ai", "ei", "ou", "ia", "ea")
 _CODAS = ("", "", "", "n", "r", "s", "l", "m", "th", "x", "nd", "rk")
 

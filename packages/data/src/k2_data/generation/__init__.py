@@ -5,7 +5,10 @@ import warnings
 
 from ..inference import Completion, Engine, SamplingParams
 
-warnings.warn("k2_data.generation moved to k2_data.inference; the old path goes in the next "
-              "release", DeprecationWarning, stacklevel=2)
+warnings.warn(
+    "k2_data.generation moved to k2_data.inference; the old path goes in the next release",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 __all__ = ["Completion", "Engine", "SamplingParams"]

@@ -23,8 +23,16 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .base import ChatResult, CompleteResult, make_usage
 
-ERROR_KINDS = ("rate_limited", "server_error", "timeout", "connection", "malformed",
-               "truncated", "client_error", "auth")
+ERROR_KINDS = (
+    "rate_limited",
+    "server_error",
+    "timeout",
+    "connection",
+    "malformed",
+    "truncated",
+    "client_error",
+    "auth",
+)
 POOL_SIZE = 4  # connections per httpx pool (see OpenAIGenerator._ensure)
 RETRYABLE = frozenset({"rate_limited", "server_error", "timeout", "connection", "malformed"})
 
@@ -32,8 +40,14 @@ RETRYABLE = frozenset({"rate_limited", "server_error", "timeout", "connection", 
 class GenerationError(Exception):
     """A generator call that failed; `error_kind` is one of ERROR_KINDS."""
 
-    def __init__(self, error_kind: str, message: str, *, status: int | None = None,
-                 retry_after: float | None = None):
+    def __init__(
+        self,
+        error_kind: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+    ):
         super().__init__(f"{error_kind}: {message}")
         self.error_kind = error_kind
         self.status = status
@@ -44,23 +58,28 @@ class OpenAIOptions(BaseModel):
     """Options of the `openai` generator."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    base_url: str = Field("http://127.0.0.1:8000/v1",
-                          description="Endpoint root including /v1 (vLLM, SGLang, k2 serve, ...).")
+    base_url: str = Field(
+        "http://127.0.0.1:8000/v1",
+        description="Endpoint root including /v1 (vLLM, SGLang, k2 serve, ...).",
+    )
     model: str | None = Field(None, description="Model name; None: the first of GET /models.")
-    api_key_env: str = Field("OPENAI_API_KEY",
-                             description="Environment variable holding the API key (may be unset).")
+    api_key_env: str = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the API key (may be unset)."
+    )
     max_concurrency: int = Field(16, gt=0, description="Requests in flight at most.")
     timeout_s: float = Field(60.0, gt=0, description="Timeout of one HTTP request, seconds.")
     max_retries: int = Field(4, ge=0, description="Retries of a retryable failure per call.")
     backoff: float = Field(0.5, ge=0, description="First retry delay, seconds; doubles per retry.")
     backoff_max: float = Field(30.0, ge=0, description="Cap of one retry delay, seconds.")
-    jitter: float = Field(0.25, ge=0, le=1,
-                          description="Random extra fraction of each delay (spreads retries).")
+    jitter: float = Field(
+        0.25, ge=0, le=1, description="Random extra fraction of each delay (spreads retries)."
+    )
     temperature: float = Field(0.7, ge=0, description="Default sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Default nucleus mass.")
     max_tokens: int = Field(1024, gt=0, description="Default completion token limit.")
     allow_truncated: bool = Field(
-        False, description="Accept finish_reason `length`; off: raise `truncated`.")
+        False, description="Accept finish_reason `length`; off: raise `truncated`."
+    )
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -119,8 +138,11 @@ def _check_message(msg: Any) -> dict[str, Any]:
         raise GenerationError("malformed", "tool_calls is not a list")
     for c in calls:
         fn = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
-                or not isinstance(fn.get("arguments"), str):
+        if (
+            not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+            or not isinstance(fn.get("arguments"), str)
+        ):
             raise GenerationError("malformed", "a tool call lacks function.name/arguments")
     out = {"role": "assistant", "content": content}
     if calls:
@@ -164,9 +186,16 @@ class OpenAIGenerator:
             n = -(-self.options.max_concurrency // POOL_SIZE)
             limits = httpx.Limits(max_connections=POOL_SIZE, max_keepalive_connections=POOL_SIZE)
             tls = ssl.create_default_context()  # loading CA certificates once, not per pool
-            self._clients = [httpx.AsyncClient(
-                base_url=self.options.base_url.rstrip("/") + "/", headers=headers,
-                timeout=self.options.timeout_s, limits=limits, verify=tls) for _ in range(n)]
+            self._clients = [
+                httpx.AsyncClient(
+                    base_url=self.options.base_url.rstrip("/") + "/",
+                    headers=headers,
+                    timeout=self.options.timeout_s,
+                    limits=limits,
+                    verify=tls,
+                )
+                for _ in range(n)
+            ]
             self._sem = asyncio.Semaphore(self.options.max_concurrency)
             self._loop = loop
         self._rr += 1
@@ -180,20 +209,25 @@ class OpenAIGenerator:
         assert self._sem is not None
         async with self._sem:
             try:
-                r = await (client.post(path, json=payload) if payload is not None
-                           else client.get(path))
+                r = await (
+                    client.post(path, json=payload) if payload is not None else client.get(path)
+                )
             except httpx.TimeoutException as e:
-                raise GenerationError("timeout", f"{type(e).__name__} after "
-                                      f"{self.options.timeout_s}s") from None
+                raise GenerationError(
+                    "timeout", f"{type(e).__name__} after {self.options.timeout_s}s"
+                ) from None
             except httpx.TransportError as e:  # refused, reset, closed mid-response
                 raise GenerationError("connection", type(e).__name__) from None
         if r.status_code != 200:
             kind = _classify_status(r.status_code)
             # The server's own words (e.g. "prompt too long") are what the user can act on.
             detail = r.text[:300].replace("\n", " ") if kind == "client_error" else ""
-            raise GenerationError(kind, f"HTTP {r.status_code} from {path}"
-                                  + (f": {detail}" if detail else ""), status=r.status_code,
-                                  retry_after=_retry_after(r.headers.get("retry-after")))
+            raise GenerationError(
+                kind,
+                f"HTTP {r.status_code} from {path}" + (f": {detail}" if detail else ""),
+                status=r.status_code,
+                retry_after=_retry_after(r.headers.get("retry-after")),
+            )
         try:
             return r.json()
         except ValueError:
@@ -211,7 +245,7 @@ class OpenAIGenerator:
                 self.errors[e.error_kind] += 1
                 if e.error_kind not in RETRYABLE or attempt >= self.options.max_retries:
                     raise
-                delay = min(self.options.backoff * 2 ** attempt, self.options.backoff_max)
+                delay = min(self.options.backoff * 2**attempt, self.options.backoff_max)
                 delay *= 1 + self.options.jitter * random.random()
                 if e.retry_after is not None:
                     delay = max(delay, min(e.retry_after, max(self.options.backoff_max, 1.0)))
@@ -221,6 +255,7 @@ class OpenAIGenerator:
 
     async def _model_name(self) -> str:
         if self._model is None:
+
             def parse(body: Any) -> str:
                 data = body.get("data") if isinstance(body, dict) else None
                 if not isinstance(data, list) or not data or "id" not in data[0]:
@@ -230,8 +265,14 @@ class OpenAIGenerator:
             self._model = await self._send("models", None, parse)
         return self._model
 
-    def _params(self, temperature: float | None, top_p: float | None, max_tokens: int | None,
-                stop: list[str] | None, seed: int | None) -> dict[str, Any]:
+    def _params(
+        self,
+        temperature: float | None,
+        top_p: float | None,
+        max_tokens: int | None,
+        stop: list[str] | None,
+        seed: int | None,
+    ) -> dict[str, Any]:
         o = self.options
         p: dict[str, Any] = {
             "temperature": o.temperature if temperature is None else temperature,
@@ -249,16 +290,27 @@ class OpenAIGenerator:
         self.usage["completion_tokens"] += usage["completion_tokens"]
         if finish == "length" and not self.options.allow_truncated:
             self.errors["truncated"] += 1
-            raise GenerationError("truncated", "finish_reason length (raise max_tokens, or set "
-                                  "allow_truncated)")
+            raise GenerationError(
+                "truncated", "finish_reason length (raise max_tokens, or set allow_truncated)"
+            )
 
-    async def chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
-                   temperature: float | None = None, top_p: float | None = None,
-                   max_tokens: int | None = None, stop: list[str] | None = None,
-                   seed: int | None = None) -> ChatResult:
+    async def chat(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        tools: list[dict[str, Any]] | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        max_tokens: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> ChatResult:
         """POST /chat/completions; the assistant message (tool_calls included) and usage."""
-        payload = {"model": await self._model_name(), "messages": messages,
-                   **self._params(temperature, top_p, max_tokens, stop, seed)}
+        payload = {
+            "model": await self._model_name(),
+            "messages": messages,
+            **self._params(temperature, top_p, max_tokens, stop, seed),
+        }
         if tools:
             payload["tools"] = tools
 
@@ -272,12 +324,22 @@ class OpenAIGenerator:
         self._account(res.usage, res.finish_reason)
         return res
 
-    async def complete(self, prompt: str, *, temperature: float | None = None,
-                       top_p: float | None = None, max_tokens: int | None = None,
-                       stop: list[str] | None = None, seed: int | None = None) -> CompleteResult:
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        max_tokens: int | None = None,
+        stop: list[str] | None = None,
+        seed: int | None = None,
+    ) -> CompleteResult:
         """POST /completions; the continuation text and usage."""
-        payload = {"model": await self._model_name(), "prompt": prompt,
-                   **self._params(temperature, top_p, max_tokens, stop, seed)}
+        payload = {
+            "model": await self._model_name(),
+            "prompt": prompt,
+            **self._params(temperature, top_p, max_tokens, stop, seed),
+        }
 
         def parse(body: Any) -> CompleteResult:
             choice = _first_choice(body)
@@ -303,4 +365,3 @@ class OpenAIGenerator:
 def build_openai(*, options: OpenAIOptions) -> OpenAIGenerator:
     """The `openai` generator factory."""
     return OpenAIGenerator(options)
-

@@ -93,8 +93,14 @@ class _Row:
 class Engine:
     """Generates from a k2 model with a KV cache; `load_weights` swaps in new weights."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Tokenizer | None = None, *,
-                 max_batch_size: int = 64, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Tokenizer | None = None,
+        *,
+        max_batch_size: int = 64,
+        dtype: torch.dtype | None = None,
+    ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if dtype is not None:
@@ -113,7 +119,9 @@ class Engine:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, uri: str, tokenizer: Tokenizer | str | None = None, **kwargs: Any) -> Engine:
+    def from_checkpoint(
+        cls, uri: str, tokenizer: Tokenizer | str | None = None, **kwargs: Any
+    ) -> Engine:
         """An engine over a saved model or training checkpoint, with the tokenizer of the
         dataset it was trained on when none is given (or a tokenizer folder URI)."""
         from k2_core.modelio import load_checkpoint_model
@@ -140,14 +148,17 @@ class Engine:
         with self._lock:
             for name, tensor in state.items():
                 if own[name].shape != tensor.shape:
-                    raise ValueError(f"load_weights: {name} has shape {tuple(tensor.shape)}, "
-                                     f"expected {tuple(own[name].shape)}")
+                    raise ValueError(
+                        f"load_weights: {name} has shape {tuple(tensor.shape)}, "
+                        f"expected {tuple(own[name].shape)}"
+                    )
                 own[name].copy_(tensor)
             self.version = version
 
     # --- generation --------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]],
-                 params: SamplingParams | list[SamplingParams] | None = None) -> list[Completion]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+    ) -> list[Completion]:
         """Complete every prompt; results in prompt order."""
         if params is None:
             params = SamplingParams()
@@ -161,10 +172,14 @@ class Engine:
             if min(p) < 0 or max(p) >= self.vocab_size:
                 raise ValueError(f"prompt {i}: token ids must be in [0, {self.vocab_size})")
             if len(p) + sp.max_new_tokens > self.max_positions:
-                raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens "
-                                 f"{sp.max_new_tokens} exceed the model's {self.max_positions}")
+                raise ValueError(
+                    f"prompt {i}: {len(p)} tokens + max_new_tokens "
+                    f"{sp.max_new_tokens} exceed the model's {self.max_positions}"
+                )
             sp_seed = sp.seed if sp.seed is not None else random.getrandbits(63)
-            stop_ids = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.default_stop_ids))
+            stop_ids = set(sp.stop_token_ids) | (
+                set() if sp.ignore_eos else set(self.default_stop_ids)
+            )
             rows.append((_Row(i, list(p), sp, stop_ids), sp_seed))
         # Similar lengths share a batch (less padding); results do not depend on the grouping.
         rows.sort(key=lambda r: len(r[0].prompt))
@@ -174,7 +189,7 @@ class Engine:
             self.model.eval()
             try:
                 for start in range(0, len(rows), self.max_batch_size):
-                    chunk = rows[start:start + self.max_batch_size]
+                    chunk = rows[start : start + self.max_batch_size]
                     self._run_batch([r for r, _ in chunk], [s for _, s in chunk])
             finally:
                 self.model.train(was_training)
@@ -190,10 +205,15 @@ class Engine:
             text = self.tokenizer.decode(body)
             if row.text_end is not None:
                 text = text[: row.text_end]
-        return Completion(prompt_ids=row.prompt, token_ids=row.tokens, logprobs=row.logprobs,
-                          finish_reason=row.finish or "length", text=text,
-                          top_logprobs=row.top if row.params.top_logprobs else None,
-                          version=version)
+        return Completion(
+            prompt_ids=row.prompt,
+            token_ids=row.tokens,
+            logprobs=row.logprobs,
+            finish_reason=row.finish or "length",
+            text=text,
+            top_logprobs=row.top if row.params.top_logprobs else None,
+            version=version,
+        )
 
     def _run_batch(self, rows: list[_Row], seeds: list[int]) -> None:
         """Prefill then decode one batch until every row has finished."""
@@ -218,7 +238,9 @@ class Engine:
         lens_t = torch.tensor(lens, device=device)
         # equal prompt lengths: no padding, so the cache knows its rows stay aligned (slice
         # writes, no per-step mask)
-        hidden = model.model(ids, cache=cache, new_lengths=lens_t if min(lens) < max(lens) else None)
+        hidden = model.model(
+            ids, cache=cache, new_lengths=lens_t if min(lens) < max(lens) else None
+        )
         last = hidden[torch.arange(len(rows), device=device), lens_t - 1]
         logits = model.lm_head(last)
 
@@ -230,20 +252,34 @@ class Engine:
         any_top_p = any(r.params.top_p < 1 for r in rows)
         while rows:
             # the step counter only feeds the sampled rows' uniforms: no tensor when greedy
-            steps = torch.full((len(rows),), step, dtype=torch.long, device=device) \
-                if any_sampled else None
-            tokens = choose_tokens(logits, temperature, top_p, seed_t, steps,
-                                   any_sampled=any_sampled, any_top_p=any_top_p)
+            steps = (
+                torch.full((len(rows),), step, dtype=torch.long, device=device)
+                if any_sampled
+                else None
+            )
+            tokens = choose_tokens(
+                logits,
+                temperature,
+                top_p,
+                seed_t,
+                steps,
+                any_sampled=any_sampled,
+                any_top_p=any_top_p,
+            )
             logp_all = torch.log_softmax(logits.float(), dim=-1)
             logp = logp_all.gather(1, tokens[:, None])[:, 0]
             k = max(r.params.top_logprobs for r in rows)
             tops: list[Any] = [None] * len(rows)
             if k:
                 top_v, top_i = logp_all.topk(min(k, logp_all.shape[-1]), dim=-1)
-                tops = [list(zip(ti, tv, strict=True))
-                        for ti, tv in zip(top_i.tolist(), top_v.tolist(), strict=True)]
+                tops = [
+                    list(zip(ti, tv, strict=True))
+                    for ti, tv in zip(top_i.tolist(), top_v.tolist(), strict=True)
+                ]
             keep = []
-            for i, (r, tok, lp) in enumerate(zip(rows, tokens.tolist(), logp.tolist(), strict=True)):
+            for i, (r, tok, lp) in enumerate(
+                zip(rows, tokens.tolist(), logp.tolist(), strict=True)
+            ):
                 if r.params.cancel is not None and r.params.cancel.is_set():
                     r.finish = "cancelled"  # its client is gone: free the slot, keep no token
                     continue
@@ -263,7 +299,8 @@ class Engine:
                 idx = torch.tensor(keep, device=device)
                 cache.select(idx)
                 tokens, temperature, top_p, seed_t = (
-                    t.index_select(0, idx) for t in (tokens, temperature, top_p, seed_t))
+                    t.index_select(0, idx) for t in (tokens, temperature, top_p, seed_t)
+                )
                 rows = [rows[i] for i in keep]
                 any_sampled = any(r.params.temperature > 0 for r in rows)
                 any_top_p = any(r.params.top_p < 1 for r in rows)

@@ -26,11 +26,13 @@ def find_tokenizer(uri: str, run_cfg: Any, *, build_default: bool = True) -> Tok
     if run_cfg is None:
         raise CheckpointError(
             f"{uri}: no tokenizer beside the weights and no run config naming a dataset; "
-            "pass the tokenizer folder explicitly (--tokenizer URI)")
+            "pass the tokenizer folder explicitly (--tokenizer URI)"
+        )
     if run_cfg.data.dataset != "packed":
         raise CheckpointError(
             f"{uri}: trained on dataset {run_cfg.data.dataset!r}, whose tokenizer k2 cannot find; "
-            "pass the tokenizer folder explicitly (--tokenizer URI)")
+            "pass the tokenizer folder explicitly (--tokenizer URI)"
+        )
     from ..loader import read_manifest
 
     data_uri = run_cfg.data.options.get("uri")
@@ -49,4 +51,5 @@ def find_tokenizer(uri: str, run_cfg: Any, *, build_default: bool = True) -> Tok
     except (K2Error, OSError, KeyError, ValueError) as exc:
         raise CheckpointError(
             f"{uri}: cannot load the tokenizer of its dataset {data_uri} ({exc}); "
-            "pass the tokenizer folder explicitly (--tokenizer URI)") from None
+            "pass the tokenizer folder explicitly (--tokenizer URI)"
+        ) from None

@@ -27,9 +27,16 @@ def uniforms(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     return (x.double() + 0.5) / 4294967296.0
 
 
-def choose_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                  seeds: torch.Tensor, steps: torch.Tensor | None, *, any_sampled: bool = True,
-                  any_top_p: bool = True) -> torch.Tensor:
+def choose_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_p: torch.Tensor,
+    seeds: torch.Tensor,
+    steps: torch.Tensor | None,
+    *,
+    any_sampled: bool = True,
+    any_top_p: bool = True,
+) -> torch.Tensor:
     """Next tokens [B] for logits [B, V]: argmax where temperature is 0, else nucleus sampling
     at each row's temperature and top_p by inverse CDF with that row's (seed, step) uniform.
     `any_sampled` / `any_top_p` False (known on the host) skip those paths without a sync

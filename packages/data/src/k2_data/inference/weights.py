@@ -60,13 +60,17 @@ class WeightLoader:
     def refusal(self, uri: str) -> str | None:
         """Why loading `uri` is forbidden (403), or None when it is allowed."""
         if not self.has_api_key:
-            return ("weight updates need the server's API key: start k2 serve with --api-key "
-                    "(or $K2_SERVE_API_KEY) and --weights-root")
+            return (
+                "weight updates need the server's API key: start k2 serve with --api-key "
+                "(or $K2_SERVE_API_KEY) and --weights-root"
+            )
         if not self.roots:
             return "weight updates are off: start k2 serve with --weights-root DIR (repeatable)"
         if not within_roots(uri, self.roots):
-            return (f"{uri} is outside the server's weight roots "
-                    f"({', '.join(self.roots)}; --weights-root)")
+            return (
+                f"{uri} is outside the server's weight roots "
+                f"({', '.join(self.roots)}; --weights-root)"
+            )
         return None
 
     def load(self, uri: str, version: int | None) -> dict[str, Any]:
@@ -87,18 +91,27 @@ class WeightLoader:
             own = self.engine.model.state_dict()
             missing = sorted(set(own) - set(state))
             if missing or set(state) - set(own):
-                what = (f"missing {missing[0]}" if missing
-                        else f"unexpected {sorted(set(state) - set(own))[0]}")
+                what = (
+                    f"missing {missing[0]}"
+                    if missing
+                    else f"unexpected {sorted(set(state) - set(own))[0]}"
+                )
                 raise ValueError(f"{uri}: its weights do not fit the served model ({what})")
             for name, t in state.items():
                 if tuple(t.shape) != tuple(own[name].shape):
-                    raise ValueError(f"{uri}: {name} has shape {tuple(t.shape)}, the served "
-                                     f"model's is {tuple(own[name].shape)}")
+                    raise ValueError(
+                        f"{uri}: {name} has shape {tuple(t.shape)}, the served "
+                        f"model's is {tuple(own[name].shape)}"
+                    )
             new = int(self.engine.version) + 1 if version is None else int(version)
             state = {k: v.to(own[k].dtype) for k, v in state.items()}
             with torch.no_grad():
                 self.engine.load_weights(state, new)  # under the engine's lock: atomic
             self.loads += 1
         secs = time.perf_counter() - t0
-        return {"success": True, "message": f"loaded {uri} as version {new} in {secs:.2f} s",
-                "weights_version": new, "seconds": secs}
+        return {
+            "success": True,
+            "message": f"loaded {uri} as version {new} in {secs:.2f} s",
+            "weights_version": new,
+            "seconds": secs,
+        }

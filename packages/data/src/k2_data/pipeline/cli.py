@@ -11,8 +11,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", nargs="?", default=None, help="YAML file/URI (optional)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. n_rephrasings=4")
     p.add_argument("--out", default=None, help="output folder URI (pipeline.out)")
-    p.add_argument("--executor", choices=["local", "ray"], default=None,
-                   help="pipeline.executor")
+    p.add_argument("--executor", choices=["local", "ray"], default=None, help="pipeline.executor")
     p.add_argument("--concurrency", type=int, default=None, help="pipeline.concurrency")
 
 

@@ -10,8 +10,9 @@ from pydantic import BaseModel, ValidationError
 M = TypeVar("M", bound=BaseModel)
 
 
-def load_model_config(model: type[M], spec: str | dict[str, Any] | None,
-                      overrides: list[str] | None = None) -> M:
+def load_model_config(
+    model: type[M], spec: str | dict[str, Any] | None, overrides: list[str] | None = None
+) -> M:
     """`model` validated from YAML `spec` (None: empty) and `key.path=value` overrides."""
     from k2_core.configio import apply_overrides, describe_validation_error, read_yaml_uri
 

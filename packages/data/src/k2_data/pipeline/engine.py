@@ -111,8 +111,10 @@ class RunSummary:
         state = "complete" if self.complete else "incomplete (rerun to retry the failed)"
         rate = self.items_this_run / self.seconds if self.seconds > 0 else 0.0
         first = f" (first error: {self.errors[0]})" if self.failed and self.errors else ""
-        return (f"{self.out}: {state}; {self.n_items} items, {self.records} records accepted; "
-                f"rejected: {rej}; failed: {fail}{first}; {rate:.1f} items/s this run")
+        return (
+            f"{self.out}: {state}; {self.n_items} items, {self.records} records accepted; "
+            f"rejected: {rej}; failed: {fail}{first}; {rate:.1f} items/s this run"
+        )
 
 
 def _pending(items: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -120,9 +122,15 @@ def _pending(items: list[dict[str, Any]], attempts: list[dict[str, Any]]) -> lis
     return [it for it in items if str(it["id"]) not in done]
 
 
-async def process_shard(store: ShardStore, shard: int, attempt: int, items: list[dict[str, Any]],
-                        processor: Processor, sem: asyncio.Semaphore,
-                        on_item: Callable[[str], None] | None = None) -> dict[str, Any]:
+async def process_shard(
+    store: ShardStore,
+    shard: int,
+    attempt: int,
+    items: list[dict[str, Any]],
+    processor: Processor,
+    sem: asyncio.Semaphore,
+    on_item: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run `items` (the shard's pending ones) and commit them as one attempt; its manifest."""
     errors: list[str] = []
 
@@ -162,17 +170,28 @@ async def process_shard(store: ShardStore, shard: int, attempt: int, items: list
             for k, r in enumerate(val):
                 r.setdefault("id", iid if len(val) == 1 else f"{iid}/{k}")
                 records.append(r)
-    manifest = {"done_ids": done_ids, "failed_ids": list(failed_kinds),
-                "failed_kinds": failed_kinds,
-                "accepted": len(done_ids) - sum(rejected.values()),
-                "rejected": dict(rejected), "failed": dict(failed),
-                "errors": errors}
+    manifest = {
+        "done_ids": done_ids,
+        "failed_ids": list(failed_kinds),
+        "failed_kinds": failed_kinds,
+        "accepted": len(done_ids) - sum(rejected.values()),
+        "rejected": dict(rejected),
+        "failed": dict(failed),
+        "errors": errors,
+    }
     await asyncio.to_thread(store.commit, shard, attempt, records, manifest)
     return {**manifest, "n_records": len(records), "sample": records[:5]}
 
 
-def _shard_worker(out: str, fmt: str, shard: int, attempt: int, items: list[dict[str, Any]],
-                  stage: Stage, concurrency: int) -> dict[str, Any]:
+def _shard_worker(
+    out: str,
+    fmt: str,
+    shard: int,
+    attempt: int,
+    items: list[dict[str, Any]],
+    stage: Stage,
+    concurrency: int,
+) -> dict[str, Any]:
     """One shard's pending items in a fresh event loop (a Ray task); its manifest plus the
     generator usage."""
     store = ShardStore(out, fmt)
@@ -180,8 +199,9 @@ def _shard_worker(out: str, fmt: str, shard: int, attempt: int, items: list[dict
     async def go() -> dict[str, Any]:
         proc = stage.make_processor()
         try:
-            m = await process_shard(store, shard, attempt, items, proc,
-                                    asyncio.Semaphore(concurrency))
+            m = await process_shard(
+                store, shard, attempt, items, proc, asyncio.Semaphore(concurrency)
+            )
             return {**m, "usage": dict(proc.stats())}
         finally:
             await proc.aclose()
@@ -204,17 +224,26 @@ def _plan(store: ShardStore, stage: Stage, opts: PipelineOptions) -> dict[str, A
     if plan is None:
         return store.write_plan(stage.items(), opts.shard_size, identity, h)
     if plan["config_hash"] != h:
-        raise ConfigError(f"out {opts.out}: holds a run of another config (hash "
-                          f"{plan['config_hash']}, this one {h}); choose another out")
+        raise ConfigError(
+            f"out {opts.out}: holds a run of another config (hash "
+            f"{plan['config_hash']}, this one {h}); choose another out"
+        )
     if plan.get("output_format", "jsonl") != opts.format:
-        raise ConfigError(f"out {opts.out}: was written as {plan['output_format']}; "
-                          f"keep format={plan['output_format']} or choose another out")
+        raise ConfigError(
+            f"out {opts.out}: was written as {plan['output_format']}; "
+            f"keep format={plan['output_format']} or choose another out"
+        )
     return plan
 
 
-async def _run_local(store: ShardStore, todo: list[tuple[int, int, list[dict[str, Any]]]],
-                     stage: Stage, opts: PipelineOptions, prog: PipelineProgress,
-                     tally: _Tally) -> tuple[list[dict[str, Any]], dict[str, int]]:
+async def _run_local(
+    store: ShardStore,
+    todo: list[tuple[int, int, list[dict[str, Any]]]],
+    stage: Stage,
+    opts: PipelineOptions,
+    prog: PipelineProgress,
+    tally: _Tally,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     proc = stage.make_processor()
     sem = asyncio.Semaphore(opts.concurrency)
     # Enough shards open to keep `concurrency` items busy, few enough that shards commit
@@ -236,9 +265,14 @@ async def _run_local(store: ShardStore, todo: list[tuple[int, int, list[dict[str
     return list(ms), dict(proc.stats())
 
 
-def _run_ray(store: ShardStore, todo: list[tuple[int, int, list[dict[str, Any]]]],
-             stage: Stage, opts: PipelineOptions, prog: PipelineProgress,
-             tally: _Tally) -> tuple[list[dict[str, Any]], dict[str, int]]:
+def _run_ray(
+    store: ShardStore,
+    todo: list[tuple[int, int, list[dict[str, Any]]]],
+    stage: Stage,
+    opts: PipelineOptions,
+    prog: PipelineProgress,
+    tally: _Tally,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
     import ray
 
     started = False
@@ -251,14 +285,17 @@ def _run_ray(store: ShardStore, todo: list[tuple[int, int, list[dict[str, Any]]]
         try:
             ray.init(**kw)
         except Exception as e:  # e.g. a raylet that gave up waiting for its agents
-            raise PluginError(f"pipeline.executor ray: could not start Ray ({e}); see "
-                              "/tmp/ray/session_latest/logs/raylet.out, or use executor local"
-                              ) from None
+            raise PluginError(
+                f"pipeline.executor ray: could not start Ray ({e}); see "
+                "/tmp/ray/session_latest/logs/raylet.out, or use executor local"
+            ) from None
         started = True
     try:
         task = ray.remote(num_cpus=1, max_retries=2)(_shard_worker)
-        refs = [task.remote(store.out, store.fmt, s, a, items, stage, opts.concurrency)
-                for s, a, items in todo]
+        refs = [
+            task.remote(store.out, store.fmt, s, a, items, stage, opts.concurrency)
+            for s, a, items in todo
+        ]
         ms: list[dict[str, Any]] = []
         usage: Counter[str] = Counter()
         pending = list(refs)
@@ -269,8 +306,12 @@ def _run_ray(store: ShardStore, todo: list[tuple[int, int, list[dict[str, Any]]]
                 usage.update(m.pop("usage", {}))
                 n_rej, n_fail = sum(m["rejected"].values()), sum(m["failed"].values())
                 tally.c.update({"accepted": m["accepted"], "rejected": n_rej, "failed": n_fail})
-                prog.update(m["accepted"] + n_rej + n_fail, tally.c["accepted"],
-                            tally.c["rejected"], tally.c["failed"])
+                prog.update(
+                    m["accepted"] + n_rej + n_fail,
+                    tally.c["accepted"],
+                    tally.c["rejected"],
+                    tally.c["failed"],
+                )
         return ms, dict(usage)
     finally:
         if started:
@@ -296,9 +337,14 @@ def summarize(store: ShardStore, plan: dict[str, Any]) -> dict[str, Any]:
             done = {i for m in ms for i in m["done_ids"]}
             kinds = last.get("failed_kinds", {})
             failed.update(kinds[i] for i in last["failed_ids"] if i not in done and i in kinds)
-    return {"n_items": plan["n_items"], "accepted": accepted, "records": records,
-            "rejected": dict(rejected), "failed": dict(failed),
-            "complete": settled == plan["n_items"]}
+    return {
+        "n_items": plan["n_items"],
+        "accepted": accepted,
+        "records": records,
+        "rejected": dict(rejected),
+        "failed": dict(failed),
+        "complete": settled == plan["n_items"],
+    }
 
 
 def _tracking_uri(opts: PipelineOptions, store: ShardStore) -> str | None:
@@ -306,8 +352,9 @@ def _tracking_uri(opts: PipelineOptions, store: ShardStore) -> str | None:
         return opts.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
-    if "file" in (store.fs.protocol if isinstance(store.fs.protocol, tuple)
-                  else (store.fs.protocol,)):
+    if "file" in (
+        store.fs.protocol if isinstance(store.fs.protocol, tuple) else (store.fs.protocol,)
+    ):
         return "sqlite:///" + os.path.abspath(os.path.join(store.root, "mlflow.db"))
     return None
 
@@ -317,19 +364,32 @@ def _track(store: ShardStore, stage: Stage, opts: PipelineOptions, summary: RunS
 
     uri = _tracking_uri(opts, store)
     if uri is None:
-        print(f"k2: note: no mlflow run for a non-local out ({opts.out}); set tracking_uri",
-              file=sys.stderr)
+        print(
+            f"k2: note: no mlflow run for a non-local out ({opts.out}); set tracking_uri",
+            file=sys.stderr,
+        )
         return
     run_dir = store.root if uri.startswith("sqlite:") else tempfile.mkdtemp(prefix="k2-synth-")
-    tr = MLflowTracker(tracking_uri=uri, experiment=opts.experiment, run_dir=run_dir,
-                       options=MLflowOptions(system_metrics=False))
+    tr = MLflowTracker(
+        tracking_uri=uri,
+        experiment=opts.experiment,
+        run_dir=run_dir,
+        options=MLflowOptions(system_metrics=False),
+    )
     cfg = {"stage": stage.name, **stage.identity(), "pipeline": opts.model_dump(mode="json")}
-    tr.start(run_name=f"{stage.name}-{os.path.basename(store.root.rstrip('/'))}",
-             params=flatten(cfg), config=cfg)
+    tr.start(
+        run_name=f"{stage.name}-{os.path.basename(store.root.rstrip('/'))}",
+        params=flatten(cfg),
+        config=cfg,
+    )
     metrics: dict[str, float] = {
-        "items": summary.n_items, "accepted": summary.accepted, "records": summary.records,
-        "rejected": sum(summary.rejected.values()), "failed": sum(summary.failed.values()),
-        "complete": float(summary.complete), "items_this_run": summary.items_this_run,
+        "items": summary.n_items,
+        "accepted": summary.accepted,
+        "records": summary.records,
+        "rejected": sum(summary.rejected.values()),
+        "failed": sum(summary.failed.values()),
+        "complete": float(summary.complete),
+        "items_this_run": summary.items_this_run,
         "items_per_s": summary.items_this_run / max(summary.seconds, 1e-9),
     }
     metrics.update({f"rejected/{k}": v for k, v in summary.rejected.items()})
@@ -368,14 +428,24 @@ def run_pipeline(stage: Stage, opts: PipelineOptions) -> RunSummary:
             ms, usage = asyncio.run(_run_local(store, todo, stage, opts, prog, tally))
     tot = summarize(store, plan)
     sample = [r for m in ms for r in m.get("sample", [])][: opts.sample_size]
-    summary = RunSummary(out=opts.out, n_items=tot["n_items"], accepted=tot["accepted"],
-                         records=tot["records"], rejected=tot["rejected"], failed=tot["failed"],
-                         complete=tot["complete"], seconds=time.perf_counter() - t0,
-                         items_this_run=sum(len(t[2]) for t in todo), usage=usage, sample=sample,
-                         errors=[e for m in ms for e in m.get("errors", [])][:5])
+    summary = RunSummary(
+        out=opts.out,
+        n_items=tot["n_items"],
+        accepted=tot["accepted"],
+        records=tot["records"],
+        rejected=tot["rejected"],
+        failed=tot["failed"],
+        complete=tot["complete"],
+        seconds=time.perf_counter() - t0,
+        items_this_run=sum(len(t[2]) for t in todo),
+        usage=usage,
+        sample=sample,
+        errors=[e for m in ms for e in m.get("errors", [])][:5],
+    )
     if summary.complete:
-        store.write_done({k: v for k, v in summary.__dict__.items()
-                          if k not in ("sample", "errors")})
+        store.write_done(
+            {k: v for k, v in summary.__dict__.items() if k not in ("sample", "errors")}
+        )
     if opts.tracking:
         _track(store, stage, opts, summary)
     return summary

@@ -23,7 +23,7 @@ def extract_json(text: str | None, required: tuple[str, ...] = ()) -> dict[str, 
     candidates = [m.group(1) for m in _FENCE.finditer(text)]
     start, end = text.find("{"), text.rfind("}")
     if start != -1 and end > start:
-        candidates.append(text[start:end + 1])
+        candidates.append(text[start : end + 1])
     for c in candidates:
         try:
             obj = json.loads(c)

@@ -10,8 +10,15 @@ from typing import Any
 class PipelineProgress:
     """Items settled out of the total, with accepted/rejected/failed counts; a context manager."""
 
-    def __init__(self, label: str, total: int, done: int = 0, enabled: bool = True,
-                 stream: Any = None, every_s: float = 5.0):
+    def __init__(
+        self,
+        label: str,
+        total: int,
+        done: int = 0,
+        enabled: bool = True,
+        stream: Any = None,
+        every_s: float = 5.0,
+    ):
         self.label, self.total, self.done = label, total, done
         self.stream = stream or sys.stderr
         self.enabled = enabled
@@ -26,12 +33,17 @@ class PipelineProgress:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-            self._bar = Progress(TextColumn(f"[bold]{self.label}"), BarColumn(),
-                                 MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                 console=Console(file=self.stream))
+            self._bar = Progress(
+                TextColumn(f"[bold]{self.label}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                console=Console(file=self.stream),
+            )
             self._bar.start()
-            self._task = self._bar.add_task(self.label, total=self.total, completed=self.done,
-                                            info="")
+            self._task = self._bar.add_task(
+                self.label, total=self.total, completed=self.done, info=""
+            )
         return self
 
     def update(self, n: int, accepted: int, rejected: int, failed: int) -> None:

@@ -60,8 +60,9 @@ class ShardStore:
         path = self._p("plan.json")
         return self._read_json(path) if self.fs.exists(path) else None
 
-    def write_plan(self, items: Any, shard_size: int, identity: dict[str, Any],
-                   config_hash: str) -> dict[str, Any]:
+    def write_plan(
+        self, items: Any, shard_size: int, identity: dict[str, Any], config_hash: str
+    ) -> dict[str, Any]:
         """Freeze the input items into shards; plan.json last. Duplicate ids are a ConfigError."""
         seen: set[str] = set()
         shard: list[dict[str, Any]] = []
@@ -84,9 +85,16 @@ class ShardStore:
                 flush()
         if shard:
             flush()
-        plan = {"format": "k2-synth-run", "version": 1, "config_hash": config_hash,
-                "n_shards": n_shards, "n_items": n_items, "shard_size": shard_size,
-                "output_format": self.fmt, "config": identity}
+        plan = {
+            "format": "k2-synth-run",
+            "version": 1,
+            "config_hash": config_hash,
+            "n_shards": n_shards,
+            "n_items": n_items,
+            "shard_size": shard_size,
+            "output_format": self.fmt,
+            "config": identity,
+        }
         self._write(self._p("plan.json"), json.dumps(plan, indent=1).encode())
         return plan
 
@@ -105,8 +113,11 @@ class ShardStore:
         mdir, ddir = self._p("_manifests"), self._p("data")
         if not self.fs.exists(mdir):
             return {}
-        have = {p.rsplit("/", 1)[-1] for p in self.fs.ls(ddir, detail=False)} \
-            if self.fs.exists(ddir) else set()
+        have = (
+            {p.rsplit("/", 1)[-1] for p in self.fs.ls(ddir, detail=False)}
+            if self.fs.exists(ddir)
+            else set()
+        )
         out: dict[int, list[dict[str, Any]]] = {}
         for path in sorted(self.fs.ls(mdir, detail=False)):
             name = path.rsplit("/", 1)[-1]
@@ -118,16 +129,24 @@ class ShardStore:
             out.setdefault(shard, []).append(self._read_json(path))
         return out
 
-    def commit(self, shard: int, attempt: int, records: list[dict[str, Any]],
-               manifest: dict[str, Any]) -> None:
+    def commit(
+        self, shard: int, attempt: int, records: list[dict[str, Any]], manifest: dict[str, Any]
+    ) -> None:
         """Write `records` and their manifest so that they become visible at once, or never."""
         name = self.data_name(shard, attempt)
         tmp = self._p("_tmp", name + ".tmp")
         self._write(tmp, self._encode(records))
-        manifest = {**manifest, "shard": shard, "attempt": attempt, "file": f"data/{name}",
-                    "n_records": len(records)}
-        self._write(self._p("_manifests", f"shard-{shard:05d}-a{attempt:02d}.json"),
-                    json.dumps(manifest).encode())
+        manifest = {
+            **manifest,
+            "shard": shard,
+            "attempt": attempt,
+            "file": f"data/{name}",
+            "n_records": len(records),
+        }
+        self._write(
+            self._p("_manifests", f"shard-{shard:05d}-a{attempt:02d}.json"),
+            json.dumps(manifest).encode(),
+        )
         self.fs.makedirs(self._p("data"), exist_ok=True)
         self.fs.mv(tmp, self._p("data", name))
 
@@ -138,8 +157,13 @@ class ShardStore:
         import pyarrow.parquet as pq
 
         # Nested provenance goes in as JSON text columns: one flat schema for every shard.
-        rows = [{k: (json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else v)
-                 for k, v in r.items()} for r in records]
+        rows = [
+            {
+                k: (json.dumps(v, ensure_ascii=False) if isinstance(v, dict | list) else v)
+                for k, v in r.items()
+            }
+            for r in records
+        ]
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(rows), buf)
         return buf.getvalue()

@@ -3,8 +3,16 @@
 from .config import FidelityConfig, RephraseConfig, SamplingConfig
 from .styles import Style, get_style, register_style, style_names
 
-__all__ = ["FidelityConfig", "RephraseConfig", "SamplingConfig", "Style", "get_style",
-           "register_style", "style_names", "run_rephrase"]
+__all__ = [
+    "FidelityConfig",
+    "RephraseConfig",
+    "SamplingConfig",
+    "Style",
+    "get_style",
+    "register_style",
+    "style_names",
+    "run_rephrase",
+]
 
 
 def run_rephrase(cfg: RephraseConfig):  # noqa: ANN201 - RunSummary, imported lazily

@@ -41,7 +41,7 @@ def _units(text: str, budget: int) -> list[tuple[str, str]]:
             units.append((para, sep))
             continue
         for sent in _SENT.split(para):
-            for piece in ([sent] if count_tokens(sent) <= budget else _split_long(sent, budget)):
+            for piece in [sent] if count_tokens(sent) <= budget else _split_long(sent, budget):
                 units.append((piece, sep))
                 sep = " "
     return units

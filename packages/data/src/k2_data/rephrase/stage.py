@@ -17,8 +17,10 @@ from .fidelity import EmbeddingScorer, judge_messages, lexical_similarity, parse
 from .styles import Style, get_style
 
 _WORD = re.compile(r"[^\W\d_]+", re.U)
-_EN_COMMON = frozenset("the of and to in is was for on that with as by are from at his it "
-                       "an be this which or has its were their".split())
+_EN_COMMON = frozenset(
+    "the of and to in is was for on that with as by are from at his it "
+    "an be this which or has its were their".split()
+)
 
 
 def looks_english(text: str) -> bool:
@@ -50,18 +52,23 @@ def _tail_tokens(text: str, budget: int) -> str:
     return " ".join(reversed(out))
 
 
-def rewrite_messages(style: Style, chunk: str, so_far: str, index: int, total: int
-                     ) -> list[dict[str, str]]:
+def rewrite_messages(
+    style: Style, chunk: str, so_far: str, index: int, total: int
+) -> list[dict[str, str]]:
     """The chat rewriting chunk `index` of `total`, conditioned on the rewrite so far."""
     parts = [style.instruction]
     if total > 1:
-        parts.append(f"This is part {index + 1} of {total} of a longer document; continue the "
-                     "rewrite so that it follows on from the rewrite so far without repeating it.")
+        parts.append(
+            f"This is part {index + 1} of {total} of a longer document; continue the "
+            "rewrite so that it follows on from the rewrite so far without repeating it."
+        )
     if so_far:
         parts.append(f"<rewrite_so_far>\n{so_far}\n</rewrite_so_far>")
     parts.append(f"<passage>\n{chunk}\n</passage>")
-    return [{"role": "system", "content": style.system},
-            {"role": "user", "content": "\n\n".join(parts)}]
+    return [
+        {"role": "system", "content": style.system},
+        {"role": "user", "content": "\n\n".join(parts)},
+    ]
 
 
 class RephraseStage:
@@ -102,8 +109,13 @@ class RephraseStage:
             start = _stable(f"{cfg.seed}:{did}") % len(names)
             for k in range(cfg.n_rephrasings):
                 style = names[(start + k) % len(names)]
-                yield {"id": f"{did}::{style}", "source_id": did, "style": style,
-                       "domain": doc.domain, "text": doc.text}
+                yield {
+                    "id": f"{did}::{style}",
+                    "source_id": did,
+                    "style": style,
+                    "domain": doc.domain,
+                    "text": doc.text,
+                }
 
     def make_processor(self) -> RephraseProcessor:
         """A processor holding this process's generator(s) and embedding model."""
@@ -118,8 +130,11 @@ class RephraseProcessor:
         self.gen: Any = build_generator(cfg.generator)
         fj = cfg.fidelity.judge_generator
         self.judge: Any = build_generator(fj, "fidelity.judge_generator") if fj else self.gen
-        self.embed = EmbeddingScorer(cfg.fidelity.embedding_model) \
-            if cfg.fidelity.method == "embedding" else None
+        self.embed = (
+            EmbeddingScorer(cfg.fidelity.embedding_model)
+            if cfg.fidelity.method == "embedding"
+            else None
+        )
 
     def _gen_info(self) -> dict[str, Any]:
         d = getattr(self.gen, "describe", None)
@@ -139,10 +154,13 @@ class RephraseProcessor:
         usage = {"prompt_tokens": 0, "completion_tokens": 0}
         for i, chunk in enumerate(chunks):
             so_far = _tail_tokens("\n\n".join(rewritten), cfg.context_tokens)
-            res = await self.gen.chat(rewrite_messages(style, chunk, so_far, i, len(chunks)),
-                                      temperature=cfg.sampling.temperature,
-                                      top_p=cfg.sampling.top_p,
-                                      max_tokens=cfg.sampling.max_tokens, seed=seed + i)
+            res = await self.gen.chat(
+                rewrite_messages(style, chunk, so_far, i, len(chunks)),
+                temperature=cfg.sampling.temperature,
+                top_p=cfg.sampling.top_p,
+                max_tokens=cfg.sampling.max_tokens,
+                seed=seed + i,
+            )
             out = (res.message.get("content") or "").strip()
             if not out:
                 return ItemResult(rejected="empty_rewrite")
@@ -150,31 +168,43 @@ class RephraseProcessor:
             for k in usage:
                 usage[k] += int(res.usage.get(k, 0))
         rewrite = "\n\n".join(rewritten)
-        fid: dict[str, Any] = {"method": cfg.fidelity.method,
-                               "lexical": round(lexical_similarity(text, rewrite), 4)}
+        fid: dict[str, Any] = {
+            "method": cfg.fidelity.method,
+            "lexical": round(lexical_similarity(text, rewrite), 4),
+        }
         score = fid["lexical"]
         if self.embed is not None:
-            fid["embedding"] = round(await asyncio.to_thread(self.embed.similarity, text,
-                                                             rewrite), 4)
+            fid["embedding"] = round(
+                await asyncio.to_thread(self.embed.similarity, text, rewrite), 4
+            )
             score = fid["embedding"]
         if cfg.fidelity.method != "none" and style.kind != "translate":
             fid["threshold"] = cfg.fidelity.min_similarity()
             if score < fid["threshold"]:
                 return ItemResult(rejected="unfaithful")
         if cfg.fidelity.judge:
-            res = await self.judge.chat(judge_messages(text, rewrite), temperature=0.0,
-                                        max_tokens=256, seed=seed)
+            res = await self.judge.chat(
+                judge_messages(text, rewrite), temperature=0.0, max_tokens=256, seed=seed
+            )
             verdict = parse_verdict(res.message.get("content"))
             fid["judge"] = verdict
             if not verdict["faithful"] or verdict["score"] < cfg.fidelity.judge_threshold:
                 return ItemResult(rejected="judge_unfaithful")
         record = {
-            "id": item["id"], "text": rewrite, "source_id": item["source_id"],
-            "domain": cfg.domain or f"{item['domain']}_rephrased", "style": style.name,
+            "id": item["id"],
+            "text": rewrite,
+            "source_id": item["source_id"],
+            "domain": cfg.domain or f"{item['domain']}_rephrased",
+            "style": style.name,
             "mode": cfg.mode,
-            "chunks": {"n": len(chunks), "budget": cfg.chunk_tokens,
-                       "tokens": [count_tokens(c) for c in chunks]},
-            "generator": self._gen_info(), "fidelity": fid, "usage": usage,
+            "chunks": {
+                "n": len(chunks),
+                "budget": cfg.chunk_tokens,
+                "tokens": [count_tokens(c) for c in chunks],
+            },
+            "generator": self._gen_info(),
+            "fidelity": fid,
+            "usage": usage,
         }
         return ItemResult(records=[record])
 

@@ -20,54 +20,97 @@ class Style(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(..., description="Unique name, recorded in every output's provenance.")
     kind: Literal["rephrase", "notes", "translate"] = Field(
-        "rephrase", description="rephrase: same facts, new wording; notes: math learning notes; "
-        "translate: into English.")
+        "rephrase",
+        description="rephrase: same facts, new wording; notes: math learning notes; "
+        "translate: into English.",
+    )
     system: str = Field(..., description="System prompt of the rewriting model.")
     instruction: str = Field(..., description="What to do with the passage (user prompt head).")
 
 
-_SYSTEM = ("You rewrite text for a language-model training corpus. Keep every fact, name, number "
-           "and relation of the original; add nothing that is not in it; do not comment on the "
-           "task. Reply with the rewritten text only.")
+_SYSTEM = (
+    "You rewrite text for a language-model training corpus. Keep every fact, name, number "
+    "and relation of the original; add nothing that is not in it; do not comment on the "
+    "task. Reply with the rewritten text only."
+)
 
 _BUILTIN = [
-    Style(name="encyclopedic", system=_SYSTEM,
-          instruction="Rewrite the passage in a neutral, encyclopedic register, like a "
-          "reference-work entry."),
-    Style(name="plain_explainer", system=_SYSTEM,
-          instruction="Rewrite the passage in plain words for a curious teenager, keeping every "
-          "detail."),
-    Style(name="textbook", system=_SYSTEM,
-          instruction="Rewrite the passage as a textbook paragraph that states each fact "
-          "clearly, in a logical order."),
-    Style(name="news_report", system=_SYSTEM,
-          instruction="Rewrite the passage as a short factual news report."),
-    Style(name="question_answer", system=_SYSTEM,
-          instruction="Rewrite the passage as a series of questions, each followed by its "
-          "answer taken from the passage."),
-    Style(name="expert_perspective", system=_SYSTEM,
-          instruction="Rewrite the passage from the perspective of a domain expert explaining it "
-          "to a colleague."),
-    Style(name="student_summary", system=_SYSTEM,
-          instruction="Rewrite the passage as a diligent student's complete study notes, in "
-          "full sentences."),
-    Style(name="varied_syntax", system=_SYSTEM,
-          instruction="Rewrite the passage with different sentence structure and vocabulary, "
-          "same meaning."),
-    Style(name="learning_notes", kind="notes", system=_SYSTEM + " You are a patient math tutor.",
-          instruction="Rewrite the math material as learning notes: state the problem, the "
-          "idea behind each step, the worked steps with every number kept, and the final "
-          "answer."),
-    Style(name="translate_en", kind="translate",
-          system="You translate text into fluent English. Keep every fact, name and number. "
-                 "Reply with the translation only.",
-          instruction="Translate the passage into English."),
+    Style(
+        name="encyclopedic",
+        system=_SYSTEM,
+        instruction="Rewrite the passage in a neutral, encyclopedic register, like a "
+        "reference-work entry.",
+    ),
+    Style(
+        name="plain_explainer",
+        system=_SYSTEM,
+        instruction="Rewrite the passage in plain words for a curious teenager, keeping every "
+        "detail.",
+    ),
+    Style(
+        name="textbook",
+        system=_SYSTEM,
+        instruction="Rewrite the passage as a textbook paragraph that states each fact "
+        "clearly, in a logical order.",
+    ),
+    Style(
+        name="news_report",
+        system=_SYSTEM,
+        instruction="Rewrite the passage as a short factual news report.",
+    ),
+    Style(
+        name="question_answer",
+        system=_SYSTEM,
+        instruction="Rewrite the passage as a series of questions, each followed by its "
+        "answer taken from the passage.",
+    ),
+    Style(
+        name="expert_perspective",
+        system=_SYSTEM,
+        instruction="Rewrite the passage from the perspective of a domain expert explaining it "
+        "to a colleague.",
+    ),
+    Style(
+        name="student_summary",
+        system=_SYSTEM,
+        instruction="Rewrite the passage as a diligent student's complete study notes, in "
+        "full sentences.",
+    ),
+    Style(
+        name="varied_syntax",
+        system=_SYSTEM,
+        instruction="Rewrite the passage with different sentence structure and vocabulary, "
+        "same meaning.",
+    ),
+    Style(
+        name="learning_notes",
+        kind="notes",
+        system=_SYSTEM + " You are a patient math tutor.",
+        instruction="Rewrite the math material as learning notes: state the problem, the "
+        "idea behind each step, the worked steps with every number kept, and the final "
+        "answer.",
+    ),
+    Style(
+        name="translate_en",
+        kind="translate",
+        system="You translate text into fluent English. Keep every fact, name and number. "
+        "Reply with the translation only.",
+        instruction="Translate the passage into English.",
+    ),
 ]
 
 _REGISTRY: dict[str, Style] = {s.name: s for s in _BUILTIN}
 
-DEFAULT_REPHRASE = ("encyclopedic", "plain_explainer", "textbook", "news_report",
-                    "question_answer", "expert_perspective", "student_summary", "varied_syntax")
+DEFAULT_REPHRASE = (
+    "encyclopedic",
+    "plain_explainer",
+    "textbook",
+    "news_report",
+    "question_answer",
+    "expert_perspective",
+    "student_summary",
+    "varied_syntax",
+)
 
 
 def register_style(style: Style, *, replace: bool = False) -> None:

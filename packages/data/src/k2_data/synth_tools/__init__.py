@@ -4,8 +4,16 @@ Python tools, agents, tasks with rubrics, judged multi-turn trajectories."""
 from .config import SynthToolsConfig, ToolSamplingConfig
 from .specs import RealTool, SpecError, real_tools, tool, validate_spec
 
-__all__ = ["RealTool", "SpecError", "SynthToolsConfig", "ToolSamplingConfig", "real_tools",
-           "tool", "validate_spec", "run_synth_tools"]
+__all__ = [
+    "RealTool",
+    "SpecError",
+    "SynthToolsConfig",
+    "ToolSamplingConfig",
+    "real_tools",
+    "tool",
+    "validate_spec",
+    "run_synth_tools",
+]
 
 
 def run_synth_tools(cfg: SynthToolsConfig):  # noqa: ANN201 - SynthToolsSummary, lazy import

@@ -28,17 +28,23 @@ class SynthToolsSummary:
         lines = [f"{name}: {s.line()}" for name, s in self.stages.items()]
         t = self.tools
         if t:
-            lines.append(f"tools: {t['n_tools']} kept ({t['n_real']} real), {t['duplicates']} "
-                         f"duplicates, invalid: {t['invalid'] or 'none'}; {t['n_agents']} agents")
-        lines.append(f"SFT dataset: {self.dataset}" if self.complete
-                     else "incomplete: rerun to retry the failed items")
+            lines.append(
+                f"tools: {t['n_tools']} kept ({t['n_real']} real), {t['duplicates']} "
+                f"duplicates, invalid: {t['invalid'] or 'none'}; {t['n_agents']} agents"
+            )
+        lines.append(
+            f"SFT dataset: {self.dataset}"
+            if self.complete
+            else "incomplete: rerun to retry the failed items"
+        )
         return "\n".join(lines)
 
 
 def _sub(cfg: SynthToolsConfig, stage: str) -> Any:
     p = cfg.pipeline
-    return p.model_copy(update={"out": f"{p.out.rstrip('/')}/{stage}",
-                                "experiment": f"{p.experiment}-tools"})
+    return p.model_copy(
+        update={"out": f"{p.out.rstrip('/')}/{stage}", "experiment": f"{p.experiment}-tools"}
+    )
 
 
 def collect_tools(cfg: SynthToolsConfig, records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -62,20 +68,39 @@ def collect_tools(cfg: SynthToolsConfig, records: list[dict[str, Any]]) -> dict[
     real = [t.spec for t in load_real_tools(cfg.real_tools) if spec_key(t.spec) not in seen]
     agents = []
     for (dom, sub), specs in groups.items():
-        agents.append({"id": f"agent-{len(agents):04d}", "domain": dom, "subdomain": sub,
-                       "system_prompt": f"You are an assistant for {sub} ({dom}). Use the "
-                       "tools to do what the user asks, ask for details you are missing, and "
-                       "say what you did.", "tools": specs[: cfg.max_tools_per_agent]})
+        agents.append(
+            {
+                "id": f"agent-{len(agents):04d}",
+                "domain": dom,
+                "subdomain": sub,
+                "system_prompt": f"You are an assistant for {sub} ({dom}). Use the "
+                "tools to do what the user asks, ask for details you are missing, and "
+                "say what you did.",
+                "tools": specs[: cfg.max_tools_per_agent],
+            }
+        )
     if real:
-        agents.append({"id": f"agent-{len(agents):04d}", "domain": "real", "subdomain": "real",
-                       "system_prompt": "You are a helpful assistant. Use the tools to do what "
-                       "the user asks and report the results.",
-                       "tools": real[: cfg.max_tools_per_agent]})
+        agents.append(
+            {
+                "id": f"agent-{len(agents):04d}",
+                "domain": "real",
+                "subdomain": "real",
+                "system_prompt": "You are a helpful assistant. Use the tools to do what "
+                "the user asks and report the results.",
+                "tools": real[: cfg.max_tools_per_agent],
+            }
+        )
     if cfg.max_agents is not None:
         agents = agents[: cfg.max_agents]
     n_tools = sum(len(g) for g in groups.values()) + len(real)
-    return {"n_tools": n_tools, "n_real": len(real), "duplicates": dups,
-            "invalid": dict(invalid), "n_agents": len(agents), "agents": agents}
+    return {
+        "n_tools": n_tools,
+        "n_real": len(real),
+        "duplicates": dups,
+        "invalid": dict(invalid),
+        "n_agents": len(agents),
+        "agents": agents,
+    }
 
 
 def run_synth_tools(cfg: SynthToolsConfig) -> SynthToolsSummary:

@@ -53,8 +53,10 @@ def validate_spec(spec: Any) -> dict[str, Any]:
     missing = [r for r in params.get("required", []) if r not in props]
     if missing:
         raise SpecError("bad_schema", f"required names unknown properties {missing}")
-    return {"type": "function",
-            "function": {"name": name, "description": desc.strip(), "parameters": params}}
+    return {
+        "type": "function",
+        "function": {"name": name, "description": desc.strip(), "parameters": params},
+    }
 
 
 def spec_key(spec: dict[str, Any]) -> str:
@@ -95,8 +97,10 @@ def _schema_of(tp: Any) -> tuple[dict[str, Any], bool]:
         return {"type": "object"}, False
     if tp in _SIMPLE:
         return {"type": _SIMPLE[tp]}, False
-    raise ConfigError(f"tool parameter type {tp!r} has no JSON Schema; use str, int, float, "
-                      "bool, list, dict, Literal or Optional of those")
+    raise ConfigError(
+        f"tool parameter type {tp!r} has no JSON Schema; use str, int, float, "
+        "bool, list, dict, Literal or Optional of those"
+    )
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,9 @@ class RealTool:
 _REAL: dict[str, RealTool] = {}
 
 
-def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
-         description: str | None = None) -> Any:
+def tool(
+    fn: Callable[..., Any] | None = None, *, name: str | None = None, description: str | None = None
+) -> Any:
     """Decorator: register a typed function as a real tool (spec from its signature and
     docstring; `Annotated[T, "help"]` describes a parameter). Returns the function unchanged."""
 
@@ -132,9 +137,13 @@ def tool(fn: Callable[..., Any] | None = None, *, name: str | None = None,
             if p.default is inspect.Parameter.empty and not optional:
                 required.append(pname)
         doc = description or (inspect.getdoc(f) or "").split("\n\n")[0].strip()
-        spec = validate_spec({"name": name or f.__name__, "description": doc or f.__name__,
-                              "parameters": {"type": "object", "properties": props,
-                                             "required": required}})
+        spec = validate_spec(
+            {
+                "name": name or f.__name__,
+                "description": doc or f.__name__,
+                "parameters": {"type": "object", "properties": props, "required": required},
+            }
+        )
         _REAL[spec["function"]["name"]] = RealTool(f, spec)
         return f
 
@@ -157,8 +166,9 @@ def load_real_tools(paths: list[str]) -> list[RealTool]:
         try:
             fn = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError, ValueError) as e:
-            raise ConfigError(f"real_tools: cannot import {path!r} ({type(e).__name__}); "
-                              "give module:function") from None
+            raise ConfigError(
+                f"real_tools: cannot import {path!r} ({type(e).__name__}); give module:function"
+            ) from None
         found = next((t for t in _REAL.values() if t.fn is fn), None)
         if found is None:
             tool(fn)

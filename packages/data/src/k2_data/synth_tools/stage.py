@@ -85,12 +85,18 @@ class _Base:
 
 # -- stage 1: tool specs ----------------------------------------------------------------
 
+
 class ToolSpecStage(_Base):
     """Seed domain -> sub-domains -> tool specs (valid and invalid, checked later)."""
 
     name = "tool_specs"
-    fields = ("seed_domains", "n_subdomains", "tools_per_subdomain", "designer_generator",
-              "sampling")
+    fields = (
+        "seed_domains",
+        "n_subdomains",
+        "tools_per_subdomain",
+        "designer_generator",
+        "sampling",
+    )
 
     def identity(self) -> dict[str, Any]:
         """The settings that decide the specs."""
@@ -129,25 +135,36 @@ class ToolSpecProcessor(_Proc):
     async def __call__(self, item: dict[str, Any]) -> ItemResult:
         """Sub-domains, then tools per sub-domain."""
         cfg, gen, dom = self.cfg, self.roles.designer, item["domain"]
-        res = await gen.chat(prompts.subdomain_messages(dom, cfg.n_subdomains),
-                             temperature=cfg.sampling.temperature,
-                             max_tokens=cfg.sampling.max_tokens, seed=self._seed(item["id"]))
+        res = await gen.chat(
+            prompts.subdomain_messages(dom, cfg.n_subdomains),
+            temperature=cfg.sampling.temperature,
+            max_tokens=cfg.sampling.max_tokens,
+            seed=self._seed(item["id"]),
+        )
         subs = extract_json(_content(res), ("subdomains",))["subdomains"]
-        subs = [s for s in subs if isinstance(s, str) and s.strip()][: cfg.n_subdomains] \
-            if isinstance(subs, list) else []
+        subs = (
+            [s for s in subs if isinstance(s, str) and s.strip()][: cfg.n_subdomains]
+            if isinstance(subs, list)
+            else []
+        )
         if not subs:
             return ItemResult(rejected="no_subdomains")
 
         async def grow(sub: str) -> list[dict[str, Any]]:
-            r = await gen.chat(prompts.tools_messages(dom, sub, cfg.tools_per_subdomain),
-                               temperature=cfg.sampling.temperature,
-                               max_tokens=cfg.sampling.max_tokens,
-                               seed=self._seed(f"{item['id']}/{sub}"))
+            r = await gen.chat(
+                prompts.tools_messages(dom, sub, cfg.tools_per_subdomain),
+                temperature=cfg.sampling.temperature,
+                max_tokens=cfg.sampling.max_tokens,
+                seed=self._seed(f"{item['id']}/{sub}"),
+            )
             raw = extract_json(_content(r), ("tools",))["tools"]
             out = []
             for k, spec in enumerate(raw if isinstance(raw, list) else []):
-                rec: dict[str, Any] = {"id": f"{item['id']}/{slug(sub)}/{k:02d}", "domain": dom,
-                                       "subdomain": sub}
+                rec: dict[str, Any] = {
+                    "id": f"{item['id']}/{slug(sub)}/{k:02d}",
+                    "domain": dom,
+                    "subdomain": sub,
+                }
                 try:
                     rec.update(valid=True, spec=validate_spec(spec))
                 except SpecError as e:
@@ -160,6 +177,7 @@ class ToolSpecProcessor(_Proc):
 
 
 # -- stage 2: tasks ---------------------------------------------------------------------
+
 
 def _str_list(v: Any) -> list[str]:
     return [str(x) for x in v if isinstance(x, str | int | float)] if isinstance(v, list) else []
@@ -195,22 +213,28 @@ class TaskProcessor(_Proc):
     async def __call__(self, agent: dict[str, Any]) -> ItemResult:
         """Validated tasks: a description, criteria, expected tools among the agent's."""
         cfg = self.cfg
-        res = await self.roles.designer.chat(prompts.tasks_messages(agent, cfg.tasks_per_agent),
-                                          temperature=cfg.sampling.temperature,
-                                          max_tokens=cfg.sampling.max_tokens,
-                                          seed=self._seed(agent["id"]))
+        res = await self.roles.designer.chat(
+            prompts.tasks_messages(agent, cfg.tasks_per_agent),
+            temperature=cfg.sampling.temperature,
+            max_tokens=cfg.sampling.max_tokens,
+            seed=self._seed(agent["id"]),
+        )
         raw = extract_json(_content(res), ("tasks",))["tasks"]
         names = {t["function"]["name"] for t in agent["tools"]}
         out = []
         for j, t in enumerate(raw if isinstance(raw, list) else []):
-            if not isinstance(t, dict) or not isinstance(t.get("description"), str) \
-                    or not t["description"].strip():
+            if (
+                not isinstance(t, dict)
+                or not isinstance(t.get("description"), str)
+                or not t["description"].strip()
+            ):
                 continue
-            task = {"description": t["description"].strip(),
-                    "success_criteria": _str_list(t.get("success_criteria")),
-                    "expected_tools": [n for n in _str_list(t.get("expected_tools"))
-                                       if n in names],
-                    "checkpoints": _str_list(t.get("checkpoints"))}
+            task = {
+                "description": t["description"].strip(),
+                "success_criteria": _str_list(t.get("success_criteria")),
+                "expected_tools": [n for n in _str_list(t.get("expected_tools")) if n in names],
+                "checkpoints": _str_list(t.get("checkpoints")),
+            }
             out.append({"id": f"{agent['id']}/task-{j:02d}", "agent": agent, "task": task})
             if len(out) == cfg.tasks_per_agent:
                 break
@@ -219,12 +243,22 @@ class TaskProcessor(_Proc):
 
 # -- stage 3: trajectories --------------------------------------------------------------
 
+
 class TrajectoryStage(_Base):
     """One item per task: a simulated conversation, judged against the rubric."""
 
     name = "trajectories"
-    fields = ("real_tools", "max_turns", "personas", "judge_threshold", "generator",
-              "user_generator", "tool_generator", "judge_generator", "sampling")
+    fields = (
+        "real_tools",
+        "max_turns",
+        "personas",
+        "judge_threshold",
+        "generator",
+        "user_generator",
+        "tool_generator",
+        "judge_generator",
+        "sampling",
+    )
 
     def __init__(self, cfg: SynthToolsConfig, tasks: list[dict[str, Any]] | None = None):
         super().__init__(cfg)
@@ -272,9 +306,12 @@ class ToolEnv:
             self.kinds.add("real")
             return await asyncio.to_thread(call_real, self.real[name], args)
         self.kinds.add("simulated")
-        res = await self.world.chat(prompts.tool_sim_messages(spec, args, self.state),
-                                    temperature=0.0, max_tokens=1024,
-                                    seed=self.seed + self.calls)
+        res = await self.world.chat(
+            prompts.tool_sim_messages(spec, args, self.state),
+            temperature=0.0,
+            max_tokens=1024,
+            seed=self.seed + self.calls,
+        )
         obj = extract_json(_content(res), ("result",))
         if isinstance(obj.get("state"), dict):
             self.state = obj["state"]
@@ -302,10 +339,13 @@ class TrajectoryProcessor(_Proc):
         messages.append({"role": "user", "content": first})
         finished = False
         for turn in range(cfg.max_turns):
-            res = await self.roles.agent.chat(messages, tools=agent["tools"],
-                                              temperature=cfg.sampling.temperature,
-                                              max_tokens=cfg.sampling.max_tokens,
-                                              seed=seed + 100 + turn)
+            res = await self.roles.agent.chat(
+                messages,
+                tools=agent["tools"],
+                temperature=cfg.sampling.temperature,
+                max_tokens=cfg.sampling.max_tokens,
+                seed=seed + 100 + turn,
+            )
             msg = dict(res.message)
             calls = msg.get("tool_calls") or []
             for i, c in enumerate(calls):  # K2's id form when the server gave none
@@ -315,8 +355,14 @@ class TrajectoryProcessor(_Proc):
             if calls:
                 for c in calls:
                     content = await env.call(c["function"]["name"], c["function"]["arguments"])
-                    messages.append({"role": "tool", "tool_call_id": c["id"],
-                                     "name": c["function"]["name"], "content": content})
+                    messages.append(
+                        {
+                            "role": "tool",
+                            "tool_call_id": c["id"],
+                            "name": c["function"]["name"],
+                            "content": content,
+                        }
+                    )
                 continue
             reply = await self._user_turn(persona, task, messages, seed + 200 + turn)
             if reply is None:
@@ -327,31 +373,51 @@ class TrajectoryProcessor(_Proc):
             return ItemResult(rejected="max_turns")
         if env.calls == 0 and task["expected_tools"]:
             return ItemResult(rejected="no_tool_calls")
-        res = await self.roles.judge.chat(prompts.judge_messages(task, messages),
-                                          temperature=0.0, max_tokens=512, seed=seed)
+        res = await self.roles.judge.chat(
+            prompts.judge_messages(task, messages), temperature=0.0, max_tokens=512, seed=seed
+        )
         v = extract_json(_content(res), ("score", "passed"))
         try:
-            verdict = {"score": float(v["score"]), "passed": bool(v["passed"]),
-                       "reasons": str(v.get("reasons", ""))[:500]}
+            verdict = {
+                "score": float(v["score"]),
+                "passed": bool(v["passed"]),
+                "reasons": str(v.get("reasons", ""))[:500],
+            }
         except (TypeError, ValueError):
             raise MalformedOutput("judge score is not a number") from None
         if not verdict["passed"] or verdict["score"] < cfg.judge_threshold:
             return ItemResult(rejected="judge_failed")
         env_kind = "+".join(sorted(env.kinds)) or "none"
         gen = getattr(self.roles.agent, "describe", None)
-        return ItemResult(records=[{
-            "id": item["id"], "messages": messages, "tools": agent["tools"],
-            "provenance": {"agent_id": agent["id"], "domain": agent.get("domain"),
-                           "subdomain": agent.get("subdomain"), "task": task,
-                           "persona": persona, "tool_env": env_kind,
-                           "tool_calls": env.calls,
-                           "generator": gen() if callable(gen) else cfg.generator.name},
-            "judge": verdict}])
+        return ItemResult(
+            records=[
+                {
+                    "id": item["id"],
+                    "messages": messages,
+                    "tools": agent["tools"],
+                    "provenance": {
+                        "agent_id": agent["id"],
+                        "domain": agent.get("domain"),
+                        "subdomain": agent.get("subdomain"),
+                        "task": task,
+                        "persona": persona,
+                        "tool_env": env_kind,
+                        "tool_calls": env.calls,
+                        "generator": gen() if callable(gen) else cfg.generator.name,
+                    },
+                    "judge": verdict,
+                }
+            ]
+        )
 
-    async def _user_turn(self, persona: str, task: dict[str, Any],
-                         messages: list[dict[str, Any]], seed: int) -> str | None:
+    async def _user_turn(
+        self, persona: str, task: dict[str, Any], messages: list[dict[str, Any]], seed: int
+    ) -> str | None:
         res = await self.roles.user.chat(
             prompts.user_sim_messages(persona, task["description"], messages[1:]),
-            temperature=self.cfg.sampling.temperature, max_tokens=512, seed=seed)
+            temperature=self.cfg.sampling.temperature,
+            max_tokens=512,
+            seed=seed,
+        )
         text = _content(res)
         return None if not text or prompts.DONE in text else text

@@ -17,9 +17,17 @@ def _run(args: argparse.Namespace) -> int:
     tasks = parse_tasks(args.tasks)  # checked before the checkpoint loads
     options = eval_options(args.overrides)
     echo = None if args.json else print
-    result = run_eval(args.uri, tasks, options=options, limit=args.limit, data=args.data,
-                      tokenizer=args.tokenizer, track=not args.no_track,
-                      tracking_uri=args.tracking_uri, echo=echo)
+    result = run_eval(
+        args.uri,
+        tasks,
+        options=options,
+        limit=args.limit,
+        data=args.data,
+        tokenizer=args.tokenizer,
+        track=not args.no_track,
+        tracking_uri=args.tracking_uri,
+        echo=echo,
+    )
     if args.json:
         print(json.dumps(result, indent=2, default=str))
         return 0
@@ -36,13 +44,20 @@ def eval_command(*, options: Any) -> Command:
 
     def add(p: argparse.ArgumentParser) -> None:
         p.add_argument("uri", help="checkpoint URI (a run's step_N folder or a saved model)")
-        p.add_argument("overrides", nargs="*",
-                       help="task options as dotted overrides, e.g. arithmetic.k=8 knowledge_qa.shots=5")
-        p.add_argument("--tasks", default=DEFAULT_TASKS, help=f"comma-separated (default {DEFAULT_TASKS})")
+        p.add_argument(
+            "overrides",
+            nargs="*",
+            help="task options as dotted overrides, e.g. arithmetic.k=8 knowledge_qa.shots=5",
+        )
+        p.add_argument(
+            "--tasks", default=DEFAULT_TASKS, help=f"comma-separated (default {DEFAULT_TASKS})"
+        )
         p.add_argument("--limit", type=int, default=None, help="at most N items per task")
         p.add_argument("--data", help="packed dataset URI (default: the run's dataset)")
         p.add_argument("--tokenizer", help="saved k2 tokenizer folder (default: the dataset's)")
-        p.add_argument("--tracking-uri", help="mlflow store (default: the checkpoint's training run)")
+        p.add_argument(
+            "--tracking-uri", help="mlflow store (default: the checkpoint's training run)"
+        )
         p.add_argument("--no-track", action="store_true", help="do not log to mlflow")
         p.add_argument("--json", action="store_true", help="print JSON")
 

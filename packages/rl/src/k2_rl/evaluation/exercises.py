@@ -31,8 +31,14 @@ class Exercise:
 
 # A family: (name stems, args, docstring template, reference body template,
 #            reference function maker, input maker), constants drawn per exercise.
-_Family = tuple[tuple[str, ...], str, str, str, Callable[..., Callable[..., Any]],
-                Callable[[random.Random], list[tuple[Any, ...]]]]
+_Family = tuple[
+    tuple[str, ...],
+    str,
+    str,
+    str,
+    Callable[..., Callable[..., Any]],
+    Callable[[random.Random], list[tuple[Any, ...]]],
+]
 
 
 def _ints(lo: int, hi: int, arity: int = 1) -> Callable[[random.Random], list[tuple[Any, ...]]]:
@@ -49,42 +55,102 @@ def _words(r: random.Random) -> list[tuple[Any, ...]]:
 
 
 _FAMILIES: dict[str, _Family] = {
-    "add_const": (("add", "plus", "increase_by"), "x",
-                  "Return x plus {c}.", "    return x + {c}",
-                  lambda c: (lambda x: x + c), _ints(-50, 50)),
-    "times_const": (("times", "multiply_by", "scale"), "x",
-                    "Return x multiplied by {c}.", "    return x * {c}",
-                    lambda c: (lambda x: x * c), _ints(-20, 20)),
-    "sum_two": (("add_two", "sum_pair", "plus_both"), "a, b",
-                "Return the sum of a and b.", "    return a + b",
-                lambda c: (lambda a, b: a + b), _ints(-100, 100, 2)),
-    "max_two": (("larger", "bigger_of", "max_of_two"), "a, b",
-                "Return the larger of a and b.", "    return a if a > b else b",
-                lambda c: (lambda a, b: max(a, b)), _ints(-100, 100, 2)),
-    "square": (("square", "squared", "sq"), "x",
-               "Return x squared.", "    return x * x",
-               lambda c: (lambda x: x * x), _ints(-30, 30)),
-    "is_even": (("is_even", "even", "check_even"), "n",
-                "Return True if n is even, else False.", "    return n % 2 == 0",
-                lambda c: (lambda n: n % 2 == 0), _ints(-50, 50)),
-    "list_sum": (("total", "sum_list", "add_all"), "xs",
-                 "Return the sum of the numbers in the list xs.", "    return sum(xs)",
-                 lambda c: (lambda xs: sum(xs)), _lists),
-    "list_max": (("largest", "max_item", "biggest"), "xs",
-                 "Return the largest number in the non-empty list xs.", "    return max(xs)",
-                 lambda c: (lambda xs: max(xs)), _lists),
-    "list_len": (("count_items", "length", "size_of"), "xs",
-                 "Return the number of items in the list xs.", "    return len(xs)",
-                 lambda c: (lambda xs: len(xs)), _lists),
-    "reverse": (("reverse", "reversed_text", "backwards"), "s",
-                "Return the string s reversed.", "    return s[::-1]",
-                lambda c: (lambda s: s[::-1]), _words),
-    "upper": (("shout", "to_upper", "upper_case"), "s",
-              "Return the string s in upper case.", "    return s.upper()",
-              lambda c: (lambda s: s.upper()), _words),
-    "first_char": (("first_letter", "initial", "head_char"), "s",
-                   "Return the first character of the non-empty string s.", "    return s[0]",
-                   lambda c: (lambda s: s[0]), _words),
+    "add_const": (
+        ("add", "plus", "increase_by"),
+        "x",
+        "Return x plus {c}.",
+        "    return x + {c}",
+        lambda c: lambda x: x + c,
+        _ints(-50, 50),
+    ),
+    "times_const": (
+        ("times", "multiply_by", "scale"),
+        "x",
+        "Return x multiplied by {c}.",
+        "    return x * {c}",
+        lambda c: lambda x: x * c,
+        _ints(-20, 20),
+    ),
+    "sum_two": (
+        ("add_two", "sum_pair", "plus_both"),
+        "a, b",
+        "Return the sum of a and b.",
+        "    return a + b",
+        lambda c: lambda a, b: a + b,
+        _ints(-100, 100, 2),
+    ),
+    "max_two": (
+        ("larger", "bigger_of", "max_of_two"),
+        "a, b",
+        "Return the larger of a and b.",
+        "    return a if a > b else b",
+        lambda c: lambda a, b: max(a, b),
+        _ints(-100, 100, 2),
+    ),
+    "square": (
+        ("square", "squared", "sq"),
+        "x",
+        "Return x squared.",
+        "    return x * x",
+        lambda c: lambda x: x * x,
+        _ints(-30, 30),
+    ),
+    "is_even": (
+        ("is_even", "even", "check_even"),
+        "n",
+        "Return True if n is even, else False.",
+        "    return n % 2 == 0",
+        lambda c: lambda n: n % 2 == 0,
+        _ints(-50, 50),
+    ),
+    "list_sum": (
+        ("total", "sum_list", "add_all"),
+        "xs",
+        "Return the sum of the numbers in the list xs.",
+        "    return sum(xs)",
+        lambda c: lambda xs: sum(xs),
+        _lists,
+    ),
+    "list_max": (
+        ("largest", "max_item", "biggest"),
+        "xs",
+        "Return the largest number in the non-empty list xs.",
+        "    return max(xs)",
+        lambda c: lambda xs: max(xs),
+        _lists,
+    ),
+    "list_len": (
+        ("count_items", "length", "size_of"),
+        "xs",
+        "Return the number of items in the list xs.",
+        "    return len(xs)",
+        lambda c: lambda xs: len(xs),
+        _lists,
+    ),
+    "reverse": (
+        ("reverse", "reversed_text", "backwards"),
+        "s",
+        "Return the string s reversed.",
+        "    return s[::-1]",
+        lambda c: lambda s: s[::-1],
+        _words,
+    ),
+    "upper": (
+        ("shout", "to_upper", "upper_case"),
+        "s",
+        "Return the string s in upper case.",
+        "    return s.upper()",
+        lambda c: lambda s: s.upper(),
+        _words,
+    ),
+    "first_char": (
+        ("first_letter", "initial", "head_char"),
+        "s",
+        "Return the first character of the non-empty string s.",
+        "    return s[0]",
+        lambda c: lambda s: s[0],
+        _words,
+    ),
 }
 
 
@@ -100,8 +166,9 @@ def generate_exercises(n: int, seed: int = 0) -> list[Exercise]:
         c = r.randint(2, 9)
         name = f"{r.choice(stems)}_{i}"
         fn = make(c)
-        tests = tuple(f"assert {name}({', '.join(repr(a) for a in xs)}) == {fn(*xs)!r}"
-                      for xs in inputs(r))
+        tests = tuple(
+            f"assert {name}({', '.join(repr(a) for a in xs)}) == {fn(*xs)!r}" for xs in inputs(r)
+        )
         prompt = f'def {name}({args}):\n    """{doc.format(c=c)}"""\n'
         out.append(Exercise(f"{fam}/{seed}/{i}", name, prompt, tests, body.format(c=c)))
     return out

@@ -33,8 +33,15 @@ class K2LM(LM):
     """A k2 checkpoint as an lm-eval model: `path` (checkpoint URI), optional `tokenizer`
     (saved tokenizer folder), `batch_size`, `max_length` (default: the model's positions)."""
 
-    def __init__(self, path: str, tokenizer: str | None = None, batch_size: int | str = 16,
-                 max_length: int | None = None, max_gen_toks: int = 256, **_: Any) -> None:
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str | None = None,
+        batch_size: int | str = 16,
+        max_length: int | None = None,
+        max_gen_toks: int = 256,
+        **_: Any,
+    ) -> None:
         super().__init__()
         from .target import load_target
 
@@ -56,9 +63,9 @@ class K2LM(LM):
             return [self.tok.eos_id], self.tok.encode(continuation)
         whole = self.tok.encode(context + continuation)
         ctx = self.tok.encode(context)
-        if whole[:len(ctx)] != ctx:  # the merge crossed the boundary: encode apart
+        if whole[: len(ctx)] != ctx:  # the merge crossed the boundary: encode apart
             return ctx, self.tok.encode(continuation)
-        return ctx, whole[len(ctx):]
+        return ctx, whole[len(ctx) :]
 
     # -- scoring --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -67,19 +74,22 @@ class K2LM(LM):
         out: list[tuple[float, bool] | None] = [None] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
         for s in range(0, len(order), self.batch_size):
-            idx = order[s:s + self.batch_size]
-            rows = [(pairs[i][0] + pairs[i][1])[:-1][-self.max_length:] for i in idx]
+            idx = order[s : s + self.batch_size]
+            rows = [(pairs[i][0] + pairs[i][1])[:-1][-self.max_length :] for i in idx]
             width = max(map(len, rows))
             ids = torch.full((len(rows), width), self.tok.pad_id, dtype=torch.long)
             for j, r in enumerate(rows):
-                ids[j, :len(r)] = torch.tensor(r)
+                ids[j, : len(r)] = torch.tensor(r)
             logp = torch.log_softmax(self.model(ids, return_logits=True).logits.float(), dim=-1)
             for j, i in enumerate(idx):
                 cont = pairs[i][1]
                 end = len(rows[j])
-                lp = logp[j, end - len(cont):end]
+                lp = logp[j, end - len(cont) : end]
                 want = torch.tensor(cont)
-                out[i] = (float(lp.gather(1, want[:, None]).sum()), bool((lp.argmax(-1) == want).all()))
+                out[i] = (
+                    float(lp.gather(1, want[:, None]).sum()),
+                    bool((lp.argmax(-1) == want).all()),
+                )
         return out  # type: ignore[return-value]
 
     def loglikelihood(self, requests: list[Any]) -> list[tuple[float, bool]]:
@@ -122,10 +132,17 @@ class K2LM(LM):
             until = [until] if isinstance(until, str) else list(until)
             budget = int(kw.get("max_gen_toks", self.max_gen_toks))
             temp = float(kw.get("temperature", 0.0)) if kw.get("do_sample") else 0.0
-            ids = self.tok.encode(context)[-max(1, self.max_length - budget):] or [self.tok.eos_id]
+            ids = self.tok.encode(context)[-max(1, self.max_length - budget) :] or [self.tok.eos_id]
             prompts.append(ids)
-            params.append(SamplingParams(temperature=temp, top_p=float(kw.get("top_p", 1.0)),
-                                         max_new_tokens=budget, stop=until, seed=k))
+            params.append(
+                SamplingParams(
+                    temperature=temp,
+                    top_p=float(kw.get("top_p", 1.0)),
+                    max_new_tokens=budget,
+                    stop=until,
+                    seed=k,
+                )
+            )
             stops.append(until)
         comps = self.target.engine(self.batch_size).generate(prompts, params)
         texts = [cut_at_stop(c.text or "", s) for c, s in zip(comps, stops, strict=True)]

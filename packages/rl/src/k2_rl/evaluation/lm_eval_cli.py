@@ -1,7 +1,7 @@
 """lm-eval's own command line with the `k2` model type registered:
 
-    python -m k2_rl.evaluation.lm_eval_cli --model k2 --model_args path=URI --tasks ...
-    k2 lm-eval --model k2 --model_args path=URI --tasks ...        (the same)
+python -m k2_rl.evaluation.lm_eval_cli --model k2 --model_args path=URI --tasks ...
+k2 lm-eval --model k2 --model_args path=URI --tasks ...        (the same)
 """
 
 from __future__ import annotations

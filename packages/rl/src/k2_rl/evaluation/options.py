@@ -12,12 +12,16 @@ class PerplexityOptions(BaseModel):
     """Token-weighted loss and perplexity on a held-out split of a packed dataset."""
 
     model_config = _FROZEN
-    data: str | None = Field(None, description="Packed dataset URI (None: the checkpoint's own dataset).")
+    data: str | None = Field(
+        None, description="Packed dataset URI (None: the checkpoint's own dataset)."
+    )
     split: str = Field("val", description="Held-out split of the packed dataset to read.")
     batch_size: int = Field(8, gt=0, description="Sequences per forward pass.")
     max_sequences: int | None = Field(
-        None, gt=0, description="Read at most this many sequences (None: the whole split; "
-                                "--limit also caps it)."
+        None,
+        gt=0,
+        description="Read at most this many sequences (None: the whole split; "
+        "--limit also caps it).",
     )
 
 
@@ -27,11 +31,15 @@ class ArithmeticOptions(BaseModel):
     model_config = _FROZEN
     n: int = Field(40, gt=0, description="Problems (--limit caps it).")
     seed: int = Field(0, description="Seed of the problem draw.")
-    difficulty: tuple[int, int] = Field((1, 3), description="Digits of the larger operand: (lo, hi).")
+    difficulty: tuple[int, int] = Field(
+        (1, 3), description="Digits of the larger operand: (lo, hi)."
+    )
     k: int = Field(4, gt=0, description="k of pass@k.")
     samples: int | None = Field(
-        None, gt=0, description="Sampled solutions per problem for pass@k (None: k); pass@k is "
-                                "the unbiased estimate."
+        None,
+        gt=0,
+        description="Sampled solutions per problem for pass@k (None: k); pass@k is "
+        "the unbiased estimate.",
     )
     temperature: float = Field(0.8, gt=0, description="Sampling temperature of the pass@k samples.")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling of the pass@k samples.")
@@ -44,16 +52,23 @@ class KnowledgeQAOptions(BaseModel):
     model_config = _FROZEN
     n: int | None = Field(300, gt=0, description="Questions (None: all; --limit caps it).")
     world_seed: int | None = Field(
-        None, description="Seed of the world asked about (None: the one in the checkpoint's "
-                          "dataset, else 0)."
+        None,
+        description="Seed of the world asked about (None: the one in the checkpoint's "
+        "dataset, else 0).",
     )
     world_scale: float | None = Field(
-        None, gt=0, description="Scale of that world (None: as in the checkpoint's dataset, else 1)."
+        None,
+        gt=0,
+        description="Scale of that world (None: as in the checkpoint's dataset, else 1).",
     )
     world_people: int | None = Field(
-        None, gt=0, description="People in that world (overrides world_scale; e.g. an experiment's own world)."
+        None,
+        gt=0,
+        description="People in that world (overrides world_scale; e.g. an experiment's own world).",
     )
-    shots: int = Field(3, ge=0, description="Solved train-split questions shown before each question.")
+    shots: int = Field(
+        3, ge=0, description="Solved train-split questions shown before each question."
+    )
     max_new_tokens: int = Field(16, gt=0, description="Longest generated answer.")
 
 
@@ -64,15 +79,21 @@ class CodeOptions(BaseModel):
     n: int = Field(20, gt=0, description="Exercises (--limit caps it).")
     seed: int = Field(0, description="Seed of the exercise draw.")
     max_new_tokens: int = Field(160, gt=0, description="Longest generated function body.")
-    timeout_s: float = Field(5.0, gt=0, description="Wall-clock limit of one program in the sandbox.")
+    timeout_s: float = Field(
+        5.0, gt=0, description="Wall-clock limit of one program in the sandbox."
+    )
 
 
 class EvalOptions(BaseModel):
     """Every task's options; only the tasks asked for are run."""
 
     model_config = _FROZEN
-    perplexity: PerplexityOptions = Field(default_factory=PerplexityOptions, description="perplexity task.")
-    arithmetic: ArithmeticOptions = Field(default_factory=ArithmeticOptions, description="arithmetic task.")
+    perplexity: PerplexityOptions = Field(
+        default_factory=PerplexityOptions, description="perplexity task."
+    )
+    arithmetic: ArithmeticOptions = Field(
+        default_factory=ArithmeticOptions, description="arithmetic task."
+    )
     knowledge_qa: KnowledgeQAOptions = Field(
         default_factory=KnowledgeQAOptions, description="knowledge_qa task."
     )

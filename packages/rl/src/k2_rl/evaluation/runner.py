@@ -26,8 +26,11 @@ def parse_tasks(spec: str | list[str]) -> list[str]:
         return list(TASK_NAMES)
     bad = [t for t in names if t not in TASK_NAMES]
     if bad or not names:
-        raise ConfigError(f"--tasks: unknown task {bad[0]!r}; tasks: {', '.join(TASK_NAMES)}"
-                          if bad else f"--tasks: name at least one of {', '.join(TASK_NAMES)}")
+        raise ConfigError(
+            f"--tasks: unknown task {bad[0]!r}; tasks: {', '.join(TASK_NAMES)}"
+            if bad
+            else f"--tasks: name at least one of {', '.join(TASK_NAMES)}"
+        )
     return list(dict.fromkeys(names))
 
 
@@ -43,10 +46,20 @@ def eval_options(overrides: list[str] | None = None) -> EvalOptions:
         raise ConfigError(describe_validation_error(e, model=EvalOptions)) from None
 
 
-def run_eval(uri: str, tasks: list[str], *, options: EvalOptions | None = None,
-             limit: int | None = None, data: str | None = None, tokenizer: str | None = None,
-             track: bool = True, tracking_uri: str | None = None, target: Any = None,
-             echo: Any = None, **task_kwargs: Any) -> dict[str, Any]:
+def run_eval(
+    uri: str,
+    tasks: list[str],
+    *,
+    options: EvalOptions | None = None,
+    limit: int | None = None,
+    data: str | None = None,
+    tokenizer: str | None = None,
+    track: bool = True,
+    tracking_uri: str | None = None,
+    target: Any = None,
+    echo: Any = None,
+    **task_kwargs: Any,
+) -> dict[str, Any]:
     """Evaluate checkpoint `uri` on `tasks`; returns {uri, step, tasks: {task: metrics}, ...}.
 
     `target` (an EvalTarget) skips loading; `task_kwargs` go to every task (e.g. `world=`).
@@ -67,14 +80,29 @@ def run_eval(uri: str, tasks: list[str], *, options: EvalOptions | None = None,
     seconds: dict[str, float] = {}
     for name in tasks:
         t0 = time.perf_counter()
-        results[name] = TASKS[name](target, getattr(options, name), limit,
-                                    batch_size=options.batch_size, seed=options.seed, **task_kwargs)
+        results[name] = TASKS[name](
+            target,
+            getattr(options, name),
+            limit,
+            batch_size=options.batch_size,
+            seed=options.seed,
+            **task_kwargs,
+        )
         seconds[name] = round(time.perf_counter() - t0, 1)
         if echo is not None:
-            echo(f"  {name}: " + ", ".join(f"{k} {_num(v)}" for k, v in results[name].items())
-                 + f" ({seconds[name]}s)")
-    out: dict[str, Any] = {"uri": uri, "step": target.step, "tasks": results, "seconds": seconds,
-                           "limit": limit, "options": options.model_dump(mode="json")}
+            echo(
+                f"  {name}: "
+                + ", ".join(f"{k} {_num(v)}" for k, v in results[name].items())
+                + f" ({seconds[name]}s)"
+            )
+    out: dict[str, Any] = {
+        "uri": uri,
+        "step": target.step,
+        "tasks": results,
+        "seconds": seconds,
+        "limit": limit,
+        "options": options.model_dump(mode="json"),
+    }
     out["tracking"] = log_results(target, out, tracking_uri) if track else None
     return out
 
@@ -85,8 +113,12 @@ def _num(v: float) -> str:
 
 def metrics_of(results: dict[str, dict[str, float]]) -> dict[str, float]:
     """{eval/<task>/<metric>: value} of the finite results."""
-    return {f"eval/{t}/{k}": float(v) for t, m in results.items() for k, v in m.items()
-            if isinstance(v, int | float) and math.isfinite(v)}
+    return {
+        f"eval/{t}/{k}": float(v)
+        for t, m in results.items()
+        for k, v in m.items()
+        if isinstance(v, int | float) and math.isfinite(v)
+    }
 
 
 def _run_store(target: Any) -> str | None:
@@ -104,7 +136,9 @@ def _run_store(target: Any) -> str | None:
     return None
 
 
-def log_results(target: Any, result: dict[str, Any], tracking_uri: str | None = None) -> dict[str, Any]:
+def log_results(
+    target: Any, result: dict[str, Any], tracking_uri: str | None = None
+) -> dict[str, Any]:
     """Log the metrics (and the whole result as `eval/step_N.json`) to mlflow; returns where."""
     import logging
 
@@ -128,15 +162,19 @@ def log_results(target: Any, result: dict[str, Any], tracking_uri: str | None = 
             except Exception:  # not in this store: a new run below
                 run_id = None
         if run_id is None:
-            uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or (
-                "sqlite:///" + str(Path("runs/eval").resolve() / "mlflow.db"))
+            uri = (
+                uri
+                or os.environ.get("MLFLOW_TRACKING_URI")
+                or ("sqlite:///" + str(Path("runs/eval").resolve() / "mlflow.db"))
+            )
             if uri.startswith("sqlite:///"):
                 Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
             client = MlflowClient(tracking_uri=uri)
             exp = client.get_experiment_by_name("k2-eval")
             exp_id = exp.experiment_id if exp else client.create_experiment("k2-eval")
-            run_id = client.create_run(exp_id, run_name=f"eval {Path(target.uri).name}",
-                                       tags={"k2.checkpoint": target.uri}).info.run_id
+            run_id = client.create_run(
+                exp_id, run_name=f"eval {Path(target.uri).name}", tags={"k2.checkpoint": target.uri}
+            ).info.run_id
         ts = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, v, ts, step) for k, v in metrics.items()])
         client.log_dict(run_id, result | {"tracking": None}, f"eval/step_{step:08d}.json")

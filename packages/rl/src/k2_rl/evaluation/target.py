@@ -83,5 +83,12 @@ def load_target(uri: str, *, data: str | None = None, tokenizer: str | None = No
         from k2_data.prepare import default_dataset_uri
 
         data_uri = default_dataset_uri()
-    return EvalTarget(uri=uri, model=model, tokenizer=tok, config=cfg, data_uri=data_uri,
-                      step=attrs.get("step"), tracking_run_id=attrs.get("tracking_run_id"))
+    return EvalTarget(
+        uri=uri,
+        model=model,
+        tokenizer=tok,
+        config=cfg,
+        data_uri=data_uri,
+        step=attrs.get("step"),
+        tracking_run_id=attrs.get("tracking_run_id"),
+    )

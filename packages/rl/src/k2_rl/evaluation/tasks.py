@@ -43,17 +43,28 @@ def _cap(n: int | None, limit: int | None) -> int | None:
 
 
 @torch.no_grad()
-def perplexity(target: Any, opts: PerplexityOptions, limit: int | None, *, batch_size: int = 8,
-               **_: Any) -> dict[str, float]:
+def perplexity(
+    target: Any, opts: PerplexityOptions, limit: int | None, *, batch_size: int = 8, **_: Any
+) -> dict[str, float]:
     """Token-weighted mean loss and perplexity over the split's sequences, in order."""
     from k2_core.errors import ConfigError
     from k2_data.loader import PackedDataset, PackedOptions
 
     uri = opts.data or target.data_uri
     if uri is None:
-        raise ConfigError("perplexity: no packed dataset known for this checkpoint; set perplexity.data")
-    ds = PackedDataset(PackedOptions(uri=uri, split=opts.split, batch_size=opts.batch_size,
-                                     shuffle=False, drop_last=False, prefetch=0))
+        raise ConfigError(
+            "perplexity: no packed dataset known for this checkpoint; set perplexity.data"
+        )
+    ds = PackedDataset(
+        PackedOptions(
+            uri=uri,
+            split=opts.split,
+            batch_size=opts.batch_size,
+            shuffle=False,
+            drop_last=False,
+            prefetch=0,
+        )
+    )
     try:
         n = ds.n_sequences
         n = min(n, _cap(opts.max_sequences, limit) or n)
@@ -71,7 +82,12 @@ def perplexity(target: Any, opts: PerplexityOptions, limit: int | None, *, batch
     finally:
         ds.close()
     mean = total / max(tokens, 1)
-    return {"loss": mean, "perplexity": math.exp(mean), "tokens": float(tokens), "sequences": float(seen)}
+    return {
+        "loss": mean,
+        "perplexity": math.exp(mean),
+        "tokens": float(tokens),
+        "sequences": float(seen),
+    }
 
 
 # -- arithmetic -------------------------------------------------------------------------------
@@ -84,24 +100,38 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod((n - c - i) / (n - i) for i in range(k))
 
 
-def arithmetic(target: Any, opts: ArithmeticOptions, limit: int | None, *, batch_size: int = 16,
-               seed: int = 0) -> dict[str, float]:
+def arithmetic(
+    target: Any, opts: ArithmeticOptions, limit: int | None, *, batch_size: int = 16, seed: int = 0
+) -> dict[str, float]:
     """pass@1 greedy and pass@k sampled on the math generator's test split."""
     from k2_data.corpus import check_math_answer, math_problems
 
-    problems = math_problems("test", opts.seed, n=_cap(opts.n, limit) or opts.n,
-                             difficulty=tuple(opts.difficulty))
+    problems = math_problems(
+        "test", opts.seed, n=_cap(opts.n, limit) or opts.n, difficulty=tuple(opts.difficulty)
+    )
     prompts = [f"Problem: {p.question}\nSolution:\n" for p in problems]
     stop = ("\nProblem:", "\n\n")
-    greedy = complete(target, prompts, max_new_tokens=opts.max_new_tokens, stop=stop,
-                      batch_size=batch_size)
+    greedy = complete(
+        target, prompts, max_new_tokens=opts.max_new_tokens, stop=stop, batch_size=batch_size
+    )
     ok1 = [check_math_answer(g[0], p.answer) for g, p in zip(greedy, problems, strict=True)]
     samples = opts.samples or opts.k
     k = min(opts.k, samples)
-    sampled = complete(target, prompts, max_new_tokens=opts.max_new_tokens, stop=stop,
-                       temperature=opts.temperature, top_p=opts.top_p, n=samples, seed=seed,
-                       batch_size=batch_size)
-    correct = [sum(check_math_answer(s, p.answer) for s in ss) for ss, p in zip(sampled, problems, strict=True)]
+    sampled = complete(
+        target,
+        prompts,
+        max_new_tokens=opts.max_new_tokens,
+        stop=stop,
+        temperature=opts.temperature,
+        top_p=opts.top_p,
+        n=samples,
+        seed=seed,
+        batch_size=batch_size,
+    )
+    correct = [
+        sum(check_math_answer(s, p.answer) for s in ss)
+        for ss, p in zip(sampled, problems, strict=True)
+    ]
     return {
         "pass_at_1": sum(ok1) / len(problems),
         f"pass_at_{k}": sum(pass_at_k(samples, c, k) for c in correct) / len(problems),
@@ -174,35 +204,52 @@ def answer_nll(target: Any, prompts: list[str], answers: list[str], batch_size: 
     aids = tok.encode_batch([" " + a for a in answers])
     total, count = 0.0, 0
     for i in range(0, len(prompts), batch_size):
-        rows = [p + a for p, a in zip(pids[i:i + batch_size], aids[i:i + batch_size], strict=True)]
+        rows = [
+            p + a for p, a in zip(pids[i : i + batch_size], aids[i : i + batch_size], strict=True)
+        ]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
         labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        for j, (row, a) in enumerate(zip(rows, aids[i:i + batch_size], strict=True)):
-            ids[j, :len(row)] = torch.tensor(row)
-            labels[j, len(row) - len(a) - 1:len(row) - 1] = torch.tensor(a)  # shifted: predict a
+        for j, (row, a) in enumerate(zip(rows, aids[i : i + batch_size], strict=True)):
+            ids[j, : len(row)] = torch.tensor(row)
+            labels[j, len(row) - len(a) - 1 : len(row) - 1] = torch.tensor(a)  # shifted: predict a
         logits = model(ids, return_logits=True).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
-                                                reduction="sum")
+        nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum"
+        )
         total += float(nll)
         count += int((labels != -100).sum())
     return total / max(count, 1)
 
 
-def knowledge_qa(target: Any, opts: KnowledgeQAOptions, limit: int | None, *, batch_size: int = 16,
-                 world: Any = None, **_: Any) -> dict[str, float]:
+def knowledge_qa(
+    target: Any,
+    opts: KnowledgeQAOptions,
+    limit: int | None,
+    *,
+    batch_size: int = 16,
+    world: Any = None,
+    **_: Any,
+) -> dict[str, float]:
     """Exact match on held-out questions, the gold answer's NLL, and the majority floor."""
     world = world if world is not None else resolve_world(target, opts)
     demos, questions = pick_questions(world, _cap(opts.n, limit), opts.shots)
     prompts = [qa_prompt(demos, q.question) for q in questions]
-    preds = complete(target, prompts, max_new_tokens=opts.max_new_tokens, stop=("\n",),
-                     batch_size=batch_size)
-    hits = [normalize_answer(p[0]) == normalize_answer(q.answer) for p, q in zip(preds, questions, strict=True)]
+    preds = complete(
+        target, prompts, max_new_tokens=opts.max_new_tokens, stop=("\n",), batch_size=batch_size
+    )
+    hits = [
+        normalize_answer(p[0]) == normalize_answer(q.answer)
+        for p, q in zip(preds, questions, strict=True)
+    ]
     common: dict[str, Counter[str]] = {}
     for q in world.questions("train"):
         common.setdefault(_relation(q.fact_id), Counter())[q.answer] += 1
-    floor = [bool(common.get(_relation(q.fact_id))) and
-             common[_relation(q.fact_id)].most_common(1)[0][0] == q.answer for q in questions]
+    floor = [
+        bool(common.get(_relation(q.fact_id)))
+        and common[_relation(q.fact_id)].most_common(1)[0][0] == q.answer
+        for q in questions
+    ]
     return {
         "exact_match": sum(hits) / len(questions),
         "answer_nll": answer_nll(target, prompts, [q.answer for q in questions], batch_size),
@@ -214,16 +261,22 @@ def knowledge_qa(target: Any, opts: KnowledgeQAOptions, limit: int | None, *, ba
 # -- code -----------------------------------------------------------------------------------------
 
 
-def code(target: Any, opts: CodeOptions, limit: int | None, *, batch_size: int = 16,
-         **_: Any) -> dict[str, float]:
+def code(
+    target: Any, opts: CodeOptions, limit: int | None, *, batch_size: int = 16, **_: Any
+) -> dict[str, float]:
     """pass@1 greedy on generated exercises; each completed program runs in the sandbox with
     its tests through the `code` reward."""
     from .exercises import cut_body, generate_exercises
     from .sandboxed import run_programs
 
     exercises = generate_exercises(_cap(opts.n, limit) or opts.n, opts.seed)
-    outs = complete(target, [e.prompt for e in exercises], max_new_tokens=opts.max_new_tokens,
-                    stop=("\ndef ", "\nclass ", "\nif __name__", "\n\n\n"), batch_size=batch_size)
+    outs = complete(
+        target,
+        [e.prompt for e in exercises],
+        max_new_tokens=opts.max_new_tokens,
+        stop=("\ndef ", "\nclass ", "\nif __name__", "\n\n\n"),
+        batch_size=batch_size,
+    )
     bodies = [cut_body(o[0]) for o in outs]
     passed = run_programs(exercises, bodies, timeout_s=opts.timeout_s)
     return {"pass_at_1": sum(passed) / len(exercises), "exercises": float(len(exercises))}
@@ -235,5 +288,3 @@ TASKS: dict[str, Callable[..., dict[str, float]]] = {
     "knowledge_qa": knowledge_qa,
     "code": code,
 }
-
-

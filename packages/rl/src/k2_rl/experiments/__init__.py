@@ -26,8 +26,15 @@ STUDIES = ("qk_clip", "muon_vs_adamw")
 EXPERIMENT_NAMES: tuple[str, ...] = (*_OWN, *STUDIES)
 
 
-def run_experiment(name: str, out_dir: str, config: str = "tiny", overrides: list[str] | None = None,
-                   scale: float = 1.0, num_threads: int | None = None, **kwargs: Any) -> dict[str, Any]:
+def run_experiment(
+    name: str,
+    out_dir: str,
+    config: str = "tiny",
+    overrides: list[str] | None = None,
+    scale: float = 1.0,
+    num_threads: int | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Run experiment `name` on preset/YAML `config` into `out_dir`; returns its numbers and
     file paths (`experiment`, `report`, `png`, `tracking_uri`, `mlflow_experiment`, `arms`, ...).
 
@@ -37,17 +44,33 @@ def run_experiment(name: str, out_dir: str, config: str = "tiny", overrides: lis
     from k2_core.errors import ConfigError
 
     if name not in EXPERIMENT_NAMES:
-        raise ConfigError(f"no experiment named {name!r}; experiments: {', '.join(EXPERIMENT_NAMES)}")
+        raise ConfigError(
+            f"no experiment named {name!r}; experiments: {', '.join(EXPERIMENT_NAMES)}"
+        )
     if not scale > 0:
         raise ConfigError(f"experiment scale must be > 0, got {scale}")
     if name in STUDIES:
         from k2_core.studies import run_study
 
-        r = run_study(name, out_dir, scale=scale, overrides=list(overrides or []),
-                      num_threads=num_threads, preset=config, **kwargs)
+        r = run_study(
+            name,
+            out_dir,
+            scale=scale,
+            overrides=list(overrides or []),
+            num_threads=num_threads,
+            preset=config,
+            **kwargs,
+        )
         return {**r, "experiment": name, "mlflow_experiment": r["experiment"]}
     from k2_core.harness import execute
 
     module, fn = _OWN[name]
-    return execute(getattr(importlib.import_module(module), fn), out_dir, scale,
-                   list(overrides or []), num_threads, preset=config, **kwargs)
+    return execute(
+        getattr(importlib.import_module(module), fn),
+        out_dir,
+        scale,
+        list(overrides or []),
+        num_threads,
+        preset=config,
+        **kwargs,
+    )

@@ -26,8 +26,15 @@ def _run(args: argparse.Namespace) -> int:
 
             raise ConfigError("--generator applies to the rephrase experiment only")
         kwargs["generator"] = args.generator
-    r = run_experiment(args.name, args.out or f"runs/experiment-{args.name}", config or "tiny",
-                       overrides, scale=args.scale, num_threads=args.threads, **kwargs)
+    r = run_experiment(
+        args.name,
+        args.out or f"runs/experiment-{args.name}",
+        config or "tiny",
+        overrides,
+        scale=args.scale,
+        num_threads=args.threads,
+        **kwargs,
+    )
     return print_result(f"k2 experiment {args.name}", r, args.json)
 
 

@@ -27,8 +27,14 @@ def experiment_name(name: str) -> str:
     return f"experiment-{name}"
 
 
-def base_overrides(name: str, steps: int, uri: str, evals: int = 10, warmup: int | None = None,
-                   eval_batches: int = 4) -> list[str]:
+def base_overrides(
+    name: str,
+    steps: int,
+    uri: str,
+    evals: int = 10,
+    warmup: int | None = None,
+    eval_batches: int = 4,
+) -> list[str]:
     """Overrides shared by every arm of experiment `name` (before its own and the user's)."""
     log_every, eval_every = cadence(steps, evals=evals)
     return [
@@ -83,5 +89,8 @@ def first_reach(xs: list[float], ys: list[float], target: float) -> float | None
 
 def finite(d: dict[str, Any]) -> dict[str, float]:
     """The finite float entries of `d` (the ones mlflow can log as metrics)."""
-    return {k: float(v) for k, v in d.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in d.items()
+        if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+    }

@@ -39,7 +39,9 @@ CONTEXTS = (256, 4096, 32768, 131072)
 EVAL_BATCHES = 8
 
 
-def _flops_added(model_cfg: Any, moe_cfg: Any, heads: int, contexts: tuple[int, ...]) -> dict[str, Any]:
+def _flops_added(
+    model_cfg: Any, moe_cfg: Any, heads: int, contexts: tuple[int, ...]
+) -> dict[str, Any]:
     """Per-token forward FLOPs at `heads` and 2x `heads`, and the relative increase, per context."""
     from .flops import attention_flops_per_token, forward_flops_per_token
 
@@ -49,14 +51,24 @@ def _flops_added(model_cfg: Any, moe_cfg: Any, heads: int, contexts: tuple[int, 
     for c in contexts:
         f1, f2 = forward_flops_per_token(one, moe_cfg, c), forward_flops_per_token(two, moe_cfg, c)
         a1, a2 = attention_flops_per_token(one, c), attention_flops_per_token(two, c)
-        out[str(c)] = {"flops": f1, "flops_doubled": f2, "added_pct": 100 * (f2 / f1 - 1),
-                       "attention_share_pct": 100 * a1 / f1, "attention_added": a2 - a1}
+        out[str(c)] = {
+            "flops": f1,
+            "flops_doubled": f2,
+            "added_pct": 100 * (f2 / f1 - 1),
+            "attention_share_pct": 100 * a1 / f1,
+            "attention_added": a2 - a1,
+        }
     return out
 
 
-def heads_experiment(out: Path, scale: float, overrides: list[str], preset: str = "tiny",
-                     contexts: tuple[int, ...] = CONTEXTS,
-                     echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+def heads_experiment(
+    out: Path,
+    scale: float,
+    overrides: list[str],
+    preset: str = "tiny",
+    contexts: tuple[int, ...] = CONTEXTS,
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
     """H vs 2H attention heads at equal tokens: validation-loss gain against FLOPs added."""
     from k2_core.configio import load_config
 
@@ -66,13 +78,32 @@ def heads_experiment(out: Path, scale: float, overrides: list[str], preset: str 
     uri = tracking_uri(out, overrides)
     base = [*base_overrides("heads", steps, uri, eval_batches=EVAL_BATCHES), *overrides]
     heads = load_config(preset, base).model.num_attention_heads
-    arms = [Arm(f"heads={h}", [*base, f"model.num_attention_heads={h}", f"name=heads-{h}",
-                               f"checkpoint.dir={arm_dir(out, f'heads={h}')}"])
-            for h in (heads, 2 * heads)]
+    arms = [
+        Arm(
+            f"heads={h}",
+            [
+                *base,
+                f"model.num_attention_heads={h}",
+                f"name=heads-{h}",
+                f"checkpoint.dir={arm_dir(out, f'heads={h}')}",
+            ],
+        )
+        for h in (heads, 2 * heads)
+    ]
     cfgs = {a.label: load_config(preset, a.overrides) for a in arms}
-    parent = ParentRun(uri, experiment_name("heads"), out, "heads",
-                        {"scale": scale, "steps": steps, "heads": heads, "preset": preset,
-                         "overrides": " ".join(overrides)})
+    parent = ParentRun(
+        uri,
+        experiment_name("heads"),
+        out,
+        "heads",
+        {
+            "scale": scale,
+            "steps": steps,
+            "heads": heads,
+            "preset": preset,
+            "overrides": " ".join(overrides),
+        },
+    )
     status = "FAILED"
     try:
         status = run_arms(arms, parent, preset, echo)
@@ -88,7 +119,8 @@ def heads_experiment(out: Path, scale: float, overrides: list[str], preset: str 
                 "train_flops_per_token": train_flops_per_token(c.model, c.moe, c.data.seq_len),
                 "final_eval_loss": losses[-1] if losses else None,
                 "best_eval_loss": min(losses) if losses else None,
-                "seconds": round(a.seconds, 1), "mlflow_run_id": a.summary.get("tracking_run_id"),
+                "seconds": round(a.seconds, 1),
+                "mlflow_run_id": a.summary.get("tracking_run_id"),
             }
         c0 = cfgs[arms[0].label]
         added = _flops_added(c0.model, c0.moe, heads, tuple(contexts))
@@ -98,19 +130,39 @@ def heads_experiment(out: Path, scale: float, overrides: list[str], preset: str 
         one, two = rows.get(arms[0].label), rows.get(arms[1].label)
         if one and two and one["final_eval_loss"] and two["final_eval_loss"] is not None:
             gain = 100 * (one["final_eval_loss"] - two["final_eval_loss"]) / one["final_eval_loss"]
-        summary = {"heads": heads, "loss_gain_pct": gain, "flops_added": added,
-                   "k2_flops_added_pct_128k": k2_added["131072"]["added_pct"]}
-        metrics = {f"{k.replace('=', '')}/{x}": v for k, r in rows.items() for x, v in finite(r).items()}
+        summary = {
+            "heads": heads,
+            "loss_gain_pct": gain,
+            "flops_added": added,
+            "k2_flops_added_pct_128k": k2_added["131072"]["added_pct"],
+        }
+        metrics = {
+            f"{k.replace('=', '')}/{x}": v for k, r in rows.items() for x, v in finite(r).items()
+        }
         metrics.update({f"flops_added_pct/ctx_{c}": v["added_pct"] for c, v in added.items()})
         if gain is not None:
             metrics["loss_gain_pct"] = gain
         png, report = conclude(
-            out, parent, status, metrics, plot=lambda: _plot(out / "heads.png", arms, summary),
-            report=lambda png: _report(rows, summary, steps, arms, preset, overrides, png))
-    return {"experiment": "heads", "out_dir": str(out), "png": str(png) if png else None,
-            "report": str(report), "tracking_uri": uri, "mlflow_experiment": experiment_name("heads"),
-            "parent_run_id": parent.run_id, "steps": steps,
-            "tokens_per_run": steps * arms[0].tokens_per_step, **summary, "arms": rows}
+            out,
+            parent,
+            status,
+            metrics,
+            plot=lambda: _plot(out / "heads.png", arms, summary),
+            report=lambda png: _report(rows, summary, steps, arms, preset, overrides, png),
+        )
+    return {
+        "experiment": "heads",
+        "out_dir": str(out),
+        "png": str(png) if png else None,
+        "report": str(report),
+        "tracking_uri": uri,
+        "mlflow_experiment": experiment_name("heads"),
+        "parent_run_id": parent.run_id,
+        "steps": steps,
+        "tokens_per_run": steps * arms[0].tokens_per_step,
+        **summary,
+        "arms": rows,
+    }
 
 
 def _plot(path: Path, arms: list[Arm], summary: dict[str, Any]) -> Path | None:
@@ -119,23 +171,43 @@ def _plot(path: Path, arms: list[Arm], summary: dict[str, Any]) -> Path | None:
             a1.plot(*series(arm, "train/loss"), color=color, alpha=0.35)
             a1.plot(*series(arm, "eval/loss"), "o-", ms=3, color=color, label=f"{arm.label} eval")
         gain = summary["loss_gain_pct"]
-        a1.set(xlabel="step (equal tokens)", ylabel="loss",
-               title="loss" + (f" (2x heads: {gain:+.2f}% lower eval loss)" if gain is not None else ""))
+        a1.set(
+            xlabel="step (equal tokens)",
+            ylabel="loss",
+            title="loss"
+            + (f" (2x heads: {gain:+.2f}% lower eval loss)" if gain is not None else ""),
+        )
         ctx = sorted(summary["flops_added"], key=int)
-        a2.plot([int(c) for c in ctx], [summary["flops_added"][c]["added_pct"] for c in ctx], "o-",
-                color="tab:red", label="FLOPs added by 2x heads")
+        a2.plot(
+            [int(c) for c in ctx],
+            [summary["flops_added"][c]["added_pct"] for c in ctx],
+            "o-",
+            color="tab:red",
+            label="FLOPs added by 2x heads",
+        )
         if gain is not None:
             a2.axhline(gain, ls="--", color="tab:blue", label=f"eval-loss gain {gain:+.2f}%")
-        a2.set(xscale="log", xlabel="context length (tokens)", ylabel="%",
-               title="inference FLOPs added per token vs loss gained")
+        a2.set(
+            xscale="log",
+            xlabel="context length (tokens)",
+            ylabel="%",
+            title="inference FLOPs added per token vs loss gained",
+        )
         a1.legend()
         a2.legend()
 
     return save_plot(path, draw)
 
 
-def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int, arms: list[Arm],
-            preset: str, overrides: list[str], png: Path | None) -> str:
+def _report(
+    rows: dict[str, dict[str, Any]],
+    summary: dict[str, Any],
+    steps: int,
+    arms: list[Arm],
+    preset: str,
+    overrides: list[str],
+    png: Path | None,
+) -> str:
     tps = arms[0].tokens_per_step
     lines = [
         "# Experiment: heads",
@@ -150,25 +222,38 @@ def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int
         "|---|---|---|---|---|",
     ]
     for k, r in rows.items():
-        lines.append(f"| {k} | {r['train_flops_per_token']:.3g} | {fmt(r['final_eval_loss'])} | "
-                     f"{fmt(r['best_eval_loss'])} | {r['seconds']} |")
-    lines += ["", "| context | forward FLOPs / token | with 2x heads | added | attention share |",
-              "|---|---|---|---|---|"]
+        lines.append(
+            f"| {k} | {r['train_flops_per_token']:.3g} | {fmt(r['final_eval_loss'])} | "
+            f"{fmt(r['best_eval_loss'])} | {r['seconds']} |"
+        )
+    lines += [
+        "",
+        "| context | forward FLOPs / token | with 2x heads | added | attention share |",
+        "|---|---|---|---|---|",
+    ]
     for c, v in sorted(summary["flops_added"].items(), key=lambda kv: int(kv[0])):
-        lines.append(f"| {int(c):,} | {v['flops']:.3g} | {v['flops_doubled']:.3g} | "
-                     f"+{v['added_pct']:.1f}% | {v['attention_share_pct']:.1f}% |")
+        lines.append(
+            f"| {int(c):,} | {v['flops']:.3g} | {v['flops_doubled']:.3g} | "
+            f"+{v['added_pct']:.1f}% | {v['attention_share_pct']:.1f}% |"
+        )
     lines += ["", "## Reading"]
     gain = summary["loss_gain_pct"]
     if gain is not None:
         far = summary["flops_added"][max(summary["flops_added"], key=int)]
-        lines.append(f"- Doubling the heads changed the final eval loss by {gain:+.2f}% "
-                     f"(positive: lower with 2x heads) for +{far['added_pct']:.0f}% inference FLOPs "
-                     f"per token at a {int(max(summary['flops_added'], key=int)):,}-token context. "
-                     "The K2 report: 0.5-1.2% lower loss for +83% FLOPs at 128K (64 -> 128 heads).")
-    lines.append(f"- The same FLOPs count applied to the K2 config (64 -> 128 heads at 128K) gives "
-                 f"+{summary['k2_flops_added_pct_128k']:.0f}%, against the report's +83%.")
-    lines.append("- One seed and a short run of a small model: loss differences under about 1% are "
-                 "within run-to-run noise at this scale.")
+        lines.append(
+            f"- Doubling the heads changed the final eval loss by {gain:+.2f}% "
+            f"(positive: lower with 2x heads) for +{far['added_pct']:.0f}% inference FLOPs "
+            f"per token at a {int(max(summary['flops_added'], key=int)):,}-token context. "
+            "The K2 report: 0.5-1.2% lower loss for +83% FLOPs at 128K (64 -> 128 heads)."
+        )
+    lines.append(
+        f"- The same FLOPs count applied to the K2 config (64 -> 128 heads at 128K) gives "
+        f"+{summary['k2_flops_added_pct_128k']:.0f}%, against the report's +83%."
+    )
+    lines.append(
+        "- One seed and a short run of a small model: loss differences under about 1% are "
+        "within run-to-run noise at this scale."
+    )
     if png:
         lines += ["", f"![heads]({png.name})"]
     return "\n".join(lines) + "\n"

@@ -45,9 +45,14 @@ EVALS = 12
 EVAL_BATCHES = 8  # 32 sequences: the whole val split of the built-in corpus
 
 
-def sparsity_experiment(out: Path, scale: float, overrides: list[str], preset: str = "tiny",
-                        experts: tuple[int, ...] = EXPERTS,
-                        echo: Callable[[str], None] | None = print) -> dict[str, Any]:
+def sparsity_experiment(
+    out: Path,
+    scale: float,
+    overrides: list[str],
+    preset: str = "tiny",
+    experts: tuple[int, ...] = EXPERTS,
+    echo: Callable[[str], None] | None = print,
+) -> dict[str, Any]:
     """Arms at `experts` routed experts, equal active parameters and tokens; FLOPs to a common
     validation loss, and their ratios."""
     from k2_core.configio import load_config
@@ -59,15 +64,37 @@ def sparsity_experiment(out: Path, scale: float, overrides: list[str], preset: s
         raise ConfigError(f"sparsity: experts must be 2 or more distinct counts, got {experts}")
     steps = scaled_steps(STEPS, scale)
     uri = tracking_uri(out, overrides)
-    base = [*base_overrides("sparsity", steps, uri, evals=EVALS, eval_batches=EVAL_BATCHES),
-            *SPARSITY_MODEL, *overrides]
-    arms = [Arm(f"experts={e}", [*base, f"moe.n_routed_experts={e}", f"name=sparsity-experts{e}",
-                                 f"checkpoint.dir={arm_dir(out, f'experts={e}')}"])
-            for e in sorted(experts)]
+    base = [
+        *base_overrides("sparsity", steps, uri, evals=EVALS, eval_batches=EVAL_BATCHES),
+        *SPARSITY_MODEL,
+        *overrides,
+    ]
+    arms = [
+        Arm(
+            f"experts={e}",
+            [
+                *base,
+                f"moe.n_routed_experts={e}",
+                f"name=sparsity-experts{e}",
+                f"checkpoint.dir={arm_dir(out, f'experts={e}')}",
+            ],
+        )
+        for e in sorted(experts)
+    ]
     cfgs = {a.label: load_config(preset, a.overrides) for a in arms}  # bad overrides fail here
-    parent = ParentRun(uri, experiment_name("sparsity"), out, "sparsity",
-                        {"scale": scale, "steps": steps, "experts": list(experts), "preset": preset,
-                         "overrides": " ".join([*SPARSITY_MODEL, *overrides])})
+    parent = ParentRun(
+        uri,
+        experiment_name("sparsity"),
+        out,
+        "sparsity",
+        {
+            "scale": scale,
+            "steps": steps,
+            "experts": list(experts),
+            "preset": preset,
+            "overrides": " ".join([*SPARSITY_MODEL, *overrides]),
+        },
+    )
     status = "FAILED"
     try:
         status = run_arms(arms, parent, preset, echo)
@@ -80,25 +107,42 @@ def sparsity_experiment(out: Path, scale: float, overrides: list[str], preset: s
             fpt = train_flops_per_token(c.model, c.moe, c.data.seq_len)
             steps_x, losses = series(a, "eval/loss")
             rows[a.label] = {
-                "experts": c.moe.n_routed_experts, "top_k": c.moe.num_experts_per_tok,
+                "experts": c.moe.n_routed_experts,
+                "top_k": c.moe.num_experts_per_tok,
                 "sparsity": c.moe.n_routed_experts / c.moe.num_experts_per_tok,
                 "train_flops_per_token": fpt,
-                "flops": [s * a.tokens_per_step * fpt for s in steps_x], "eval_loss": losses,
+                "flops": [s * a.tokens_per_step * fpt for s in steps_x],
+                "eval_loss": losses,
                 "final_eval_loss": losses[-1] if losses else None,
                 "best_eval_loss": min(losses) if losses else None,
-                "seconds": round(a.seconds, 1), "mlflow_run_id": a.summary.get("tracking_run_id"),
+                "seconds": round(a.seconds, 1),
+                "mlflow_run_id": a.summary.get("tracking_run_id"),
             }
         summary = summarize_sparsity(rows)
         png, report = conclude(
-            out, parent, status, _metrics(rows, summary),
+            out,
+            parent,
+            status,
+            _metrics(rows, summary),
             plot=lambda: _plot(out / "sparsity.png", rows, summary),
-            report=lambda png: _report(rows, summary, steps, arms, preset, overrides, png))
-    return {"experiment": "sparsity", "out_dir": str(out), "png": str(png) if png else None,
-            "report": str(report), "tracking_uri": uri, "mlflow_experiment": experiment_name("sparsity"),
-            "parent_run_id": parent.run_id, "steps": steps,
-            "tokens_per_run": steps * arms[0].tokens_per_step, **summary,
-            "arms": {k: {x: v for x, v in r.items() if x not in ("flops", "eval_loss")}
-                     for k, r in rows.items()}}
+            report=lambda png: _report(rows, summary, steps, arms, preset, overrides, png),
+        )
+    return {
+        "experiment": "sparsity",
+        "out_dir": str(out),
+        "png": str(png) if png else None,
+        "report": str(report),
+        "tracking_uri": uri,
+        "mlflow_experiment": experiment_name("sparsity"),
+        "parent_run_id": parent.run_id,
+        "steps": steps,
+        "tokens_per_run": steps * arms[0].tokens_per_step,
+        **summary,
+        "arms": {
+            k: {x: v for x, v in r.items() if x not in ("flops", "eval_loss")}
+            for k, r in rows.items()
+        },
+    }
 
 
 def summarize_sparsity(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -106,8 +150,12 @@ def summarize_sparsity(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     the most sparse arm)."""
     best = [r["best_eval_loss"] for r in rows.values() if r["best_eval_loss"] is not None]
     if not best:
-        return {"common_loss": None, "flops_to_common_loss": {}, "ratio_vs_least_sparse": {},
-                "most_sparse_advantage": {}}
+        return {
+            "common_loss": None,
+            "flops_to_common_loss": {},
+            "ratio_vs_least_sparse": {},
+            "most_sparse_advantage": {},
+        }
     target = max(best)
     reach = {k: first_reach(r["flops"], r["eval_loss"], target) for k, r in rows.items()}
     by_sparsity = sorted(rows, key=lambda k: rows[k]["sparsity"])
@@ -115,9 +163,14 @@ def summarize_sparsity(rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
     ratio = {k: reach[least] / f for k, f in reach.items() if f and reach[least]}
     # The report's form: how many times more FLOPs each sparsity needs than the sparsest one.
     adv = {k: f / reach[most] for k, f in reach.items() if f and reach[most] and k != most}
-    return {"common_loss": target, "flops_to_common_loss": reach,
-            "ratio_vs_least_sparse": ratio, "most_sparse_advantage": adv,
-            "least_sparse": least, "most_sparse": most}
+    return {
+        "common_loss": target,
+        "flops_to_common_loss": reach,
+        "ratio_vs_least_sparse": ratio,
+        "most_sparse_advantage": adv,
+        "least_sparse": least,
+        "most_sparse": most,
+    }
 
 
 def _metrics(rows: dict[str, dict[str, Any]], summary: dict[str, Any]) -> dict[str, float]:
@@ -141,28 +194,50 @@ def _plot(path: Path, rows: dict[str, dict[str, Any]], summary: dict[str, Any]) 
         keys = sorted(rows, key=lambda k: rows[k]["sparsity"])
         for i, k in enumerate(keys):
             r = rows[k]
-            a1.plot(r["flops"], r["eval_loss"], "o-", ms=3, color=cmap(0.85 * i / max(1, len(keys) - 1)),
-                    label=f"{k} (sparsity {r['sparsity']:g})")
+            a1.plot(
+                r["flops"],
+                r["eval_loss"],
+                "o-",
+                ms=3,
+                color=cmap(0.85 * i / max(1, len(keys) - 1)),
+                label=f"{k} (sparsity {r['sparsity']:g})",
+            )
         if summary["common_loss"] is not None:
-            a1.axhline(summary["common_loss"], ls="--", color="gray",
-                       label=f"common loss {summary['common_loss']:.3f}")
+            a1.axhline(
+                summary["common_loss"],
+                ls="--",
+                color="gray",
+                label=f"common loss {summary['common_loss']:.3f}",
+            )
         a1.set(xlabel="training FLOPs", ylabel="validation loss", title="validation loss vs FLOPs")
         reach = summary["flops_to_common_loss"]
         xs = [rows[k]["sparsity"] for k in keys if reach.get(k)]
         ys = [reach[k] for k in keys if reach.get(k)]
-        a2.bar([str(int(x)) if float(x).is_integer() else f"{x:g}" for x in xs], ys, color="tab:blue")
+        a2.bar(
+            [str(int(x)) if float(x).is_integer() else f"{x:g}" for x in xs], ys, color="tab:blue"
+        )
         for i, k in enumerate(k for k in keys if reach.get(k)):
             adv = summary["most_sparse_advantage"].get(k)
             a2.annotate(f"{adv:.2f}x" if adv else "1x", (i, ys[i]), ha="center", va="bottom")
-        a2.set(xlabel="sparsity (experts / top-k)", ylabel="FLOPs to reach the common loss",
-               title="FLOPs to the common loss (x: vs the sparsest)")
+        a2.set(
+            xlabel="sparsity (experts / top-k)",
+            ylabel="FLOPs to reach the common loss",
+            title="FLOPs to the common loss (x: vs the sparsest)",
+        )
         a1.legend()
 
     return save_plot(path, draw)
 
 
-def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int, arms: list[Arm],
-            preset: str, overrides: list[str], png: Path | None) -> str:
+def _report(
+    rows: dict[str, dict[str, Any]],
+    summary: dict[str, Any],
+    steps: int,
+    arms: list[Arm],
+    preset: str,
+    overrides: list[str],
+    png: Path | None,
+) -> str:
     tps = arms[0].tokens_per_step
     reach = summary["flops_to_common_loss"]
     lines = [
@@ -180,26 +255,40 @@ def _report(rows: dict[str, dict[str, Any]], summary: dict[str, Any], steps: int
     for k in sorted(rows, key=lambda k: rows[k]["sparsity"]):
         r = rows[k]
         f = reach.get(k)
-        adv = summary["most_sparse_advantage"].get(k, 1.0 if k == summary.get("most_sparse") else None)
-        lines.append(f"| {k} | {r['sparsity']:g} | {r['train_flops_per_token']:.3g} | "
-                     f"{fmt(r['final_eval_loss'])} | {fmt(r['best_eval_loss'])} | "
-                     f"{f'{f:.3g}' if f else '-'} | {fmt(adv, 2)} | {r['seconds']} |")
+        adv = summary["most_sparse_advantage"].get(
+            k, 1.0 if k == summary.get("most_sparse") else None
+        )
+        lines.append(
+            f"| {k} | {r['sparsity']:g} | {r['train_flops_per_token']:.3g} | "
+            f"{fmt(r['final_eval_loss'])} | {fmt(r['best_eval_loss'])} | "
+            f"{f'{f:.3g}' if f else '-'} | {fmt(adv, 2)} | {r['seconds']} |"
+        )
     lines += ["", "## Reading"]
     if summary["common_loss"] is not None:
         most = summary["most_sparse"]
         lines.append(f"- Common loss (the worst arm's best): {summary['common_loss']:.3f}.")
         adv = summary["most_sparse_advantage"]
         if adv:
-            parts = ", ".join(f"{adv[k]:.2f}x ({k})" for k in sorted(adv, key=lambda k: rows[k]["sparsity"]))
-            lines.append(f"- FLOPs each arm needs to reach it, relative to the sparsest ({most}): "
-                         f"{parts}. The K2 report: 1.69x / 1.39x / 1.15x for sparsity 8 / 16 / 32 "
-                         "against 48.")
-        finals = {k: r["final_eval_loss"] for k, r in rows.items() if r["final_eval_loss"] is not None}
+            parts = ", ".join(
+                f"{adv[k]:.2f}x ({k})" for k in sorted(adv, key=lambda k: rows[k]["sparsity"])
+            )
+            lines.append(
+                f"- FLOPs each arm needs to reach it, relative to the sparsest ({most}): "
+                f"{parts}. The K2 report: 1.69x / 1.39x / 1.15x for sparsity 8 / 16 / 32 "
+                "against 48."
+            )
+        finals = {
+            k: r["final_eval_loss"] for k, r in rows.items() if r["final_eval_loss"] is not None
+        }
         if finals:
             lo, hi = min(finals, key=finals.get), max(finals, key=finals.get)
-            lines.append(f"- Final eval loss from {finals[lo]:.3f} ({lo}) to {finals[hi]:.3f} ({hi}).")
-        lines.append("- One seed, a small model and a short run: differences of a few hundredths "
-                     "in loss are within run-to-run noise at this scale.")
+            lines.append(
+                f"- Final eval loss from {finals[lo]:.3f} ({lo}) to {finals[hi]:.3f} ({hi})."
+            )
+        lines.append(
+            "- One seed, a small model and a short run: differences of a few hundredths "
+            "in loss are within run-to-run noise at this scale."
+        )
     if png:
         lines += ["", f"![sparsity]({png.name})"]
     return "\n".join(lines) + "\n"

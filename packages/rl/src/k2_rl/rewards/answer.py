@@ -7,8 +7,9 @@ import threading
 from fractions import Fraction
 
 _HASH_RE = re.compile(r"####\s*([^\n]+)")
-_LINE_RE = re.compile(r"^\s*\**\s*(?:final\s+)?answer\s*\**\s*[:=]\s*(.+?)\s*$",
-                      re.IGNORECASE | re.MULTILINE)
+_LINE_RE = re.compile(
+    r"^\s*\**\s*(?:final\s+)?answer\s*\**\s*[:=]\s*(.+?)\s*$", re.IGNORECASE | re.MULTILINE
+)
 _IS_RE = re.compile(r"answer\s+is\s*[:=]?\s*(.+?)(?:\n|$)", re.IGNORECASE)
 _NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
 
@@ -23,7 +24,7 @@ def boxed(text: str) -> str | None:
     while j < len(text) and depth:
         depth += {"{": 1, "}": -1}.get(text[j], 0)
         j += 1
-    return text[i:j - 1].strip() if depth == 0 else None
+    return text[i : j - 1].strip() if depth == 0 else None
 
 
 def _clean(ans: str) -> str:
@@ -110,8 +111,9 @@ def math_verify_equal(gold: str, pred: str, timeout_s: int = 5) -> bool | None:
         return None
 
 
-def answers_equal(gold: str, pred: str, *, use_math_verify: bool = True,
-                  timeout_s: int = 5) -> bool:
+def answers_equal(
+    gold: str, pred: str, *, use_math_verify: bool = True, timeout_s: int = 5
+) -> bool:
     """True when `pred` states the same value as `gold` (exact, numeric, math-verify, sympy)."""
     if _plain(gold) == _plain(pred):
         return True

@@ -37,6 +37,8 @@ class Reward(ABC):
 def require(prompt: Mapping[str, Any], key: str, reward: str) -> Any:
     """The field `key` of a task record, or a ConfigError naming it."""
     if key not in prompt:
-        raise ConfigError(f"task record for reward {reward!r} has no {key!r} field; "
-                          f"give each record a {key!r} (it has: {', '.join(sorted(prompt))})")
+        raise ConfigError(
+            f"task record for reward {reward!r} has no {key!r} field; "
+            f"give each record a {key!r} (it has: {', '.join(sorted(prompt))})"
+        )
     return prompt[key]

@@ -33,7 +33,9 @@ MAX_ROUNDS = 32  # test-driver rounds (one per call a test makes that no earlier
 
 # Reads the calls from stdin, loads solution.py under the name "solution" (so a __main__
 # block stays quiet), answers each call with an encoded result, error or missing name.
-ANSWER_DRIVER = _PLAIN_SOURCE + '''
+ANSWER_DRIVER = (
+    _PLAIN_SOURCE
+    + """
 import os as _os, sys as _sys
 
 
@@ -73,11 +75,14 @@ def _k2_answer():
 
 
 _sys.exit(_k2_answer())
-'''
+"""
+)
 
 # Runs the tests that are not pairs, with the solution's names bound to proxies answering
 # from the memo; never sees the solution's code.
-TEST_DRIVER = _PLAIN_SOURCE + '''
+TEST_DRIVER = (
+    _PLAIN_SOURCE
+    + '''
 import os as _os, sys as _sys
 
 
@@ -127,6 +132,7 @@ def _k2_tests():
 
 _k2_tests()
 '''
+)
 
 
 @dataclass(frozen=True)
@@ -149,8 +155,18 @@ class TestPlan:
     names: list[str]  # the solution's names the test code uses (proxied in the test driver)
 
 
-_OPS = {ast.Eq: "==", ast.NotEq: "!=", ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=",
-        ast.In: "in", ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
+_OPS = {
+    ast.Eq: "==",
+    ast.NotEq: "!=",
+    ast.Lt: "<",
+    ast.LtE: "<=",
+    ast.Gt: ">",
+    ast.GtE: ">=",
+    ast.In: "in",
+    ast.NotIn: "not in",
+    ast.Is: "is",
+    ast.IsNot: "is not",
+}
 _MISSING = object()
 
 
@@ -179,8 +195,9 @@ def _bound_names(trees: list[ast.Module]) -> set[str]:
 
 def _static_call(node: ast.AST, solution: set[str]) -> str | None:
     """The memo key of `name(literal, ..., key=literal)` for a solution name, else None."""
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
-            and node.func.id in solution):
+    if not (
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in solution
+    ):
         return None
     args = [_literal(a) for a in node.args]
     if any(isinstance(a, ast.Starred) for a in node.args) or _MISSING in args:
@@ -230,8 +247,12 @@ def plan_tests(tests: list[str], entry: str | None) -> TestPlan:
             trees.append(None)  # runs in the test driver, where it fails as the old harness did
     parsed = [t for t in trees if t is not None]
     bound = _bound_names(parsed)
-    loaded = {n.id for tree in parsed for n in ast.walk(tree)
-              if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+    loaded = {
+        n.id
+        for tree in parsed
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)
+    }
     solution = {n for n in loaded if n not in bound and n not in _BUILTIN_NAMES}
     if entry:
         solution.add(entry)  # the entry point may shadow a builtin name (`sum`, `max`)
@@ -251,10 +272,18 @@ def plan_tests(tests: list[str], entry: str | None) -> TestPlan:
 
 def check_pair(pair: Pair, value: Any) -> str:
     """'pass', 'fail' or 'error T' for the answer's decoded `value` (plain data only)."""
-    ops = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
-           "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b,
-           "in": lambda a, b: a in b, "not in": lambda a, b: a not in b,
-           "is": lambda a, b: a is b, "is not": lambda a, b: a is not b}
+    ops = {
+        "==": lambda a, b: a == b,
+        "!=": lambda a, b: a != b,
+        "<": lambda a, b: a < b,
+        "<=": lambda a, b: a <= b,
+        ">": lambda a, b: a > b,
+        ">=": lambda a, b: a >= b,
+        "in": lambda a, b: a in b,
+        "not in": lambda a, b: a not in b,
+        "is": lambda a, b: a is b,
+        "is not": lambda a, b: a is not b,
+    }
     try:
         if pair.op == "truthy":
             ok = bool(value)
@@ -309,8 +338,12 @@ def parse_answer(stdout: str, n_calls: int) -> AnswerRun:
                 run.corrupt = "the result count does not match the calls"
                 break
             run.done = True
-        elif (len(rec) == 2 and rec.get("i") == len(run.results) and type(rec["i"]) is int
-              and rec["i"] < n_calls):
+        elif (
+            len(rec) == 2
+            and rec.get("i") == len(run.results)
+            and type(rec["i"]) is int
+            and rec["i"] < n_calls
+        ):
             kind = next(k for k in rec if k != "i")
             if kind == "ok":
                 try:
@@ -329,11 +362,14 @@ def parse_answer(stdout: str, n_calls: int) -> AnswerRun:
     return run
 
 
-def tests_stdin(tests: list[str], code_tests: list[int], names: list[str],
-                memo: dict[str, tuple[str, Any]]) -> str:
+def tests_stdin(
+    tests: list[str], code_tests: list[int], names: list[str], memo: dict[str, tuple[str, Any]]
+) -> str:
     """The test driver's stdin: its tests, the proxied names and the memo (values encoded)."""
-    enc = {k: ["ok", plain.encode(v)] if kind == "ok" else [kind, str(v)]
-           for k, (kind, v) in memo.items()}
+    enc = {
+        k: ["ok", plain.encode(v)] if kind == "ok" else [kind, str(v)]
+        for k, (kind, v) in memo.items()
+    }
     return plain.encode({"tests": [tests[i] for i in code_tests], "names": names, "memo": enc})
 
 

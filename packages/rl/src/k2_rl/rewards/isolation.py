@@ -32,7 +32,8 @@ def sandbox_protections(rewards: Mapping[str, Reward], *, allow_weak_isolation: 
                 f"plugins.rl.tasks.{task}.reward_options.sandbox.isolation: "
                 f"{limits.isolation!r} would run model-written code without {', '.join(missing)} "
                 "(a loopback socket connects, host files are readable); use 'namespaces' (needs "
-                "root and util-linux unshare) or set plugins.rl.allow_weak_isolation=true")
+                "root and util-linux unshare) or set plugins.rl.allow_weak_isolation=true"
+            )
         found.append(f"{task}: {','.join(prot)}")
     return "; ".join(found)
 

@@ -9,18 +9,27 @@ import unicodedata
 _STOPWORDS = {
     "en": "the and of to is that it was for with as are this have be not you they which".split(),
     "fr": "le les des est une dans que pour pas qui sur avec sont cette nous vous mais "
-          "être".split(),
-    "de": "der die das und ist nicht ein eine ich mit sich auf für dem den auch wird "
-          "sind".split(),
+    "être".split(),
+    "de": "der die das und ist nicht ein eine ich mit sich auf für dem den auch wird sind".split(),
     "es": "el los las es una por que del con para como pero más está son muy sus".split(),
     "it": "il gli della che è per una sono con non del nella anche questo più alla".split(),
     "pt": "os uma não que com para por dos das mais foi está são também pelo muito".split(),
     "nl": "het een van en is dat niet zijn op voor met ook wordt maar dit aan".split(),
 }
 _STOPSETS = {lang: frozenset(words) for lang, words in _STOPWORDS.items()}
-_SCRIPTS = (("CJK", "han"), ("HIRAGANA", "kana"), ("KATAKANA", "kana"), ("HANGUL", "ko"),
-            ("CYRILLIC", "ru"), ("GREEK", "el"), ("ARABIC", "ar"), ("HEBREW", "he"),
-            ("DEVANAGARI", "hi"), ("THAI", "th"), ("LATIN", "latin"))
+_SCRIPTS = (
+    ("CJK", "han"),
+    ("HIRAGANA", "kana"),
+    ("KATAKANA", "kana"),
+    ("HANGUL", "ko"),
+    ("CYRILLIC", "ru"),
+    ("GREEK", "el"),
+    ("ARABIC", "ar"),
+    ("HEBREW", "he"),
+    ("DEVANAGARI", "hi"),
+    ("THAI", "th"),
+    ("LATIN", "latin"),
+)
 _WORD_RE = re.compile(r"[^\W\d_]+", re.UNICODE)
 
 

@@ -27,8 +27,7 @@ class MathReward(Reward):
             got = extract_answer(text, last_number=o.last_number_fallback)
             if got is None:
                 out.append(RewardResult(o.no_answer_score, "no_answer", detail="no final answer"))
-            elif answers_equal(gold, got, use_math_verify=o.use_math_verify,
-                               timeout_s=o.timeout_s):
+            elif answers_equal(gold, got, use_math_verify=o.use_math_verify, timeout_s=o.timeout_s):
                 out.append(RewardResult(o.correct_score, "pass", detail=got))
             else:
                 out.append(RewardResult(o.wrong_score, "wrong", detail=f"{got} != {gold}"))

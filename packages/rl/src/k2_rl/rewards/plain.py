@@ -36,8 +36,11 @@ def _enc(x, depth):
     if issubclass(t, float):
         return ["f", float.hex(float.__float__(x))]
     if issubclass(t, complex):
-        return ["c", float.hex(complex.__getattribute__(x, "real")),
-                float.hex(complex.__getattribute__(x, "imag"))]
+        return [
+            "c",
+            float.hex(complex.__getattribute__(x, "real")),
+            float.hex(complex.__getattribute__(x, "imag")),
+        ]
     if issubclass(t, str):
         return ["s", str.__str__(x)]
     if issubclass(t, bytes):
@@ -53,8 +56,13 @@ def _enc(x, depth):
     if issubclass(t, set):
         return ["S", [_enc(v, depth + 1) for v in set.__iter__(x)]]
     if issubclass(t, dict):
-        return ["d", [[_enc(k, depth + 1), _enc(dict.__getitem__(x, k), depth + 1)]
-                      for k in dict.__iter__(x)]]
+        return [
+            "d",
+            [
+                [_enc(k, depth + 1), _enc(dict.__getitem__(x, k), depth + 1)]
+                for k in dict.__iter__(x)
+            ],
+        ]
     raise PlainDataError(f"a {t.__name__} is not plain data")
 
 

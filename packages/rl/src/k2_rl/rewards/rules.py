@@ -144,7 +144,8 @@ class JsonRule(_Rule):
 
     kind: Literal["json"] = Field(description="Rule kind.")
     required_keys: list[str] = Field(
-        default_factory=list, description="Keys the top-level JSON object must have.")
+        default_factory=list, description="Keys the top-level JSON object must have."
+    )
     allow_fence: bool = Field(True, description="Accept JSON wrapped in a ``` fence.")
 
     def check(self, text: str) -> tuple[bool, str]:
@@ -190,8 +191,17 @@ class CaseRule(_Rule):
 
 
 Rule = Annotated[
-    WordsRule | CharsRule | BulletsRule | ParagraphsRule | StartsWithRule | EndsWithRule
-    | IncludeRule | ExcludeRule | JsonRule | LanguageRule | CaseRule,
+    WordsRule
+    | CharsRule
+    | BulletsRule
+    | ParagraphsRule
+    | StartsWithRule
+    | EndsWithRule
+    | IncludeRule
+    | ExcludeRule
+    | JsonRule
+    | LanguageRule
+    | CaseRule,
     Field(discriminator="kind"),
 ]
 _RULES = TypeAdapter(list[Rule])
@@ -204,6 +214,8 @@ def parse_rules(rules: Any) -> list[_Rule]:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(p) for p in err["loc"])
-        raise ConfigError(f"task rules.{where}: {err['msg']}; kinds: words, chars, bullets, "
-                          "paragraphs, starts_with, ends_with, include, exclude, json, "
-                          "language, case") from None
+        raise ConfigError(
+            f"task rules.{where}: {err['msg']}; kinds: words, chars, bullets, "
+            "paragraphs, starts_with, ends_with, include, exclude, json, "
+            "language, case"
+        ) from None

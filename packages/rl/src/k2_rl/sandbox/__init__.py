@@ -4,5 +4,11 @@ from .limits import SandboxLimits
 from .result import OUTCOMES, SandboxResult
 from .runner import capabilities, protections, run_python
 
-__all__ = ["OUTCOMES", "SandboxLimits", "SandboxResult", "capabilities", "protections",
-           "run_python"]
+__all__ = [
+    "OUTCOMES",
+    "SandboxLimits",
+    "SandboxResult",
+    "capabilities",
+    "protections",
+    "run_python",
+]

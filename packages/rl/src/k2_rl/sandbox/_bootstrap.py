@@ -26,9 +26,14 @@ ST_RELATIME = 4096  # statvfs's bit for relatime differs from the mount flag
 MNT_DETACH = 2
 PR_SET_NO_NEW_PRIVS, PR_SET_PDEATHSIG = 38, 1
 _PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "arm64": 41}  # no glibc wrapper: raw syscall
-_LIMITS = {"cpu": resource.RLIMIT_CPU, "as": resource.RLIMIT_AS,
-           "nproc": resource.RLIMIT_NPROC, "fsize": resource.RLIMIT_FSIZE,
-           "nofile": resource.RLIMIT_NOFILE, "core": resource.RLIMIT_CORE}
+_LIMITS = {
+    "cpu": resource.RLIMIT_CPU,
+    "as": resource.RLIMIT_AS,
+    "nproc": resource.RLIMIT_NPROC,
+    "fsize": resource.RLIMIT_FSIZE,
+    "nofile": resource.RLIMIT_NOFILE,
+    "core": resource.RLIMIT_CORE,
+}
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
 _libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
@@ -41,6 +46,7 @@ def _say(fd, **msg):
 def _mount(src, dst, fstype, flags, data=None):
     def b(s):
         return s.encode() if isinstance(s, str) else s
+
     if _libc.mount(b(src), b(dst), b(fstype), flags, b(data)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"mount {dst!r}: {os.strerror(err)}")
@@ -79,11 +85,20 @@ def new_root(cfg, files):
     # pivot, and the mount lives on through its binds below
     scratch = root + "/.scratch"
     os.makedirs(scratch)
-    _mount("tmpfs", scratch, "tmpfs", MS_NOSUID | MS_NODEV,
-           f"size={cfg['disk_mb']}m,mode=700,nr_inodes=16384")
+    _mount(
+        "tmpfs",
+        scratch,
+        "tmpfs",
+        MS_NOSUID | MS_NODEV,
+        f"size={cfg['disk_mb']}m,mode=700,nr_inodes=16384",
+    )
     uid = cfg["uid"]
-    for name, where, mode in (("work", cfg["workdir"], 0o700), ("tmp", "/tmp", 0o700),
-                              ("shm", "/dev/shm", 0o700), ("run", "/run", 0o755)):
+    for name, where, mode in (
+        ("work", cfg["workdir"], 0o700),
+        ("tmp", "/tmp", 0o700),
+        ("shm", "/dev/shm", 0o700),
+        ("run", "/run", 0o755),
+    ):
         os.makedirs(f"{scratch}/{name}", mode=mode)
         if uid is not None and name != "run":  # /run stays root's: empty and not writable
             os.chown(f"{scratch}/{name}", uid, uid)
@@ -207,9 +222,14 @@ def main():
         return 3
     sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
     code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else -sig
-    _say(status_fd, returncode=code, signal=sig, cpu_s=usage.ru_utime + usage.ru_stime,
-         max_rss_kb=usage.ru_maxrss,
-         disk_full=cfg["new_root"] and _disk_full(cfg["workdir"]))
+    _say(
+        status_fd,
+        returncode=code,
+        signal=sig,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        max_rss_kb=usage.ru_maxrss,
+        disk_full=cfg["new_root"] and _disk_full(cfg["workdir"]),
+    )
     return 0
 
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-OUTCOMES = ("ok", "runtime_error", "timeout", "memory_limit", "output_limit", "disk_limit",
-            "sandbox_error")
+OUTCOMES = (
+    "ok",
+    "runtime_error",
+    "timeout",
+    "memory_limit",
+    "output_limit",
+    "disk_limit",
+    "sandbox_error",
+)
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,16 @@ from .limits import SandboxLimits
 from .result import SandboxResult
 
 _BOOTSTRAP = str(Path(__file__).with_name("_bootstrap.py"))
-_UNSHARE_FLAGS = ("--net", "--pid", "--ipc", "--uts", "--mount", "--fork", "--kill-child",
-                  "--mount-proc")
+_UNSHARE_FLAGS = (
+    "--net",
+    "--pid",
+    "--ipc",
+    "--uts",
+    "--mount",
+    "--fork",
+    "--kill-child",
+    "--mount-proc",
+)
 _MAIN = "main.py"
 WORKDIR = "/sandbox"  # the work folder inside the new root
 _DEVICES = ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom")
@@ -55,8 +63,13 @@ def capabilities() -> Capabilities:
     path = shutil.which("unshare")
     if path and root:
         try:
-            probe = subprocess.run([path, *_UNSHARE_FLAGS, "true"], env={}, timeout=10,
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            probe = subprocess.run(
+                [path, *_UNSHARE_FLAGS, "true"],
+                env={},
+                timeout=10,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             path = path if probe.returncode == 0 else None
         except (OSError, subprocess.TimeoutExpired):
             path = None
@@ -70,13 +83,31 @@ def protections(limits: SandboxLimits | None = None) -> tuple[str, ...]:
     limits = limits or SandboxLimits()
     caps = capabilities()
     namespaces = caps.unshare is not None and limits.isolation != "rlimits"
-    out = ["process_group", "wall_timeout", "output_cap", "empty_env", "isolated_python",
-           "temp_workdir", "rlimit_cpu", "rlimit_as", "rlimit_fsize", "rlimit_nofile"]
+    out = [
+        "process_group",
+        "wall_timeout",
+        "output_cap",
+        "empty_env",
+        "isolated_python",
+        "temp_workdir",
+        "rlimit_cpu",
+        "rlimit_as",
+        "rlimit_fsize",
+        "rlimit_nofile",
+    ]
     if caps.root:
         out += ["unprivileged_user", "no_new_privs", "rlimit_nproc", "uid_sweep"]
     if namespaces:
-        out += ["net_namespace", "pid_namespace", "mount_namespace", "ipc_namespace",
-                "readonly_fs", "private_root", "private_tmp", "disk_cap"]
+        out += [
+            "net_namespace",
+            "pid_namespace",
+            "mount_namespace",
+            "ipc_namespace",
+            "readonly_fs",
+            "private_root",
+            "private_tmp",
+            "disk_cap",
+        ]
     return tuple(sorted(out))
 
 
@@ -207,8 +238,9 @@ def _probe_interpreter(limits: SandboxLimits) -> _Interpreter | None:
             continue
         cand = os.path.realpath(cand)  # a venv's python is a link: run what it points to
         try:
-            want = subprocess.run([cand, "-I", "-S", "-c", probe], capture_output=True, text=True,
-                                  timeout=10, env={}).stdout.strip()
+            want = subprocess.run(
+                [cand, "-I", "-S", "-c", probe], capture_output=True, text=True, timeout=10, env={}
+            ).stdout.strip()
         except (OSError, subprocess.TimeoutExpired):
             continue
         if not want or not os.path.isdir(want):
@@ -221,19 +253,37 @@ def _probe_interpreter(limits: SandboxLimits) -> _Interpreter | None:
     return None
 
 
-def run_python(code: str, stdin: str | bytes | None = None, *,
-               limits: SandboxLimits | None = None,
-               files: Mapping[str, str | bytes] | None = None) -> SandboxResult:
+def run_python(
+    code: str,
+    stdin: str | bytes | None = None,
+    *,
+    limits: SandboxLimits | None = None,
+    files: Mapping[str, str | bytes] | None = None,
+) -> SandboxResult:
     """Run `code` as main.py in a fresh sandbox (extra `files` beside it); never raises for it."""
     limits = limits or SandboxLimits()
     if limits.isolation == "namespaces" and capabilities().unshare is None:
-        return SandboxResult("sandbox_error", None, "", "", 0.0, protections=protections(limits),
-                             error="isolation='namespaces' but unshare is unavailable "
-                                   "(needs root and util-linux unshare)")
+        return SandboxResult(
+            "sandbox_error",
+            None,
+            "",
+            "",
+            0.0,
+            protections=protections(limits),
+            error="isolation='namespaces' but unshare is unavailable "
+            "(needs root and util-linux unshare)",
+        )
     interp = _interpreter(limits)
     if interp is None:
-        return SandboxResult("sandbox_error", None, "", "", 0.0, protections=protections(limits),
-                             error="no interpreter the sandbox user can run; set python=")
+        return SandboxResult(
+            "sandbox_error",
+            None,
+            "",
+            "",
+            0.0,
+            protections=protections(limits),
+            error="no interpreter the sandbox user can run; set python=",
+        )
     return _run(code, stdin, limits, files or {}, interp)
 
 
@@ -285,8 +335,13 @@ def _remove_mount_point(path: str) -> None:
         pass
 
 
-def _run(code: str, stdin: str | bytes | None, limits: SandboxLimits,
-         files: Mapping[str, str | bytes], interp: _Interpreter) -> SandboxResult:
+def _run(
+    code: str,
+    stdin: str | bytes | None,
+    limits: SandboxLimits,
+    files: Mapping[str, str | bytes],
+    interp: _Interpreter,
+) -> SandboxResult:
     caps = capabilities()
     namespaces = caps.unshare is not None and limits.isolation != "rlimits"
     prot = protections(limits)
@@ -301,17 +356,29 @@ def _run(code: str, stdin: str | bytes | None, limits: SandboxLimits,
             try:
                 workdir = _write_workdir(limits, checked, uid)
             except OSError as e:
-                return SandboxResult("sandbox_error", None, "", "", time.monotonic() - start,
-                                     protections=prot, uid=uid,
-                                     error=f"cannot write the working folder: {e}")
+                return SandboxResult(
+                    "sandbox_error",
+                    None,
+                    "",
+                    "",
+                    time.monotonic() - start,
+                    protections=prot,
+                    uid=uid,
+                    error=f"cannot write the working folder: {e}",
+                )
         try:
             res = _launch(limits, interp, workdir, checked, uid, stdin)
         finally:
             leftovers = _sweep_uid(uid)
             if workdir is not None:
                 _remove(workdir)
-    return SandboxResult(**res, wall_s=time.monotonic() - start, protections=prot, uid=uid,
-                         leftovers_killed=leftovers)
+    return SandboxResult(
+        **res,
+        wall_s=time.monotonic() - start,
+        protections=prot,
+        uid=uid,
+        leftovers_killed=leftovers,
+    )
 
 
 def _remove(workdir: str) -> None:
@@ -328,24 +395,42 @@ def _remove(workdir: str) -> None:
 
 def _rlimits(limits: SandboxLimits, uid: int | None) -> dict[str, int]:
     mib = 1 << 20
-    out = {"cpu": limits.cpu_s, "as": limits.memory_mb * mib, "fsize": limits.fsize_mb * mib,
-           "nofile": limits.nofile, "core": 0}
+    out = {
+        "cpu": limits.cpu_s,
+        "as": limits.memory_mb * mib,
+        "fsize": limits.fsize_mb * mib,
+        "nofile": limits.nofile,
+        "core": 0,
+    }
     if uid is not None:  # per-uid count: only meaningful for a uid of our own
         out["nproc"] = limits.nproc
     return out
 
 
-def _launch(limits: SandboxLimits, interp: _Interpreter, workdir: str | None,
-            files: dict[str, bytes], uid: int | None, stdin: str | bytes | None) -> dict:
+def _launch(
+    limits: SandboxLimits,
+    interp: _Interpreter,
+    workdir: str | None,
+    files: dict[str, bytes],
+    uid: int | None,
+    stdin: str | bytes | None,
+) -> dict:
     namespaces = workdir is None
     status_r, status_w = os.pipe()
     ctrl_r, ctrl_w = os.pipe()  # a byte here asks the supervisor to kill the program
     # the program's files travel to the bootstrap through this (namespaces only)
     files_file = tempfile.TemporaryFile() if namespaces else None  # noqa: SIM115 - closed below
-    cfg = {"status_fd": status_w, "ctrl_fd": ctrl_r, "new_root": namespaces,
-           "workdir": WORKDIR if namespaces else os.path.realpath(workdir),
-           "rlimits": _rlimits(limits, uid), "uid": uid, "gid": uid, "pdeathsig": True,
-           "argv": [interp.python, "-I", "-S", "-B", "-X", "utf8", _MAIN]}
+    cfg = {
+        "status_fd": status_w,
+        "ctrl_fd": ctrl_r,
+        "new_root": namespaces,
+        "workdir": WORKDIR if namespaces else os.path.realpath(workdir),
+        "rlimits": _rlimits(limits, uid),
+        "uid": uid,
+        "gid": uid,
+        "pdeathsig": True,
+        "argv": [interp.python, "-I", "-S", "-B", "-X", "utf8", _MAIN],
+    }
     pass_fds = [status_w, ctrl_r]
     if files_file is not None:
         # a line of [name, size] pairs, then the bytes: no encoding to undo on the other side
@@ -353,10 +438,14 @@ def _launch(limits: SandboxLimits, interp: _Interpreter, workdir: str | None,
         for content in files.values():
             files_file.write(content)
         files_file.seek(0)
-        cfg.update(files_fd=files_file.fileno(), root_mnt=_root_mount_point(),
-                   binds=list(interp.binds), symlinks=[list(x) for x in interp.symlinks],
-                   devices=[d for d in _DEVICES if os.path.exists(d)],
-                   disk_mb=limits.workdir_mb)
+        cfg.update(
+            files_fd=files_file.fileno(),
+            root_mnt=_root_mount_point(),
+            binds=list(interp.binds),
+            symlinks=[list(x) for x in interp.symlinks],
+            devices=[d for d in _DEVICES if os.path.exists(d)],
+            disk_mb=limits.workdir_mb,
+        )
         pass_fds.append(files_file.fileno())
     cmd = [sys.executable, "-I", "-S", _BOOTSTRAP, json.dumps(cfg)]
     if namespaces:
@@ -366,14 +455,25 @@ def _launch(limits: SandboxLimits, interp: _Interpreter, workdir: str | None,
         stdin_file.write(stdin.encode() if isinstance(stdin, str) else stdin)
         stdin_file.seek(0)
     try:
-        proc = subprocess.Popen(cmd, stdin=stdin_file, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, pass_fds=pass_fds, env={},
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdin=stdin_file,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
+            env={},
+            start_new_session=True,
+        )
     except OSError as e:
         os.close(status_r)
         os.close(ctrl_w)
-        return {"outcome": "sandbox_error", "returncode": None, "stdout": "", "stderr": "",
-                "error": f"cannot start the sandbox: {e}"}
+        return {
+            "outcome": "sandbox_error",
+            "returncode": None,
+            "stdout": "",
+            "stderr": "",
+            "error": f"cannot start the sandbox: {e}",
+        }
     finally:
         os.close(status_w)
         os.close(ctrl_r)
@@ -399,16 +499,20 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _collect(proc: subprocess.Popen, status_r: int, ctrl_w: int, limits: SandboxLimits
-             ) -> tuple[dict[str, bytearray], dict[str, bool], str]:
+def _collect(
+    proc: subprocess.Popen, status_r: int, ctrl_w: int, limits: SandboxLimits
+) -> tuple[dict[str, bytearray], dict[str, bool], str]:
     """Read stdout, stderr (each capped) and the status pipe until done, the deadline or the cap;
     a run killed at the deadline or the cap still waits briefly for its status (peak memory)."""
     cap = limits.output_bytes
     bufs = {"stdout": bytearray(), "stderr": bytearray(), "status": bytearray()}
     truncated = {"stdout": False, "stderr": False}
     sel = selectors.DefaultSelector()
-    for name, fd in (("stdout", proc.stdout.fileno()), ("stderr", proc.stderr.fileno()),
-                     ("status", status_r)):
+    for name, fd in (
+        ("stdout", proc.stdout.fileno()),
+        ("stderr", proc.stderr.fileno()),
+        ("status", status_r),
+    ):
         os.set_blocking(fd, False)
         sel.register(fd, selectors.EVENT_READ, name)
     deadline = time.monotonic() + limits.wall_s
@@ -470,8 +574,13 @@ def _await_status(sel: selectors.BaseSelector, ctrl_w: int, bufs: dict[str, byte
                 bufs["status"] += chunk
 
 
-def _classify(limits: SandboxLimits, bufs: dict[str, bytearray], truncated: dict[str, bool],
-              killed_for: str, sup_rc: int | None) -> dict:
+def _classify(
+    limits: SandboxLimits,
+    bufs: dict[str, bytearray],
+    truncated: dict[str, bool],
+    killed_for: str,
+    sup_rc: int | None,
+) -> dict:
     status: dict = {}
     for line in bufs["status"].decode(errors="replace").splitlines():
         try:
@@ -481,30 +590,49 @@ def _classify(limits: SandboxLimits, bufs: dict[str, bytearray], truncated: dict
     out = bufs["stdout"].decode(errors="replace")
     err = bufs["stderr"].decode(errors="replace")
     rc, sig = status.get("returncode"), status.get("signal", 0)
-    res = {"returncode": rc, "stdout": out, "stderr": err, "signal": sig,
-           "cpu_s": status.get("cpu_s", 0.0), "max_rss_mb": status.get("max_rss_kb", 0) / 1024,
-           "stdout_truncated": truncated["stdout"], "stderr_truncated": truncated["stderr"]}
+    res = {
+        "returncode": rc,
+        "stdout": out,
+        "stderr": err,
+        "signal": sig,
+        "cpu_s": status.get("cpu_s", 0.0),
+        "max_rss_mb": status.get("max_rss_kb", 0) / 1024,
+        "stdout_truncated": truncated["stdout"],
+        "stderr_truncated": truncated["stderr"],
+    }
     if killed_for == "timeout":
         return {**res, "outcome": "timeout", "error": f"wall clock over {limits.wall_s} s"}
     if killed_for == "output":
-        return {**res, "outcome": "output_limit",
-                "error": f"output over {limits.output_bytes} bytes"}
+        return {
+            **res,
+            "outcome": "output_limit",
+            "error": f"output over {limits.output_bytes} bytes",
+        }
     if "error" in status:
         return {**res, "outcome": "sandbox_error", "error": status["error"]}
     if rc is None:
         if sup_rc is not None and sup_rc < 0 and not capabilities().root:
             # unprivileged degraded mode: the program shares our uid and killed its supervisor
             return {**res, "outcome": "runtime_error", "error": "supervisor killed from inside"}
-        return {**res, "outcome": "sandbox_error",
-                "error": f"the sandbox supervisor ended without a status (rc {sup_rc})"}
+        return {
+            **res,
+            "outcome": "sandbox_error",
+            "error": f"the sandbox supervisor ended without a status (rc {sup_rc})",
+        }
     if sig == signal.SIGXCPU or (sig == signal.SIGKILL and res["cpu_s"] >= limits.cpu_s - 0.5):
         return {**res, "outcome": "timeout", "error": f"CPU time over {limits.cpu_s} s"}
     if rc == 0:
         return {**res, "outcome": "ok"}
     if status.get("disk_full") or "No space left on device" in err[-2000:]:
-        return {**res, "outcome": "disk_limit",
-                "error": f"work folder over {limits.workdir_mb} MiB"}
+        return {
+            **res,
+            "outcome": "disk_limit",
+            "error": f"work folder over {limits.workdir_mb} MiB",
+        }
     if "MemoryError" in err[-2000:]:
         return {**res, "outcome": "memory_limit", "error": f"memory over {limits.memory_mb} MiB"}
-    return {**res, "outcome": "runtime_error",
-            "error": f"killed by signal {sig}" if sig else f"exit status {rc}"}
+    return {
+        **res,
+        "outcome": "runtime_error",
+        "error": f"killed by signal {sig}" if sig else f"exit status {rc}",
+    }

@@ -32,8 +32,16 @@ from .client import ChatClient
 from .common import RoleGenerators
 from .toolcall import ENVELOPE_MARKERS
 
-OUTCOMES = ("success", "failure", "unjudged", "turn_limit", "token_limit", "time_limit",
-            "endpoint_error", "user_ended_early")
+OUTCOMES = (
+    "success",
+    "failure",
+    "unjudged",
+    "turn_limit",
+    "token_limit",
+    "time_limit",
+    "endpoint_error",
+    "user_ended_early",
+)
 TASKS_FILE = "agent_tasks.jsonl"
 
 
@@ -42,17 +50,27 @@ class AgentOptions(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     max_turns: int = Field(8, gt=0, description="Answers of the model under test per episode.")
-    max_tokens: int = Field(4096, gt=0, description="Completion tokens of the model under "
-                            "test per episode (the over-long-output limit).")
-    max_seconds: float = Field(300.0, gt=0, description="Wall-clock seconds per episode "
-                               "(simulated user and tools included, the judge not).")
+    max_tokens: int = Field(
+        4096,
+        gt=0,
+        description="Completion tokens of the model under "
+        "test per episode (the over-long-output limit).",
+    )
+    max_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Wall-clock seconds per episode "
+        "(simulated user and tools included, the judge not).",
+    )
     max_tokens_per_turn: int = Field(512, gt=0, description="Completion limit per answer.")
-    temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature of the model "
-                               "under test.")
+    temperature: float = Field(
+        0.0, ge=0, le=2, description="Sampling temperature of the model under test."
+    )
     seed: int = Field(0, description="Seed of the sample, the personas and every request.")
     limit: int | None = Field(None, gt=0, description="A seed-stable sample of N tasks.")
-    judge_threshold: float = Field(0.7, ge=0, le=1, description="Minimum judge score of a "
-                                   "success (with passed=true).")
+    judge_threshold: float = Field(
+        0.7, ge=0, le=1, description="Minimum judge score of a success (with passed=true)."
+    )
     timeout_s: float = Field(120.0, gt=0, description="Timeout of one request, seconds.")
 
 
@@ -90,8 +108,7 @@ def load_tasks(path: str | None) -> list[dict[str, Any]]:
     from k2_data.synth_tools import SpecError, validate_spec
 
     if path is None:
-        text = resources.files("k2_rl.evaluation.agentic").joinpath("data", TASKS_FILE) \
-            .read_text()
+        text = resources.files("k2_rl.evaluation.agentic").joinpath("data", TASKS_FILE).read_text()
         where = f"builtin tasks ({TASKS_FILE})"
     else:
         try:
@@ -145,8 +162,11 @@ def classify_call(call: Any, specs: dict[str, Any]) -> str | None:
     from jsonschema import Draft202012Validator
 
     fn = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
-            or not isinstance(fn.get("arguments"), str):
+    if (
+        not isinstance(fn, dict)
+        or not isinstance(fn.get("name"), str)
+        or not isinstance(fn.get("arguments"), str)
+    ):
         return "malformed_call"
     if fn["name"] not in specs:
         return "unknown_tool"
@@ -173,9 +193,16 @@ class EvalAgentStage:
 
     name = "eval_agent"
 
-    def __init__(self, tasks: list[dict[str, Any]], base_url: str, model: str,
-                 opts: AgentOptions, roles: dict[str, Any], api_key_env: str = "OPENAI_API_KEY",
-                 concurrency: int = 4):
+    def __init__(
+        self,
+        tasks: list[dict[str, Any]],
+        base_url: str,
+        model: str,
+        opts: AgentOptions,
+        roles: dict[str, Any],
+        api_key_env: str = "OPENAI_API_KEY",
+        concurrency: int = 4,
+    ):
         self.tasks, self.base_url, self.model = tasks, base_url, model
         self.opts, self.roles, self.api_key_env = opts, roles, api_key_env
         self.concurrency = concurrency
@@ -183,9 +210,13 @@ class EvalAgentStage:
     def identity(self) -> dict[str, Any]:
         """What decides the episodes: the model, the options, the simulators, the tasks."""
         blob = json.dumps(self.tasks, sort_keys=True).encode()
-        return {"stage": self.name, "model": self.model, "options": self.opts.model_dump(),
-                "roles": {k: v.identity() for k, v in self.roles.items()},
-                "tasks_sha256": hashlib.sha256(blob).hexdigest()}
+        return {
+            "stage": self.name,
+            "model": self.model,
+            "options": self.opts.model_dump(),
+            "roles": {k: v.identity() for k, v in self.roles.items()},
+            "tasks_sha256": hashlib.sha256(blob).hexdigest(),
+        }
 
     def items(self) -> list[dict[str, Any]]:
         """The sampled tasks."""
@@ -206,20 +237,29 @@ class EpisodeRunner(RoleGenerators):
         super().__init__(stage.roles)
         self.opts = stage.opts
         self.prompts = prompts
-        self.client = ChatClient(stage.base_url, stage.model, api_key_env=stage.api_key_env,
-                                 timeout_s=stage.opts.timeout_s, concurrency=stage.concurrency)
+        self.client = ChatClient(
+            stage.base_url,
+            stage.model,
+            api_key_env=stage.api_key_env,
+            timeout_s=stage.opts.timeout_s,
+            concurrency=stage.concurrency,
+        )
 
     async def aclose(self) -> None:
         """Close the client and the generators."""
         await self.client.aclose()
         await super().aclose()
 
-    async def _user(self, persona: str, task: dict[str, Any], messages: list[dict[str, Any]],
-                    seed: int) -> str | None:
+    async def _user(
+        self, persona: str, task: dict[str, Any], messages: list[dict[str, Any]], seed: int
+    ) -> str | None:
         convo = [m for m in messages if m["role"] != "system"]
         res = await self.gens["user"].chat(
             self.prompts.user_sim_messages(persona, task["description"], convo),
-            temperature=0.0, max_tokens=256, seed=seed)
+            temperature=0.0,
+            max_tokens=256,
+            seed=seed,
+        )
         text = (res.message.get("content") or "").strip()
         return None if not text or self.prompts.DONE in text else text
 
@@ -228,9 +268,16 @@ class EpisodeRunner(RoleGenerators):
         from k2_data.pipeline import ItemResult
 
         t0 = time.monotonic()
-        ep: dict[str, Any] = {"turns": 0, "tool_calls": 0, "invalid_calls": 0,
-                              "invalid_kinds": Counter(), "completion_tokens": 0,
-                              "prompt_tokens": 0, "tool_sim_errors": 0, "messages": []}
+        ep: dict[str, Any] = {
+            "turns": 0,
+            "tool_calls": 0,
+            "invalid_calls": 0,
+            "invalid_kinds": Counter(),
+            "completion_tokens": 0,
+            "prompt_tokens": 0,
+            "tool_sim_errors": 0,
+            "messages": [],
+        }
         try:
             async with asyncio.timeout(self.opts.max_seconds):
                 outcome = await self._play(item, ep)
@@ -240,13 +287,30 @@ class EpisodeRunner(RoleGenerators):
         verdict, judge_raw = None, None
         if outcome == "finished":
             outcome, verdict, judge_raw = await self._judge(item, ep["messages"])
-        rec = {"id": item["id"], "agent_id": item["agent"].get("id"), "outcome": outcome,
-               "judge": verdict, "judge_raw": judge_raw, "task": item["task"],
-               "persona": ep.get("persona"), "seconds": round(seconds, 3),
-               **{k: ep[k] for k in ("turns", "tool_calls", "invalid_calls", "completion_tokens",
-                                     "prompt_tokens", "tool_sim_errors")},
-               "invalid_kinds": dict(ep["invalid_kinds"]),
-               "endpoint_error": ep.get("endpoint_error"), "messages": ep["messages"]}
+        rec = {
+            "id": item["id"],
+            "agent_id": item["agent"].get("id"),
+            "outcome": outcome,
+            "judge": verdict,
+            "judge_raw": judge_raw,
+            "task": item["task"],
+            "persona": ep.get("persona"),
+            "seconds": round(seconds, 3),
+            **{
+                k: ep[k]
+                for k in (
+                    "turns",
+                    "tool_calls",
+                    "invalid_calls",
+                    "completion_tokens",
+                    "prompt_tokens",
+                    "tool_sim_errors",
+                )
+            },
+            "invalid_kinds": dict(ep["invalid_kinds"]),
+            "endpoint_error": ep.get("endpoint_error"),
+            "messages": ep["messages"],
+        }
         return ItemResult(records=[rec])
 
     async def _play(self, item: dict[str, Any], ep: dict[str, Any]) -> str:
@@ -271,11 +335,17 @@ class EpisodeRunner(RoleGenerators):
             if ep["turns"] >= o.max_turns:
                 return "turn_limit"
             left = o.max_tokens - ep["completion_tokens"]
-            body = {"messages": messages, "tools": tools, "temperature": o.temperature,
-                    "seed": seed + 100 + ep["turns"], "max_tokens": min(o.max_tokens_per_turn, left)}
+            body = {
+                "messages": messages,
+                "tools": tools,
+                "temperature": o.temperature,
+                "seed": seed + 100 + ep["turns"],
+                "max_tokens": min(o.max_tokens_per_turn, left),
+            }
             rep = await self.client.chat(body)
             if rep.error in ("connection", "timeout") or (
-                    rep.error == "http_error" and rep.detail.startswith("HTTP 5")):
+                rep.error == "http_error" and rep.detail.startswith("HTTP 5")
+            ):
                 raise _Transient(f"{rep.error}: {rep.detail}")
             if rep.error is not None:
                 ep["endpoint_error"] = f"{rep.error}: {rep.detail}"[:300]
@@ -295,9 +365,13 @@ class EpisodeRunner(RoleGenerators):
                     ep["invalid_kinds"][why] += 1
                 if why != "malformed_call":
                     fn = c["function"]
-                    calls.append({"id": c.get("id") or f"functions.{fn['name']}:{i}",
-                                  "type": "function",
-                                  "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+                    calls.append(
+                        {
+                            "id": c.get("id") or f"functions.{fn['name']}:{i}",
+                            "type": "function",
+                            "function": {"name": fn["name"], "arguments": fn["arguments"]},
+                        }
+                    )
             if not raw_calls and any(m in content for m in ENVELOPE_MARKERS):
                 # a call the server did not parse: an invalid call the model meant to make
                 ep["tool_calls"] += 1
@@ -316,21 +390,31 @@ class EpisodeRunner(RoleGenerators):
                     except MalformedOutput:
                         ep["tool_sim_errors"] += 1
                         result = json.dumps({"error": "the tool did not answer"})
-                    messages.append({"role": "tool", "tool_call_id": c["id"],
-                                     "name": c["function"]["name"], "content": result})
+                    messages.append(
+                        {
+                            "role": "tool",
+                            "tool_call_id": c["id"],
+                            "name": c["function"]["name"],
+                            "content": result,
+                        }
+                    )
                 continue
             reply = await self._user(persona, task, messages, seed + 200 + ep["turns"])
             if reply is None:
                 return "finished"
             messages.append({"role": "user", "content": reply})
 
-    async def _judge(self, item: dict[str, Any], messages: list[dict[str, Any]]
-                     ) -> tuple[str, dict[str, Any] | None, str | None]:
+    async def _judge(
+        self, item: dict[str, Any], messages: list[dict[str, Any]]
+    ) -> tuple[str, dict[str, Any] | None, str | None]:
         from k2_data.pipeline.jsonout import MalformedOutput, extract_json
 
-        res = await self.gens["judge"].chat(self.prompts.judge_messages(item["task"], messages),
-                                            temperature=0.0, max_tokens=512,
-                                            seed=self.opts.seed + _stable(item["id"]) % 1000)
+        res = await self.gens["judge"].chat(
+            self.prompts.judge_messages(item["task"], messages),
+            temperature=0.0,
+            max_tokens=512,
+            seed=self.opts.seed + _stable(item["id"]) % 1000,
+        )
         raw = res.message.get("content") or ""
         try:
             v = extract_json(raw, ("score", "passed"))
@@ -360,7 +444,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         return statistics.fmean(xs) if xs else 0.0
 
     return {
-        "episodes": n, "outcomes": {k: outcomes.get(k, 0) for k in OUTCOMES},
+        "episodes": n,
+        "outcomes": {k: outcomes.get(k, 0) for k in OUTCOMES},
         "success_rate": outcomes["success"] / n if n else 0.0,
         "success_rate_judged": outcomes["success"] / judged if judged else None,
         "unjudged": outcomes["unjudged"],
@@ -376,9 +461,18 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def run_eval_agent(tasks: list[dict[str, Any]], base_url: str, model: str, opts: AgentOptions,
-                   roles: dict[str, Any], out: str | None = None, *, concurrency: int = 4,
-                   api_key_env: str = "OPENAI_API_KEY", shard_size: int = 4) -> dict[str, Any]:
+def run_eval_agent(
+    tasks: list[dict[str, Any]],
+    base_url: str,
+    model: str,
+    opts: AgentOptions,
+    roles: dict[str, Any],
+    out: str | None = None,
+    *,
+    concurrency: int = 4,
+    api_key_env: str = "OPENAI_API_KEY",
+    shard_size: int = 4,
+) -> dict[str, Any]:
     """Run (or resume) the episodes into `out` (None: runs/eval-agent/MODEL-HASH of the
     settings, so the same command resumes); the report over every committed episode."""
     import re
@@ -391,35 +485,54 @@ def run_eval_agent(tasks: list[dict[str, Any]], base_url: str, model: str, opts:
     if out is None:
         slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", model)[:40]
         out = f"runs/eval-agent/{slug}-{config_hash(stage.identity())}"
-    popts = PipelineOptions(out=out, shard_size=shard_size, concurrency=concurrency,
-                            tracking=False, progress=sys.stderr.isatty())
+    popts = PipelineOptions(
+        out=out,
+        shard_size=shard_size,
+        concurrency=concurrency,
+        tracking=False,
+        progress=sys.stderr.isatty(),
+    )
     s = run_pipeline(stage, popts)
     records = sorted(read_outputs(out), key=lambda r: r["id"])
-    return {"command": "eval-agent", "base_url": base_url, "model": model, "out": out,
-            "options": opts.model_dump(), "roles": {k: v.identity() for k, v in roles.items()},
-            "complete": s.complete, "pending": s.failed, "errors": s.errors,
-            "episodes_this_run": s.items_this_run, "seconds": round(s.seconds, 3),
-            **summarize(records),
-            "sample_ids": [t["id"] for t in sample]}
+    return {
+        "command": "eval-agent",
+        "base_url": base_url,
+        "model": model,
+        "out": out,
+        "options": opts.model_dump(),
+        "roles": {k: v.identity() for k, v in roles.items()},
+        "complete": s.complete,
+        "pending": s.failed,
+        "errors": s.errors,
+        "episodes_this_run": s.items_this_run,
+        "seconds": round(s.seconds, 3),
+        **summarize(records),
+        "sample_ids": [t["id"] for t in sample],
+    }
 
 
 def format_report(rep: dict[str, Any]) -> str:
     """The report as terminal lines."""
+
     def rate(v: float | None) -> str:
         return "-" if v is None else f"{v:.3f}"
 
-    lines = [f"eval-agent {rep['model']} @ {rep['base_url']}: {rep['episodes']} episodes "
-             f"({rep['episodes_this_run']} this run, {rep['seconds']:.1f} s) in {rep['out']}",
-             f"task success {rate(rep['success_rate'])} of all episodes, "
-             f"{rate(rep['success_rate_judged'])} of judged ones; unjudged {rep['unjudged']}",
-             "outcomes: " + ", ".join(f"{k} {v}" for k, v in rep["outcomes"].items()),
-             f"calls/episode {rep['calls_per_episode']:.2f}, invalid-call rate "
-             f"{rep['invalid_call_rate']:.3f} "
-             f"({', '.join(f'{k} {v}' for k, v in rep['invalid_kinds'].items()) or 'none'})",
-             f"turns/episode {rep['turns_per_episode']:.2f}, tokens/episode mean "
-             f"{rep['tokens_per_episode']:.1f} p50 {rep['tokens_per_episode_p50']} max "
-             f"{rep['tokens_per_episode_max']}, tool simulator errors {rep['tool_sim_errors']}"]
+    lines = [
+        f"eval-agent {rep['model']} @ {rep['base_url']}: {rep['episodes']} episodes "
+        f"({rep['episodes_this_run']} this run, {rep['seconds']:.1f} s) in {rep['out']}",
+        f"task success {rate(rep['success_rate'])} of all episodes, "
+        f"{rate(rep['success_rate_judged'])} of judged ones; unjudged {rep['unjudged']}",
+        "outcomes: " + ", ".join(f"{k} {v}" for k, v in rep["outcomes"].items()),
+        f"calls/episode {rep['calls_per_episode']:.2f}, invalid-call rate "
+        f"{rep['invalid_call_rate']:.3f} "
+        f"({', '.join(f'{k} {v}' for k, v in rep['invalid_kinds'].items()) or 'none'})",
+        f"turns/episode {rep['turns_per_episode']:.2f}, tokens/episode mean "
+        f"{rep['tokens_per_episode']:.1f} p50 {rep['tokens_per_episode_p50']} max "
+        f"{rep['tokens_per_episode_max']}, tool simulator errors {rep['tool_sim_errors']}",
+    ]
     if not rep["complete"]:
-        lines.append(f"incomplete: {rep['pending']} episodes pending "
-                     f"({(rep['errors'] or ['?'])[0]}); rerun the same command to resume")
+        lines.append(
+            f"incomplete: {rep['pending']} episodes pending "
+            f"({(rep['errors'] or ['?'])[0]}); rerun the same command to resume"
+        )
     return "\n".join(lines)

@@ -36,9 +36,15 @@ class Reply:
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able copy for reports and transcripts."""
-        return {"message": self.message, "finish_reason": self.finish_reason,
-                "usage": self.usage, "error": self.error, "detail": self.detail[:300],
-                "seconds": round(self.seconds, 4), "chunks": self.chunks}
+        return {
+            "message": self.message,
+            "finish_reason": self.finish_reason,
+            "usage": self.usage,
+            "error": self.error,
+            "detail": self.detail[:300],
+            "seconds": round(self.seconds, 4),
+            "chunks": self.chunks,
+        }
 
 
 def _message_of(body: Any) -> tuple[dict[str, Any] | None, str | None, str]:
@@ -89,8 +95,9 @@ class StreamAssembler:
                 if not isinstance(tc, dict):
                     raise ValueError("a tool-call delta is not a JSON object")
                 idx = tc.get("index", len(self.calls))
-                slot = self.calls.setdefault(idx, {"id": None, "type": "function",
-                                                   "function": {"name": "", "arguments": ""}})
+                slot = self.calls.setdefault(
+                    idx, {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+                )
                 if tc.get("id"):
                     slot["id"] = tc["id"]
                 fn = tc.get("function") or {}
@@ -113,8 +120,15 @@ class StreamAssembler:
 class ChatClient:
     """POST /chat/completions to one endpoint, plain or streamed, with bounded concurrency."""
 
-    def __init__(self, base_url: str, model: str, *, api_key_env: str = "OPENAI_API_KEY",
-                 timeout_s: float = 120.0, concurrency: int = 8):
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key_env: str = "OPENAI_API_KEY",
+        timeout_s: float = 120.0,
+        concurrency: int = 8,
+    ):
         import httpx
 
         self.base_url = normalize_base_url(base_url)
@@ -123,8 +137,9 @@ class ChatClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         # one connection per concurrent request: a stream holds its connection to the end
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-        self.http = httpx.AsyncClient(base_url=self.base_url + "/", headers=headers,
-                                      timeout=timeout_s, limits=limits)
+        self.http = httpx.AsyncClient(
+            base_url=self.base_url + "/", headers=headers, timeout=timeout_s, limits=limits
+        )
         self.sem = asyncio.Semaphore(concurrency)
 
     async def chat(self, payload: dict[str, Any], *, stream: bool = False) -> Reply:
@@ -180,10 +195,15 @@ class ChatClient:
             except ValueError as e:
                 return Reply(error="stream_error", detail=str(e)[:300], chunks=asm.chunks)
         if not done:
-            return Reply(error="stream_error", detail="the stream ended without [DONE]",
-                         chunks=asm.chunks)
-        return Reply(message=asm.message(), finish_reason=asm.finish_reason, usage=asm.usage,
-                     chunks=asm.chunks)
+            return Reply(
+                error="stream_error", detail="the stream ended without [DONE]", chunks=asm.chunks
+            )
+        return Reply(
+            message=asm.message(),
+            finish_reason=asm.finish_reason,
+            usage=asm.usage,
+            chunks=asm.chunks,
+        )
 
     async def aclose(self) -> None:
         """Close the connections."""

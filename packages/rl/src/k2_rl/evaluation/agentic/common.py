@@ -15,8 +15,9 @@ from k2_core.errors import ConfigError
 from .client import normalize_base_url
 
 
-def check_endpoint(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
-                   flag: str = "--base-url") -> None:
+def check_endpoint(
+    base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", flag: str = "--base-url"
+) -> None:
     """ConfigError (one line, exit 2) when the endpoint is not an http(s) URL, cannot be
     reached, or does not list `model` in GET /models (when it lists any)."""
     import httpx
@@ -31,8 +32,9 @@ def check_endpoint(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY
     except httpx.HTTPError as e:
         raise ConfigError(f"{flag}: cannot reach {url} ({type(e).__name__})") from None
     if r.status_code in (401, 403):
-        raise ConfigError(f"{flag}: {url} refused the API key (HTTP {r.status_code}); "
-                          f"set ${api_key_env}")
+        raise ConfigError(
+            f"{flag}: {url} refused the API key (HTTP {r.status_code}); set ${api_key_env}"
+        )
     if r.status_code != 200:
         return  # some gateways do not serve /models: the requests themselves will tell
     try:
@@ -43,18 +45,26 @@ def check_endpoint(base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY
         raise ConfigError(f"--model: {url} serves {ids}, not {model!r}")
 
 
-def generator_spec(text: str | None, base_url: str, model: str, flag: str,
-                   max_tokens: int = 512) -> Any:
+def generator_spec(
+    text: str | None, base_url: str, model: str, flag: str, max_tokens: int = 512
+) -> Any:
     """A GeneratorSpec from a command-line value: None -> the endpoint under test itself;
     `http(s)://HOST[/v1][#MODEL]` -> the openai generator there; `k2:PATH` -> a k2
     checkpoint in this process."""
     from k2_data.pipeline import GeneratorSpec
 
-    common = {"temperature": 0.0, "max_tokens": max_tokens, "allow_truncated": True,
-              "max_retries": 2, "backoff": 0.2}
+    common = {
+        "temperature": 0.0,
+        "max_tokens": max_tokens,
+        "allow_truncated": True,
+        "max_retries": 2,
+        "backoff": 0.2,
+    }
     if text is None:
-        return GeneratorSpec(name="openai", options={
-            "base_url": normalize_base_url(base_url), "model": model, **common})
+        return GeneratorSpec(
+            name="openai",
+            options={"base_url": normalize_base_url(base_url), "model": model, **common},
+        )
     if text.startswith(("http://", "https://")):
         url, _, name = text.partition("#")
         opts: dict[str, Any] = {"base_url": normalize_base_url(url), **common}
@@ -62,8 +72,10 @@ def generator_spec(text: str | None, base_url: str, model: str, flag: str,
             opts["model"] = name
         return GeneratorSpec(name="openai", options=opts)
     if text.startswith("k2:") and len(text) > 3:
-        return GeneratorSpec(name="k2", options={"checkpoint": text[3:], "temperature": 0.0,
-                                                 "max_tokens": max_tokens})
+        return GeneratorSpec(
+            name="k2",
+            options={"checkpoint": text[3:], "temperature": 0.0, "max_tokens": max_tokens},
+        )
     raise ConfigError(f"{flag}: give http(s)://HOST/v1[#MODEL] or k2:CHECKPOINT (got {text!r})")
 
 
@@ -94,21 +106,35 @@ def positive_int(text: str) -> int:
 
 def add_endpoint_args(p: Any, required: bool = True) -> None:
     """--base-url, --model, --api-key-env, and the output/tracking flags."""
-    p.add_argument("--base-url", required=required,
-                   help="OpenAI-compatible endpoint (k2 serve, vLLM, SGLang): http://HOST:PORT/v1")
+    p.add_argument(
+        "--base-url",
+        required=required,
+        help="OpenAI-compatible endpoint (k2 serve, vLLM, SGLang): http://HOST:PORT/v1",
+    )
     p.add_argument("--model", required=required, help="model name the endpoint serves")
-    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                   help="environment variable holding the endpoint's key (default OPENAI_API_KEY)")
+    p.add_argument(
+        "--api-key-env",
+        default="OPENAI_API_KEY",
+        help="environment variable holding the endpoint's key (default OPENAI_API_KEY)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--report", default=None, help="also write the JSON report to this file")
     p.add_argument("--no-track", action="store_true", help="do not log to mlflow")
-    p.add_argument("--tracking-uri", default=None,
-                   help="mlflow store (default $MLFLOW_TRACKING_URI, else runs/<command>/mlflow.db)")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        help="mlflow store (default $MLFLOW_TRACKING_URI, else runs/<command>/mlflow.db)",
+    )
 
 
-def log_report(command: str, report: dict[str, Any], metrics: dict[str, float],
-               params: dict[str, Any], tracking_uri: str | None,
-               files: list[str] = ()) -> dict[str, Any] | None:
+def log_report(
+    command: str,
+    report: dict[str, Any],
+    metrics: dict[str, float],
+    params: dict[str, Any],
+    tracking_uri: str | None,
+    files: list[str] = (),
+) -> dict[str, Any] | None:
     """One mlflow run of experiment `k2-<command>`: params, metrics, the report as
     `report.json` and `files` as artifacts; where it went, or None (with a warning) when the
     store fails: the evaluation's result is printed either way."""
@@ -122,10 +148,13 @@ def log_report(command: str, report: dict[str, Any], metrics: dict[str, float],
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         root = Path("runs") / command
-        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or \
-            "sqlite:///" + str(root.resolve() / "mlflow.db")
+        uri = (
+            tracking_uri
+            or os.environ.get("MLFLOW_TRACKING_URI")
+            or "sqlite:///" + str(root.resolve() / "mlflow.db")
+        )
         if uri.startswith("sqlite:///"):  # artifacts beside the database
-            root = Path(uri[len("sqlite:///"):]).parent
+            root = Path(uri[len("sqlite:///") :]).parent
             root.mkdir(parents=True, exist_ok=True)
         client = MlflowClient(tracking_uri=uri)
         name = f"k2-{command}"
@@ -137,18 +166,21 @@ def log_report(command: str, report: dict[str, Any], metrics: dict[str, float],
             exp_id = exp.experiment_id
         run = client.create_run(exp_id, run_name=f"{command}-{params.get('model', '')}")
         rid = run.info.run_id
-        client.log_batch(rid, params=[Param(k, v[:6000]) for k, v in
-                                      sorted(flatten(params).items())][:100],
-                         metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()
-                                  if v is not None])
+        client.log_batch(
+            rid,
+            params=[Param(k, v[:6000]) for k, v in sorted(flatten(params).items())][:100],
+            metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items() if v is not None],
+        )
         client.log_dict(rid, report, "report.json")
         for f in files:
             client.log_artifact(rid, f)
         client.set_terminated(rid, "FINISHED")
         return {"tracking_uri": uri, "run_id": rid}
     except Exception as e:  # tracking must not cost the user the evaluation
-        print(f"k2 {command}: warning: not logged to mlflow ({type(e).__name__}: {e})",
-              file=sys.stderr)
+        print(
+            f"k2 {command}: warning: not logged to mlflow ({type(e).__name__}: {e})",
+            file=sys.stderr,
+        )
         return None
 
 

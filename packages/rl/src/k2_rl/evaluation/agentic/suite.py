@@ -28,12 +28,15 @@ class Expectation(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     call: Literal["must", "must_not"] = Field(..., description="Must the answer call a tool?")
-    tools: list[str] = Field(default_factory=list,
-                             description="Tools the calls must be among, and all be called.")
+    tools: list[str] = Field(
+        default_factory=list, description="Tools the calls must be among, and all be called."
+    )
     min_calls: int = Field(0, ge=0, description="Tool calls at least (parallel calls: 2).")
     args: dict[str, dict[str, Any]] = Field(
-        default_factory=dict, description="Per tool: values its arguments must contain "
-        "(a deep subset; numbers compare by value).")
+        default_factory=dict,
+        description="Per tool: values its arguments must contain "
+        "(a deep subset; numbers compare by value).",
+    )
 
 
 class Case(BaseModel):
@@ -42,8 +45,9 @@ class Case(BaseModel):
     model_config = ConfigDict(extra="forbid")
     id: str = Field(..., min_length=1, description="Unique case id.")
     kind: str = Field("custom", description="The template that made it.")
-    features: list[str] = Field(default_factory=list,
-                                description="Schema/request features, for the per-feature rates.")
+    features: list[str] = Field(
+        default_factory=list, description="Schema/request features, for the per-feature rates."
+    )
     messages: list[dict[str, Any]] = Field(..., min_length=1, description="The conversation.")
     tools: list[dict[str, Any]] = Field(default_factory=list, description="OpenAI tool specs.")
     tool_choice: Any = Field(None, description="none, auto, required or a named function.")
@@ -54,8 +58,7 @@ def load_suite(path: str) -> list[Case]:
     """The cases of a JSONL suite (`builtin`: the packaged one); ConfigError naming the file,
     line and field of the first bad case."""
     if path == BUILTIN:
-        text = resources.files("k2_rl.evaluation.agentic").joinpath("data", SUITE_FILE) \
-            .read_text()
+        text = resources.files("k2_rl.evaluation.agentic").joinpath("data", SUITE_FILE).read_text()
         where = f"builtin suite ({SUITE_FILE})"
     else:
         try:
@@ -98,65 +101,145 @@ def load_suite(path: str) -> list[Case]:
 
 # -- hand-written specs ------------------------------------------------------------------
 
-def _fn(name: str, description: str, properties: dict[str, Any],
-        required: list[str]) -> dict[str, Any]:
-    return {"type": "function", "function": {
-        "name": name, "description": description,
-        "parameters": {"type": "object", "properties": properties, "required": required}}}
+
+def _fn(
+    name: str, description: str, properties: dict[str, Any], required: list[str]
+) -> dict[str, Any]:
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": description,
+            "parameters": {"type": "object", "properties": properties, "required": required},
+        },
+    }
 
 
 HAND_SPECS: list[dict[str, Any]] = [
-    _fn("get_weather", "Get the current weather of a city.",
-        {"city": {"type": "string", "examples": ["Paris", "Lima", "Osaka"]},
-         "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}}, ["city"]),
-    _fn("search_flights", "Search flights between two airports on a date.",
-        {"origin": {"type": "string", "examples": ["CDG", "JFK", "NRT"]},
-         "destination": {"type": "string", "examples": ["LHR", "SFO", "SIN"]},
-         "date": {"type": "string", "pattern": "^\\d{4}-\\d{2}-\\d{2}$",
-                  "examples": ["2026-03-14", "2026-07-01"]},
-         "passengers": {"type": "object", "properties": {
-             "adults": {"type": "integer", "minimum": 1, "maximum": 6},
-             "children": {"type": "integer", "minimum": 0, "maximum": 4}},
-             "required": ["adults"]},
-         "cabin": {"type": "string", "enum": ["economy", "business", "first"]}},
-        ["origin", "destination", "date", "passengers"]),
-    _fn("create_event", "Create a calendar event with attendees and reminders.",
-        {"title": {"type": "string", "examples": ["Design review", "Dentist"]},
-         "start": {"type": "string", "examples": ["2026-05-02T10:00", "2026-05-03T15:30"]},
-         "attendees": {"type": "array", "items": {"type": "string"},
-                       "examples": [["ana@example.com", "bo@example.com"]]},
-         "reminders": {"type": "array", "items": {"type": "object", "properties": {
-             "minutes": {"type": "integer", "minimum": 0, "maximum": 1440},
-             "method": {"type": "string", "enum": ["email", "popup"]}},
-             "required": ["minutes", "method"]}}},
-        ["title", "start", "attendees"]),
-    _fn("transfer_money", "Transfer money between two accounts.",
-        {"from_account": {"type": "string", "examples": ["CHK-1001", "SAV-2002"]},
-         "to_account": {"type": "string", "examples": ["SAV-3003", "CHK-4004"]},
-         "amount": {"type": "number", "minimum": 0.01, "maximum": 10000},
-         "currency": {"type": "string", "enum": ["EUR", "USD", "JPY"]}},
-        ["from_account", "to_account", "amount", "currency"]),
-    _fn("add_todo", "Add an item to the to-do list.",
-        {"text": {"type": "string", "examples": ["buy milk", "call the plumber"]},
-         "priority": {"type": "string", "enum": ["low", "normal", "high"]},
-         "tags": {"type": "array", "items": {"type": "string"}, "examples": [["home"], ["work"]]}},
-        ["text"]),
-    _fn("lookup_order", "Look up an order by its id.",
-        {"order_id": {"type": "string", "pattern": "^ORD-\\d{5}$",
-                      "examples": ["ORD-12345", "ORD-00042"]},
-         "include_items": {"type": "boolean"}},
-        ["order_id"]),
-    _fn("set_thermostat", "Set the target temperature of a room.",
-        {"room": {"type": "string", "enum": ["kitchen", "bedroom", "office"]},
-         "celsius": {"type": "number", "minimum": 10, "maximum": 30}},
-        ["room", "celsius"]),
-    _fn("send_email", "Send an email.",
-        {"to": {"type": "array", "items": {"type": "string"}, "minItems": 1,
-                "examples": [["kim@example.com"], ["lee@example.com", "ray@example.com"]]},
-         "subject": {"type": "string", "examples": ["Invoice", "Lunch"]},
-         "body": {"type": "string", "examples": ["See attached.", "Noon works for me."]},
-         "cc": {"type": "array", "items": {"type": "string"}, "examples": [["boss@example.com"]]}},
-        ["to", "subject", "body"]),
+    _fn(
+        "get_weather",
+        "Get the current weather of a city.",
+        {
+            "city": {"type": "string", "examples": ["Paris", "Lima", "Osaka"]},
+            "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+        },
+        ["city"],
+    ),
+    _fn(
+        "search_flights",
+        "Search flights between two airports on a date.",
+        {
+            "origin": {"type": "string", "examples": ["CDG", "JFK", "NRT"]},
+            "destination": {"type": "string", "examples": ["LHR", "SFO", "SIN"]},
+            "date": {
+                "type": "string",
+                "pattern": "^\\d{4}-\\d{2}-\\d{2}$",
+                "examples": ["2026-03-14", "2026-07-01"],
+            },
+            "passengers": {
+                "type": "object",
+                "properties": {
+                    "adults": {"type": "integer", "minimum": 1, "maximum": 6},
+                    "children": {"type": "integer", "minimum": 0, "maximum": 4},
+                },
+                "required": ["adults"],
+            },
+            "cabin": {"type": "string", "enum": ["economy", "business", "first"]},
+        },
+        ["origin", "destination", "date", "passengers"],
+    ),
+    _fn(
+        "create_event",
+        "Create a calendar event with attendees and reminders.",
+        {
+            "title": {"type": "string", "examples": ["Design review", "Dentist"]},
+            "start": {"type": "string", "examples": ["2026-05-02T10:00", "2026-05-03T15:30"]},
+            "attendees": {
+                "type": "array",
+                "items": {"type": "string"},
+                "examples": [["ana@example.com", "bo@example.com"]],
+            },
+            "reminders": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "minutes": {"type": "integer", "minimum": 0, "maximum": 1440},
+                        "method": {"type": "string", "enum": ["email", "popup"]},
+                    },
+                    "required": ["minutes", "method"],
+                },
+            },
+        },
+        ["title", "start", "attendees"],
+    ),
+    _fn(
+        "transfer_money",
+        "Transfer money between two accounts.",
+        {
+            "from_account": {"type": "string", "examples": ["CHK-1001", "SAV-2002"]},
+            "to_account": {"type": "string", "examples": ["SAV-3003", "CHK-4004"]},
+            "amount": {"type": "number", "minimum": 0.01, "maximum": 10000},
+            "currency": {"type": "string", "enum": ["EUR", "USD", "JPY"]},
+        },
+        ["from_account", "to_account", "amount", "currency"],
+    ),
+    _fn(
+        "add_todo",
+        "Add an item to the to-do list.",
+        {
+            "text": {"type": "string", "examples": ["buy milk", "call the plumber"]},
+            "priority": {"type": "string", "enum": ["low", "normal", "high"]},
+            "tags": {
+                "type": "array",
+                "items": {"type": "string"},
+                "examples": [["home"], ["work"]],
+            },
+        },
+        ["text"],
+    ),
+    _fn(
+        "lookup_order",
+        "Look up an order by its id.",
+        {
+            "order_id": {
+                "type": "string",
+                "pattern": "^ORD-\\d{5}$",
+                "examples": ["ORD-12345", "ORD-00042"],
+            },
+            "include_items": {"type": "boolean"},
+        },
+        ["order_id"],
+    ),
+    _fn(
+        "set_thermostat",
+        "Set the target temperature of a room.",
+        {
+            "room": {"type": "string", "enum": ["kitchen", "bedroom", "office"]},
+            "celsius": {"type": "number", "minimum": 10, "maximum": 30},
+        },
+        ["room", "celsius"],
+    ),
+    _fn(
+        "send_email",
+        "Send an email.",
+        {
+            "to": {
+                "type": "array",
+                "items": {"type": "string"},
+                "minItems": 1,
+                "examples": [["kim@example.com"], ["lee@example.com", "ray@example.com"]],
+            },
+            "subject": {"type": "string", "examples": ["Invoice", "Lunch"]},
+            "body": {"type": "string", "examples": ["See attached.", "Noon works for me."]},
+            "cc": {
+                "type": "array",
+                "items": {"type": "string"},
+                "examples": [["boss@example.com"]],
+            },
+        },
+        ["to", "subject", "body"],
+    ),
 ]
 
 
@@ -266,8 +349,10 @@ def _has_optional(spec: dict[str, Any]) -> bool:
 
 def _ask(spec: dict[str, Any], args: dict[str, Any]) -> str:
     fn = spec["function"]
-    return (f"{fn['description'].rstrip('.')}, please. Use exactly these details: "
-            f"{json.dumps(args, ensure_ascii=False)}")
+    return (
+        f"{fn['description'].rstrip('.')}, please. Use exactly these details: "
+        f"{json.dumps(args, ensure_ascii=False)}"
+    )
 
 
 def _rng(seed: int, key: str) -> random.Random:
@@ -293,12 +378,25 @@ def generate_suite(specs: list[dict[str, Any]], seed: int = 0) -> list[dict[str,
         args = _object(spec["function"]["parameters"], rng, full=False)
         user = [{"role": "user", "content": _ask(spec, args)}]
 
-        def add(kind: str, extra: list[str], messages: list[dict[str, Any]],
-                expect: dict[str, Any], choice: Any = None, tl: list | None = None,
-                f: list[str] = feats, nm: str = name, own: list = tools) -> None:
-            case: dict[str, Any] = {"id": f"{nm}/{kind}", "kind": kind,
-                                    "features": sorted(set(f + extra)), "messages": messages,
-                                    "tools": tl if tl is not None else own, "expect": expect}
+        def add(
+            kind: str,
+            extra: list[str],
+            messages: list[dict[str, Any]],
+            expect: dict[str, Any],
+            choice: Any = None,
+            tl: list | None = None,
+            f: list[str] = feats,
+            nm: str = name,
+            own: list = tools,
+        ) -> None:
+            case: dict[str, Any] = {
+                "id": f"{nm}/{kind}",
+                "kind": kind,
+                "features": sorted(set(f + extra)),
+                "messages": messages,
+                "tools": tl if tl is not None else own,
+                "expect": expect,
+            }
             if choice is not None:
                 case["tool_choice"] = choice
             cases.append(case)
@@ -307,40 +405,93 @@ def generate_suite(specs: list[dict[str, Any]], seed: int = 0) -> list[dict[str,
         add("single", multi, user, must)
         if _has_optional(spec):
             full = _object(spec["function"]["parameters"], rng, full=True)
-            add("optional_fields", multi + ["optional_given"],
+            add(
+                "optional_fields",
+                multi + ["optional_given"],
                 [{"role": "user", "content": _ask(spec, full)}],
-                {**must, "args": {name: full}})
+                {**must, "args": {name: full}},
+            )
         add("choice_required", multi + ["tool_choice_required"], user, must, "required")
         named = {"type": "function", "function": {"name": name}}
         add("choice_named", multi + ["tool_choice_named"], user, must, named)
         add("choice_none", multi + ["tool_choice_none"], user, {"call": "must_not"}, "none")
-        add("no_call_needed", multi + ["no_call"],
-            [{"role": "user", "content": "Thanks, that is all for today. Reply with a short "
-                                         "goodbye and do not use any tool."}],
-            {"call": "must_not"})
+        add(
+            "no_call_needed",
+            multi + ["no_call"],
+            [
+                {
+                    "role": "user",
+                    "content": "Thanks, that is all for today. Reply with a short "
+                    "goodbye and do not use any tool.",
+                }
+            ],
+            {"call": "must_not"},
+        )
         if oname != name:
-            oargs = _object(other["function"]["parameters"], _rng(seed, f"{name}>{oname}"),
-                            full=False)
-            both = [{"role": "user", "content": f"Do two things at once. First: {_ask(spec, args)}"
-                                                f". Second: {_ask(other, oargs)}"}]
-            add("parallel", ["multi_tool", "parallel"], both,
-                {"call": "must", "tools": [name, oname], "min_calls": 2,
-                 "args": {name: args, oname: oargs}}, tl=[spec, other],
-                f=sorted(set(feats) | set(schema_features(other))))
+            oargs = _object(
+                other["function"]["parameters"], _rng(seed, f"{name}>{oname}"), full=False
+            )
+            both = [
+                {
+                    "role": "user",
+                    "content": f"Do two things at once. First: {_ask(spec, args)}"
+                    f". Second: {_ask(other, oargs)}",
+                }
+            ]
+            add(
+                "parallel",
+                ["multi_tool", "parallel"],
+                both,
+                {
+                    "call": "must",
+                    "tools": [name, oname],
+                    "min_calls": 2,
+                    "args": {name: args, oname: oargs},
+                },
+                tl=[spec, other],
+                f=sorted(set(feats) | set(schema_features(other))),
+            )
             call_id = f"functions.{name}:0"
             history = user + [
-                {"role": "assistant", "content": None, "tool_calls": [
-                    {"id": call_id, "type": "function",
-                     "function": {"name": name, "arguments": json.dumps(args)}}]},
-                {"role": "tool", "tool_call_id": call_id, "name": name,
-                 "content": json.dumps({"status": "ok", "reference": f"R-{rng.randint(100, 999)}"})}]
-            add("after_result_call", multi + ["tool_result"],
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": call_id,
+                            "type": "function",
+                            "function": {"name": name, "arguments": json.dumps(args)},
+                        }
+                    ],
+                },
+                {
+                    "role": "tool",
+                    "tool_call_id": call_id,
+                    "name": name,
+                    "content": json.dumps(
+                        {"status": "ok", "reference": f"R-{rng.randint(100, 999)}"}
+                    ),
+                },
+            ]
+            add(
+                "after_result_call",
+                multi + ["tool_result"],
                 history + [{"role": "user", "content": "Good. Next: " + _ask(other, oargs)}],
-                {"call": "must", "tools": [oname], "min_calls": 1, "args": {oname: oargs}})
-            add("after_result_answer", multi + ["tool_result"],
-                history + [{"role": "user", "content": "What reference did that return? "
-                                                       "Answer in one sentence, no tool."}],
-                {"call": "must_not"})
+                {"call": "must", "tools": [oname], "min_calls": 1, "args": {oname: oargs}},
+            )
+            add(
+                "after_result_answer",
+                multi + ["tool_result"],
+                history
+                + [
+                    {
+                        "role": "user",
+                        "content": "What reference did that return? "
+                        "Answer in one sentence, no tool.",
+                    }
+                ],
+                {"call": "must_not"},
+            )
     return cases
 
 

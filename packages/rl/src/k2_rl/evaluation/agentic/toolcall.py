@@ -22,9 +22,13 @@ from .suite import Case
 
 # K2's envelope markers (k2_data.chat); any of them in `content` means the server did not
 # parse the model's tool call.
-ENVELOPE_MARKERS = ("<|tool_calls_section_begin|>", "<|tool_call_begin|>",
-                    "<|tool_call_argument_begin|>", "<|tool_call_end|>",
-                    "<|tool_calls_section_end|>")
+ENVELOPE_MARKERS = (
+    "<|tool_calls_section_begin|>",
+    "<|tool_call_begin|>",
+    "<|tool_call_argument_begin|>",
+    "<|tool_call_end|>",
+    "<|tool_calls_section_end|>",
+)
 FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
 
 CATEGORIES: dict[str, str] = {
@@ -46,17 +50,22 @@ CATEGORIES: dict[str, str] = {
     "finish_inconsistent": "finish_reason unknown, missing, or at odds with the tool calls",
     "stream_mismatch": "the reassembled stream differs from the non-streamed answer",
 }
-ERROR_CATEGORY = {"connection": "transport_error", "timeout": "transport_error",
-                  "http_error": "http_error", "malformed_response": "malformed_response",
-                  "stream_error": "stream_error"}
+ERROR_CATEGORY = {
+    "connection": "transport_error",
+    "timeout": "transport_error",
+    "http_error": "http_error",
+    "malformed_response": "malformed_response",
+    "stream_error": "stream_error",
+}
 
 
 class ToolcallOptions(BaseModel):
     """How `k2 eval-toolcall` samples and runs the suite."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
-    stream: bool = Field(False, description="Also stream every case; check it against the "
-                         "non-streamed answer.")
+    stream: bool = Field(
+        False, description="Also stream every case; check it against the non-streamed answer."
+    )
     concurrency: int = Field(8, gt=0, description="Requests in flight at most.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature (0: greedy).")
     seed: int = Field(0, description="Request seed (the same for the streamed twin).")
@@ -73,11 +82,15 @@ def _truncated(text: str, err: json.JSONDecodeError) -> bool:
 def _subset(want: Any, got: Any) -> bool:
     """`want` is contained in `got`: dict keys recursively, lists element-wise, numbers by value."""
     if isinstance(want, dict):
-        return isinstance(got, dict) and all(k in got and _subset(v, got[k])
-                                             for k, v in want.items())
+        return isinstance(got, dict) and all(
+            k in got and _subset(v, got[k]) for k, v in want.items()
+        )
     if isinstance(want, list):
-        return isinstance(got, list) and len(want) == len(got) and \
-            all(_subset(a, b) for a, b in zip(want, got, strict=True))
+        return (
+            isinstance(got, list)
+            and len(want) == len(got)
+            and all(_subset(a, b) for a, b in zip(want, got, strict=True))
+        )
     if isinstance(want, bool) or isinstance(got, bool):
         return want is got
     if isinstance(want, int | float) and isinstance(got, int | float):
@@ -102,8 +115,11 @@ def check_answer(case: Case, reply: Reply) -> list[str]:
     calls = []
     for c in raw_calls:
         fn = c.get("function") if isinstance(c, dict) else None
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
-                or not isinstance(fn.get("arguments"), str):
+        if (
+            not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+            or not isinstance(fn.get("arguments"), str)
+        ):
             out.append("malformed_call")
         else:
             calls.append(fn)
@@ -135,12 +151,19 @@ def check_answer(case: Case, reply: Reply) -> list[str]:
         elif name in exp.args and not _subset(exp.args[name], args):
             out.append("args_mismatch")
     # only when every call named an expected tool: a wrong or unknown name is its own finding
-    if exp.call == "must" and calls and not {"unknown_tool", "wrong_tool"} & set(out) \
-            and (len(calls) < exp.min_calls or any(t not in called for t in exp.tools)):
+    if (
+        exp.call == "must"
+        and calls
+        and not {"unknown_tool", "wrong_tool"} & set(out)
+        and (len(calls) < exp.min_calls or any(t not in called for t in exp.tools))
+    ):
         out.append("missing_tool")
     finish = reply.finish_reason
-    if finish not in FINISH_REASONS or (finish == "tool_calls" and not raw_calls) \
-            or (raw_calls and finish not in ("tool_calls", "stop")):
+    if (
+        finish not in FINISH_REASONS
+        or (finish == "tool_calls" and not raw_calls)
+        or (raw_calls and finish not in ("tool_calls", "stop"))
+    ):
         out.append("finish_inconsistent")
     return list(dict.fromkeys(out))  # each category once per answer
 
@@ -153,14 +176,21 @@ def comparable(reply: Reply) -> dict[str, Any]:
     for c in msg.get("tool_calls") or []:
         fn = c.get("function") if isinstance(c, dict) else {}
         calls.append([(fn or {}).get("name"), (fn or {}).get("arguments")])
-    return {"content": msg.get("content") or "", "tool_calls": calls,
-            "finish_reason": reply.finish_reason}
+    return {
+        "content": msg.get("content") or "",
+        "tool_calls": calls,
+        "finish_reason": reply.finish_reason,
+    }
 
 
 def payload(case: Case, opts: ToolcallOptions) -> dict[str, Any]:
     """The chat request body of a case."""
-    body: dict[str, Any] = {"messages": case.messages, "temperature": opts.temperature,
-                            "seed": opts.seed, "max_tokens": opts.max_tokens}
+    body: dict[str, Any] = {
+        "messages": case.messages,
+        "temperature": opts.temperature,
+        "seed": opts.seed,
+        "max_tokens": opts.max_tokens,
+    }
     if case.tools:
         body["tools"] = case.tools
     if case.tool_choice is not None:
@@ -173,15 +203,24 @@ async def _run_case(client: ChatClient, case: Case, opts: ToolcallOptions) -> di
     if opts.stream:
         plain, streamed = await asyncio.gather(client.chat(body), client.chat(body, stream=True))
         failures = check_answer(case, streamed)
-        if plain.error is None and streamed.error is None \
-                and comparable(plain) != comparable(streamed):
+        if (
+            plain.error is None
+            and streamed.error is None
+            and comparable(plain) != comparable(streamed)
+        ):
             failures.append("stream_mismatch")
         answer, twin = streamed, plain
     else:
         answer, twin = await client.chat(body), None
         failures = check_answer(case, answer)
-    rec = {"id": case.id, "kind": case.kind, "features": case.features,
-           "expect": case.expect.call, "failures": failures, "answer": answer.to_json()}
+    rec = {
+        "id": case.id,
+        "kind": case.kind,
+        "features": case.features,
+        "expect": case.expect.call,
+        "failures": failures,
+        "answer": answer.to_json(),
+    }
     if twin is not None:
         rec["non_streamed"] = twin.to_json()
     return rec
@@ -202,31 +241,48 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
     for f in sorted({f for r in records for f in r["features"]}):
         rs = [r for r in records if f in r["features"]]
         c = Counter(x for r in rs for x in r["failures"])
-        by_feature[f] = {"n": len(rs), "valid_rate": sum(not r["failures"] for r in rs) / len(rs),
-                         "top_failures": dict(c.most_common(3))}
+        by_feature[f] = {
+            "n": len(rs),
+            "valid_rate": sum(not r["failures"] for r in rs) / len(rs),
+            "top_failures": dict(c.most_common(3)),
+        }
     return {
-        "n_cases": n, "valid": valid, "valid_rate": valid / n if n else 0.0,
+        "n_cases": n,
+        "valid": valid,
+        "valid_rate": valid / n if n else 0.0,
         "called_when_required": (sum(called(r) for r in must) / len(must)) if must else None,
         "silent_when_forbidden": (sum(not called(r) for r in must_not) / len(must_not))
-        if must_not else None,
+        if must_not
+        else None,
         "counts": {k: counts.get(k, 0) for k in CATEGORIES},
         "rates": {k: counts.get(k, 0) / n if n else 0.0 for k in CATEGORIES},
         "by_feature": by_feature,
     }
 
 
-async def _evaluate(cases: list[Case], base_url: str, model: str, opts: ToolcallOptions,
-                    api_key_env: str) -> list[dict[str, Any]]:
-    client = ChatClient(base_url, model, api_key_env=api_key_env, timeout_s=opts.timeout_s,
-                        concurrency=opts.concurrency)
+async def _evaluate(
+    cases: list[Case], base_url: str, model: str, opts: ToolcallOptions, api_key_env: str
+) -> list[dict[str, Any]]:
+    client = ChatClient(
+        base_url,
+        model,
+        api_key_env=api_key_env,
+        timeout_s=opts.timeout_s,
+        concurrency=opts.concurrency,
+    )
     try:
         return list(await asyncio.gather(*(_run_case(client, c, opts) for c in cases)))
     finally:
         await client.aclose()
 
 
-def run_toolcall(cases: list[Case], base_url: str, model: str, opts: ToolcallOptions,
-                 api_key_env: str = "OPENAI_API_KEY") -> dict[str, Any]:
+def run_toolcall(
+    cases: list[Case],
+    base_url: str,
+    model: str,
+    opts: ToolcallOptions,
+    api_key_env: str = "OPENAI_API_KEY",
+) -> dict[str, Any]:
     """Run the suite against the endpoint; the report (summary, settings, per-case records)."""
     if opts.limit is not None:
         cases = cases[: opts.limit]
@@ -234,22 +290,34 @@ def run_toolcall(cases: list[Case], base_url: str, model: str, opts: ToolcallOpt
     records = asyncio.run(_evaluate(cases, base_url, model, opts, api_key_env))
     seconds = time.perf_counter() - t0
     requests = len(records) * (2 if opts.stream else 1)
-    return {"command": "eval-toolcall", "base_url": base_url, "model": model,
-            "options": opts.model_dump(), "seconds": round(seconds, 3),
-            "requests_per_s": round(requests / max(seconds, 1e-9), 2),
-            **summarize(records), "cases": records}
+    return {
+        "command": "eval-toolcall",
+        "base_url": base_url,
+        "model": model,
+        "options": opts.model_dump(),
+        "seconds": round(seconds, 3),
+        "requests_per_s": round(requests / max(seconds, 1e-9), 2),
+        **summarize(records),
+        "cases": records,
+    }
 
 
 def format_report(rep: dict[str, Any]) -> str:
     """The report as a terminal table: overall, per category, per feature."""
     o = rep["options"]
-    lines = [f"eval-toolcall {rep['model']} @ {rep['base_url']}: {rep['n_cases']} cases"
-             f"{' (streamed + plain)' if o['stream'] else ''}, concurrency {o['concurrency']}, "
-             f"{rep['seconds']:.1f} s",
-             f"valid {rep['valid']}/{rep['n_cases']} = {rep['valid_rate']:.3f}"]
+    lines = [
+        f"eval-toolcall {rep['model']} @ {rep['base_url']}: {rep['n_cases']} cases"
+        f"{' (streamed + plain)' if o['stream'] else ''}, concurrency {o['concurrency']}, "
+        f"{rep['seconds']:.1f} s",
+        f"valid {rep['valid']}/{rep['n_cases']} = {rep['valid_rate']:.3f}",
+    ]
     cr, sf = rep["called_when_required"], rep["silent_when_forbidden"]
-    lines.append("called when required: " + ("-" if cr is None else f"{cr:.3f}")
-                 + "   no call when forbidden: " + ("-" if sf is None else f"{sf:.3f}"))
+    lines.append(
+        "called when required: "
+        + ("-" if cr is None else f"{cr:.3f}")
+        + "   no call when forbidden: "
+        + ("-" if sf is None else f"{sf:.3f}")
+    )
     lines += ["", f"{'category':<22}{'count':>7}{'rate':>8}  meaning"]
     for k, meaning in CATEGORIES.items():
         if k == "stream_mismatch" and not o["stream"]:
