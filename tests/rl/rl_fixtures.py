@@ -129,3 +129,24 @@ def assert_weights_close(a: dict, b: dict, tol: float) -> None:
     for k in a:
         rel = float((a[k].float() - b[k].float()).norm() / a[k].float().norm().clamp_min(1e-12))
         assert rel < tol, (k, rel)
+
+
+# The small RL iteration both endpoint tests (k2 serve, a real vLLM) run through engine=openai:
+# 2 prompts x K=4, short budgets, math reward, no tracking.
+ENDPOINT_RL_SMALL = [
+    "train.eval_every=0",
+    "checkpoint.every=100",
+    "plugins.rl.eval_prompts=0",
+    "data.seq_len=128",
+    "data.options.builtin_n=50",
+    "train.micro_batch_size=2",
+    "optim.lr=2e-2",
+    "plugins.rl.k=4",
+    "plugins.rl.prompts_per_iter=2",
+    "plugins.rl.segment_tokens=6",
+    "plugins.rl.default_budget=14",
+    "plugins.rl.ptx_weight=1.0",
+    "plugins.rl.partial_rollout=false",
+    "tracking.tracker=null",
+    "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]",
+]

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from rl_fixtures import save_tiny_checkpoint
+from rl_fixtures import ENDPOINT_RL_SMALL, save_tiny_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
 from serve_fixture import start_server, stop_server  # noqa: E402
@@ -54,21 +54,7 @@ def _rl_cfg(init, run_dir, base, steps=2, extra=()):
             f"plugins.rl.openai.api_key_env={KEY_ENV}",
             "plugins.rl.openai.concurrency=8",
             "plugins.rl.openai.logprob_tolerance=1e-4",
-            "train.eval_every=0",
-            "checkpoint.every=100",
-            "plugins.rl.eval_prompts=0",
-            "data.seq_len=128",
-            "data.options.builtin_n=50",
-            "train.micro_batch_size=2",
-            "optim.lr=2e-2",
-            "plugins.rl.k=4",
-            "plugins.rl.prompts_per_iter=2",
-            "plugins.rl.segment_tokens=6",
-            "plugins.rl.default_budget=14",
-            "plugins.rl.ptx_weight=1.0",
-            "plugins.rl.partial_rollout=false",
-            "tracking.tracker=null",
-            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]",
+            *ENDPOINT_RL_SMALL,
             *extra,
         ],
     )

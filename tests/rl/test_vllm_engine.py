@@ -368,6 +368,7 @@ def served(vllm_py, tmp_path_factory):
 def _rl_cfg(init: str, run_dir: Path, base: str, restart: str):
     from k2_core.configio import load_config
     from k2_rl.commands import config_path
+    from rl_fixtures import ENDPOINT_RL_SMALL
 
     return load_config(
         config_path("rl-math"),
@@ -383,21 +384,7 @@ def _rl_cfg(init: str, run_dir: Path, base: str, restart: str):
             f"plugins.rl.openai.logprob_tolerance={TOL}",
             f"plugins.rl.openai.restart_command={restart}",
             f"plugins.rl.openai.restart_timeout_s={START_TIMEOUT_S}",
-            "train.eval_every=0",
-            "checkpoint.every=100",
-            "plugins.rl.eval_prompts=0",
-            "data.seq_len=128",
-            "data.options.builtin_n=50",
-            "train.micro_batch_size=2",
-            "optim.lr=2e-2",
-            "plugins.rl.k=4",
-            "plugins.rl.prompts_per_iter=2",
-            "plugins.rl.segment_tokens=6",
-            "plugins.rl.default_budget=14",
-            "plugins.rl.ptx_weight=1.0",
-            "plugins.rl.partial_rollout=false",
-            "tracking.tracker=null",
-            "plugins.rl.tasks=[{name: math, source: math, reward: math, budget: 14}]",
+            *ENDPOINT_RL_SMALL,
         ],
     )
 
